@@ -1,0 +1,91 @@
+"""The one interface every machine offers, wherever it runs (a Vast.ai instance, an SSH host
+the user owns, or this machine). Flows and tasks only ever see a `Machine`.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Protocol, Sequence, runtime_checkable
+
+LineCallback = Callable[[str], None]
+
+# What `put` sends by default: our code, never data, venvs or caches (and .gitignore is honoured).
+DEFAULT_INCLUDE = ("steps", "configs", "fixtures", "requirements-remote.txt", "pyproject.toml")
+
+
+class MachineError(RuntimeError):
+    """Talking to the machine failed (connection, transfer, disk)."""
+
+
+class TransientMachineError(MachineError):
+    """A failure worth retrying: dropped connection, timeout while connecting, 429."""
+
+
+class CommandFailed(MachineError):
+    """A remote command exited non-zero. Carries the exit code and the output tail."""
+
+    def __init__(self, command: str, exit_code: int, tail: str):
+        self.command, self.exit_code, self.tail = command, exit_code, tail
+        super().__init__(f"command exited {exit_code}: {command}\n--- last output ---\n{tail}")
+
+
+class CommandTimeout(TransientMachineError):
+    def __init__(self, command: str, timeout: float, tail: str):
+        self.command, self.timeout, self.tail = command, timeout, tail
+        super().__init__(f"command timed out after {timeout:.0f}s: {command}\n--- last output ---\n{tail}")
+
+
+def build_command(argv: Sequence[str], env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None) -> str:
+    """One shell command line from an argv list: every value is shlex-quoted, never pasted."""
+    parts = []
+    if cwd:
+        parts.append(f"cd {shlex.quote(cwd)} &&")
+    if env:
+        parts.append("env " + " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items()))
+    parts.append(shlex.join(argv))
+    return " ".join(parts)
+
+
+@runtime_checkable
+class Machine(Protocol):
+    """A place to run steps. Paths are relative to the machine's home unless absolute."""
+
+    name: str
+
+    def run(self, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
+            on_line: Optional[LineCallback] = None, timeout: Optional[float] = None, check: bool = True) -> int:
+        """Run argv, streaming stdout+stderr lines to on_line as they arrive. Returns the exit code;
+        raises CommandFailed (with the output tail) on non-zero when check, CommandTimeout on timeout."""
+
+    def put(self, local_dir: Path, remote_dir: str, include: Sequence[str] = DEFAULT_INCLUDE) -> None:
+        """Send a directory tree (include list, .gitignore honoured) as one tar stream."""
+
+    def get(self, remote_path: str, local_path: Path) -> None:
+        """Fetch a file or a directory tree back."""
+
+    def exists(self, remote_path: str) -> bool: ...
+
+    def free_disk_gb(self, remote_path: str = ".") -> float: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Lease:
+    """What was rented (or attached), enough to find it again and bill it: plain data, picklable."""
+
+    backend: str  # vast | local | ssh
+    label: str
+    instance_id: Optional[int] = None
+    host: Optional[str] = None
+    port: Optional[int] = None
+    user: str = "root"
+    key_path: Optional[str] = None
+    host_key: Optional[str] = None  # pinned on first connect
+    dph_total: float = 0.0
+    gpu_name: str = ""
+    num_gpus: int = 0
+    location: str = ""
+    created_at: float = 0.0
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,145 @@
+"""The `qat` flow: rent a GPU, train a quantization-aware French Whisper, ship it, give the GPU back.
+
+    validate -> estimate -> rent -> push -> set up -> prepare -> train -> convert -> bench
+             -> evaluate -> destroy -> quality gate -> upload -> report
+
+The machine is destroyed in a `finally` as soon as the remote work is over (gate, upload and the
+report run from the outputs already copied home); `on_crashed` / `on_cancellation` hooks and the
+`reap` flow find it by its label if this process dies.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.concurrency.sync import concurrency
+from prefect.runtime import flow_run
+
+from infra.machine import Lease
+from steps.common import STEPS, is_done, read_result
+from steps.config import REPO_ROOT, RunConfig, load_config
+from tasks.gate import quality_gate, upload_model
+from tasks.machine import destroy_machine, estimate_cost, push_code, rent_machine, setup_environment
+from tasks.report import publish_report
+from tasks.retry import is_transient
+from tasks.steps import run_step
+from tasks.teardown import destroy_by_label, machine_alive
+
+GPU_LIMIT = "vast-gpus"
+MAX_MACHINES = 3  # a run that loses its machine (preemption) rents a new one this many times at most
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("QAT_RUNS_DIR", REPO_ROOT / "runs"))
+
+
+@task(name="validate config")
+def validate_config(config: str, overrides: dict[str, Any]) -> RunConfig:
+    """Refuse bad input before a single cent is spent."""
+    cfg = load_config(config, overrides)
+    get_run_logger().info("config %s valid: %s on %s, %s, backend %s", cfg.name, cfg.model.name_or_path,
+                          cfg.data.dataset or cfg.data.manifest, cfg.quant.scheme, cfg.machine.backend)
+    return cfg
+
+
+def run_label() -> str:
+    return f"qat-{flow_run.get_id() or 'local-' + str(int(time.time()))}"
+
+
+def _timing(step: str, seconds: float, lease: Optional[Lease]) -> dict:
+    dph = lease.dph_total if lease else 0.0
+    return {"step": step, "seconds": seconds, "usd": dph * seconds / 3600.0, "dph": dph}
+
+
+def _bill(lease: Lease, machine_timings: list[dict], destroyed: dict) -> list[dict]:
+    """Per-step rows plus the rest of the machine's billed life (boot, transfers, waits between
+    steps), so the rows add up to $/h x (confirmed destroy - creation), what the provider bills."""
+    rows = machine_timings + [_timing("destroy machine", destroyed["seconds"], lease)]
+    if lease.created_at:
+        life = destroyed["destroyed_at"] - lease.created_at
+        rest = life - sum(r["seconds"] for r in rows)
+        rows.append(_timing("between steps", max(0.0, rest), lease))
+    for r in rows:
+        r["instance"] = lease.instance_id
+    return rows
+
+
+def _on_machine(cfg: RunConfig, lease: Lease, local_work: Path, results: dict, timings: list[dict]) -> None:
+    """Push, set up, then each step in order; every step's outputs come home as it finishes."""
+    for name, call in (("push code", lambda: push_code(lease, cfg, local_work)),
+                       ("set up environment", lambda: setup_environment(lease, cfg))):
+        t0 = time.time()
+        call()
+        timings.append(_timing(name, time.time() - t0, lease))
+    for step in STEPS:
+        t0 = time.time()
+        results[step] = run_step(lease, cfg, step, local_work)
+        timings.append(_timing(step, time.time() - t0, lease))
+
+
+@flow(name="qat", log_prints=True,
+      on_crashed=[destroy_by_label], on_cancellation=[destroy_by_label])
+def qat(config: str = "int8",
+        quantization: Optional[Literal["int8", "int4"]] = None,
+        max_samples: Optional[int] = None,
+        backend: Optional[Literal["vast", "local", "ssh"]] = None,
+        overrides: Optional[dict[str, Any]] = None) -> dict:
+    """Quantization-aware training of a French Whisper, exported to ONNX int8/int4.
+
+    Args:
+        config: a name in configs/ (int8, int4, demo, tiny) or a path to a YAML file.
+        quantization: override quant.scheme.
+        max_samples: override data.max_samples.
+        backend: override machine.backend (vast, local, ssh).
+        overrides: any other dotted overrides, e.g. {"train.learning_rate": 1e-5}.
+    """
+    log = get_run_logger()
+    merged = dict(overrides or {})
+    for key, value in (("quant.scheme", quantization), ("data.max_samples", max_samples), ("machine.backend", backend)):
+        if value is not None:
+            merged[key] = value
+    cfg = validate_config(config, merged)
+    run_dir = runs_dir() / cfg.name
+    local_work = run_dir / "work"
+    local_work.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.yaml").write_text(cfg.to_yaml())
+
+    results: dict[str, dict] = {}
+    timings: list[dict] = []
+    lease: Optional[Lease] = None
+    estimate: dict = {}
+    if not all(is_done(cfg, local_work, s) for s in STEPS):
+        estimate = estimate_cost(cfg)
+        slot = concurrency(GPU_LIMIT, occupy=1) if cfg.machine.backend == "vast" else nullcontext()
+        with slot:
+            for attempt in range(1, MAX_MACHINES + 1):
+                t0 = time.time()
+                lease = rent_machine(cfg, run_label(), run_dir)
+                machine_timings = [_timing("rent machine (boot wait)", time.time() - max(t0, lease.created_at or t0), lease)]
+                try:
+                    _on_machine(cfg, lease, local_work, results, machine_timings)
+                    break
+                except Exception as exc:
+                    lost = is_transient(exc) and not machine_alive(lease)
+                    if not lost or attempt == MAX_MACHINES:
+                        raise
+                    log.warning("machine %s was lost (%s): renting another and resuming from what was copied home",
+                                lease.label, type(exc).__name__)
+                finally:
+                    timings += _bill(lease, machine_timings, destroy_machine(lease))
+    else:
+        log.info("every step is already done for this config: nothing to rent")
+        results = {s: read_result(local_work, s) for s in STEPS}
+
+    gate = quality_gate(cfg, results.get("evaluate"))
+    link = upload_model(cfg, results, gate, local_work)
+    publish_report(cfg, lease, results, timings, estimate, gate, link, run_dir)
+    total = sum(t["usd"] for t in timings)
+    log.info("done: gate %s, total cost $%.4f, model %s", "passed" if gate.get("passed") else "FAILED", total,
+             link.get("url") or link.get("path"))
+    return {"config": cfg.name, "gate": gate, "link": link, "cost_usd": total,
+            "metrics": {s: (results.get(s) or {}).get("metrics", {}) for s in STEPS}}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# make demo: from a fresh clone to a finished qat/demo run, all offline, on this machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install.sh
+scripts/stack.sh up
+source scripts/env.sh
+echo "==> registering deployments (prefect.yaml)"
+prefect --no-prompt deploy --all >"$STACK_DIR/logs/deploy.log" 2>&1 || { cat "$STACK_DIR/logs/deploy.log"; exit 1; }
+echo "==> running qat/demo; dashboard: $PREFECT_UI_URL"
+prefect deployment run qat/demo --watch
+echo
+echo "Dashboard:  $PREFECT_UI_URL  (Runs -> the qat/demo run -> Artifacts)"
+echo "Run report: $QAT_RUNS_DIR/demo/report/report.md"
+echo "Stop the local stack with: make stop"

@@ -1,0 +1,11 @@
+# Sourced by the Makefile's scripts: everything the local stack keeps stays inside the repository.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PREFECT_HOME="$ROOT/.prefect"
+export PREFECT_SERVER_API_PORT="${PREFECT_SERVER_API_PORT:-4200}"
+export PREFECT_API_URL="http://127.0.0.1:${PREFECT_SERVER_API_PORT}/api"
+export PREFECT_UI_URL="http://127.0.0.1:${PREFECT_SERVER_API_PORT}"
+export EMULATOR_PORT="${EMULATOR_PORT:-8765}"
+export VAST_URL="${VAST_URL:-http://127.0.0.1:${EMULATOR_PORT}}"
+export QAT_RUNS_DIR="${QAT_RUNS_DIR:-$ROOT/runs}"
+export STACK_DIR="$ROOT/.stack"
+export PATH="$ROOT/.venv/bin:$PATH"

@@ -1,0 +1,132 @@
+"""What the Prefect dashboard shows: the run report, tables, the chart and the model link.
+
+Keys are stable (per config name) so versions accumulate across runs. Every figure comes from the
+steps' result.json files and the measured timings of this run."""
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Optional
+
+from prefect import task
+from prefect.artifacts import (create_image_artifact, create_link_artifact, create_markdown_artifact,
+                               create_table_artifact)
+
+from infra.machine import Lease
+from steps.config import RunConfig
+
+
+def _num(x, fmt="{:.2f}") -> str:
+    return fmt.format(x) if isinstance(x, (int, float)) else "n/a"
+
+
+def variant_rows(results: dict) -> list[dict]:
+    """One row per model variant: WER/CER from evaluate, size and latency from bench."""
+    ev = (results.get("evaluate") or {}).get("metrics", {})
+    be = (results.get("bench") or {}).get("metrics", {})
+    wer, cer, ci = ev.get("wer", {}), ev.get("cer", {}), ev.get("wer_ci", {})
+    sizes, lat = be.get("sizes_mb", {}), be.get("latency_s", {})
+    ref = lat.get("base_fp32") or lat.get("pytorch_fp32")
+    rows = []
+    for v in sorted(set(wer) | set(sizes) | set(lat)):
+        rows.append({
+            "variant": v,
+            "wer_pct": wer.get(v), "cer_pct": cer.get(v),
+            "wer_ci95": "-".join(_num(x, "{:.1f}") for x in ci[v]) if v in ci else None,
+            "size_mb": sizes.get(v), "latency_s": lat.get(v),
+            "speedup": round(ref / lat[v], 2) if ref and lat.get(v) else None,
+        })
+    return rows
+
+
+def cost_rows(timings: list[dict]) -> list[dict]:
+    return [{"step": t["step"], "seconds": round(t["seconds"], 1), "usd": round(t["usd"], 4),
+             "usd_per_hour": t["dph"]} for t in timings]
+
+
+def chart_png(rows: list[dict]) -> Optional[bytes]:
+    """WER vs size, marker area by latency. None when nothing was measured."""
+    pts = [r for r in rows if r["wer_pct"] is not None and r["size_mb"]]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for r in pts:
+        area = 40 + 200 * (r["latency_s"] or 0)
+        ax.scatter(r["size_mb"], r["wer_pct"], s=area, alpha=0.6)
+        label = r["variant"] + (f"\n{r['latency_s']:.2f}s/clip" if r["latency_s"] else "")
+        ax.annotate(label, (r["size_mb"], r["wer_pct"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("WER (%)")
+    ax.set_title("WER vs size (marker area: latency per clip)")
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, timings: list[dict],
+                  estimate: dict, gate: dict, link: dict) -> str:
+    rows = variant_rows(results)
+    total_s = sum(t["seconds"] for t in timings)
+    total_usd = sum(t["usd"] for t in timings)
+    lines = [f"# QAT run `{cfg.name}`", "",
+             "## Configuration", "",
+             f"- model: `{cfg.model.name_or_path}` ({cfg.model.language}, {cfg.model.task})",
+             f"- data: {cfg.data.source} `{cfg.data.dataset or cfg.data.manifest}`, max_samples {cfg.data.max_samples}",
+             f"- quantization: **{cfg.quant.scheme}**" + (f" (group {cfg.quant.group_size})" if cfg.quant.scheme == "int4" else ""),
+             f"- training: epochs {cfg.train.epochs}, max_steps {cfg.train.max_steps}, lr {cfg.train.learning_rate}, "
+             f"batch {cfg.train.per_device_batch_size} x accumulation {cfg.train.grad_accum}, freeze_encoder {cfg.train.freeze_encoder}",
+             ""]
+    if lease:
+        lines += ["## Machine", "",
+                  f"- backend: {lease.backend}, label `{lease.label}`" + (f", instance {lease.instance_id}" if lease.instance_id else ""),
+                  f"- GPU: {lease.gpu_name or 'none'} x{lease.num_gpus}, ${lease.dph_total:.3f}/h, {lease.location or 'n/a'}",
+                  f"- estimate before renting: ${estimate.get('estimated_usd', 0):.2f} "
+                  f"({estimate.get('planned_hours', cfg.machine.planned_hours)} h at ${estimate.get('dph', 0):.3f}/h); cap ${cfg.machine.max_cost_usd:.2f}",
+                  ""]
+    lines += ["## Timings and cost", "", "| step | seconds | $ |", "|---|---:|---:|"]
+    lines += [f"| {t['step']} | {t['seconds']:.1f} | {t['usd']:.4f} |" for t in timings]
+    lines += [f"| **total** | **{total_s:.1f}** | **{total_usd:.4f}** |", ""]
+    lines += ["## Results (test set)", "",
+              "| variant | WER % | CER % | WER 95% CI | size MB | latency s/clip | speed-up |", "|---|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {_num(r['wer_pct'])} | {_num(r['cer_pct'])} | {r['wer_ci95'] or 'n/a'} | "
+                     f"{_num(r['size_mb'], '{:.1f}')} | {_num(r['latency_s'], '{:.3f}')} | {_num(r['speedup'])}x |")
+    verdict = "PASSED" if gate.get("passed") else "FAILED"
+    lines += ["", "## Quality gate", "", f"**{verdict}**: {gate.get('reason', '')}", ""]
+    lines += ["## Links", "", f"- model: {link.get('url') or link.get('path')}", ""]
+    if not link.get("uploaded"):
+        lines.append(f"- not uploaded: {link.get('reason', '')}")
+    return "\n".join(lines)
+
+
+@task(name="publish report")
+def publish_report(cfg: RunConfig, lease: Optional[Lease], results: dict, timings: list[dict], estimate: dict,
+                   gate: dict, link: dict, run_dir: Path) -> dict:
+    key = f"qat-{cfg.name}"
+    md = render_report(cfg, lease, results, timings, estimate, gate, link)
+    report_dir = run_dir / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "report.md").write_text(md)
+    create_markdown_artifact(md, key=f"{key}-report", description=f"QAT run report ({cfg.name})")
+    rows = variant_rows(results)
+    if rows:
+        create_table_artifact(rows, key=f"{key}-metrics", description="metrics per variant (test set)")
+    create_table_artifact(cost_rows(timings), key=f"{key}-cost", description="cost per step")
+    png = chart_png(rows)
+    if png:
+        (report_dir / "chart.png").write_bytes(png)
+        create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(png).decode(),
+                              key=f"{key}-chart", description="WER vs size vs latency")
+    target = link.get("url") or Path(link.get("path", run_dir)).resolve().as_uri()
+    create_link_artifact(target, link_text="model" if link.get("uploaded") else "local model directory",
+                         key=f"{key}-model", description="the quantized model")
+    return {"report": str(report_dir / "report.md"), "chart": bool(png)}

@@ -1,0 +1,192 @@
+"""The task that runs one on-machine step (python -m steps <step>) and brings its outputs home."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.tasks import exponential_backoff
+
+from infra.machine import Lease, Machine
+from steps.common import config_hash, is_done, read_result
+from steps.config import RunConfig
+
+from .machine import REMOTE_CODE, REMOTE_CONFIG, REMOTE_ROOT, REMOTE_WORK, machine_for
+from .retry import StepFailed, retry_transient
+
+# Outputs too big to be worth copying home: they are re-derived on a new machine.
+NOT_COPIED_BACK = {"prepare": ("train", "dev", "test")}
+
+
+class BudgetExceeded(RuntimeError):
+    pass
+
+
+def run_cost(lease: Lease, now: Optional[float] = None) -> float:
+    """Dollars spent on this machine so far, from its $/h and its life since creation."""
+    if not lease.created_at:
+        return 0.0
+    return lease.dph_total * max(0.0, (now or time.time()) - lease.created_at) / 3600.0
+
+
+def check_budget(lease: Lease, cfg: RunConfig) -> None:
+    spent = run_cost(lease)
+    if spent > cfg.machine.max_cost_usd:
+        raise BudgetExceeded(
+            f"budget cap crossed: ${spent:.2f} spent on {lease.label}, machine.max_cost_usd is "
+            f"${cfg.machine.max_cost_usd:.2f}; the machine is being torn down")
+
+
+class _Progress:
+    """Turns PROGRESS lines into a Prefect progress artifact, updated at most every 2 seconds."""
+
+    def __init__(self, step: str):
+        self.step, self.artifact_id, self.last = step, None, 0.0
+
+    def update(self, event: dict) -> None:
+        total = max(1, int(event.get("total") or 1))
+        pct = min(100.0, 100.0 * float(event.get("done", 0)) / total)
+        now = time.time()
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(
+                progress=pct, key=f"{self.step}-progress", description=f"{self.step}: steps done out of {total}")
+        elif now - self.last >= 2 or pct >= 100:
+            update_progress_artifact(self.artifact_id, progress=pct)
+        else:
+            return
+        self.last = now
+
+
+class _CheckpointSync:
+    """Copies the newest complete training checkpoint home every `every_s` seconds, on its own
+    connection, so a lost machine costs at most that much training."""
+
+    def __init__(self, lease: Lease, cfg: RunConfig, local_work: Path, every_s: float, log):
+        self.lease, self.cfg, self.local, self.every, self.log = lease, cfg, local_work, every_s, log
+        self.stop = threading.Event()
+        self.synced: Optional[str] = None
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+    def _loop(self):
+        from infra import provision
+
+        m: Optional[Machine] = None
+        while not self.stop.wait(self.every):
+            try:
+                m = m or provision.connect(self.lease, timeout=self.cfg.machine.ssh_timeout_s)
+                self.sync(m)
+            except Exception as e:  # never kill the step for a failed copy; try again later
+                self.log.warning("checkpoint copy-back failed (will retry): %s", e)
+                m = None
+        if m is not None:
+            m.close()
+
+    def sync(self, m: Machine) -> None:
+        remote = f"{REMOTE_WORK}/train/checkpoints"
+        listing = []
+        m.run(["ls", "-1", remote], on_line=listing.append, check=False)
+        ckpts = sorted((x.strip() for x in listing if x.strip().startswith("step-")),
+                       key=lambda s: int(s.split("-")[1]))
+        if not ckpts or ckpts[-1] == self.synced:
+            return
+        newest = ckpts[-1]
+        dest = self.local / "train" / "checkpoints"
+        tmp = dest / f".{newest}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        m.get(f"{remote}/{newest}", tmp)
+        shutil.rmtree(dest / newest, ignore_errors=True)
+        tmp.rename(dest / newest)
+        for old in dest.glob("step-*"):
+            if old.name != newest:
+                shutil.rmtree(old, ignore_errors=True)
+        self.synced = newest
+        self.log.info("checkpoint %s copied home", newest)
+
+
+def fetch_outputs(m: Machine, step: str, local_work: Path) -> None:
+    """Bring a step's outputs home (result.json always; bulky re-derivable data never)."""
+    dest = local_work / step
+    skip = NOT_COPIED_BACK.get(step)
+    if skip:
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("result.json", "error.json"):
+            if m.exists(f"{REMOTE_WORK}/{step}/{name}"):
+                m.get(f"{REMOTE_WORK}/{step}/{name}", dest / name)
+        return
+    keep_ckpts = dest / "checkpoints"
+    tmp = local_work / f".{step}.incoming"
+    shutil.rmtree(tmp, ignore_errors=True)
+    m.get(f"{REMOTE_WORK}/{step}", tmp)
+    if keep_ckpts.is_dir() and not (tmp / "checkpoints").is_dir():
+        keep_ckpts.rename(tmp / "checkpoints")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+@task(name="step", task_run_name="{step}", retries=3, retry_delay_seconds=exponential_backoff(10),
+      retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
+def run_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -> dict:
+    """Run `python -m steps <step>` on the machine, streaming its lines into the Prefect logs."""
+    log = get_run_logger()
+    if is_done(cfg, local_work, step):
+        log.info("%s already done for config hash %s: skipped", step, config_hash(cfg, step))
+        return read_result(local_work, step)
+    check_budget(lease, cfg)
+    m = machine_for(lease, cfg)
+    argv = [cfg.machine.python, "-m", "steps", step, "--config", f"../{Path(REMOTE_CONFIG).name}",
+            "--workdir", f"../{Path(REMOTE_WORK).name}"]
+    if step == "train":
+        argv.append("--resume")
+    progress = _Progress(step)
+    error: dict = {}
+    tail: list[str] = []
+
+    def on_line(line: str) -> None:
+        line = line.rstrip("\n")
+        tail.append(line)
+        del tail[:-40]
+        if line.startswith("PROGRESS "):
+            try:
+                progress.update(json.loads(line[len("PROGRESS "):]))
+            except (ValueError, TypeError):
+                pass
+        elif line.startswith("STEP_ERROR "):
+            try:
+                error.update(json.loads(line[len("STEP_ERROR "):]))
+            except ValueError:
+                pass
+        log.info(line)
+        check_budget(lease, cfg)
+
+    sync = (_CheckpointSync(lease, cfg, local_work, cfg.machine.checkpoint_sync_every_s, log)
+            if step == "train" else None)
+    if sync:
+        sync.__enter__()
+    try:
+        code = m.run(argv, cwd=REMOTE_CODE, env={"PYTHONUNBUFFERED": "1"}, on_line=on_line,
+                     timeout=cfg.machine.step_timeout_s, check=False)
+    finally:
+        if sync:
+            sync.__exit__(None, None, None)
+    # Whatever happened, bring home what the step produced (nothing produced is lost).
+    fetch_outputs(m, step, local_work)
+    if code != 0:
+        raise StepFailed(step, error.get("message", f"exit code {code}"), bool(error.get("retryable", code == 1)),
+                         "\n".join(tail[-15:]))
+    result = read_result(local_work, step)
+    if not result:
+        raise StepFailed(step, "the step exited 0 but wrote no result.json", False)
+    return result

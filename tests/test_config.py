@@ -1,0 +1,86 @@
+"""The config schema: the shipped configs load, and bad values are refused with the field named."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from steps.common import config_hash
+from steps.config import CONFIG_DIR, ConfigError, load_config, parse_config
+
+SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_are_valid(name):
+    cfg = load_config(name)
+    assert cfg.name == name
+
+
+def test_real_job_configs_carry_the_seed_hyperparameters():
+    for name, scheme in (("int8", "int8"), ("int4", "int4")):
+        cfg = load_config(name)
+        assert cfg.model.name_or_path == "bofenghuang/whisper-large-v3-distil-fr-v0.2"
+        assert (cfg.data.dataset, cfg.data.config, cfg.data.text_column) == ("facebook/multilingual_librispeech", "french", "transcript")
+        assert (cfg.train.epochs, cfg.train.learning_rate, cfg.data.max_samples) == (5, 5e-6, 60000)
+        assert (cfg.train.per_device_batch_size, cfg.train.grad_accum) == (8, 4)
+        assert cfg.quant.scheme == scheme
+    assert load_config("int4").quant.group_size == 32
+
+
+@pytest.mark.parametrize("override, field, hint", [
+    ({"quant.scheme": "int3"}, "quant.scheme", "'int8' or 'int4'"),
+    ({"train.per_device_batch_size": -8}, "train.per_device_batch_size", "greater than 0"),
+    ({"data.text_column": " "}, "data", "text_column"),
+    ({"data.manifest": "fixtures/nope.jsonl"}, "data", "does not exist"),
+    ({"machine.backend": "aws"}, "machine.backend", "'vast', 'local' or 'ssh'"),
+    ({"train.learning_rate": 0}, "train.learning_rate", "greater than 0"),
+    ({"train.lr": 1e-5}, "train.lr", "Extra inputs are not permitted"),
+])
+def test_bad_values_are_refused_naming_the_field(override, field, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", override)
+    assert field in str(e.value) and hint in str(e.value)
+
+
+def test_unknown_config_name_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="not found.*demo"):
+        load_config("nonexistent")
+
+
+def test_step_hashes_depend_only_on_their_sections():
+    a = load_config("tiny")
+    b = load_config("tiny", {"bench.max_clips": 3, "machine.max_cost_usd": 2})
+    c = load_config("tiny", {"train.learning_rate": 0.5})
+    assert config_hash(a, "train") == config_hash(b, "train")
+    assert config_hash(a, "bench") != config_hash(b, "bench")
+    assert config_hash(a, "prepare") == config_hash(c, "prepare")
+    assert config_hash(a, "train") != config_hash(c, "train")
+
+
+INT_FIELDS = ["train.per_device_batch_size", "train.grad_accum", "train.eval_every", "train.save_every",
+              "data.max_samples", "bench.max_clips", "quant.group_size", "eval.bootstrap_samples"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(INT_FIELDS),
+       value=st.one_of(st.integers(max_value=0), st.text(max_size=5).filter(lambda s: not s.strip().lstrip("-").isdigit()),
+                       st.none(), st.lists(st.integers(), max_size=2)))
+def test_property_invalid_numbers_are_refused_with_the_field_named(field, value):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", {field: value})
+    assert field in str(e.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(scheme=st.text(min_size=1, max_size=8).filter(lambda s: s not in ("int8", "int4")))
+def test_property_unknown_quantization_is_refused(scheme):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", {"quant.scheme": scheme})
+    assert "quant.scheme" in str(e.value) and "int8" in str(e.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(raw=st.dictionaries(st.text(max_size=6), st.integers() | st.text(max_size=4), max_size=4))
+def test_property_garbage_documents_never_pass_or_crash(raw):
+    with pytest.raises(ConfigError):
+        parse_config(raw)

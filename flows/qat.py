@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
+from infra.cost import CostMeter
 from infra.machine import Lease
 from steps.common import STEPS, is_done, read_result
 from steps.config import REPO_ROOT, RunConfig, load_config
@@ -50,35 +51,22 @@ def run_label() -> str:
     return f"qat-{flow_run.get_id() or 'local-' + str(int(time.time()))}"
 
 
-def _timing(step: str, seconds: float, lease: Optional[Lease]) -> dict:
-    dph = lease.dph_total if lease else 0.0
-    return {"step": step, "seconds": seconds, "usd": dph * seconds / 3600.0, "dph": dph}
-
-
-def _bill(lease: Lease, machine_timings: list[dict], destroyed: dict) -> list[dict]:
-    """Per-step rows plus the rest of the machine's billed life (boot, transfers, waits between
-    steps), so the rows add up to $/h x (confirmed destroy - creation), what the provider bills."""
-    rows = machine_timings + [_timing("destroy machine", destroyed["seconds"], lease)]
-    if lease.created_at:
-        life = destroyed["destroyed_at"] - lease.created_at
-        rest = life - sum(r["seconds"] for r in rows)
-        rows.append(_timing("between steps", max(0.0, rest), lease))
-    for r in rows:
-        r["instance"] = lease.instance_id
-    return rows
-
-
-def _on_machine(cfg: RunConfig, lease: Lease, local_work: Path, results: dict, timings: list[dict]) -> None:
+def _on_machine(cfg: RunConfig, lease: Lease, local_work: Path, results: dict, meter: CostMeter) -> None:
     """Push, set up, then each step in order; every step's outputs come home as it finishes."""
-    for name, call in (("push code", lambda: push_code(lease, cfg, local_work)),
-                       ("set up environment", lambda: setup_environment(lease, cfg))):
-        t0 = time.time()
-        call()
-        timings.append(_timing(name, time.time() - t0, lease))
+    with meter.step("push code"):
+        push_code(lease, cfg, local_work)
+    with meter.step("set up environment"):
+        setup_environment(lease, cfg)
     for step in STEPS:
-        t0 = time.time()
-        results[step] = run_step(lease, cfg, step, local_work)
-        timings.append(_timing(step, time.time() - t0, lease))
+        with meter.step(step):
+            results[step] = run_step(lease, cfg, step, local_work)
+
+
+def _cost_rows(lease: Lease, meter: CostMeter, machine_no: int) -> list[dict]:
+    """Seconds and dollars per step, plus the rest of the billed life, for one machine."""
+    prefix = f"machine {machine_no}: " if machine_no > 1 else ""
+    return [{"step": prefix + r["step"], "seconds": r["seconds"], "usd": r["usd"], "usd_per_hour": lease.dph_total,
+             "instance": lease.instance_id} for r in meter.as_rows()]
 
 
 @flow(name="qat", log_prints=True,
@@ -109,36 +97,37 @@ def qat(config: str = "int8",
     (run_dir / "run.yaml").write_text(cfg.to_yaml())
 
     results: dict[str, dict] = {}
-    timings: list[dict] = []
+    costs: list[dict] = []
     lease: Optional[Lease] = None
     estimate: dict = {}
     if not all(is_done(cfg, local_work, s) for s in STEPS):
         estimate = estimate_cost(cfg)
         slot = concurrency(GPU_LIMIT, occupy=1) if cfg.machine.backend == "vast" else nullcontext()
         with slot:
-            for attempt in range(1, MAX_MACHINES + 1):
-                t0 = time.time()
+            for machine_no in range(1, MAX_MACHINES + 1):
                 lease = rent_machine(cfg, run_label(), run_dir)
-                machine_timings = [_timing("rent machine (boot wait)", time.time() - max(t0, lease.created_at or t0), lease)]
+                meter = CostMeter.from_lease(lease, cfg.machine.max_cost_usd)
                 try:
-                    _on_machine(cfg, lease, local_work, results, machine_timings)
+                    _on_machine(cfg, lease, local_work, results, meter)
                     break
                 except Exception as exc:
                     lost = is_transient(exc) and not machine_alive(lease)
-                    if not lost or attempt == MAX_MACHINES:
+                    if not lost or machine_no == MAX_MACHINES:
                         raise
-                    log.warning("machine %s was lost (%s): renting another and resuming from what was copied home",
+                    log.warning("machine %s was lost (%s): renting another, resuming from what was copied home",
                                 lease.label, type(exc).__name__)
                 finally:
-                    timings += _bill(lease, machine_timings, destroy_machine(lease))
+                    with meter.step("destroy machine"):
+                        meter.destroyed(destroy_machine(lease)["destroyed_at"])
+                    costs += _cost_rows(lease, meter, machine_no)
     else:
         log.info("every step is already done for this config: nothing to rent")
         results = {s: read_result(local_work, s) for s in STEPS}
 
     gate = quality_gate(cfg, results.get("evaluate"))
     link = upload_model(cfg, results, gate, local_work)
-    publish_report(cfg, lease, results, timings, estimate, gate, link, run_dir)
-    total = sum(t["usd"] for t in timings)
+    publish_report(cfg, lease, results, costs, estimate, gate, link, run_dir)
+    total = sum(r["usd"] for r in costs if r["step"].endswith("total"))
     log.info("done: gate %s, total cost $%.4f, model %s", "passed" if gate.get("passed") else "FAILED", total,
              link.get("url") or link.get("path"))
     return {"config": cfg.name, "gate": gate, "link": link, "cost_usd": total,

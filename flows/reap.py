@@ -1,16 +1,36 @@
 """The `reap` flow: the last layer of teardown. Every 10 minutes it destroys labelled instances
-whose flow run is no longer running (or that are older than a deadline)."""
+whose flow run is no longer running, or that are older than a deadline.
+
+A flow process killed with SIGKILL (with its worker) leaves its run in Running forever, so a
+Running run counts as alive only while it keeps sending heartbeats (PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+set for every deployment in prefect.yaml). A run that never sent one is judged by age alone."""
 from __future__ import annotations
 
+import datetime as dt
+import os
 from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger
 from prefect.client.schemas.objects import StateType
+from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 
 from infra import reaper
 from tasks import secrets
 
 ACTIVE = {StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED, StateType.PAUSED, StateType.CANCELLING}
+HEARTBEAT = "prefect.flow-run.heartbeat"
+MISSED_BEATS = 3
+
+
+def _heartbeat_s() -> int:
+    return max(30, int(os.environ.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY") or 30))
+
+
+def _heartbeats(client, run_id: str, since: dt.datetime) -> int:
+    page = client.read_events(EventFilter(event=EventNameFilter(name=[HEARTBEAT]),
+                                          resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]),
+                                          occurred=EventOccurredFilter(since=since)), limit=1)
+    return page.total
 
 
 def run_is_active(label: str) -> bool:
@@ -19,13 +39,21 @@ def run_is_active(label: str) -> bool:
     try:
         UUID(run_id)
     except ValueError:
-        return False  # not one of ours in the usual shape: age decides
+        return False  # not a flow run id: age decides
+    now = dt.datetime.now(dt.timezone.utc)
     with get_client(sync_client=True) as client:
         try:
             fr = client.read_flow_run(UUID(run_id))
         except Exception:
+            return False  # no such run: nobody will destroy its machine but us
+        if fr.state is None or fr.state.type not in ACTIVE:
             return False
-    return fr.state is not None and fr.state.type in ACTIVE
+        if fr.state.type != StateType.RUNNING:
+            return True
+        ever = _heartbeats(client, run_id, now - dt.timedelta(days=30))
+        if not ever:
+            return True
+        return _heartbeats(client, run_id, now - dt.timedelta(seconds=MISSED_BEATS * _heartbeat_s())) > 0
 
 
 @flow(name="reap")

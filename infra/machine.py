@@ -64,6 +64,9 @@ class Machine(Protocol):
     def get(self, remote_path: str, local_path: Path) -> None:
         """Fetch a file or a directory tree back."""
 
+    def write_text(self, remote_path: str, text: str) -> None:
+        """Write a small text file (parents created)."""
+
     def exists(self, remote_path: str) -> bool: ...
 
     def free_disk_gb(self, remote_path: str = ".") -> float: ...

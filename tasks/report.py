@@ -40,11 +40,6 @@ def variant_rows(results: dict) -> list[dict]:
     return rows
 
 
-def cost_rows(timings: list[dict]) -> list[dict]:
-    return [{"step": t["step"], "seconds": round(t["seconds"], 1), "usd": round(t["usd"], 4),
-             "usd_per_hour": t["dph"]} for t in timings]
-
-
 def chart_png(rows: list[dict]) -> Optional[bytes]:
     """WER vs size, marker area by latency. None when nothing was measured."""
     pts = [r for r in rows if r["wer_pct"] is not None and r["size_mb"]]
@@ -72,11 +67,12 @@ def chart_png(rows: list[dict]) -> Optional[bytes]:
     return buf.getvalue()
 
 
-def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, timings: list[dict],
+def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: list[dict],
                   estimate: dict, gate: dict, link: dict) -> str:
     rows = variant_rows(results)
-    total_s = sum(t["seconds"] for t in timings)
-    total_usd = sum(t["usd"] for t in timings)
+    totals = [r for r in costs if r["step"].endswith("total")]
+    total_s = sum(r["seconds"] for r in totals)
+    total_usd = sum(r["usd"] for r in totals)
     lines = [f"# QAT run `{cfg.name}`", "",
              "## Configuration", "",
              f"- model: `{cfg.model.name_or_path}` ({cfg.model.language}, {cfg.model.task})",
@@ -93,8 +89,8 @@ def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, timings
                   f"({estimate.get('planned_hours', cfg.machine.planned_hours)} h at ${estimate.get('dph', 0):.3f}/h); cap ${cfg.machine.max_cost_usd:.2f}",
                   ""]
     lines += ["## Timings and cost", "", "| step | seconds | $ |", "|---|---:|---:|"]
-    lines += [f"| {t['step']} | {t['seconds']:.1f} | {t['usd']:.4f} |" for t in timings]
-    lines += [f"| **total** | **{total_s:.1f}** | **{total_usd:.4f}** |", ""]
+    lines += [f"| {r['step']} | {r['seconds']:.1f} | {r['usd']:.4f} |" for r in costs if r not in totals]
+    lines += [f"| **total (machine life, creation to confirmed destroy)** | **{total_s:.1f}** | **{total_usd:.4f}** |", ""]
     lines += ["## Results (test set)", "",
               "| variant | WER % | CER % | WER 95% CI | size MB | latency s/clip | speed-up |", "|---|---:|---:|---|---:|---:|---:|"]
     for r in rows:
@@ -109,10 +105,10 @@ def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, timings
 
 
 @task(name="publish report")
-def publish_report(cfg: RunConfig, lease: Optional[Lease], results: dict, timings: list[dict], estimate: dict,
+def publish_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: list[dict], estimate: dict,
                    gate: dict, link: dict, run_dir: Path) -> dict:
     key = f"qat-{cfg.name}"
-    md = render_report(cfg, lease, results, timings, estimate, gate, link)
+    md = render_report(cfg, lease, results, costs, estimate, gate, link)
     report_dir = run_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "report.md").write_text(md)
@@ -120,7 +116,8 @@ def publish_report(cfg: RunConfig, lease: Optional[Lease], results: dict, timing
     rows = variant_rows(results)
     if rows:
         create_table_artifact(rows, key=f"{key}-metrics", description="metrics per variant (test set)")
-    create_table_artifact(cost_rows(timings), key=f"{key}-cost", description="cost per step")
+    if costs:
+        create_table_artifact(costs, key=f"{key}-cost", description="seconds and dollars per step (dph_total x time)")
     png = chart_png(rows)
     if png:
         (report_dir / "chart.png").write_bytes(png)

@@ -12,34 +12,21 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
+from infra.cost import CostMeter
 from infra.machine import Lease, Machine
 from steps.common import config_hash, is_done, read_result
 from steps.config import RunConfig
 
-from .machine import REMOTE_CODE, REMOTE_CONFIG, REMOTE_ROOT, REMOTE_WORK, machine_for
+from .machine import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, machine_for
 from .retry import StepFailed, retry_transient
 
 # Outputs too big to be worth copying home: they are re-derived on a new machine.
 NOT_COPIED_BACK = {"prepare": ("train", "dev", "test")}
 
 
-class BudgetExceeded(RuntimeError):
-    pass
-
-
-def run_cost(lease: Lease, now: Optional[float] = None) -> float:
-    """Dollars spent on this machine so far, from its $/h and its life since creation."""
-    if not lease.created_at:
-        return 0.0
-    return lease.dph_total * max(0.0, (now or time.time()) - lease.created_at) / 3600.0
-
-
 def check_budget(lease: Lease, cfg: RunConfig) -> None:
-    spent = run_cost(lease)
-    if spent > cfg.machine.max_cost_usd:
-        raise BudgetExceeded(
-            f"budget cap crossed: ${spent:.2f} spent on {lease.label}, machine.max_cost_usd is "
-            f"${cfg.machine.max_cost_usd:.2f}; the machine is being torn down")
+    """Raise BudgetExceeded once the machine's billed life crosses machine.max_cost_usd."""
+    CostMeter.from_lease(lease, cfg.machine.max_cost_usd).check_budget()
 
 
 class _Progress:

@@ -1,0 +1,213 @@
+"""`LocalMachine`: the Machine interface on this computer (backend `local`), plus the file
+selection and tarball helpers that the SSH machine shares."""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import tempfile
+import threading
+from pathlib import Path
+from typing import IO, Mapping, Optional, Sequence
+
+from .machine import DEFAULT_INCLUDE, CommandFailed, CommandTimeout, LineCallback, MachineError, build_command
+
+log = logging.getLogger("qat.machine")
+
+TAIL_LINES = 60
+ALWAYS_SKIPPED = {"__pycache__", ".git", ".pytest_cache", ".hypothesis"}
+
+
+def masked_command(argv: Sequence[str], env: Optional[Mapping[str, str]], cwd: Optional[str]) -> str:
+    """The command line as it may be logged: env values replaced by ***."""
+    return build_command(argv, {k: "***" for k in (env or {})}, cwd)
+
+
+def _in_git_repo(path: Path) -> bool:
+    r = subprocess.run(["git", "-C", str(path), "rev-parse", "--is-inside-work-tree"],
+                       capture_output=True, text=True)
+    return r.returncode == 0 and r.stdout.strip() == "true"
+
+
+def _walk(root: Path, rel: str) -> list[str]:
+    p = root / rel
+    if p.is_file():
+        return [rel]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(p):
+        dirnames[:] = sorted(d for d in dirnames if d not in ALWAYS_SKIPPED)
+        for f in sorted(filenames):
+            out.append(os.path.relpath(os.path.join(dirpath, f), root))
+    return out
+
+
+def collect_files(local_dir: Path, include: Sequence[str] = DEFAULT_INCLUDE, respect_gitignore: bool = True) -> list[str]:
+    """Relative paths of the files under local_dir named by `include` (files or folders).
+
+    In a git work tree, files that .gitignore excludes are left out (tracked files and
+    untracked-but-not-ignored files are sent). Missing include entries are skipped."""
+    local_dir = Path(local_dir).resolve()
+    present = [i.strip("/") for i in include if (local_dir / i).exists()]
+    if not present:
+        return []
+    if respect_gitignore and _in_git_repo(local_dir):
+        r = subprocess.run(["git", "-C", str(local_dir), "ls-files", "-z", "--cached", "--others",
+                            "--exclude-standard", "--", *present], capture_output=True)
+        if r.returncode != 0:
+            raise MachineError(f"git ls-files failed in {local_dir}: {r.stderr.decode(errors='replace').strip()}")
+        files = {f for f in r.stdout.decode().split("\0") if f}
+        return sorted(f for f in files if (local_dir / f).is_file()
+                      and not ALWAYS_SKIPPED.intersection(Path(f).parts))
+    files: set[str] = set()
+    for rel in present:
+        files.update(_walk(local_dir, rel))
+    return sorted(files)
+
+
+def make_tarball(local_dir: Path, files: Sequence[str], fileobj: IO[bytes]) -> int:
+    """Write a tar.gz of `files` (relative to local_dir) into fileobj; returns its size in bytes."""
+    with tarfile.open(fileobj=fileobj, mode="w:gz") as tar:
+        for rel in files:
+            tar.add(str(Path(local_dir) / rel), arcname=rel, recursive=False)
+    size = fileobj.tell()
+    fileobj.seek(0)
+    return size
+
+
+def extract_tarball(fileobj: IO[bytes], dest: Path) -> None:
+    """Extract safely (no absolute paths, no links outside dest)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=fileobj, mode="r:*") as tar:
+        tar.extractall(dest, filter="data")
+
+
+class LineSplitter:
+    """Bytes in, complete lines out (a carriage return keeps only what follows it, like a terminal)."""
+
+    def __init__(self, on_line: Optional[LineCallback], tail_lines: int = TAIL_LINES, hidden_prefix: str = ""):
+        self.on_line, self.buf, self.hidden_prefix = on_line, b"", hidden_prefix
+        self.hidden: list[str] = []  # lines starting with hidden_prefix: neither shown nor in the tail
+        self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        for raw in lines:
+            self._emit(raw)
+
+    def flush(self) -> None:
+        if self.buf:
+            self._emit(self.buf)
+            self.buf = b""
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        if "\r" in line:
+            line = line.rsplit("\r", 1)[-1]
+        if self.hidden_prefix and line.startswith(self.hidden_prefix):
+            self.hidden.append(line)
+            return
+        self.tail.append(line)
+        if self.on_line is not None:
+            self.on_line(line)
+
+    def tail_text(self) -> str:
+        return "\n".join(self.tail)
+
+
+class LocalMachine:
+    """This computer, rooted at `home` (relative paths resolve there)."""
+
+    def __init__(self, home: Path, name: str = "local"):
+        self.home = Path(home).resolve()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.name = name
+
+    def _path(self, p: str | Path) -> Path:
+        p = Path(os.path.expanduser(str(p))) if str(p).startswith("~/") else Path(p)
+        return p if p.is_absolute() else self.home / p
+
+    def run(self, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
+            on_line: Optional[LineCallback] = None, timeout: Optional[float] = None, check: bool = True) -> int:
+        cmd = build_command(argv, env, str(self._path(cwd)) if cwd else None)
+        shown = masked_command(argv, env, cwd)
+        log.debug("local run: %s", shown)
+        proc = subprocess.Popen(["/bin/sh", "-c", cmd], cwd=self.home, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        timed_out = threading.Event()
+
+        def kill() -> None:
+            timed_out.set()
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                threading.Timer(5, lambda: _killpg(proc.pid, signal.SIGKILL)).start()
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(timeout, kill) if timeout else None
+        if timer:
+            timer.daemon = True
+            timer.start()
+        lines = LineSplitter(on_line)
+        try:
+            assert proc.stdout is not None
+            for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+                lines.feed(chunk)
+            lines.flush()
+            code = proc.wait()
+        except BaseException:
+            _killpg(proc.pid, signal.SIGKILL)
+            raise
+        finally:
+            if timer:
+                timer.cancel()
+        if timed_out.is_set():
+            raise CommandTimeout(shown, timeout or 0, lines.tail_text())
+        if code != 0 and check:
+            raise CommandFailed(shown, code, lines.tail_text())
+        return code
+
+    def put(self, local_dir: Path, remote_dir: str, include: Sequence[str] = DEFAULT_INCLUDE,
+            respect_gitignore: bool = True) -> None:
+        files = collect_files(local_dir, include, respect_gitignore)
+        with tempfile.TemporaryFile() as tmp:
+            make_tarball(local_dir, files, tmp)
+            extract_tarball(tmp, self._path(remote_dir))
+
+    def get(self, remote_path: str, local_path: Path) -> None:
+        src, dest = self._path(remote_path), Path(local_path)
+        if not src.exists():
+            raise MachineError(f"{self.name}: {remote_path} does not exist")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dest, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dest)
+
+    def write_text(self, remote_path: str, text: str) -> None:
+        p = self._path(remote_path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+
+    def exists(self, remote_path: str) -> bool:
+        return self._path(remote_path).exists()
+
+    def free_disk_gb(self, remote_path: str = ".") -> float:
+        p = self._path(remote_path)
+        while not p.exists():
+            p = p.parent
+        return shutil.disk_usage(p).free / 1024**3
+
+    def close(self) -> None:
+        pass
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,347 @@
+"""`SSHMachine`: the Machine interface over paramiko (a Vast.ai instance or any SSH host).
+
+- connect: retried with exponential backoff until SSH answers or the deadline passes
+- host key: pinned on first connect (kept in the Lease), a changed key is refused
+- idempotent operations (put/get/exists/free_disk/write_text) reconnect once after a drop;
+  `run` never retries itself (the caller decides), it raises TransientMachineError instead
+- env values are never logged: the logged command line masks them
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import posixpath
+import shlex
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence, TypeVar
+
+import paramiko
+
+from .local import LineSplitter, collect_files, extract_tarball, make_tarball, masked_command
+from .machine import (DEFAULT_INCLUDE, CommandFailed, CommandTimeout, Lease, LineCallback, MachineError,
+                      TransientMachineError, build_command)
+
+log = logging.getLogger("qat.machine")
+T = TypeVar("T")
+
+PID_MARK = "__QAT_PID__"
+KEEPALIVE_S = 15
+# What a dropped or refused connection looks like to paramiko and the socket layer.
+NETWORK_ERRORS = (paramiko.SSHException, socket.error, EOFError, ConnectionError)
+
+
+class HostKeyChanged(MachineError):
+    """The host answered with another key than the one pinned for it: refused, never retried."""
+
+
+def host_key_string(key: paramiko.PKey) -> str:
+    return f"{key.get_name()} {key.get_base64()}"
+
+
+def _parse_host_key(text: str) -> paramiko.PKey:
+    kind, data = text.split()[:2]
+    return paramiko.PKey.from_type_string(kind, base64.b64decode(data))
+
+
+class _Pin(paramiko.MissingHostKeyPolicy):
+    """First connect: accept and remember the key. With a pin: anything else is refused."""
+
+    def __init__(self, pinned: Optional[str]):
+        self.pinned, self.seen = pinned, None
+
+    def missing_host_key(self, client, hostname, key):
+        if self.pinned:
+            raise HostKeyChanged(f"{hostname} offered a {key.get_name()} host key, but a "
+                                 f"{self.pinned.split()[0]} key was pinned for it on first connect")
+        self.seen = host_key_string(key)
+
+
+class SSHMachine:
+    """A host reached over SSH with a private key. `lease.host_key` is set on first connect."""
+
+    def __init__(self, lease: Lease, connect_timeout: float = 300.0, keepalive_s: int = KEEPALIVE_S):
+        if not (lease.host and lease.port and lease.key_path):
+            raise MachineError(f"lease {lease.label!r} has no SSH endpoint (host, port, key_path): "
+                               "was the machine provisioned?")
+        self.lease = lease
+        self.name = f"{lease.user}@{lease.host}:{lease.port}"
+        self.connect_timeout = connect_timeout
+        self.keepalive_s = keepalive_s
+        self._client: Optional[paramiko.SSHClient] = None
+        self._sftp: Optional[paramiko.SFTPClient] = None
+
+    # -- connection -----------------------------------------------------------------------------
+    def connect(self, timeout: Optional[float] = None) -> "SSHMachine":
+        """Connect, retrying with backoff (1 s, 2 s, 4 s ... 15 s) until `timeout` seconds passed."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.connect_timeout)
+        delay, attempt, last = 1.0, 0, None
+        pkey = self._load_key()
+        while True:
+            attempt += 1
+            try:
+                self._client = self._open(pkey, min(30.0, max(1.0, deadline - time.monotonic())))
+                if attempt > 1:
+                    log.info("ssh %s answered after %d attempts", self.name, attempt)
+                return self
+            except HostKeyChanged:
+                raise
+            except paramiko.BadHostKeyException as e:
+                raise HostKeyChanged(
+                    f"{self.name} answered with host key {host_key_string(e.key)[:40]}..., not the one pinned on first "
+                    "connect: refusing to talk to it (the machine was replaced or the connection is intercepted). "
+                    "Release this lease and rent a new machine.") from None
+            except (paramiko.AuthenticationException, *NETWORK_ERRORS) as e:
+                last = e  # sshd not up yet, or the key not yet installed: both arrive late on Vast
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransientMachineError(
+                    f"ssh {self.name} did not answer within {self.connect_timeout if timeout is None else timeout:.0f}s "
+                    f"({attempt} attempts); last error: {type(last).__name__}: {last}")
+            log.debug("ssh %s not ready (%s), retrying in %.0fs", self.name, type(last).__name__, delay)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 15.0)
+
+    def _load_key(self) -> paramiko.PKey:
+        try:
+            return paramiko.PKey.from_path(self.lease.key_path)
+        except (OSError, paramiko.SSHException) as e:
+            raise MachineError(f"cannot read the SSH private key {self.lease.key_path}: {e}") from None
+
+    def _open(self, pkey: paramiko.PKey, timeout: float) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        policy = _Pin(self.lease.host_key)
+        client.set_missing_host_key_policy(policy)
+        if self.lease.host_key:
+            key = _parse_host_key(self.lease.host_key)
+            name = self.lease.host if self.lease.port == 22 else f"[{self.lease.host}]:{self.lease.port}"
+            client.get_host_keys().add(name, key.get_name(), key)
+        try:
+            client.connect(self.lease.host, port=int(self.lease.port), username=self.lease.user, pkey=pkey,
+                           timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
+                           allow_agent=False, look_for_keys=False)
+        except BaseException:
+            client.close()
+            raise
+        if policy.seen and not self.lease.host_key:
+            self.lease.host_key = policy.seen
+            log.info("ssh %s: host key pinned (%s)", self.name, policy.seen.split()[0])
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(self.keepalive_s)
+        return client
+
+    @property
+    def connected(self) -> bool:
+        t = self._client.get_transport() if self._client else None
+        return bool(t and t.is_active())
+
+    def _transport(self) -> paramiko.Transport:
+        if not self.connected:
+            self._drop()
+            self.connect()
+        assert self._client is not None
+        t = self._client.get_transport()
+        assert t is not None
+        return t
+
+    def _drop(self) -> None:
+        for obj in (self._sftp, self._client):
+            try:
+                if obj is not None:
+                    obj.close()
+            except Exception:
+                pass
+        self._sftp = self._client = None
+
+    def _sftp_client(self) -> paramiko.SFTPClient:
+        if self._sftp is None or not self.connected:
+            t = self._transport()
+            self._sftp = paramiko.SFTPClient.from_transport(t)
+        return self._sftp
+
+    def _idempotent(self, what: str, fn: Callable[[], T], attempts: int = 3) -> T:
+        """Run fn, reconnecting and retrying after a dropped connection (safe: fn is idempotent)."""
+        for i in range(attempts):
+            try:
+                return fn()
+            except HostKeyChanged:
+                raise
+            except (*NETWORK_ERRORS, TransientMachineError) as e:
+                if isinstance(e, CommandTimeout):
+                    raise
+                self._drop()
+                if i == attempts - 1:
+                    raise TransientMachineError(f"ssh {self.name}: {what} failed after {attempts} tries: "
+                                                f"{type(e).__name__}: {e}") from None
+                log.warning("ssh %s: connection lost during %s (%s), reconnecting", self.name, what, type(e).__name__)
+                time.sleep(min(2.0 ** i, 5.0))
+        raise AssertionError("unreachable")
+
+    # -- commands -------------------------------------------------------------------------------
+    def run(self, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
+            on_line: Optional[LineCallback] = None, timeout: Optional[float] = None, check: bool = True) -> int:
+        shown = masked_command(argv, env, cwd)
+        log.debug("ssh %s run: %s", self.name, shown)
+        prefix = f"cd {shlex.quote(cwd)} && " if cwd else ""
+        # The remote shell leads its own session (sshd calls setsid): a timeout kills its process
+        # group. No `exec`, so a command killed by a signal still reports an exit code (128+N).
+        cmd = f"echo {PID_MARK}$$; {prefix}{build_command(argv, env)} 2>&1"
+        try:
+            chan = self._transport().open_session()
+        except NETWORK_ERRORS as e:
+            self._drop()
+            raise TransientMachineError(f"ssh {self.name}: could not open a channel: {type(e).__name__}: {e}") from None
+        lines = LineSplitter(on_line, hidden_prefix=PID_MARK)
+        deadline = time.monotonic() + timeout if timeout else None
+        try:
+            chan.set_combine_stderr(True)
+            chan.settimeout(0.5)
+            chan.exec_command(cmd)
+            while True:
+                try:
+                    data = chan.recv(65536)
+                except socket.timeout:
+                    data = None
+                if data:
+                    lines.feed(data)
+                elif data == b"":
+                    break
+                if deadline and time.monotonic() > deadline:
+                    lines.flush()
+                    pid = lines.hidden[0][len(PID_MARK):] if lines.hidden else ""
+                    self._kill_group(int(pid) if pid.isdigit() else 0)
+                    raise CommandTimeout(shown, timeout or 0, lines.tail_text())
+                if data is None and not self.connected:
+                    break
+            lines.flush()
+            if not chan.exit_status_ready() and not self.connected:
+                raise TransientMachineError(f"ssh {self.name}: connection lost while running: {shown}\n"
+                                            f"--- last output ---\n{lines.tail_text()}")
+            code = chan.recv_exit_status()
+        except NETWORK_ERRORS as e:
+            self._drop()
+            raise TransientMachineError(f"ssh {self.name}: connection lost while running: {shown} "
+                                        f"({type(e).__name__}: {e})\n--- last output ---\n{lines.tail_text()}") from None
+        finally:
+            chan.close()
+        if code == -1:  # no exit status: the channel closed under us
+            self._drop()
+            raise TransientMachineError(f"ssh {self.name}: no exit status (connection dropped?) for: {shown}")
+        if code != 0 and check:
+            raise CommandFailed(shown, code, lines.tail_text())
+        return code
+
+    def _kill_group(self, pid: int) -> None:
+        if pid <= 1:
+            return
+        try:
+            self._exec(f"kill -TERM -- -{pid} 2>/dev/null; for i in 1 2 3 4 5 6 7 8 9 10; do "
+                       f"kill -0 -- -{pid} 2>/dev/null || exit 0; sleep 0.2; done; kill -KILL -- -{pid} 2>/dev/null; true")
+        except Exception as e:  # best effort: the caller is told about the timeout anyway
+            log.warning("ssh %s: could not kill timed-out process group %d: %s", self.name, pid, e)
+
+    def _exec(self, cmd: str, stdout_to: Optional[object] = None) -> tuple[int, str]:
+        """Run a short internal command; returns (exit code, output). Raises on network errors."""
+        chan = self._transport().open_session()
+        try:
+            chan.exec_command(cmd)
+            out = bytearray()
+            while True:
+                data = chan.recv(65536)
+                if not data:
+                    break
+                if stdout_to is not None:
+                    stdout_to.write(data)  # type: ignore[attr-defined]
+                else:
+                    out += data
+            err = chan.recv_stderr(65536) if chan.recv_stderr_ready() else b""
+            code = chan.recv_exit_status()
+            if code == -1:
+                raise EOFError("channel closed without an exit status")
+            return code, (bytes(out) + err).decode("utf-8", errors="replace")
+        finally:
+            chan.close()
+
+    # -- files ----------------------------------------------------------------------------------
+    def put(self, local_dir: Path, remote_dir: str, include: Sequence[str] = DEFAULT_INCLUDE,
+            respect_gitignore: bool = True) -> None:
+        """One tar.gz of the selected files, uploaded over SFTP and unpacked into remote_dir
+        (merged over what is there)."""
+        files = collect_files(local_dir, include, respect_gitignore)
+        with tempfile.TemporaryFile() as tmp:
+            size = make_tarball(local_dir, files, tmp)
+            remote_tar = f".qat-upload-{uuid.uuid4().hex[:12]}.tar.gz"
+
+            def send() -> None:
+                tmp.seek(0)
+                self._sftp_client().putfo(tmp, remote_tar, file_size=size, confirm=True)
+                q = shlex.quote(remote_dir)
+                code, out = self._exec(f"mkdir -p {q} && tar -xzf {remote_tar} -C {q} --no-same-owner; "
+                                       f"rc=$?; rm -f {remote_tar}; exit $rc")
+                if code != 0:
+                    raise MachineError(f"ssh {self.name}: unpacking into {remote_dir} failed (exit {code}): {out.strip()}")
+
+            self._idempotent(f"put {local_dir} -> {remote_dir}", send)
+        log.info("ssh %s: put %d files (%.1f MB) into %s", self.name, len(files), size / 1e6, remote_dir)
+
+    def get(self, remote_path: str, local_path: Path) -> None:
+        """A file is copied to local_path; a directory's contents land in local_path (created)."""
+        local_path = Path(local_path)
+        q = shlex.quote(remote_path)
+
+        def fetch() -> None:
+            code, kind = self._exec(f"if [ -d {q} ]; then echo dir; elif [ -e {q} ]; then echo file; else echo missing; fi")
+            kind = kind.strip()
+            if kind == "missing":
+                raise MachineError(f"ssh {self.name}: {remote_path} does not exist")
+            local_path.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "file":
+                partial = local_path.with_name(local_path.name + ".partial")
+                self._sftp_client().get(remote_path, str(partial))
+                partial.replace(local_path)
+                return
+            with tempfile.TemporaryFile() as tmp:
+                code, err = self._exec(f"tar -czf - -C {q} .", stdout_to=tmp)
+                if code != 0:
+                    raise MachineError(f"ssh {self.name}: tar of {remote_path} failed (exit {code}): {err.strip()}")
+                tmp.seek(0)
+                extract_tarball(tmp, local_path)
+
+        self._idempotent(f"get {remote_path}", fetch)
+
+    def write_text(self, remote_path: str, text: str) -> None:
+        def write() -> None:
+            parent = posixpath.dirname(remote_path)
+            if parent:
+                self._exec(f"mkdir -p {shlex.quote(parent)}")
+            with self._sftp_client().open(remote_path, "w") as f:
+                f.write(text.encode())
+
+        self._idempotent(f"write {remote_path}", write)
+
+    def exists(self, remote_path: str) -> bool:
+        return self._idempotent(f"exists {remote_path}",
+                                lambda: self._exec(f"test -e {shlex.quote(remote_path)}")[0] == 0)
+
+    def free_disk_gb(self, remote_path: str = ".") -> float:
+        def df() -> float:
+            code, out = self._exec(f"df -Pk {shlex.quote(remote_path)}")
+            rows = [r.split() for r in out.strip().splitlines()]
+            if code != 0 or len(rows) < 2 or len(rows[-1]) < 4 or not rows[-1][3].isdigit():
+                raise MachineError(f"ssh {self.name}: df -Pk {remote_path} failed (exit {code}): {out.strip()[:200]}")
+            return int(rows[-1][3]) / 1024**2
+
+        return self._idempotent(f"free_disk_gb {remote_path}", df)
+
+    def close(self) -> None:
+        self._drop()
+
+    def __enter__(self) -> "SSHMachine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

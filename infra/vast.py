@@ -1,0 +1,352 @@
+"""Vast.ai over the official SDK (`vastai.VastAI`): search, launch, destroy, find by label.
+
+Only the endpoint differs between the real console and the emulator (`server_url`). The API
+key never appears in messages: SDK errors are re-raised as VastAPIError with the key and any
+`api_key=` query value redacted, and without the original exception chained.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import requests
+from vastai import VastAI
+
+from steps.config import RunConfig, VastConfig
+
+from .machine import Lease
+
+log = logging.getLogger("qat.vast")
+
+FAILED_STATES = {"exited", "unknown", "offline"}
+GONE_STATES = {"unloaded", "destroyed", "deleted"}
+RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+class VastAPIError(RuntimeError):
+    """The Vast.ai API failed or answered something we cannot use. The message says which call."""
+
+
+class NoOffersError(VastAPIError):
+    """No offer matches the filters (deterministic: loosen machine.vast.* and try again)."""
+
+
+class ProvisionError(VastAPIError):
+    """Every attempt to start an instance failed; the message lists each attempt's reason."""
+
+
+def _num(row: dict, field: str, what: str, default: Any = None) -> float:
+    value = row.get(field, default)
+    if value is None:
+        raise VastAPIError(f"malformed {what}: field {field!r} is missing ({_brief(row)})")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise VastAPIError(f"malformed {what}: field {field!r} is {value!r}, expected a number ({_brief(row)})") from None
+
+
+def _brief(row: Any) -> str:
+    if not isinstance(row, dict):
+        return repr(row)[:80]
+    return ", ".join(f"{k}={row[k]!r}" for k in ("id", "machine_id", "gpu_name", "actual_status") if k in row)
+
+
+def _norm_gpu(name: str) -> str:
+    return str(name).replace("_", " ").strip().lower()
+
+
+class VastProvider:
+    """One Vast.ai account. `api_key` defaults to env VAST_API_KEY; never printed."""
+
+    def __init__(self, api_key: Optional[str] = None, server_url: Optional[str] = None, *,
+                 poll_s: float = 3.0, retries: int = 6, backoff_s: float = 1.0, log_fn: Callable[[str], None] = log.info):
+        key = api_key or os.environ.get("VAST_API_KEY")
+        if not key:
+            raise VastAPIError("no Vast.ai API key: pass api_key or set VAST_API_KEY "
+                               "(or save the Prefect Secret block 'vast-api-key')")
+        self._key = key
+        self.server_url = server_url
+        self.poll_s, self.retries, self.backoff_s = poll_s, retries, backoff_s
+        self.log = log_fn
+        # The SDK's own retry is short (3 tries, 0.15 s): we retry 429/5xx bursts ourselves.
+        self._sdk = VastAI(api_key=key, server_url=server_url, retry=1, quiet=True)
+
+    def __repr__(self) -> str:
+        return f"VastProvider(server_url={self.server_url!r})"
+
+    # -- the one place SDK calls go through --------------------------------------------------------
+    def redact(self, text: str) -> str:
+        text = text.replace(self._key, "***")
+        text = re.sub(r"(api_key=)[^&\s'\"]+", r"\1***", text)
+        return re.sub(r"(Bearer\s+)[^\s'\"]+", r"\1***", text)
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call the SDK, retrying 429/5xx/connection errors with backoff; errors come out redacted."""
+        delay = self.backoff_s
+        for attempt in range(1, self.retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except requests.HTTPError as e:
+                status = e.response.status_code if e.response is not None else None
+                body = (e.response.text[:200] if e.response is not None else "").strip()
+                if status in RETRY_STATUS and attempt < self.retries:
+                    err = f"HTTP {status}"
+                else:
+                    hint = " (is the API key valid?)" if status in (401, 403) else ""
+                    raise VastAPIError(self.redact(f"Vast.ai {what} failed: HTTP {status}{hint}: {body}")) from None
+            except (requests.ConnectionError, requests.Timeout) as e:
+                if attempt >= self.retries:
+                    raise VastAPIError(self.redact(f"Vast.ai {what} failed: cannot reach the API "
+                                                   f"({type(e).__name__}: {e})")) from None
+                err = type(e).__name__
+            except ValueError as e:  # JSONDecodeError: an HTML page or other non-JSON answer
+                raise VastAPIError(self.redact(f"Vast.ai {what}: the API answered something that is not JSON "
+                                               f"(an HTML error page?): {e}")) from None
+            except (KeyError, TypeError, AttributeError, IndexError) as e:
+                raise VastAPIError(self.redact(f"Vast.ai {what}: malformed response, the SDK could not read "
+                                               f"it ({type(e).__name__}: {e})")) from None
+            except requests.RequestException as e:
+                raise VastAPIError(self.redact(f"Vast.ai {what} failed: {type(e).__name__}: {e}")) from None
+            log.warning("Vast.ai %s: %s, retrying in %.1fs (%d/%d)", what, err, delay, attempt, self.retries)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+    # -- offers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _filters(v: VastConfig, disk_gb: float) -> dict:
+        q: dict = {
+            "gpu_name": {"in": list(v.gpu_names)},
+            "gpu_ram": {"gte": v.min_gpu_ram_gb * 1000},  # MB on the wire
+            "num_gpus": {"eq": v.num_gpus},
+            "disk_space": {"gte": disk_gb},
+            "reliability": {"gte": v.min_reliability},
+            "cuda_max_good": {"gte": v.min_cuda},
+            "inet_down": {"gte": v.min_inet_down_mbps},
+            "rentable": {"eq": True},
+            "rented": {"eq": False},
+            "dph_total": {"lte": v.max_dph},
+        }
+        if v.verified:
+            q["verified"] = {"eq": True}
+        return q
+
+    @staticmethod
+    def describe_filters(v: VastConfig, disk_gb: float) -> str:
+        kind = f"interruptible (bid ${v.bid_dph}/h)" if v.interruptible else "on-demand"
+        return (f"gpu_name in {list(v.gpu_names)} (machine.vast.gpu_names), gpu_ram >= {v.min_gpu_ram_gb:g} GB "
+                f"(min_gpu_ram_gb), num_gpus = {v.num_gpus}, disk_space >= {disk_gb:g} GB (min_disk_gb), "
+                f"reliability >= {v.min_reliability:g} (min_reliability), cuda_max_good >= {v.min_cuda:g} (min_cuda), "
+                f"inet_down >= {v.min_inet_down_mbps:g} Mb/s (min_inet_down_mbps), "
+                f"{'verified, ' if v.verified else ''}rentable, {kind}, dph_total <= ${v.max_dph:g}/h (max_dph)")
+
+    @staticmethod
+    def _mismatch(o: dict, v: VastConfig, disk_gb: float) -> Optional[str]:
+        """Why an offer does not fit (checked here too: never trust the server-side filter alone)."""
+        names = {_norm_gpu(n) for n in v.gpu_names}
+        what = "offer"
+        checks = [
+            (_norm_gpu(o.get("gpu_name", "")) in names, "gpu_name"),
+            (_num(o, "gpu_ram", what) >= v.min_gpu_ram_gb * 1000 * 0.97, "gpu_ram"),  # MB vs GB*1000 rounding
+            (int(_num(o, "num_gpus", what)) == v.num_gpus, "num_gpus"),
+            (_num(o, "disk_space", what) >= disk_gb, "disk_space"),
+            (_num(o, "reliability", what, o.get("reliability2")) >= v.min_reliability, "reliability"),
+            (_num(o, "cuda_max_good", what) >= v.min_cuda, "cuda_max_good"),
+            (_num(o, "inet_down", what) >= v.min_inet_down_mbps, "inet_down"),
+            (o.get("rentable", True) is not False and not o.get("rented", False), "rentable"),
+            (not v.verified or o.get("verified") in (True, 1, "true", "True"), "verified"),
+            (_num(o, "dph_total", what) <= v.max_dph, "dph_total"),
+        ]
+        if v.interruptible:
+            checks.append((_num(o, "min_bid", what, 0) <= (v.bid_dph or 0), "min_bid"))
+        for ok, field in checks:
+            if not ok:
+                return field
+        return None
+
+    def search_offers(self, v: VastConfig, disk_gb: Optional[float] = None,
+                      exclude_machines: Iterable[int] = ()) -> list[dict]:
+        """Matching offers, cheapest first. Raises NoOffersError naming every filter when none fit."""
+        disk_gb = float(disk_gb or v.min_disk_gb)
+        query = self._filters(v, disk_gb)
+        offers = self._call("search offers", self._sdk.search_offers, query=query,
+                            type="bid" if v.interruptible else "on-demand", order="dph_total",
+                            limit=100, storage=disk_gb, no_default=True)
+        if not isinstance(offers, list):
+            raise VastAPIError(f"Vast.ai search offers: expected a list of offers, got {type(offers).__name__}")
+        excluded = set(exclude_machines)
+        good, rejected = [], {}
+        for o in offers:
+            if not isinstance(o, dict) or "id" not in o:
+                raise VastAPIError(f"Vast.ai search offers: malformed offer without an id: {_brief(o)}")
+            why = self._mismatch(o, v, disk_gb)
+            if why is None and o.get("machine_id") in excluded:
+                why = "excluded machine (failed earlier)"
+            if why:
+                rejected[why] = rejected.get(why, 0) + 1
+            else:
+                good.append(o)
+        if not good:
+            seen = f"{len(offers)} offer(s) returned" + (f", rejected by {rejected}" if rejected else "")
+            raise NoOffersError(f"no Vast.ai offer matches: {self.describe_filters(v, disk_gb)} ({seen}). "
+                                "Loosen those machine.vast.* settings (or raise max_dph) and try again.")
+        return sorted(good, key=lambda o: float(o["dph_total"]))
+
+    # -- instances ------------------------------------------------------------------------------
+    def show(self, instance_id: int) -> Optional[dict]:
+        row = self._call("show instance", self._sdk.show_instance, instance_id)
+        if row is not None and not isinstance(row, dict):
+            raise VastAPIError(f"Vast.ai show instance {instance_id}: expected an object, got {type(row).__name__}")
+        return row
+
+    def find_instances(self, label_prefix: str) -> list[dict]:
+        """Instances whose label starts with label_prefix (and are not already gone)."""
+        rows = self._call("list instances", self._sdk.show_instances)
+        if not isinstance(rows, list):
+            raise VastAPIError(f"Vast.ai list instances: expected a list, got {type(rows).__name__}")
+        return [r for r in rows if isinstance(r, dict) and str(r.get("label") or "").startswith(label_prefix)
+                and r.get("cur_state") not in GONE_STATES]
+
+    def is_running(self, instance_id: int) -> bool:
+        row = self.show(instance_id)
+        return bool(row) and row.get("actual_status") == "running"
+
+    def destroy(self, instance_id: int, timeout_s: float = 180.0) -> bool:
+        """Destroy (never stop: stopped instances keep billing storage) and confirm it is gone.
+        Returns True once confirmed; raises VastAPIError when it cannot be confirmed in time."""
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while True:
+            try:
+                row = self.show(instance_id)
+                if row is None or row.get("cur_state") in GONE_STATES or row.get("actual_status") in GONE_STATES:
+                    return True
+                self._call("destroy instance", self._sdk.destroy_instance, instance_id)
+            except VastAPIError as e:
+                last = str(e)
+                log.warning("destroy %s: %s", instance_id, last)
+            if time.monotonic() > deadline:
+                raise VastAPIError(f"instance {instance_id} still exists {timeout_s:.0f}s after destroy "
+                                   f"(last error: {last or 'none'}); destroy it in the Vast.ai console, "
+                                   "or run `python -m infra.reaper`")
+            time.sleep(min(self.poll_s, 5.0))
+
+    def logs_tail(self, instance_id: int, lines: int = 30, redact: Iterable[str] = ()) -> str:
+        try:
+            text = self._call("logs", self._sdk.logs, instance_id, tail=str(max(lines, 50)))
+        except Exception as e:
+            return f"(no logs: {self.redact(str(e))[:200]})"
+        text = text if isinstance(text, str) else str(text)
+        for s in redact:
+            if s and len(s) >= 4:
+                text = text.replace(s, "***")
+        return "\n".join(self.redact(text).splitlines()[-lines:])
+
+    @staticmethod
+    def onstart_script(public_key: str) -> str:
+        """Installs our key for root (keys may also be attached through the API)."""
+        k = shlex.quote(public_key)
+        return ("mkdir -p ~/.ssh && chmod 700 ~/.ssh && touch ~/.ssh/authorized_keys && "
+                f"(grep -qxF {k} ~/.ssh/authorized_keys || echo {k} >> ~/.ssh/authorized_keys) && "
+                "chmod 600 ~/.ssh/authorized_keys")
+
+    @staticmethod
+    def ssh_endpoint(row: dict) -> tuple[Optional[str], Optional[int]]:
+        """Direct (public_ipaddr + mapped 22/tcp) first, else the proxy (ssh_host:ssh_port)."""
+        ports = row.get("ports") or {}
+        mapped = ports.get("22/tcp") if isinstance(ports, dict) else None
+        if row.get("public_ipaddr") and isinstance(mapped, list) and mapped and isinstance(mapped[0], dict):
+            try:
+                return str(row["public_ipaddr"]).strip(), int(mapped[0].get("HostPort"))
+            except (TypeError, ValueError):
+                pass
+        if row.get("ssh_host") and row.get("ssh_port"):
+            try:
+                return str(row["ssh_host"]).strip(), int(row["ssh_port"])
+            except (TypeError, ValueError):
+                raise VastAPIError(f"malformed instance: ssh_port is {row.get('ssh_port')!r}") from None
+        return None, None
+
+    def _wait_running(self, iid: int, timeout_s: float) -> dict:
+        """Poll until running with an SSH endpoint. Raises ProvisionError on failure states."""
+        deadline = time.monotonic() + timeout_s
+        status = None
+        while True:
+            row = self.show(iid)
+            if row is None:
+                raise ProvisionError(f"instance {iid} disappeared while starting")
+            status, msg = row.get("actual_status"), str(row.get("status_msg") or "")
+            if "OCI runtime" in msg or status in FAILED_STATES:
+                raise ProvisionError(f"instance {iid} failed to start: status {status!r}: {msg[:300]}")
+            if status == "running" and self.ssh_endpoint(row)[0]:
+                return row
+            if time.monotonic() > deadline:
+                raise ProvisionError(f"instance {iid} not running after {timeout_s:.0f}s "
+                                     f"(status {status!r}: {msg[:200]}); machine.provision_timeout_s")
+            time.sleep(self.poll_s)
+
+    def launch(self, cfg: RunConfig, label: str, public_key: str, key_path: Optional[str] = None,
+               ready_check: Optional[Callable[[Lease], None]] = None, redact: Iterable[str] = ()) -> Lease:
+        """Rent the cheapest matching offer, wait for it to run (and pass ready_check, e.g. SSH).
+        A failed start is logged (log tail), destroyed, its machine excluded, and the next offer tried,
+        up to machine.vast.create_attempts times."""
+        v, m = cfg.machine.vast, cfg.machine
+        excluded: set[int] = set()
+        reasons: list[str] = []
+        for attempt in range(1, v.create_attempts + 1):
+            offer = self.search_offers(v, v.min_disk_gb, excluded)[0]
+            machine_id = offer.get("machine_id")
+            self.log(f"renting offer {offer['id']} (machine {machine_id}): {offer.get('gpu_name')} x"
+                     f"{offer.get('num_gpus')} at ${float(offer['dph_total']):.3f}/h, attempt {attempt}/{v.create_attempts}")
+            created_at = time.time()
+            try:
+                res = self._call("create instance", self._sdk.create_instance, int(offer["id"]), image=v.image,
+                                 disk=v.min_disk_gb, label=label, onstart_cmd=self.onstart_script(public_key),
+                                 price=v.bid_dph if v.interruptible else None, ssh=True, direct=True,
+                                 cancel_unavail=True)
+            except VastAPIError as e:
+                reasons.append(f"offer {offer['id']}: create failed: {e}")
+                excluded.add(machine_id)
+                continue
+            iid = res.get("new_contract") if isinstance(res, dict) else None
+            if not (isinstance(res, dict) and res.get("success") and isinstance(iid, int)):
+                if isinstance(iid, int):
+                    self.destroy(iid)
+                reasons.append(f"offer {offer['id']}: create refused: {self.redact(str(res))[:200]}")
+                excluded.add(machine_id)
+                continue
+            try:
+                try:
+                    self._call("attach ssh key", self._sdk.attach_ssh, iid, public_key)
+                except VastAPIError as e:  # the onstart script installs the key as well
+                    self.log(f"instance {iid}: attaching the SSH key failed ({e}); relying on onstart")
+                row = self._wait_running(iid, m.provision_timeout_s)
+                host, port = self.ssh_endpoint(row)
+                lease = Lease(backend="vast", label=label, instance_id=iid, host=host, port=port, user="root",
+                              key_path=key_path, dph_total=float(row.get("dph_total") or offer["dph_total"]),
+                              gpu_name=str(row.get("gpu_name") or offer.get("gpu_name") or ""),
+                              num_gpus=int(row.get("num_gpus") or offer.get("num_gpus") or 0),
+                              location=str(offer.get("geolocation") or ""), created_at=created_at,
+                              extra={"machine_id": machine_id, "offer_id": offer["id"]})
+                if ready_check is not None:
+                    ready_check(lease)
+                self.log(f"instance {iid} running at {host}:{port}")
+                return lease
+            except BaseException as e:
+                tail = self.logs_tail(iid, redact=redact) if isinstance(e, Exception) else ""
+                try:
+                    self.destroy(iid)
+                except Exception as d:
+                    self.log(f"instance {iid}: destroy after failed start failed too: {d}; the reaper will retry")
+                if not isinstance(e, Exception) or isinstance(e, VastAPIError) and not isinstance(e, ProvisionError):
+                    raise
+                reason = self.redact(f"{type(e).__name__}: {e}")
+                self.log(f"instance {iid} on machine {machine_id} failed: {reason}\n--- log tail ---\n{tail}")
+                reasons.append(f"instance {iid} (machine {machine_id}): {reason}")
+                excluded.add(machine_id)
+        raise ProvisionError(f"could not start a machine in {v.create_attempts} attempt(s) "
+                             f"(machine.vast.create_attempts):\n  " + "\n  ".join(reasons))

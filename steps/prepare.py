@@ -1,0 +1,255 @@
+"""Step prepare: audio + transcripts -> 16 kHz clips, log-mel features and decoder labels.
+
+Sources: a Hugging Face dataset (streamed; audio decoded here, not by `datasets`) or a JSONL
+manifest. Train, dev and test stay separate. Bad inputs are dropped and counted per reason and
+per split, never fatal. Each split is saved with `Dataset.save_to_disk` to prepare/<split>/ with
+columns id, text, speaker, duration, audio (float32, 16 kHz), input_features (float32 log-mel,
+n_mels x 3000) and labels.
+
+Labels are `<|fr|><|transcribe|><|notimestamps|> text <|endoftext|>`, WITHOUT the decoder start
+token `<|startoftranscript|>`: the model prepends it when it shifts labels right.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import shutil
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .common import StepContext, StepError
+from .config import REPO_ROOT, RunConfig
+from .models import load_processor
+
+SPLITS = ("train", "dev", "test")
+SAMPLE_RATE = 16000
+
+
+class Drop(Exception):
+    """An example that cannot be used; its message is the drop reason."""
+
+
+# ---------------------------------------------------------------- audio
+
+def resample(audio: np.ndarray, sr: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    """Mono float32 at `target` Hz (libswresample through PyAV)."""
+    if sr == target:
+        return audio.astype(np.float32, copy=False)
+    import av
+
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, dtype=np.float32)[None, :], format="flt", layout="mono")
+    frame.sample_rate = sr
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=target)
+    chunks = [f.to_ndarray()[0] for f in resampler.resample(frame)] + [f.to_ndarray()[0] for f in resampler.resample(None)]
+    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+
+
+def decode_audio(source: str | Path | bytes) -> tuple[np.ndarray, int]:
+    """(mono float32 samples, sampling rate) from a path or encoded bytes; PyAV as a fallback."""
+    import soundfile as sf
+
+    handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    try:
+        audio, sr = sf.read(handle, dtype="float32", always_2d=True)
+        return audio.mean(axis=1), int(sr)
+    except Exception:  # noqa: BLE001 - formats libsndfile lacks (mp3 on old builds, m4a): try FFmpeg
+        pass
+    try:
+        from faster_whisper.audio import decode_audio as av_decode
+
+        return av_decode(io.BytesIO(source) if isinstance(source, bytes) else str(source), sampling_rate=SAMPLE_RATE), SAMPLE_RATE
+    except Exception as e:  # noqa: BLE001
+        raise Drop("unreadable_audio") from e
+
+
+def clean_audio(audio: Any, sr: int) -> np.ndarray:
+    """Validate and resample one clip; raises Drop with the reason."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim == 2:
+        audio = audio.mean(axis=0 if audio.shape[0] < audio.shape[1] else 1)
+    if audio.ndim != 1 or not sr or sr <= 0:
+        raise Drop("bad_audio_shape")
+    if audio.size == 0:
+        raise Drop("empty_audio")
+    if not np.isfinite(audio).all():
+        raise Drop("non_finite_audio")
+    audio = resample(audio, int(sr))
+    if not np.any(audio):
+        raise Drop("silent_audio")
+    return audio
+
+
+# ---------------------------------------------------------------- sources
+
+def manifest_examples(cfg: RunConfig, split: str) -> Iterator[dict]:
+    """Examples of one split from the JSONL manifest; each yields a 'load' callable for its audio."""
+    path = cfg.data.manifest_path()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row_split = row["split"]
+                audio_path = Path(row["audio"])
+            except (ValueError, KeyError, TypeError):
+                yield {"split": split, "drop": "bad_manifest_line", "where": f"{path}:{lineno}"}
+                continue
+            if row_split != split:
+                continue
+            if not audio_path.is_absolute():
+                audio_path = REPO_ROOT / audio_path if (REPO_ROOT / audio_path).exists() else path.parent / audio_path
+            yield {"id": str(row.get("id") or audio_path.stem), "text": row.get("text"), "speaker": str(row.get("speaker") or ""),
+                   "load": (lambda p=audio_path: decode_audio(p)), "where": f"{path}:{lineno}"}
+
+
+def hf_examples(cfg: RunConfig, split: str) -> Iterator[dict]:
+    """Examples of one split from a Hugging Face dataset; audio is decoded here (soundfile/PyAV)."""
+    import datasets
+
+    d = cfg.data
+    name = {"train": d.train_split, "dev": d.dev_split, "test": d.test_split}[split]
+    ds = datasets.load_dataset(d.dataset, d.config, split=name, streaming=d.streaming)
+    if d.audio_column not in (ds.column_names or [d.audio_column]) or d.text_column not in (ds.column_names or [d.text_column]):
+        raise StepError(f"dataset {d.dataset} split {name} has columns {ds.column_names}: "
+                        f"set data.audio_column / data.text_column (MLS French uses 'audio' and 'transcript')")
+    ds = ds.cast_column(d.audio_column, datasets.Audio(decode=False))
+    for i, row in enumerate(ds):
+        audio = row.get(d.audio_column) or {}
+        speaker = row.get("speaker_id", row.get("client_id", ""))
+        yield {"id": str(row.get("id") or row.get("path") or f"{split}-{i}"), "text": row.get(d.text_column),
+               "speaker": str(speaker if speaker is not None else ""), "load": (lambda a=audio: _hf_audio(a)), "where": f"{name}[{i}]"}
+
+
+def _hf_audio(audio: dict) -> tuple[np.ndarray, int]:
+    if audio.get("bytes"):
+        return decode_audio(audio["bytes"])
+    if audio.get("path"):
+        return decode_audio(audio["path"])
+    if audio.get("array") is not None:
+        return np.asarray(audio["array"], dtype=np.float32), int(audio.get("sampling_rate") or 0)
+    raise Drop("missing_audio")
+
+
+# ---------------------------------------------------------------- the step
+
+class Preparer:
+    """Turns raw examples into rows, counting what it drops."""
+
+    def __init__(self, cfg: RunConfig, processor):
+        self.cfg = cfg
+        self.fe = processor.feature_extractor
+        self.tok = processor.tokenizer
+        self.tok.set_prefix_tokens(language=cfg.model.language, task=cfg.model.task, predict_timestamps=False)
+        self.start_id = self.tok.convert_tokens_to_ids("<|startoftranscript|>")
+        self.max_label_len = 448
+        self.dropped: dict[str, Counter] = defaultdict(Counter)
+
+    def row(self, ex: dict) -> dict:
+        text = ex.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise Drop("empty_text")
+        text = " ".join(text.split())
+        audio, sr = ex["load"]()
+        audio = clean_audio(audio, sr)
+        duration = len(audio) / SAMPLE_RATE
+        d = self.cfg.data
+        if duration < d.min_seconds:
+            raise Drop("too_short")
+        if duration > d.max_seconds:
+            raise Drop("too_long")
+        labels = self.labels(text)
+        if len(labels) > self.max_label_len:
+            raise Drop("labels_too_long")
+        feats = self.fe(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0].astype(np.float32)
+        return {"id": ex["id"], "text": text, "speaker": ex.get("speaker", ""), "duration": float(duration),
+                "audio": audio, "input_features": feats, "labels": labels}
+
+    def labels(self, text: str) -> list[int]:
+        ids = self.tok(text).input_ids
+        if ids and ids[0] == self.start_id:
+            ids = ids[1:]
+        return ids
+
+
+def _features(n_mels: int, n_frames: int):
+    from datasets import Array2D, Features, Sequence, Value
+
+    return Features({"id": Value("string"), "text": Value("string"), "speaker": Value("string"), "duration": Value("float32"),
+                     "audio": Sequence(Value("float32")), "input_features": Array2D((n_mels, n_frames), "float32"),
+                     "labels": Sequence(Value("int32"))})
+
+
+def run(ctx: StepContext) -> dict:
+    import datasets
+    from datasets import Dataset
+
+    datasets.disable_progress_bars()
+
+    cfg = ctx.cfg
+    processor = load_processor(cfg.model.name_or_path)
+    prep = Preparer(cfg, processor)
+    source = manifest_examples if cfg.data.source == "manifest" else hf_examples
+    limits = {"train": cfg.data.max_samples, "dev": cfg.data.max_eval_samples, "test": cfg.data.max_eval_samples}
+    total = sum(limits.values())
+    counts, seconds, done = {}, {}, 0
+    features = _features(prep.fe.feature_size, prep.fe.nb_max_frames)
+    for split in SPLITS:
+        kept = {"n": 0, "s": 0.0}
+
+        def rows(split=split, kept=kept):
+            nonlocal done
+            for ex in source(cfg, split):
+                if kept["n"] >= limits[split]:
+                    return
+                try:
+                    if "drop" in ex:
+                        raise Drop(ex["drop"])
+                    row = prep.row(ex)
+                except Drop as d:
+                    prep.dropped[split][str(d)] += 1
+                    ctx.log(f"drop {split} {ex.get('id', '?')} ({ex.get('where', '')}): {d}")
+                    continue
+                kept["n"] += 1
+                kept["s"] += row["duration"]
+                done += 1
+                if done % 25 == 0 or kept["n"] == limits[split]:
+                    ctx.progress(done, total, split=split)
+                yield row
+
+        out = ctx.out / split
+        cache = ctx.out / f".cache-{split}"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        try:
+            gen = rows()
+            first = next(gen, None)
+            if first is None:  # datasets cannot build from an empty generator
+                ds = Dataset.from_dict({k: [] for k in features}, features=features)
+            else:
+                ds = Dataset.from_generator(lambda: itertools.chain([first], gen), features=features,
+                                            cache_dir=str(cache), fingerprint=uuid.uuid4().hex)
+            ds.save_to_disk(str(out))
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        counts[split], seconds[split] = kept["n"], round(kept["s"], 2)
+        ctx.add_output(out)
+        ctx.log(f"{split}: kept {kept['n']} clips ({kept['s'] / 60:.1f} min), dropped {dict(prep.dropped[split])}")
+        ctx.progress(done, total, split=split, finished=True)
+    if counts["train"] == 0 or counts["test"] == 0:
+        raise StepError(f"prepare kept no usable {'train' if counts['train'] == 0 else 'test'} examples "
+                        f"(dropped: {_dropped(prep)}); check data.* in the config and the source")
+    return {"counts": counts, "dropped": _dropped(prep), "dropped_by_split": {s: dict(c) for s, c in prep.dropped.items()},
+            "seconds": seconds}
+
+
+def _dropped(prep: Preparer) -> dict[str, int]:
+    total: Counter = Counter()
+    for c in prep.dropped.values():
+        total.update(c)
+    return dict(total)

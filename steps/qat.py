@@ -1,0 +1,148 @@
+"""Quantization-aware training: fake-quantize Whisper's block Linears on ONNX Runtime's grid.
+
+Two steps, like torchao's prepare/convert:
+
+    n = prepare(model, quant)   # encoder/decoder block Linears -> FakeQuantLinear (same Parameters)
+    ... train ...
+    model = convert(model)      # FakeQuantLinear -> nn.Linear holding the trained float weights
+
+Why not torchao's QATConfig as is: the export (steps/convert) quantizes with ONNX Runtime, whose
+grids differ from torchao's recipes (REFERENCE section 3):
+
+* int8 = ORT `quantize_dynamic`: weights per output channel, symmetric, scale max|w|/127
+  (torchao: /127.5); activations `DynamicQuantizeLinear`: one asymmetric uint8 range per tensor,
+  widened to include 0 (torchao: per token). At inference a tensor is one utterance, so the
+  activation range is taken per batch element here.
+* int4 = ORT `MatMulNBits` (symmetric, blocks of `group_size` along the input dimension): the
+  element of largest magnitude m in a block maps to -8 with scale m / -8, the rest round into
+  [-8, 7] (torchao: max|w|/7.5, symmetric).
+
+tests/test_qat.py checks these grids bit for bit against what ORT itself produces, and
+bench/train_speed.py measures how far torchao's grids are from ORT's on the real weights.
+Gradients pass straight through (STE); scales are not learned.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .common import StepError
+from .config import QuantConfig
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even (like ORT), with an identity gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quant_weight_int8(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric int8, scale max|w|/127 (ORT quantize_dynamic, QInt8 weights)."""
+    wf = w.float()
+    scale = (wf.detach().abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+    q = torch.clamp(_round_ste(wf / scale), -127, 127)
+    return (q * scale).to(w.dtype)
+
+
+def fake_quant_weight_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """ORT MatMulNBits symmetric 4-bit: per block, scale = (signed max-magnitude value) / -8."""
+    out_f, in_f = w.shape
+    pad = (-in_f) % group_size
+    wf = F.pad(w.float(), (0, pad)).view(out_f, -1, group_size)
+    with torch.no_grad():
+        idx = wf.abs().argmax(dim=-1, keepdim=True)
+        scale = torch.gather(wf, -1, idx) / -8.0
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(_round_ste(wf / scale), -8, 7)
+    return (q * scale).view(out_f, -1)[:, :in_f].to(w.dtype)
+
+
+def fake_quant_act_uint8(x: torch.Tensor) -> torch.Tensor:
+    """ORT DynamicQuantizeLinear: asymmetric uint8, range includes 0, one range per batch element."""
+    xf = x.float()
+    with torch.no_grad():
+        flat = xf.reshape(xf.shape[0], -1) if xf.dim() > 1 else xf.reshape(1, -1)
+        lo = flat.amin(dim=1).clamp(max=0)
+        hi = flat.amax(dim=1).clamp(min=0)
+        scale = (hi - lo) / 255.0
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+        shape = (-1,) + (1,) * (xf.dim() - 1) if xf.dim() > 1 else (1,)
+        scale, zp = scale.view(shape), zp.view(shape)
+    q = torch.clamp(_round_ste(xf / scale) + zp, 0, 255)
+    return ((q - zp) * scale).to(x.dtype)
+
+
+class FakeQuantLinear(nn.Linear):
+    """nn.Linear that trains through ORT's int8 (W8A8 dynamic) or int4 (weight-only) rounding."""
+
+    def __init__(self, linear: nn.Linear, scheme: str, group_size: int = 32):
+        if scheme not in ("int8", "int4"):
+            raise StepError(f"quant.scheme must be 'int8' or 'int4', got {scheme!r}")
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: nothing copied
+        self.scheme, self.group_size = scheme, group_size
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
+        if self.scheme == "int8":
+            return F.linear(fake_quant_act_uint8(x), fake_quant_weight_int8(self.weight), self.bias)
+        return F.linear(x, fake_quant_weight_int4(self.weight, self.group_size), self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        lin.weight, lin.bias = self.weight, self.bias
+        return lin
+
+    def extra_repr(self) -> str:
+        extra = f", group_size={self.group_size}" if self.scheme == "int4" else ""
+        return super().extra_repr() + f", scheme={self.scheme}{extra}"
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    try:
+        return [model.model.encoder.layers, model.model.decoder.layers]
+    except AttributeError:
+        raise StepError(f"QAT expects a Whisper seq2seq model (model.model.encoder/decoder.layers); "
+                        f"got {type(model).__name__}") from None
+
+
+def prepare(model: nn.Module, quant: QuantConfig) -> int:
+    """Swap the Linears of the encoder and decoder blocks for FakeQuantLinear; return how many."""
+    if count_fake_quant(model):
+        raise StepError("QAT prepare: the model is already prepared (it holds FakeQuantLinear layers)")
+    n = 0
+    for layers in _blocks(model):
+        for parent in layers.modules():
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, FakeQuantLinear(child, quant.scheme, quant.group_size))
+                    n += 1
+    if n == 0:
+        raise StepError("QAT prepare found no nn.Linear in model.model.encoder/decoder.layers: refusing "
+                        "to fall back to plain fine-tuning; check the model architecture")
+    return n
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every FakeQuantLinear by a plain nn.Linear holding the trained float weights."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FakeQuantLinear):
+                setattr(parent, name, child.to_linear())
+    return model
+
+
+def count_fake_quant(model: nn.Module) -> int:
+    return sum(isinstance(m, FakeQuantLinear) for m in model.modules())
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    """Turn fake quantization on or off (e.g. to compare against float) without converting."""
+    for m in model.modules():
+        if isinstance(m, FakeQuantLinear):
+            m.enabled = enabled

@@ -1,0 +1,362 @@
+"""Train step: seq2seq fine-tuning of Whisper with quantization-aware training (steps/qat.py).
+
+Reads DIR/prepare/{train,dev}/, writes DIR/train/:
+  checkpoints/step-N/   model, optimizer, scheduler, RNG and data position (last 2 kept)
+  history.jsonl         one line per optimizer step, one per evaluation
+  model/                the converted plain transformers model + processor (what convert reads)
+
+Data order is a pure function of (seed, epoch), and a checkpoint stores how many micro-batches
+were consumed, so `--resume` continues exactly where the run stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import qat
+from .common import StepContext, StepError, config_hash
+
+KEEP_CHECKPOINTS = 2
+
+
+# ---------------------------------------------------------------- data
+
+class MicroBatches:
+    """Micro-batch m of the run: epoch m // per_epoch, a seed-determined permutation per epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.bs, self.seed = n, batch_size, seed
+        self.per_epoch = math.ceil(n / batch_size)
+        self._epoch, self._perm = -1, None
+
+    def indices(self, m: int) -> list[int]:
+        epoch, j = divmod(m, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm[j * self.bs:(j + 1) * self.bs]
+
+
+class _Rows(torch.utils.data.Dataset):
+    """dataset[list of row indices] -> one collated batch (rows fetched in a single Arrow take)."""
+
+    def __init__(self, ds, pad_id: int = -100):
+        self.ds = ds.select_columns(["input_features", "labels"]).with_format("numpy")
+        self.pad_id = pad_id
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, idx: list[int]) -> dict:
+        rows = self.ds[idx]
+        feats = torch.from_numpy(np.stack([np.asarray(f, dtype=np.float32) for f in rows["input_features"]]))
+        labels = [np.asarray(l, dtype=np.int64) for l in rows["labels"]]
+        out = torch.full((len(labels), max(len(l) for l in labels)), self.pad_id, dtype=torch.long)
+        for i, l in enumerate(labels):
+            out[i, :len(l)] = torch.as_tensor(l)
+        return {"input_features": feats, "labels": out}
+
+
+def _loader(rows: _Rows, batches, num_workers: int, pin: bool):
+    return torch.utils.data.DataLoader(rows, batch_size=None, sampler=batches, num_workers=num_workers,
+                                       pin_memory=pin)
+
+
+def _load_split(prep: Path, split: str):
+    from datasets import load_from_disk
+
+    path = prep / split
+    if not path.is_dir():
+        raise StepError(f"prepared split {path} is missing; rerun the prepare step")
+    ds = load_from_disk(str(path))
+    missing = {"input_features", "labels"} - set(ds.column_names)
+    if missing:
+        raise StepError(f"prepared split {path} lacks columns {sorted(missing)}; rerun prepare with --force")
+    return ds
+
+
+# ---------------------------------------------------------------- optimisation
+
+def _device_precision(precision: str) -> tuple[torch.device, torch.dtype | None, str]:
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise StepError("train.precision bf16 needs a GPU with bfloat16 support (Ampere or newer); use fp32")
+    return device, (torch.bfloat16 if precision == "bf16" else None), precision
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on biases and norm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith(".bias") or "norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Multiplier of the peak learning rate for 0-based optimizer step `step`: linear warm-up, cosine decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------- evaluation
+
+def _normalizer():
+    try:
+        from .normalize import normalize
+        return normalize
+    except ImportError:  # steps/normalize.py not shipped yet: a minimal stand-in
+        import re
+
+        return lambda s: " ".join(re.sub(r"[^\w']+", " ", s.lower()).split())
+
+
+@torch.no_grad()
+def evaluate(model, processor, dev, batch_size: int, device, amp_dtype, language: str, task: str) -> dict:
+    """Teacher-forced dev loss (token-weighted) and greedy-decoding corpus WER in percent."""
+    import jiwer
+
+    rows = _Rows(dev)
+    normalize = _normalizer()
+    max_label = max(len(l) for l in dev["labels"])
+    max_new = min(max_label + 8, model.config.max_target_positions - 8)
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens, hyps = 0.0, 0, []
+    for start in range(0, len(dev), batch_size):
+        batch = rows[list(range(start, min(start + batch_size, len(dev))))]
+        feats, labels = batch["input_features"].to(device), batch["labels"].to(device)
+        with _autocast(device, amp_dtype):
+            n = int((labels != -100).sum())
+            loss_sum += float(model(input_features=feats, labels=labels).loss) * n
+            tokens += n
+            ids = model.generate(input_features=feats, language=language, task=task, max_new_tokens=max_new,
+                                 use_cache=True)
+        hyps += processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    model.train(was_training)
+    pairs = [(normalize(r), normalize(h)) for r, h in zip(dev["text"], hyps)]
+    pairs = [(r, h) for r, h in pairs if r.strip()]
+    wer = 100.0 * jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]) if pairs else None
+    return {"dev_loss": loss_sum / max(tokens, 1), "dev_wer": wer, "examples": [h for h in hyps[:3]]}
+
+
+def _autocast(device, amp_dtype):
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _checkpoints(root: Path) -> list[tuple[int, Path]]:
+    found = []
+    for p in root.glob("step-*") if root.is_dir() else []:
+        if p.is_dir() and p.name[5:].isdigit() and (p / "state.pt").is_file():
+            found.append((int(p.name[5:]), p))
+    return sorted(found)
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, micro: int, chash: str) -> Path:
+    """Write checkpoints/step-N/ through a temporary directory and a rename; keep the last 2."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp, final = root / f".step-{step}.tmp", root / f"step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.save(model.state_dict(), tmp / "model.pt")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    # state.pt last: a directory holding it is complete
+    torch.save({"step": step, "micro_batches": micro, "config_hash": chash, "rng": _rng_state()}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for _, old in _checkpoints(root)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, chash: str) -> dict:
+    state = torch.load(path / "state.pt", weights_only=False)
+    if state["config_hash"] != chash:
+        raise StepError(f"checkpoint {path} was written with another train config (hash {state['config_hash']}, "
+                        f"now {chash}); run without --resume to start over")
+    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
+    _set_rng_state(state["rng"])
+    return state
+
+
+# ---------------------------------------------------------------- the step
+
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _read_history(path: Path, upto: int) -> list[dict]:
+    """History lines of steps <= upto (lines written after the checkpoint are dropped on resume)."""
+    if not path.is_file():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= upto]
+
+
+def run(ctx: StepContext) -> dict:
+    from .models import load_model, load_processor
+
+    cfg, tc = ctx.cfg, ctx.cfg.train
+    prep = ctx.dir_of("prepare")
+    train_ds, dev_ds = _load_split(prep, "train"), _load_split(prep, "dev")
+    if len(train_ds) == 0:
+        raise StepError(f"the prepared train split in {prep} is empty; check data.* and rerun prepare")
+    device, amp_dtype, precision = _device_precision(tc.precision)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+
+    model = load_model(cfg.model.name_or_path)
+    processor = load_processor(cfg.model.name_or_path)
+    if tc.freeze_encoder:
+        model.model.encoder.requires_grad_(False)
+    n_fq = qat.prepare(model, cfg.quant)
+    ctx.log(f"QAT {cfg.quant.scheme}: {n_fq} fake-quantized Linear layers")
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.to(device).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.learning_rate,
+                                  fused=device.type == "cuda")
+    batches = MicroBatches(len(train_ds), tc.per_device_batch_size, tc.seed)
+    total = tc.max_steps or max(1, math.ceil(tc.epochs * batches.per_epoch / tc.grad_accum))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc.warmup_steps, total))
+
+    ckpt_root, hist_path, chash = ctx.out / "checkpoints", ctx.out / "history.jsonl", config_hash(cfg, "train")
+    step, history = 0, []
+    ckpts = _checkpoints(ckpt_root)
+    if ctx.resume and ckpts:
+        state = load_checkpoint(ckpts[-1][1], model, optimizer, scheduler, chash)
+        step, history = state["step"], _read_history(hist_path, state["step"])
+        ctx.log(f"resumed from {ckpts[-1][1]} (step {step}/{total})")
+    else:
+        if ctx.resume:
+            ctx.log("--resume: no checkpoint found, starting from scratch")
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    hist_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    def record(row: dict) -> None:
+        history.append(row)
+        with hist_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def run_eval(at: int) -> None:
+        if len(dev_ds) == 0:
+            return
+        t = time.time()
+        r = evaluate(model, processor, dev_ds, tc.per_device_batch_size, device, amp_dtype,
+                     cfg.model.language, cfg.model.task)
+        record({"step": at, "dev_loss": r["dev_loss"], "dev_wer": r["dev_wer"], "seconds": round(time.time() - t, 2)})
+        ctx.log(f"step {at}: dev loss {r['dev_loss']:.4f}, dev WER {r['dev_wer']} %, e.g. {r['examples'][:1]}")
+
+    if not any("dev_wer" in r for r in history):
+        run_eval(0)
+    start_step = step
+    rows = _Rows(train_ds)
+    micro_per_step = tc.grad_accum
+    stream = iter(_loader(rows, (batches.indices(m) for m in range(step * micro_per_step, total * micro_per_step)),
+                          tc.num_workers, device.type == "cuda"))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train_seconds, samples, last_loss = 0.0, 0, None
+    while step < total:
+        t0 = time.time()
+        loss_sum = 0.0
+        for _ in range(micro_per_step):
+            batch = next(stream)
+            feats, labels = batch["input_features"].to(device), batch["labels"].to(device)
+            with _autocast(device, amp_dtype):
+                loss = model(input_features=feats, labels=labels).loss
+            (loss / micro_per_step).backward()
+            loss_sum += float(loss.detach())
+            samples += len(labels)
+        last_loss = loss_sum / micro_per_step
+        if not math.isfinite(last_loss):
+            raise StepError(f"training diverged: loss {last_loss} at step {step + 1}; lower train.learning_rate")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.time() - t0
+        train_seconds += dt
+        record({"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "seconds": round(dt, 3)})
+        ctx.progress(step, total, loss=round(last_loss, 5), lr=lr)
+        if step % tc.eval_every == 0 or step == total:
+            run_eval(step)
+        if step % tc.save_every == 0 and step < total:
+            save_checkpoint(ckpt_root, step, model, optimizer, scheduler, step * micro_per_step, chash)
+
+    model = qat.convert(model)
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.config.use_cache = True
+    out_model = ctx.out / "model"
+    tmp = ctx.out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to("cpu").save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(out_model, ignore_errors=True)
+    os.replace(tmp, out_model)
+    ctx.add_output(out_model)
+    ctx.add_output(hist_path)
+
+    evals = [r for r in history if "dev_wer" in r]
+    train_rows = [r for r in history if "loss" in r]
+    return {
+        "optimizer_steps": step,
+        "total_steps": total,
+        "samples_per_s": round(samples / train_seconds, 3) if train_seconds else None,
+        "seconds_per_step": round(train_seconds / (step - start_step), 3) if step > start_step else None,
+        "train_loss": train_rows[-1]["loss"] if train_rows else last_loss,
+        "dev_loss_first": evals[0]["dev_loss"] if evals else None,
+        "dev_loss": evals[-1]["dev_loss"] if evals else None,
+        "dev_wer_first": evals[0]["dev_wer"] if evals else None,
+        "dev_wer": evals[-1]["dev_wer"] if evals else None,
+        "fake_quant_modules": n_fq,
+        "quant_scheme": cfg.quant.scheme,
+        "peak_memory_mb": round(_peak_memory_mb(device), 1),
+        "precision": precision,
+        "device": str(device),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "freeze_encoder": tc.freeze_encoder,
+        "resumed_from_step": (ckpts[-1][0] if ctx.resume and ckpts else None),
+    }

@@ -1,0 +1,89 @@
+"""LocalMachine (backend local) and the shared file selection for `put` (.gitignore honoured)."""
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.local import LocalMachine, collect_files
+from infra.machine import CommandFailed, CommandTimeout
+
+NASTY = "it's \"quoted\" $HOME; `touch pwned` $(touch pwned2) & | > <"
+
+
+def make_tree(root: Path, git: bool) -> Path:
+    (root / "pkg" / "sub").mkdir(parents=True)
+    (root / "pkg" / "a.py").write_text("print('a')\n")
+    (root / "pkg" / "sub" / "b.txt").write_text("b\n")
+    (root / "pkg" / "big.bin").write_bytes(b"\0" * 10)
+    (root / "pkg" / "__pycache__").mkdir()
+    (root / "pkg" / "__pycache__" / "a.pyc").write_bytes(b"x")
+    (root / "top.txt").write_text("top\n")
+    (root / "other").mkdir()
+    (root / "other" / "c.txt").write_text("c\n")
+    if git:
+        (root / ".gitignore").write_text("*.bin\n")
+        subprocess.run(["git", "init", "-q", str(root)], check=True)
+        subprocess.run(["git", "-C", str(root), "add", "pkg/a.py"], check=True)  # one tracked, the rest untracked
+    return root
+
+
+def test_collect_files_honours_gitignore(tmp_path):
+    root = make_tree(tmp_path / "repo", git=True)
+    files = collect_files(root, ["pkg", "top.txt", "missing-entry"])
+    assert files == ["pkg/a.py", "pkg/sub/b.txt", "top.txt"]
+    assert "pkg/big.bin" in collect_files(root, ["pkg"], respect_gitignore=False)
+
+
+def test_collect_files_without_git(tmp_path):
+    root = make_tree(tmp_path / "plain", git=False)
+    assert collect_files(root, ["pkg"]) == ["pkg/a.py", "pkg/big.bin", "pkg/sub/b.txt"]
+
+
+def test_run_streams_exit_codes_and_quotes(tmp_path):
+    m = LocalMachine(tmp_path / "home")
+    seen = []
+    code = m.run(["sh", "-c", 'echo one; echo two >&2; sleep 0.5; echo "$V"; pwd; exit 5'],
+                 env={"V": NASTY}, cwd=f"dir {NASTY}", check=False,
+                 on_line=lambda line: seen.append((time.monotonic(), line)))
+    # the cwd does not exist yet: cd fails before anything runs
+    assert code != 0
+    (m.home / f"dir {NASTY}").mkdir()
+    seen.clear()
+    code = m.run(["sh", "-c", 'echo one; echo two >&2; sleep 0.5; echo "$V"; pwd; exit 5'],
+                 env={"V": NASTY}, cwd=f"dir {NASTY}", check=False,
+                 on_line=lambda line: seen.append((time.monotonic(), line)))
+    assert code == 5
+    lines = [s for _, s in seen]
+    assert lines == ["one", "two", NASTY, str(m.home / f"dir {NASTY}")]
+    assert seen[2][0] - seen[0][0] > 0.3  # lines arrived as printed, not at the end
+    assert not list(m.home.rglob("pwned*"))
+
+
+def test_run_failure_and_timeout(tmp_path):
+    m = LocalMachine(tmp_path)
+    with pytest.raises(CommandFailed) as e:
+        m.run(["sh", "-c", "for i in $(seq 1 100); do echo line$i; done; exit 7"], env={"SECRET": "hunter2hunter2"})
+    assert e.value.exit_code == 7 and e.value.tail.splitlines()[-1] == "line100"
+    assert "hunter2hunter2" not in str(e.value) and "SECRET='***'" in str(e.value)
+    t0 = time.monotonic()
+    with pytest.raises(CommandTimeout):
+        m.run(["sh", "-c", "echo started; sleep 1.5 && touch survived"], timeout=0.5)
+    assert time.monotonic() - t0 < 1.4
+    time.sleep(1.5)
+    assert not (tmp_path / "survived").exists()  # the whole process group was killed
+
+
+def test_files(tmp_path):
+    src = make_tree(tmp_path / "repo", git=True)
+    m = LocalMachine(tmp_path / "home")
+    m.put(src, "qat/code", include=["pkg", "top.txt"])
+    got = sorted(str(p.relative_to(m.home / "qat/code")) for p in (m.home / "qat/code").rglob("*") if p.is_file())
+    assert got == ["pkg/a.py", "pkg/sub/b.txt", "top.txt"]
+    m.write_text("qat/run.yaml", "name: x\n")
+    assert m.exists("qat/run.yaml") and not m.exists("qat/nope")
+    m.get("qat/code/pkg", tmp_path / "back")
+    assert (tmp_path / "back" / "sub" / "b.txt").read_text() == "b\n"
+    m.get("qat/run.yaml", tmp_path / "back.yaml")
+    assert (tmp_path / "back.yaml").read_text() == "name: x\n"
+    assert m.free_disk_gb("qat/not-yet") > 0

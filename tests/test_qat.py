@@ -1,0 +1,175 @@
+"""steps/qat.py: which layers get fake-quantized, that it changes outputs and trains through,
+that convert gives back plain Linears, and that the grids are ONNX Runtime's, bit for bit."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+from steps import qat
+from steps.common import StepError
+from steps.config import QuantConfig
+
+ENC_LAYERS, DEC_LAYERS = 2, 2
+# Per encoder block: q, k, v, out, fc1, fc2; per decoder block: self q/k/v/out, cross q/k/v/out, fc1, fc2.
+EXPECTED = ENC_LAYERS * 6 + DEC_LAYERS * 10
+
+
+def tiny_whisper(seed: int = 0) -> WhisperForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = WhisperConfig(vocab_size=120, num_mel_bins=80, d_model=64, encoder_layers=ENC_LAYERS,
+                        decoder_layers=DEC_LAYERS, encoder_attention_heads=2, decoder_attention_heads=2,
+                        encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=50,
+                        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=1)
+    return WhisperForConditionalGeneration(cfg).eval()
+
+
+def batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(2, 80, 100, generator=g)
+    labels = torch.randint(3, 120, (2, 6), generator=g)
+    return feats, labels
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_prepare_counts_block_linears_only_and_keeps_parameters(scheme):
+    model = tiny_whisper()
+    params_before = {n: p for n, p in model.named_parameters()}
+    n = qat.prepare(model, QuantConfig(scheme=scheme))
+    assert n == EXPECTED == qat.count_fake_quant(model)
+    # convs, embeddings and the tied output projection stay float
+    m = model.model
+    assert type(m.encoder.conv1) is nn.Conv1d and type(m.encoder.conv2) is nn.Conv1d
+    assert type(model.proj_out) is nn.Linear and model.proj_out.weight is m.decoder.embed_tokens.weight
+    assert all(isinstance(x, qat.FakeQuantLinear) for x in [m.encoder.layers[0].fc1, m.decoder.layers[1].encoder_attn.k_proj])
+    # the same Parameter objects under the same names: an optimizer built later sees them
+    assert {n: p for n, p in model.named_parameters()}.keys() == params_before.keys()
+    assert all(p is params_before[n] for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_fake_quant_changes_outputs_but_stays_close(scheme):
+    model = tiny_whisper()
+    feats, labels = batch()
+    with torch.no_grad():
+        ref = model(input_features=feats, labels=labels).logits
+        qat.prepare(model, QuantConfig(scheme=scheme, group_size=32))
+        fq = model(input_features=feats, labels=labels).logits
+        qat.set_enabled(model, False)
+        off = model(input_features=feats, labels=labels).logits
+    assert torch.equal(off, ref)
+    diff = (fq - ref).abs().max().item()
+    assert diff > 1e-4, "fake quantization did not change the outputs"
+    assert diff < 0.5 * ref.abs().max().item(), f"fake quantization broke the model (max diff {diff})"
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_gradients_flow_straight_through(scheme):
+    model = tiny_whisper()
+    qat.prepare(model, QuantConfig(scheme=scheme))
+    model.train()
+    feats, labels = batch()
+    model(input_features=feats, labels=labels).loss.backward()
+    w = model.model.encoder.layers[0].self_attn.q_proj.weight
+    assert w.grad is not None and w.grad.abs().sum() > 0
+    # the straight-through estimator: d(sum fq(w))/dw == 1 everywhere the value is not clipped
+    w = torch.randn(8, 64, requires_grad=True)
+    fq = qat.fake_quant_weight_int8(w) if scheme == "int8" else qat.fake_quant_weight_int4(w, 32)
+    fq.sum().backward()
+    assert (w.grad == 1).float().mean() > 0.9
+
+
+def test_convert_gives_plain_linears_that_save_and_reload(tmp_path):
+    model = tiny_whisper()
+    keys = set(model.state_dict())
+    qat.prepare(model, QuantConfig(scheme="int8"))
+    with torch.no_grad():
+        model.model.decoder.layers[0].fc1.weight.add_(0.01)  # "training" changed a weight
+    feats, labels = batch()
+    qat.set_enabled(model, False)
+    with torch.no_grad():
+        expected = model(input_features=feats, labels=labels).logits
+    model = qat.convert(model)
+    assert qat.count_fake_quant(model) == 0 and set(model.state_dict()) == keys
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    model.save_pretrained(tmp_path)
+    again = WhisperForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_features=feats, labels=labels).logits, expected)
+
+
+def test_prepare_refuses_to_silently_do_nothing():
+    with pytest.raises(StepError, match="Whisper"):
+        qat.prepare(nn.Linear(4, 4), QuantConfig(scheme="int8"))
+    model = tiny_whisper()
+    qat.prepare(model, QuantConfig(scheme="int8"))
+    with pytest.raises(StepError, match="already"):
+        qat.prepare(model, QuantConfig(scheme="int8"))
+    empty = tiny_whisper()
+    empty.model.encoder.layers, empty.model.decoder.layers = nn.ModuleList(), nn.ModuleList()
+    with pytest.raises(StepError, match="no nn.Linear"):
+        qat.prepare(empty, QuantConfig(scheme="int4"))
+
+
+# --- the grids are what ONNX Runtime runs -------------------------------------------------------
+
+def _matmul_model(w: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])], "mm",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", w.shape[0]])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", w.shape[1]])],
+        [numpy_helper.from_array(w, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _weights(k: int, n: int, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((k, n)) * 0.05).astype(np.float32)
+
+
+def test_int8_weight_grid_matches_ort_quantize_dynamic(tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    w = _weights(96, 48, 0)
+    onnx.save(_matmul_model(w), tmp_path / "m.onnx")
+    quantize_dynamic(tmp_path / "m.onnx", tmp_path / "q.onnx", per_channel=True,
+                     weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q.onnx").graph.initializer}
+    assert not inits["W_zero_point"].any()
+    ort_w = inits["W_quantized"].astype(np.float32) * inits["W_scale"][None, :]
+    ours = qat.fake_quant_weight_int8(torch.from_numpy(w.T.copy())).numpy().T  # Linear weight = W^T
+    np.testing.assert_array_equal(ours, ort_w)
+
+
+def test_int8_activation_grid_matches_ort_dynamic_quantize_linear():
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["X"], ["q", "s", "z"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["Y"])], "dq",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [7, 96])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [7, 96])])
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    x = (np.random.default_rng(1).standard_normal((3, 7, 96)) * 2 + 0.3).astype(np.float32)
+    x[2] = np.abs(x[2])  # an all-positive tensor: ORT widens the range to include 0
+    expected = np.stack([sess.run(None, {"X": xi})[0] for xi in x])  # one range per utterance
+    np.testing.assert_array_equal(qat.fake_quant_act_uint8(torch.from_numpy(x)).numpy(), expected)
+
+
+@pytest.mark.parametrize("k", [96, 100])  # 100: a last, partial block
+def test_int4_weight_grid_matches_ort_matmul_nbits(k):
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    w = _weights(k, 48, k)
+    quantizer = MatMulNBitsQuantizer(_matmul_model(w), algo_config=DefaultWeightOnlyQuantConfig(
+        block_size=32, is_symmetric=True, accuracy_level=0))
+    quantizer.process()
+    assert [n.op_type for n in quantizer.model.model.graph.node] == ["MatMulNBits"]
+    sess = ort.InferenceSession(quantizer.model.model.SerializeToString())
+    ort_w = sess.run(None, {"X": np.eye(k, dtype=np.float32)})[0]  # identity input reads the weights back
+    ours = qat.fake_quant_weight_int4(torch.from_numpy(w.T.copy()), 32).numpy().T
+    np.testing.assert_array_equal(ours, ort_w)
+    assert np.abs(ours - w).max() > 1e-3  # and it is really 4-bit

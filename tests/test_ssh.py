@@ -1,0 +1,124 @@
+"""SSHMachine against a real sshd on loopback (fixture `sshd_host`)."""
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from infra import keys
+from infra.machine import CommandFailed, CommandTimeout, Lease, TransientMachineError
+from infra.ssh import HostKeyChanged, SSHMachine
+from test_local import NASTY, make_tree
+
+
+def lease_for(h, **kw) -> Lease:
+    return Lease(backend="ssh", label="t", host=h.host, port=h.port, user=h.user, key_path=str(h.key_path), **kw)
+
+
+@pytest.fixture
+def machine(sshd_host):
+    m = SSHMachine(lease_for(sshd_host), connect_timeout=20).connect()
+    yield m
+    m.close()
+
+
+def test_pins_host_key_and_refuses_a_changed_one(sshd_host, tmp_path):
+    lease = lease_for(sshd_host)
+    SSHMachine(lease, connect_timeout=10).connect().close()
+    assert lease.host_key == sshd_host.host_key
+    SSHMachine(lease, connect_timeout=10).connect().close()  # same key: fine
+    other = keys.generate_keypair(tmp_path).public_key.rsplit(" ", 1)[0]
+    lease.host_key = other
+    t0 = time.monotonic()
+    with pytest.raises(HostKeyChanged, match="pinned"):
+        SSHMachine(lease, connect_timeout=30).connect()
+    assert time.monotonic() - t0 < 5  # refused at once, not retried until the deadline
+
+
+def test_run_streams_quotes_and_masks(machine, sshd_host, caplog):
+    caplog.set_level(logging.DEBUG, logger="qat.machine")
+    machine.run(["mkdir", "-p", f"dir {NASTY}"])
+    seen = []
+    code = machine.run(["sh", "-c", 'echo one; echo two >&2; sleep 0.6; echo "$V"; pwd; exit 5'],
+                       env={"V": NASTY, "TOKEN": "hf_supersecret123"}, cwd=f"dir {NASTY}", check=False,
+                       on_line=lambda line: seen.append((time.monotonic(), line)))
+    assert code == 5
+    assert [s for _, s in seen] == ["one", "two", NASTY, str(sshd_host.home / f"dir {NASTY}")]
+    assert seen[2][0] - seen[0][0] > 0.4  # streamed as printed
+    assert not list(sshd_host.home.rglob("pwned*"))
+    assert "hf_supersecret123" not in caplog.text and "TOKEN='***'" in caplog.text
+
+
+def test_failure_tail_and_timeout(machine, sshd_host):
+    with pytest.raises(CommandFailed) as e:
+        machine.run(["sh", "-c", "for i in $(seq 1 100); do echo line$i; done; echo oops >&2; exit 7"],
+                    env={"KEY": "hunter2hunter2"})
+    assert e.value.exit_code == 7 and e.value.tail.splitlines()[-2:] == ["line100", "oops"]
+    assert "hunter2hunter2" not in str(e.value) and "__QAT_PID__" not in str(e.value)
+    t0 = time.monotonic()
+    with pytest.raises(CommandTimeout):
+        machine.run(["sh", "-c", "echo started; sleep 2 && touch survived"], timeout=0.5)
+    assert time.monotonic() - t0 < 2
+    time.sleep(2)
+    assert not (sshd_host.home / "survived").exists()  # its process group was killed
+    assert machine.run(["true"]) == 0  # the connection is still usable
+
+
+def test_put_get_exists_df(machine, sshd_host, tmp_path):
+    src = make_tree(tmp_path / "repo", git=True)
+    machine.put(src, "qat/code", include=["pkg", "top.txt", "absent"])
+    remote = sshd_host.home / "qat" / "code"
+    assert sorted(str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file()) == \
+        ["pkg/a.py", "pkg/sub/b.txt", "top.txt"]
+    assert not list(sshd_host.home.glob(".qat-upload-*"))  # the tarball was removed
+    machine.put(src, "qat/raw", include=["pkg"], respect_gitignore=False)
+    assert (sshd_host.home / "qat/raw/pkg/big.bin").exists()
+    machine.write_text("qat/run.yaml", "name: x\n")
+    assert machine.exists("qat/run.yaml") and not machine.exists("qat/nothing here")
+    machine.get("qat/code/pkg", tmp_path / "back")
+    assert sorted(str(p.relative_to(tmp_path / "back")) for p in (tmp_path / "back").rglob("*") if p.is_file()) == \
+        ["a.py", "sub/b.txt"]
+    machine.get("qat/run.yaml", tmp_path / "r" / "run.yaml")
+    assert (tmp_path / "r" / "run.yaml").read_text() == "name: x\n"
+    assert machine.free_disk_gb() > 0
+
+
+def test_reconnects_after_drop_and_run_raises_transient(machine, sshd_host):
+    assert machine.exists(".")
+    result = {}
+
+    def long_run():
+        try:
+            machine.run(["sleep", "20"])
+        except Exception as e:
+            result["exc"] = e
+
+    t = threading.Thread(target=long_run)
+    t.start()
+    time.sleep(0.5)
+    sshd_host.stop()  # the machine goes away: sessions die, the connection drops
+    t.join(timeout=15)
+    assert isinstance(result.get("exc"), TransientMachineError)
+    sshd_host.start()
+    assert machine.exists(".")  # idempotent operations reconnect
+    machine.write_text("after-drop.txt", "ok")
+    assert (sshd_host.home / "after-drop.txt").read_text() == "ok"
+
+
+def test_retries_until_ssh_answers(sshd_host):
+    sshd_host.stop()
+    lease = lease_for(sshd_host)
+    t0 = time.monotonic()
+    with pytest.raises(TransientMachineError, match="did not answer within 2s"):
+        SSHMachine(lease, connect_timeout=2).connect()
+    assert time.monotonic() - t0 < 5
+    timer = threading.Timer(2.0, sshd_host.start)
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        with SSHMachine(lease, connect_timeout=30).connect() as m:
+            assert m.run(["true"]) == 0
+    finally:
+        timer.join()
+    assert time.monotonic() - t0 >= 1.5

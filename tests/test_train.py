@@ -1,0 +1,149 @@
+"""steps/train.py on the tiny random Whisper, CPU: outputs, QAT kept on, frozen encoder, exact resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from steps import train
+from steps.common import StepContext, StepError
+from steps.config import parse_config
+from steps.models import load_processor
+
+TEXTS = ["bonjour tout le monde", "il fait beau aujourd'hui", "le chat dort sur le canapé",
+         "nous allons à la plage", "la voiture est rouge", "merci beaucoup madame"]
+
+
+def make_prepared(workdir: Path, n_train: int = 6, n_dev: int = 3) -> None:
+    """A prepare/ output like steps/prepare.py writes (labels without the start token)."""
+    from datasets import Dataset
+
+    tok = load_processor("fixture:tiny-random").tokenizer
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        texts = [TEXTS[i % len(TEXTS)] for i in range(n)]
+        Dataset.from_dict({
+            "id": [f"{split}-{i}" for i in range(n)],
+            "text": texts,
+            "input_features": [rng.standard_normal((80, 3000), dtype=np.float32) * 0.5 for _ in texts],
+            "labels": [tok(t).input_ids[1:] for t in texts],
+        }).save_to_disk(str(workdir / "prepare" / split))
+    (workdir / "prepare" / "result.json").write_text(json.dumps({"status": "ok"}))
+
+
+def context(workdir: Path, resume: bool = False, **train_cfg) -> StepContext:
+    raw = {"name": "t", "model": {"name_or_path": "fixture:tiny-random"},
+           "data": {"source": "hf", "dataset": "none"}, "quant": {"scheme": train_cfg.pop("scheme", "int8")},
+           "train": {"max_steps": 4, "learning_rate": 1e-3, "per_device_batch_size": 2, "grad_accum": 1,
+                     "warmup_steps": 1, "eval_every": 2, "save_every": 2, "gradient_checkpointing": False,
+                     "num_workers": 0, **train_cfg}}
+    ctx = StepContext(step="train", cfg=parse_config(raw), workdir=workdir, resume=resume)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    return ctx
+
+
+def history(ctx: StepContext) -> list[dict]:
+    return [json.loads(l) for l in (ctx.out / "history.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_model_history_checkpoints_and_metrics(tmp_path):
+    make_prepared(tmp_path)
+    ctx = context(tmp_path, max_steps=4, save_every=1, eval_every=2, gradient_checkpointing=True)
+    m = train.run(ctx)
+    assert m["optimizer_steps"] == 4 and m["fake_quant_modules"] == 32 and m["quant_scheme"] == "int8"
+    assert m["precision"] == "fp32" and m["device"] == "cpu" and m["freeze_encoder"] is False
+    assert m["samples_per_s"] > 0 and m["peak_memory_mb"] > 0 and m["trainable_params"] > 0
+    assert m["dev_wer_first"] is not None and m["dev_wer"] is not None
+    # the same data for train and dev: 4 steps at lr 1e-3 must lower the dev loss
+    assert m["dev_loss"] < m["dev_loss_first"]
+    h = history(ctx)
+    assert [r["step"] for r in h if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in h if "dev_wer" in r] == [0, 2, 4]
+    # saved at 1, 2, 3 (the final step goes to model/); the last two kept
+    assert sorted(p.name for p in (ctx.out / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    model = WhisperForConditionalGeneration.from_pretrained(ctx.out / "model")
+    assert not any("FakeQuant" in type(x).__name__ for x in model.modules())
+    WhisperProcessor.from_pretrained(ctx.out / "model")
+    assert ctx.outputs == ["train/model", "train/history.jsonl"]
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    """CPU kernels are deterministic for equal shapes, order and thread count, and a checkpoint
+    restores weights, AdamW moments, scheduler, RNG and data position bit for bit: so tolerance 0."""
+    cfg = dict(max_steps=5, save_every=2, eval_every=3, grad_accum=2, warmup_steps=2)  # 10 micro-batches, 3 epochs
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    for d in (straight, broken):
+        make_prepared(d, n_train=5)
+    train.run(context(straight, **cfg))
+
+    ctx = context(broken, **cfg)
+    real_progress = ctx.progress
+
+    def crash_at_4(done, total, **kw):
+        real_progress(done, total, **kw)
+        if done == 4:
+            raise RuntimeError("machine lost")
+
+    ctx.progress = crash_at_4
+    with pytest.raises(RuntimeError, match="machine lost"):
+        train.run(ctx)
+    assert sorted(p.name for p in (ctx.out / "checkpoints").iterdir()) == ["step-2", "step-4"] or \
+        sorted(p.name for p in (ctx.out / "checkpoints").iterdir()) == ["step-2"]
+    m = train.run(context(broken, resume=True, **cfg))
+    assert m["resumed_from_step"] in (2, 4) and m["optimizer_steps"] == 5
+
+    a, b = load_file(straight / "train/model/model.safetensors"), load_file(broken / "train/model/model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ha, hb = history(context(straight, **cfg)), history(context(broken, **cfg))
+    assert [r["loss"] for r in ha if "loss" in r] == [r["loss"] for r in hb if "loss" in r]
+
+
+def test_frozen_encoder_trains_only_the_decoder_with_qat_on_both(tmp_path):
+    make_prepared(tmp_path)
+    from steps.models import load_model
+
+    base = load_model("fixture:tiny-random").state_dict()
+    m = train.run(context(tmp_path, scheme="int4", freeze_encoder=True, max_steps=2, eval_every=2))
+    assert m["fake_quant_modules"] == 32 and m["freeze_encoder"] is True
+    after = load_file(tmp_path / "train/model/model.safetensors")
+    enc = [k for k in after if k.startswith("model.encoder.")]
+    dec = [k for k in after if k.startswith("model.decoder.layers.")]
+    assert enc and all(torch.equal(after[k], base[k]) for k in enc)
+    assert any(not torch.equal(after[k], base[k]) for k in dec)
+    assert m["trainable_params"] == sum(v.numel() for k, v in base.items()
+                                        if not k.startswith("model.encoder.") and k != "proj_out.weight")
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    make_prepared(tmp_path)
+    ctx = context(tmp_path, max_steps=3, save_every=1, eval_every=10)
+    ctx.progress = lambda done, total, **kw: (_ for _ in ()).throw(RuntimeError("stop")) if done == 2 else None
+    with pytest.raises(RuntimeError):
+        train.run(ctx)
+    with pytest.raises(StepError, match="another train config"):
+        train.run(context(tmp_path, resume=True, max_steps=3, save_every=1, eval_every=10, learning_rate=5e-4))
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    f = [train.lr_factor(s, 3, 10) for s in range(10)]
+    assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and f[3] == 1.0
+    assert all(a > b for a, b in zip(f[3:], f[4:])) and 0 < f[-1] < 0.1
+    assert train.lr_factor(0, 0, 5) == 1.0
+
+
+def test_data_order_is_seeded_and_covers_each_epoch():
+    a, b, c = train.MicroBatches(7, 3, seed=1), train.MicroBatches(7, 3, seed=1), train.MicroBatches(7, 3, seed=2)
+    assert a.per_epoch == 3
+    first = [a.indices(m) for m in range(6)]
+    assert first == [b.indices(m) for m in range(6)] != [c.indices(m) for m in range(6)]
+    assert sorted(sum(first[:3], [])) == list(range(7)) == sorted(sum(first[3:], []))
+    assert first[:3] != first[3:]  # a new order each epoch
+    assert b.indices(4) == first[4]  # random access (resume) gives the same batch

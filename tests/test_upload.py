@@ -1,0 +1,274 @@
+"""Hub upload against the offline hub (tests/hub_server.py) with the real huggingface_hub client,
+and the model card: valid metadata, and every figure in it taken from the metrics given."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import HfApi
+from huggingface_hub.errors import RepositoryNotFoundError
+from huggingface_hub.repocard import metadata_load, model_index_to_eval_results
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from steps.config import load_config
+from tasks.model_card import NOT_MEASURED, render_model_card, variants
+from tasks.upload_hub import HubUploadError, upload_model
+from hub_server import LFS_SIZE_THRESHOLD, HubServer, validate_card_metadata
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WRITE, READ, BOB = (f"hf_{secrets.token_hex(12)}" for _ in range(3))
+CARD = "---\nlicense: mit\nlanguage:\n- fr\n---\n\n# test model\n"
+
+
+@pytest.fixture
+def hub(tmp_path):
+    with HubServer(tmp_path / "hub", {WRITE: ("alice", "write"), READ: ("alice", "read"), BOB: ("bob", "write")}) as h:
+        yield h
+
+
+def make_model(root: Path, big: bool = False) -> Path:
+    """A converted-model look-alike: json files, a small .onnx (LFS by pattern), optionally a file
+    just over the Hub's 10 MB LFS threshold with an extension no pattern covers."""
+    d = root / "qat_int8"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text('{"model_type": "whisper"}')
+    (d / "tokenizer.json").write_text('{"version": "1.0"}')
+    (d / "encoder_model.onnx").write_bytes(os.urandom(4096))
+    if big:
+        (d / "decoder_model.onnx_data").write_bytes(os.urandom(LFS_SIZE_THRESHOLD + 1))
+    return d
+
+
+def test_upload_sends_every_file_and_large_ones_through_lfs(hub, tmp_path):
+    model = make_model(tmp_path, big=True)
+    out = upload_model(model, "alice/whisper-qat", WRITE, card=CARD, endpoint=hub.url)
+
+    remote = hub.repo_files("alice/whisper-qat")
+    local = sorted(p.name for p in model.iterdir())
+    assert out["uploaded"] is True and out["files"] == len(local) == 5
+    assert out["url"] == f"{hub.url}/alice/whisper-qat"
+    assert out["commit"] == hub.state.meta("alice/whisper-qat")["sha"]
+    assert sorted(remote) == sorted(local + [".gitattributes"])
+    for name in local:
+        assert hub.file_bytes("alice/whisper-qat", name) == (model / name).read_bytes(), name
+    lfs = {p for p, f in remote.items() if f["lfs"]}
+    assert lfs == {"encoder_model.onnx", "decoder_model.onnx_data"}
+    assert remote["decoder_model.onnx_data"]["lfs"] == hashlib.sha256((model / "decoder_model.onnx_data").read_bytes()).hexdigest()
+    assert sum(1 for m, p in hub.requests if m == "PUT" and p.startswith("/lfs-upload/")) == 2
+    assert hub.file_bytes("alice/whisper-qat", "README.md").decode() == CARD
+    assert WRITE not in repr(out)
+
+
+def test_private_flag_is_honoured(hub, tmp_path):
+    model = make_model(tmp_path)
+    assert upload_model(model, "alice/secret", WRITE, private=True, card=CARD, endpoint=hub.url)["private"] is True
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=hub.url, token=False).model_info("alice/secret")
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=hub.url, token=BOB).model_info("alice/secret")
+    assert HfApi(endpoint=hub.url, token=WRITE).model_info("alice/secret").private is True
+
+    assert upload_model(model, "alice/open", WRITE, private=False, card=CARD, endpoint=hub.url)["private"] is False
+    assert HfApi(endpoint=hub.url, token=False).model_info("alice/open").private is False
+    # a public repo that the config wants private is made private before anything is pushed
+    assert upload_model(model, "alice/open", WRITE, private=True, card=CARD, endpoint=hub.url)["private"] is True
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=hub.url, token=False).model_info("alice/open")
+
+
+def test_reupload_to_an_existing_repo(hub, tmp_path):
+    model = make_model(tmp_path)
+    first = upload_model(model, "alice/m", WRITE, card=CARD, endpoint=hub.url)
+    (model / "encoder_model.onnx").write_bytes(os.urandom(4096))
+    second = upload_model(model, "alice/m", WRITE, card=CARD + "\nv2\n", endpoint=hub.url)
+    assert second["uploaded"] and second["commit"] != first["commit"]
+    assert hub.file_bytes("alice/m", "encoder_model.onnx") == (model / "encoder_model.onnx").read_bytes()
+    assert hub.file_bytes("alice/m", "README.md").decode().endswith("v2\n")
+    # nothing changed: the client skips the empty commit and reports the current head
+    third = upload_model(model, "alice/m", WRITE, card=CARD + "\nv2\n", endpoint=hub.url)
+    assert third["uploaded"] and third["commit"] == second["commit"] == hub.state.meta("alice/m")["sha"]
+    assert [c["summary"] for c in hub.state.meta("alice/m")["commits"]][1:] == ["Upload qat_int8 with its model card"] * 2
+
+
+def test_no_token_skips_without_contacting_the_hub(hub, tmp_path, caplog):
+    model = make_model(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        out = upload_model(model, "alice/m", None, card=CARD, endpoint=hub.url)
+    assert out == {"uploaded": False, "reason": out["reason"], "path": model}
+    assert "HF_TOKEN" in out["reason"] and "HF_TOKEN" in caplog.text
+    assert hub.requests == []
+
+
+def test_wrong_token_gives_a_clear_error_without_the_token(hub, tmp_path, caplog):
+    model, bad = make_model(tmp_path), f"hf_{secrets.token_hex(16)}"
+    with caplog.at_level(logging.DEBUG), pytest.raises(HubUploadError) as e:
+        upload_model(model, "alice/m", bad, card=CARD, endpoint=hub.url)
+    text = "".join(traceback.format_exception(e.value))
+    assert "rejected" in str(e.value) and "401" in str(e.value) and "HF_TOKEN" in str(e.value)
+    assert e.value.retryable is False and e.value.__cause__ is None and e.value.__context__ is None
+    assert bad not in text and bad not in repr(e.value) and bad not in caplog.text
+    assert hub.repo_files("alice/m") == {}
+
+
+@pytest.mark.parametrize("token, repo, words", [
+    (READ, "alice/m", "'read' role"),
+    (BOB, "alice/m", "403"),
+])
+def test_token_without_write_rights_is_refused(hub, tmp_path, token, repo, words):
+    with pytest.raises(HubUploadError) as e:
+        upload_model(make_model(tmp_path), repo, token, card=CARD, endpoint=hub.url)
+    assert words in str(e.value) and token not in str(e.value) and not e.value.retryable
+    assert hub.repo_files(repo) == {}
+
+
+def test_hub_refuses_a_broken_model_index(hub, tmp_path):
+    card = "---\nmodel-index:\n- name: m\n  results:\n  - task: {type: automatic-speech-recognition}\n" \
+           "    dataset: {name: x, type: x}\n    metrics:\n    - type: wer\n---\n"
+    with pytest.raises(HubUploadError) as e:
+        upload_model(make_model(tmp_path), "alice/m", WRITE, card=card, endpoint=hub.url)
+    assert "metadata" in str(e.value) and "value" in str(e.value) and not e.value.retryable
+
+
+def test_endpoint_comes_from_hf_endpoint_and_files_download_back(hub, tmp_path, monkeypatch):
+    model = make_model(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    out = upload_model(model, "alice/m", WRITE, card=CARD)
+    assert out["url"] == f"{hub.url}/alice/m"
+    # a fresh process that knows only HF_ENDPOINT and the token downloads what was uploaded
+    code = ("import sys; from huggingface_hub import snapshot_download; "
+            "print(snapshot_download('alice/m', cache_dir=sys.argv[1]))")
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": WRITE, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=REPO_ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    snap = Path(res.stdout.strip().splitlines()[-1])
+    for p in model.iterdir():
+        assert (snap / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(HubUploadError, match="run the convert step"):
+        upload_model(tmp_path / "nope", "alice/m", WRITE, card=CARD, endpoint="http://127.0.0.1:9")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model card
+
+def full_metrics(scheme: str, draw=lambda: round(1 + secrets.randbelow(9_000_000) / 1e5, 5)) -> dict:
+    names = [v for v, _ in variants(scheme)]
+    wer = {v: draw() for v in names}
+    return {
+        "evaluate": {"wer": wer, "cer": {v: draw() for v in names},
+                     "wer_ci": {v: [wer[v] - 1.25, wer[v] + 1.5] for v in names},
+                     "gate": {"passed": True, "qat_wer": wer[f"qat_{scheme}"], "qat_fp32_wer": wer["qat_fp32"],
+                              "ptq_wer": wer[f"base_ptq_{scheme}"], "max_wer_degradation": 0.5}},
+        "bench": {"latency_s": {v: draw() for v in names}, "sizes_mb": {v: draw() for v in names}},
+        "train": {"steps": 1234, "final_train_loss": draw(), "dev_wer": draw(), "fake_quant_modules": 96},
+    }
+
+
+def table(card: str) -> dict[str, list[str]]:
+    """Results table rows by variant label: the cells after the label."""
+    rows = [ln for ln in card.splitlines() if ln.startswith("| ") and not ln.startswith("| variant")]
+    return {r.split(" | ")[0][2:]: [c.strip() for c in r.strip(" |").split(" | ")[1:]] for r in rows}
+
+
+def numbers_in(x) -> list:
+    if isinstance(x, dict):
+        return [n for v in x.values() for n in numbers_in(v)]
+    if isinstance(x, (list, tuple)):
+        return [n for v in x for n in numbers_in(v)]
+    return [x] if isinstance(x, (int, float)) and not isinstance(x, bool) else []
+
+
+def allowed_numbers(cfg, metrics: dict) -> set[str]:
+    """Every rendering of every number the card may show: metrics, ratios of measured latencies, config."""
+    values = numbers_in(metrics)
+    lat = metrics.get("bench", {}).get("latency_s", {})
+    values += [lat["base_fp32"] / v for v in lat.values() if "base_fp32" in lat and v]
+    out = {f"{v:{spec}}" for v in values for spec in (".1f", ".2f", ".3f", ".4g", "g")} | {str(round(v, 2)) for v in values}
+    out |= {s for v in numbers_in(cfg.model_dump()) for s in (f"{v:g}", str(v))}
+    return out | {"95"}  # the confidence level of the bootstrap interval, a label
+
+
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:e[-+]?\d+)?(?=x?(?:[^\w.]|\.(?!\d)|$))")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scheme=st.sampled_from(["int8", "int4"]), seed=st.integers(0, 2**32 - 1), drop=st.sets(st.sampled_from(
+    ["wer", "cer", "wer_ci", "latency_s", "sizes_mb", "gate", "train"])))
+def test_every_number_in_the_card_comes_from_the_metrics(scheme, seed, drop):
+    import random
+
+    rng = random.Random(seed)
+    cfg = load_config(scheme)
+    metrics = full_metrics(scheme, draw=lambda: round(rng.uniform(0.5, 900.0), rng.choice([1, 3, 5])))
+    for section in metrics.values():
+        for key in drop & set(section):
+            del section[key]
+    if "train" in drop:
+        metrics["train"] = {}
+    card = render_model_card(cfg, metrics)
+
+    stray = [n for n in NUMBER.findall(card) if n not in allowed_numbers(cfg, metrics)]
+    assert stray == [], f"numbers in the card that no metric or config holds: {stray}"
+    rows, ev, be = table(card), metrics["evaluate"], metrics["bench"]
+    for name, label in variants(scheme):
+        wer, ci, cer, size, lat, speed = rows[label]
+        assert wer == (f"{ev['wer'][name]:.2f}" if "wer" in ev else NOT_MEASURED)
+        assert cer == (f"{ev['cer'][name]:.2f}" if "cer" in ev else NOT_MEASURED)
+        assert ci == (f"{ev['wer_ci'][name][0]:.2f} to {ev['wer_ci'][name][1]:.2f}" if "wer_ci" in ev else NOT_MEASURED)
+        assert size == (f"{be['sizes_mb'][name]:.1f}" if "sizes_mb" in be else NOT_MEASURED)
+        assert lat == (f"{be['latency_s'][name]:.3f}" if "latency_s" in be else NOT_MEASURED)
+        assert speed == (f"{be['latency_s']['base_fp32'] / be['latency_s'][name]:.2f}x" if "latency_s" in be else NOT_MEASURED)
+    assert ("Quality gate **passed**" in card) == ("gate" in ev)
+
+
+def test_card_with_no_metrics_says_not_measured():
+    cfg = load_config("demo")
+    card = render_model_card(cfg, {})
+    assert all(cells == [NOT_MEASURED] * 6 for cells in table(card).values()) and len(table(card)) == 4
+    assert "Quality gate: not measured" in card
+    meta = metadata_load_text(card)
+    assert "model-index" not in meta and "base_model" not in meta  # a fixture is no Hub id
+    assert validate_card_metadata(card) == []
+
+
+def metadata_load_text(card: str) -> dict:
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_card_metadata_is_valid_and_holds_the_measured_test_scores(scheme, tmp_path):
+    cfg = load_config(scheme)
+    metrics = full_metrics(scheme)
+    metrics["evaluate"]["gate"]["passed"] = False
+    card = render_model_card(cfg, metrics)
+    (tmp_path / "README.md").write_text(card)
+    meta = metadata_load(tmp_path / "README.md")
+    assert validate_card_metadata(card) == []
+    assert meta["license"] == cfg.hub.license and meta["language"] == ["fr"]
+    assert meta["base_model"] == "bofenghuang/whisper-large-v3-distil-fr-v0.2"
+    assert meta["pipeline_tag"] == "automatic-speech-recognition"
+    assert {"whisper", "onnx", scheme, "qat"} <= set(meta["tags"])
+    name, results = model_index_to_eval_results(meta["model-index"])
+    assert name == cfg.hub.repo_id.split("/")[1]
+    got = {r.metric_type: r.metric_value for r in results}
+    ev = metrics["evaluate"]
+    assert got == {"wer": round(ev["wer"][f"qat_{scheme}"], 2), "cer": round(ev["cer"][f"qat_{scheme}"], 2)}
+    assert {(r.dataset_type, r.dataset_config, r.dataset_split) for r in results} == {
+        ("facebook/multilingual_librispeech", "french", "test")}
+    assert "Quality gate **FAILED**" in card
+    assert f'ORTModelForSpeechSeq2Seq.from_pretrained("{cfg.hub.repo_id}")' in card
+    assert 'generate(inputs.input_features, language="fr", task="transcribe")' in card
+    if scheme == "int4":
+        assert "blocks of 32" in card

@@ -133,10 +133,11 @@ class LocalMachine:
 
     def run(self, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
             on_line: Optional[LineCallback] = None, timeout: Optional[float] = None, check: bool = True) -> int:
-        cmd = build_command(argv, env, str(self._path(cwd)) if cwd else None)
+        cmd = build_command(argv, None, str(self._path(cwd)) if cwd else None)  # env: not on the command line
         shown = masked_command(argv, env, cwd)
         log.debug("local run: %s", shown)
-        proc = subprocess.Popen(["/bin/sh", "-c", cmd], cwd=self.home, stdout=subprocess.PIPE,
+        full_env = {**os.environ, **{k: str(v) for k, v in (env or {}).items()}}
+        proc = subprocess.Popen(["/bin/sh", "-c", cmd], cwd=self.home, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         timed_out = threading.Event()
 

@@ -3,6 +3,7 @@ acquire -> Lease, connect -> Machine, release (idempotent, confirmed), find_inst
 is_alive, estimate_cost."""
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -51,7 +52,8 @@ def acquire(cfg: RunConfig, label: str, workdir: Path, api_key: Optional[str] = 
                       key_path=str(Path(mc.ssh.key_path).expanduser()), created_at=time.time())
         _pin_host_key(mc.ssh_timeout_s, log)(lease)
         return lease
-    pair = keys.load_or_generate(workdir / "ssh")
+    # one key pair per run (label = qat-<flow run id>), reused if the run rents again
+    pair = keys.load_or_generate(workdir / "ssh" / re.sub(r"[^A-Za-z0-9._-]", "_", label))
     provider = _provider(api_key, server_url, log)
     return provider.launch(cfg, label, pair.public_key, key_path=str(pair.private_path),
                            ready_check=_pin_host_key(mc.ssh_timeout_s, log))

@@ -13,6 +13,7 @@ import logging
 import posixpath
 import shlex
 import socket
+import stat
 import tempfile
 import time
 import uuid
@@ -23,7 +24,7 @@ import paramiko
 
 from .local import LineSplitter, collect_files, extract_tarball, make_tarball, masked_command
 from .machine import (DEFAULT_INCLUDE, CommandFailed, CommandTimeout, Lease, LineCallback, MachineError,
-                      TransientMachineError, build_command)
+                      TransientMachineError)
 
 log = logging.getLogger("qat.machine")
 T = TypeVar("T")
@@ -32,6 +33,25 @@ PID_MARK = "__QAT_PID__"
 KEEPALIVE_S = 15
 # What a dropped or refused connection looks like to paramiko and the socket layer.
 NETWORK_ERRORS = (paramiko.SSHException, socket.error, EOFError, ConnectionError)
+
+
+# Reads NAME=value lines from stdin up to an empty line and exports them (values taken literally).
+ENV_FROM_STDIN = 'while IFS= read -r __kv && [ -n "$__kv" ]; do export "$__kv"; done; unset __kv'
+
+
+def env_lines(env: Optional[Mapping[str, str]]) -> bytes:
+    """The stdin block ENV_FROM_STDIN reads: one NAME=value per line, then an empty line."""
+    lines = []
+    for k, v in (env or {}).items():
+        v = str(v)
+        if not k.isidentifier() or "\n" in v or "\0" in v:
+            raise ValueError(f"environment variable {k!r}: names must be identifiers and values one line")
+        lines.append(f"{k}={v}\n")
+    return ("".join(lines) + "\n").encode()
+
+
+class SSHUnreachable(TransientMachineError):
+    """SSH did not answer before the connect deadline."""
 
 
 class HostKeyChanged(MachineError):
@@ -80,10 +100,18 @@ class SSHMachine:
         deadline = time.monotonic() + (timeout if timeout is not None else self.connect_timeout)
         delay, attempt, last = 1.0, 0, None
         pkey = self._load_key()
+        # Vast offers a direct port and a proxy: alternate between them until one answers.
+        endpoints = [(self.lease.host, self.lease.port)] + [
+            (str(h), int(p)) for h, p in self.lease.extra.get("ssh_alternatives", []) if (h, p) != (self.lease.host, self.lease.port)]
         while True:
             attempt += 1
+            host, port = endpoints[(attempt - 1) % len(endpoints)]
             try:
-                self._client = self._open(pkey, min(30.0, max(1.0, deadline - time.monotonic())))
+                self._client = self._open(pkey, min(30.0, max(1.0, deadline - time.monotonic())), host, int(port))
+                if (host, port) != (self.lease.host, self.lease.port):
+                    log.info("ssh %s did not answer, %s:%s did: using it", self.name, host, port)
+                    self.lease.host, self.lease.port = host, port
+                    self.name = f"{self.lease.user}@{host}:{port}"
                 if attempt > 1:
                     log.info("ssh %s answered after %d attempts", self.name, attempt)
                 return self
@@ -98,7 +126,7 @@ class SSHMachine:
                 last = e  # sshd not up yet, or the key not yet installed: both arrive late on Vast
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TransientMachineError(
+                raise SSHUnreachable(
                     f"ssh {self.name} did not answer within {self.connect_timeout if timeout is None else timeout:.0f}s "
                     f"({attempt} attempts); last error: {type(last).__name__}: {last}")
             log.debug("ssh %s not ready (%s), retrying in %.0fs", self.name, type(last).__name__, delay)
@@ -111,16 +139,16 @@ class SSHMachine:
         except (OSError, paramiko.SSHException) as e:
             raise MachineError(f"cannot read the SSH private key {self.lease.key_path}: {e}") from None
 
-    def _open(self, pkey: paramiko.PKey, timeout: float) -> paramiko.SSHClient:
+    def _open(self, pkey: paramiko.PKey, timeout: float, host: str, port: int) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
         policy = _Pin(self.lease.host_key)
         client.set_missing_host_key_policy(policy)
         if self.lease.host_key:
             key = _parse_host_key(self.lease.host_key)
-            name = self.lease.host if self.lease.port == 22 else f"[{self.lease.host}]:{self.lease.port}"
+            name = host if port == 22 else f"[{host}]:{port}"
             client.get_host_keys().add(name, key.get_name(), key)
         try:
-            client.connect(self.lease.host, port=int(self.lease.port), username=self.lease.user, pkey=pkey,
+            client.connect(host, port=port, username=self.lease.user, pkey=pkey,
                            timeout=timeout, banner_timeout=timeout, auth_timeout=timeout,
                            allow_agent=False, look_for_keys=False)
         except BaseException:
@@ -168,11 +196,9 @@ class SSHMachine:
         for i in range(attempts):
             try:
                 return fn()
-            except HostKeyChanged:
-                raise
+            except (HostKeyChanged, SSHUnreachable, CommandTimeout):
+                raise  # a reconnect already waited its whole deadline, or retrying cannot help
             except (*NETWORK_ERRORS, TransientMachineError) as e:
-                if isinstance(e, CommandTimeout):
-                    raise
                 self._drop()
                 if i == attempts - 1:
                     raise TransientMachineError(f"ssh {self.name}: {what} failed after {attempts} tries: "
@@ -189,7 +215,9 @@ class SSHMachine:
         prefix = f"cd {shlex.quote(cwd)} && " if cwd else ""
         # The remote shell leads its own session (sshd calls setsid): a timeout kills its process
         # group. No `exec`, so a command killed by a signal still reports an exit code (128+N).
-        cmd = f"echo {PID_MARK}$$; {prefix}{build_command(argv, env)} 2>&1"
+        # env values travel on stdin, not in the command line: they never show in `ps` on the machine.
+        cmd = f"echo {PID_MARK}$$; {ENV_FROM_STDIN}; {prefix}{shlex.join(argv)} 2>&1"
+        env_block = env_lines(env)
         try:
             chan = self._transport().open_session()
         except NETWORK_ERRORS as e:
@@ -201,6 +229,8 @@ class SSHMachine:
             chan.set_combine_stderr(True)
             chan.settimeout(0.5)
             chan.exec_command(cmd)
+            chan.sendall(env_block)
+            chan.shutdown_write()
             while True:
                 try:
                     data = chan.recv(65536)
@@ -211,9 +241,8 @@ class SSHMachine:
                 elif data == b"":
                     break
                 if deadline and time.monotonic() > deadline:
+                    self._kill_group(self._await_pid(chan, lines))
                     lines.flush()
-                    pid = lines.hidden[0][len(PID_MARK):] if lines.hidden else ""
-                    self._kill_group(int(pid) if pid.isdigit() else 0)
                     raise CommandTimeout(shown, timeout or 0, lines.tail_text())
                 if data is None and not self.connected:
                     break
@@ -235,12 +264,27 @@ class SSHMachine:
             raise CommandFailed(shown, code, lines.tail_text())
         return code
 
+    @staticmethod
+    def _await_pid(chan: paramiko.Channel, lines: LineSplitter, wait_s: float = 15.0) -> int:
+        """The remote shell's pid (its first line); on a slow machine it may not have arrived yet."""
+        end = time.monotonic() + wait_s
+        while not lines.hidden and time.monotonic() < end and not chan.closed:
+            try:
+                data = chan.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                break
+            lines.feed(data)
+        pid = lines.hidden[0][len(PID_MARK):] if lines.hidden else ""
+        return int(pid) if pid.isdigit() else 0
+
     def _kill_group(self, pid: int) -> None:
         if pid <= 1:
             return
         try:
-            self._exec(f"kill -TERM -- -{pid} 2>/dev/null; for i in 1 2 3 4 5 6 7 8 9 10; do "
-                       f"kill -0 -- -{pid} 2>/dev/null || exit 0; sleep 0.2; done; kill -KILL -- -{pid} 2>/dev/null; true")
+            # TERM now; KILL in 5 s from a detached helper, so we need not wait (zombies may linger).
+            self._exec(f"kill -TERM -- -{pid} 2>/dev/null; (sleep 5; kill -KILL -- -{pid}) </dev/null >/dev/null 2>&1 & true")
         except Exception as e:  # best effort: the caller is told about the timeout anyway
             log.warning("ssh %s: could not kill timed-out process group %d: %s", self.name, pid, e)
 
@@ -294,12 +338,11 @@ class SSHMachine:
         q = shlex.quote(remote_path)
 
         def fetch() -> None:
-            code, kind = self._exec(f"if [ -d {q} ]; then echo dir; elif [ -e {q} ]; then echo file; else echo missing; fi")
-            kind = kind.strip()
-            if kind == "missing":
+            st = self._stat(remote_path)
+            if st is None:
                 raise MachineError(f"ssh {self.name}: {remote_path} does not exist")
             local_path.parent.mkdir(parents=True, exist_ok=True)
-            if kind == "file":
+            if not stat.S_ISDIR(st.st_mode or 0):
                 partial = local_path.with_name(local_path.name + ".partial")
                 self._sftp_client().get(remote_path, str(partial))
                 partial.replace(local_path)
@@ -313,23 +356,32 @@ class SSHMachine:
 
         self._idempotent(f"get {remote_path}", fetch)
 
+    def _stat(self, remote_path: str) -> Optional[paramiko.SFTPAttributes]:
+        try:
+            return self._sftp_client().stat(remote_path)
+        except FileNotFoundError:
+            return None
+
     def write_text(self, remote_path: str, text: str) -> None:
         def write() -> None:
-            parent = posixpath.dirname(remote_path)
-            if parent:
-                self._exec(f"mkdir -p {shlex.quote(parent)}")
-            with self._sftp_client().open(remote_path, "w") as f:
+            sftp, parts, path = self._sftp_client(), posixpath.dirname(remote_path).split("/"), ""
+            for part in parts:  # mkdir -p over SFTP
+                path = posixpath.join(path, part) if path else (part or "/")
+                if part and self._stat(path) is None:
+                    sftp.mkdir(path)
+            with sftp.open(remote_path, "w") as f:
                 f.write(text.encode())
 
         self._idempotent(f"write {remote_path}", write)
 
     def exists(self, remote_path: str) -> bool:
-        return self._idempotent(f"exists {remote_path}",
-                                lambda: self._exec(f"test -e {shlex.quote(remote_path)}")[0] == 0)
+        return self._idempotent(f"exists {remote_path}", lambda: self._stat(remote_path) is not None)
 
     def free_disk_gb(self, remote_path: str = ".") -> float:
         def df() -> float:
-            code, out = self._exec(f"df -Pk {shlex.quote(remote_path)}")
+            # the nearest existing parent, so a folder not yet created still has an answer
+            code, out = self._exec(f"p={shlex.quote(remote_path)}; while [ ! -e \"$p\" ]; do "
+                                   f"p=$(dirname \"$p\"); done; df -Pk \"$p\"")
             rows = [r.split() for r in out.strip().splitlines()]
             if code != 0 or len(rows) < 2 or len(rows[-1]) < 4 or not rows[-1][3].isdigit():
                 raise MachineError(f"ssh {self.name}: df -Pk {remote_path} failed (exit {code}): {out.strip()[:200]}")

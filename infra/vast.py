@@ -55,6 +55,26 @@ def _brief(row: Any) -> str:
     return ", ".join(f"{k}={row[k]!r}" for k in ("id", "machine_id", "gpu_name", "actual_status") if k in row)
 
 
+def check_instance(row: Any, what: str = "instance") -> dict:
+    """The fields we rely on, present and of the right type; else a VastAPIError naming them."""
+    if not isinstance(row, dict):
+        raise VastAPIError(f"malformed {what}: expected an object, got {type(row).__name__}")
+    for field in ("id", "actual_status", "dph_total"):
+        if field not in row:
+            raise VastAPIError(f"malformed {what}: field {field!r} is missing ({_brief(row)})")
+    _num(row, "id", what)
+    _num(row, "dph_total", what, 0.0)
+    for field in ("actual_status", "label", "status_msg", "ssh_host", "public_ipaddr", "cur_state"):
+        if row.get(field) is not None and not isinstance(row[field], str):
+            raise VastAPIError(f"malformed {what}: field {field!r} is {row[field]!r}, expected text ({_brief(row)})")
+    for field in ("ssh_port", "num_gpus", "start_date"):
+        if row.get(field) is not None:
+            _num(row, field, what)
+    if row.get("ports") is not None and not isinstance(row["ports"], dict):
+        raise VastAPIError(f"malformed {what}: field 'ports' is {row['ports']!r}, expected an object")
+    return row
+
+
 def _norm_gpu(name: str) -> str:
     return str(name).replace("_", " ").strip().lower()
 
@@ -109,7 +129,7 @@ class VastProvider:
             except (KeyError, TypeError, AttributeError, IndexError) as e:
                 raise VastAPIError(self.redact(f"Vast.ai {what}: malformed response, the SDK could not read "
                                                f"it ({type(e).__name__}: {e})")) from None
-            except requests.RequestException as e:
+            except Exception as e:  # anything else the SDK raises: still wrapped, still redacted
                 raise VastAPIError(self.redact(f"Vast.ai {what} failed: {type(e).__name__}: {e}")) from None
             log.warning("Vast.ai %s: %s, retrying in %.1fs (%d/%d)", what, err, delay, attempt, self.retries)
             time.sleep(delay)
@@ -181,8 +201,9 @@ class VastProvider:
         excluded = set(exclude_machines)
         good, rejected = [], {}
         for o in offers:
-            if not isinstance(o, dict) or "id" not in o:
-                raise VastAPIError(f"Vast.ai search offers: malformed offer without an id: {_brief(o)}")
+            for field in ("id", "gpu_name", "dph_total", "machine_id"):
+                if not isinstance(o, dict) or field not in o:
+                    raise VastAPIError(f"Vast.ai search offers: malformed offer without {field!r}: {_brief(o)}")
             why = self._mismatch(o, v, disk_gb)
             if why is None and o.get("machine_id") in excluded:
                 why = "excluded machine (failed earlier)"
@@ -199,17 +220,15 @@ class VastProvider:
     # -- instances ------------------------------------------------------------------------------
     def show(self, instance_id: int) -> Optional[dict]:
         row = self._call("show instance", self._sdk.show_instance, instance_id)
-        if row is not None and not isinstance(row, dict):
-            raise VastAPIError(f"Vast.ai show instance {instance_id}: expected an object, got {type(row).__name__}")
-        return row
+        return None if row is None else check_instance(row, f"Vast.ai show instance {instance_id} answer")
 
     def find_instances(self, label_prefix: str) -> list[dict]:
         """Instances whose label starts with label_prefix (and are not already gone)."""
         rows = self._call("list instances", self._sdk.show_instances)
         if not isinstance(rows, list):
             raise VastAPIError(f"Vast.ai list instances: expected a list, got {type(rows).__name__}")
-        return [r for r in rows if isinstance(r, dict) and str(r.get("label") or "").startswith(label_prefix)
-                and r.get("cur_state") not in GONE_STATES]
+        rows = [check_instance(r, "Vast.ai list instances row") for r in rows]
+        return [r for r in rows if (r.get("label") or "").startswith(label_prefix) and r.get("cur_state") not in GONE_STATES]
 
     def is_running(self, instance_id: int) -> bool:
         row = self.show(instance_id)
@@ -219,7 +238,7 @@ class VastProvider:
         """Destroy (never stop: stopped instances keep billing storage) and confirm it is gone.
         Returns True once confirmed; raises VastAPIError when it cannot be confirmed in time."""
         deadline = time.monotonic() + timeout_s
-        last = ""
+        last, wait = "", 0.25
         while True:
             try:
                 row = self.show(instance_id)
@@ -233,7 +252,8 @@ class VastProvider:
                 raise VastAPIError(f"instance {instance_id} still exists {timeout_s:.0f}s after destroy "
                                    f"(last error: {last or 'none'}); destroy it in the Vast.ai console, "
                                    "or run `python -m infra.reaper`")
-            time.sleep(min(self.poll_s, 5.0))
+            time.sleep(wait)
+            wait = min(wait * 2, self.poll_s)
 
     def logs_tail(self, instance_id: int, lines: int = 30, redact: Iterable[str] = ()) -> str:
         try:
@@ -255,21 +275,29 @@ class VastProvider:
                 "chmod 600 ~/.ssh/authorized_keys")
 
     @staticmethod
-    def ssh_endpoint(row: dict) -> tuple[Optional[str], Optional[int]]:
-        """Direct (public_ipaddr + mapped 22/tcp) first, else the proxy (ssh_host:ssh_port)."""
+    def ssh_endpoints(row: dict) -> list[tuple[str, int]]:
+        """Direct (public_ipaddr + mapped 22/tcp) first, then the proxy (ssh_host:ssh_port)."""
+        out: list[tuple[str, int]] = []
         ports = row.get("ports") or {}
         mapped = ports.get("22/tcp") if isinstance(ports, dict) else None
         if row.get("public_ipaddr") and isinstance(mapped, list) and mapped and isinstance(mapped[0], dict):
             try:
-                return str(row["public_ipaddr"]).strip(), int(mapped[0].get("HostPort"))
+                out.append((str(row["public_ipaddr"]).strip(), int(mapped[0].get("HostPort"))))
             except (TypeError, ValueError):
                 pass
         if row.get("ssh_host") and row.get("ssh_port"):
             try:
-                return str(row["ssh_host"]).strip(), int(row["ssh_port"])
+                proxy = (str(row["ssh_host"]).strip(), int(row["ssh_port"]))
             except (TypeError, ValueError):
                 raise VastAPIError(f"malformed instance: ssh_port is {row.get('ssh_port')!r}") from None
-        return None, None
+            if proxy not in out:
+                out.append(proxy)
+        return out
+
+    @classmethod
+    def ssh_endpoint(cls, row: dict) -> tuple[Optional[str], Optional[int]]:
+        found = cls.ssh_endpoints(row)
+        return found[0] if found else (None, None)
 
     def _wait_running(self, iid: int, timeout_s: float) -> dict:
         """Poll until running with an SSH endpoint. Raises ProvisionError on failure states."""
@@ -289,6 +317,15 @@ class VastProvider:
                                      f"(status {status!r}: {msg[:200]}); machine.provision_timeout_s")
             time.sleep(self.poll_s)
 
+    def _sweep(self, label: str) -> None:
+        """After a failed or garbled create, an instance may exist anyway: find it by label, destroy it."""
+        try:
+            for row in self.find_instances(label):
+                if row.get("label") == label:
+                    self.destroy(int(row["id"]))
+        except VastAPIError as e:
+            self.log(f"could not check for a half-created instance labelled {label}: {e}; the reaper will")
+
     def launch(self, cfg: RunConfig, label: str, public_key: str, key_path: Optional[str] = None,
                ready_check: Optional[Callable[[Lease], None]] = None, redact: Iterable[str] = ()) -> Lease:
         """Rent the cheapest matching offer, wait for it to run (and pass ready_check, e.g. SSH).
@@ -298,7 +335,12 @@ class VastProvider:
         excluded: set[int] = set()
         reasons: list[str] = []
         for attempt in range(1, v.create_attempts + 1):
-            offer = self.search_offers(v, v.min_disk_gb, excluded)[0]
+            try:
+                offer = self.search_offers(v, v.min_disk_gb, excluded)[0]
+            except NoOffersError as e:
+                if not reasons:
+                    raise
+                raise ProvisionError("no other offer left to try after:\n  " + "\n  ".join(reasons) + f"\n{e}") from None
             machine_id = offer.get("machine_id")
             self.log(f"renting offer {offer['id']} (machine {machine_id}): {offer.get('gpu_name')} x"
                      f"{offer.get('num_gpus')} at ${float(offer['dph_total']):.3f}/h, attempt {attempt}/{v.create_attempts}")
@@ -309,13 +351,13 @@ class VastProvider:
                                  price=v.bid_dph if v.interruptible else None, ssh=True, direct=True,
                                  cancel_unavail=True)
             except VastAPIError as e:
+                self._sweep(label)
                 reasons.append(f"offer {offer['id']}: create failed: {e}")
                 excluded.add(machine_id)
                 continue
             iid = res.get("new_contract") if isinstance(res, dict) else None
             if not (isinstance(res, dict) and res.get("success") and isinstance(iid, int)):
-                if isinstance(iid, int):
-                    self.destroy(iid)
+                self._sweep(label)
                 reasons.append(f"offer {offer['id']}: create refused: {self.redact(str(res))[:200]}")
                 excluded.add(machine_id)
                 continue
@@ -331,7 +373,8 @@ class VastProvider:
                               gpu_name=str(row.get("gpu_name") or offer.get("gpu_name") or ""),
                               num_gpus=int(row.get("num_gpus") or offer.get("num_gpus") or 0),
                               location=str(offer.get("geolocation") or ""), created_at=created_at,
-                              extra={"machine_id": machine_id, "offer_id": offer["id"]})
+                              extra={"machine_id": machine_id, "offer_id": offer["id"],
+                                     "ssh_alternatives": [list(e) for e in self.ssh_endpoints(row)[1:]]})
                 if ready_check is not None:
                     ready_check(lease)
                 self.log(f"instance {iid} running at {host}:{port}")

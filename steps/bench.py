@@ -14,17 +14,22 @@ or peak VRAM on GPU) and size on disk.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import resource
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .common import StepContext, StepError
+
+# Variants share one process: OpenMP threads must sleep, not spin, between runs (before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SAMPLING_RATE = 16000
 
@@ -61,7 +66,7 @@ class Runner:
         self.variant, self.dec = variant, dec
 
     def features(self, audio: np.ndarray) -> Any: ...
-    def generate(self, feats: Any, max_new_tokens: int) -> int: ...
+    def generate(self, feats: Any, max_new_tokens: int) -> int: ...  # returns new tokens
     def encode(self, feats: Any) -> Any: ...
     def decode_forced(self, enc: Any, n: int) -> int: ...
 
@@ -92,6 +97,8 @@ class HFRunner(Runner):
 
             so = ort.SessionOptions()
             so.intra_op_num_threads, so.inter_op_num_threads = dec.threads, 1
+            # no busy-waiting after a run: it would steal the cores from the next variant timed
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.model = ORTModelForSpeechSeq2Seq.from_pretrained(variant.path, session_options=so,
                                                                   provider="CPUExecutionProvider")
         self.eos = self.model.generation_config.eos_token_id
@@ -153,7 +160,7 @@ class CT2Runner(Runner):
         # CTranslate2 4.8 halves max_length for Whisper: ask for twice the wanted new tokens
         res = self.fw.model.generate(feats, [self.prompt], beam_size=1, max_length=2 * max_new_tokens,
                                      suppress_tokens=[-1, self.eos] if force else [-1], return_scores=False)
-        return len(self.prompt) + len(res[0].sequences_ids[0])
+        return len(res[0].sequences_ids[0])
 
     def generate(self, feats, max_new_tokens):
         return self._generate(feats, max_new_tokens)
@@ -179,26 +186,31 @@ def _timed(fn, *args):
     return time.perf_counter() - t, out
 
 
-def _peak_rss_child(variant: Variant, dec: Decoding, audio: np.ndarray, queue) -> None:
-    runner = load_runner(variant, dec)
-    runner.end_to_end(audio)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB -> MiB
+def _peak_rss_main() -> None:
+    """Child process body: load one variant, transcribe one clip, print peak RSS in MiB."""
+    spec = json.loads(sys.stdin.read())
+    runner = load_runner(Variant(**spec["variant"]), Decoding(**spec["decoding"]))
+    runner.end_to_end(np.load(spec["audio"]))
+    # VmHWM, not ru_maxrss: ru_maxrss survives execve and would report the parent's peak
+    hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print("PEAK_RSS_MB", hwm_kb / 1024, flush=True)
 
 
 def peak_rss_mb(variant: Variant, dec: Decoding, audio: np.ndarray, timeout: float = 600) -> float | None:
     """Peak resident memory of a fresh process that loads the variant and transcribes one clip."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_rss_child, args=(variant, dec, audio, queue))
-    proc.start()
-    try:
-        return round(queue.get(timeout=timeout), 1)
-    except Exception:  # noqa: BLE001 - a failed measurement is reported as missing, not fatal
-        return None
-    finally:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "clip.npy", audio)
+        spec = {"variant": asdict(variant), "decoding": asdict(dec), "audio": str(Path(tmp) / "clip.npy")}
+        try:
+            proc = subprocess.run([sys.executable, "-c", "from steps.bench import _peak_rss_main; _peak_rss_main()"],
+                                  input=json.dumps(spec), capture_output=True, text=True, timeout=timeout,
+                                  cwd=Path(__file__).resolve().parent.parent)
+        except subprocess.TimeoutExpired:
+            return None
+    for line in proc.stdout.splitlines():
+        if line.startswith("PEAK_RSS_MB "):
+            return round(float(line.split()[1]), 1)
+    return None
 
 
 def benchmark(variants: list[Variant], clips: list[tuple[str, np.ndarray]], dec: Decoding,
@@ -248,7 +260,7 @@ def benchmark(variants: list[Variant], clips: list[tuple[str, np.ndarray]], dec:
             "audio_s_per_s": round(audio_s / total, 3),
             "encoder_ms": round(statistics.median(enc_ms[n]), 2),
             "decoder_ms_per_token": round(statistics.median(dec_ms[n]), 3),
-            "mean_sequence_tokens": round(statistics.mean(toks[n]), 2),
+            "mean_new_tokens": round(statistics.mean(toks[n]), 2),
             "size_mb": size_mb(v),
         }
     runners.clear()
@@ -319,7 +331,7 @@ def run(ctx: StepContext) -> dict:
     ctx.log(f"{len(variants)} variants x {len(clips)} clips, {cfg.bench.threads} threads")
     results = benchmark(variants, clips, decoding_of(cfg), warmup=cfg.bench.warmup, log=ctx.log,
                         progress=ctx.progress)
-    out = {"variants": results, "decoding": decoding_of(cfg).__dict__, "clips": len(clips)}
+    out = {"variants": results, "decoding": asdict(decoding_of(cfg)), "clips": len(clips)}
     (ctx.out / "results.json").write_text(json.dumps(out, indent=2))
     ctx.add_output(ctx.out / "results.json")
     return {k: {n: r.get(k) for n, r in results.items()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -126,6 +127,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int) -> None:
                                           quant_format=QuantFormat.QOperator,
                                           op_types_to_quantize=("MatMul", "Gather"),
                                           quant_axes=(("MatMul", 0), ("Gather", 1)), bits=4)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(_load_folded(src), algo_config=config)
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)

@@ -19,7 +19,7 @@ grids differ from torchao's recipes (REFERENCE section 3):
 
 tests/test_qat.py checks these grids bit for bit against what ORT itself produces, and
 bench/train_speed.py measures how far torchao's grids are from ORT's on the real weights.
-Gradients pass straight through (STE); scales are not learned.
+Gradients pass straight through (STE, clipping included); scales are not learned.
 """
 from __future__ import annotations
 
@@ -31,46 +31,58 @@ from .common import StepError
 from .config import QuantConfig
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round half to even (like ORT), with an identity gradient."""
-    return x + (torch.round(x) - x).detach()
+class _StraightThrough(torch.autograd.Function):
+    """y = quantize(x) forward, dy/dx = 1 backward; saves no tensors (no activation memory cost)."""
+
+    @staticmethod
+    def forward(ctx, x, quantize):
+        return quantize(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _int8_weight(w: torch.Tensor) -> torch.Tensor:
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+    return (torch.clamp(torch.round(wf / scale), -127, 127) * scale).to(w.dtype)
+
+
+def _int4_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_f, in_f = w.shape
+    wf = F.pad(w.float(), (0, (-in_f) % group_size)).view(out_f, -1, group_size)
+    scale = torch.gather(wf, -1, wf.abs().argmax(dim=-1, keepdim=True)) / -8.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(wf / scale), -8, 7)
+    return (q * scale).view(out_f, -1)[:, :in_f].to(w.dtype)
+
+
+def _uint8_activation(x: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    flat = xf.reshape(xf.shape[0] if xf.dim() > 1 else 1, -1)
+    lo, hi = flat.amin(dim=1).clamp(max=0), flat.amax(dim=1).clamp(min=0)
+    scale = (hi - lo) / 255.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    shape = (-1,) + (1,) * (xf.dim() - 1) if xf.dim() > 1 else (1,)
+    scale, zp = scale.view(shape), zp.view(shape)
+    return ((torch.clamp(torch.round(xf / scale) + zp, 0, 255) - zp) * scale).to(x.dtype)
 
 
 def fake_quant_weight_int8(w: torch.Tensor) -> torch.Tensor:
     """Per-output-channel symmetric int8, scale max|w|/127 (ORT quantize_dynamic, QInt8 weights)."""
-    wf = w.float()
-    scale = (wf.detach().abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
-    q = torch.clamp(_round_ste(wf / scale), -127, 127)
-    return (q * scale).to(w.dtype)
+    return _StraightThrough.apply(w, _int8_weight)
 
 
 def fake_quant_weight_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """ORT MatMulNBits symmetric 4-bit: per block, scale = (signed max-magnitude value) / -8."""
-    out_f, in_f = w.shape
-    pad = (-in_f) % group_size
-    wf = F.pad(w.float(), (0, pad)).view(out_f, -1, group_size)
-    with torch.no_grad():
-        idx = wf.abs().argmax(dim=-1, keepdim=True)
-        scale = torch.gather(wf, -1, idx) / -8.0
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.clamp(_round_ste(wf / scale), -8, 7)
-    return (q * scale).view(out_f, -1)[:, :in_f].to(w.dtype)
+    return _StraightThrough.apply(w, lambda t: _int4_weight(t, group_size))
 
 
 def fake_quant_act_uint8(x: torch.Tensor) -> torch.Tensor:
     """ORT DynamicQuantizeLinear: asymmetric uint8, range includes 0, one range per batch element."""
-    xf = x.float()
-    with torch.no_grad():
-        flat = xf.reshape(xf.shape[0], -1) if xf.dim() > 1 else xf.reshape(1, -1)
-        lo = flat.amin(dim=1).clamp(max=0)
-        hi = flat.amax(dim=1).clamp(min=0)
-        scale = (hi - lo) / 255.0
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        zp = torch.clamp(torch.round(-lo / scale), 0, 255)
-        shape = (-1,) + (1,) * (xf.dim() - 1) if xf.dim() > 1 else (1,)
-        scale, zp = scale.view(shape), zp.view(shape)
-    q = torch.clamp(_round_ste(xf / scale) + zp, 0, 255)
-    return ((q - zp) * scale).to(x.dtype)
+    return _StraightThrough.apply(x, _uint8_activation)
 
 
 class FakeQuantLinear(nn.Linear):

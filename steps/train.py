@@ -63,7 +63,7 @@ class _Rows(torch.utils.data.Dataset):
         labels = [np.asarray(l, dtype=np.int64) for l in rows["labels"]]
         out = torch.full((len(labels), max(len(l) for l in labels)), self.pad_id, dtype=torch.long)
         for i, l in enumerate(labels):
-            out[i, :len(l)] = torch.as_tensor(l)
+            out[i, :len(l)] = torch.tensor(l)
         return {"input_features": feats, "labels": out}
 
 
@@ -117,13 +117,10 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 # ---------------------------------------------------------------- evaluation
 
 def _normalizer():
-    try:
-        from .normalize import normalize
-        return normalize
-    except ImportError:  # steps/normalize.py not shipped yet: a minimal stand-in
-        import re
+    """The same text normalization as the evaluate step (steps/normalize.py)."""
+    from . import normalize
 
-        return lambda s: " ".join(re.sub(r"[^\w']+", " ", s.lower()).split())
+    return getattr(normalize, "normalize_french", None) or normalize.normalize
 
 
 @torch.no_grad()
@@ -142,10 +139,11 @@ def evaluate(model, processor, dev, batch_size: int, device, amp_dtype, language
         batch = rows[list(range(start, min(start + batch_size, len(dev))))]
         feats, labels = batch["input_features"].to(device), batch["labels"].to(device)
         with _autocast(device, amp_dtype):
+            enc = model.model.encoder(feats)  # run once, shared by the loss and generation
             n = int((labels != -100).sum())
-            loss_sum += float(model(input_features=feats, labels=labels).loss) * n
+            loss_sum += float(model(encoder_outputs=enc, labels=labels).loss) * n
             tokens += n
-            ids = model.generate(input_features=feats, language=language, task=task, max_new_tokens=max_new,
+            ids = model.generate(encoder_outputs=enc, language=language, task=task, max_new_tokens=max_new,
                                  use_cache=True)
         hyps += processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
     model.train(was_training)

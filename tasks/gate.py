@@ -8,6 +8,7 @@ from prefect import get_run_logger, task
 from steps.config import RunConfig
 
 from . import secrets
+from .retry import retry_transient
 
 
 @task(name="quality gate")
@@ -28,7 +29,8 @@ def quality_gate(cfg: RunConfig, evaluate: dict) -> dict:
     return gate
 
 
-@task(name="upload to hub", retries=2, retry_delay_seconds=[10, 60], retry_jitter_factor=0.5)
+@task(name="upload to hub", retries=2, retry_delay_seconds=[10, 60], retry_jitter_factor=0.5,
+      retry_condition_fn=retry_transient)
 def upload_model(cfg: RunConfig, results: dict, gate: dict, local_work: Path) -> dict:
     from .model_card import render_model_card
     from .upload_hub import upload_model as upload

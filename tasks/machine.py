@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
 from infra import provision
-from infra.machine import DEFAULT_INCLUDE, Lease, Machine, TransientMachineError
+from infra.machine import DEFAULT_INCLUDE, Lease, Machine
 from steps.config import REPO_ROOT, RunConfig
 
 from . import secrets
@@ -94,6 +94,11 @@ def push_code(lease: Lease, cfg: RunConfig, local_work: Path) -> dict:
     return {"seconds": round(time.time() - t0, 2), "restored": restored}
 
 
+def remote_python(lease: Lease, cfg: RunConfig) -> str:
+    """The interpreter steps run with: this very one for the local backend, else the machine's."""
+    return sys.executable if lease.backend == "local" else cfg.machine.python
+
+
 def requirements_hash() -> str:
     return hashlib.sha256((REPO_ROOT / "requirements-remote.txt").read_bytes()).hexdigest()[:12]
 
@@ -109,7 +114,7 @@ def setup_environment(lease: Lease, cfg: RunConfig) -> dict:
         log.info("environment already set up for requirements %s", requirements_hash())
         return {"installed": False}
     t0 = time.time()
-    py = cfg.machine.python
+    py = remote_python(lease, cfg)
     m.run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r",
            f"{REMOTE_CODE}/requirements-remote.txt"], on_line=log.info, timeout=3600)
     m.run([py, "-c", "import torch, transformers, onnxruntime, torchao; print('torch', torch.__version__, "

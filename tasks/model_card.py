@@ -73,7 +73,8 @@ def _front_matter(cfg: RunConfig, metrics: dict) -> dict:
 def results_rows(cfg: RunConfig, metrics: dict) -> list[dict]:
     """Per variant: WER, CI, CER, size, latency, speed-up vs base_fp32; strings, 'not measured' when absent."""
     ev, be, cv = (metrics.get(k) or {} for k in ("evaluate", "bench", "convert"))
-    sizes = {**(cv.get("sizes_mb") or {}), **(be.get("sizes_mb") or {})}
+    sizes = {k: v for src in (cv.get("sizes_mb"), be.get("sizes_mb"), be.get("size_mb")) for k, v in (src or {}).items()
+             if _num(v) is not None}  # convert's sizes, then what bench measured (bench emits "size_mb")
     lat = be.get("latency_s") or {}
     ref = _num(lat.get("base_fp32"))
     rows = []
@@ -103,7 +104,8 @@ def _gate_text(cfg: RunConfig, gate: dict) -> str:
             f"export's {_fmt(gate.get('qat_fp32_wer'), '.2f', ' %')}, at most {_fmt(allowed, 'g')} WER points lost allowed")
     if _num(gate.get("ptq_wer")) is not None:
         text += f"; plain PTQ {scheme} of the baseline: {_fmt(gate['ptq_wer'], '.2f', ' %')}"
-    return text + "."
+    reasons = [str(r) for r in gate.get("reasons") or []]
+    return text + "." + ("".join(f"\n- {r}" for r in reasons) if reasons and not gate["passed"] else "")
 
 
 def _training_lines(cfg: RunConfig, train: dict) -> list[str]:
@@ -150,8 +152,10 @@ def render_model_card(cfg: RunConfig, metrics: dict) -> str:
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in results_rows(cfg, metrics):
         lines.append(f"| {r['label']} | {r['wer']} | {r['wer_ci']} | {r['cer']} | {r['size']} | {r['latency']} | {r['speedup']} |")
+    if _num(ev.get("n_utterances")) is not None:
+        lines += ["", f"Scored on {int(ev['n_utterances'])} test utterances."]
     lines += ["", _gate_text(cfg, ev.get("gate") or {}), "",
-              "## How to use", "", "Size 0.74 GB, 2-3x faster.", "",
+              "## How to use", "",
               "```python",
               "from optimum.onnxruntime import ORTModelForSpeechSeq2Seq",
               "from transformers import AutoProcessor",

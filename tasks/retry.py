@@ -18,7 +18,7 @@ DETERMINISTIC = ("ConfigError", "BudgetExceeded", "NoOffersError", "HostKeyChang
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, StepFailed):
+    if isinstance(getattr(exc, "retryable", None), bool):  # StepFailed, HubUploadError: they know
         return exc.retryable
     if type(exc).__name__ in DETERMINISTIC:
         return False

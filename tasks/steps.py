@@ -17,7 +17,7 @@ from infra.machine import Lease, Machine
 from steps.common import config_hash, is_done, read_result
 from steps.config import RunConfig
 
-from .machine import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, machine_for
+from .machine import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, machine_for, remote_python
 from .retry import StepFailed, retry_transient
 
 # Outputs too big to be worth copying home: they are re-derived on a new machine.
@@ -133,7 +133,7 @@ def run_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -> dict:
         return read_result(local_work, step)
     check_budget(lease, cfg)
     m = machine_for(lease, cfg)
-    argv = [cfg.machine.python, "-m", "steps", step, "--config", f"../{Path(REMOTE_CONFIG).name}",
+    argv = [remote_python(lease, cfg), "-m", "steps", step, "--config", f"../{Path(REMOTE_CONFIG).name}",
             "--workdir", f"../{Path(REMOTE_WORK).name}"]
     if step == "train":
         argv.append("--resume")

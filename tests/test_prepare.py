@@ -106,3 +106,35 @@ def test_resample_keeps_length_and_pitch():
     assert abs(len(y) - 16000) < 64
     spectrum = np.abs(np.fft.rfft(y[1000:15000]))
     assert abs(np.argmax(spectrum) * 16000 / 14000 - 220) < 3
+
+
+def test_hf_source_local_parquet(tmp_path, french_manifest, tiny_model_dir):
+    """The Hugging Face path (streaming, audio decoded here, 8 kHz resampled) on a local parquet dataset."""
+    import io
+
+    from datasets import Audio, Dataset, Features, Value, load_from_disk
+
+    def clip(row, sr=8000):
+        audio, _ = prepare.decode_audio(REPO_ROOT / row["audio"])
+        buf = io.BytesIO()
+        sf.write(buf, prepare.resample(audio, 16000, sr), sr, format="FLAC")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    feats = Features({"audio": Audio(decode=False), "transcript": Value("string"), "speaker_id": Value("int64")})
+    (tmp_path / "data").mkdir()
+    for split in ("train", "validation", "test"):
+        rows = [r for r in french_manifest if r["split"] == ("dev" if split == "validation" else split)][:3]
+        data = {"audio": [clip(r) for r in rows], "transcript": [r["text"] for r in rows], "speaker_id": [7] * 3}
+        if split == "train":
+            data["audio"].append({"bytes": b"garbage", "path": None})
+            data["transcript"].append("illisible")
+            data["speaker_id"].append(8)
+        Dataset.from_dict(data, features=feats).to_parquet(str(tmp_path / "data" / f"{split}-00000-of-00001.parquet"))
+    cfg = parse_config({"name": "t", "model": {"name_or_path": "fixture:tiny-random"}, "quant": {"scheme": "int8"},
+                        "data": {"source": "hf", "dataset": str(tmp_path), "dev_split": "validation",
+                                 "max_samples": 3, "max_eval_samples": 2}})
+    m = prepare.run(StepContext("prepare", cfg, tmp_path / "w"))
+    assert m["counts"] == {"train": 3, "dev": 2, "test": 2} and m["dropped"] == {"unreadable_audio": 1}
+    test = load_from_disk(str(tmp_path / "w" / "prepare" / "test"))
+    assert test[0]["speaker"] == "7" and test[0]["text"] == [r for r in french_manifest if r["split"] == "test"][0]["text"]
+    assert abs(len(test[0]["audio"]) / 16000 - test[0]["duration"]) < 1e-3

@@ -36,11 +36,22 @@ def test_pins_host_key_and_refuses_a_changed_one(sshd_host, tmp_path):
     assert time.monotonic() - t0 < 5  # refused at once, not retried until the deadline
 
 
+def test_generated_key_pair_logs_in(sshd_host, tmp_path):
+    pair = keys.generate_keypair(tmp_path / "run" / "ssh")
+    assert oct(pair.private_path.stat().st_mode & 0o777) == "0o600"
+    assert pair.public_key.startswith("ssh-ed25519 AAAA") and "PRIVATE" not in repr(pair)
+    assert keys.load_or_generate(tmp_path / "run" / "ssh") == pair  # a resumed run reuses it
+    sshd_host.sshd.authorize(pair.public_key)
+    lease = Lease(backend="ssh", label="k", host=sshd_host.host, port=sshd_host.port, key_path=str(pair.private_path))
+    with SSHMachine(lease, connect_timeout=10).connect() as m:
+        assert m.run(["true"]) == 0
+
+
 def test_run_streams_quotes_and_masks(machine, sshd_host, caplog):
     caplog.set_level(logging.DEBUG, logger="qat.machine")
     machine.run(["mkdir", "-p", f"dir {NASTY}"])
     seen = []
-    code = machine.run(["sh", "-c", 'echo one; echo two >&2; sleep 0.6; echo "$V"; pwd; exit 5'],
+    code = machine.run(["sh", "-c", 'echo one; echo two >&2; sleep 0.6; printf "%s\\n" "$V"; pwd; exit 5'],
                        env={"V": NASTY, "TOKEN": "hf_supersecret123"}, cwd=f"dir {NASTY}", check=False,
                        on_line=lambda line: seen.append((time.monotonic(), line)))
     assert code == 5
@@ -48,6 +59,10 @@ def test_run_streams_quotes_and_masks(machine, sshd_host, caplog):
     assert seen[2][0] - seen[0][0] > 0.4  # streamed as printed
     assert not list(sshd_host.home.rglob("pwned*"))
     assert "hf_supersecret123" not in caplog.text and "TOKEN='***'" in caplog.text
+    out = []
+    machine.run(["sh", "-c", 'echo "$TOKEN"; tr "\\0" " " < /proc/$PPID/cmdline; echo'], env={"TOKEN": "hf_s3cr3t"},
+                on_line=out.append)
+    assert out[0] == "hf_s3cr3t" and "hf_s3cr3t" not in out[1]  # the value is not in the shell's command line
 
 
 def test_failure_tail_and_timeout(machine, sshd_host):
@@ -59,7 +74,7 @@ def test_failure_tail_and_timeout(machine, sshd_host):
     t0 = time.monotonic()
     with pytest.raises(CommandTimeout):
         machine.run(["sh", "-c", "echo started; sleep 2 && touch survived"], timeout=0.5)
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 5  # not the full command (slack for a loaded machine)
     time.sleep(2)
     assert not (sshd_host.home / "survived").exists()  # its process group was killed
     assert machine.run(["true"]) == 0  # the connection is still usable
@@ -81,7 +96,7 @@ def test_put_get_exists_df(machine, sshd_host, tmp_path):
         ["a.py", "sub/b.txt"]
     machine.get("qat/run.yaml", tmp_path / "r" / "run.yaml")
     assert (tmp_path / "r" / "run.yaml").read_text() == "name: x\n"
-    assert machine.free_disk_gb() > 0
+    assert machine.free_disk_gb() > 0 and machine.free_disk_gb("qat/not/yet") > 0
 
 
 def test_reconnects_after_drop_and_run_raises_transient(machine, sshd_host):
@@ -106,14 +121,25 @@ def test_reconnects_after_drop_and_run_raises_transient(machine, sshd_host):
     assert (sshd_host.home / "after-drop.txt").read_text() == "ok"
 
 
+def test_falls_back_to_the_other_endpoint(sshd_host):
+    from infra.emulator.sshd import free_port
+
+    dead = free_port()  # nothing listens there
+    lease = lease_for(sshd_host)
+    lease.port, lease.extra["ssh_alternatives"] = dead, [[sshd_host.host, sshd_host.port]]
+    with SSHMachine(lease, connect_timeout=15).connect() as m:
+        assert m.run(["true"]) == 0
+    assert lease.port == sshd_host.port and lease.host_key == sshd_host.host_key
+
+
 def test_retries_until_ssh_answers(sshd_host):
     sshd_host.stop()
     lease = lease_for(sshd_host)
     t0 = time.monotonic()
-    with pytest.raises(TransientMachineError, match="did not answer within 2s"):
-        SSHMachine(lease, connect_timeout=2).connect()
-    assert time.monotonic() - t0 < 5
-    timer = threading.Timer(2.0, sshd_host.start)
+    with pytest.raises(TransientMachineError, match="did not answer within 1s"):
+        SSHMachine(lease, connect_timeout=1).connect()
+    assert time.monotonic() - t0 < 4
+    timer = threading.Timer(1.5, sshd_host.start)
     timer.start()
     t0 = time.monotonic()
     try:
@@ -121,4 +147,4 @@ def test_retries_until_ssh_answers(sshd_host):
             assert m.run(["true"]) == 0
     finally:
         timer.join()
-    assert time.monotonic() - t0 >= 1.5
+    assert time.monotonic() - t0 >= 1.2

@@ -7,7 +7,6 @@ fault). Billing: dph_total per second from creation until destroy (storage-only 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -71,6 +70,8 @@ class Cloud:
             with self.lock:
                 for inst in self.store.instances():
                     self._kill(inst)
+                    self._unmount(inst)  # a disk_full tmpfs loses its content here
+                    inst["ssh_started"] = False
                     self.store.put_instance(inst)
 
     def recover(self) -> None:
@@ -170,11 +171,13 @@ class Cloud:
         kill_instance_processes(Path(inst["root"]))
         inst["sshd_pid"] = None
 
-    def _remove_disk(self, inst: dict) -> None:
-        disk = Path(inst["root"]) / "disk"
+    def _unmount(self, inst: dict) -> None:
         if inst.get("disk_mounted"):
-            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+            subprocess.run(["umount", "-l", str(Path(inst["root"]) / "disk")], capture_output=True)
             inst["disk_mounted"] = False
+
+    def _remove_disk(self, inst: dict) -> None:
+        self._unmount(inst)
         shutil.rmtree(inst["root"], ignore_errors=True)
 
     def _mount_small_disk(self, inst: dict, size_mb: float) -> None:
@@ -431,8 +434,8 @@ class Cloud:
                          "gpu_name": inst["offer"]["gpu_name"], "dph_total": inst["dph_total"],
                          "created_at": inst["created_at"], "running_at": inst.get("running_at"),
                          "ended_at": inst["ended_at"], "end_reason": inst.get("end_reason"),
-                         "status": inst["status"], "seconds": round(seconds, 3),
-                         "stopped_seconds": round(stopped, 3), "cost": round(cost, 8)})
+                         "status": inst["status"], "seconds": round(seconds, 6),
+                         "stopped_seconds": round(stopped, 3), "cost": round(cost, 10)})
         total = sum(r["cost"] for r in rows)
         credit = float(self.store.get_meta("credit", 0.0))
         return {"instances": rows, "total_cost": round(total, 8), "credit": credit,

@@ -95,6 +95,15 @@ def _norm(s: Any) -> Any:
     return s.replace("_", " ").lower() if isinstance(s, str) else s
 
 
+def _same(want: Any, have: Any, field: str) -> bool:
+    """Equality as Vast filters: case/underscore-insensitive; geolocation also matches its country code."""
+    if want is None or have is None:
+        return want is None and have is None
+    if field == "geolocation" and isinstance(have, str) and _norm(str(want)) == _norm(have.split(",")[-1].strip()):
+        return True
+    return _norm(_coerce(want, have)) == _norm(have)
+
+
 def matches(offer: dict, field: str, conditions: Any) -> bool:
     """Whether one offer satisfies {op: value, ...} on `field`. Unknown fields are ignored (as Vast does)."""
     if field not in offer:
@@ -107,15 +116,12 @@ def matches(offer: dict, field: str, conditions: Any) -> bool:
             if have is None or not _NUM_OPS[op](float(have), _coerce(want, 0.0)):
                 return False
         elif op in ("eq", "neq"):
-            equal = (have is None and want is None) if want is None or have is None else (
-                _norm(_coerce(want, have)) == _norm(have))
-            if equal != (op == "eq"):
+            if _same(want, have, field) != (op == "eq"):
                 return False
         elif op in ("in", "notin", "nin"):
             if not isinstance(want, (list, tuple)):
                 want = [want]
-            inside = any(_norm(_coerce(w, have)) == _norm(have) for w in want if w is not None or have is None)
-            if inside != (op == "in"):
+            if any(_same(w, have, field) for w in want) != (op == "in"):
                 return False
         else:
             raise QueryError(f"unknown operator {op!r} on {field!r}: use gte, lte, gt, lt, eq, neq, in, notin")

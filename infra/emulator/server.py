@@ -23,7 +23,10 @@ DEFAULT_MISSING = ("ssh_host", "ssh_port", "public_ipaddr", "ports", "actual_sta
                    "new_contract", "offers_count")
 WRONG_TYPES = {"ssh_port": "twenty-two", "actual_status": 7, "dph_total": "cheap", "ports": "22/tcp",
                "num_gpus": "one", "gpu_ram": None, "new_contract": "pending", "success": "maybe",
-               "label": ["not", "a", "string"], "reliability": "high", "balance": "lots", "extra_env": "none"}
+               "label": ["not", "a", "string"], "reliability": "high", "balance": "lots", "extra_env": "none",
+               "start_date": "yesterday"}
+# start_date/extra_env break the SDK itself (it parses them): only when named in malformed_fields.
+DEFAULT_WRONG = tuple(k for k in WRONG_TYPES if k not in ("extra_env", "start_date"))
 
 
 def _page_token(offset: int) -> str:
@@ -142,7 +145,7 @@ class Handler(BaseHTTPRequestHandler):
             text = json.dumps(result).encode()
             return self._send(code, text[: max(1, len(text) // 2)], "application/json")
         fields = store.get_meta("malformed_fields") or list(DEFAULT_MISSING if mode == "missing_fields"
-                                                            else WRONG_TYPES)
+                                                            else DEFAULT_WRONG)
         self._json(code, _mangle(result, mode, set(fields)))
 
     # -------------------------------------------------------------------------- Vast API --

@@ -161,17 +161,20 @@ ForceCommand {self.etc / 'login.sh'}
         if test.returncode != 0:
             raise SshdError(f"sshd rejected {cfg}: {test.stderr.strip()}")
         log = open(self.log_path, "ab")
+        offset = log.tell()
         proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(cfg)], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True)
         log.close()
         self.pid = proc.pid
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # wait for its "Server listening" line (no probe connection)
             if proc.poll() is not None:
                 raise SshdError(f"sshd exited with {proc.returncode} on port {self.port}; "
                                 f"log {self.log_path}:\n{self.log_tail(20)}")
-            if port_open(self.port):
-                return self.pid
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                if b"Server listening" in f.read():
+                    return self.pid
             time.sleep(0.02)
         self.stop()
         raise SshdError(f"sshd did not listen on 127.0.0.1:{self.port} within {wait}s; log {self.log_path}")

@@ -1,0 +1,108 @@
+"""Check the CTranslate2 -> transformers conversion of whisper-base against faster-whisper.
+
+    .venv/bin/python scripts/verify_base_conversion.py [--clips N] [--threads 2] [--json out.json]
+
+Transcribes the fixture test clips with the converted model (PyTorch, greedy) and with
+faster-whisper on the same CTranslate2 weights (float32, greedy, no timestamps, no temperature
+fallback), then reports per-clip agreement, each one's WER against the references, the WER of
+one against the other, and the converted model's WER per espeak voice.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from steps.evaluate import score  # noqa: E402
+from steps.models import cache_dir, write_ct2_dir  # noqa: E402
+from steps.normalize import normalize_french  # noqa: E402
+
+
+def test_clips(n: int | None = None) -> list[dict]:
+    import soundfile as sf
+
+    rows = [json.loads(line) for line in (REPO / "fixtures/french/manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [r for r in rows if r["split"] == "test"][:n]
+    for r in rows:
+        r["array"], sr = sf.read(REPO / r["audio"], dtype="float32")
+        assert sr == 16000, r["audio"]
+    return rows
+
+
+def ct2_dir() -> Path:
+    d = cache_dir() / "whisper-base-ct2"
+    if not (d / "model.bin").is_file():
+        write_ct2_dir(d.with_name(d.name + ".tmp")).rename(d)
+    return d
+
+
+def faster_whisper_transcribe(audios, threads: int, max_new_tokens: int = 128) -> list[str]:
+    from faster_whisper import WhisperModel
+
+    model = WhisperModel(str(ct2_dir()), device="cpu", compute_type="float32", cpu_threads=threads)
+    texts = []
+    for a in audios:
+        segments, _ = model.transcribe(a, language="fr", task="transcribe", beam_size=1, temperature=[0.0],
+                                       without_timestamps=True, condition_on_previous_text=False, vad_filter=False,
+                                       max_new_tokens=max_new_tokens)
+        texts.append(" ".join(s.text.strip() for s in segments).strip())
+    return texts
+
+
+def compare(n_clips: int | None = None, threads: int = 2) -> dict:
+    from steps.inference import load_variant
+
+    clips = test_clips(n_clips)
+    audios = [c["array"] for c in clips]
+    refs = [normalize_french(c["text"]) for c in clips]
+    t0 = time.time()
+    hf = load_variant("fixture:whisper-base", "pytorch", threads=threads).transcribe(audios, max_new_tokens=128)
+    t1 = time.time()
+    fw = faster_whisper_transcribe(audios, threads)
+    t2 = time.time()
+    hf_n, fw_n = [normalize_french(t) for t in hf], [normalize_french(t) for t in fw]
+    per_voice = defaultdict(list)
+    for i, c in enumerate(clips):
+        per_voice[c["speaker"]].append(i)
+    s_hf = score(refs, hf_n)
+    voices = {v: round(score([refs[i] for i in ix], [hf_n[i] for i in ix]).wer, 1) for v, ix in sorted(per_voice.items())}
+    return {
+        "clips": len(clips),
+        "identical": sum(a == b for a, b in zip(hf_n, fw_n)),
+        "wer_hf": round(s_hf.wer, 2), "wer_faster_whisper": round(score(refs, fw_n).wer, 2),
+        "wer_hf_vs_faster_whisper": round(score(fw_n, hf_n).wer, 2),
+        "wer_per_voice_hf": voices,
+        "seconds": {"hf": round(t1 - t0, 1), "faster_whisper": round(t2 - t1, 1)},
+        "per_clip": [{"id": c["id"], "reference": c["text"], "hf": h, "faster_whisper": f, "same": hn == fn}
+                     for c, h, f, hn, fn in zip(clips, hf, fw, hf_n, fw_n)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clips", type=int, default=None, help="first N test clips (default: all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="write the full report here")
+    args = ap.parse_args(argv)
+    r = compare(args.clips, args.threads)
+    for c in r["per_clip"]:
+        mark = "==" if c["same"] else "!="
+        print(f"{c['id']:<22} {mark} ref: {c['reference']}\n{'':<25} hf: {c['hf']}\n{'':<25} fw: {c['faster_whisper']}")
+    print(f"\n{r['identical']}/{r['clips']} clips identical after normalization")
+    print(f"WER converted (PyTorch): {r['wer_hf']} %   faster-whisper: {r['wer_faster_whisper']} %   "
+          f"converted vs faster-whisper: {r['wer_hf_vs_faster_whisper']} %")
+    print("WER per voice (converted):", r["wer_per_voice_hf"])
+    print("seconds:", r["seconds"])
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""steps/convert.py: ONNX export with KV cache, int8 / int4 quantization, and the step contract."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from steps import convert
+from steps.common import StepError, run_step
+from tests.conftest import tiny_config
+
+
+def _walk(graph):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _walk(a.g)
+
+
+def _clip(french_manifest) -> np.ndarray:
+    import soundfile as sf
+
+    row = next(r for r in french_manifest if r["split"] == "test")
+    audio, sr = sf.read(Path(__file__).resolve().parent.parent / row["audio"], dtype="float32")
+    assert sr == 16000
+    return audio
+
+
+def _fake_train(workdir: Path, model_dir: str, cfg) -> None:
+    """What the train step leaves behind: train/model (plain transformers model + processor)."""
+    shutil.copytree(model_dir, workdir / "train" / "model")
+    (workdir / "train" / "result.json").write_text(json.dumps(
+        {"step": "train", "status": "ok", "config_hash": "x", "metrics": {}}))
+
+
+@pytest.fixture(scope="module")
+def converted_int8(tmp_path_factory, tiny_model_dir):
+    workdir = tmp_path_factory.mktemp("convert-int8")
+    cfg = tiny_config()
+    _fake_train(workdir, tiny_model_dir, cfg)
+    assert run_step("convert", cfg, workdir, convert.run) == 0
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def converted_int4(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("convert-int4")
+    convert.convert_model(Path(tiny_model_dir), out, "qat_fp32", "qat_int4", "int4", 32)
+    return out
+
+
+def test_step_writes_the_four_dirs_and_sizes(converted_int8):
+    result = json.loads((converted_int8 / "convert" / "result.json").read_text())
+    assert result["status"] == "ok"
+    m = result["metrics"]
+    for name in ("qat_fp32", "qat_int8", "base_fp32", "base_ptq_int8"):
+        d = converted_int8 / "convert" / name
+        assert (d / "encoder_model.onnx").is_file() and (d / "decoder_model_merged.onnx").is_file()
+        # the unmerged decoders duplicate every weight: they must not be shipped
+        assert not (d / "decoder_model.onnx").exists() and not (d / "decoder_with_past_model.onnx").exists()
+        for f in ("generation_config.json", "preprocessor_config.json", "tokenizer.json", "config.json"):
+            assert (d / f).is_file(), f"{name} lacks {f}"
+        assert m["sizes_mb"][name] == pytest.approx(convert.onnx_size_mb(d))
+    assert m["sizes_mb"]["qat_int8"] < 0.8 * m["sizes_mb"]["qat_fp32"]
+    assert m["ops"]["qat_int8"]["encoder"]["MatMulInteger"] > 0
+
+
+def test_int8_quantizes_encoder_decoder_and_proj_out_never_conv(converted_int8):
+    d = converted_int8 / "convert" / "qat_int8"
+    vocab = json.loads((d / "config.json").read_text())["vocab_size"]
+    for part in ("encoder_model.onnx", "decoder_model_merged.onnx"):
+        model = onnx.load(str(d / part))
+        ops = [n.op_type for n in _walk(model.graph)]
+        assert ops.count("MatMulInteger") >= 4, part
+        assert "ConvInteger" not in ops, part
+        assert "Conv" in ops or part != "encoder_model.onnx"  # convs stay float
+    merged = onnx.load(str(d / "decoder_model_merged.onnx"))
+    if_node = next(n for n in merged.graph.node if n.op_type == "If")
+    for branch in if_node.attribute:  # both decoding phases are quantized, not only one
+        assert sum(n.op_type == "MatMulInteger" for n in _walk(branch.g)) >= 4, branch.name
+    # the output projection (d_model x vocab) is int8, not left as a float MatMul weight
+    floats = [i for i in merged.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and vocab in i.dims
+              and len(i.dims) == 2 and i.dims[0] != vocab]
+    assert not floats, [i.name for i in floats]
+
+
+def test_fp32_export_matches_pytorch_and_int8_stays_close(converted_int8, tiny_model_dir, french_manifest):
+    import torch
+    from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    proc = WhisperProcessor.from_pretrained(tiny_model_dir)
+    feats = proc.feature_extractor(_clip(french_manifest), sampling_rate=16000, return_tensors="pt").input_features
+    ids = torch.tensor([[50258, 50265, 50359, 50363, 400, 500]])
+    with torch.inference_mode():
+        ref = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir).eval()(
+            input_features=feats, decoder_input_ids=ids).logits
+    logits = {}
+    for name in ("qat_fp32", "qat_int8"):
+        ort_model = ORTModelForSpeechSeq2Seq.from_pretrained(converted_int8 / "convert" / name)
+        logits[name] = ort_model(input_features=feats, decoder_input_ids=ids).logits
+    assert torch.allclose(logits["qat_fp32"], ref, atol=1e-3, rtol=1e-3)
+    cos = torch.nn.functional.cosine_similarity(logits["qat_int8"].flatten(), ref.flatten(), dim=0)
+    assert 0.95 < cos < 0.99999  # quantized (not identical) yet close; random tiny weights: ~0.97
+
+
+def test_int4_has_4bit_weights_in_external_data(converted_int4):
+    d = converted_int4 / "qat_int4"
+    for part in ("encoder_model.onnx", "decoder_model_merged.onnx"):
+        model = onnx.load(str(d / part), load_external_data=False)
+        nbits = [n for n in _walk(model.graph) if n.op_type == "MatMulNBits"]
+        assert nbits, f"{part} holds no MatMulNBits"
+        for n in nbits:
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            assert attrs["bits"] == 4 and attrs["block_size"] == 32 and attrs["accuracy_level"] == 4
+        assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer), part
+    assert list(d.glob("*.onnx_data")) or list(d.glob("*.onnx.data"))
+    sizes = {n: convert.onnx_size_mb(converted_int4 / n) for n in ("qat_fp32", "qat_int4")}
+    assert sizes["qat_int4"] < 0.3 * sizes["qat_fp32"], sizes
+    convert.check_quantized(d, "int4")
+
+
+def test_int4_generates(converted_int4, french_manifest):
+    from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
+    from transformers import WhisperProcessor
+
+    d = converted_int4 / "qat_int4"
+    model = ORTModelForSpeechSeq2Seq.from_pretrained(d)
+    feats = WhisperProcessor.from_pretrained(d).feature_extractor(
+        _clip(french_manifest), sampling_rate=16000, return_tensors="pt").input_features
+    out = model.generate(input_features=feats, language="fr", task="transcribe", max_new_tokens=5)
+    assert out.shape[-1] >= 1
+
+
+def test_check_quantized_refuses_an_unquantized_dir(converted_int8):
+    with pytest.raises(StepError, match="MatMulInteger"):
+        convert.check_quantized(converted_int8 / "convert" / "qat_fp32", "int8")
+
+
+def test_fold_transposed_weights_keeps_the_math():
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 4)).astype(np.float32)  # (vocab, d) like an embedding
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "Wt"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 6])], [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    assert convert.fold_transposed_weights(model) == 1
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
+    assert matmul.input[1] in {i.name for i in model.graph.initializer}
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-5)
+
+
+def test_missing_train_output_is_a_clear_error(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "result.json").write_text("{}")
+    assert run_step("convert", tiny_config(), tmp_path, convert.run) == 3
+    err = json.loads((tmp_path / "convert" / "error.json").read_text())
+    assert "rerun the train step" in err["message"]

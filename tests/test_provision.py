@@ -1,0 +1,106 @@
+"""acquire / connect / release / find_instances / estimate_cost per backend, and the reaper."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from infra import provision, reaper
+from infra.machine import Lease
+from infra.ssh import SSHMachine
+from steps.config import REPO_ROOT, load_config
+
+
+@pytest.fixture(autouse=True)
+def fast_polling(monkeypatch):
+    monkeypatch.setattr(provision, "PROVIDER_OPTIONS", {"poll_s": 0.2, "backoff_s": 0.02})
+
+
+def cfg(**overrides):
+    return load_config("tiny", {"machine.provision_timeout_s": 20, "machine.ssh_timeout_s": 20, **overrides})
+
+
+def test_vast_acquire_connect_release(emulator, tmp_path):
+    c = cfg()
+    est = provision.estimate_cost(c, api_key=emulator.api_key, server_url=emulator.url)
+    assert est["dph"] > 0 and est["estimated_usd"] == pytest.approx(est["dph"] * c.machine.planned_hours, abs=1e-4)
+    # the ssh key arrives 1.5 s after the instance runs: acquire keeps trying until it answers
+    emulator.set_faults(ssh_refuse_s=1.5)
+    lease = provision.acquire(c, "qat-run1", tmp_path, api_key=emulator.api_key, server_url=emulator.url,
+                              log=lambda m: None)
+    key = tmp_path / "ssh" / "qat-run1" / "id_ed25519"
+    assert oct(key.stat().st_mode & 0o777) == "0o600" and lease.key_path == str(key)
+    info = emulator.instance_info(lease.instance_id)
+    assert lease.host_key == info["host_key"]  # pinned while acquiring
+    assert est["dph"] == pytest.approx(lease.dph_total)
+    m = provision.connect(lease, timeout=10)
+    lines = []
+    m.run(["sh", "-c", "echo $VAST_EMULATED"], on_line=lines.append)
+    assert lines == ["1"]
+    m.close()
+    assert provision.is_alive(lease, api_key=emulator.api_key, server_url=emulator.url)
+    found = provision.find_instances("qat-", api_key=emulator.api_key, server_url=emulator.url)
+    assert [(f.label, f.instance_id) for f in found] == [("qat-run1", lease.instance_id)]
+    assert found[0].created_at > 0 and found[0].port == lease.port
+    assert provision.release(lease, api_key=emulator.api_key, server_url=emulator.url) is True
+    assert provision.release(lease, api_key=emulator.api_key, server_url=emulator.url) is True  # idempotent
+    assert not provision.is_alive(lease, api_key=emulator.api_key, server_url=emulator.url)
+    assert emulator.live_instances() == []
+
+
+def test_local_backend(tmp_path):
+    c = cfg(**{"machine.backend": "local"})
+    assert provision.estimate_cost(c)["estimated_usd"] == 0
+    lease = provision.acquire(c, "qat-local", tmp_path)
+    m = provision.connect(lease)
+    m.write_text("qat/run.yaml", c.to_yaml())
+    assert (tmp_path / "machine" / "qat" / "run.yaml").is_file()
+    assert provision.release(lease) is True and provision.is_alive(lease)
+
+
+def test_ssh_backend_pins_host_key(sshd_host, tmp_path):
+    c = cfg(**{"machine.backend": "ssh", "machine.ssh": {"host": sshd_host.host, "port": sshd_host.port,
+                                                         "user": sshd_host.user, "key_path": str(sshd_host.key_path)}})
+    lease = provision.acquire(c, "qat-ssh", tmp_path, log=lambda m: None)
+    assert lease.host_key == sshd_host.host_key
+    assert isinstance(provision.connect(lease, timeout=5), SSHMachine)
+    assert provision.release(lease) is True  # not ours to destroy: a no-op
+    assert sshd_host.sshd.alive()
+
+
+def _create(emulator, label: str) -> int:
+    from infra.vast import VastProvider
+
+    p = VastProvider(api_key=emulator.api_key, server_url=emulator.url)
+    offer = p._sdk.search_offers(query={"rented": {"eq": False}, "disk_space": {"gte": 10}}, no_default=True)[0]
+    return p._sdk.create_instance(offer["id"], image="x", disk=10, label=label)["new_contract"]
+
+
+def test_reaper_age_and_finished_runs(emulator):
+    old, finished, active, foreign = (_create(emulator, lbl) for lbl in ("qat-old", "qat-done", "qat-live", "mine"))
+    kw = dict(api_key=emulator.api_key, server_url=emulator.url, log=lambda m: None)
+    rows = reaper.reap(max_age_hours=1, is_run_active=lambda label: label != "qat-done", dry_run=True, **kw)
+    assert [r["instance_id"] for r in rows] == [finished] and len(emulator.live_instances()) == 4
+    later = time.time() + 2 * 3600
+    rows = reaper.reap(max_age_hours=1, now=later, is_run_active=lambda label: True, **kw)
+    assert sorted(r["instance_id"] for r in rows) == sorted([old, finished, active])
+    assert all(r["destroyed"] and r["reason"] == "older than 1 h" for r in rows)
+    assert [r["id"] for r in emulator.live_instances()] == [foreign]  # other labels are never touched
+    provision.release(Lease(backend="vast", label="mine", instance_id=foreign), emulator.api_key, emulator.url)
+
+
+def test_reaper_cli(emulator, monkeypatch, capsys):
+    _create(emulator, "qat-cli")
+    monkeypatch.setenv("VAST_API_KEY", emulator.api_key)
+    assert reaper.main(["--url", emulator.url, "--max-age-hours", "0", "--dry-run"]) == 0
+    assert "would destroy" in capsys.readouterr().out and len(emulator.live_instances()) == 1
+    r = subprocess.run([sys.executable, "-m", "infra.reaper", "--url", emulator.url, "--max-age-hours", "0"],
+                       cwd=REPO_ROOT, env={**os.environ, "VAST_API_KEY": emulator.api_key},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "1 instance(s) reaped" in r.stdout, r.stdout + r.stderr
+    assert emulator.live_instances() == [] and emulator.api_key not in r.stdout + r.stderr
+    monkeypatch.setenv("VAST_API_KEY", "wrong-key-999")
+    assert reaper.main(["--url", emulator.url, "--max-age-hours", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "HTTP 401" in err and "wrong-key-999" not in err

@@ -79,10 +79,11 @@ class Stack:
     `env`: extra environment for the runner (and so for every flow run), e.g. HF_TOKEN."""
 
     def __init__(self, root: Path, api_key: str = "vastkey-chaos-0000", env: Optional[dict] = None,
-                 heartbeat_s: int = 30):
+                 heartbeat_s: int = 30, runner_limit: int = 2):
         self.root = Path(root)
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         self.api_key, self.extra_env, self.heartbeat_s = api_key, dict(env or {}), heartbeat_s
+        self.runner_limit = runner_limit
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.runs_dir = self.root / "runs"
@@ -102,9 +103,14 @@ class Stack:
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(self.heartbeat_s),
             "VAST_API_KEY": self.api_key, "VAST_URL": self.emu.url if self.emu else "",
             "QAT_RUNS_DIR": str(self.runs_dir), "PYTHONUNBUFFERED": "1",
+            "QAT_RUNNER_LIMIT": str(getattr(self, "runner_limit", 2)),
         })
         env.update(self.extra_env)
         return env
+
+    def server_env(self) -> dict:
+        """The Prefect server needs no credential: it gets none."""
+        return {k: v for k, v in self.env().items() if k not in ("VAST_API_KEY", "HF_TOKEN", *self.extra_env)}
 
     def __enter__(self) -> "Stack":
         try:
@@ -123,7 +129,7 @@ class Stack:
         self.emu = EmulatorProcess(state_dir=self.root / "emulator", api_key=self.api_key).start()
         log = open(self.root / "logs" / "prefect-server.log", "ab")
         self.server = subprocess.Popen([str(Path(PY).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                        "--port", str(self.port), "--no-ui"], cwd=REPO, env=self.env(),
+                                        "--port", str(self.port), "--no-ui"], cwd=REPO, env=self.server_env(),
                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         wait_for(lambda: self.server.poll() is not None or _http_ok(self.api_url + "/health"), 180, 1,
@@ -275,7 +281,7 @@ def serve() -> None:
 
     # From the entrypoint, as a worker does (`python -m prefect.engine` per run): `qat.serve()` runs
     # the in-memory flow in a spawned child, where its parameters fail to validate (see CHAOS.md).
-    runner = Runner(name="chaos", limit=2)
+    runner = Runner(name="chaos", limit=int(os.environ.get("QAT_RUNNER_LIMIT", "2")))
     runner.add_deployment(RunnerDeployment.from_entrypoint("flows/qat.py:qat", name="chaos"))
     asyncio.run(runner.start())
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -48,7 +49,7 @@ def torchao_prepare(model, scheme: str, group_size: int) -> int:
     return sum(type(m).__name__ == "FakeQuantizedLinear" for m in model.modules())
 
 
-def one(config: str, variant: str, freeze: bool, steps: int, label_tokens: int) -> dict:
+def one(config: str, variant: str, freeze: bool, steps: int, label_tokens: int, batch: int | None) -> dict:
     from steps.models import load_model
 
     cfg = load_config(config)
@@ -68,14 +69,14 @@ def one(config: str, variant: str, freeze: bool, steps: int, label_tokens: int) 
     model.config.use_cache = False
     model.to(device).train()
     opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=1e-6, fused=device.type == "cuda")
-    b, mels = tc.per_device_batch_size, model.config.num_mel_bins
+    b, mels = batch or tc.per_device_batch_size, model.config.num_mel_bins
     feats = torch.randn(b, mels, 2 * model.config.max_source_positions, device=device)
     labels = torch.randint(0, 50000, (b, label_tokens), device=device)
-    times = []
+    times, cpu_times = [], []
     for i in range(steps + 1):  # the first step warms up
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(tc.grad_accum):
             with _autocast(device, amp_dtype):
                 loss = model(input_features=feats, labels=labels).loss
@@ -87,11 +88,14 @@ def one(config: str, variant: str, freeze: bool, steps: int, label_tokens: int) 
             torch.cuda.synchronize()
         if i:
             times.append(time.perf_counter() - t)
+            cpu_times.append(time.process_time() - c)
     s = statistics.median(times)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"variant": variant, "freeze_encoder": freeze, "fake_quant_modules": n_fq,
             "seconds_per_step": round(s, 3), "step_times": [round(x, 3) for x in times],
+            # CPU seconds of this process (all threads): less sensitive than wall time to a shared machine
+            "cpu_seconds_per_step": round(statistics.median(cpu_times), 3),
             "samples_per_s": round(b * tc.grad_accum / s, 3), "peak_memory_mb": round(peak, 1),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "precision": precision, "device": str(device), "threads": torch.get_num_threads()}
@@ -131,20 +135,23 @@ def main() -> int:
     ap.add_argument("--config", default="demo")
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant (after 1 warm-up)")
     ap.add_argument("--label-tokens", type=int, default=40)
+    ap.add_argument("--batch", type=int, help="micro-batch size (default: the config's per_device_batch_size)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--freeze", default="false,true", help="freeze_encoder values to time")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "train_speed.json")
     ap.add_argument("--one", nargs=2, metavar=("VARIANT", "FREEZE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(args.config, args.one[0], args.one[1] == "true", args.steps, args.label_tokens)))
+        print("RESULT " + json.dumps(one(args.config, args.one[0], args.one[1] == "true", args.steps,
+                                         args.label_tokens, args.batch)))
         return 0
     cfg = load_config(args.config)
     results = []
     for freeze in args.freeze.split(","):
         for variant in args.variants.split(","):
             proc = subprocess.run([sys.executable, __file__, "--config", args.config, "--steps", str(args.steps),
-                                   "--label-tokens", str(args.label_tokens), "--one", variant, freeze],
+                                   "--label-tokens", str(args.label_tokens), "--one", variant, freeze]
+                                  + (["--batch", str(args.batch)] if args.batch else []),
                                   capture_output=True, text=True, cwd=REPO)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             if proc.returncode or not line:
@@ -153,10 +160,11 @@ def main() -> int:
             r = json.loads(line[0][7:])
             results.append(r)
             print(f"{variant:13s} freeze_encoder={freeze:5s} {r['seconds_per_step']:7.2f} s/step "
+                  f"({r['cpu_seconds_per_step']:.1f} CPU s) "
                   f"{r['samples_per_s']:6.2f} samples/s  peak {r['peak_memory_mb']:.0f} MB  fq={r['fake_quant_modules']}",
                   flush=True)
-    report = {"config": args.config, "model": cfg.model.name_or_path,
-              "batch": cfg.train.per_device_batch_size, "grad_accum": cfg.train.grad_accum,
+    report = {"config": args.config, "load_average": os.getloadavg(), "model": cfg.model.name_or_path,
+              "batch": args.batch or cfg.train.per_device_batch_size, "grad_accum": cfg.train.grad_accum,
               "label_tokens": args.label_tokens, "timed_steps": args.steps, "results": results,
               "grid_gap": grid_gap(args.config, cfg.quant.group_size),
               "command": " ".join(["bench/train_speed.py"] + sys.argv[1:])}

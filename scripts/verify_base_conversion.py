@@ -4,7 +4,8 @@
 
 Transcribes the fixture test clips with the converted model (PyTorch, greedy) and with
 faster-whisper on the same CTranslate2 weights (float32, greedy, no timestamps, no temperature
-fallback), then reports per-clip agreement, each one's WER against the references, the WER of
+fallback), then reports per-clip agreement (faster-whisper computes its own log-mel features, so
+near-chance outputs may differ; a second check feeds identical features to CTranslate2), each one's WER against the references, the WER of
 one against the other, and the converted model's WER per espeak voice.
 """
 from __future__ import annotations
@@ -55,6 +56,36 @@ def faster_whisper_transcribe(audios, threads: int, max_new_tokens: int = 128) -
     return texts
 
 
+def same_features_check(audios, threads: int, max_new_tokens: int = 128) -> dict:
+    """Feed identical log-mel features to the converted model and to CTranslate2 (float32):
+    encoder outputs must match and greedy token ids should be the same."""
+    import ctranslate2
+    import numpy as np
+    import torch
+
+    from steps.inference import load_variant
+
+    t = load_variant("fixture:whisper-base", "pytorch", threads=threads)
+    ct2 = ctranslate2.models.Whisper(str(ct2_dir()), device="cpu", compute_type="float32", intra_threads=threads)
+    tok = t.processor.tokenizer
+    prompt = tok.convert_tokens_to_ids(["<|startoftranscript|>", "<|fr|>", "<|transcribe|>", "<|notimestamps|>"])
+    max_diff, same = 0.0, 0
+    for a in audios:
+        feats = t.features([a])
+        with torch.inference_mode():
+            enc_hf = t.model.model.encoder(feats).last_hidden_state.numpy()
+        sv = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats.numpy()))
+        enc_ct2 = np.array(ct2.encode(sv, to_cpu=True))
+        max_diff = max(max_diff, float(np.abs(enc_hf - enc_ct2).max()))
+        hf_ids = t.generate_ids(feats, max_new_tokens)[0].tolist()
+        # CTranslate2 4.8 counts max_length from the prompt start: see REFERENCE sec. 3
+        res = ct2.generate(sv, [prompt], beam_size=1, max_length=max_new_tokens + len(prompt), return_scores=False)
+        ct2_ids = [i for i in res[0].sequences_ids[0] if i != tok.eos_token_id]
+        hf_ids = [i for i in hf_ids if i not in prompt and i != tok.eos_token_id]
+        same += hf_ids == ct2_ids
+    return {"encoder_max_abs_diff": max_diff, "same_tokens": same, "clips": len(audios)}
+
+
 def compare(n_clips: int | None = None, threads: int = 2) -> dict:
     from steps.inference import load_variant
 
@@ -66,6 +97,7 @@ def compare(n_clips: int | None = None, threads: int = 2) -> dict:
     t1 = time.time()
     fw = faster_whisper_transcribe(audios, threads)
     t2 = time.time()
+    same_feats = same_features_check(audios, threads)
     hf_n, fw_n = [normalize_french(t) for t in hf], [normalize_french(t) for t in fw]
     per_voice = defaultdict(list)
     for i, c in enumerate(clips):
@@ -74,6 +106,7 @@ def compare(n_clips: int | None = None, threads: int = 2) -> dict:
     voices = {v: round(score([refs[i] for i in ix], [hf_n[i] for i in ix]).wer, 1) for v, ix in sorted(per_voice.items())}
     return {
         "clips": len(clips),
+        "same_features": same_feats,
         "identical": sum(a == b for a, b in zip(hf_n, fw_n)),
         "wer_hf": round(s_hf.wer, 2), "wer_faster_whisper": round(score(refs, fw_n).wer, 2),
         "wer_hf_vs_faster_whisper": round(score(fw_n, hf_n).wer, 2),
@@ -98,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"WER converted (PyTorch): {r['wer_hf']} %   faster-whisper: {r['wer_faster_whisper']} %   "
           f"converted vs faster-whisper: {r['wer_hf_vs_faster_whisper']} %")
     print("WER per voice (converted):", r["wer_per_voice_hf"])
+    sf_ = r["same_features"]
+    print(f"same log-mel input: greedy tokens identical on {sf_['same_tokens']}/{sf_['clips']} clips, "
+          f"encoder max |diff| {sf_['encoder_max_abs_diff']:.2e}")
     print("seconds:", r["seconds"])
     if args.json:
         args.json.write_text(json.dumps(r, indent=2, ensure_ascii=False))

@@ -63,6 +63,33 @@ def op_counts(path: Path) -> dict[str, int]:
     return {op: counts[op] for op in QUANT_OPS if counts[op]}
 
 
+def _initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _initializers(attr.g)
+
+
+def tensor_mb_by_dtype(path: Path) -> dict:
+    """MB of weights per data type in a model dir's .onnx files, plus the largest float32 tensors."""
+    totals: dict[str, float] = collections.Counter()
+    floats = []
+    for f in sorted(Path(path).glob("*.onnx")):
+        model = onnx.load(str(f), load_external_data=False)
+        for t in _initializers(model.graph):
+            ext = {e.key: e.value for e in t.external_data}
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            n = int(ext["length"]) if "length" in ext else (len(t.raw_data) or int(np.prod(t.dims)) * itemsize)
+            dtype = onnx.TensorProto.DataType.Name(t.data_type).lower()
+            totals[dtype] += n / 1e6
+            if dtype == "float":
+                floats.append((f"{f.stem}:{t.name}", n / 1e6))
+    out = {("float32" if k == "float" else k): round(v, 3) for k, v in totals.items()}
+    out["largest_float"] = [(n, round(mb, 3)) for n, mb in sorted(floats, key=lambda x: -x[1])[:5]]
+    return out
+
+
 def fold_transposed_weights(model: onnx.ModelProto) -> int:
     """Replace MatMul(x, Transpose(W)) by MatMul(x, W.T) with W.T a constant; returns how many.
 
@@ -90,6 +117,82 @@ def fold_transposed_weights(model: onnx.ModelProto) -> int:
     return folded
 
 
+def share_tied_embedding_int8(model: onnx.ModelProto) -> bool:
+    """Let the token embedding read the int8 output projection instead of its own fp32 copy.
+
+    Whisper ties proj_out to embed_tokens; after quantization the graph holds both the fp32
+    table (V x D, the biggest tensor) and the int8 proj_out weight (D x V) with per-token scales.
+    When the int8 weight dequantizes back to the table (within half a step), the Gather is
+    rewired to Transpose(int8 weight) rows times their scales and the fp32 table is dropped.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+               and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT]
+    matmuls = [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] in inits
+               and inits[n.input[1]].data_type == onnx.TensorProto.INT8]
+    for g in gathers:
+        table = numpy_helper.to_array(inits[g.input[0]])
+        vocab, d = table.shape
+        for mm in matmuls:
+            if list(inits[mm.input[1]].dims) != [d, vocab]:
+                continue
+            zp = numpy_helper.to_array(inits[mm.input[3]]) if len(mm.input) > 3 and mm.input[3] in inits else 0
+            scale_name = _scale_init_name(graph, mm, inits, vocab)
+            if scale_name is None or np.any(zp != 0):
+                continue  # only symmetric weights with a known per-channel scale
+            scale = numpy_helper.to_array(inits[scale_name]).astype(np.float32)
+            wq = numpy_helper.to_array(inits[mm.input[1]])
+            err = np.abs(wq.T.astype(np.float32) * scale[:, None] - table)
+            if not np.all(err <= 0.5 * scale[:, None] * (1 + 1e-4) + 1e-7):
+                continue  # not the same matrix: the embedding is not tied
+            _rewire_gather(graph, g, mm.input[1], scale_name)
+            return True
+    return False
+
+
+def _scale_init_name(graph, mm, inits, vocab) -> str | None:
+    """The per-channel weight-scale initializer (length vocab) that multiplies mm's output."""
+    consumers = {}
+    for n in graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    producer = {o: n for n in graph.node for o in n.output}
+    cast = next((n for n in consumers.get(mm.output[0], []) if n.op_type == "Cast"), None)
+    mul = next((n for n in consumers.get(cast.output[0], []) if n.op_type == "Mul"), None) if cast else None
+    if mul is None:
+        return None
+    for x in mul.input:
+        p = producer.get(x)
+        for y in (p.input if p is not None and p.op_type == "Mul" else [x]):
+            if y in inits and list(inits[y].dims) == [vocab]:
+                return y
+    return None
+
+
+def _rewire_gather(graph, gather, wq_name: str, scale_name: str) -> None:
+    """table[ids] -> float(Transpose(wq)[ids]) * scale[ids][..., None]; drops the fp32 table."""
+    table_name, ids = gather.input[0], gather.input[1]
+    p = gather.name or "tied_embedding"
+    axes = p + "_axes"
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), axes))
+    nodes = [
+        onnx.helper.make_node("Transpose", [wq_name], [p + "_table_int8"], perm=[1, 0], name=p + "_T"),
+        onnx.helper.make_node("Gather", [p + "_table_int8", ids], [p + "_rows_int8"], axis=0, name=p + "_rows"),
+        onnx.helper.make_node("Cast", [p + "_rows_int8"], [p + "_rows_f"], to=onnx.TensorProto.FLOAT, name=p + "_cast"),
+        onnx.helper.make_node("Gather", [scale_name, ids], [p + "_row_scale"], axis=0, name=p + "_scales"),
+        onnx.helper.make_node("Unsqueeze", [p + "_row_scale", axes], [p + "_row_scale_u"], name=p + "_unsq"),
+        onnx.helper.make_node("Mul", [p + "_rows_f", p + "_row_scale_u"], [gather.output[0]], name=p + "_dequant"),
+    ]
+    index = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for k, n in enumerate(nodes):
+        graph.node.insert(index + k, n)
+    still_used = any(table_name in n.input for n in graph.node)
+    if not still_used:
+        graph.initializer.remove(next(i for i in graph.initializer if i.name == table_name))
+
+
 def export(model_dir: Path, out_dir: Path) -> None:
     """Export a transformers Whisper to ONNX with KV cache (encoder, decoder, with-past, merged)."""
     from optimum.exporters.onnx import main_export
@@ -102,19 +205,36 @@ def export(model_dir: Path, out_dir: Path) -> None:
         raise StepError(f"ONNX export of {model_dir} did not write {missing}; check optimum-onnx and transformers < 4.58")
 
 
+def _has_external_data(path: Path) -> bool:
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
 def _load_folded(path: Path) -> onnx.ModelProto:
     model = onnx.load(str(path))
     fold_transposed_weights(model)
     return model
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic int8: MatMul weights per channel QInt8, activations uint8 per tensor at run time."""
+def quantize_int8(src: Path, dst: Path) -> bool:
+    """Dynamic int8: MatMul weights per channel QInt8, activations uint8 per tensor at run time.
+
+    Returns whether the tied token embedding now reads the int8 output projection.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(_load_folded(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
-                     reduce_range=False, weight_type=QuantType.QInt8,
-                     extra_options={"MatMulConstBOnly": True})
+    # a graph with external data (large encoders) may exceed protobuf's 2 GB: let ORT load it by path
+    big = _has_external_data(src)
+    quantize_dynamic(str(src) if big else _load_folded(src), str(dst), op_types_to_quantize=["MatMul"],
+                     per_channel=True, reduce_range=False, weight_type=QuantType.QInt8,
+                     use_external_data_format=big, extra_options={"MatMulConstBOnly": True})
+    if big:
+        return False
+    model = onnx.load(str(dst))
+    shared = share_tied_embedding_int8(model)
+    if shared:
+        onnx.save(model, str(dst))
+    return shared
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int) -> None:
@@ -140,7 +260,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def quantize_dir(fp32_dir: Path, dst: Path, scheme: str, group_size: int) -> None:
+def quantize_dir(fp32_dir: Path, dst: Path, scheme: str, group_size: int) -> dict:
     """Quantize an exported fp32 dir (encoder + both decoders) into dst with a merged decoder."""
     from optimum.onnx.graph_transformations import merge_decoders
 
@@ -150,23 +270,23 @@ def quantize_dir(fp32_dir: Path, dst: Path, scheme: str, group_size: int) -> Non
     tmp = dst / ".parts"
     tmp.mkdir()
 
-    def q(src: Path, out: Path) -> None:
+    def q(src: Path, out: Path) -> bool:
         if scheme == "int8":
-            quantize_int8(src, out)
-        elif scheme == "int4":
+            return quantize_int8(src, out)
+        if scheme == "int4":
             quantize_int4(src, out, group_size)
-        else:
-            raise StepError(f"quant.scheme {scheme!r} is not supported: use int8 or int4")
+            return False
+        raise StepError(f"quant.scheme {scheme!r} is not supported: use int8 or int4")
 
     q(fp32_dir / ENCODER, dst / ENCODER)
-    q(fp32_dir / DECODER, tmp / DECODER)
-    q(fp32_dir / DECODER_WITH_PAST, tmp / DECODER_WITH_PAST)
+    tied = [q(fp32_dir / DECODER, tmp / DECODER), q(fp32_dir / DECODER_WITH_PAST, tmp / DECODER_WITH_PAST)]
     merged = merge_decoders(onnx.load(str(tmp / DECODER)), onnx.load(str(tmp / DECODER_WITH_PAST)),
                             save_path=str(tmp / MERGED), strict=False)
     onnx.save(merged, str(dst / MERGED), save_as_external_data=(scheme == "int4"),
               all_tensors_to_one_file=True, location=MERGED + "_data", size_threshold=1024)
     shutil.rmtree(tmp)
     _copy_side_files(fp32_dir, dst)
+    return {"tied_embedding_int8": all(tied)}
 
 
 def finish_fp32_dir(fp32_dir: Path) -> None:
@@ -194,7 +314,7 @@ def convert_model(model_dir: Path, out_root: Path, fp32_name: str, q_name: str, 
     export(Path(model_dir), fp32_dir)
     t1 = time.time()
     log(f"exported {model_dir} -> {fp32_dir} in {t1 - t0:.1f}s")
-    quantize_dir(fp32_dir, q_dir, scheme, group_size)
+    info = quantize_dir(fp32_dir, q_dir, scheme, group_size)
     t2 = time.time()
     log(f"quantized ({scheme}) -> {q_dir} in {t2 - t1:.1f}s")
     finish_fp32_dir(fp32_dir)
@@ -204,6 +324,8 @@ def convert_model(model_dir: Path, out_root: Path, fp32_name: str, q_name: str, 
         "export_s": round(t1 - t0, 2),
         "quantize_s": round(t2 - t1, 2),
         "ops": {q_name: {"encoder": op_counts(q_dir / ENCODER), "decoder": op_counts(q_dir / MERGED)}},
+        "tensor_mb": {q_name: tensor_mb_by_dtype(q_dir)},
+        **info,
     }
 
 
@@ -236,6 +358,8 @@ def run(ctx: StepContext) -> dict:
         metrics["seconds"][fp32_name] = m["export_s"]
         metrics["seconds"][q_name] = m["quantize_s"]
         metrics["ops"].update(m["ops"])
+        metrics.setdefault("tensor_mb", {}).update(m["tensor_mb"])
+        metrics.setdefault("tied_embedding_int8", {})[q_name] = m["tied_embedding_int8"]
         for name in (fp32_name, q_name):
             metrics["sizes_mb"][name] = onnx_size_mb(ctx.out / name)
             ctx.add_output(ctx.out / name)

@@ -129,7 +129,7 @@ def run(ctx: StepContext) -> dict:
     if len(test) == 0:
         raise StepError("prepare/test is empty: nothing to evaluate; check data.* in the config")
     ids, refs = test["id"], test["text"]
-    audios = [np.asarray(a, dtype=np.float32) for a in test["audio"]]
+    audios = [np.asarray(a, dtype=np.float32) for a in test.with_format("numpy", columns=["audio"])["audio"]]
     refs_n = [normalize_french(r) for r in refs]
     variants, missing = find_variants(ctx)
     for m in missing:

@@ -118,15 +118,20 @@ def hf_examples(cfg: RunConfig, split: str) -> Iterator[dict]:
     if d.audio_column not in (ds.column_names or [d.audio_column]) or d.text_column not in (ds.column_names or [d.text_column]):
         raise StepError(f"dataset {d.dataset} split {name} has columns {ds.column_names}: "
                         f"set data.audio_column / data.text_column (MLS French uses 'audio' and 'transcript')")
-    ds = ds.cast_column(d.audio_column, datasets.Audio(decode=False))
+    if isinstance((ds.features or {}).get(d.audio_column), datasets.Audio):
+        ds = ds.cast_column(d.audio_column, datasets.Audio(decode=False))  # we decode: no torchcodec needed
     for i, row in enumerate(ds):
-        audio = row.get(d.audio_column) or {}
+        audio = row.get(d.audio_column)
         speaker = row.get("speaker_id", row.get("client_id", ""))
         yield {"id": str(row.get("id") or row.get("path") or f"{split}-{i}"), "text": row.get(d.text_column),
                "speaker": str(speaker if speaker is not None else ""), "load": (lambda a=audio: _hf_audio(a)), "where": f"{name}[{i}]"}
 
 
-def _hf_audio(audio: dict) -> tuple[np.ndarray, int]:
+def _hf_audio(audio: Any) -> tuple[np.ndarray, int]:
+    if isinstance(audio, (str, bytes)):
+        return decode_audio(audio)
+    if not isinstance(audio, dict):
+        raise Drop("missing_audio")
     if audio.get("bytes"):
         return decode_audio(audio["bytes"])
     if audio.get("path"):
@@ -170,6 +175,20 @@ class Preparer:
         return {"id": ex["id"], "text": text, "speaker": ex.get("speaker", ""), "duration": float(duration),
                 "audio": audio, "input_features": feats, "labels": labels}
 
+    def try_row(self, ex: dict, split: str, log) -> dict | None:
+        """The row, or None after counting and logging why the example was dropped."""
+        try:
+            if "drop" in ex:
+                raise Drop(ex["drop"])
+            return self.row(ex)
+        except Drop as d:
+            reason = str(d)
+        except Exception as e:  # noqa: BLE001 - an odd input must not stop the run; counted and logged
+            reason = f"error_{type(e).__name__}"
+        self.dropped[split][reason] += 1
+        log(f"drop {split} {ex.get('id', '?')} ({ex.get('where', '')}): {reason}")
+        return None
+
     def labels(self, text: str) -> list[int]:
         ids = self.tok(text).input_ids
         if ids and ids[0] == self.start_id:
@@ -185,17 +204,37 @@ def _features(n_mels: int, n_frames: int):
                      "labels": Sequence(Value("int32"))})
 
 
-def run(ctx: StepContext) -> dict:
-    import datasets
+def _save_split(rows: Iterator[dict], features, out: Path) -> None:
+    """Stream rows into an Arrow dataset saved at `out` (a temporary cache next to it is removed)."""
     from datasets import Dataset
 
-    datasets.disable_progress_bars()
+    cache = out.with_name(f".cache-{out.name}")
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    try:
+        first = next(rows, None)
+        if first is None:  # datasets cannot build from an empty generator
+            ds = Dataset.from_dict({k: [] for k in features}, features=features)
+        else:
+            ds = Dataset.from_generator(lambda: itertools.chain([first], rows), features=features,
+                                        cache_dir=str(cache), fingerprint=uuid.uuid4().hex)
+        ds.save_to_disk(str(out))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
+
+def run(ctx: StepContext) -> dict:
+    import datasets
+
+    datasets.disable_progress_bars()
     cfg = ctx.cfg
     processor = load_processor(cfg.model.name_or_path)
     prep = Preparer(cfg, processor)
     source = manifest_examples if cfg.data.source == "manifest" else hf_examples
     limits = {"train": cfg.data.max_samples, "dev": cfg.data.max_eval_samples, "test": cfg.data.max_eval_samples}
+    if cfg.data.source == "manifest":  # known sizes: report progress against what is there
+        available = Counter(_split_of(line) for line in cfg.data.manifest_path().read_text(encoding="utf-8").splitlines())
+        limits = {s: min(n, available[s]) for s, n in limits.items()}
     total = sum(limits.values())
     counts, seconds, done = {}, {}, 0
     features = _features(prep.fe.feature_size, prep.fe.nb_max_frames)
@@ -207,13 +246,8 @@ def run(ctx: StepContext) -> dict:
             for ex in source(cfg, split):
                 if kept["n"] >= limits[split]:
                     return
-                try:
-                    if "drop" in ex:
-                        raise Drop(ex["drop"])
-                    row = prep.row(ex)
-                except Drop as d:
-                    prep.dropped[split][str(d)] += 1
-                    ctx.log(f"drop {split} {ex.get('id', '?')} ({ex.get('where', '')}): {d}")
+                row = prep.try_row(ex, split, ctx.log)
+                if row is None:
                     continue
                 kept["n"] += 1
                 kept["s"] += row["duration"]
@@ -222,23 +256,9 @@ def run(ctx: StepContext) -> dict:
                     ctx.progress(done, total, split=split)
                 yield row
 
-        out = ctx.out / split
-        cache = ctx.out / f".cache-{split}"
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(cache, ignore_errors=True)
-        try:
-            gen = rows()
-            first = next(gen, None)
-            if first is None:  # datasets cannot build from an empty generator
-                ds = Dataset.from_dict({k: [] for k in features}, features=features)
-            else:
-                ds = Dataset.from_generator(lambda: itertools.chain([first], gen), features=features,
-                                            cache_dir=str(cache), fingerprint=uuid.uuid4().hex)
-            ds.save_to_disk(str(out))
-        finally:
-            shutil.rmtree(cache, ignore_errors=True)
+        _save_split(rows(), features, ctx.out / split)
         counts[split], seconds[split] = kept["n"], round(kept["s"], 2)
-        ctx.add_output(out)
+        ctx.add_output(ctx.out / split)
         ctx.log(f"{split}: kept {kept['n']} clips ({kept['s'] / 60:.1f} min), dropped {dict(prep.dropped[split])}")
         ctx.progress(done, total, split=split, finished=True)
     if counts["train"] == 0 or counts["test"] == 0:
@@ -246,6 +266,13 @@ def run(ctx: StepContext) -> dict:
                         f"(dropped: {_dropped(prep)}); check data.* in the config and the source")
     return {"counts": counts, "dropped": _dropped(prep), "dropped_by_split": {s: dict(c) for s, c in prep.dropped.items()},
             "seconds": seconds}
+
+
+def _split_of(line: str) -> str | None:
+    try:
+        return json.loads(line).get("split")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _dropped(prep: Preparer) -> dict[str, int]:

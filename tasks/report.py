@@ -95,7 +95,7 @@ def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: 
               "| variant | WER % | CER % | WER 95% CI | size MB | latency s/clip | speed-up |", "|---|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {_num(r['wer_pct'])} | {_num(r['cer_pct'])} | {r['wer_ci95'] or 'n/a'} | "
-                     f"{_num(r['size_mb'], '{:.1f}')} | {_num(r['latency_s'], '{:.3f}')} | {_num(r['speedup'])}x |")
+                     f"{_num(r['size_mb'], '{:.1f}')} | {_num(r['latency_s'], '{:.3f}')} | {_num(r['speedup'], '{:.2f}x')} |")
     verdict = "PASSED" if gate.get("passed") else "FAILED"
     lines += ["", "## Quality gate", "", f"**{verdict}**: {gate.get('reason', '')}", ""]
     lines += ["## Links", "", f"- model: {link.get('url') or link.get('path')}", ""]

@@ -128,7 +128,7 @@ def fetch_outputs(m: Machine, step: str, local_work: Path) -> None:
 def run_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -> dict:
     """Run `python -m steps <step>` on the machine, streaming its lines into the Prefect logs."""
     log = get_run_logger()
-    if is_done(cfg, local_work, step):
+    if is_done(cfg, local_work, step) and step not in NOT_COPIED_BACK:  # those must exist on this machine
         log.info("%s already done for config hash %s: skipped", step, config_hash(cfg, step))
         return read_result(local_work, step)
     check_budget(lease, cfg)

@@ -88,6 +88,11 @@ def test_int8_quantizes_encoder_decoder_and_proj_out_never_conv(converted_int8):
     floats = [i for i in merged.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and vocab in i.dims
               and len(i.dims) == 2 and i.dims[0] != vocab]
     assert not floats, [i.name for i in floats]
+    # the tied embedding reads the int8 projection: no fp32 (vocab x d_model) table is left either
+    tables = [i.name for i in merged.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and i.dims[0] == vocab]
+    assert not tables, tables
+    metrics = json.loads((converted_int8 / "convert" / "result.json").read_text())["metrics"]
+    assert metrics["tied_embedding_int8"]["qat_int8"] is True
 
 
 def test_fp32_export_matches_pytorch_and_int8_stays_close(converted_int8, tiny_model_dir, french_manifest):

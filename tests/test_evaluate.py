@@ -64,15 +64,14 @@ def test_evaluate_tiny_run(prepared_tiny, tiny_onnx_dir, tiny_model_dir, tmp_pat
     work = tmp_path / "w"
     shutil.copytree(prepared_tiny / "prepare", work / "prepare")
     shutil.copytree(tiny_model_dir, work / "train" / "model")  # stands in for the trained model
-    for name in ("qat_fp32", "qat_int8"):
-        shutil.copytree(tiny_onnx_dir, work / "convert" / name)
+    shutil.copytree(tiny_onnx_dir, work / "convert" / "qat_int8")  # stands in for the quantized export
     (work / "convert" / "not_a_model").mkdir()
     assert run_step("evaluate", load_config("tiny"), work, evaluate.run) == 0
     m = json.loads((work / "evaluate" / "result.json").read_text())["metrics"]
-    assert set(m["wer"]) == {"base_fp32", "qat_fp32", "qat_onnx_fp32", "qat_int8"}
+    assert set(m["wer"]) == {"base_fp32", "qat_fp32", "qat_int8"}
     assert m["n_utterances"] == 4 and m["missing"] == []
     # the same weights through PyTorch and ONNX Runtime give the same transcripts
-    assert m["wer"]["base_fp32"] == m["wer"]["qat_fp32"] == m["wer"]["qat_onnx_fp32"] == m["wer"]["qat_int8"]
+    assert m["wer"]["base_fp32"] == m["wer"]["qat_fp32"] == m["wer"]["qat_int8"]
     assert m["wer"]["base_fp32"] > 50  # a random model is wrong
     lo, hi = m["wer_ci"]["qat_int8"]
     assert lo <= m["wer"]["qat_int8"] <= hi
@@ -81,6 +80,21 @@ def test_evaluate_tiny_run(prepared_tiny, tiny_onnx_dir, tiny_model_dir, tmp_pat
     assert len(rows) == 4 and {"id", "reference", "hypothesis", "errors", "words"} <= set(rows[0])
     errors, words = sum(int(r["errors"]) for r in rows), sum(int(r["words"]) for r in rows)
     assert m["wer"]["qat_int8"] == pytest.approx(round(100 * errors / words, 3))
+
+
+def test_find_variants_names_onnx_dirs(tmp_path):
+    from steps.common import StepContext
+
+    for name in ("qat_fp32", "qat_int8", "base_ptq_int8", "base_fp32"):
+        (tmp_path / "convert" / name).mkdir(parents=True)
+        (tmp_path / "convert" / name / "encoder_model.onnx").touch()
+    (tmp_path / "convert" / "logs").mkdir()
+    (tmp_path / "train" / "model").mkdir(parents=True)
+    (tmp_path / "train" / "model" / "config.json").write_text("{}")
+    variants, missing = evaluate.find_variants(StepContext("evaluate", _cfg(), tmp_path))
+    assert [(n, k) for n, _, k in variants] == [("base_fp32", "pytorch"), ("qat_fp32", "pytorch"), ("base_onnx_fp32", "onnx"),
+                                                ("base_ptq_int8", "onnx"), ("qat_onnx_fp32", "onnx"), ("qat_int8", "onnx")]
+    assert missing == []
 
 
 def test_evaluate_without_train_or_convert_scores_the_base(prepared_tiny, tmp_path):

@@ -107,3 +107,20 @@ def test_whisper_base_conversion_is_faithful():
     assert torch.equal(sd["model.encoder.conv2.weight"], torch.from_numpy(v["encoder/conv2/weight"]))
     n_params = sum(t.numel() for k, t in sd.items() if k != "proj_out.weight")
     assert 72e6 < n_params < 73e6  # whisper-base: 72.6M parameters
+
+
+
+@pytest.mark.slow
+def test_converted_base_matches_ctranslate2():
+    """Same log-mel input -> same greedy tokens and encoder output as CTranslate2 on the shipped
+    weights. ~1-2 min on 2 busy cores."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "verify_base_conversion.py"
+    spec = importlib.util.spec_from_file_location("verify_base_conversion", path)
+    verify = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verify)
+    clips = verify.test_clips(3)
+    r = verify.same_features_check([c["array"] for c in clips], threads=2, max_new_tokens=32)
+    assert r["same_tokens"] == 3 and r["encoder_max_abs_diff"] < 5e-3

@@ -112,7 +112,9 @@ def test_hf_source_local_parquet(tmp_path, french_manifest, tiny_model_dir):
     """The Hugging Face path (streaming, audio decoded here, 8 kHz resampled) on a local parquet dataset."""
     import io
 
-    from datasets import Audio, Dataset, Features, Value, load_from_disk
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import load_from_disk
 
     def clip(row, sr=8000):
         audio, _ = prepare.decode_audio(REPO_ROOT / row["audio"])
@@ -120,16 +122,19 @@ def test_hf_source_local_parquet(tmp_path, french_manifest, tiny_model_dir):
         sf.write(buf, prepare.resample(audio, 16000, sr), sr, format="FLAC")
         return {"bytes": buf.getvalue(), "path": None}
 
-    feats = Features({"audio": Audio(decode=False), "transcript": Value("string"), "speaker_id": Value("int64")})
+    # parquet shaped like MLS on the Hub: an Audio column (struct bytes/path) declared in the metadata
+    meta = {"info": {"features": {"audio": {"_type": "Audio", "sampling_rate": 8000}, "transcript": {"dtype": "string", "_type": "Value"},
+                                  "speaker_id": {"dtype": "int64", "_type": "Value"}}}}
     (tmp_path / "data").mkdir()
     for split in ("train", "validation", "test"):
         rows = [r for r in french_manifest if r["split"] == ("dev" if split == "validation" else split)][:3]
         data = {"audio": [clip(r) for r in rows], "transcript": [r["text"] for r in rows], "speaker_id": [7] * 3}
         if split == "train":
-            data["audio"].append({"bytes": b"garbage", "path": None})
-            data["transcript"].append("illisible")
-            data["speaker_id"].append(8)
-        Dataset.from_dict(data, features=feats).to_parquet(str(tmp_path / "data" / f"{split}-00000-of-00001.parquet"))
+            data["audio"].insert(0, {"bytes": b"garbage", "path": None})
+            data["transcript"].insert(0, "illisible")
+            data["speaker_id"].insert(0, 8)
+        table = pa.table(data).replace_schema_metadata({"huggingface": json.dumps(meta)})
+        pq.write_table(table, tmp_path / "data" / f"{split}-00000-of-00001.parquet")
     cfg = parse_config({"name": "t", "model": {"name_or_path": "fixture:tiny-random"}, "quant": {"scheme": "int8"},
                         "data": {"source": "hf", "dataset": str(tmp_path), "dev_split": "validation",
                                  "max_samples": 3, "max_eval_samples": 2}})

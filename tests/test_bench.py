@@ -1,0 +1,148 @@
+"""steps/bench.py, bench/run_bench.py (targets, report) and bench/gpu_probe.py on tiny shapes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from steps import bench, convert
+from steps.common import run_step
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bench_workdir(tmp_path_factory, tiny_model_dir, french_manifest):
+    """prepare/ (2 real test clips), train/model (the tiny model) and convert/ (real int8 conversion)."""
+    import soundfile as sf
+    from datasets import Dataset
+
+    workdir = tmp_path_factory.mktemp("bench")
+    rows = [r for r in french_manifest if r["split"] == "test"][:2]
+    audio = [sf.read(REPO / r["audio"], dtype="float32")[0] for r in rows]
+    Dataset.from_dict({"id": [r["id"] for r in rows], "audio": audio}).save_to_disk(str(workdir / "prepare" / "test"))
+    shutil.copytree(tiny_model_dir, workdir / "train" / "model")
+    for step in ("prepare", "train"):
+        (workdir / step / "result.json").write_text(json.dumps({"status": "ok", "metrics": {}}))
+    assert run_step("convert", tiny_config(), workdir, convert.run) == 0
+    return workdir
+
+
+@pytest.mark.slow  # a fresh process per variant for peak RSS: minutes on a shared 2-core CPU
+def test_bench_step_measures_every_variant(bench_workdir):
+    cfg = tiny_config(**{"bench.warmup": 1})
+    assert run_step("bench", cfg, bench_workdir, bench.run) == 0
+    results = json.loads((bench_workdir / "bench" / "results.json").read_text())
+    assert results["clips"] == 2 and results["decoding"]["forced_tokens"] == cfg.bench.forced_tokens
+    v = results["variants"]
+    assert set(v) == {"pytorch_fp32", "qat_fp32", "qat_int8", "base_fp32", "base_ptq_int8"}
+    for name, r in v.items():
+        assert 0 < r["encoder_ms"] < 60_000 and 0 < r["decoder_ms_per_token"] < 10_000, name
+        assert 0 < r["latency_s"] and r["rtf"] > 0 and r["clips_per_s"] > 0 and r["audio_s_per_s"] > 0, name
+        assert 1 <= r["mean_new_tokens"] <= cfg.bench.max_new_tokens, name
+        assert r["peak_rss_mb"] is not None and 50 < r["peak_rss_mb"] < 8000, name
+        assert r["size_mb"] > 0
+    assert v["qat_int8"]["size_mb"] < v["qat_fp32"]["size_mb"]
+    metrics = json.loads((bench_workdir / "bench" / "result.json").read_text())["metrics"]
+    assert metrics["latency_s"]["qat_int8"] == v["qat_int8"]["latency_s"]
+
+
+def test_forced_decoding_runs_exactly_n_steps(bench_workdir, french_manifest):
+    """Per-token timing is only comparable if every variant decodes the same number of tokens."""
+    clip = bench.load_clips(bench_workdir / "prepare", 1)[0][1]
+    dec = bench.Decoding(max_new_tokens=6, forced_tokens=5, threads=1)
+    variants = [bench.Variant("pt", "pytorch", str(bench_workdir / "train" / "model")),
+                bench.Variant("int8", "onnx", str(bench_workdir / "convert" / "qat_int8")),
+                bench.Variant("fw", "ctranslate2", str(bench.ct2_base_dir()))]
+    for v in variants:
+        r = bench.load_runner(v, dec)
+        feats = r.features(clip)
+        assert r.decode_forced(r.encode(feats), 5) == 5, v.name
+        assert 1 <= r.generate(feats, 6) <= 6, v.name  # CTranslate2's max_length halving is compensated
+
+
+@pytest.mark.slow
+def test_peak_rss_is_measured_in_a_fresh_process(bench_workdir):
+    clip = np.zeros(16000, dtype=np.float32)
+    v = bench.Variant("int8", "onnx", str(bench_workdir / "convert" / "qat_int8"))
+    mb = bench.peak_rss_mb(v, bench.Decoding(max_new_tokens=3, forced_tokens=2, threads=1), clip)
+    assert mb is not None and 50 < mb < 4000
+
+
+def test_bench_without_clips_is_a_clear_error():
+    with pytest.raises(Exception, match="no clips"):
+        bench.benchmark([], [], bench.Decoding())
+
+
+def _fake_results(**changes):
+    r = {
+        "sizes_mb": {"pytorch_fp32": 290.0, "onnx_fp32": 400.0, "onnx_int8": 80.0, "onnx_int4": 70.0},
+        "latency_s": {"pytorch_fp32": 1.6, "onnx_fp32": 1.1, "onnx_int8": 0.9, "onnx_int4": 1.2, "faster_whisper_int8": 1.1},
+        "encoder_ms": {"pytorch_fp32": 650, "onnx_fp32": 620, "onnx_int8": 460, "onnx_int4": 700, "faster_whisper_int8": 710},
+        "decoder_ms_per_token": {"pytorch_fp32": 36, "onnx_fp32": 18, "onnx_int8": 15, "onnx_int4": 16, "faster_whisper_int8": 12.6},
+        "rtf": {}, "peak_rss_mb": {}, "mean_new_tokens": {"onnx_int8": 20, "pytorch_fp32": 20, "faster_whisper_int8": 19},
+        "wer": {"base_fp32": 78.0, "base_ptq_int8": 90.0, "qat_fp32": 30.0, "qat_int8": 30.4, "qat_int4": 33.0},
+        "cer": {}, "wer_ci": {},
+        "tensor_mb_by_dtype": {"onnx_int4": {"float32": 20.0, "int4": 30.0, "largest_float": [["emb", 13.0]]}},
+        "machine": {"cpu": "test", "cores": 2, "simd": ["avx2"], "int8_dot_product": False, "load_avg_1m": 1.0,
+                    "torch": "x", "onnxruntime": "y", "python": "3.11", "cuda": None},
+    }
+    r.update(changes)
+    return r
+
+
+def test_targets_compare_the_right_figures():
+    rb = _load_script("run_bench")
+    t = rb.targets(_fake_results())
+    assert t["int8_size_ratio"]["value"] == pytest.approx(80 / 290, abs=1e-3) and t["int8_size_ratio"]["met"] is True
+    assert t["int4_size_ratio"]["value"] == pytest.approx(70 / 290, abs=1e-3) and t["int4_size_ratio"]["met"] is False
+    assert t["int8_speedup_vs_pytorch"]["value"] == pytest.approx(1.6 / 0.9, abs=1e-3)
+    assert t["int8_speedup_vs_pytorch"]["met"] is False
+    assert t["int8_speedup_vs_faster_whisper"]["met"] is False  # 1.22 < 1.3
+    assert t["qat_int8_wer_loss"]["value"] == pytest.approx(0.4) and t["qat_int8_wer_loss"]["met"] is True
+    assert t["qat_int8_minus_ptq_int8_wer"]["met"] is True
+    worse = rb.targets(_fake_results(wer={"qat_fp32": 30.0, "qat_int8": 31.0, "base_ptq_int8": 30.5}))
+    assert worse["qat_int8_wer_loss"]["met"] is False and worse["qat_int8_minus_ptq_int8_wer"]["met"] is False
+    missing = rb.targets(_fake_results(latency_s={}))
+    assert missing["int8_speedup_vs_pytorch"]["met"] is None
+
+
+def test_report_explains_misses_with_figures_and_says_gpu_not_measured():
+    rb = _load_script("run_bench")
+    r = _fake_results()
+    r["targets"] = rb.targets(r)
+    text = rb.render_report(r, gpu=None)
+    assert "GPU not measured this session" in text
+    assert "| onnx_int8 | 80.0 |" in text
+    assert "`int4_size_ratio`" in text and "20.0 MB are still float32" in text
+    assert "VNNI/AMX): no" in text
+    gpu = {"is_gpu": True, "device": "H100", "shapes": "large-v3-distil", "batch": 16, "precision": "bf16 autocast",
+           "gradient_checkpointing": False, "results": {"plain": {"samples_per_s": 42.7, "s_per_step": 0.37, "peak_vram_gib": 50.5}}}
+    assert "| plain | 42.7 |" in rb.render_report(r, gpu)
+
+
+def test_gpu_probe_runs_on_cpu_with_tiny_shapes(tmp_path):
+    probe = _load_script("gpu_probe")
+    out = tmp_path / "gpu.json"
+    assert probe.main(["--shapes", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1",
+                       "--label-tokens", "8", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["is_gpu"] is False and report["shapes"] == "tiny"
+    res = report["results"]
+    assert set(res) == {"plain", "int8_qat", "int4_qat"}
+    assert res["plain"]["fake_quant_linears"] == 0
+    assert res["int8_qat"]["fake_quant_linears"] == res["int4_qat"]["fake_quant_linears"] > 0
+    for mode in res.values():
+        assert mode["samples_per_s"] > 0 and np.isfinite(mode["final_loss"])

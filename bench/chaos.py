@@ -161,13 +161,13 @@ SCENARIOS = [
 
 # ---------------------------------------------------------------- measuring
 
-def expected_files(stack: Stack, run_id: str, name: str, state_type: str) -> list[str]:
-    """What must be home: result.json of every step that completed, error.json of a failed step,
-    and on success the converted model, the report and Prefect artifacts."""
-    work = stack.runs_dir / name / "work"
+def expected_files(stack: Stack, run_id: str, name: str, state_type: str, message: str = "") -> list[str]:
+    """What must be home: result.json of every step that completed, error.json of a step that ran
+    on the machine and failed there (StepFailed), and on success the converted model, the report
+    and the Prefect artifacts."""
     tasks = dict(stack.task_states(run_id))
     need = [f"work/{s}/result.json" for s in STEP_NAMES if tasks.get(s) == "COMPLETED"]
-    need += [f"work/{s}/error.json" for s in STEP_NAMES if tasks.get(s) == "FAILED"]
+    need += [f"work/{s}/error.json" for s in STEP_NAMES if tasks.get(s) == "FAILED" and f"step {s} failed" in message]
     if state_type == "COMPLETED":
         need += ["work/convert/qat_int8/", "run.yaml"]
     missing = [p for p in need if not ((stack.runs_dir / name / p).is_dir() and any((stack.runs_dir / name / p).iterdir())
@@ -176,7 +176,6 @@ def expected_files(stack: Stack, run_id: str, name: str, state_type: str) -> lis
         keys = {a.key for a in stack.artifacts(run_id) if a.key}
         missing += [f"artifact {k}" for k in (f"qat-{name}-{x}" for x in ("report", "metrics", "cost", "model", "chart"))
                     if k not in keys]
-    del work
     return missing
 
 
@@ -246,7 +245,7 @@ def run_scenario(stack: Stack, sc: Scenario, baseline: Optional[dict]) -> dict:
     instances = stack.instances(run_id)
     leaked = [i["id"] for i in instances if i["ended_at"] is None]
     cost = round(sum(i["cost"] for i in instances), 6)
-    missing = expected_files(stack, run_id, name, state.type.value)
+    missing = expected_files(stack, run_id, name, state.type.value, state.message or "")
     row = {"scenario": sc.name, "fault": sc.fault, "run_id": run_id, "expected": list(sc.expect),
            "final_state": state.type.value, "message": (state.message or "")[:400], "seconds": round(time.time() - t0, 1),
            "instances": [{k: i[k] for k in ("id", "end_reason", "seconds", "cost")} for i in instances],
@@ -320,7 +319,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--only", help="comma-separated scenario names (the baseline always runs first when needed)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.add_argument("--keep", help="keep the stack's files (logs, runs, emulator state) in this directory")
+    p.add_argument("--out", help="write OUT.json / OUT.md instead of bench/chaos.json / bench/CHAOS.md "
+                                 "(the baseline is still read from bench/chaos.json)")
     args = p.parse_args(argv)
+    global OUT_JSON, OUT_MD
+    main_json = OUT_JSON
+    if args.out:
+        OUT_JSON, OUT_MD = Path(args.out + ".json"), Path(args.out + ".md")
     if args.list:
         for s in SCENARIOS:
             print(f"{s.name:15} {s.fault}")
@@ -331,6 +336,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"unknown scenario(s) {sorted(unknown)}; --list shows them")
     previous = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {"scenarios": []}
     rows = {r["scenario"]: r for r in previous.get("scenarios", [])}
+    if "baseline" not in rows and main_json.is_file():
+        rows["baseline"] = next((r for r in json.loads(main_json.read_text())["scenarios"] if r["scenario"] == "baseline"), {})
     baseline = rows.get("baseline") if "baseline" not in names and Path(rows.get("baseline", {}).get("model_dir", "/nonexistent")).is_dir() else None
     if baseline is None and "baseline" not in names:
         names.insert(0, "baseline")
@@ -360,7 +367,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     bad = [r["scenario"] for r in rows.values() if not r["ended_correctly"]]
-    print(f"chaos: wrote {OUT_JSON.relative_to(REPO)} and {OUT_MD.relative_to(REPO)}; "
+    print(f"chaos: wrote {OUT_JSON} and {OUT_MD}; "
           f"{'all ended correctly' if not bad else 'not correct: ' + ', '.join(bad)}")
     return 1 if bad else 0
 

@@ -87,20 +87,46 @@ def pipeline(work: Path, base: str, overrides: dict) -> dict:
     return configs
 
 
+def speed_only_models(work: Path, config: Path) -> dict[str, str]:
+    """--speed-only: the untrained base model as PyTorch fp32 and its ONNX fp32 / int8 / int4 exports.
+
+    Speed and size do not depend on the trained values of the weights, so this measures the same
+    graphs as the full run in a fraction of the time (no training, no evaluation: no WER).
+    """
+    from steps import convert
+    from steps.config import load_config
+    from steps.models import resolve_model
+
+    cfg = load_config(str(config))
+    base = Path(resolve_model(cfg.model.name_or_path))
+    out = work / "speed"
+    paths = {"pytorch_fp32": str(base), "onnx_fp32": str(out / "base_fp32"),
+             "onnx_int8": str(out / "base_ptq_int8"), "onnx_int4": str(out / "base_ptq_int4")}
+    if not all((Path(p) / "encoder_model.onnx").is_file() for k, p in paths.items() if k != "pytorch_fp32"):
+        convert.export(base, out / "base_fp32")
+        for scheme in SCHEMES:
+            convert.quantize_dir(out / "base_fp32", out / f"base_ptq_{scheme}", scheme, cfg.quant.group_size)
+            convert.check_quantized(out / f"base_ptq_{scheme}", scheme)
+        convert.finish_fp32_dir(out / "base_fp32")
+    return paths
+
+
 # ---------------------------------------------------------------- the speed pass
 
-def speed_pass(work: Path, config: Path, max_clips: int | None) -> dict:
+def trained_models(work: Path) -> dict[str, str]:
+    w8, w4 = work / "int8", work / "int4"
+    return {"pytorch_fp32": str(w8 / "train" / "model"), "onnx_fp32": str(w8 / "convert" / "qat_fp32"),
+            "onnx_int8": str(w8 / "convert" / "qat_int8"), "onnx_int4": str(w4 / "convert" / "qat_int4")}
+
+
+def speed_pass(work: Path, config: Path, max_clips: int | None, models: dict[str, str]) -> dict:
     from steps import bench
     from steps.config import load_config
 
     cfg = load_config(str(config))
-    w8, w4 = work / "int8", work / "int4"
-    variants = [
-        bench.Variant("pytorch_fp32", "pytorch", str(w8 / "train" / "model")),
-        bench.Variant("onnx_fp32", "onnx", str(w8 / "convert" / "qat_fp32")),
-        bench.Variant("onnx_int8", "onnx", str(w8 / "convert" / "qat_int8")),
-        bench.Variant("onnx_int4", "onnx", str(w4 / "convert" / "qat_int4")),
-    ]
+    w8 = work / "int8"
+    variants = [bench.Variant(name, "pytorch" if name.startswith("pytorch") else "onnx", path)
+                for name, path in models.items()]
     if cfg.bench.faster_whisper and cfg.model.name_or_path == "fixture:whisper-base":
         variants.append(bench.Variant("faster_whisper_int8", "ctranslate2", str(bench.ct2_base_dir())))
     clips = bench.load_clips(w8 / "prepare", max_clips or cfg.bench.max_clips)
@@ -277,13 +303,17 @@ def render_report(r: dict, gpu: dict | None) -> str:
         f"{dec.get('max_new_tokens')}, {dec.get('threads')} threads, variants interleaved per clip, warm-up excluded. "
         f"Decoder ms/token: {dec.get('forced_tokens')} tokens forced (EOS suppressed) on every variant.",
         "",
+        f"Mode: {r.get('mode', 'full (QAT models)')}.",
+        "",
         "## Speed and size",
         "",
         _table(["variant", "size MB", "latency s/clip (median)", "RTF", "encoder ms", "decoder ms/token",
                 "mean new tokens", "peak RSS MiB"], speed_rows),
         "",
-        "pytorch_fp32 and onnx_* are the QAT-trained model (onnx_int4 from the int4 QAT run); "
-        "faster_whisper_int8 is the untrained CTranslate2 whisper-base (float16 on disk, int8 at load).",
+        ("pytorch_fp32 and onnx_* are the untrained base model and its PTQ exports (same graphs and sizes "
+         "as the QAT exports); " if str(r.get("mode", "")).startswith("speed-only") else
+         "pytorch_fp32 and onnx_* are the QAT-trained model (onnx_int4 from the int4 QAT run); ")
+        + "faster_whisper_int8 is the untrained CTranslate2 whisper-base (float16 on disk, int8 at load).",
         "",
         "## Accuracy (test split, normalized text, percent)",
         "",
@@ -339,21 +369,32 @@ def main(argv=None) -> int:
     p.add_argument("--max-clips", type=int, default=None, help="clips in the speed pass (default: bench.max_clips)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
     p.add_argument("--skip-pipeline", action="store_true", help="reuse the step outputs already in --work")
+    p.add_argument("--speed-only", action="store_true",
+                   help="no training/evaluation: time the untrained base model's exports (no WER)")
     p.add_argument("--report-only", action="store_true", help="re-render REPORT.md from bench/results.json")
     a = p.parse_args(argv)
     if a.report_only:
         write_outputs(json.loads((BENCH / "results.json").read_text()))
         return 0
     overrides = _overrides(a.set)
-    if a.skip_pipeline:
+    if a.speed_only:
+        configs = {s: a.work / f"{s}.yaml" for s in SCHEMES}
+        write_config(a.config, "int8", overrides, configs["int8"])
+        run_step("prepare", configs["int8"], a.work / "int8")
+        models = speed_only_models(a.work, configs["int8"])
+    elif a.skip_pipeline:
         configs = {s: a.work / f"{s}.yaml" for s in SCHEMES}
         missing = [str(c) for c in configs.values() if not c.is_file()]
         if missing:
             raise SystemExit(f"--skip-pipeline: {missing} not found; run without --skip-pipeline first")
+        models = trained_models(a.work)
     else:
         configs = pipeline(a.work, a.config, overrides)
-    speed = speed_pass(a.work, configs["int8"], a.max_clips)
-    write_outputs(collect(a.work, speed))
+        models = trained_models(a.work)
+    speed = speed_pass(a.work, configs["int8"], a.max_clips, models)
+    results = collect(a.work, speed)
+    results["mode"] = "speed-only (untrained base model, PTQ exports)" if a.speed_only else "full (QAT models)"
+    write_outputs(results)
     return 0
 
 

@@ -308,12 +308,14 @@ def ct2_base_dir() -> Path:
 def discover_variants(ctx: StepContext) -> list[Variant]:
     """PyTorch fp32 (the QAT model), every ONNX dir from convert, faster-whisper when applicable."""
     cfg = ctx.cfg
-    variants = [Variant("pytorch_fp32", "pytorch", str(ctx.dir_of("train") / "model"))]
+    # Variant names are the ones evaluate uses, so the report joins WER and latency per variant:
+    # qat_fp32 is the QAT model in PyTorch, an ONNX fp32 export is "<model>_onnx_fp32".
+    variants = [Variant("qat_fp32", "pytorch", str(ctx.dir_of("train") / "model"))]
     conv = ctx.dir_of("convert")
-    for name in ("qat_fp32", f"qat_{cfg.quant.scheme}", "base_fp32", f"base_ptq_{cfg.quant.scheme}"):
-        if not (conv / name / "encoder_model.onnx").is_file():
-            raise StepError(f"{conv / name} is missing: rerun the convert step")
-        variants.append(Variant(name, "onnx", str(conv / name)))
+    for d in ("qat_fp32", f"qat_{cfg.quant.scheme}", "base_fp32", f"base_ptq_{cfg.quant.scheme}"):
+        if not (conv / d / "encoder_model.onnx").is_file():
+            raise StepError(f"{conv / d} is missing: rerun the convert step")
+        variants.append(Variant(d.replace("_fp32", "_onnx_fp32"), "onnx", str(conv / d)))
     if cfg.bench.faster_whisper and cfg.model.name_or_path == "fixture:whisper-base":
         variants.append(Variant("faster_whisper_int8", "ctranslate2", str(ct2_base_dir())))
     return variants

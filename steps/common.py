@@ -23,7 +23,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .config import RunConfig
 
@@ -110,12 +110,24 @@ def _device() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def _disk_full(exc: Optional[BaseException]) -> Optional[OSError]:
+    """The ENOSPC error behind exc, also when a library wrapped it (datasets, safetensors...)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _classify(exc: BaseException) -> tuple[bool, str]:
     """(retryable, message) for an exception raised by a step."""
     if isinstance(exc, StepError):
         return False, str(exc)
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return False, f"the disk is full ({exc}); free space or rent a machine with more disk (machine.vast.min_disk_gb)"
+    full = _disk_full(exc)
+    if full is not None:
+        return False, f"the disk is full ({full}); free space or rent a machine with more disk (machine.vast.min_disk_gb)"
     name = type(exc).__name__
     if "OutOfMemory" in name or "out of memory" in str(exc).lower():
         return False, f"out of memory: {exc}; lower train.per_device_batch_size or enable train.gradient_checkpointing"

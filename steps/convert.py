@@ -193,6 +193,49 @@ def _rewire_gather(graph, gather, wq_name: str, scale_name: str) -> None:
         graph.initializer.remove(next(i for i in graph.initializer if i.name == table_name))
 
 
+def share_tied_embedding_int4(model: onnx.ModelProto) -> bool:
+    """Let the int4 token embedding (GatherBlockQuantized) read the int4 output projection's blocks.
+
+    MatMulNBits stores proj_out as uint8 [vocab, K/block, block/2] (4-bit, low nibble first, zero
+    point 8) with scales [vocab, K/block]: exactly GatherBlockQuantized's packed uint8 layout with
+    bits=4. When both hold the same values (tied weights), one copy is dropped.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    attrs = lambda n: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
+    for g in [n for n in graph.node if n.op_type == "GatherBlockQuantized" and n.input[0] in inits
+              and inits[n.input[0]].data_type == onnx.TensorProto.INT4 and len(n.input) == 3]:
+        vocab, d = inits[g.input[0]].dims
+        ga = attrs(g)
+        for mm in (n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] in inits):
+            ma = attrs(mm)
+            if (ma["N"], ma["K"], ma.get("bits", 4), ma["block_size"]) != (vocab, d, 4, ga["block_size"]) \
+                    or (len(mm.input) > 3 and mm.input[3]) or mm.input[2] not in inits:
+                continue
+            packed = numpy_helper.to_array(inits[mm.input[1]]).reshape(vocab, -1)
+            values = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(vocab, -1)[:, :d].astype(np.int8) - 8
+            mm_scale = numpy_helper.to_array(inits[mm.input[2]]).reshape(vocab, -1)
+            g_scale = numpy_helper.to_array(inits[g.input[2]]).reshape(vocab, -1)
+            g_values = numpy_helper.to_array(inits[g.input[0]]).astype(np.int8)
+            rep = lambda sc: np.repeat(sc, ga["block_size"], axis=1)[:, :d]  # noqa: E731
+            if mm_scale.shape != g_scale.shape or \
+                    np.max(np.abs(values * rep(mm_scale) - g_values * rep(g_scale))) > np.max(np.abs(g_scale)) * 1.01:
+                continue  # not the same matrix
+            p = g.name or "tied_embedding_q4"
+            shape = numpy_helper.from_array(np.array([vocab, packed.shape[1]], dtype=np.int64), p + "_shape")
+            graph.initializer.append(shape)
+            reshape = onnx.helper.make_node("Reshape", [mm.input[1], shape.name], [p + "_packed"], name=p + "_reshape")
+            old = [g.input[0], g.input[2]]
+            g.input[0], g.input[2] = p + "_packed", mm.input[2]
+            g.attribute.append(onnx.helper.make_attribute("bits", 4))
+            graph.node.insert(list(graph.node).index(g), reshape)
+            for name in old:
+                if not any(name in n.input for n in graph.node):
+                    graph.initializer.remove(inits[name])
+            return True
+    return False
+
+
 def export(model_dir: Path, out_dir: Path) -> None:
     """Export a transformers Whisper to ONNX with KV cache (encoder, decoder, with-past, merged)."""
     from optimum.exporters.onnx import main_export
@@ -237,7 +280,7 @@ def quantize_int8(src: Path, dst: Path) -> bool:
     return shared
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int) -> None:
+def quantize_int4(src: Path, dst: Path, block_size: int) -> bool:
     """Weight-only int4: MatMulNBits (blocks along K) and GatherBlockQuantized for embeddings."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  MatMulNBitsQuantizer)
@@ -250,7 +293,9 @@ def quantize_int4(src: Path, dst: Path, block_size: int) -> None:
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(_load_folded(src), algo_config=config)
     quantizer.process()
+    shared = share_tied_embedding_int4(quantizer.model.model)
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
+    return shared
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -274,8 +319,7 @@ def quantize_dir(fp32_dir: Path, dst: Path, scheme: str, group_size: int) -> dic
         if scheme == "int8":
             return quantize_int8(src, out)
         if scheme == "int4":
-            quantize_int4(src, out, group_size)
-            return False
+            return quantize_int4(src, out, group_size)
         raise StepError(f"quant.scheme {scheme!r} is not supported: use int8 or int4")
 
     q(fp32_dir / ENCODER, dst / ENCODER)
@@ -286,7 +330,7 @@ def quantize_dir(fp32_dir: Path, dst: Path, scheme: str, group_size: int) -> dic
               all_tensors_to_one_file=True, location=MERGED + "_data", size_threshold=1024)
     shutil.rmtree(tmp)
     _copy_side_files(fp32_dir, dst)
-    return {"tied_embedding_int8": all(tied)}
+    return {"tied_embedding": all(tied)}
 
 
 def finish_fp32_dir(fp32_dir: Path) -> None:
@@ -359,7 +403,7 @@ def run(ctx: StepContext) -> dict:
         metrics["seconds"][q_name] = m["quantize_s"]
         metrics["ops"].update(m["ops"])
         metrics.setdefault("tensor_mb", {}).update(m["tensor_mb"])
-        metrics.setdefault("tied_embedding_int8", {})[q_name] = m["tied_embedding_int8"]
+        metrics.setdefault("tied_embedding", {})[q_name] = m["tied_embedding"]
         for name in (fp32_name, q_name):
             metrics["sizes_mb"][name] = onnx_size_mb(ctx.out / name)
             ctx.add_output(ctx.out / name)

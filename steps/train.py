@@ -227,6 +227,21 @@ def _read_history(path: Path, upto: int) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= upto]
 
 
+def save_final(out: Path, model, processor) -> Path:
+    """qat.convert, then save_pretrained model + processor into `out` through a temporary directory."""
+    model = qat.convert(model)
+    if model.is_gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.config.use_cache = True
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to("cpu").save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
 def run(ctx: StepContext) -> dict:
     from .models import load_model, load_processor
 
@@ -323,18 +338,7 @@ def run(ctx: StepContext) -> dict:
         if step % tc.save_every == 0 and step < total:
             save_checkpoint(ckpt_root, step, model, optimizer, scheduler, step * micro_per_step, chash)
 
-    model = qat.convert(model)
-    if tc.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
-    model.config.use_cache = True
-    out_model = ctx.out / "model"
-    tmp = ctx.out / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to("cpu").save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(out_model, ignore_errors=True)
-    os.replace(tmp, out_model)
-    ctx.add_output(out_model)
+    ctx.add_output(save_final(ctx.out / "model", model, processor))
     ctx.add_output(hist_path)
 
     evals = [r for r in history if "dev_wer" in r]

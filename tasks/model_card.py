@@ -34,8 +34,8 @@ def _fmt(x: Any, spec: str, suffix: str = "") -> str:
 
 def variants(scheme: str) -> list[tuple[str, str]]:
     """(variant name, label) rows of the results table, in reading order."""
-    return [("base_fp32", "baseline (fp32 ONNX)"), (f"base_ptq_{scheme}", f"PTQ {scheme} (baseline quantized, no QAT)"),
-            ("qat_fp32", "QAT model, fp32 export"), (f"qat_{scheme}", f"**QAT {scheme} (this model)**")]
+    return [("base_fp32", "baseline (fp32, PyTorch)"), (f"base_ptq_{scheme}", f"PTQ {scheme} (baseline quantized, no QAT)"),
+            ("qat_fp32", "QAT-trained model, fp32 (PyTorch)"), (f"qat_{scheme}", f"**QAT {scheme} (this model)**")]
 
 
 def _dataset(cfg: RunConfig) -> dict:
@@ -73,10 +73,11 @@ def _front_matter(cfg: RunConfig, metrics: dict) -> dict:
 def results_rows(cfg: RunConfig, metrics: dict) -> list[dict]:
     """Per variant: WER, CI, CER, size, latency, speed-up vs base_fp32; strings, 'not measured' when absent."""
     ev, be, cv = (metrics.get(k) or {} for k in ("evaluate", "bench", "convert"))
+    # Bench names variants as evaluate does (qat_fp32 = PyTorch); convert names its directories.
     sizes = {k: v for src in (cv.get("sizes_mb"), be.get("sizes_mb"), be.get("size_mb")) for k, v in (src or {}).items()
-             if _num(v) is not None}  # convert's sizes, then what bench measured (bench emits "size_mb")
+             if _num(v) is not None}  # later sources win: what bench measured per variant
     lat = be.get("latency_s") or {}
-    ref = _num(lat.get("base_fp32"))
+    ref = _num(lat.get("base_fp32")) or _num(lat.get("qat_fp32"))  # PyTorch fp32: the speed reference
     rows = []
     for name, label in variants(cfg.quant.scheme):
         ci = (ev.get("wer_ci") or {}).get(name)

@@ -27,7 +27,7 @@ def variant_rows(results: dict) -> list[dict]:
     be = (results.get("bench") or {}).get("metrics", {})
     wer, cer, ci = ev.get("wer", {}), ev.get("cer", {}), ev.get("wer_ci", {})
     sizes, lat = be.get("sizes_mb") or be.get("size_mb") or {}, be.get("latency_s", {})
-    ref = lat.get("base_fp32") or lat.get("pytorch_fp32")
+    ref = lat.get("base_fp32") or lat.get("qat_fp32")  # PyTorch fp32: the speed reference
     rows = []
     for v in sorted(set(wer) | set(sizes) | set(lat)):
         rows.append({

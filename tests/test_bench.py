@@ -47,7 +47,7 @@ def test_bench_step_measures_every_variant(bench_workdir):
     results = json.loads((bench_workdir / "bench" / "results.json").read_text())
     assert results["clips"] == 2 and results["decoding"]["forced_tokens"] == cfg.bench.forced_tokens
     v = results["variants"]
-    assert set(v) == {"pytorch_fp32", "qat_fp32", "qat_int8", "base_fp32", "base_ptq_int8"}
+    assert set(v) == {"qat_fp32", "qat_onnx_fp32", "qat_int8", "base_onnx_fp32", "base_ptq_int8"}
     for name, r in v.items():
         assert 0 < r["encoder_ms"] < 60_000 and 0 < r["decoder_ms_per_token"] < 10_000, name
         assert 0 < r["latency_s"] and r["rtf"] > 0 and r["clips_per_s"] > 0 and r["audio_s_per_s"] > 0, name

@@ -92,7 +92,7 @@ def test_int8_quantizes_encoder_decoder_and_proj_out_never_conv(converted_int8):
     tables = [i.name for i in merged.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 and i.dims[0] == vocab]
     assert not tables, tables
     metrics = json.loads((converted_int8 / "convert" / "result.json").read_text())["metrics"]
-    assert metrics["tied_embedding_int8"]["qat_int8"] is True
+    assert metrics["tied_embedding"]["qat_int8"] is True
 
 
 def test_fp32_export_matches_pytorch_and_int8_stays_close(converted_int8, tiny_model_dir, french_manifest):
@@ -126,6 +126,14 @@ def test_int4_has_4bit_weights_in_external_data(converted_int4):
             assert attrs["bits"] == 4 and attrs["block_size"] == 32 and attrs["accuracy_level"] == 4
         assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer), part
     assert list(d.glob("*.onnx_data")) or list(d.glob("*.onnx.data"))
+    # tied embedding: GatherBlockQuantized reads proj_out's packed 4-bit blocks, no second int4 table
+    merged = onnx.load(str(d / "decoder_model_merged.onnx"), load_external_data=False)
+    vocab = json.loads((d / "config.json").read_text())["vocab_size"]
+    tables = [i.name for i in merged.graph.initializer if i.data_type == onnx.TensorProto.INT4 and i.dims[0] == vocab]
+    assert not tables, tables
+    gbq = [n for n in _walk(merged.graph) if n.op_type == "GatherBlockQuantized"
+           and any(a.name == "bits" for a in n.attribute)]
+    assert len(gbq) == 2  # one per decoder branch
     sizes = {n: convert.onnx_size_mb(converted_int4 / n) for n in ("qat_fp32", "qat_int4")}
     assert sizes["qat_int4"] < 0.3 * sizes["qat_fp32"], sizes
     convert.check_quantized(d, "int4")

@@ -223,3 +223,23 @@ def test_onstart_script_quotes_the_key(tmp_path):
     subprocess.run(["bash", "-c", script], cwd=tmp_path, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, check=True)
     assert (tmp_path / ".ssh" / "authorized_keys").read_text() == key + "\n"  # idempotent
     assert not list(tmp_path.rglob("pwned*"))
+
+
+def test_a_full_disk_wrapped_by_a_library_is_deterministic_and_named():
+    """datasets (and others) wrap ENOSPC in their own error: still 'disk full', never retried."""
+    import errno
+
+    from steps.common import _classify
+
+    class DatasetGenerationError(Exception):
+        pass
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise DatasetGenerationError("An error occurred while generating the dataset") from e
+    except DatasetGenerationError as wrapped:
+        retryable, message = _classify(wrapped)
+    assert retryable is False and "disk is full" in message and "min_disk_gb" in message
+    assert _classify(RuntimeError("socket closed"))[0] is True

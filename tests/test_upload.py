@@ -318,5 +318,5 @@ def test_card_takes_sizes_from_convert_when_bench_did_not_measure_them():
     card = render_model_card(cfg, {"convert": {"sizes_mb": {"qat_int4": 123.456, "base_fp32": 987.65}},
                                    "bench": {"size_mb": {"qat_int4": None, "base_fp32": 990.04}}})
     rows = table(card)
-    assert rows["**QAT int4 (this model)**"][3] == "123.5" and rows["baseline (fp32 ONNX)"][3] == "990.0"
-    assert rows["QAT model, fp32 export"][3] == NOT_MEASURED
+    assert rows["**QAT int4 (this model)**"][3] == "123.5" and rows["baseline (fp32, PyTorch)"][3] == "990.0"
+    assert rows["QAT-trained model, fp32 (PyTorch)"][3] == NOT_MEASURED

@@ -243,7 +243,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def explain(r: dict) -> list[str]:
     """One line of figures per missed (or unmeasured) target."""
-    t, s, lat, m = r["targets"], r["sizes_mb"], r["latency_s"], r["machine"]
+    t, s, m = r["targets"], r["sizes_mb"], r["machine"]
     enc, dec, toks = r["encoder_ms"], r["decoder_ms_per_token"], r["mean_new_tokens"]
     lines = []
     for name, tt in t.items():

@@ -9,11 +9,11 @@ Writes <out>/audio/*.ogg and <out>/manifest.jsonl: {"id", "audio" (relative to t
 root), "text", "speaker", "split", "duration"}.
 
 Voices: whisper base hears espeak voices very differently (REFERENCE sec. 5). Measured here
-(converted whisper-base, greedy, 60 test clips, WER % per voice over ~30-80 words each):
-fr+m3 58, fr+f2 63, fr-ch+m1 74, fr-be 79, fr+m7 83, fr+f3 96, fr-be+f2 133 and fr+Denis 264
-(the last two sent the model into repetition loops: dropped). Re-measure with
-`python -m steps evaluate` on a prepare/ of this fixture and the utterances CSV, or
-scripts/verify_base_conversion.py (WER per voice).
+(converted whisper-base, greedy, max 128 new tokens, 60 test clips of an 8-voice draft, WER %
+per voice over 30-80 words each): fr+m3 58, fr+f2 63, fr-ch+m1 74, fr-be 79, fr+m7 83, fr+f3 96,
+fr-be+f2 133, fr+Denis 264; the last two were dropped. Loops are per clip, not per voice: on the
+6-voice fixture one fr-be clip loops (corpus WER 109.5 %, 84 % without it). Per-voice figures on
+so few words are noisy. Re-measure: evaluate's utterances_base_fp32.csv (ids end with the voice).
 """
 from __future__ import annotations
 

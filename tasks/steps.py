@@ -171,6 +171,10 @@ def run_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -> dict:
     # Whatever happened, bring home what the step produced (nothing produced is lost).
     fetch_outputs(m, step, local_work)
     if code != 0:
+        home_err = local_work / step / "error.json"
+        if error and not home_err.is_file():  # e.g. a full disk could not hold it: keep the STEP_ERROR report
+            home_err.parent.mkdir(parents=True, exist_ok=True)
+            home_err.write_text(json.dumps(error, indent=2))
         raise StepFailed(step, error.get("message", f"exit code {code}"), bool(error.get("retryable", code == 1)),
                          "\n".join(tail[-15:]))
     result = read_result(local_work, step)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -108,7 +107,7 @@ def act_drop_ssh(stack, run_id, notes):
 def act_preempt(stack, run_id, notes):
     """Preempt the instance once a checkpoint has been copied home."""
     inst = _remote_train_started(stack, run_id)
-    home = stack.runs_dir / f"chaos-preempt" / "work" / "train" / "checkpoints"
+    home = stack.runs_dir / "chaos-preempt" / "work" / "train" / "checkpoints"
     ckpt = wait_for(lambda: sorted(p.name for p in home.glob("step-*")), 600, 0.5, "a checkpoint copied home")
     stack.emu.set_faults(id=inst["id"], preempt_after_s=0)
     notes.update(preempted_instance=inst["id"], checkpoint_home_at_preemption=ckpt[-1], preempted_at=time.time())
@@ -195,6 +194,12 @@ def teardown_layer(stack: Stack, run_id: str, instances: list[dict], notes: dict
     return "unknown (no destroy task completed, no hook line)"
 
 
+def abandoned_usd(instances: list[dict], state_type: str) -> float:
+    """Dollars billed by machines that did not carry the run to its end (all of them if it did not end well)."""
+    keep = instances[-1]["id"] if state_type == "COMPLETED" and instances else None
+    return round(sum(i["cost"] for i in instances if i["id"] != keep), 6)
+
+
 def compare_weights(a: Path, b: Path) -> dict:
     from safetensors.numpy import load_file
 
@@ -254,6 +259,7 @@ def run_scenario(stack: Stack, sc: Scenario, baseline: Optional[dict]) -> dict:
            "instances": [{k: i[k] for k in ("id", "end_reason", "seconds", "cost")} for i in instances],
            "leaked": leaked, "lost_artifacts": missing, "cost_usd": cost,
            "wasted_usd": round(max(0.0, cost - baseline["cost_usd"]), 6) if baseline else None,
+           "abandoned_usd": abandoned_usd(instances, state.type.value),
            "teardown_by": teardown_layer(stack, run_id, instances, notes), "notes": notes, "errors": errors}
     ok_state = state.type.value in sc.expect and (sc.message.lower() in (state.message or "").lower())
     if sc.name == "preempt" and baseline:
@@ -289,14 +295,19 @@ def render(rows: list[dict], findings: list[str] = ()) -> str:
              f"Common overrides: `{json.dumps(COMMON)}`; interrupted runs use `train.max_steps: 400`.", "",
              f"**{ok}/{len(rows)} scenarios ended correctly; leaked instances: {sum(len(r['leaked']) for r in rows)}; "
              f"lost artifacts: {sum(len(r['lost_artifacts']) for r in rows)}.**", "",
-             "| scenario | fault | ended | correct | leaked | lost artifacts | cost $ | wasted $ | teardown by | s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| scenario | fault | ended | correct | leaked | lost artifacts | cost $ | beyond baseline $ | "
+             "abandoned machines $ | teardown by | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         wasted = "" if r["wasted_usd"] is None else f"{r['wasted_usd']:.4f}"
         lines.append(f"| {r['scenario']} | {r['fault']} | {r['final_state']} | {'yes' if r['ended_correctly'] else 'NO'} | "
                      f"{len(r['leaked'])} | {len(r['lost_artifacts'])} | {r['cost_usd']:.4f} | {wasted} | "
+                     f"{r.get('abandoned_usd', 0.0):.4f} | "
                      f"{r['teardown_by']} | {r['seconds']:.0f} |")
-    lines += ["", "Wasted $ = this run's ledger cost minus the baseline run's (0 when cheaper).", "", "## Details", ""]
+    lines += ["", "Cost = the emulator ledger's bill for the run's instances. Beyond baseline = that minus the clean "
+              "baseline run's bill (0 when cheaper; on a shared machine run times, hence bills, vary by about +-40 %). "
+              "Abandoned machines = the bill of instances that did not carry the run to a successful end "
+              "(stuck, preempted, killed, or all of them when the run failed by design).", "", "## Details", ""]
     for r in rows:
         lines.append(f"- **{r['scenario']}**: {r['final_state']}" + (f" - {r['reason']}" if r["reason"] else "")
                      + (f"; state message: {r['message'][:200]!r}" if r["message"] else ""))

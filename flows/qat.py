@@ -7,8 +7,8 @@ The machine is destroyed in a `finally` as soon as the remote work is over (gate
 report run from the outputs already copied home); `on_crashed` / `on_cancellation` hooks and the
 `reap` flow find it by its label if this process dies.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Prefect validates the flow's parameters from
+# its real annotations (a served flow fails on string annotations).
 import os
 import time
 from contextlib import nullcontext
@@ -27,7 +27,7 @@ from tasks.gate import quality_gate, upload_model
 from tasks.machine import destroy_machine, estimate_cost, push_code, rent_machine, setup_environment
 from tasks.report import publish_report
 from tasks.retry import is_transient
-from tasks.steps import run_step
+from tasks.steps import MachineLost, run_step
 from tasks.teardown import destroy_by_label, machine_alive
 
 GPU_LIMIT = "vast-gpus"
@@ -111,7 +111,7 @@ def qat(config: str = "int8",
                     _on_machine(cfg, lease, local_work, results, meter)
                     break
                 except Exception as exc:
-                    lost = is_transient(exc) and not machine_alive(lease)
+                    lost = isinstance(exc, MachineLost) or (is_transient(exc) and not machine_alive(lease))
                     if not lost or machine_no == MAX_MACHINES:
                         raise
                     log.warning("machine %s was lost (%s): renting another, resuming from what was copied home",

@@ -66,9 +66,9 @@ class CostMeter:
 
     def check_budget(self) -> None:
         if self.over_budget():
-            raise BudgetExceeded(f"budget cap crossed: ${self.total_usd():.2f} spent on {self.label or 'the machine'} "
+            raise BudgetExceeded(f"budget cap crossed: ${self.total_usd():.4f} spent on {self.label or 'the machine'} "
                                  f"(${self.dph:.3f}/h for {self.elapsed_s() / 3600:.2f} h), machine.max_cost_usd is "
-                                 f"${self.max_cost_usd:.2f}; tear the machine down")
+                                 f"${self.max_cost_usd:.4f}; tear the machine down")
 
     def as_rows(self) -> list[dict]:
         """Plain rows for a table artifact: each step, the time outside steps, and the total."""

@@ -51,7 +51,8 @@ def forget_machine(lease: Lease) -> None:
             pass
 
 
-@task(name="estimate cost")
+@task(name="estimate cost", retries=3, retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_transient)
 def estimate_cost(cfg: RunConfig) -> dict:
     """The price of the cheapest matching offer times the planned hours, before anything is rented."""
     est = provision.estimate_cost(cfg, api_key=secrets.vast_api_key(), server_url=secrets.vast_url())

@@ -13,15 +13,23 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
 from infra.cost import CostMeter
-from infra.machine import Lease, Machine
+from infra.machine import Lease, Machine, TransientMachineError
 from steps.common import config_hash, is_done, read_result
 from steps.config import RunConfig
 
-from .machine import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, machine_for, remote_python
+from .machine import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, forget_machine, machine_for, remote_python
 from .retry import StepFailed, retry_transient
+from .teardown import machine_alive
 
 # Outputs too big to be worth copying home: they are re-derived on a new machine.
 NOT_COPIED_BACK = {"prepare": ("train", "dev", "test")}
+
+
+class MachineLost(RuntimeError):
+    """The machine stopped answering and the provider no longer runs it (preempted, vanished):
+    retrying on it is pointless; the flow rents another one and resumes."""
+
+    retryable = False
 
 
 def check_budget(lease: Lease, cfg: RunConfig) -> None:
@@ -132,7 +140,6 @@ def run_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -> dict:
         log.info("%s already done for config hash %s: skipped", step, config_hash(cfg, step))
         return read_result(local_work, step)
     check_budget(lease, cfg)
-    m = machine_for(lease, cfg)
     argv = [remote_python(lease, cfg), "-m", "steps", step, "--config", f"../{Path(REMOTE_CONFIG).name}",
             "--workdir", f"../{Path(REMOTE_WORK).name}"]
     if step == "train":
@@ -163,13 +170,19 @@ def run_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -> dict:
     if sync:
         sync.__enter__()
     try:
+        m = machine_for(lease, cfg)
         code = m.run(argv, cwd=REMOTE_CODE, env={"PYTHONUNBUFFERED": "1"}, on_line=on_line,
                      timeout=cfg.machine.step_timeout_s, check=False)
+        # Whatever happened, bring home what the step produced (nothing produced is lost).
+        fetch_outputs(m, step, local_work)
+    except TransientMachineError as exc:
+        forget_machine(lease)  # a retry starts from a fresh connection
+        if not machine_alive(lease):  # do not spend retries waiting on a machine that is gone
+            raise MachineLost(f"machine {lease.label} is gone ({exc.__class__.__name__}: {exc})") from None
+        raise
     finally:
         if sync:
             sync.__exit__(None, None, None)
-    # Whatever happened, bring home what the step produced (nothing produced is lost).
-    fetch_outputs(m, step, local_work)
     if code != 0:
         home_err = local_work / step / "error.json"
         if error and not home_err.is_file():  # e.g. a full disk could not hold it: keep the STEP_ERROR report

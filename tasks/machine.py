@@ -87,10 +87,10 @@ def push_code(lease: Lease, cfg: RunConfig, local_work: Path) -> dict:
     m.put(REPO_ROOT, REMOTE_CODE, include=DEFAULT_INCLUDE)
     m.run(["mkdir", "-p", REMOTE_WORK])
     m.write_text(REMOTE_CONFIG, cfg.to_yaml())
-    from .steps import NOT_COPIED_BACK  # their bulk stayed on the lost machine: they run again here
+    from .steps import REDERIVED  # their bulk stayed on the lost machine: they run again here
 
     restored = [p.name for p in sorted(local_work.iterdir())
-                if p.is_dir() and p.name not in NOT_COPIED_BACK] if local_work.is_dir() else []
+                if p.is_dir() and p.name not in REDERIVED and not p.name.startswith(".")] if local_work.is_dir() else []
     if restored:
         m.put(local_work, REMOTE_WORK, include=restored, respect_gitignore=False)
         log.info("restored earlier outputs on the machine: %s", ", ".join(restored))

@@ -21,8 +21,11 @@ from .machine import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, forget_machine, ma
 from .retry import StepFailed, retry_transient
 from .teardown import machine_alive
 
-# Outputs too big to be worth copying home: they are re-derived on a new machine.
-NOT_COPIED_BACK = {"prepare": ("train", "dev", "test")}
+# Bulky outputs not copied home once a step succeeded: prepare's datasets (re-derived on a new
+# machine, so prepare always runs there again) and train's checkpoints (the final model supersedes
+# them; while training runs, the newest one is copied home by _CheckpointSync).
+BULK = {"prepare": ("train", "dev", "test"), "train": ("checkpoints",)}
+REDERIVED = ("prepare",)
 
 
 class MachineLost(RuntimeError):
@@ -111,22 +114,23 @@ class _CheckpointSync:
         self.log.info("checkpoint %s copied home", newest)
 
 
-def fetch_outputs(m: Machine, step: str, local_work: Path) -> None:
-    """Bring a step's outputs home (result.json always; bulky re-derivable data never)."""
-    dest = local_work / step
-    skip = NOT_COPIED_BACK.get(step)
-    if skip:
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in ("result.json", "error.json"):
-            if m.exists(f"{REMOTE_WORK}/{step}/{name}"):
-                m.get(f"{REMOTE_WORK}/{step}/{name}", dest / name)
-        return
-    keep_ckpts = dest / "checkpoints"
+def fetch_outputs(m: Machine, step: str, local_work: Path, succeeded: bool) -> None:
+    """Bring a step's outputs home: everything after a failure (nothing produced is lost), all
+    but its BULK after a success."""
+    remote, dest = f"{REMOTE_WORK}/{step}", local_work / step
+    skip = set(BULK.get(step, ())) if succeeded or step in REDERIVED else set()
     tmp = local_work / f".{step}.incoming"
     shutil.rmtree(tmp, ignore_errors=True)
-    m.get(f"{REMOTE_WORK}/{step}", tmp)
-    if keep_ckpts.is_dir() and not (tmp / "checkpoints").is_dir():
-        keep_ckpts.rename(tmp / "checkpoints")
+    if skip:
+        names: list[str] = []
+        m.run(["ls", "-1A", remote], on_line=lambda x: names.append(x.strip()), check=False)
+        tmp.mkdir(parents=True)
+        for name in (n for n in names if n and n not in skip):
+            m.get(f"{remote}/{name}", tmp / name)
+    else:
+        m.get(remote, tmp)
+    if (dest / "checkpoints").is_dir() and not (tmp / "checkpoints").exists():
+        (dest / "checkpoints").rename(tmp / "checkpoints")  # keep what _CheckpointSync brought home
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 
@@ -136,7 +140,7 @@ def fetch_outputs(m: Machine, step: str, local_work: Path) -> None:
 def run_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -> dict:
     """Run `python -m steps <step>` on the machine, streaming its lines into the Prefect logs."""
     log = get_run_logger()
-    if is_done(cfg, local_work, step) and step not in NOT_COPIED_BACK:  # those must exist on this machine
+    if is_done(cfg, local_work, step) and step not in REDERIVED:  # those must exist on this machine
         log.info("%s already done for config hash %s: skipped", step, config_hash(cfg, step))
         return read_result(local_work, step)
     check_budget(lease, cfg)
@@ -171,18 +175,18 @@ def run_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -> dict:
         sync.__enter__()
     try:
         m = machine_for(lease, cfg)
-        code = m.run(argv, cwd=REMOTE_CODE, env={"PYTHONUNBUFFERED": "1"}, on_line=on_line,
-                     timeout=cfg.machine.step_timeout_s, check=False)
-        # Whatever happened, bring home what the step produced (nothing produced is lost).
-        fetch_outputs(m, step, local_work)
+        try:
+            code = m.run(argv, cwd=REMOTE_CODE, env={"PYTHONUNBUFFERED": "1"}, on_line=on_line,
+                         timeout=cfg.machine.step_timeout_s, check=False)
+        finally:
+            if sync:
+                sync.__exit__(None, None, None)
+        fetch_outputs(m, step, local_work, succeeded=code == 0)
     except TransientMachineError as exc:
         forget_machine(lease)  # a retry starts from a fresh connection
         if not machine_alive(lease):  # do not spend retries waiting on a machine that is gone
             raise MachineLost(f"machine {lease.label} is gone ({exc.__class__.__name__}: {exc})") from None
         raise
-    finally:
-        if sync:
-            sync.__exit__(None, None, None)
     if code != 0:
         home_err = local_work / step / "error.json"
         if error and not home_err.is_file():  # e.g. a full disk could not hold it: keep the STEP_ERROR report

@@ -46,7 +46,7 @@ def test_budget_cap():
     meter.check_budget()
     clock.t += 2
     assert meter.over_budget()
-    with pytest.raises(BudgetExceeded, match=r"\$1.00 spent on qat-y.*max_cost_usd is \$1.00"):
+    with pytest.raises(BudgetExceeded, match=r"\$1.0006 spent on qat-y.*max_cost_usd is \$1.0000"):
         meter.check_budget()
 
 

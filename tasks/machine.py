@@ -22,6 +22,8 @@ REMOTE_ROOT = "qat"
 REMOTE_CODE = f"{REMOTE_ROOT}/code"
 REMOTE_WORK = f"{REMOTE_ROOT}/work"
 REMOTE_CONFIG = f"{REMOTE_ROOT}/run.yaml"
+# Steps whose bulk is never copied home: a new machine runs them again.
+REDERIVED = ("prepare",)
 
 _connections: dict[str, Machine] = {}
 _lock = threading.Lock()
@@ -87,8 +89,6 @@ def push_code(lease: Lease, cfg: RunConfig, local_work: Path) -> dict:
     m.put(REPO_ROOT, REMOTE_CODE, include=DEFAULT_INCLUDE)
     m.run(["mkdir", "-p", REMOTE_WORK])
     m.write_text(REMOTE_CONFIG, cfg.to_yaml())
-    from .steps import REDERIVED  # their bulk stayed on the lost machine: they run again here
-
     restored = [p.name for p in sorted(local_work.iterdir())
                 if p.is_dir() and p.name not in REDERIVED and not p.name.startswith(".")] if local_work.is_dir() else []
     if restored:

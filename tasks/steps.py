@@ -17,7 +17,8 @@ from infra.machine import Lease, Machine, TransientMachineError
 from steps.common import config_hash, is_done, read_result
 from steps.config import RunConfig
 
-from .machine import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, forget_machine, machine_for, remote_python
+from .machine import (REDERIVED, REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, forget_machine, machine_for,
+                      remote_python)
 from .retry import StepFailed, retry_transient
 from .teardown import machine_alive
 
@@ -25,7 +26,6 @@ from .teardown import machine_alive
 # machine, so prepare always runs there again) and train's checkpoints (the final model supersedes
 # them; while training runs, the newest one is copied home by _CheckpointSync).
 BULK = {"prepare": ("train", "dev", "test"), "train": ("checkpoints",)}
-REDERIVED = ("prepare",)
 
 
 class MachineLost(RuntimeError):
@@ -66,23 +66,22 @@ class _CheckpointSync:
 
     def __init__(self, lease: Lease, cfg: RunConfig, local_work: Path, every_s: float, log):
         self.lease, self.cfg, self.local, self.every, self.log = lease, cfg, local_work, every_s, log
-        self.stop = threading.Event()
+        self.stopping = threading.Event()
         self.synced: Optional[str] = None
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self):
+    def start(self) -> None:
         self.thread.start()
-        return self
 
-    def __exit__(self, *exc):
-        self.stop.set()
+    def stop(self) -> None:
+        self.stopping.set()
         self.thread.join(timeout=60)
 
     def _loop(self):
         from infra import provision
 
         m: Optional[Machine] = None
-        while not self.stop.wait(self.every):
+        while not self.stopping.wait(self.every):
             try:
                 m = m or provision.connect(self.lease, timeout=self.cfg.machine.ssh_timeout_s)
                 self.sync(m)
@@ -172,7 +171,7 @@ def run_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -> dict:
     sync = (_CheckpointSync(lease, cfg, local_work, cfg.machine.checkpoint_sync_every_s, log)
             if step == "train" else None)
     if sync:
-        sync.__enter__()
+        sync.start()
     try:
         m = machine_for(lease, cfg)
         try:
@@ -180,7 +179,7 @@ def run_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -> dict:
                          timeout=cfg.machine.step_timeout_s, check=False)
         finally:
             if sync:
-                sync.__exit__(None, None, None)
+                sync.stop()
         fetch_outputs(m, step, local_work, succeeded=code == 0)
     except TransientMachineError as exc:
         forget_machine(lease)  # a retry starts from a fresh connection

@@ -101,6 +101,8 @@ def _numbers(text: str) -> str:
 def normalize_french(text: str) -> str:
     """Normalize one transcript (reference or hypothesis) for scoring."""
     text = unicodedata.normalize("NFKC", text or "")
+    # Digits outside Unicode's decimal class (e.g. Tai Tham U+19DA) are read as their digit value.
+    text = "".join(str(unicodedata.digit(c)) if c.isdigit() and not c.isdecimal() else c for c in text)
     text = re.sub(r"\[[^\]]*\]|<[^>]*>", " ", text)
     for pattern, words in _TITLES:
         text = re.sub(pattern, words, text)

@@ -90,6 +90,8 @@ class TrainConfig(Strict):
     save_every: int = Field(default=500, gt=0)
     gradient_checkpointing: bool = True
     freeze_encoder: bool = False
+    encoder_cache_mb: float = Field(default=2048, ge=0, description="memory a frozen encoder's cached outputs "
+                                    "may take (computed once per clip instead of every step); 0: no cache")
     seed: int = 42
     # "auto": bf16 on CUDA, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp32"] = "auto"

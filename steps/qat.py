@@ -11,8 +11,10 @@ grids differ from torchao's recipes (REFERENCE section 3):
 
 * int8 = ORT `quantize_dynamic`: weights per output channel, symmetric, scale max|w|/127
   (torchao: /127.5); activations `DynamicQuantizeLinear`: one asymmetric uint8 range per tensor,
-  widened to include 0 (torchao: per token). At inference a tensor is one utterance, so the
-  activation range is taken per batch element here.
+  widened to include 0 (torchao: per token). The range follows what one ORT call sees at
+  inference: the encoder runs once per utterance (one range per utterance, as do the decoder's
+  cross-attention k/v projections of the encoder states); the decoder generates one token per
+  call with its KV cache, so its other Linears get one range per token.
 * int4 = ORT `MatMulNBits` (symmetric, blocks of `group_size` along the input dimension): the
   element of largest magnitude m in a block maps to -8 with scale m / -8, the rest round into
   [-8, 7] (torchao: max|w|/7.5, symmetric).
@@ -58,15 +60,14 @@ def _int4_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return (q * scale).view(out_f, -1)[:, :in_f].to(w.dtype)
 
 
-def _uint8_activation(x: torch.Tensor) -> torch.Tensor:
+def _uint8_activation(x: torch.Tensor, per_token: bool = False) -> torch.Tensor:
     xf = x.float()
-    flat = xf.reshape(xf.shape[0] if xf.dim() > 1 else 1, -1)
-    lo, hi = flat.amin(dim=1).clamp(max=0), flat.amax(dim=1).clamp(min=0)
+    dims = tuple(range(xf.dim() - 1 if per_token else min(1, xf.dim() - 1), xf.dim()))
+    lo = xf.amin(dim=dims, keepdim=True).clamp(max=0)
+    hi = xf.amax(dim=dims, keepdim=True).clamp(min=0)
     scale = (hi - lo) / 255.0
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     zp = torch.clamp(torch.round(-lo / scale), 0, 255)
-    shape = (-1,) + (1,) * (xf.dim() - 1) if xf.dim() > 1 else (1,)
-    scale, zp = scale.view(shape), zp.view(shape)
     return ((torch.clamp(torch.round(xf / scale) + zp, 0, 255) - zp) * scale).to(x.dtype)
 
 
@@ -80,28 +81,29 @@ def fake_quant_weight_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return _StraightThrough.apply(w, lambda t: _int4_weight(t, group_size))
 
 
-def fake_quant_act_uint8(x: torch.Tensor) -> torch.Tensor:
-    """ORT DynamicQuantizeLinear: asymmetric uint8, range includes 0, one range per batch element."""
-    return _StraightThrough.apply(x, _uint8_activation)
+def fake_quant_act_uint8(x: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    """ORT DynamicQuantizeLinear: asymmetric uint8, range includes 0, one range per batch element
+    (or per token: per vector along the last dimension)."""
+    return _StraightThrough.apply(x, lambda t: _uint8_activation(t, per_token))
 
 
 class FakeQuantLinear(nn.Linear):
     """nn.Linear that trains through ORT's int8 (W8A8 dynamic) or int4 (weight-only) rounding."""
 
-    def __init__(self, linear: nn.Linear, scheme: str, group_size: int = 32):
+    def __init__(self, linear: nn.Linear, scheme: str, group_size: int = 32, per_token: bool = False):
         if scheme not in ("int8", "int4"):
             raise StepError(f"quant.scheme must be 'int8' or 'int4', got {scheme!r}")
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: nothing copied
-        self.scheme, self.group_size = scheme, group_size
+        self.scheme, self.group_size, self.per_token = scheme, group_size, per_token
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
         if self.scheme == "int8":
-            return F.linear(fake_quant_act_uint8(x), fake_quant_weight_int8(self.weight), self.bias)
+            return F.linear(fake_quant_act_uint8(x, self.per_token), fake_quant_weight_int8(self.weight), self.bias)
         return F.linear(x, fake_quant_weight_int4(self.weight, self.group_size), self.bias)
 
     def to_linear(self) -> nn.Linear:
@@ -111,7 +113,7 @@ class FakeQuantLinear(nn.Linear):
         return lin
 
     def extra_repr(self) -> str:
-        extra = f", group_size={self.group_size}" if self.scheme == "int4" else ""
+        extra = f", group_size={self.group_size}" if self.scheme == "int4" else f", per_token={self.per_token}"
         return super().extra_repr() + f", scheme={self.scheme}{extra}"
 
 
@@ -128,11 +130,14 @@ def prepare(model: nn.Module, quant: QuantConfig) -> int:
     if count_fake_quant(model):
         raise StepError("QAT prepare: the model is already prepared (it holds FakeQuantLinear layers)")
     n = 0
-    for layers in _blocks(model):
-        for parent in layers.modules():
+    encoder_layers, decoder_layers = _blocks(model)
+    for layers in (encoder_layers, decoder_layers):
+        for parent_name, parent in layers.named_modules():
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
-                    setattr(parent, name, FakeQuantLinear(child, quant.scheme, quant.group_size))
+                    per_token = layers is decoder_layers and not (
+                        parent_name.endswith("encoder_attn") and name in ("k_proj", "v_proj"))
+                    setattr(parent, name, FakeQuantLinear(child, quant.scheme, quant.group_size, per_token))
                     n += 1
     if n == 0:
         raise StepError("QAT prepare found no nn.Linear in model.model.encoder/decoder.layers: refusing "

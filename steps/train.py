@@ -64,7 +64,39 @@ class _Rows(torch.utils.data.Dataset):
         out = torch.full((len(labels), max(len(l) for l in labels)), self.pad_id, dtype=torch.long)
         for i, l in enumerate(labels):
             out[i, :len(l)] = torch.tensor(l)
-        return {"input_features": feats, "labels": out}
+        return {"input_features": feats, "labels": out, "rows": idx}
+
+
+class EncoderCache:
+    """Outputs of a frozen encoder, computed once per training clip and reused every epoch.
+
+    Exact: a frozen encoder (fake quantization included) is a fixed function when it has no
+    dropout, so only the decoder's forward and backward run after the first epoch.
+    """
+
+    def __init__(self, encoder: torch.nn.Module):
+        self.encoder, self.outputs = encoder, {}
+
+    @staticmethod
+    def budget_mb(model, n_clips: int, dtype: torch.dtype) -> float:
+        c = model.config
+        return n_clips * c.max_source_positions * c.d_model * torch.finfo(dtype).bits / 8 / 2**20
+
+    @staticmethod
+    def exact_for(model) -> bool:
+        c = model.config
+        no_dropout = all(getattr(c, k, 0) == 0 for k in ("dropout", "attention_dropout", "activation_dropout",
+                                                         "encoder_layerdrop"))
+        return no_dropout and not getattr(c, "apply_spec_augment", False)
+
+    @torch.no_grad()
+    def __call__(self, rows: list[int], feats: torch.Tensor) -> torch.Tensor:
+        todo = [i for i, r in enumerate(rows) if r not in self.outputs]
+        if todo:
+            hidden = self.encoder(feats[todo]).last_hidden_state
+            for i, h in zip(todo, hidden):
+                self.outputs[rows[i]] = h.clone()
+        return torch.stack([self.outputs[r] for r in rows])
 
 
 def _loader(rows: _Rows, batches, num_workers: int, pin: bool):
@@ -265,6 +297,15 @@ def run(ctx: StepContext) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.to(device).train()
+    cache = None
+    if tc.freeze_encoder and EncoderCache.exact_for(model):
+        need = EncoderCache.budget_mb(model, len(train_ds), amp_dtype or torch.float32)
+        if need <= tc.encoder_cache_mb:
+            cache = EncoderCache(model.model.encoder)
+            ctx.log(f"frozen encoder: its outputs are computed once per clip and cached ({need:.0f} MB)")
+        else:
+            ctx.log(f"frozen encoder: caching its outputs would take {need:.0f} MB > train.encoder_cache_mb "
+                    f"{tc.encoder_cache_mb}; it runs every step")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.learning_rate,
                                   fused=device.type == "cuda")
@@ -316,7 +357,10 @@ def run(ctx: StepContext) -> dict:
             batch = next(stream)
             feats, labels = batch["input_features"].to(device), batch["labels"].to(device)
             with _autocast(device, amp_dtype):
-                loss = model(input_features=feats, labels=labels).loss
+                if cache is not None:
+                    loss = model(encoder_outputs=(cache(batch["rows"], feats),), labels=labels).loss
+                else:
+                    loss = model(input_features=feats, labels=labels).loss
             (loss / micro_per_step).backward()
             loss_sum += float(loss.detach())
             samples += len(labels)

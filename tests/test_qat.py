@@ -157,6 +157,18 @@ def test_int8_activation_grid_matches_ort_dynamic_quantize_linear():
     x[2] = np.abs(x[2])  # an all-positive tensor: ORT widens the range to include 0
     expected = np.stack([sess.run(None, {"X": xi})[0] for xi in x])  # one range per utterance
     np.testing.assert_array_equal(qat.fake_quant_act_uint8(torch.from_numpy(x)).numpy(), expected)
+    per_token = np.stack([np.stack([sess.run(None, {"X": t[None].repeat(7, 0)})[0][0] for t in xi]) for xi in x])
+    np.testing.assert_array_equal(qat.fake_quant_act_uint8(torch.from_numpy(x), per_token=True).numpy(), per_token)
+
+
+def test_decoder_self_side_ranges_are_per_token_like_cached_generation():
+    model = tiny_whisper()
+    qat.prepare(model, QuantConfig(scheme="int8"))
+    layer = lambda m: {n: l.per_token for n, l in m.named_modules() if isinstance(l, qat.FakeQuantLinear)}
+    assert not any(layer(model.model.encoder).values())
+    dec = layer(model.model.decoder)
+    assert {n for n, t in dec.items() if not t} == {f"layers.{i}.encoder_attn.{p}" for i in range(DEC_LAYERS)
+                                                   for p in ("k_proj", "v_proj")}
 
 
 @pytest.mark.parametrize("k", [96, 100])  # 100: a last, partial block

@@ -148,3 +148,33 @@ def test_data_order_is_seeded_and_covers_each_epoch():
     assert sorted(sum(first[:3], [])) == list(range(7)) == sorted(sum(first[3:], []))
     assert first[:3] != first[3:]  # a new order each epoch
     assert b.indices(4) == first[4]  # random access (resume) gives the same batch
+
+
+def test_frozen_encoder_outputs_are_cached_without_changing_the_training(tmp_path):
+    """Two epochs with the encoder run once per clip train the same decoder as running it every step."""
+    runs = {}
+    for cache_mb in (0, 64):
+        work = tmp_path / f"cache{cache_mb}"
+        make_prepared(work)
+        ctx = context(work, freeze_encoder=True, max_steps=6, eval_every=100, save_every=100, encoder_cache_mb=cache_mb)
+        calls = []
+        logged = []
+        ctx.log = logged.append
+        encoded = []
+        real_call, real_qat = train.EncoderCache.__call__, train.qat.prepare
+        train.EncoderCache.__call__ = lambda self, rows, feats: calls.append(list(rows)) or real_call(self, rows, feats)
+
+        def prepare(model, quant):  # count the clips the encoder really runs on
+            model.model.encoder.register_forward_hook(lambda m, args, out: encoded.append(len(out[0])))
+            return real_qat(model, quant)
+        train.qat.prepare = prepare
+        try:
+            train.run(ctx)
+        finally:
+            train.EncoderCache.__call__, train.qat.prepare = real_call, real_qat
+        runs[cache_mb] = load_file(work / "train/model/model.safetensors")
+        assert any(("cached" in line) == bool(cache_mb) for line in logged)
+        assert len(calls) == (6 if cache_mb else 0)  # 3 micro-batches per epoch, 2 epochs
+        assert sum(encoded) == 2 * 3 + (6 if cache_mb else 12)  # two dev evaluations of 3 clips + training
+    for k in runs[0]:
+        torch.testing.assert_close(runs[64][k], runs[0][k], rtol=0, atol=1e-5, msg=k)

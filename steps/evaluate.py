@@ -21,7 +21,10 @@ from .common import StepContext, StepError
 from .inference import load_variant
 from .normalize import normalize_french
 
-BATCH_SIZE = 8
+# Clips per generate call. ONNX models get one clip per call, as served: their int8 activations
+# are quantized with one dynamic range per call (ORT DynamicQuantizeLinear), so a batch would let
+# one clip's outliers coarsen its neighbours' quantization, which QAT did not train for.
+BATCH_SIZE = {"pytorch": 8, "onnx": 1}
 
 
 @dataclass
@@ -138,15 +141,17 @@ def run(ctx: StepContext) -> dict:
     threads = max(1, os.cpu_count() or 1)
     metrics: dict = {"wer": {}, "cer": {}, "wer_ci": {}, "cer_ci": {}, "n_utterances": len(test),
                      "variants": {}, "missing": missing}
-    n_batches = -(-len(audios) // BATCH_SIZE)
-    for vi, (name, path, kind) in enumerate(variants):
+    done, total = 0, len(variants) * len(audios)
+    for name, path, kind in variants:
         ctx.log(f"{name}: transcribing {len(audios)} clips with {kind} model {path}")
         t = load_variant(path, kind, threads=threads, device=device if kind == "pytorch" else "cpu",
                          language=cfg.model.language, task=cfg.model.task)
         hyps: list[str] = []
-        for b in range(n_batches):
-            hyps += t.transcribe(audios[b * BATCH_SIZE:(b + 1) * BATCH_SIZE], cfg.eval.max_new_tokens, BATCH_SIZE)
-            ctx.progress(vi * n_batches + b + 1, len(variants) * n_batches, variant=name)
+        bs = BATCH_SIZE[kind]
+        for start in range(0, len(audios), bs):
+            hyps += t.transcribe(audios[start:start + bs], cfg.eval.max_new_tokens, bs)
+            done += len(audios[start:start + bs])
+            ctx.progress(done, total, variant=name)
         del t
         gc.collect()
         hyps_n = [normalize_french(h) for h in hyps]

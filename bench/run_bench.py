@@ -169,6 +169,7 @@ def collect(work: Path, speed: dict) -> dict:
             out["wer"][name], out["cer"][name] = src["wer"][key], src["cer"][key]
             out["wer_ci"][name] = src.get("wer_ci", {}).get(key)
     out["gates"] = {"int8": e8.get("gate"), "int4": e4.get("gate")}
+    out["eval_clips"] = e8.get("n_utterances")
     out["tensor_mb_by_dtype"] = {k: tensor_mb_by_dtype(Path(v[k]["path"])) for k in ("onnx_fp32", "onnx_int8", "onnx_int4") if k in v}
     out["targets"] = targets(out)
     out["speed_pass"] = speed
@@ -262,15 +263,24 @@ def explain(r: dict) -> list[str]:
                          f"{sum(v for k, v in by.items() if k not in ('float32', 'largest_float')):.1f} MB.")
         elif name.startswith("int8_speedup"):
             ref = "pytorch_fp32" if name.endswith("pytorch") else "faster_whisper_int8"
+            lat = r["latency_s"]
+
+            def split(v):  # "latency ms = encoder + tokens x ms/token + rest"
+                total, e, d, n = 1000 * lat[v], enc[v], dec[v], toks[v]
+                return f"{total:.0f} ms = encoder {e:.0f} + {n:.1f} tokens x {d:.2f} ms + {total - e - n * d:.0f} other"
+
+            cpu = ("this CPU has int8 dot-product instructions (VNNI), so the fp32 remainder bounds the gain"
+                   if m["int8_dot_product"] else "this CPU has no int8 dot-product instructions (VNNI/AMX): int8 "
+                   "GEMMs run on AVX2 16-bit multiply-adds, at best about 2x fp32 FMA throughput")
             lines.append(
-                f"- `{name}` = {tt['value']} < {tt['limit']}: encoder {_fmt(enc.get('onnx_int8'))} ms vs "
-                f"{_fmt(enc.get(ref))} ms ({ref}), decoder {_fmt(dec.get('onnx_int8'), 2)} vs {_fmt(dec.get(ref), 2)} ms/token, "
-                f"mean new tokens {_fmt(toks.get('onnx_int8'))} vs {_fmt(toks.get(ref))}; ONNX fp32 encoder "
-                f"{_fmt(enc.get('onnx_fp32'))} ms, so int8 buys x{_fmt(_ratio(enc.get('onnx_fp32'), enc.get('onnx_int8')), 2)} "
-                f"on the encoder and x{_fmt(_ratio(dec.get('onnx_fp32'), dec.get('onnx_int8')), 2)} per decoder token over "
-                f"ONNX fp32. CPU int8 dot-product instructions (VNNI/AMX): {'yes' if m['int8_dot_product'] else 'no'} "
-                f"({', '.join(m['simd'])}); without them int8 GEMMs run on AVX2 16-bit multiply-adds, at best about "
-                f"2x fp32 FMA throughput. Load average {m['load_avg_1m']} on {m['cores']} cores at report time.")
+                f"- `{name}` = {tt['value']} < {tt['limit']}: {tt['limit']}x needs onnx_int8 at "
+                f"{1000 * lat[ref] / tt['limit']:.0f} ms per clip. onnx_int8: {split('onnx_int8')}; {ref}: {split(ref)}. "
+                f"The encoder, {100 * enc['onnx_int8'] / (1000 * lat['onnx_int8']):.0f} % of the int8 time, gains "
+                f"x{_fmt(_ratio(enc.get(ref), enc.get('onnx_int8')), 2)} over {ref} "
+                f"(x{_fmt(_ratio(enc.get('onnx_fp32'), enc.get('onnx_int8')), 2)} over ONNX fp32; decoder tokens "
+                f"x{_fmt(_ratio(dec.get('onnx_fp32'), dec.get('onnx_int8')), 2)}): int8 covers the MatMuls, while the "
+                f"encoder's two convolutions, softmax, GELU and layer norms stay fp32; {cpu}. Load average "
+                f"{m['load_avg_1m']} on {m['cores']} cores at report time.")
         else:
             ci = r.get("wer_ci", {})
             lines.append(f"- `{name}` = {tt['value']} points (limit {tt['rule']} {tt['limit']}): WER qat_fp32 "
@@ -284,8 +294,8 @@ def render_report(r: dict, gpu: dict | None) -> str:
     m, sp = r["machine"], r.get("speed_pass", {})
     dec = sp.get("decoding", {})
     variants = ["pytorch_fp32", "onnx_fp32", "onnx_int8", "onnx_int4", "faster_whisper_int8"]
-    speed_rows = [[v, r["sizes_mb"].get(v), r["latency_s"].get(v), r["rtf"].get(v), r["encoder_ms"].get(v),
-                   r["decoder_ms_per_token"].get(v), r["mean_new_tokens"].get(v), r["peak_rss_mb"].get(v)]
+    speed_rows = [[v, r["sizes_mb"].get(v), _fmt(r["latency_s"].get(v), 3), _fmt(r["rtf"].get(v), 3), r["encoder_ms"].get(v),
+                   _fmt(r["decoder_ms_per_token"].get(v), 2), r["mean_new_tokens"].get(v), r["peak_rss_mb"].get(v)]
                   for v in variants if v in r["latency_s"]]
     wer_rows = [[k, r["wer"][k], r["cer"].get(k), _ci(r["wer_ci"].get(k))] for k in r["wer"]]
     tgt_rows = [[k, t["description"], f"{t['rule']} {t['limit']}", _fmt(t["value"], 3),
@@ -318,6 +328,10 @@ def render_report(r: dict, gpu: dict | None) -> str:
         "## Accuracy (test split, normalized text, percent)",
         "",
         _table(["variant", "WER", "CER", "WER 95% CI"], wer_rows) if wer_rows else "No evaluation results found.",
+        "",
+        f"{r.get('eval_clips') or 'n/a'} test clips, greedy; ONNX variants transcribe one clip per call, as served "
+        "(int8 activation ranges are per call), PyTorch variants in batches of 8. qat_fp32 is the int8 QAT run's "
+        "model without quantization; qat_fp32_int4_run the int4 run's.",
         "",
         "## Targets",
         "",

@@ -249,15 +249,21 @@ class Stack:
         return None
 
     def kill_runner(self) -> None:
-        """SIGKILL the runner and every flow-run process under it (a lost worker machine)."""
-        kids = psutil.Process(self.runner.pid).children(recursive=True)
-        self.runner.kill()
+        """SIGKILL the runner and every flow-run process under it (a lost worker machine).
+
+        All are frozen (SIGSTOP) first: killed one by one, the survivors could react to the first
+        death (a flow process sent SIGTERM by its dying parent runs its finally and destroys the
+        machine within ~0.1 s), which a machine losing power never allows.
+        """
+        runner = psutil.Process(self.runner.pid)
+        procs = [runner, *runner.children(recursive=True)]
+        for sig in ("suspend", "kill"):
+            for p in procs:
+                try:
+                    getattr(p, sig)()
+                except psutil.Error:
+                    pass
         self.runner.wait(timeout=10)
-        for k in kids:
-            try:
-                k.kill()
-            except psutil.Error:
-                pass
         self.runner = None
 
     # ---------------------------------------------------------------- emulator views

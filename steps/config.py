@@ -97,6 +97,11 @@ class TrainConfig(Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     num_workers: int = Field(default=2, ge=0)
 
+    @property
+    def length(self) -> str:
+        """How long training runs, in words: "27 optimizer steps" or "5 epochs"."""
+        return f"{self.max_steps} optimizer steps" if self.max_steps else f"{self.epochs:g} epochs"
+
 
 class BenchConfig(Strict):
     max_new_tokens: int = Field(default=128, gt=0)

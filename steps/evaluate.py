@@ -149,8 +149,9 @@ def run(ctx: StepContext) -> dict:
         hyps: list[str] = []
         bs = BATCH_SIZE[kind]
         for start in range(0, len(audios), bs):
-            hyps += t.transcribe(audios[start:start + bs], cfg.eval.max_new_tokens, bs)
-            done += len(audios[start:start + bs])
+            chunk = audios[start:start + bs]
+            hyps += t.transcribe(chunk, cfg.eval.max_new_tokens, bs)
+            done += len(chunk)
             ctx.progress(done, total, variant=name)
         del t
         gc.collect()

@@ -62,7 +62,8 @@ def _int4_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def _uint8_activation(x: torch.Tensor, per_token: bool = False) -> torch.Tensor:
     xf = x.float()
-    dims = tuple(range(xf.dim() - 1 if per_token else min(1, xf.dim() - 1), xf.dim()))
+    first = xf.dim() - 1 if per_token or xf.dim() == 1 else 1  # range over dims first.. (dim 0 = batch)
+    dims = tuple(range(first, xf.dim()))
     lo = xf.amin(dim=dims, keepdim=True).clamp(max=0)
     hi = xf.amax(dim=dims, keepdim=True).clamp(min=0)
     scale = (hi - lo) / 255.0

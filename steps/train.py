@@ -77,17 +77,22 @@ class EncoderCache:
     def __init__(self, encoder: torch.nn.Module):
         self.encoder, self.outputs = encoder, {}
 
-    @staticmethod
-    def budget_mb(model, n_clips: int, dtype: torch.dtype) -> float:
+    @classmethod
+    def for_run(cls, model, tc, n_clips: int, dtype: torch.dtype, log) -> "EncoderCache | None":
+        """A cache when the encoder is frozen, has no dropout/SpecAugment, and its outputs fit in
+        train.encoder_cache_mb; None (the encoder runs every step) otherwise."""
         c = model.config
-        return n_clips * c.max_source_positions * c.d_model * torch.finfo(dtype).bits / 8 / 2**20
-
-    @staticmethod
-    def exact_for(model) -> bool:
-        c = model.config
-        no_dropout = all(getattr(c, k, 0) == 0 for k in ("dropout", "attention_dropout", "activation_dropout",
-                                                         "encoder_layerdrop"))
-        return no_dropout and not getattr(c, "apply_spec_augment", False)
+        random_parts = [k for k in ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop")
+                        if getattr(c, k, 0)] + (["apply_spec_augment"] if getattr(c, "apply_spec_augment", False) else [])
+        if not tc.freeze_encoder or random_parts:
+            return None
+        need = n_clips * c.max_source_positions * c.d_model * torch.finfo(dtype).bits / 8 / 2**20
+        if need > tc.encoder_cache_mb:
+            log(f"frozen encoder: caching its outputs would take {need:.0f} MB > train.encoder_cache_mb "
+                f"{tc.encoder_cache_mb}; it runs every step")
+            return None
+        log(f"frozen encoder: its outputs are computed once per clip and cached ({need:.0f} MB)")
+        return cls(model.model.encoder)
 
     @torch.no_grad()
     def __call__(self, rows: list[int], feats: torch.Tensor) -> torch.Tensor:
@@ -297,15 +302,7 @@ def run(ctx: StepContext) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.to(device).train()
-    cache = None
-    if tc.freeze_encoder and EncoderCache.exact_for(model):
-        need = EncoderCache.budget_mb(model, len(train_ds), amp_dtype or torch.float32)
-        if need <= tc.encoder_cache_mb:
-            cache = EncoderCache(model.model.encoder)
-            ctx.log(f"frozen encoder: its outputs are computed once per clip and cached ({need:.0f} MB)")
-        else:
-            ctx.log(f"frozen encoder: caching its outputs would take {need:.0f} MB > train.encoder_cache_mb "
-                    f"{tc.encoder_cache_mb}; it runs every step")
+    cache = EncoderCache.for_run(model, tc, len(train_ds), amp_dtype or torch.float32, ctx.log)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.learning_rate,
                                   fused=device.type == "cuda")

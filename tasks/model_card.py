@@ -111,8 +111,7 @@ def _gate_text(cfg: RunConfig, gate: dict) -> str:
 
 def _training_lines(cfg: RunConfig, train: dict) -> list[str]:
     t = cfg.train
-    length = f"{t.max_steps} optimizer steps" if t.max_steps else f"{t.epochs:g} epochs"
-    lines = [f"- {length}, learning rate {t.learning_rate:g}, batch {t.per_device_batch_size} x {t.grad_accum} "
+    lines = [f"- {t.length}, learning rate {t.learning_rate:g}, batch {t.per_device_batch_size} x {t.grad_accum} "
              f"accumulation, warm-up {t.warmup_steps} steps, weight decay {t.weight_decay:g}"
              + (", encoder frozen" if t.freeze_encoder else "")]
     measured = [(k, v) for k, v in sorted(train.items()) if _num(v) is not None]

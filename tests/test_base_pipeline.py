@@ -5,6 +5,8 @@ The bound on the QAT int8 WER was measured with exactly this configuration (see 
 """
 from __future__ import annotations
 
+import json
+
 import onnx
 import pytest
 from onnx import helper
@@ -35,8 +37,6 @@ def base_run(tmp_path_factory):
 
 
 def _metrics(work, step: str) -> dict:
-    import json
-
     return json.loads((work / step / "result.json").read_text())["metrics"]
 
 

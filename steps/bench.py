@@ -75,47 +75,26 @@ class Runner:
 
 
 class HFRunner(Runner):
-    """transformers generate() on a PyTorch model or an ORTModelForSpeechSeq2Seq."""
+    """transformers generate() on a PyTorch model or an ORTModelForSpeechSeq2Seq, through the same
+    Transcriber (decoding loop, session options) that evaluate uses."""
 
     def __init__(self, variant: Variant, dec: Decoding):
         super().__init__(variant, dec)
         import torch
-        from transformers import WhisperProcessor
+
+        from .inference import load_variant
 
         self.torch = torch
-        self.processor = WhisperProcessor.from_pretrained(variant.path)
         torch.set_num_threads(dec.threads)
         self.device = "cuda" if variant.kind == "pytorch" and torch.cuda.is_available() else "cpu"
-        if variant.kind == "pytorch":
-            from transformers import WhisperForConditionalGeneration
-
-            self.model = WhisperForConditionalGeneration.from_pretrained(variant.path, dtype=torch.float32)
-            self.model.to(self.device).eval()
-        else:
-            import onnxruntime as ort
-            from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
-
-            so = ort.SessionOptions()
-            so.intra_op_num_threads, so.inter_op_num_threads = dec.threads, 1
-            # no busy-waiting after a run: it would steal the cores from the next variant timed
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.model = ORTModelForSpeechSeq2Seq.from_pretrained(variant.path, session_options=so,
-                                                                  provider="CPUExecutionProvider")
-        self.eos = self.model.generation_config.eos_token_id
+        self.t = load_variant(variant.path, variant.kind, dec.threads, self.device, dec.language, dec.task)
+        self.model = self.t.model
 
     def features(self, audio):
-        feats = self.processor.feature_extractor(audio, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
-        return feats.to(self.device)
-
-    def _generate(self, **kw) -> int:
-        with self.torch.inference_mode():
-            out = self.model.generate(language=self.dec.language, task=self.dec.task, do_sample=False,
-                                      num_beams=1, return_timestamps=False, **kw)
-        seq = out if isinstance(out, self.torch.Tensor) else out["sequences"]
-        return int(seq.shape[-1])
+        return self.t.features([audio])
 
     def generate(self, feats, max_new_tokens):
-        return self._generate(input_features=feats, max_new_tokens=max_new_tokens)
+        return int(self.t.generate_ids(feats, max_new_tokens).shape[-1])
 
     def encode(self, feats):
         with self.torch.inference_mode():
@@ -132,7 +111,7 @@ class HFRunner(Runner):
 
         enc = BaseModelOutput(last_hidden_state=enc.last_hidden_state)
         # min_new_tokens suppresses EOS until n tokens exist: every variant decodes exactly n steps
-        return self._generate(encoder_outputs=enc, min_new_tokens=n, max_new_tokens=n)
+        return int(self.t.generate_ids(None, n, encoder_outputs=enc, min_new_tokens=n).shape[-1])
 
 
 class CT2Runner(Runner):

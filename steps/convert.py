@@ -3,6 +3,7 @@
 Outputs in DIR/convert/: qat_fp32/, qat_<scheme>/, base_fp32/, base_ptq_<scheme>/. Each holds
 encoder_model.onnx + decoder_model_merged.onnx (KV cache, one file for both decoding phases), the
 processor files and generation_config.json, and loads with ORTModelForSpeechSeq2Seq.from_pretrained.
+Every encoder's self-attention runs as one fused MultiHeadAttention node per layer (fuse_attention.py).
 
 int8: dynamic quantization of MatMul weights (per channel, int8; activations uint8 per tensor at
 run time), never Conv (ConvInteger has no CPU kernel). int4: MatMulNBits (block 32, symmetric,
@@ -24,6 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from .common import StepContext, StepError
+from .fuse_attention import fuse_encoder_file
 
 ENCODER = "encoder_model.onnx"
 DECODER = "decoder_model.onnx"
@@ -31,7 +33,7 @@ DECODER_WITH_PAST = "decoder_with_past_model.onnx"
 MERGED = "decoder_model_merged.onnx"
 TASK = "automatic-speech-recognition-with-past"
 QUANT_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "GatherBlockQuantized",
-             "ConvInteger", "DequantizeLinear", "MatMul", "Gather")
+             "ConvInteger", "DequantizeLinear", "MatMul", "Gather", "MultiHeadAttention")
 
 
 def dir_size_mb(path: Path) -> float:
@@ -362,6 +364,9 @@ def convert_model(model_dir: Path, out_root: Path, fp32_name: str, q_name: str, 
     t2 = time.time()
     log(f"quantized ({scheme}) -> {q_dir} in {t2 - t1:.1f}s")
     finish_fp32_dir(fp32_dir)
+    heads = json.loads((fp32_dir / "config.json").read_text())["encoder_attention_heads"]
+    fused = {d.name: fuse_encoder_file(d / ENCODER, heads) for d in (fp32_dir, q_dir)}
+    log(f"encoder self-attention fused into MultiHeadAttention: {fused}")
     for d in (fp32_dir, q_dir):
         check_loads(d)
     return {
@@ -369,6 +374,7 @@ def convert_model(model_dir: Path, out_root: Path, fp32_name: str, q_name: str, 
         "quantize_s": round(t2 - t1, 2),
         "ops": {q_name: {"encoder": op_counts(q_dir / ENCODER), "decoder": op_counts(q_dir / MERGED)}},
         "tensor_mb": {q_name: tensor_mb_by_dtype(q_dir)},
+        "fused_attention": fused,
         **info,
     }
 
@@ -404,6 +410,7 @@ def run(ctx: StepContext) -> dict:
         metrics["ops"].update(m["ops"])
         metrics.setdefault("tensor_mb", {}).update(m["tensor_mb"])
         metrics.setdefault("tied_embedding", {})[q_name] = m["tied_embedding"]
+        metrics.setdefault("fused_attention", {}).update(m["fused_attention"])
         for name in (fp32_name, q_name):
             metrics["sizes_mb"][name] = onnx_size_mb(ctx.out / name)
             ctx.add_output(ctx.out / name)

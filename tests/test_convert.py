@@ -1,6 +1,7 @@
 """steps/convert.py: ONNX export with KV cache, int8 / int4 quantization, and the step contract."""
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 from pathlib import Path
@@ -149,6 +150,37 @@ def test_int4_generates(converted_int4, french_manifest):
         _clip(french_manifest), sampling_rate=16000, return_tensors="pt").input_features
     out = model.generate(input_features=feats, language="fr", task="transcribe", max_new_tokens=5)
     assert out.shape[-1] >= 1
+
+
+def test_every_encoder_runs_fused_attention(converted_int8, converted_int4):
+    layers = json.loads((converted_int8 / "convert" / "qat_fp32" / "config.json").read_text())["encoder_layers"]
+    dirs = [converted_int8 / "convert" / n for n in ("qat_fp32", "qat_int8", "base_fp32", "base_ptq_int8")]
+    for d in dirs + [converted_int4 / "qat_int4"]:
+        ops = collections.Counter(n.op_type for n in onnx.load(str(d / "encoder_model.onnx"), load_external_data=False).graph.node)
+        assert ops["MultiHeadAttention"] == layers and ops["Softmax"] == 0, (d.name, ops)
+    metrics = json.loads((converted_int8 / "convert" / "result.json").read_text())["metrics"]
+    assert metrics["fused_attention"] == {n.name: layers for n in dirs}
+
+
+def test_fused_attention_is_the_same_math(tiny_onnx_dir):
+    """Fusing the plain export changes no encoder output beyond float rounding; masked attention
+    (the decoder's causal self-attention) is left alone."""
+    import onnxruntime as ort
+
+    from steps.fuse_attention import fuse_attention
+
+    plain = onnx.load(str(tiny_onnx_dir / "encoder_model.onnx"))
+    fused = onnx.load(str(tiny_onnx_dir / "encoder_model.onnx"))
+    heads = json.loads((tiny_onnx_dir / "config.json").read_text())["encoder_attention_heads"]
+    assert fuse_attention(fused, heads) == 2
+    x = np.random.default_rng(0).standard_normal((2, 80, 3000)).astype(np.float32)
+    outs = [ort.InferenceSession(m.SerializeToString()).run(None, {"input_features": x})[0] for m in (plain, fused)]
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    decoder = onnx.load(str(tiny_onnx_dir / "decoder_model.onnx"))
+    self_attention = [n for n in decoder.graph.node if n.op_type == "Softmax" and "self_attn" in n.name]
+    assert self_attention
+    fuse_attention(decoder, heads)
+    assert [n for n in decoder.graph.node if n.op_type == "Softmax" and "self_attn" in n.name] == self_attention
 
 
 def test_check_quantized_refuses_an_unquantized_dir(converted_int8):

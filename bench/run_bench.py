@@ -278,8 +278,9 @@ def explain(r: dict) -> list[str]:
                 f"The encoder, {100 * enc['onnx_int8'] / (1000 * lat['onnx_int8']):.0f} % of the int8 time, gains "
                 f"x{_fmt(_ratio(enc.get(ref), enc.get('onnx_int8')), 2)} over {ref} "
                 f"(x{_fmt(_ratio(enc.get('onnx_fp32'), enc.get('onnx_int8')), 2)} over ONNX fp32; decoder tokens "
-                f"x{_fmt(_ratio(dec.get('onnx_fp32'), dec.get('onnx_int8')), 2)}): int8 covers the MatMuls, while the "
-                f"encoder's two convolutions, softmax, GELU and layer norms stay fp32; {cpu}. Load average "
+                f"x{_fmt(_ratio(dec.get('onnx_fp32'), dec.get('onnx_int8')), 2)}): int8 covers the weight MatMuls, while "
+                f"the encoder's attention over 1500 frames (two activations multiplied, fused MultiHeadAttention), "
+                f"its two convolutions, GELU and layer norms stay fp32; {cpu}. Load average "
                 f"{m['load_avg_1m']} on {m['cores']} cores at report time.")
         else:
             ci = r.get("wer_ci", {})

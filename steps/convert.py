@@ -59,7 +59,7 @@ def _walk_nodes(graph: onnx.GraphProto):
 
 
 def op_counts(path: Path) -> dict[str, int]:
-    """Counts of the quantization-relevant node types in one .onnx file (subgraphs included)."""
+    """Counts of the quantization-relevant node types (and fused attention) in one .onnx file, subgraphs included."""
     model = onnx.load(str(path), load_external_data=False)
     counts = collections.Counter(n.op_type for n in _walk_nodes(model.graph))
     return {op: counts[op] for op in QUANT_OPS if counts[op]}

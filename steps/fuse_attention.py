@@ -131,32 +131,30 @@ def _prune(graph: onnx.GraphProto) -> None:
 def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
     """Replace every unmasked attention block with MultiHeadAttention; returns how many."""
     g = _Graph(model.graph)
-    fused = 0
+    removed: set[int] = set()
+    added = []
     for softmax in [n for n in model.graph.node if n.op_type == "Softmax"]:
         m = _match(g, softmax)
         if m is None:
             continue
         q, k, v, out, scale, nodes = m
-        index = min(list(model.graph.node).index(n) for n in nodes if n in model.graph.node)
-        for n in nodes:
-            if n in model.graph.node:
-                model.graph.node.remove(n)
-        name = softmax.name.rsplit("/", 1)[0] + "/MultiHeadAttention"
-        model.graph.node.insert(index, helper.make_node(
-            "MultiHeadAttention", [q, k, v], [out], name=name, domain=MS_DOMAIN, num_heads=num_heads, scale=scale))
-        fused += 1
-    if fused:
+        removed.update(id(n) for n in nodes)
+        added.append(helper.make_node("MultiHeadAttention", [q, k, v], [out], domain=MS_DOMAIN,
+                                      name=softmax.name.rsplit("/", 1)[0] + "/MultiHeadAttention",
+                                      num_heads=num_heads, scale=scale))
+    if added:
+        # the fused nodes go where their inputs allow (k and v are produced after q)
+        _rebuild_in_order(model.graph, [n for n in model.graph.node if id(n) not in removed] + added)
         _prune(model.graph)
-        # node order: MultiHeadAttention must follow its inputs' producers (k, v come after q)
-        _topological_sort(model.graph)
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return fused
+    return len(added)
 
 
-def _topological_sort(graph: onnx.GraphProto) -> None:
+def _rebuild_in_order(graph: onnx.GraphProto, nodes: list) -> None:
+    """Set graph.node to nodes, each after the producers of its inputs."""
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
+    pending, ordered = nodes, []
     while pending:
         ready = [n for n in pending if all(x in available for x in n.input)]
         if not ready:
@@ -164,7 +162,8 @@ def _topological_sort(graph: onnx.GraphProto) -> None:
         for n in ready:
             ordered.append(n)
             available.update(n.output)
-        pending = [n for n in pending if n not in ready]
+        done = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in done]
     del graph.node[:]
     graph.node.extend(ordered)
 

@@ -14,13 +14,13 @@ test-fast: install
 	.venv/bin/python -m pytest -q -m "not slow"
 
 bench: install
-	.venv/bin/python bench/run_bench.py
+	.venv/bin/python -m benchmarks.run_bench
 
 chaos: install
-	.venv/bin/python bench/chaos.py
+	.venv/bin/python -m benchmarks.chaos
 
-stop:
-	scripts/stack.sh down
+stop:  # the local stack (devtools/stack.py); nothing to stop without a venv
+	[ ! -x .venv/bin/python ] || .venv/bin/python -m devtools.stack down
 
 clean: stop
-	rm -rf .prefect .stack runs bench/work
+	rm -rf .prefect .stack runs benchmarks/work

@@ -14,10 +14,6 @@ class BudgetExceeded(RuntimeError):
     """Spending crossed machine.max_cost_usd: the caller tears the machine down."""
 
 
-def estimate(dph: float, hours: float) -> dict:
-    return {"dph": round(dph, 4), "planned_hours": hours, "estimated_usd": round(dph * hours, 4)}
-
-
 @dataclass
 class CostMeter:
     dph: float

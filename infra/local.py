@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,9 @@ import threading
 from pathlib import Path
 from typing import IO, Mapping, Optional, Sequence
 
-from .machine import DEFAULT_INCLUDE, CommandFailed, CommandTimeout, LineCallback, MachineError, build_command
+from .archive import (DEFAULT_ALLOW, MAX_BYTES, MAX_MEMBERS, UnsafeArchive, copy_capped,
+                      extract_archive)
+from .machine import CommandFailed, CommandTimeout, LineCallback, MachineError, build_command
 
 log = logging.getLogger("qat.machine")
 
@@ -45,7 +48,7 @@ def _walk(root: Path, rel: str) -> list[str]:
     return out
 
 
-def collect_files(local_dir: Path, include: Sequence[str] = DEFAULT_INCLUDE, respect_gitignore: bool = True) -> list[str]:
+def collect_files(local_dir: Path, include: Sequence[str], respect_gitignore: bool = True) -> list[str]:
     """Relative paths of the files under local_dir named by `include` (files or folders).
 
     In a git work tree, files that .gitignore excludes are left out (tracked files and
@@ -78,11 +81,21 @@ def make_tarball(local_dir: Path, files: Sequence[str], fileobj: IO[bytes]) -> i
     return size
 
 
-def extract_tarball(fileobj: IO[bytes], dest: Path) -> None:
-    """Extract safely (no absolute paths, no links outside dest)."""
+def _unpack_own_tarball(fileobj: IO[bytes], dest: Path) -> None:
+    """Unpack a tarball WE made (LocalMachine.put) into dest, merged over what is there. Never for
+    anything that comes from a machine: that goes through infra.archive.extract_archive."""
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=fileobj, mode="r:*") as tar:
         tar.extractall(dest, filter="data")
+
+
+def tar_tree(root: Path, fileobj: IO[bytes], exclude: Sequence[str] = ()) -> None:
+    """A tar of root's contents as `tar -C root .` makes it: links stay links (never followed);
+    top-level names in `exclude` are left out."""
+    with tarfile.open(fileobj=fileobj, mode="w") as tar:
+        for name in sorted(set(os.listdir(root)) - set(exclude)):
+            tar.add(os.path.join(root, name), arcname=name, recursive=True)
+    fileobj.seek(0)
 
 
 class LineSplitter:
@@ -172,22 +185,31 @@ class LocalMachine:
             raise CommandFailed(shown, code, lines.tail_text())
         return code
 
-    def put(self, local_dir: Path, remote_dir: str, include: Sequence[str] = DEFAULT_INCLUDE,
+    def put(self, local_dir: Path, remote_dir: str, *, include: Sequence[str],
             respect_gitignore: bool = True) -> None:
         files = collect_files(local_dir, include, respect_gitignore)
         with tempfile.TemporaryFile() as tmp:
             make_tarball(local_dir, files, tmp)
-            extract_tarball(tmp, self._path(remote_dir))
+            _unpack_own_tarball(tmp, self._path(remote_dir))
 
-    def get(self, remote_path: str, local_path: Path) -> None:
+    def get(self, remote_path: str, local_path: Path, *, max_bytes: int = MAX_BYTES,
+            max_members: int = MAX_MEMBERS, allow: Optional[re.Pattern] = DEFAULT_ALLOW,
+            exclude: Sequence[str] = ()) -> None:
+        """As SSHMachine.get: a file is copied to local_path (at most max_bytes); a directory goes
+        through the same checked archive as from a rented machine (infra.archive: no links, caps,
+        names matching `allow`; top-level names in `exclude` stay behind) and replaces local_path."""
         src, dest = self._path(remote_path), Path(local_path)
         if not src.exists():
             raise MachineError(f"{self.name}: {remote_path} does not exist")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
-            shutil.copytree(src, dest, dirs_exist_ok=True)
+            with tempfile.TemporaryFile() as tmp:
+                tar_tree(src, tmp, exclude)
+                extract_archive(tmp, dest, allow=allow, max_bytes=max_bytes, max_members=max_members)
+        elif src.is_file():
+            with open(src, "rb") as f:
+                copy_capped(f, dest, max_bytes, remote_path)
         else:
-            shutil.copy2(src, dest)
+            raise UnsafeArchive(remote_path, "not a regular file or a directory")
 
     def write_text(self, remote_path: str, text: str) -> None:
         p = self._path(remote_path)

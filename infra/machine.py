@@ -3,15 +3,14 @@ the user owns, or this machine). Flows and tasks only ever see a `Machine`.
 """
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 LineCallback = Callable[[str], None]
-
-# What `put` sends by default: our code, never data, venvs or caches (and .gitignore is honoured).
-DEFAULT_INCLUDE = ("steps", "configs", "fixtures", "requirements-remote.txt", "pyproject.toml")
+LogFn = Callable[[str], None]
 
 
 class MachineError(RuntimeError):
@@ -58,11 +57,14 @@ class Machine(Protocol):
         """Run argv, streaming stdout+stderr lines to on_line as they arrive. Returns the exit code;
         raises CommandFailed (with the output tail) on non-zero when check, CommandTimeout on timeout."""
 
-    def put(self, local_dir: Path, remote_dir: str, include: Sequence[str] = DEFAULT_INCLUDE) -> None:
+    def put(self, local_dir: Path, remote_dir: str, *, include: Sequence[str]) -> None:
         """Send a directory tree (include list, .gitignore honoured) as one tar stream."""
 
-    def get(self, remote_path: str, local_path: Path) -> None:
-        """Fetch a file or a directory tree back."""
+    def get(self, remote_path: str, local_path: Path, *, max_bytes: int = ..., max_members: int = ...,
+            allow: Optional[re.Pattern] = ..., exclude: Sequence[str] = ()) -> None:
+        """Fetch a file, or a directory tree less the top-level names in `exclude`, as one checked
+        archive (infra/archive.py: regular files and directories only, names matching `allow`,
+        caps on bytes and members); it replaces local_path only once every member passed."""
 
     def write_text(self, remote_path: str, text: str) -> None:
         """Write a small text file (parents created)."""

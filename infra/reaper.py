@@ -13,23 +13,20 @@ import sys
 import time
 from typing import Callable, Optional
 
-from .vast import VastAPIError, VastProvider
+from . import provision
+from .vast import VastAPIError
 
 
-def reap(api_key: Optional[str] = None, server_url: Optional[str] = None, max_age_hours: float = 24.0,
-         label_prefix: str = "qat-", is_run_active: Optional[Callable[[str], bool]] = None,
-         dry_run: bool = False, log: Callable[[str], None] = print, now: Optional[float] = None,
-         provider: Optional[VastProvider] = None) -> list[dict]:
+def reap_instances(api_key: Optional[str] = None, server_url: Optional[str] = None, max_age_hours: float = 24.0,
+                   label_prefix: str = "qat-", is_run_active: Optional[Callable[[str], bool]] = None,
+                   dry_run: bool = False, log: Callable[[str], None] = print, now: Optional[float] = None) -> list[dict]:
     """Returns one row per instance judged: id, label, age_h, reason, destroyed (confirmed), error."""
-    provider = provider or VastProvider(api_key=api_key, server_url=server_url, log_fn=log)
     now = now if now is not None else time.time()
     out = []
-    for row in provider.find_instances(label_prefix):
-        label = str(row.get("label") or "")
-        try:
-            age_h = (now - float(row["start_date"])) / 3600.0
-        except (KeyError, TypeError, ValueError):
-            age_h = float("inf")  # no start date: treat as old, never leave it billing
+    for lease in provision.find_instances(label_prefix, api_key=api_key, server_url=server_url):
+        label = lease.label
+        # no start date: treat as old, never leave it billing
+        age_h = (now - lease.created_at) / 3600.0 if lease.created_at else float("inf")
         reason = None
         if age_h > max_age_hours:
             reason = f"older than {max_age_hours:g} h"
@@ -37,19 +34,19 @@ def reap(api_key: Optional[str] = None, server_url: Optional[str] = None, max_ag
             try:
                 active = is_run_active(label)
             except Exception as e:  # cannot tell: keep it, age will decide later
-                log(f"instance {row.get('id')} ({label}): could not check its run ({e}); kept")
+                log(f"instance {lease.instance_id} ({label}): could not check its run ({e}); kept")
                 active = True
             if not active:
                 reason = "its run is no longer active"
         if reason is None:
             continue
-        entry = {"instance_id": row.get("id"), "label": label, "age_h": round(age_h, 2), "reason": reason,
+        entry = {"instance_id": lease.instance_id, "label": label, "age_h": round(age_h, 2), "reason": reason,
                  "destroyed": False, "error": None}
         if dry_run:
             log(f"[dry run] would destroy instance {entry['instance_id']} ({label}): {reason}")
         else:
             try:
-                entry["destroyed"] = provider.destroy(int(row["id"]))
+                entry["destroyed"] = provision.release(lease, api_key=api_key, server_url=server_url)
                 log(f"destroyed instance {entry['instance_id']} ({label}): {reason}")
             except VastAPIError as e:
                 entry["error"] = str(e)
@@ -68,7 +65,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.label_prefix:
         p.error("--label-prefix must not be empty: the reaper only touches instances it labelled")
     try:
-        rows = reap(api_key=os.environ.get("VAST_API_KEY"), server_url=args.url, max_age_hours=args.max_age_hours,
+        rows = reap_instances(api_key=os.environ.get("VAST_API_KEY"), server_url=args.url, max_age_hours=args.max_age_hours,
                     label_prefix=args.label_prefix, dry_run=args.dry_run)
     except VastAPIError as e:
         print(f"reaper: {e}", file=sys.stderr)

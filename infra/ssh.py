@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import posixpath
+import re
 import shlex
 import socket
 import stat
@@ -22,8 +23,10 @@ from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
 import paramiko
 
-from .local import LineSplitter, collect_files, extract_tarball, make_tarball, masked_command
-from .machine import (DEFAULT_INCLUDE, CommandFailed, CommandTimeout, Lease, LineCallback, MachineError,
+from .archive import (DEFAULT_ALLOW, MAX_BYTES, MAX_MEMBERS, UnsafeArchive, copy_capped,
+                      extract_archive)
+from .local import LineSplitter, collect_files, make_tarball, masked_command
+from .machine import (CommandFailed, CommandTimeout, Lease, LineCallback, MachineError,
                       TransientMachineError)
 
 log = logging.getLogger("qat.machine")
@@ -52,6 +55,19 @@ def env_lines(env: Optional[Mapping[str, str]]) -> bytes:
 
 class SSHUnreachable(TransientMachineError):
     """SSH did not answer before the connect deadline."""
+
+
+class _Capped:
+    """A write-only file wrapper that refuses more than `cap` bytes (a machine could send forever)."""
+
+    def __init__(self, out, cap: int, label: str):
+        self.out, self.cap, self.label, self.n = out, cap, label, 0
+
+    def write(self, data: bytes) -> int:
+        self.n += len(data)
+        if self.n > self.cap:
+            raise UnsafeArchive(self.label, f"the machine sent more than {self.cap} bytes for it")
+        return self.out.write(data)
 
 
 class HostKeyChanged(MachineError):
@@ -311,7 +327,7 @@ class SSHMachine:
             chan.close()
 
     # -- files ----------------------------------------------------------------------------------
-    def put(self, local_dir: Path, remote_dir: str, include: Sequence[str] = DEFAULT_INCLUDE,
+    def put(self, local_dir: Path, remote_dir: str, *, include: Sequence[str],
             respect_gitignore: bool = True) -> None:
         """One tar.gz of the selected files, uploaded over SFTP and unpacked into remote_dir
         (merged over what is there)."""
@@ -332,29 +348,48 @@ class SSHMachine:
             self._idempotent(f"put {local_dir} -> {remote_dir}", send)
         log.info("ssh %s: put %d files (%.1f MB) into %s", self.name, len(files), size / 1e6, remote_dir)
 
-    def get(self, remote_path: str, local_path: Path) -> None:
-        """A file is copied to local_path; a directory's contents land in local_path (created)."""
+    def get(self, remote_path: str, local_path: Path, *, max_bytes: int = MAX_BYTES,
+            max_members: int = MAX_MEMBERS, allow: Optional[re.Pattern] = DEFAULT_ALLOW,
+            exclude: Sequence[str] = ()) -> None:
+        """A file is copied to local_path (at most max_bytes); a directory's contents (less the
+        top-level names in `exclude`, which stay on the machine) replace local_path. The machine is untrusted: a directory comes as a tar that infra.archive checks
+        member by member (regular files and directories only, names inside local_path and matching
+        `allow`, at most max_members members and max_bytes bytes) before anything lands; a refusal
+        raises UnsafeArchive (never retried) and leaves local_path as it was."""
         local_path = Path(local_path)
         q = shlex.quote(remote_path)
+        # the compressed stream may exceed the content by its headers (and gzip's few bytes per block)
+        stream_cap = max_bytes + max_bytes // 500 + (max_members + 2) * 8192 + 1024 * 1024
 
-        def fetch() -> None:
-            st = self._stat(remote_path)
-            if st is None:
-                raise MachineError(f"ssh {self.name}: {remote_path} does not exist")
-            local_path.parent.mkdir(parents=True, exist_ok=True)
-            if not stat.S_ISDIR(st.st_mode or 0):
-                partial = local_path.with_name(local_path.name + ".partial")
-                self._sftp_client().get(remote_path, str(partial))
-                partial.replace(local_path)
-                return
+        def fetch_file(st: paramiko.SFTPAttributes) -> None:
+            if (st.st_size or 0) > max_bytes:
+                raise UnsafeArchive(remote_path, f"{st.st_size} bytes, over the cap of {max_bytes}")
+            with self._sftp_client().open(remote_path, "rb") as f:
+                if st.st_size:
+                    f.prefetch(st.st_size)
+                copy_capped(f, local_path, max_bytes, remote_path)
+
+        def fetch_tar(tmp) -> None:
+            tmp.seek(0)
+            tmp.truncate()
+            skip = "".join(f" --exclude={shlex.quote('./' + name)}" for name in exclude)
+            code, err = self._exec(f"tar -czf - -C {q} --anchored{skip} .", stdout_to=_Capped(tmp, stream_cap, remote_path))
+            if code != 0:
+                raise MachineError(f"ssh {self.name}: tar of {remote_path} failed (exit {code}): {err.strip()}")
+
+        st = self._idempotent(f"stat {remote_path}", lambda: self._stat(remote_path))
+        if st is None:
+            raise MachineError(f"ssh {self.name}: {remote_path} does not exist")
+        if stat.S_ISREG(st.st_mode or 0):
+            self._idempotent(f"get {remote_path}", lambda: fetch_file(st))
+        elif stat.S_ISDIR(st.st_mode or 0):
             with tempfile.TemporaryFile() as tmp:
-                code, err = self._exec(f"tar -czf - -C {q} .", stdout_to=tmp)
-                if code != 0:
-                    raise MachineError(f"ssh {self.name}: tar of {remote_path} failed (exit {code}): {err.strip()}")
+                self._idempotent(f"get {remote_path}", lambda: fetch_tar(tmp))
                 tmp.seek(0)
-                extract_tarball(tmp, local_path)
-
-        self._idempotent(f"get {remote_path}", fetch)
+                # local work, outside the retry loop: a refusal or a full local disk is not a dropped link
+                extract_archive(tmp, local_path, allow=allow, max_bytes=max_bytes, max_members=max_members)
+        else:
+            raise UnsafeArchive(remote_path, "not a regular file or a directory")
 
     def _stat(self, remote_path: str) -> Optional[paramiko.SFTPAttributes]:
         try:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional
 import requests
 from vastai import VastAI
 
-from steps.config import RunConfig, VastConfig
+from contract.machine_config import MachineConfig, VastConfig
 
 from .machine import Lease
 
@@ -326,12 +326,12 @@ class VastProvider:
         except VastAPIError as e:
             self.log(f"could not check for a half-created instance labelled {label}: {e}; the reaper will")
 
-    def launch(self, cfg: RunConfig, label: str, public_key: str, key_path: Optional[str] = None,
+    def launch(self, m: MachineConfig, label: str, public_key: str, key_path: Optional[str] = None,
                ready_check: Optional[Callable[[Lease], None]] = None, redact: Iterable[str] = ()) -> Lease:
         """Rent the cheapest matching offer, wait for it to run (and pass ready_check, e.g. SSH).
         A failed start is logged (log tail), destroyed, its machine excluded, and the next offer tried,
         up to machine.vast.create_attempts times."""
-        v, m = cfg.machine.vast, cfg.machine
+        v = m.vast
         excluded: set[int] = set()
         reasons: list[str] = []
         for attempt in range(1, v.create_attempts + 1):

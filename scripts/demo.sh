@@ -3,8 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
-scripts/stack.sh up
-source scripts/env.sh
+# The local stack's settings (PREFECT_API_URL, PREFECT_HOME, VAST_URL, STACK_DIR, PATH with .venv/bin).
+eval "$(.venv/bin/python -m devtools.stack env)"
+python -m devtools.stack up
 echo "==> registering deployments (prefect.yaml)"
 prefect --no-prompt deploy --all >"$STACK_DIR/logs/deploy.log" 2>&1 || { cat "$STACK_DIR/logs/deploy.log"; exit 1; }
 echo "==> running qat/demo; dashboard: $PREFECT_UI_URL"

@@ -1,6 +1,6 @@
 """Synthesize the committed French speech fixture with espeak-ng.
 
-    .venv/bin/python scripts/synth_french.py [--out fixtures/french] [--voices-per-sentence 2]
+    .venv/bin/python -m scripts.synth_french [--out fixtures/french] [--voices-per-sentence 2]
 
 Each sentence is spoken by a few voices at varied speeds, resampled to 16 kHz mono, padded with
 0.5 s of silence at each end and stored as OGG/Vorbis. Splits are made BY SENTENCE (no sentence
@@ -8,7 +8,7 @@ in two splits), about 70/10/20 % train/dev/test, with a fixed seed, so the outpu
 Writes <out>/audio/*.ogg and <out>/manifest.jsonl: {"id", "audio" (relative to the repository
 root), "text", "speaker", "split", "duration"}.
 
-Voices: whisper base hears espeak voices very differently (REFERENCE sec. 5). Measured here
+Voices: whisper base hears espeak voices very differently (docs/REFERENCE.md section 5). Measured here
 (converted whisper-base, greedy, max 128 new tokens, 60 test clips of an 8-voice draft, WER %
 per voice over 30-80 words each): fr+m3 58, fr+f2 63, fr-ch+m1 74, fr-be 79, fr+m7 83, fr+f3 96,
 fr-be+f2 133, fr+Denis 264; the last two were dropped. Loops are per clip, not per voice: on the
@@ -30,7 +30,6 @@ import numpy as np
 import soundfile as sf
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 VOICES = ["fr+m3", "fr+f2", "fr-ch+m1", "fr-be", "fr+m7", "fr+f3"]
 SPEEDS = [135, 150, 165]

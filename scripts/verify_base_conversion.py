@@ -1,6 +1,6 @@
 """Check the CTranslate2 -> transformers conversion of whisper-base against faster-whisper.
 
-    .venv/bin/python scripts/verify_base_conversion.py [--clips N] [--threads 2] [--json out.json]
+    .venv/bin/python -m scripts.verify_base_conversion [--clips N] [--threads 2] [--json out.json]
 
 Transcribes the fixture test clips with the converted model (PyTorch, greedy) and with
 faster-whisper on the same CTranslate2 weights (float32, greedy, no timestamps, no temperature
@@ -17,12 +17,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from steps.evaluate import score
+from steps.models import cache_dir, write_ct2_dir
+from contract.normalize import normalize_french
 
-from steps.evaluate import score  # noqa: E402
-from steps.models import cache_dir, write_ct2_dir  # noqa: E402
-from steps.normalize import normalize_french  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_clips(n: int | None = None) -> list[dict]:
@@ -78,7 +77,7 @@ def same_features_check(audios, threads: int, max_new_tokens: int = 128) -> dict
         enc_ct2 = np.array(ct2.encode(sv, to_cpu=True))
         max_diff = max(max_diff, float(np.abs(enc_hf - enc_ct2).max()))
         hf_ids = t.generate_ids(feats, max_new_tokens)[0].tolist()
-        # CTranslate2 4.8 counts max_length from the prompt start: see REFERENCE sec. 3
+        # CTranslate2 4.8 counts max_length from the prompt start: see docs/REFERENCE.md section 3
         res = ct2.generate(sv, [prompt], beam_size=1, max_length=max_new_tokens + len(prompt), return_scores=False)
         ct2_ids = [i for i in res[0].sequences_ids[0] if i != tok.eos_token_id]
         hf_ids = [i for i in hf_ids if i not in prompt and i != tok.eos_token_id]

@@ -6,8 +6,10 @@ import importlib
 import sys
 from pathlib import Path
 
-from .common import EXIT_DETERMINISTIC, STEPS, run_step
-from .config import ConfigError, load_config
+from contract.catalogue import EXIT_DETERMINISTIC, STEPS
+from contract.config import ConfigError, load_config
+
+from .common import execute_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return EXIT_DETERMINISTIC
     module = importlib.import_module(f"steps.{args.step}")
-    return run_step(args.step, cfg, args.workdir, module.run, resume=args.resume, force=args.force)
+    return execute_step(args.step, cfg, args.workdir, module.run, resume=args.resume, force=args.force)
 
 
 if __name__ == "__main__":

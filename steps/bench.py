@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from contract.catalogue import ptq_variant, quantized_variant
+
 from .common import StepContext, StepError
 
 # Variants share one process: OpenMP threads must sleep, not spin, between runs (before torch loads).
@@ -291,7 +293,7 @@ def discover_variants(ctx: StepContext) -> list[Variant]:
     # qat_fp32 is the QAT model in PyTorch, an ONNX fp32 export is "<model>_onnx_fp32".
     variants = [Variant("qat_fp32", "pytorch", str(ctx.dir_of("train") / "model"))]
     conv = ctx.dir_of("convert")
-    for d in ("qat_fp32", f"qat_{cfg.quant.scheme}", "base_fp32", f"base_ptq_{cfg.quant.scheme}"):
+    for d in ("qat_fp32", quantized_variant(cfg.quant.scheme), "base_fp32", ptq_variant(cfg.quant.scheme)):
         if not (conv / d / "encoder_model.onnx").is_file():
             raise StepError(f"{conv / d} is missing: rerun the convert step")
         variants.append(Variant(d.replace("_fp32", "_onnx_fp32"), "onnx", str(conv / d)))

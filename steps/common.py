@@ -1,16 +1,8 @@
-"""What every on-machine step shares: its work directory, progress lines, result.json, skipping.
+"""What every on-machine step shares: its context (work directory, progress lines) and the one
+wrapper that runs a step's body with skipping, result.json and error reporting.
 
-The contract with the orchestrator (tasks/ runs these over SSH):
-
-    python -m steps <step> --config run.yaml --workdir DIR [--resume] [--force]
-
-* outputs go to DIR/<step>/, and DIR/<step>/result.json is written last, atomically:
-  {"step", "config_hash", "status": "ok", "metrics": {...}, "outputs": [relative paths],
-   "started_at", "finished_at", "seconds", "device"}
-* a step whose result.json already holds the same config hash skips itself (exit 0)
-* progress is printed as lines `PROGRESS {"step": ..., "done": n, "total": m, ...}`
-* failures print `STEP_ERROR {"step", "type", "message", "retryable"}`, write DIR/<step>/error.json
-  and exit 1 (transient: worth a retry) or 3 (deterministic: bad config, OOM, a broken invariant)
+The command line, exit codes, line formats and result.json are the contract with the orchestrator:
+contract/catalogue.py and contract/result_file.py.
 """
 from __future__ import annotations
 
@@ -25,27 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .config import RunConfig
-
-# The config sections each step's outputs depend on: changing bench settings must not retrain.
-STEP_SECTIONS: dict[str, tuple[str, ...]] = {
-    "prepare": ("model", "data"),
-    "train": ("model", "data", "quant", "train"),
-    "convert": ("model", "data", "quant", "train"),
-    "bench": ("model", "data", "quant", "train", "bench"),
-    "evaluate": ("model", "data", "quant", "train", "eval"),
-}
-STEPS = tuple(STEP_SECTIONS)
-
-EXIT_OK, EXIT_RETRYABLE, EXIT_DETERMINISTIC = 0, 1, 3
+from contract.catalogue import ERROR_PREFIX, EXIT_DETERMINISTIC, EXIT_OK, EXIT_RETRYABLE, PROGRESS_PREFIX
+from contract.config import RunConfig
+from contract.result_file import ERROR_FILE, RESULT_FILE, config_hash, is_done, write_json_atomic
 
 
 class StepError(RuntimeError):
     """A deterministic failure: retrying the same step with the same config fails again."""
-
-
-def config_hash(cfg: RunConfig, step: str) -> str:
-    return cfg.section_hash(*STEP_SECTIONS[step])
 
 
 @dataclass
@@ -63,40 +41,21 @@ class StepContext:
     def dir_of(self, step: str) -> Path:
         """Another step's output directory (its result.json must exist: steps run in order)."""
         d = self.workdir / step
-        if not (d / "result.json").is_file():
+        if not (d / RESULT_FILE).is_file():
             raise StepError(f"step {self.step!r} needs the outputs of step {step!r}; run it first")
         return d
 
     def result_of(self, step: str) -> dict:
-        return json.loads((self.dir_of(step) / "result.json").read_text())
+        return json.loads((self.dir_of(step) / RESULT_FILE).read_text())
 
     def log(self, msg: str) -> None:
         print(f"[{self.step}] {msg}", flush=True)
 
     def progress(self, done: int, total: int, **extra: Any) -> None:
-        print("PROGRESS " + json.dumps({"step": self.step, "done": done, "total": total, **extra}), flush=True)
+        print(PROGRESS_PREFIX + json.dumps({"step": self.step, "done": done, "total": total, **extra}), flush=True)
 
     def add_output(self, path: Path) -> None:
         self.outputs.append(str(Path(path).relative_to(self.workdir)))
-
-
-def read_result(workdir: Path, step: str) -> dict | None:
-    p = Path(workdir) / step / "result.json"
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def is_done(cfg: RunConfig, workdir: Path, step: str) -> bool:
-    r = read_result(workdir, step)
-    return bool(r and r.get("status") == "ok" and r.get("config_hash") == config_hash(cfg, step))
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _device() -> str:
@@ -136,7 +95,7 @@ def _classify(exc: BaseException) -> tuple[bool, str]:
     return True, f"{name}: {exc}"
 
 
-def run_step(step: str, cfg: RunConfig, workdir: Path, body: Callable[[StepContext], dict],
+def execute_step(step: str, cfg: RunConfig, workdir: Path, body: Callable[[StepContext], dict],
              resume: bool = False, force: bool = False) -> int:
     """Run one step's body with skipping, result.json and error reporting. Returns the exit code."""
     workdir = Path(workdir)
@@ -146,8 +105,8 @@ def run_step(step: str, cfg: RunConfig, workdir: Path, body: Callable[[StepConte
     if not force and is_done(cfg, workdir, step):
         ctx.log(f"outputs already present for config hash {h}: skipping")
         return EXIT_OK
-    (ctx.out / "result.json").unlink(missing_ok=True)
-    (ctx.out / "error.json").unlink(missing_ok=True)
+    (ctx.out / RESULT_FILE).unlink(missing_ok=True)
+    (ctx.out / ERROR_FILE).unlink(missing_ok=True)
     started = time.time()
     ctx.log(f"starting (config {cfg.name}, hash {h}, workdir {workdir})")
     try:
@@ -159,10 +118,10 @@ def run_step(step: str, cfg: RunConfig, workdir: Path, body: Callable[[StepConte
         traceback.print_exc(file=sys.stderr)
         err = {"step": step, "type": type(exc).__name__, "message": message, "retryable": retryable}
         try:
-            _atomic_write_json(ctx.out / "error.json", err)
+            write_json_atomic(ctx.out / ERROR_FILE, err)
         except OSError:
             pass
-        print("STEP_ERROR " + json.dumps(err), flush=True)
+        print(ERROR_PREFIX + json.dumps(err), flush=True)
         return EXIT_RETRYABLE if retryable else EXIT_DETERMINISTIC
     finished = time.time()
     result = {
@@ -177,6 +136,6 @@ def run_step(step: str, cfg: RunConfig, workdir: Path, body: Callable[[StepConte
         "seconds": round(finished - started, 3),
         "device": _device(),
     }
-    _atomic_write_json(ctx.out / "result.json", result)
+    write_json_atomic(ctx.out / RESULT_FILE, result)
     ctx.log(f"done in {finished - started:.1f}s")
     return EXIT_OK

@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from contract.catalogue import ptq_variant, quantized_variant
+
 from .common import StepContext, StepError
 from .fuse_attention import fuse_encoder_file
 
@@ -398,8 +400,8 @@ def run(ctx: StepContext) -> dict:
     qat_model = ctx.dir_of("train") / "model"
     if not (qat_model / "config.json").is_file():
         raise StepError(f"{qat_model} holds no trained model (config.json missing); rerun the train step")
-    jobs = [(qat_model, "qat_fp32", f"qat_{scheme}"),
-            (Path(resolve_model(cfg.model.name_or_path)), "base_fp32", f"base_ptq_{scheme}")]
+    jobs = [(qat_model, "qat_fp32", quantized_variant(scheme)),
+            (Path(resolve_model(cfg.model.name_or_path)), "base_fp32", ptq_variant(scheme))]
     metrics: dict = {"scheme": scheme, "seconds": {}, "ops": {}, "sizes_mb": {}}
     for i, (src, fp32_name, q_name) in enumerate(jobs):
         ctx.progress(i, len(jobs), model=fp32_name)

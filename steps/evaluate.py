@@ -3,7 +3,7 @@
 Variants: base_fp32 (PyTorch, cfg.model), qat_fp32 (PyTorch, train/model) and every ONNX export
 directory in convert/ (qat_int8, base_ptq_int8, ...; an ONNX dir whose name clashes with a PyTorch
 variant gets "onnx_" before "fp32": convert/qat_fp32 -> qat_onnx_fp32). Missing ones are skipped
-and listed. Both sides are normalized (steps/normalize.py); WER and CER are corpus rates (errors
+and listed. Both sides are normalized (contract/normalize.py); WER and CER are corpus rates (errors
 summed over all utterances), in percent, with 95 % percentile bootstrap intervals over utterances.
 """
 from __future__ import annotations
@@ -17,9 +17,11 @@ from pathlib import Path
 import jiwer
 import numpy as np
 
+from contract.normalize import normalize_french
+from contract.quality import gate_rule
+
 from .common import StepContext, StepError
 from .inference import load_variant
-from .normalize import normalize_french
 
 # Clips per generate call. ONNX models get one clip per call, as served: their int8 activations
 # are quantized with one dynamic range per call (ORT DynamicQuantizeLinear), so a batch would let
@@ -97,21 +99,9 @@ def find_variants(ctx: StepContext) -> tuple[list[tuple[str, str, str]], list[st
 
 
 def gate(cfg, wer: dict[str, float]) -> dict:
-    """Passed iff qat_<scheme> <= qat_fp32 + max_wer_degradation and qat_<scheme> <= base_ptq_<scheme>."""
-    scheme = cfg.quant.scheme
-    qat, fp32, ptq = wer.get(f"qat_{scheme}"), wer.get("qat_fp32"), wer.get(f"base_ptq_{scheme}")
-    max_deg = cfg.eval.max_wer_degradation
-    reasons = []
-    if qat is None:
-        reasons.append(f"qat_{scheme} was not evaluated")
-    if fp32 is None:
-        reasons.append("qat_fp32 was not evaluated")
-    if qat is not None and fp32 is not None and qat > fp32 + max_deg:
-        reasons.append(f"qat_{scheme} WER {qat:.2f} > qat_fp32 WER {fp32:.2f} + {max_deg}")
-    if qat is not None and ptq is not None and qat > ptq:
-        reasons.append(f"qat_{scheme} WER {qat:.2f} > base_ptq_{scheme} WER {ptq:.2f}")
-    return {"passed": not reasons, "scheme": scheme, "qat_wer": qat, "qat_fp32_wer": fp32, "ptq_wer": ptq,
-            "max_wer_degradation": max_deg, "reasons": reasons}
+    """Passed iff qat_<scheme> <= qat_fp32 + max_wer_degradation and qat_<scheme> <= base_ptq_<scheme>
+    (contract/quality.py `gate_rule`, the rule the orchestrator applies again at home)."""
+    return gate_rule(cfg.quant.scheme, cfg.eval.max_wer_degradation, wer)
 
 
 def write_utterances(path: Path, ids, refs, hyps, refs_n, hyps_n, s: Scores) -> None:

@@ -22,8 +22,10 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from contract.config import RunConfig
+from contract.layout import REPO_ROOT
+
 from .common import StepContext, StepError
-from .config import REPO_ROOT, RunConfig
 from .models import load_processor
 
 SPLITS = ("train", "dev", "test")

@@ -1,4 +1,4 @@
-"""Train step: seq2seq fine-tuning of Whisper with quantization-aware training (steps/qat.py).
+"""Train step: seq2seq fine-tuning of Whisper with quantization-aware training (steps/fake_quant.py).
 
 Reads DIR/prepare/{train,dev}/, writes DIR/train/:
   checkpoints/step-N/   model, optimizer, scheduler, RNG and data position (last 2 kept)
@@ -23,8 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import qat
-from .common import StepContext, StepError, config_hash
+from contract.catalogue import CHECKPOINT_DIR, checkpoint_name, checkpoint_number
+from contract.normalize import normalize_french
+from contract.result_file import config_hash
+
+from . import fake_quant
+from .common import StepContext, StepError
 
 KEEP_CHECKPOINTS = 2
 
@@ -124,7 +128,7 @@ def _load_split(prep: Path, split: str):
 
 # ---------------------------------------------------------------- optimisation
 
-def _device_precision(precision: str) -> tuple[torch.device, torch.dtype | None, str]:
+def device_precision(precision: str) -> tuple[torch.device, torch.dtype | None, str]:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if precision == "auto":
@@ -134,7 +138,7 @@ def _device_precision(precision: str) -> tuple[torch.device, torch.dtype | None,
     return device, (torch.bfloat16 if precision == "bf16" else None), precision
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on matrices, none on biases and norm weights."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -153,20 +157,13 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 # ---------------------------------------------------------------- evaluation
 
-def _normalizer():
-    """The same text normalization as the evaluate step (steps/normalize.py)."""
-    from . import normalize
-
-    return getattr(normalize, "normalize_french", None) or normalize.normalize
-
-
 @torch.no_grad()
 def evaluate(model, processor, dev, batch_size: int, device, amp_dtype, language: str, task: str) -> dict:
     """Teacher-forced dev loss (token-weighted) and greedy-decoding corpus WER in percent."""
     import jiwer
 
     rows = _Rows(dev)
-    normalize = _normalizer()
+    normalize = normalize_french  # the same text normalization as the evaluate step
     max_label = max(len(l) for l in dev["labels"])
     max_new = min(max_label + 8, model.config.max_target_positions - 8)
     was_training = model.training
@@ -175,7 +172,7 @@ def evaluate(model, processor, dev, batch_size: int, device, amp_dtype, language
     for start in range(0, len(dev), batch_size):
         batch = rows[list(range(start, min(start + batch_size, len(dev))))]
         feats, labels = batch["input_features"].to(device), batch["labels"].to(device)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             enc = model.model.encoder(feats)  # run once, shared by the loss and generation
             n = int((labels != -100).sum())
             loss_sum += float(model(encoder_outputs=enc, labels=labels).loss) * n
@@ -190,7 +187,7 @@ def evaluate(model, processor, dev, batch_size: int, device, amp_dtype, language
     return {"dev_loss": loss_sum / max(tokens, 1), "dev_wer": wer, "examples": [h for h in hyps[:3]]}
 
 
-def _autocast(device, amp_dtype):
+def autocast(device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
 
@@ -213,16 +210,17 @@ def _set_rng_state(state: dict) -> None:
 
 def _checkpoints(root: Path) -> list[tuple[int, Path]]:
     found = []
-    for p in root.glob("step-*") if root.is_dir() else []:
-        if p.is_dir() and p.name[5:].isdigit() and (p / "state.pt").is_file():
-            found.append((int(p.name[5:]), p))
+    for p in root.iterdir() if root.is_dir() else []:
+        n = checkpoint_number(p.name)
+        if n is not None and p.is_dir() and (p / "state.pt").is_file():
+            found.append((n, p))
     return sorted(found)
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, micro: int, chash: str) -> Path:
     """Write checkpoints/step-N/ through a temporary directory and a rename; keep the last 2."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp, final = root / f".step-{step}.tmp", root / f"step-{step}"
+    tmp, final = root / f".{checkpoint_name(step)}.tmp", root / checkpoint_name(step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     torch.save(model.state_dict(), tmp / "model.pt")
@@ -265,8 +263,8 @@ def _read_history(path: Path, upto: int) -> list[dict]:
 
 
 def save_final(out: Path, model, processor) -> Path:
-    """qat.convert, then save_pretrained model + processor into `out` through a temporary directory."""
-    model = qat.convert(model)
+    """fake_quant.convert, then save_pretrained model + processor into `out` through a temporary directory."""
+    model = fake_quant.convert(model)
     if model.is_gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.config.use_cache = True
@@ -287,7 +285,7 @@ def run(ctx: StepContext) -> dict:
     train_ds, dev_ds = _load_split(prep, "train"), _load_split(prep, "dev")
     if len(train_ds) == 0:
         raise StepError(f"the prepared train split in {prep} is empty; check data.* and rerun prepare")
-    device, amp_dtype, precision = _device_precision(tc.precision)
+    device, amp_dtype, precision = device_precision(tc.precision)
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)
@@ -296,7 +294,7 @@ def run(ctx: StepContext) -> dict:
     processor = load_processor(cfg.model.name_or_path)
     if tc.freeze_encoder:
         model.model.encoder.requires_grad_(False)
-    n_fq = qat.prepare(model, cfg.quant)
+    n_fq = fake_quant.prepare(model, cfg.quant)
     ctx.log(f"QAT {cfg.quant.scheme}: {n_fq} fake-quantized Linear layers")
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -304,13 +302,13 @@ def run(ctx: StepContext) -> dict:
     model.to(device).train()
     cache = EncoderCache.for_run(model, tc, len(train_ds), amp_dtype or torch.float32, ctx.log)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.learning_rate,
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.learning_rate,
                                   fused=device.type == "cuda")
     batches = MicroBatches(len(train_ds), tc.per_device_batch_size, tc.seed)
     total = tc.max_steps or max(1, math.ceil(tc.epochs * batches.per_epoch / tc.grad_accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc.warmup_steps, total))
 
-    ckpt_root, hist_path, chash = ctx.out / "checkpoints", ctx.out / "history.jsonl", config_hash(cfg, "train")
+    ckpt_root, hist_path, chash = ctx.out / CHECKPOINT_DIR, ctx.out / "history.jsonl", config_hash(cfg, "train")
     step, history = 0, []
     ckpts = _checkpoints(ckpt_root)
     if ctx.resume and ckpts:
@@ -353,7 +351,7 @@ def run(ctx: StepContext) -> dict:
         for _ in range(micro_per_step):
             batch = next(stream)
             feats, labels = batch["input_features"].to(device), batch["labels"].to(device)
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 if cache is not None:
                     loss = model(encoder_outputs=(cache(batch["rows"], feats),), labels=labels).loss
                 else:

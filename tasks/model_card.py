@@ -1,18 +1,21 @@
 """The model card (README.md) uploaded with the model: metadata + results, all from measured metrics.
 
 Every figure comes from the `metrics` passed in (the steps' result.json) or from the run config;
+the results table and the gate verdict are tasks/scorecard.py's, the same as in the run report, and
 a figure that was not measured is written 'not measured', never guessed.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from pathlib import Path
 
 import yaml
 
-from steps.config import RunConfig
+from contract.catalogue import quantized_variant
+from contract.config import RunConfig
 
-NOT_MEASURED = "not measured"
+from .scorecard import figure, gate_verdict, measured, results_markdown, results_table, variants
+
 LANGUAGES = {"fr": "French", "en": "English", "de": "German", "es": "Spanish", "it": "Italian"}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 SCHEMES = {
@@ -23,19 +26,9 @@ SCHEMES = {
 }
 
 
-def _num(x: Any) -> Optional[float]:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
-
-
-def _fmt(x: Any, spec: str, suffix: str = "") -> str:
-    v = _num(x)
-    return NOT_MEASURED if v is None else format(v, spec) + suffix
-
-
-def variants(scheme: str) -> list[tuple[str, str]]:
-    """(variant name, label) rows of the results table, in reading order."""
-    return [("base_fp32", "baseline (fp32, PyTorch)"), (f"base_ptq_{scheme}", f"PTQ {scheme} (baseline quantized, no QAT)"),
-            ("qat_fp32", "QAT-trained model, fp32 (PyTorch)"), (f"qat_{scheme}", f"**QAT {scheme} (this model)**")]
+def is_hub_id(name_or_path: str) -> bool:
+    """`owner/name` that is not a directory here: the Hub can link the card to it (`base_model`)."""
+    return bool(HUB_ID.match(name_or_path)) and not Path(name_or_path).exists()
 
 
 def _dataset(cfg: RunConfig) -> dict:
@@ -51,15 +44,15 @@ def _dataset(cfg: RunConfig) -> dict:
 def _front_matter(cfg: RunConfig, metrics: dict) -> dict:
     scheme, ev = cfg.quant.scheme, metrics.get("evaluate") or {}
     meta: dict = {"license": cfg.hub.license, "language": [cfg.model.language]}
-    if HUB_ID.match(cfg.model.name_or_path):
+    if is_hub_id(cfg.model.name_or_path):  # the Hub's link to the parent model
         meta["base_model"] = cfg.model.name_or_path
-    if cfg.data.source == "hf":
+    if cfg.data.source == "hf":  # the Hub's link to the data
         meta["datasets"] = [cfg.data.dataset]
     meta.update({"library_name": "transformers", "pipeline_tag": "automatic-speech-recognition",
                  "tags": ["whisper", "onnx", scheme, "qat", "quantization-aware-training", "optimum", "onnxruntime"]})
     results = []
     for key, label in (("wer", "WER"), ("cer", "CER")):
-        v = _num((ev.get(key) or {}).get(f"qat_{scheme}"))
+        v = measured((ev.get(key) or {}).get(quantized_variant(scheme)))
         if v is not None:
             results.append({"type": key, "value": round(v, 2), "name": f"Test {label} (%)"})
     if results:
@@ -70,43 +63,10 @@ def _front_matter(cfg: RunConfig, metrics: dict) -> dict:
     return meta
 
 
-def results_rows(cfg: RunConfig, metrics: dict) -> list[dict]:
-    """Per variant: WER, CI, CER, size, latency, speed-up vs base_fp32; strings, 'not measured' when absent."""
-    ev, be, cv = (metrics.get(k) or {} for k in ("evaluate", "bench", "convert"))
-    # Bench names variants as evaluate does (qat_fp32 = PyTorch); convert names its directories.
-    sizes = {k: v for src in (cv.get("sizes_mb"), be.get("sizes_mb"), be.get("size_mb")) for k, v in (src or {}).items()
-             if _num(v) is not None}  # later sources win: what bench measured per variant
-    lat = be.get("latency_s") or {}
-    ref = _num(lat.get("base_fp32")) or _num(lat.get("qat_fp32"))  # PyTorch fp32: the speed reference
-    rows = []
-    for name, label in variants(cfg.quant.scheme):
-        ci = (ev.get("wer_ci") or {}).get(name)
-        mine = _num(lat.get(name))
-        rows.append({
-            "variant": name, "label": label,
-            "wer": _fmt((ev.get("wer") or {}).get(name), ".2f"),
-            "wer_ci": (f"{_fmt(ci[0], '.2f')} to {_fmt(ci[1], '.2f')}"
-                       if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in map(_num, ci) else NOT_MEASURED),
-            "cer": _fmt((ev.get("cer") or {}).get(name), ".2f"),
-            "size": _fmt(sizes.get(name), ".1f"),
-            "latency": _fmt(mine, ".3f"),
-            "speedup": _fmt(ref / mine, ".2f", "x") if ref and mine else NOT_MEASURED,
-        })
-    return rows
-
-
-def _gate_text(cfg: RunConfig, gate: dict) -> str:
-    if not gate or "passed" not in gate:
-        return f"Quality gate: {NOT_MEASURED}."
-    scheme = cfg.quant.scheme
-    allowed = gate.get("max_wer_degradation", cfg.eval.max_wer_degradation)
-    verdict = "**passed**" if gate["passed"] else "**FAILED**"
-    text = (f"Quality gate {verdict}: QAT {scheme} WER {_fmt(gate.get('qat_wer'), '.2f', ' %')} against the QAT fp32 "
-            f"export's {_fmt(gate.get('qat_fp32_wer'), '.2f', ' %')}, at most {_fmt(allowed, 'g')} WER points lost allowed")
-    if _num(gate.get("ptq_wer")) is not None:
-        text += f"; plain PTQ {scheme} of the baseline: {_fmt(gate['ptq_wer'], '.2f', ' %')}"
-    reasons = [str(r) for r in gate.get("reasons") or []]
-    return text + "." + ("".join(f"\n- {r}" for r in reasons) if reasons and not gate["passed"] else "")
+def _card_rows(cfg: RunConfig, metrics: dict) -> list[dict]:
+    """The scorecard's rows for the card's comparison (baseline, PTQ, QAT fp32, this model)."""
+    shown = {name for name, _ in variants(cfg.quant.scheme)}
+    return [r for r in results_table(cfg.quant.scheme, metrics) if r["variant"] in shown]
 
 
 def _training_lines(cfg: RunConfig, train: dict) -> list[str]:
@@ -114,8 +74,8 @@ def _training_lines(cfg: RunConfig, train: dict) -> list[str]:
     lines = [f"- {t.length}, learning rate {t.learning_rate:g}, batch {t.per_device_batch_size} x {t.grad_accum} "
              f"accumulation, warm-up {t.warmup_steps} steps, weight decay {t.weight_decay:g}"
              + (", encoder frozen" if t.freeze_encoder else "")]
-    measured = [(k, v) for k, v in sorted(train.items()) if _num(v) is not None]
-    lines += [f"- {k.replace('_', ' ')}: {_fmt(v, '.4g')}" for k, v in measured]
+    recorded = [(k, v) for k, v in sorted(train.items()) if measured(v) is not None]
+    lines += [f"- {k.replace('_', ' ')}: {figure(v, '.4g')}" for k, v in recorded]
     return lines
 
 
@@ -128,7 +88,7 @@ def render_model_card(cfg: RunConfig, metrics: dict) -> str:
     ev, train = metrics.get("evaluate") or {}, metrics.get("train") or {}
     repo = cfg.hub.repo_id or f"<owner>/{cfg.name}"
     base = cfg.model.name_or_path
-    base_link = f"[`{base}`](https://huggingface.co/{base})" if HUB_ID.match(base) else f"`{base}`"
+    base_link = f"[`{base}`](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}`"
     scheme_text = SCHEMES[scheme].format(group_size=cfg.quant.group_size)
     source = (f"`{d.dataset}`" + (f" (config `{d.config}`)" if d.config else "")) if d.source == "hf" else f"the local manifest `{d.manifest}`"
 
@@ -146,15 +106,13 @@ def render_model_card(cfg: RunConfig, metrics: dict) -> str:
              *_training_lines(cfg, train), "",
              "## Results", "",
              f"Test split `{d.test_split}` of {source}. WER and CER in percent after text normalization (corpus level, "
-             "95 % bootstrap interval on WER); size on disk includes external ONNX data; latency is seconds per clip "
-             f"measured by the bench step ({cfg.bench.threads} threads); speed-up is relative to the fp32 baseline.", "",
-             "| variant | WER % | WER 95 % CI | CER % | size MB | latency s/clip | speed-up |",
-             "|---|---:|---|---:|---:|---:|---:|"]
-    for r in results_rows(cfg, metrics):
-        lines.append(f"| {r['label']} | {r['wer']} | {r['wer_ci']} | {r['cer']} | {r['size']} | {r['latency']} | {r['speedup']} |")
-    if _num(ev.get("n_utterances")) is not None:
+             "95 % bootstrap interval on WER); size on disk is the weights (safetensors for PyTorch, ONNX files with "
+             "their external data); latency is seconds per clip measured by the bench step "
+             f"({cfg.bench.threads} threads); speed-up is relative to the model in fp32 PyTorch.", "",
+             *results_markdown(_card_rows(cfg, metrics))]
+    if measured(ev.get("n_utterances")) is not None:
         lines += ["", f"Scored on {int(ev['n_utterances'])} test utterances."]
-    lines += ["", _gate_text(cfg, ev.get("gate") or {}), "",
+    lines += ["", gate_verdict(ev.get("gate") or {}, scheme, cfg.eval.max_wer_degradation), "",
               "## How to use", "",
               "```python",
               "from optimum.onnxruntime import ORTModelForSpeechSeq2Seq",

@@ -1,7 +1,8 @@
 """What the Prefect dashboard shows: the run report, tables, the chart and the model link.
 
 Keys are stable (per config name) so versions accumulate across runs. Every figure comes from the
-steps' result.json files and the measured timings of this run."""
+steps' result.json files and the measured timings of this run; the results table and the gate
+verdict are tasks/scorecard.py's, the same as in the model card."""
 from __future__ import annotations
 
 import base64
@@ -13,31 +14,10 @@ from prefect import task
 from prefect.artifacts import (create_image_artifact, create_link_artifact, create_markdown_artifact,
                                create_table_artifact)
 
+from contract.config import RunConfig
 from infra.machine import Lease
-from steps.config import RunConfig
 
-
-def _num(x, fmt="{:.2f}") -> str:
-    return fmt.format(x) if isinstance(x, (int, float)) else "n/a"
-
-
-def variant_rows(results: dict) -> list[dict]:
-    """One row per model variant: WER/CER from evaluate, size and latency from bench."""
-    ev = (results.get("evaluate") or {}).get("metrics", {})
-    be = (results.get("bench") or {}).get("metrics", {})
-    wer, cer, ci = ev.get("wer", {}), ev.get("cer", {}), ev.get("wer_ci", {})
-    sizes, lat = be.get("sizes_mb") or be.get("size_mb") or {}, be.get("latency_s", {})
-    ref = lat.get("base_fp32") or lat.get("qat_fp32")  # PyTorch fp32: the speed reference
-    rows = []
-    for v in sorted(set(wer) | set(sizes) | set(lat)):
-        rows.append({
-            "variant": v,
-            "wer_pct": wer.get(v), "cer_pct": cer.get(v),
-            "wer_ci95": "-".join(_num(x, "{:.1f}") for x in ci[v]) if v in ci else None,
-            "size_mb": sizes.get(v), "latency_s": lat.get(v),
-            "speedup": round(ref / lat[v], 2) if ref and lat.get(v) else None,
-        })
-    return rows
+from .scorecard import gate_verdict, results_markdown, results_table, step_metrics
 
 
 def chart_png(rows: list[dict]) -> Optional[bytes]:
@@ -69,7 +49,7 @@ def chart_png(rows: list[dict]) -> Optional[bytes]:
 
 def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: list[dict],
                   estimate: dict, gate: dict, link: dict) -> str:
-    rows = variant_rows(results)
+    rows = results_table(cfg.quant.scheme, step_metrics(results))
     totals = [r for r in costs if r["step"].endswith("total")]
     total_s = sum(r["seconds"] for r in totals)
     total_usd = sum(r["usd"] for r in totals)
@@ -91,13 +71,8 @@ def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: 
     lines += ["## Timings and cost", "", "| step | seconds | $ |", "|---|---:|---:|"]
     lines += [f"| {r['step']} | {r['seconds']:.1f} | {r['usd']:.4f} |" for r in costs if r not in totals]
     lines += [f"| **total (machine life, creation to confirmed destroy)** | **{total_s:.1f}** | **{total_usd:.4f}** |", ""]
-    lines += ["## Results (test set)", "",
-              "| variant | WER % | CER % | WER 95% CI | size MB | latency s/clip | speed-up |", "|---|---:|---:|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {_num(r['wer_pct'])} | {_num(r['cer_pct'])} | {r['wer_ci95'] or 'n/a'} | "
-                     f"{_num(r['size_mb'], '{:.1f}')} | {_num(r['latency_s'], '{:.3f}')} | {_num(r['speedup'], '{:.2f}x')} |")
-    verdict = "PASSED" if gate.get("passed") else "FAILED"
-    lines += ["", "## Quality gate", "", f"**{verdict}**: {gate.get('reason', '')}", ""]
+    lines += ["## Results (test set)", "", *results_markdown(rows, name="variant"), ""]
+    lines += ["## Quality gate", "", gate_verdict(gate, cfg.quant.scheme, cfg.eval.max_wer_degradation), ""]
     lines += ["## Links", "", f"- model: {link.get('url') or link.get('path')}", ""]
     if not link.get("uploaded"):
         lines.append(f"- not uploaded: {link.get('reason', '')}")
@@ -113,9 +88,10 @@ def publish_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs:
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "report.md").write_text(md)
     create_markdown_artifact(md, key=f"{key}-report", description=f"QAT run report ({cfg.name})")
-    rows = variant_rows(results)
-    if rows:
-        create_table_artifact(rows, key=f"{key}-metrics", description="metrics per variant (test set)")
+    rows = results_table(cfg.quant.scheme, step_metrics(results))
+    measured_rows = [r for r in rows if any(r[k] is not None for k in ("wer_pct", "cer_pct", "size_mb", "latency_s"))]
+    if measured_rows:
+        create_table_artifact(measured_rows, key=f"{key}-metrics", description="metrics per variant (test set)")
     if costs:
         create_table_artifact(costs, key=f"{key}-cost", description="seconds and dollars per step (dph_total x time)")
     png = chart_png(rows)

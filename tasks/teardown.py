@@ -1,11 +1,10 @@
-"""The layers of teardown beyond the flow's `finally`: hooks that find the machine by its label
-(the flow run id, never in-memory state), and the checks the reaper uses."""
+"""The layer of teardown beyond the flow's `finally`: the on_crashed / on_cancellation hook finds the
+machine by its label (the flow run id, never in-memory state)."""
 from __future__ import annotations
 
 import logging
 
 from infra import provision
-from infra.machine import Lease
 
 from . import secrets
 
@@ -34,10 +33,3 @@ def destroy_by_label(flow, flow_run, state) -> None:
     except Exception as e:  # the reaper is the next layer
         log.error("teardown hook (%s) could not destroy %s: %s; the reap flow will", state.name, label,
                   secrets.redact(str(e)))
-
-
-def machine_alive(lease: Lease) -> bool:
-    try:
-        return provision.is_alive(lease, api_key=secrets.vast_api_key(), server_url=secrets.vast_url())
-    except Exception:
-        return False

@@ -24,7 +24,7 @@ import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -367,6 +367,17 @@ class _Handler(BaseHTTPRequestHandler):
         return self.state.user(self.headers.get("Authorization"))
 
 
+_ROUTES: list[tuple[str, str, Callable]] = []  # (method, path regex, handler); paths match whole, so order is free
+
+
+def _route(method: str, pattern: str) -> Callable[[Callable], Callable]:
+    """Register the decorated handler for `method` on paths that fully match `pattern`."""
+    def register(fn: Callable) -> Callable:
+        _ROUTES.append((method, pattern, fn))
+        return fn
+    return register
+
+
 def _check_rev(rev: str, meta: Optional[dict] = None) -> None:
     """Only 'main' and (for reads) the id of its head commit exist here."""
     if unquote(rev) != "main" and not (meta and unquote(rev) == meta["sha"]):
@@ -374,6 +385,7 @@ def _check_rev(rev: str, meta: Optional[dict] = None) -> None:
                        "RevisionNotFound")
 
 
+@_route("GET", r"/api/whoami-v2")
 def _whoami(h: _Handler, g, q, body, method):
     user = h.who()
     if user is None:
@@ -382,11 +394,13 @@ def _whoami(h: _Handler, g, q, body, method):
                   "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user[1]}}})
 
 
+@_route("POST", r"/api/repos/create")
 def _create(h: _Handler, g, q, body, method):
     status, payload = h.state.create_repo(h.who(), json.loads(body or b"{}"), PUBLIC_URL)
     h._send(status, payload)
 
 
+@_route("PUT", rf"/api/models/{REPO}/settings")
 def _settings(h: _Handler, g, q, body, method):
     repo_id, user = g["repo"], h.who()
     h.state.need_read(user, repo_id)
@@ -400,6 +414,7 @@ def _settings(h: _Handler, g, q, body, method):
     h._send(200, {"private": meta["private"]})
 
 
+@_route("POST", r"/api/validate-yaml")
 def _validate_yaml(h: _Handler, g, q, body, method):
     errors = validate_card_metadata(json.loads(body).get("content", ""))
     if errors:
@@ -408,6 +423,8 @@ def _validate_yaml(h: _Handler, g, q, body, method):
         h._send(200, {"warnings": []})
 
 
+@_route("GET", rf"/api/models/{REPO}/revision/{REV}")
+@_route("GET", rf"/api/models/{REPO}")
 def _info(h: _Handler, g, q, body, method):
     meta = h.state.need_read(h.who(), g["repo"])
     if g.get("rev"):
@@ -415,6 +432,7 @@ def _info(h: _Handler, g, q, body, method):
     h._send(200, h.state.info(g["repo"], meta))
 
 
+@_route("GET", rf"/api/models/{REPO}/tree/{REV}(?:/(?P<path>.+))?")
 def _tree(h: _Handler, g, q, body, method):
     meta = h.state.need_read(h.who(), g["repo"])
     _check_rev(g["rev"], meta)
@@ -422,6 +440,7 @@ def _tree(h: _Handler, g, q, body, method):
     h._send(200, h.state.tree(meta, g.get("path") or "", recursive))
 
 
+@_route("POST", rf"/api/models/{REPO}/preupload/{REV}")
 def _preupload(h: _Handler, g, q, body, method):
     _check_rev(g["rev"])
     repo_id, user = g["repo"], h.who()
@@ -436,6 +455,7 @@ def _preupload(h: _Handler, g, q, body, method):
     h._send(200, {"files": files, "commitOid": meta["sha"]})
 
 
+@_route("POST", rf"/{REPO}\.git/info/lfs/objects/batch")
 def _lfs_batch(h: _Handler, g, q, body, method):
     repo_id, user = g["repo"], h.who()
     h.state.need_read(user, repo_id)
@@ -458,6 +478,7 @@ def _lfs_batch(h: _Handler, g, q, body, method):
     h._send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
 
 
+@_route("PUT", r"/lfs-upload/(?P<ticket>[\w-]+)")
 def _lfs_put(h: _Handler, g, q, body, method):
     with h.state.lock:
         ticket = h.state.upload_tickets.pop(g["ticket"], None)
@@ -473,6 +494,7 @@ def _lfs_put(h: _Handler, g, q, body, method):
     h._send(200, raw=b"", headers={"ETag": f'"{hashlib.md5(body).hexdigest()}"'})
 
 
+@_route("POST", rf"/{REPO}\.git/info/lfs/objects/verify")
 def _lfs_verify(h: _Handler, g, q, body, method):
     repo_id, user = g["repo"], h.who()
     h.state.need_write(user, repo_id)
@@ -483,6 +505,7 @@ def _lfs_verify(h: _Handler, g, q, body, method):
     h._send(200, {"message": "Object verified"})
 
 
+@_route("POST", rf"/api/models/{REPO}/commit/{REV}")
 def _commit(h: _Handler, g, q, body, method):
     _check_rev(g["rev"])
     repo_id, user = g["repo"], h.who()
@@ -494,6 +517,7 @@ def _commit(h: _Handler, g, q, body, method):
                   "pullRequestUrl": None})
 
 
+@_route("GET", rf"/{REPO}/resolve/{REV}/(?P<path>.+)")
 def _resolve(h: _Handler, g, q, body, method):
     repo_id = g["repo"]
     meta = h.state.need_read(h.who(), repo_id)
@@ -507,23 +531,6 @@ def _resolve(h: _Handler, g, q, body, method):
         headers.update({"X-Linked-Etag": f'"{f["lfs"]}"', "X-Linked-Size": str(f["size"])})
     data = b"" if method == "HEAD" else h.state.file_path(repo_id, g["path"]).read_bytes()
     h._send(200, headers=headers, raw=data, head=method == "HEAD")
-
-
-_ROUTES = [
-    ("GET", r"/api/whoami-v2", _whoami),
-    ("POST", r"/api/repos/create", _create),
-    ("POST", r"/api/validate-yaml", _validate_yaml),
-    ("PUT", rf"/api/models/{REPO}/settings", _settings),
-    ("GET", rf"/api/models/{REPO}/tree/{REV}(?:/(?P<path>.+))?", _tree),
-    ("GET", rf"/api/models/{REPO}/revision/{REV}", _info),
-    ("GET", rf"/api/models/{REPO}", _info),
-    ("POST", rf"/api/models/{REPO}/preupload/{REV}", _preupload),
-    ("POST", rf"/api/models/{REPO}/commit/{REV}", _commit),
-    ("POST", rf"/{REPO}\.git/info/lfs/objects/batch", _lfs_batch),
-    ("POST", rf"/{REPO}\.git/info/lfs/objects/verify", _lfs_verify),
-    ("PUT", r"/lfs-upload/(?P<ticket>[\w-]+)", _lfs_put),
-    ("GET", rf"/{REPO}/resolve/{REV}/(?P<path>.+)", _resolve),
-]
 
 
 class _Server(ThreadingHTTPServer):

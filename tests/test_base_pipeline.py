@@ -12,8 +12,8 @@ import pytest
 from onnx import helper
 
 from steps import convert, evaluate, prepare, train
-from steps.common import run_step
-from steps.config import load_config
+from steps.common import execute_step
+from contract.config import load_config
 
 # Measured on this configuration (2 CPU threads, 12 test clips): base_fp32 77.8 %, base_ptq_int8
 # 86.1 %, qat_fp32 30.6 %, qat_int8 30.6 % (dev WER 95 -> 39 % over the 6 steps). The bound leaves
@@ -32,7 +32,7 @@ def base_run(tmp_path_factory):
     cfg = load_config("demo", OVERRIDES)
     work = tmp_path_factory.mktemp("base-pipeline")
     for name, module in (("prepare", prepare), ("train", train), ("convert", convert), ("evaluate", evaluate)):
-        assert run_step(name, cfg, work, module.run) == 0, (work / name / "error.json").read_text()
+        assert execute_step(name, cfg, work, module.run) == 0, (work / name / "error.json").read_text()
     return cfg, work
 
 

@@ -1,7 +1,7 @@
-"""steps/bench.py, bench/run_bench.py (targets, report) and bench/gpu_probe.py on tiny shapes."""
+"""steps/bench.py, benchmarks/run_bench.py (targets, report) and benchmarks/gpu_probe.py on tiny shapes."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -10,17 +10,14 @@ import numpy as np
 import pytest
 
 from steps import bench, convert
-from steps.common import run_step
+from steps.common import execute_step
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +33,14 @@ def bench_workdir(tmp_path_factory, tiny_model_dir, french_manifest):
     shutil.copytree(tiny_model_dir, workdir / "train" / "model")
     for step in ("prepare", "train"):
         (workdir / step / "result.json").write_text(json.dumps({"status": "ok", "metrics": {}}))
-    assert run_step("convert", tiny_config(), workdir, convert.run) == 0
+    assert execute_step("convert", tiny_config(), workdir, convert.run) == 0
     return workdir
 
 
 @pytest.mark.slow  # a fresh process per variant for peak RSS: minutes on a shared 2-core CPU
 def test_bench_step_measures_every_variant(bench_workdir):
     cfg = tiny_config(**{"bench.warmup": 1})
-    assert run_step("bench", cfg, bench_workdir, bench.run) == 0
+    assert execute_step("bench", cfg, bench_workdir, bench.run) == 0
     results = json.loads((bench_workdir / "bench" / "results.json").read_text())
     assert results["clips"] == 2 and results["decoding"]["forced_tokens"] == cfg.bench.forced_tokens
     v = results["variants"]
@@ -123,14 +120,14 @@ def test_report_explains_misses_with_figures_and_says_gpu_not_measured():
     rb = _load_script("run_bench")
     r = _fake_results()
     r["targets"] = rb.targets(r)
-    text = rb.render_report(r, gpu=None)
+    text = rb.render_bench_report(r, gpu=None)
     assert "GPU not measured this session" in text
     assert "| onnx_int8 | 80.0 |" in text
     assert "`int4_size_ratio`" in text and "20.0 MB are still float32" in text
     assert "VNNI/AMX): no" in text
     gpu = {"is_gpu": True, "device": "H100", "shapes": "large-v3-distil", "batch": 16, "precision": "bf16 autocast",
            "gradient_checkpointing": False, "results": {"plain": {"samples_per_s": 42.7, "s_per_step": 0.37, "peak_vram_gib": 50.5}}}
-    assert "| plain | 42.7 |" in rb.render_report(r, gpu)
+    assert "| plain | 42.7 |" in rb.render_bench_report(r, gpu)
 
 
 def test_gpu_probe_runs_on_cpu_with_tiny_shapes(tmp_path):

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from steps.common import config_hash
-from steps.config import CONFIG_DIR, ConfigError, load_config, parse_config
+from contract.result_file import config_hash
+from contract.config import ConfigError, load_config, parse_config
+from contract.layout import CONFIG_DIR
 
 SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
@@ -84,3 +85,61 @@ def test_property_unknown_quantization_is_refused(scheme):
 def test_property_garbage_documents_never_pass_or_crash(raw):
     with pytest.raises(ConfigError):
         parse_config(raw)
+
+
+# ---------------------------------------------------------------- inf / nan, Hub repo ids
+
+def _float_fields() -> list[str]:
+    """Every float field of the schema, dotted (machine.max_cost_usd, train.epochs, ...)."""
+    from contract.config import _floats
+
+    return [path for path, _ in _floats(load_config("tiny"))] + ["machine.vast.bid_dph"]
+
+
+def test_every_float_field_is_found():
+    fields = _float_fields()
+    assert {"machine.max_cost_usd", "train.epochs", "eval.max_wer_degradation", "machine.vast.max_dph",
+            "data.max_seconds", "train.learning_rate", "machine.planned_hours"} <= set(fields)
+    assert "train.seed" not in fields and "machine.vast.num_gpus" not in fields
+
+
+@pytest.mark.parametrize("field", _float_fields())
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), "inf", "NaN", " -Infinity ", "1e999", 10**400])
+def test_inf_and_nan_are_refused_for_every_float_field(field, value):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", {field: value})
+    assert f"{field}: must be a finite number" in str(e.value)
+
+
+def test_inf_is_refused_even_past_load_config():
+    from contract.config import RunConfig
+
+    raw = load_config("tiny").model_dump()
+    raw["machine"]["max_cost_usd"] = float("inf")
+    with pytest.raises(ValueError, match="machine.max_cost_usd must be a finite number"):
+        RunConfig.model_validate(raw)
+
+
+def test_finite_floats_and_non_float_fields_are_untouched():
+    cfg = load_config("tiny", {"machine.max_cost_usd": "12.5", "train.epochs": 1e-3, "name": "nan", "hub.license": "inf"})
+    assert (cfg.machine.max_cost_usd, cfg.train.epochs, cfg.name, cfg.hub.license) == (12.5, 1e-3, "nan", "inf")
+
+
+@pytest.mark.parametrize("repo_id", ["alice/whisper-qat", "A_b.c/x.y_z-1", "a/b", "alice/" + "x" * 96, "0/_x_",
+                                     "your-hf-user/whisper-large-v3-distil-fr-qat-int8"])
+def test_good_repo_ids_load(repo_id):
+    assert load_config("tiny", {"hub.repo_id": repo_id}).hub.repo_id == repo_id
+
+
+@pytest.mark.parametrize("repo_id, words", [
+    ("alice", "'owner/name'"), ("alice/", "'owner/name'"), ("/m", "'owner/name'"), ("a/b/c", "'owner/name'"),
+    ("alice/m--x", "no '--'"), ("alice/m..x", "name 'm..x'"), ("al--ice/m", "owner 'al--ice'"),
+    ("alice/-m", "not starting or ending"), ("alice/m-", "not starting or ending"), ("alice/.m", "name '.m'"),
+    ("alice/m.", "name 'm.'"), (".alice/m", "owner '.alice'"), ("alice/" + "x" * 97, "at most 96"),
+    ("alice/m x", "letters, digits"), ("alice/é", "letters, digits"), ("alice/m\n", "letters, digits"),
+    ("alice/m;rm -rf", "letters, digits"), ("alice/..", "name '..'"), ("alice/m/", "'owner/name'"),
+])
+def test_bad_repo_ids_are_refused_at_load_config(repo_id, words):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", {"hub.repo_id": repo_id})
+    assert "hub.repo_id" in str(e.value) and words in str(e.value)

@@ -12,7 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from steps import convert
-from steps.common import StepError, run_step
+from steps.common import StepError, execute_step
 from tests.conftest import tiny_config
 
 
@@ -45,7 +45,7 @@ def converted_int8(tmp_path_factory, tiny_model_dir):
     workdir = tmp_path_factory.mktemp("convert-int8")
     cfg = tiny_config()
     _fake_train(workdir, tiny_model_dir, cfg)
-    assert run_step("convert", cfg, workdir, convert.run) == 0
+    assert execute_step("convert", cfg, workdir, convert.run) == 0
     return workdir
 
 
@@ -210,6 +210,6 @@ def test_fold_transposed_weights_keeps_the_math():
 def test_missing_train_output_is_a_clear_error(tmp_path):
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "result.json").write_text("{}")
-    assert run_step("convert", tiny_config(), tmp_path, convert.run) == 3
+    assert execute_step("convert", tiny_config(), tmp_path, convert.run) == 3
     err = json.loads((tmp_path / "convert" / "error.json").read_text())
     assert "rerun the train step" in err["message"]

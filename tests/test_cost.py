@@ -1,7 +1,7 @@
 """CostMeter: per-step and total dollars from $/h and the machine's life; the budget cap."""
 import pytest
 
-from infra.cost import BudgetExceeded, CostMeter, estimate
+from infra.cost import BudgetExceeded, CostMeter
 from infra.machine import Lease
 
 
@@ -50,7 +50,6 @@ def test_budget_cap():
         meter.check_budget()
 
 
-def test_no_cap_and_estimate():
+def test_no_cap():
     meter = CostMeter(dph=100.0, created_at=0.0, clock=lambda: 1e6)
     assert not meter.over_budget()
-    assert estimate(0.3451, 6) == {"dph": 0.3451, "planned_hours": 6, "estimated_usd": 2.0706}

@@ -14,7 +14,7 @@ import pytest
 import requests
 from vastai import VastAI
 
-from infra.emulator.sshd import make_client_key, pid_alive, port_open
+from devtools.emulator.sshd import make_client_key, pid_alive, port_open
 
 ONSTART = "mkdir -p ~/.ssh && echo '{pub}' >> ~/.ssh/authorized_keys && echo onstart-ran-in-$PWD"
 

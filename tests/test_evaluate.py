@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from steps import evaluate
-from steps.common import run_step
-from steps.config import parse_config
-from steps.config import load_config
+from steps.common import execute_step
+from contract.config import parse_config
+from contract.config import load_config
 
 
 def test_score_counts_corpus_errors_not_mean_of_rates():
@@ -66,7 +66,7 @@ def test_evaluate_tiny_run(prepared_tiny, tiny_onnx_dir, tiny_model_dir, tmp_pat
     shutil.copytree(tiny_model_dir, work / "train" / "model")  # stands in for the trained model
     shutil.copytree(tiny_onnx_dir, work / "convert" / "qat_int8")  # stands in for the quantized export
     (work / "convert" / "not_a_model").mkdir()
-    assert run_step("evaluate", load_config("tiny"), work, evaluate.run) == 0
+    assert execute_step("evaluate", load_config("tiny"), work, evaluate.run) == 0
     m = json.loads((work / "evaluate" / "result.json").read_text())["metrics"]
     assert set(m["wer"]) == {"base_fp32", "qat_fp32", "qat_int8"}
     assert m["n_utterances"] == 4 and m["missing"] == []
@@ -100,7 +100,7 @@ def test_find_variants_names_onnx_dirs(tmp_path):
 def test_evaluate_without_train_or_convert_scores_the_base(prepared_tiny, tmp_path):
     work = tmp_path / "w"
     shutil.copytree(prepared_tiny / "prepare", work / "prepare")
-    assert run_step("evaluate", load_config("tiny"), work, evaluate.run) == 0
+    assert execute_step("evaluate", load_config("tiny"), work, evaluate.run) == 0
     m = json.loads((work / "evaluate" / "result.json").read_text())["metrics"]
     assert list(m["wer"]) == ["base_fp32"] and len(m["missing"]) == 2
     assert not m["gate"]["passed"] and "qat_int8 was not evaluated" in m["gate"]["reasons"]

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from steps.config import load_config
+from contract.config import load_config
 from tasks.gate import quality_gate
-from tasks.report import render_report, variant_rows
+from tasks.report import render_report
 from tasks.retry import StepFailed, is_transient
+from tasks.scorecard import results_table, step_metrics
 
 DAG = ["validate config", "estimate cost", "rent machine", "push code", "set up environment", "prepare", "train",
        "convert", "bench", "evaluate", "destroy machine", "quality gate", "upload to hub", "publish report"]
@@ -26,36 +27,44 @@ def _results(wer_qat=30.0, wer_fp32=29.8, wer_ptq=40.0) -> dict:
             "wer_ci": {"qat_int8": [25.0, 35.0]},
             "gate": {"passed": wer_qat <= wer_fp32 + 0.5 and wer_qat <= wer_ptq, "qat_wer": wer_qat,
                      "qat_fp32_wer": wer_fp32, "ptq_wer": wer_ptq, "max_wer_degradation": 0.5}}},
-        "bench": {"metrics": {"latency_s": {"base_fp32": 2.0, "qat_int8": 0.8}, "sizes_mb": {"base_fp32": 290.0, "qat_int8": 80.0}}},
+        "bench": {"metrics": {"latency_s": {"base_fp32": 2.0, "qat_int8": 0.8}, "size_mb": {"base_fp32": 290.0, "qat_int8": 80.0}}},
     }
 
 
-def test_variant_rows_join_evaluate_and_bench():
-    rows = {r["variant"]: r for r in variant_rows(_results())}
+def test_results_table_joins_evaluate_and_bench():
+    table = results_table("int8", step_metrics(_results()))
+    rows = {r["variant"]: r for r in table}
+    assert len(rows) == len(table)  # one row per variant
     assert rows["qat_int8"]["speedup"] == 2.5
     assert rows["qat_int8"]["size_mb"] == 80.0 and rows["qat_int8"]["wer_pct"] == 30.0
     assert rows["base_ptq_int8"]["latency_s"] is None
 
 
-def test_quality_gate_reads_the_measured_verdict(prefect_logger_off):
+def test_quality_gate_reads_the_measured_verdict(prefect_logger_off, tmp_path):
+    from utterance_csv import write_evaluation
+
     cfg = load_config("tiny")
-    assert quality_gate.fn(cfg, _results()["evaluate"])["passed"] is True
-    failed = quality_gate.fn(cfg, _results(wer_qat=45.0)["evaluate"])
+    passing, failing = tmp_path / "passing", tmp_path / "failing"  # the transcripts the verdict is re-scored from
+    write_evaluation(passing, {"qat_fp32": 29.8, "qat_int8": 30.0, "base_ptq_int8": 40.0})
+    write_evaluation(failing, {"qat_fp32": 29.8, "qat_int8": 45.0, "base_ptq_int8": 40.0})
+    assert quality_gate.fn(cfg, _results()["evaluate"], passing)["passed"] is True
+    failed = quality_gate.fn(cfg, _results(wer_qat=45.0)["evaluate"], failing)
     assert failed["passed"] is False and "45.00%" in failed["reason"]
-    assert quality_gate.fn(cfg, None)["passed"] is False
+    assert quality_gate.fn(cfg, None, passing)["passed"] is False
 
 
 def test_report_has_every_section():
     md = render_report(load_config("tiny"), None, _results(),
                        [{"step": "train", "seconds": 10.0, "usd": 0.01}, {"step": "total", "seconds": 12.0, "usd": 0.012}],
                        {}, {"passed": True, "reason": "ok"}, {"uploaded": False, "path": "/x", "reason": "no token"})
-    for part in ("## Configuration", "## Timings and cost", "## Results", "## Quality gate", "PASSED", "0.0120", "qat_int8"):
+    for part in ("## Configuration", "## Timings and cost", "## Results", "## Quality gate", "Quality gate **passed**: ok",
+                 "0.0120", "qat_int8"):
         assert part in md
 
 
 def test_retry_policy_separates_transient_from_deterministic():
     from infra.machine import CommandFailed, TransientMachineError
-    from steps.config import ConfigError
+    from contract.config import ConfigError
 
     assert is_transient(TransientMachineError("connection dropped"))
     assert is_transient(StepFailed("train", "socket", retryable=True))
@@ -86,7 +95,7 @@ def prefect_server():
 
 @pytest.fixture
 def emulated_vast(tmp_path, monkeypatch):
-    from infra.emulator.testing import EmulatorProcess
+    from devtools.emulator.testing import EmulatorProcess
 
     emu = EmulatorProcess(state_dir=tmp_path / "emulator").start()
     monkeypatch.setenv("VAST_API_KEY", emu.api_key)

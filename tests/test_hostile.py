@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from infra.machine import Lease, build_command
 from infra.vast import VastAPIError, VastProvider
-from steps.config import load_config, parse_config
+from contract.config import load_config, parse_config
 
 MODES = ("html", "empty", "truncated", "missing_fields", "wrong_types")
 NASTY = ["$(touch pwned1)", "`touch pwned2`", "a; touch pwned3", "x && touch pwned4 #", "'single' \"double\"",
@@ -53,7 +53,7 @@ def test_malformed_answer_to_create_leaks_nothing(emulator, mode, caplog):
     p.log = log
     cfg = load_config("tiny", {"machine.provision_timeout_s": 20, "machine.vast.create_attempts": 2})
     try:
-        lease = p.launch(cfg, f"qat-hostile-{mode}", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostile test")
+        lease = p.launch(cfg.machine, f"qat-hostile-{mode}", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostile test")
     except VastAPIError as e:
         assert "Vast.ai" in str(e) or "offer" in str(e), str(e)
         assert emulator.api_key not in _traceback(e)
@@ -110,7 +110,7 @@ def test_odd_transcripts_and_broken_audio_are_kept_or_counted(tmp_path, french_m
     from datasets import load_from_disk
 
     from steps import prepare
-    from steps.common import run_step
+    from steps.common import execute_step
 
     good = {s: [r for r in french_manifest if r["split"] == s][:1] for s in ("train", "dev", "test")}
     tone = tmp_path / "tone.wav"
@@ -144,7 +144,7 @@ def test_odd_transcripts_and_broken_audio_are_kept_or_counted(tmp_path, french_m
                         "data": {"source": "manifest", "manifest": str(manifest), "max_samples": 50,
                                  "max_eval_samples": 50, "min_seconds": 0.5}})
     workdir = tmp_path / "work"
-    assert run_step("prepare", cfg, workdir, prepare.run) == 0
+    assert execute_step("prepare", cfg, workdir, prepare.run) == 0
     m = json.loads((workdir / "prepare" / "result.json").read_text())["metrics"]
     dropped = dict(m["dropped"])
     assert dropped.pop("empty_text") == 4 and dropped.pop("labels_too_long") == 1, m["dropped"]

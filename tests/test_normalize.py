@@ -1,10 +1,10 @@
-"""steps/normalize.py: French number words and the scoring normalizer."""
+"""contract/normalize.py: French number words and the scoring normalizer."""
 from __future__ import annotations
 
 import pytest
 from hypothesis import example, given, strategies as st
 
-from steps.normalize import MAX_NUMBER, normalize_french, number_to_words, ordinal_to_words
+from contract.normalize import MAX_NUMBER, normalize_french, number_to_words, ordinal_to_words
 
 NUMBERS = [
     (0, "zéro"), (1, "un"), (16, "seize"), (17, "dix-sept"), (21, "vingt et un"), (22, "vingt-deux"),

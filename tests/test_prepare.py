@@ -9,8 +9,9 @@ import pytest
 import soundfile as sf
 
 from steps import prepare
-from steps.common import StepContext, StepError, run_step
-from steps.config import REPO_ROOT, parse_config
+from steps.common import StepContext, StepError, execute_step
+from contract.config import parse_config
+from contract.layout import REPO_ROOT
 
 
 def _cfg(manifest: Path, **data):
@@ -46,7 +47,7 @@ def test_bad_inputs_are_dropped_and_counted(bad_manifest, tmp_path, capsys, tiny
     from datasets import load_from_disk
 
     workdir = tmp_path / "work"
-    assert run_step("prepare", _cfg(bad_manifest), workdir, prepare.run) == 0
+    assert execute_step("prepare", _cfg(bad_manifest), workdir, prepare.run) == 0
     result = json.loads((workdir / "prepare" / "result.json").read_text())
     m = result["metrics"]
     assert m["counts"] == {"train": 3, "dev": 2, "test": 2}

@@ -1,4 +1,4 @@
-"""acquire / connect / release / find_instances / estimate_cost per backend, and the reaper."""
+"""acquire / connect / release / find_instances / price_estimate per backend, and the reaper."""
 import os
 import subprocess
 import sys
@@ -9,12 +9,13 @@ import pytest
 from infra import provision, reaper
 from infra.machine import Lease
 from infra.ssh import SSHMachine
-from steps.config import REPO_ROOT, load_config
+from contract.config import load_config
+from contract.layout import REPO_ROOT
 
 
 @pytest.fixture(autouse=True)
 def fast_polling(monkeypatch):
-    monkeypatch.setattr(provision, "PROVIDER_OPTIONS", {"poll_s": 0.2, "backoff_s": 0.02})
+    monkeypatch.setattr(provision.backend("vast"), "provider_options", {"poll_s": 0.2, "backoff_s": 0.02})
 
 
 def cfg(**overrides):
@@ -23,11 +24,11 @@ def cfg(**overrides):
 
 def test_vast_acquire_connect_release(emulator, tmp_path):
     c = cfg()
-    est = provision.estimate_cost(c, api_key=emulator.api_key, server_url=emulator.url)
+    est = provision.price_estimate(c.machine, api_key=emulator.api_key, server_url=emulator.url)
     assert est["dph"] > 0 and est["estimated_usd"] == pytest.approx(est["dph"] * c.machine.planned_hours, abs=1e-4)
     # the ssh key arrives 1.5 s after the instance runs: acquire keeps trying until it answers
     emulator.set_faults(ssh_refuse_s=1.5)
-    lease = provision.acquire(c, "qat-run1", tmp_path, api_key=emulator.api_key, server_url=emulator.url,
+    lease = provision.acquire(c.machine, "qat-run1", tmp_path, api_key=emulator.api_key, server_url=emulator.url,
                               log=lambda m: None)
     key = tmp_path / "ssh" / "qat-run1" / "id_ed25519"
     assert oct(key.stat().st_mode & 0o777) == "0o600" and lease.key_path == str(key)
@@ -51,8 +52,8 @@ def test_vast_acquire_connect_release(emulator, tmp_path):
 
 def test_local_backend(tmp_path):
     c = cfg(**{"machine.backend": "local"})
-    assert provision.estimate_cost(c)["estimated_usd"] == 0
-    lease = provision.acquire(c, "qat-local", tmp_path)
+    assert provision.price_estimate(c.machine)["estimated_usd"] == 0
+    lease = provision.acquire(c.machine, "qat-local", tmp_path)
     m = provision.connect(lease)
     m.write_text("qat/run.yaml", c.to_yaml())
     assert (tmp_path / "machine" / "qat" / "run.yaml").is_file()
@@ -62,7 +63,7 @@ def test_local_backend(tmp_path):
 def test_ssh_backend_pins_host_key(sshd_host, tmp_path):
     c = cfg(**{"machine.backend": "ssh", "machine.ssh": {"host": sshd_host.host, "port": sshd_host.port,
                                                          "user": sshd_host.user, "key_path": str(sshd_host.key_path)}})
-    lease = provision.acquire(c, "qat-ssh", tmp_path, log=lambda m: None)
+    lease = provision.acquire(c.machine, "qat-ssh", tmp_path, log=lambda m: None)
     assert lease.host_key == sshd_host.host_key
     assert isinstance(provision.connect(lease, timeout=5), SSHMachine)
     assert provision.release(lease) is True  # not ours to destroy: a no-op
@@ -80,10 +81,10 @@ def _create(emulator, label: str) -> int:
 def test_reaper_age_and_finished_runs(emulator):
     old, finished, active, foreign = (_create(emulator, lbl) for lbl in ("qat-old", "qat-done", "qat-live", "mine"))
     kw = dict(api_key=emulator.api_key, server_url=emulator.url, log=lambda m: None)
-    rows = reaper.reap(max_age_hours=1, is_run_active=lambda label: label != "qat-done", dry_run=True, **kw)
+    rows = reaper.reap_instances(max_age_hours=1, is_run_active=lambda label: label != "qat-done", dry_run=True, **kw)
     assert [r["instance_id"] for r in rows] == [finished] and len(emulator.live_instances()) == 4
     later = time.time() + 2 * 3600
-    rows = reaper.reap(max_age_hours=1, now=later, is_run_active=lambda label: True, **kw)
+    rows = reaper.reap_instances(max_age_hours=1, now=later, is_run_active=lambda label: True, **kw)
     assert sorted(r["instance_id"] for r in rows) == sorted([old, finished, active])
     assert all(r["destroyed"] and r["reason"] == "older than 1 h" for r in rows)
     assert [r["id"] for r in emulator.live_instances()] == [foreign]  # other labels are never touched

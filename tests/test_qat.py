@@ -1,4 +1,4 @@
-"""steps/qat.py: which layers get fake-quantized, that it changes outputs and trains through,
+"""steps/fake_quant.py: which layers get fake-quantized, that it changes outputs and trains through,
 that convert gives back plain Linears, and that the grids are ONNX Runtime's, bit for bit."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from steps import qat
+from steps import fake_quant
 from steps.common import StepError
-from steps.config import QuantConfig
+from contract.config import QuantConfig
 
 ENC_LAYERS, DEC_LAYERS = 2, 2
 # Per encoder block: q, k, v, out, fc1, fc2; per decoder block: self q/k/v/out, cross q/k/v/out, fc1, fc2.
@@ -41,13 +41,13 @@ def batch(seed: int = 1):
 def test_prepare_counts_block_linears_only_and_keeps_parameters(scheme):
     model = tiny_whisper()
     params_before = {n: p for n, p in model.named_parameters()}
-    n = qat.prepare(model, QuantConfig(scheme=scheme))
-    assert n == EXPECTED == qat.count_fake_quant(model)
+    n = fake_quant.prepare(model, QuantConfig(scheme=scheme))
+    assert n == EXPECTED == fake_quant.count_fake_quant(model)
     # convs, embeddings and the tied output projection stay float
     m = model.model
     assert type(m.encoder.conv1) is nn.Conv1d and type(m.encoder.conv2) is nn.Conv1d
     assert type(model.proj_out) is nn.Linear and model.proj_out.weight is m.decoder.embed_tokens.weight
-    assert all(isinstance(x, qat.FakeQuantLinear) for x in [m.encoder.layers[0].fc1, m.decoder.layers[1].encoder_attn.k_proj])
+    assert all(isinstance(x, fake_quant.FakeQuantLinear) for x in [m.encoder.layers[0].fc1, m.decoder.layers[1].encoder_attn.k_proj])
     # the same Parameter objects under the same names: an optimizer built later sees them
     assert {n: p for n, p in model.named_parameters()}.keys() == params_before.keys()
     assert all(p is params_before[n] for n, p in model.named_parameters())
@@ -59,9 +59,9 @@ def test_fake_quant_changes_outputs_but_stays_close(scheme):
     feats, labels = batch()
     with torch.no_grad():
         ref = model(input_features=feats, labels=labels).logits
-        qat.prepare(model, QuantConfig(scheme=scheme, group_size=32))
+        fake_quant.prepare(model, QuantConfig(scheme=scheme, group_size=32))
         fq = model(input_features=feats, labels=labels).logits
-        qat.set_enabled(model, False)
+        fake_quant.set_enabled(model, False)
         off = model(input_features=feats, labels=labels).logits
     assert torch.equal(off, ref)
     diff = (fq - ref).abs().max().item()
@@ -72,7 +72,7 @@ def test_fake_quant_changes_outputs_but_stays_close(scheme):
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_gradients_flow_straight_through(scheme):
     model = tiny_whisper()
-    qat.prepare(model, QuantConfig(scheme=scheme))
+    fake_quant.prepare(model, QuantConfig(scheme=scheme))
     model.train()
     feats, labels = batch()
     model(input_features=feats, labels=labels).loss.backward()
@@ -80,7 +80,7 @@ def test_gradients_flow_straight_through(scheme):
     assert w.grad is not None and w.grad.abs().sum() > 0
     # the straight-through estimator: d(sum fq(w))/dw == 1
     w = torch.randn(8, 64, requires_grad=True)
-    fq = qat.fake_quant_weight_int8(w) if scheme == "int8" else qat.fake_quant_weight_int4(w, 32)
+    fq = fake_quant.fake_quant_weight_int8(w) if scheme == "int8" else fake_quant.fake_quant_weight_int4(w, 32)
     fq.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
 
@@ -88,15 +88,15 @@ def test_gradients_flow_straight_through(scheme):
 def test_convert_gives_plain_linears_that_save_and_reload(tmp_path):
     model = tiny_whisper()
     keys = set(model.state_dict())
-    qat.prepare(model, QuantConfig(scheme="int8"))
+    fake_quant.prepare(model, QuantConfig(scheme="int8"))
     with torch.no_grad():
         model.model.decoder.layers[0].fc1.weight.add_(0.01)  # "training" changed a weight
     feats, labels = batch()
-    qat.set_enabled(model, False)
+    fake_quant.set_enabled(model, False)
     with torch.no_grad():
         expected = model(input_features=feats, labels=labels).logits
-    model = qat.convert(model)
-    assert qat.count_fake_quant(model) == 0 and set(model.state_dict()) == keys
+    model = fake_quant.convert(model)
+    assert fake_quant.count_fake_quant(model) == 0 and set(model.state_dict()) == keys
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
     model.save_pretrained(tmp_path)
     again = WhisperForConditionalGeneration.from_pretrained(tmp_path).eval()
@@ -106,15 +106,15 @@ def test_convert_gives_plain_linears_that_save_and_reload(tmp_path):
 
 def test_prepare_refuses_to_silently_do_nothing():
     with pytest.raises(StepError, match="Whisper"):
-        qat.prepare(nn.Linear(4, 4), QuantConfig(scheme="int8"))
+        fake_quant.prepare(nn.Linear(4, 4), QuantConfig(scheme="int8"))
     model = tiny_whisper()
-    qat.prepare(model, QuantConfig(scheme="int8"))
+    fake_quant.prepare(model, QuantConfig(scheme="int8"))
     with pytest.raises(StepError, match="already"):
-        qat.prepare(model, QuantConfig(scheme="int8"))
+        fake_quant.prepare(model, QuantConfig(scheme="int8"))
     empty = tiny_whisper()
     empty.model.encoder.layers, empty.model.decoder.layers = nn.ModuleList(), nn.ModuleList()
     with pytest.raises(StepError, match="no nn.Linear"):
-        qat.prepare(empty, QuantConfig(scheme="int4"))
+        fake_quant.prepare(empty, QuantConfig(scheme="int4"))
 
 
 # --- the grids are what ONNX Runtime runs -------------------------------------------------------
@@ -142,7 +142,7 @@ def test_int8_weight_grid_matches_ort_quantize_dynamic(tmp_path):
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q.onnx").graph.initializer}
     assert not inits["W_zero_point"].any()
     ort_w = inits["W_quantized"].astype(np.float32) * inits["W_scale"][None, :]
-    ours = qat.fake_quant_weight_int8(torch.from_numpy(w.T.copy())).numpy().T  # Linear weight = W^T
+    ours = fake_quant.fake_quant_weight_int8(torch.from_numpy(w.T.copy())).numpy().T  # Linear weight = W^T
     np.testing.assert_array_equal(ours, ort_w)
 
 
@@ -156,15 +156,15 @@ def test_int8_activation_grid_matches_ort_dynamic_quantize_linear():
     x = (np.random.default_rng(1).standard_normal((3, 7, 96)) * 2 + 0.3).astype(np.float32)
     x[2] = np.abs(x[2])  # an all-positive tensor: ORT widens the range to include 0
     expected = np.stack([sess.run(None, {"X": xi})[0] for xi in x])  # one range per utterance
-    np.testing.assert_array_equal(qat.fake_quant_act_uint8(torch.from_numpy(x)).numpy(), expected)
+    np.testing.assert_array_equal(fake_quant.fake_quant_act_uint8(torch.from_numpy(x)).numpy(), expected)
     per_token = np.stack([np.stack([sess.run(None, {"X": t[None].repeat(7, 0)})[0][0] for t in xi]) for xi in x])
-    np.testing.assert_array_equal(qat.fake_quant_act_uint8(torch.from_numpy(x), per_token=True).numpy(), per_token)
+    np.testing.assert_array_equal(fake_quant.fake_quant_act_uint8(torch.from_numpy(x), per_token=True).numpy(), per_token)
 
 
 def test_decoder_self_side_ranges_are_per_token_like_cached_generation():
     model = tiny_whisper()
-    qat.prepare(model, QuantConfig(scheme="int8"))
-    layer = lambda m: {n: l.per_token for n, l in m.named_modules() if isinstance(l, qat.FakeQuantLinear)}
+    fake_quant.prepare(model, QuantConfig(scheme="int8"))
+    layer = lambda m: {n: l.per_token for n, l in m.named_modules() if isinstance(l, fake_quant.FakeQuantLinear)}
     assert not any(layer(model.model.encoder).values())
     dec = layer(model.model.decoder)
     assert {n for n, t in dec.items() if not t} == {f"layers.{i}.encoder_attn.{p}" for i in range(DEC_LAYERS)
@@ -182,6 +182,6 @@ def test_int4_weight_grid_matches_ort_matmul_nbits(k):
     assert [n.op_type for n in quantizer.model.model.graph.node] == ["MatMulNBits"]
     sess = ort.InferenceSession(quantizer.model.model.SerializeToString())
     ort_w = sess.run(None, {"X": np.eye(k, dtype=np.float32)})[0]  # identity input reads the weights back
-    ours = qat.fake_quant_weight_int4(torch.from_numpy(w.T.copy()), 32).numpy().T
+    ours = fake_quant.fake_quant_weight_int4(torch.from_numpy(w.T.copy()), 32).numpy().T
     np.testing.assert_array_equal(ours, ort_w)
     assert np.abs(ours - w).max() > 1e-3  # and it is really 4-bit

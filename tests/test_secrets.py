@@ -5,15 +5,12 @@ the rented disk and its processes (scanned while the instance is alive), error m
 from __future__ import annotations
 
 import secrets
-import sys
 import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +57,7 @@ class DiskWatch:
         self.thread = threading.Thread(target=self.loop, daemon=True)
 
     def loop(self):
-        from infra.emulator.sshd import ROOT_MARKER
+        from devtools.emulator.sshd import ROOT_MARKER
 
         last = 0.0
         while not self.stop.is_set():
@@ -96,18 +93,8 @@ def hub(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, hub):
-    from infra.emulator.sshd import SshdError, check_sshd_installed
-    from stack import Stack
-
-    try:
-        check_sshd_installed()
-    except SshdError as e:
-        pytest.skip(str(e))
-    with Stack(tmp_path_factory.mktemp("secrets"), api_key=VAST_CANARY,
-               env={"HF_TOKEN": HF_CANARY, "HF_ENDPOINT": hub.url}) as s:
-        yield s
-        assert s.emu.live_instances() == []
+def stack_options(hub) -> dict:
+    return {"api_key": VAST_CANARY, "env": {"HF_TOKEN": HF_CANARY, "HF_ENDPOINT": hub.url}}
 
 
 def _everything_the_run_left(stack, run_id: str) -> list[str]:

@@ -122,7 +122,7 @@ def test_reconnects_after_drop_and_run_raises_transient(machine, sshd_host):
 
 
 def test_falls_back_to_the_other_endpoint(sshd_host):
-    from infra.emulator.sshd import free_port
+    from devtools.emulator.sshd import free_port
 
     dead = free_port()  # nothing listens there
     lease = lease_for(sshd_host)

@@ -11,14 +11,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 pytestmark = pytest.mark.slow
 
@@ -27,21 +23,12 @@ CASES = ("cancel", "sigterm", "sigkill-flow")
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    from infra.emulator.sshd import SshdError, check_sshd_installed
-    from stack import Stack
-
-    try:
-        check_sshd_installed()
-    except SshdError as e:
-        pytest.skip(str(e))
-    with Stack(tmp_path_factory.mktemp("teardown"), runner_limit=4) as s:
-        yield s
-        assert s.emu.live_instances() == [], "an instance was left alive"
+def stack_options() -> dict:
+    return {"runner_limit": 4}
 
 
 def _interrupt(stack, case: str, run_id: str, out: dict) -> None:
-    from chaos import _remote_train_started
+    from benchmarks.chaos import _remote_train_started
 
     try:
         inst = _remote_train_started(stack, run_id, timeout=900)
@@ -60,7 +47,7 @@ def _interrupt(stack, case: str, run_id: str, out: dict) -> None:
 
 
 def _wait_gone(stack, run_id: str, since: float, timeout: float = 120) -> float:
-    from stack import wait_for
+    from devtools.stack import wait_for
 
     wait_for(lambda: stack.instances(run_id) and not stack.live(run_id), timeout, 1, f"instances of {run_id} to end")
     return round(max(i["ended_at"] for i in stack.instances(run_id)) - since, 1)
@@ -70,7 +57,7 @@ def _wait_gone(stack, run_id: str, since: float, timeout: float = 120) -> float:
 def outcomes(stack, tmp_path_factory):
     """Interrupt three concurrent runs (cancel, SIGTERM, SIGKILL of the flow process), then a
     fourth whose runner dies with it; returns what happened to each."""
-    from chaos import act_kill_all, teardown_layer
+    from benchmarks.chaos import act_kill_all, teardown_layer
 
     results: dict[str, dict] = {}
     threads = []

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from steps import train
 from steps.common import StepContext, StepError
-from steps.config import parse_config
+from contract.config import parse_config
 from steps.models import load_processor
 
 TEXTS = ["bonjour tout le monde", "il fait beau aujourd'hui", "le chat dort sur le canapé",
@@ -161,17 +161,17 @@ def test_frozen_encoder_outputs_are_cached_without_changing_the_training(tmp_pat
         logged = []
         ctx.log = logged.append
         encoded = []
-        real_call, real_qat = train.EncoderCache.__call__, train.qat.prepare
+        real_call, real_qat = train.EncoderCache.__call__, train.fake_quant.prepare
         train.EncoderCache.__call__ = lambda self, rows, feats: calls.append(list(rows)) or real_call(self, rows, feats)
 
         def prepare(model, quant):  # count the clips the encoder really runs on
             model.model.encoder.register_forward_hook(lambda m, args, out: encoded.append(len(out[0])))
             return real_qat(model, quant)
-        train.qat.prepare = prepare
+        train.fake_quant.prepare = prepare
         try:
             train.run(ctx)
         finally:
-            train.EncoderCache.__call__, train.qat.prepare = real_call, real_qat
+            train.EncoderCache.__call__, train.fake_quant.prepare = real_call, real_qat
         runs[cache_mb] = load_file(work / "train/model/model.safetensors")
         assert any(("cached" in line) == bool(cache_mb) for line in logged)
         assert len(calls) == (6 if cache_mb else 0)  # 3 micro-batches per epoch, 2 epochs

@@ -20,9 +20,10 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.repocard import metadata_load, model_index_to_eval_results
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from steps.config import load_config
-from tasks.model_card import NOT_MEASURED, render_model_card, variants
-from tasks.upload_hub import HubUploadError, upload_model
+from contract.config import load_config
+from tasks.model_card import render_model_card
+from tasks.scorecard import NOT_MEASURED, variants
+from tasks.upload import HubUploadError, UnsafeModelFolder, check_model_folder, push_model_folder
 from hub_server import LFS_SIZE_THRESHOLD, HubServer, validate_card_metadata
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +52,7 @@ def make_model(root: Path, big: bool = False) -> Path:
 
 def test_upload_sends_every_file_and_large_ones_through_lfs(hub, tmp_path):
     model = make_model(tmp_path, big=True)
-    out = upload_model(model, "alice/whisper-qat", WRITE, card=CARD, endpoint=hub.url)
+    out = push_model_folder(model, "alice/whisper-qat", WRITE, card=CARD, endpoint=hub.url)
 
     remote = hub.repo_files("alice/whisper-qat")
     local = sorted(p.name for p in model.iterdir())
@@ -71,31 +72,31 @@ def test_upload_sends_every_file_and_large_ones_through_lfs(hub, tmp_path):
 
 def test_private_flag_is_honoured(hub, tmp_path):
     model = make_model(tmp_path)
-    assert upload_model(model, "alice/secret", WRITE, private=True, card=CARD, endpoint=hub.url)["private"] is True
+    assert push_model_folder(model, "alice/secret", WRITE, private=True, card=CARD, endpoint=hub.url)["private"] is True
     with pytest.raises(RepositoryNotFoundError):
         HfApi(endpoint=hub.url, token=False).model_info("alice/secret")
     with pytest.raises(RepositoryNotFoundError):
         HfApi(endpoint=hub.url, token=BOB).model_info("alice/secret")
     assert HfApi(endpoint=hub.url, token=WRITE).model_info("alice/secret").private is True
 
-    assert upload_model(model, "alice/open", WRITE, private=False, card=CARD, endpoint=hub.url)["private"] is False
+    assert push_model_folder(model, "alice/open", WRITE, private=False, card=CARD, endpoint=hub.url)["private"] is False
     assert HfApi(endpoint=hub.url, token=False).model_info("alice/open").private is False
     # a public repo that the config wants private is made private before anything is pushed
-    assert upload_model(model, "alice/open", WRITE, private=True, card=CARD, endpoint=hub.url)["private"] is True
+    assert push_model_folder(model, "alice/open", WRITE, private=True, card=CARD, endpoint=hub.url)["private"] is True
     with pytest.raises(RepositoryNotFoundError):
         HfApi(endpoint=hub.url, token=False).model_info("alice/open")
 
 
 def test_reupload_to_an_existing_repo(hub, tmp_path):
     model = make_model(tmp_path)
-    first = upload_model(model, "alice/m", WRITE, card=CARD, endpoint=hub.url)
+    first = push_model_folder(model, "alice/m", WRITE, card=CARD, endpoint=hub.url)
     (model / "encoder_model.onnx").write_bytes(os.urandom(4096))
-    second = upload_model(model, "alice/m", WRITE, card=CARD + "\nv2\n", endpoint=hub.url)
+    second = push_model_folder(model, "alice/m", WRITE, card=CARD + "\nv2\n", endpoint=hub.url)
     assert second["uploaded"] and second["commit"] != first["commit"]
     assert hub.file_bytes("alice/m", "encoder_model.onnx") == (model / "encoder_model.onnx").read_bytes()
     assert hub.file_bytes("alice/m", "README.md").decode().endswith("v2\n")
     # nothing changed: the client skips the empty commit and reports the current head
-    third = upload_model(model, "alice/m", WRITE, card=CARD + "\nv2\n", endpoint=hub.url)
+    third = push_model_folder(model, "alice/m", WRITE, card=CARD + "\nv2\n", endpoint=hub.url)
     assert third["uploaded"] and third["commit"] == second["commit"] == hub.state.meta("alice/m")["sha"]
     assert [c["summary"] for c in hub.state.meta("alice/m")["commits"]][1:] == ["Upload qat_int8 with its model card"] * 2
 
@@ -103,7 +104,7 @@ def test_reupload_to_an_existing_repo(hub, tmp_path):
 def test_no_token_skips_without_contacting_the_hub(hub, tmp_path, caplog):
     model = make_model(tmp_path)
     with caplog.at_level(logging.WARNING):
-        out = upload_model(model, "alice/m", None, card=CARD, endpoint=hub.url)
+        out = push_model_folder(model, "alice/m", None, card=CARD, endpoint=hub.url)
     assert out == {"uploaded": False, "reason": out["reason"], "path": model}
     assert "HF_TOKEN" in out["reason"] and "HF_TOKEN" in caplog.text
     assert hub.requests == []
@@ -112,7 +113,7 @@ def test_no_token_skips_without_contacting_the_hub(hub, tmp_path, caplog):
 def test_wrong_token_gives_a_clear_error_without_the_token(hub, tmp_path, caplog):
     model, bad = make_model(tmp_path), f"hf_{secrets.token_hex(16)}"
     with caplog.at_level(logging.DEBUG), pytest.raises(HubUploadError) as e:
-        upload_model(model, "alice/m", bad, card=CARD, endpoint=hub.url)
+        push_model_folder(model, "alice/m", bad, card=CARD, endpoint=hub.url)
     text = "".join(traceback.format_exception(e.value))
     assert "rejected" in str(e.value) and "401" in str(e.value) and "HF_TOKEN" in str(e.value)
     assert e.value.retryable is False and e.value.__cause__ is None and e.value.__context__ is None
@@ -126,7 +127,7 @@ def test_wrong_token_gives_a_clear_error_without_the_token(hub, tmp_path, caplog
 ])
 def test_token_without_write_rights_is_refused(hub, tmp_path, token, repo, words):
     with pytest.raises(HubUploadError) as e:
-        upload_model(make_model(tmp_path), repo, token, card=CARD, endpoint=hub.url)
+        push_model_folder(make_model(tmp_path), repo, token, card=CARD, endpoint=hub.url)
     assert words in str(e.value) and token not in str(e.value) and not e.value.retryable
     assert hub.repo_files(repo) == {}
 
@@ -135,14 +136,14 @@ def test_hub_refuses_a_broken_model_index(hub, tmp_path):
     card = "---\nmodel-index:\n- name: m\n  results:\n  - task: {type: automatic-speech-recognition}\n" \
            "    dataset: {name: x, type: x}\n    metrics:\n    - type: wer\n---\n"
     with pytest.raises(HubUploadError) as e:
-        upload_model(make_model(tmp_path), "alice/m", WRITE, card=card, endpoint=hub.url)
+        push_model_folder(make_model(tmp_path), "alice/m", WRITE, card=card, endpoint=hub.url)
     assert "metadata" in str(e.value) and "value" in str(e.value) and not e.value.retryable
 
 
 def test_endpoint_comes_from_hf_endpoint_and_files_download_back(hub, tmp_path, monkeypatch):
     model = make_model(tmp_path)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    out = upload_model(model, "alice/m", WRITE, card=CARD)
+    out = push_model_folder(model, "alice/m", WRITE, card=CARD)
     assert out["url"] == f"{hub.url}/alice/m"
     # a fresh process that knows only HF_ENDPOINT and the token downloads what was uploaded
     code = ("import sys; from huggingface_hub import snapshot_download; "
@@ -158,7 +159,90 @@ def test_endpoint_comes_from_hf_endpoint_and_files_download_back(hub, tmp_path, 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(HubUploadError, match="run the convert step"):
-        upload_model(tmp_path / "nope", "alice/m", WRITE, card=CARD, endpoint="http://127.0.0.1:9")
+        push_model_folder(tmp_path / "nope", "alice/m", WRITE, card=CARD, endpoint="http://127.0.0.1:9")
+
+
+# ---------------------------------------------------------------------------------------------
+# What may go up: the export folder came from a rented machine, a stranger's computer
+
+CONVERT_INT4 = ["added_tokens.json", "config.json", "decoder_model_merged.onnx", "decoder_model_merged.onnx_data",
+                "encoder_model.onnx", "encoder_model.onnx.data", "generation_config.json", "merges.txt",
+                "normalizer.json", "preprocessor_config.json", "special_tokens_map.json", "tokenizer.json",
+                "tokenizer_config.json", "vocab.json"]
+
+
+def test_every_file_convert_writes_is_allowed_and_uploaded(hub, tmp_path):
+    d = tmp_path / "qat_int4"
+    d.mkdir()
+    for name in CONVERT_INT4:  # what steps/convert.py leaves in convert/qat_int4 (int8: no *_data files)
+        (d / name).write_bytes(b'{"model_type": "whisper"}' if name.endswith(".json") else os.urandom(512))
+    (d / "README.md").write_text("# the machine's own card\n")
+    assert check_model_folder(d) == CONVERT_INT4
+    out = push_model_folder(d, "alice/m", WRITE, card=CARD, endpoint=hub.url)
+    assert out["files"] == len(CONVERT_INT4) + 1
+    assert sorted(hub.repo_files("alice/m")) == sorted(CONVERT_INT4 + ["README.md", ".gitattributes"])
+    assert hub.file_bytes("alice/m", "README.md").decode() == CARD
+
+
+def _symlink(d):
+    (d / "vocab.json").symlink_to("/etc/passwd")
+
+
+@pytest.mark.parametrize("plant, named, why", [
+    (lambda d: (d / "modeling_whisper.py").write_text("import os; os.system('x')"), "modeling_whisper.py", "code"),
+    (lambda d: (d / "kernel.so").write_bytes(b"\x7fELF"), "kernel.so", "code"),
+    (lambda d: (d / "pytorch_model.bin").write_bytes(b"\x80\x04."), "pytorch_model.bin", "pickle"),
+    (lambda d: (d / "model.pt").write_bytes(b"\x80\x04."), "model.pt", "pickle"),
+    (lambda d: (d / "x.pkl").write_bytes(b"\x80\x04."), "x.pkl", "pickle"),
+    (lambda d: (d / "optimizer.ckpt").write_bytes(b"\x80\x04."), "optimizer.ckpt", "pickle"),
+    (_symlink, "vocab.json", "symlink"),
+    (lambda d: (d / "encoder_model.onnx").unlink() or (d / "encoder_model.onnx").symlink_to(d / "config.json"),
+     "encoder_model.onnx", "symlink"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "whisper", "auto_map": {"AutoModel": "m.M"}}'),
+     "config.json", "auto_map"),
+    (lambda d: (d / "tokenizer_config.json").write_text('{"a": {"b": [{"auto_map": 1}]}}'), "tokenizer_config.json",
+     "auto_map"),
+    (lambda d: (d / "config.json").write_text('{"custom_pipelines": {}}'), "config.json", "custom_pipelines"),
+    (lambda d: (d / "config.json").write_text('{"model_type": "whisper"'), "config.json", "not valid JSON"),
+    (lambda d: (d / "notes.txt").write_text("hi"), "notes.txt", "not an expected export file"),
+    (lambda d: (d / ".gitattributes").write_text("*.py filter=lfs"), ".gitattributes", "not an expected export file"),
+    (lambda d: (d / "sub").mkdir() or (d / "sub" / "x.onnx").write_bytes(b"x"), "sub", "folder"),
+    (lambda d: os.mkfifo(d / "pipe.onnx"), "pipe.onnx", "not a regular file"),
+])
+def test_unsafe_folders_are_refused_whole_naming_the_files(hub, tmp_path, plant, named, why):
+    model = make_model(tmp_path)
+    plant(model)
+    with pytest.raises(UnsafeModelFolder) as e:
+        push_model_folder(model, "alice/m", WRITE, card=CARD, endpoint=hub.url)
+    assert repr(named) in str(e.value) and why in str(e.value) and "nothing was sent" in str(e.value)
+    assert e.value.retryable is False and isinstance(e.value, HubUploadError)
+    assert hub.requests == [] and hub.repo_files("alice/m") == {}
+    assert not (model / "README.md").exists() or (model / "README.md").is_symlink()  # the card was not written either
+
+
+def test_a_symlinked_readme_is_refused_and_not_written_through(hub, tmp_path):
+    model, target = make_model(tmp_path), tmp_path / "outside.txt"
+    target.write_text("keep me")
+    (model / "README.md").symlink_to(target)
+    with pytest.raises(UnsafeModelFolder, match="symlink"):
+        push_model_folder(model, "alice/m", WRITE, card=CARD, endpoint=hub.url)
+    assert target.read_text() == "keep me" and hub.requests == []
+
+
+def test_a_symlinked_model_folder_is_refused(hub, tmp_path):
+    real = make_model(tmp_path / "real")
+    link = tmp_path / "qat_int8"
+    link.symlink_to(real)
+    with pytest.raises(UnsafeModelFolder, match="symlink"):
+        push_model_folder(link, "alice/m", WRITE, card=CARD, endpoint=hub.url)
+    assert hub.requests == []
+
+
+def test_refusal_comes_before_the_token_check(tmp_path):
+    model = make_model(tmp_path)
+    (model / "evil.py").write_text("")
+    with pytest.raises(UnsafeModelFolder, match="evil.py"):
+        push_model_folder(model, "alice/m", None, card=CARD, endpoint="http://127.0.0.1:9")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +378,7 @@ def test_uploaded_model_loads_with_the_cards_own_instructions(hub, tmp_path, tin
     (model / "generation_config.json").write_text(json.dumps({**gen, "max_length": 12}))  # limit: keep it short
     cfg = load_config("tiny", {"hub.repo_id": "alice/tiny-qat"})
     card = render_model_card(cfg, {})
-    out = upload_model(model, "alice/tiny-qat", WRITE, card=card, endpoint=hub.url)
+    out = push_model_folder(model, "alice/tiny-qat", WRITE, card=card, endpoint=hub.url)
     assert out["private"] and {"encoder_model.onnx", "decoder_model.onnx"} <= set(hub.repo_files("alice/tiny-qat"))
 
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
@@ -320,3 +404,27 @@ def test_card_takes_sizes_from_convert_when_bench_did_not_measure_them():
     rows = table(card)
     assert rows["**QAT int4 (this model)**"][3] == "123.5" and rows["baseline (fp32, PyTorch)"][3] == "990.0"
     assert rows["QAT-trained model, fp32 (PyTorch)"][3] == NOT_MEASURED
+
+
+def test_card_gives_pytorch_the_safetensors_size_not_the_onnx_exports():
+    """convert records its ONNX fp32 exports under the model names (qat_fp32, base_fp32) and the
+    PyTorch weights as pytorch_fp32; bench names variants. Both PyTorch rows show the safetensors size."""
+    cfg = load_config("int8")
+    convert = {"sizes_mb": {"qat_fp32": 397.0, "base_fp32": 397.04, "qat_int8": 110.2, "base_ptq_int8": 110.3,
+                            "pytorch_fp32": 290.4}}
+    bench = {"size_mb": {"qat_fp32": 290.41, "qat_onnx_fp32": 397.0, "base_onnx_fp32": 397.04, "qat_int8": 110.2,
+                         "base_ptq_int8": 110.3}}
+    rows = table(render_model_card(cfg, {"convert": convert, "bench": bench}))
+    assert rows["baseline (fp32, PyTorch)"][3] == rows["QAT-trained model, fp32 (PyTorch)"][3] == "290.4"
+    assert rows["**QAT int8 (this model)**"][3] == "110.2" and rows["PTQ int8 (baseline quantized, no QAT)"][3] == "110.3"
+    # before bench ran: convert's own record of the safetensors
+    rows = table(render_model_card(cfg, {"convert": convert}))
+    assert rows["baseline (fp32, PyTorch)"][3] == rows["QAT-trained model, fp32 (PyTorch)"][3] == "290.4"
+
+
+def test_card_links_a_hub_model_to_its_parent_and_its_data():
+    meta = metadata_load_text(render_model_card(load_config("int8"), {}))
+    assert meta["base_model"] == "bofenghuang/whisper-large-v3-distil-fr-v0.2"
+    assert meta["datasets"] == ["facebook/multilingual_librispeech"]
+    local = metadata_load_text(render_model_card(load_config("demo"), {}))  # a fixture and a local manifest
+    assert "base_model" not in local and "datasets" not in local

@@ -5,7 +5,8 @@ import traceback
 import pytest
 
 from infra.vast import NoOffersError, ProvisionError, VastAPIError, VastProvider
-from steps.config import VastConfig, load_config
+from contract.config import load_config
+from contract.machine_config import VastConfig
 
 
 def provider(emulator, **kw) -> VastProvider:
@@ -14,7 +15,7 @@ def provider(emulator, **kw) -> VastProvider:
 
 
 def cfg(**overrides):
-    return load_config("tiny", {"machine.provision_timeout_s": 20, **overrides})
+    return load_config("tiny", {"machine.provision_timeout_s": 20, **overrides}).machine
 
 
 def assert_no_key(exc: BaseException, key: str) -> None:

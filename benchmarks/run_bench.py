@@ -1,0 +1,415 @@
+"""make bench: the offline pipeline for int8 AND int4, one side-by-side speed pass, the report.
+
+    .venv/bin/python -m benchmarks.run_bench                 # configs/demo.yaml, everything
+    .venv/bin/python -m benchmarks.run_bench --max-clips 8 --set train.max_steps=4   # a quicker pass
+    .venv/bin/python -m benchmarks.run_bench --report-only   # re-render REPORT.md from results.json
+
+1. prepare once (benchmarks/work/int8), shared with benchmarks/work/int4 (same data, same config hash);
+   train (QAT), convert, evaluate for each scheme via `python -m steps ...` (steps skip
+   themselves when their outputs exist for the same config).
+2. one speed pass over PyTorch fp32, ONNX fp32 / int8 / int4 and faster-whisper int8, measured
+   round-robin per clip (steps/bench.py), on the test clips.
+3. benchmarks/results.json (sizes, latency, encoder/decoder timings, WER/CER, targets) and
+   benchmarks/REPORT.md (tables, targets met or missed with the figures that explain why, machine).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+SCHEMES = ("int8", "int4")
+TARGETS = {  # name: (description, limit)
+    "int8_size_ratio": ("ONNX int8 size / PyTorch fp32 size", 0.30),
+    "int4_size_ratio": ("ONNX int4 size / PyTorch fp32 size", 0.20),
+    "int8_speedup_vs_pytorch": ("PyTorch fp32 latency / ONNX int8 latency", 2.5),
+    "int8_speedup_vs_faster_whisper": ("faster-whisper int8 latency / ONNX int8 latency", 1.3),
+    "qat_int8_wer_loss": ("WER(QAT int8) - WER(QAT fp32), points", 0.5),
+    "qat_int8_minus_ptq_int8_wer": ("WER(QAT int8) - WER(PTQ int8), points", 0.0),
+}
+LOWER_IS_BETTER = {"int8_size_ratio", "int4_size_ratio", "qat_int8_wer_loss", "qat_int8_minus_ptq_int8_wer"}
+
+
+# ---------------------------------------------------------------- pipeline
+
+def write_config(base: str, scheme: str, overrides: dict, path: Path):
+    from contract.config import load_config
+
+    cfg = load_config(base, {**overrides, "quant.scheme": scheme})
+    cfg = cfg.model_copy(update={"name": f"{cfg.name}-{scheme}"[:41]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(cfg.to_yaml())
+    return cfg
+
+
+def run_step_subprocess(step: str, config: Path, workdir: Path) -> None:
+    cmd = [sys.executable, "-m", "steps", step, "--config", str(config), "--workdir", str(workdir)]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    t = time.time()
+    rc = subprocess.run(cmd, cwd=REPO).returncode
+    if rc != 0:
+        err = workdir / step / "error.json"
+        detail = err.read_text() if err.is_file() else "(no error.json)"
+        raise SystemExit(f"step {step} failed with exit code {rc} in {workdir}: {detail}")
+    print(f"  {step} done in {time.time() - t:.0f}s", flush=True)
+
+
+def share_prepare(src: Path, dst: Path) -> None:
+    """The int4 run reads the int8 run's prepared data (same model + data sections, same hash)."""
+    link = dst / "prepare"
+    dst.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or not link.exists():
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(os.path.relpath(src / "prepare", dst))
+
+
+def pipeline(work: Path, base: str, overrides: dict) -> dict:
+    configs = {}
+    for scheme in SCHEMES:
+        configs[scheme] = work / f"{scheme}.yaml"
+        write_config(base, scheme, overrides, configs[scheme])
+    run_step_subprocess("prepare", configs["int8"], work / "int8")
+    share_prepare(work / "int8", work / "int4")
+    for scheme in SCHEMES:
+        for step in ("train", "convert", "evaluate"):
+            run_step_subprocess(step, configs[scheme], work / scheme)
+    return configs
+
+
+def speed_only_models(work: Path, config: Path) -> dict[str, str]:
+    """--speed-only: the untrained base model as PyTorch fp32 and its ONNX fp32 / int8 / int4 exports.
+
+    Speed and size do not depend on the trained values of the weights, so this measures the same
+    graphs as the full run in a fraction of the time (no training, no evaluation: no WER).
+    """
+    from steps import convert
+    from contract.config import load_config
+    from steps.models import resolve_model
+
+    cfg = load_config(str(config))
+    base = Path(resolve_model(cfg.model.name_or_path))
+    out = work / "speed"
+    paths = {"pytorch_fp32": str(base), "onnx_fp32": str(out / "base_fp32"),
+             "onnx_int8": str(out / "base_ptq_int8"), "onnx_int4": str(out / "base_ptq_int4")}
+    if not all((Path(p) / "encoder_model.onnx").is_file() for k, p in paths.items() if k != "pytorch_fp32"):
+        convert.export(base, out / "base_fp32")
+        for scheme in SCHEMES:
+            convert.quantize_dir(out / "base_fp32", out / f"base_ptq_{scheme}", scheme, cfg.quant.group_size)
+            convert.check_quantized(out / f"base_ptq_{scheme}", scheme)
+        convert.finish_fp32_dir(out / "base_fp32")
+    return paths
+
+
+# ---------------------------------------------------------------- the speed pass
+
+def trained_models(work: Path) -> dict[str, str]:
+    w8, w4 = work / "int8", work / "int4"
+    return {"pytorch_fp32": str(w8 / "train" / "model"), "onnx_fp32": str(w8 / "convert" / "qat_fp32"),
+            "onnx_int8": str(w8 / "convert" / "qat_int8"), "onnx_int4": str(w4 / "convert" / "qat_int4")}
+
+
+def speed_pass(work: Path, config: Path, max_clips: int | None, models: dict[str, str]) -> dict:
+    from steps import bench
+    from contract.config import load_config
+
+    cfg = load_config(str(config))
+    w8 = work / "int8"
+    variants = [bench.Variant(name, "pytorch" if name.startswith("pytorch") else "onnx", path)
+                for name, path in models.items()]
+    if cfg.bench.faster_whisper and cfg.model.name_or_path == "fixture:whisper-base":
+        variants.append(bench.Variant("faster_whisper_int8", "ctranslate2", str(bench.ct2_base_dir())))
+    clips = bench.load_clips(w8 / "prepare", max_clips or cfg.bench.max_clips)
+    dec = bench.decoding_of(cfg)
+    print(f"speed pass: {len(variants)} variants x {len(clips)} clips, {dec.threads} threads", flush=True)
+    results = bench.benchmark(variants, clips, dec, warmup=cfg.bench.warmup,
+                              progress=lambda d, t: print(f"  clip {d}/{t}", flush=True))
+    return {"variants": results, "decoding": asdict(dec), "clips": len(clips),
+            "audio_s": round(sum(len(a) for _, a in clips) / bench.SAMPLING_RATE, 2)}
+
+
+# ---------------------------------------------------------------- results and targets
+
+def _metrics(workdir: Path, step: str) -> dict:
+    p = workdir / step / "result.json"
+    return json.loads(p.read_text())["metrics"] if p.is_file() else {}
+
+
+def collect(work: Path, speed: dict) -> dict:
+    from steps.convert import tensor_mb_by_dtype
+
+    v = speed["variants"]
+    e8, e4 = _metrics(work / "int8", "evaluate"), _metrics(work / "int4", "evaluate")
+    variants = ("pytorch_fp32", "onnx_fp32", "onnx_int8", "onnx_int4", "faster_whisper_int8")
+    out = {
+        "sizes_mb": {k: v[k]["size_mb"] for k in variants if k in v},
+        "latency_s": {k: v[k]["latency_s"] for k in variants if k in v},
+        "encoder_ms": {k: v[k]["encoder_ms"] for k in variants if k in v},
+        "decoder_ms_per_token": {k: v[k]["decoder_ms_per_token"] for k in variants if k in v},
+        "rtf": {k: v[k]["rtf"] for k in variants if k in v},
+        "peak_rss_mb": {k: v[k].get("peak_rss_mb") for k in variants if k in v},
+        "mean_new_tokens": {k: v[k]["mean_new_tokens"] for k in variants if k in v},
+        "wer": {}, "cer": {}, "wer_ci": {},
+    }
+    for name, src, key in (("base_fp32", e8, "base_fp32"), ("base_ptq_int8", e8, "base_ptq_int8"),
+                           ("qat_fp32", e8, "qat_fp32"), ("qat_int8", e8, "qat_int8"),
+                           ("qat_int4", e4, "qat_int4"), ("qat_fp32_int4_run", e4, "qat_fp32"),
+                           ("base_ptq_int4", e4, "base_ptq_int4")):
+        if key in src.get("wer", {}):
+            out["wer"][name], out["cer"][name] = src["wer"][key], src["cer"][key]
+            out["wer_ci"][name] = src.get("wer_ci", {}).get(key)
+    out["gates"] = {"int8": e8.get("gate"), "int4": e4.get("gate")}
+    out["eval_clips"] = e8.get("n_utterances")
+    out["tensor_mb_by_dtype"] = {k: tensor_mb_by_dtype(Path(v[k]["path"])) for k in ("onnx_fp32", "onnx_int8", "onnx_int4") if k in v}
+    out["targets"] = targets(out)
+    out["speed_pass"] = speed
+    out["machine"] = machine()
+    return out
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def targets(r: dict) -> dict:
+    s, lat, wer = r["sizes_mb"], r["latency_s"], r["wer"]
+    values = {
+        "int8_size_ratio": _ratio(s.get("onnx_int8"), s.get("pytorch_fp32")),
+        "int4_size_ratio": _ratio(s.get("onnx_int4"), s.get("pytorch_fp32")),
+        "int8_speedup_vs_pytorch": _ratio(lat.get("pytorch_fp32"), lat.get("onnx_int8")),
+        "int8_speedup_vs_faster_whisper": _ratio(lat.get("faster_whisper_int8"), lat.get("onnx_int8")),
+        "qat_int8_wer_loss": (round(wer["qat_int8"] - wer["qat_fp32"], 3)
+                              if "qat_int8" in wer and "qat_fp32" in wer else None),
+        "qat_int8_minus_ptq_int8_wer": (round(wer["qat_int8"] - wer["base_ptq_int8"], 3)
+                                        if "qat_int8" in wer and "base_ptq_int8" in wer else None),
+    }
+    out = {}
+    for name, (desc, limit) in TARGETS.items():
+        val = values[name]
+        met = None if val is None else (val <= limit if name in LOWER_IS_BETTER else val >= limit)
+        out[name] = {"description": desc, "value": val, "limit": limit,
+                     "rule": "<=" if name in LOWER_IS_BETTER else ">=", "met": met}
+    return out
+
+
+def machine() -> dict:
+    import onnxruntime
+    import torch
+
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+        model = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                      if l.startswith("model name")), platform.processor())
+    except OSError:
+        model = platform.processor()
+    simd = sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16"})
+    return {"cpu": model, "cores": os.cpu_count(), "simd": simd,
+            "int8_dot_product": bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# ---------------------------------------------------------------- REPORT.md
+
+def _fmt(x, nd=1):
+    if x is None:
+        return "n/a"
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:.1f}, {ci[1]:.1f}]" if isinstance(ci, (list, tuple)) and len(ci) == 2 else "n/a"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def explain(r: dict) -> list[str]:
+    """One line of figures per missed (or unmeasured) target."""
+    t, s, m = r["targets"], r["sizes_mb"], r["machine"]
+    enc, dec, toks = r["encoder_ms"], r["decoder_ms_per_token"], r["mean_new_tokens"]
+    lines = []
+    for name, tt in t.items():
+        if tt["met"] is True:
+            continue
+        if tt["met"] is None:
+            lines.append(f"- `{name}`: not measured (a variant or the evaluation is missing).")
+            continue
+        if name in ("int8_size_ratio", "int4_size_ratio"):
+            key = "onnx_int8" if name.startswith("int8") else "onnx_int4"
+            by = r["tensor_mb_by_dtype"].get(key, {})
+            fl = by.get("float32", 0)
+            big = ", ".join(f"{n} {mb:.1f} MB" for n, mb in by.get("largest_float", [])[:3])
+            lines.append(f"- `{name}` = {tt['value']} > {tt['limit']}: of the {s.get(key)} MB, {fl:.1f} MB are still "
+                         f"float32 tensors (largest: {big}); the quantized weights themselves are "
+                         f"{sum(v for k, v in by.items() if k not in ('float32', 'largest_float')):.1f} MB.")
+        elif name.startswith("int8_speedup"):
+            ref = "pytorch_fp32" if name.endswith("pytorch") else "faster_whisper_int8"
+            lat = r["latency_s"]
+
+            def split(v):  # "latency ms = encoder + tokens x ms/token + rest"
+                total, e, d, n = 1000 * lat[v], enc[v], dec[v], toks[v]
+                return f"{total:.0f} ms = encoder {e:.0f} + {n:.1f} tokens x {d:.2f} ms + {total - e - n * d:.0f} other"
+
+            cpu = ("this CPU has int8 dot-product instructions (VNNI), so the fp32 remainder bounds the gain"
+                   if m["int8_dot_product"] else "this CPU has no int8 dot-product instructions (VNNI/AMX): int8 "
+                   "GEMMs run on AVX2 16-bit multiply-adds, at best about 2x fp32 FMA throughput")
+            lines.append(
+                f"- `{name}` = {tt['value']} < {tt['limit']}: {tt['limit']}x needs onnx_int8 at "
+                f"{1000 * lat[ref] / tt['limit']:.0f} ms per clip. onnx_int8: {split('onnx_int8')}; {ref}: {split(ref)}. "
+                f"The encoder, {100 * enc['onnx_int8'] / (1000 * lat['onnx_int8']):.0f} % of the int8 time, gains "
+                f"x{_fmt(_ratio(enc.get(ref), enc.get('onnx_int8')), 2)} over {ref} "
+                f"(x{_fmt(_ratio(enc.get('onnx_fp32'), enc.get('onnx_int8')), 2)} over ONNX fp32; decoder tokens "
+                f"x{_fmt(_ratio(dec.get('onnx_fp32'), dec.get('onnx_int8')), 2)}): int8 covers the weight MatMuls, while "
+                f"the encoder's attention over 1500 frames (two activations multiplied, fused MultiHeadAttention), "
+                f"its two convolutions, GELU and layer norms stay fp32; {cpu}. Load average "
+                f"{m['load_avg_1m']} on {m['cores']} cores at report time.")
+        else:
+            ci = r.get("wer_ci", {})
+            lines.append(f"- `{name}` = {tt['value']} points (limit {tt['rule']} {tt['limit']}): WER qat_fp32 "
+                         f"{_fmt(r['wer'].get('qat_fp32'), 2)} {_ci(ci.get('qat_fp32'))}, qat_int8 {_fmt(r['wer'].get('qat_int8'), 2)} "
+                         f"{_ci(ci.get('qat_int8'))}, base_ptq_int8 {_fmt(r['wer'].get('base_ptq_int8'), 2)} "
+                         f"{_ci(ci.get('base_ptq_int8'))} (95% bootstrap CIs): differences inside the intervals are noise.")
+    return lines
+
+
+def render_bench_report(r: dict, gpu: dict | None) -> str:
+    m, sp = r["machine"], r.get("speed_pass", {})
+    dec = sp.get("decoding", {})
+    variants = ["pytorch_fp32", "onnx_fp32", "onnx_int8", "onnx_int4", "faster_whisper_int8"]
+    speed_rows = [[v, r["sizes_mb"].get(v), _fmt(r["latency_s"].get(v), 3), _fmt(r["rtf"].get(v), 3), r["encoder_ms"].get(v),
+                   _fmt(r["decoder_ms_per_token"].get(v), 2), r["mean_new_tokens"].get(v), r["peak_rss_mb"].get(v)]
+                  for v in variants if v in r["latency_s"]]
+    wer_rows = [[k, r["wer"][k], r["cer"].get(k), _ci(r["wer_ci"].get(k))] for k in r["wer"]]
+    tgt_rows = [[k, t["description"], f"{t['rule']} {t['limit']}", _fmt(t["value"], 3),
+                 {True: "met", False: "**missed**", None: "not measured"}[t["met"]]] for k, t in r["targets"].items()]
+    parts = [
+        "# Benchmark report (generated by benchmarks/run_bench.py)",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, SIMD {', '.join(m['simd'])}, int8 dot-product "
+        f"(VNNI/AMX): {'yes' if m['int8_dot_product'] else 'no'}; torch {m['torch']}, onnxruntime "
+        f"{m['onnxruntime']}, Python {m['python']}; 1-min load average {m['load_avg_1m']} at report time "
+        "(the CPU is shared: absolute times are noisy, the round-robin order keeps the comparison fair).",
+        "",
+        f"Speed pass: {sp.get('clips')} test clips ({sp.get('audio_s')} s of espeak-ng French speech), "
+        f"greedy, language {dec.get('language')}, task {dec.get('task')}, max_new_tokens "
+        f"{dec.get('max_new_tokens')}, {dec.get('threads')} threads, variants interleaved per clip, warm-up excluded. "
+        f"Decoder ms/token: {dec.get('forced_tokens')} tokens forced (EOS suppressed) on every variant.",
+        "",
+        f"Mode: {r.get('mode', 'full (QAT models)')}.",
+        "",
+        "## Speed and size",
+        "",
+        _table(["variant", "size MB", "latency s/clip (median)", "RTF", "encoder ms", "decoder ms/token",
+                "mean new tokens", "peak RSS MiB"], speed_rows),
+        "",
+        ("pytorch_fp32 and onnx_* are the untrained base model and its PTQ exports (same graphs and sizes "
+         "as the QAT exports); " if str(r.get("mode", "")).startswith("speed-only") else
+         "pytorch_fp32 and onnx_* are the QAT-trained model (onnx_int4 from the int4 QAT run); ")
+        + "faster_whisper_int8 is the untrained CTranslate2 whisper-base (float16 on disk, int8 at load).",
+        "",
+        "## Accuracy (test split, normalized text, percent)",
+        "",
+        _table(["variant", "WER", "CER", "WER 95% CI"], wer_rows) if wer_rows else "No evaluation results found.",
+        "",
+        f"{r.get('eval_clips') or 'n/a'} test clips, greedy; ONNX variants transcribe one clip per call, as served "
+        "(int8 activation ranges are per call), PyTorch variants in batches of 8. qat_fp32 is the int8 QAT run's "
+        "model without quantization; qat_fp32_int4_run the int4 run's.",
+        "",
+        "## Targets",
+        "",
+        _table(["target", "measure", "rule", "value", "verdict"], tgt_rows),
+        "",
+        "### Why targets were missed (figures)",
+        "",
+        *(explain(r) or ["All targets met."]),
+        "",
+        "## GPU (training speed probe, benchmarks/gpu_probe.py)",
+        "",
+    ]
+    if gpu and gpu.get("is_gpu"):
+        rows = [[k, v.get("samples_per_s"), v.get("s_per_step"), v.get("peak_vram_gib"), v.get("error", "")]
+                for k, v in gpu["results"].items()]
+        parts += [f"{gpu['device']}, {gpu['shapes']} shapes, batch {gpu['batch']}, {gpu['precision']}, "
+                  f"checkpointing {gpu['gradient_checkpointing']}:", "",
+                  _table(["mode", "samples/s", "s/step", "peak VRAM GiB", "note"], rows)]
+    else:
+        parts += ["GPU not measured this session (no CUDA device). Run `python -m benchmarks.gpu_probe` on a "
+                  "CUDA machine to write benchmarks/gpu.json; this section then shows it."]
+    return "\n".join(parts) + "\n"
+
+
+def write_outputs(results: dict) -> None:
+    (BENCH / "results.json").write_text(json.dumps(results, indent=2))
+    gpu_file = BENCH / "gpu.json"
+    gpu = json.loads(gpu_file.read_text()) if gpu_file.is_file() else None
+    (BENCH / "REPORT.md").write_text(render_bench_report(results, gpu))
+    print(f"wrote {BENCH / 'results.json'} and {BENCH / 'REPORT.md'}")
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value (e.g. train.max_steps=4), got {p!r}")
+        import yaml
+
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="demo", help="base config (quant.scheme is set to int8 and int4)")
+    p.add_argument("--work", type=Path, default=BENCH / "work")
+    p.add_argument("--max-clips", type=int, default=None, help="clips in the speed pass (default: bench.max_clips)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
+    p.add_argument("--skip-pipeline", action="store_true", help="reuse the step outputs already in --work")
+    p.add_argument("--speed-only", action="store_true",
+                   help="no training/evaluation: time the untrained base model's exports (no WER)")
+    p.add_argument("--report-only", action="store_true", help="re-render REPORT.md from benchmarks/results.json")
+    a = p.parse_args(argv)
+    if a.report_only:
+        write_outputs(json.loads((BENCH / "results.json").read_text()))
+        return 0
+    overrides = _overrides(a.set)
+    if a.speed_only:
+        configs = {s: a.work / f"{s}.yaml" for s in SCHEMES}
+        write_config(a.config, "int8", overrides, configs["int8"])
+        run_step_subprocess("prepare", configs["int8"], a.work / "int8")
+        models = speed_only_models(a.work, configs["int8"])
+    elif a.skip_pipeline:
+        configs = {s: a.work / f"{s}.yaml" for s in SCHEMES}
+        missing = [str(c) for c in configs.values() if not c.is_file()]
+        if missing:
+            raise SystemExit(f"--skip-pipeline: {missing} not found; run without --skip-pipeline first")
+        models = trained_models(a.work)
+    else:
+        configs = pipeline(a.work, a.config, overrides)
+        models = trained_models(a.work)
+    speed = speed_pass(a.work, configs["int8"], a.max_clips, models)
+    results = collect(a.work, speed)
+    results["mode"] = "speed-only (untrained base model, PTQ exports)" if a.speed_only else "full (QAT models)"
+    write_outputs(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

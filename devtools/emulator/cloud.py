@@ -1,0 +1,454 @@
+"""The emulated cloud: instances with a lifecycle, real sshd, billing and fault knobs.
+
+Lifecycle: created -> loading (after boot/4) -> running (after boot). On `running` the onstart
+script starts (bash -c, cwd = HOME = disk) and the instance's sshd starts (unless delayed by a
+fault). Billing: dph_total per second from creation until destroy (storage-only while stopped).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from devtools.emulator import offers as catalogue
+from devtools.emulator.sshd import ROOT_MARKER, Sshd, SshdError, free_port, image_path_dir, kill_instance_processes
+from devtools.emulator.state import Store
+
+# Per-instance knobs (settable globally, per id, or per label prefix) and global-only knobs.
+INSTANCE_KNOBS = {"stuck_loading", "ssh_refuse_s", "preempt_after_s", "preempt_mode",
+                  "destroy_fail_once", "disk_full_mb", "boot_seconds"}
+GLOBAL_KNOBS = {"http_429", "malformed", "malformed_count", "malformed_status", "malformed_fields"}
+PREEMPT_MODES = ("exited", "offline", "vanish")
+MALFORMED_MODES = ("html", "missing_fields", "wrong_types", "truncated", "empty")
+
+
+class ApiError(Exception):
+    """An error answered as Vast does: HTTP status + {"success": false, "error", "msg"}."""
+
+    def __init__(self, status: int, error: str, msg: str):
+        super().__init__(msg)
+        self.status, self.error, self.msg = status, error, msg
+
+
+class Cloud:
+    def __init__(self, state_dir: Path, boot_seconds: float = 3.0, credit: float = 50.0):
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.state_dir / "emulator.sqlite3")
+        self.lock = self.store.lock
+        self.boot_seconds = boot_seconds
+        if self.store.get_meta("credit") is None:
+            self.store.set_meta("credit", credit)
+            self.store.set_meta("credit_at", time.time())
+        self._procs: dict[int, subprocess.Popen] = {}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # ---------------------------------------------------------------- background lifecycle --
+    def start(self) -> None:
+        self.recover()
+        self._thread = threading.Thread(target=self._loop, name="lifecycle", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                self.tick()
+            except Exception as e:  # noqa: BLE001 - keep the cloud alive, log the bug
+                print(f"lifecycle tick failed: {e!r}", flush=True)
+
+    def shutdown(self, kill_instances: bool = True) -> None:
+        """Stop the lifecycle thread; with kill_instances, kill every sshd and onstart we started."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        if kill_instances:
+            with self.lock:
+                for inst in self.store.instances():
+                    self._kill(inst)
+                    self._unmount(inst)  # a disk_full tmpfs loses its content here
+                    inst["ssh_started"] = False
+                    self.store.put_instance(inst)
+
+    def recover(self) -> None:
+        """After a restart: bring back the sshd of every running instance whose sshd is gone."""
+        with self.lock:
+            for inst in self.store.instances():
+                if inst["status"] == "running" and inst.get("ssh_started"):
+                    sshd = self._sshd(inst)
+                    sshd.pid = inst.get("sshd_pid")
+                    if not sshd.alive():
+                        self._start_sshd(inst)
+                        self.store.put_instance(inst)
+
+    def tick(self) -> None:
+        now = time.time()
+        with self.lock:
+            for inst in self.store.instances():
+                before = json.dumps(inst, sort_keys=True)
+                self._advance(inst, now)
+                if json.dumps(inst, sort_keys=True) != before:
+                    self.store.put_instance(inst)
+            for pid, proc in list(self._procs.items()):
+                if proc.poll() is not None:
+                    del self._procs[pid]
+
+    def _advance(self, inst: dict, now: float) -> None:
+        f = self.faults_for(inst)
+        boot = float(f.get("boot_seconds", self.boot_seconds))
+        age = now - inst["created_at"]
+        if inst["status"] == "created" and age >= boot / 4:
+            inst["status"], inst["status_msg"] = "loading", f"Pulling {inst['image'] or 'image'}..."
+        if inst["status"] == "loading" and age >= boot:
+            if f.get("stuck_loading"):
+                inst["status_msg"] = "Still pulling image layers (stalled)"
+                return
+            inst["status"], inst["status_msg"], inst["running_at"] = "running", "success, running", now
+            self._start_onstart(inst)
+        if inst["status"] != "running":
+            return
+        if not inst.get("ssh_started") and now >= inst["running_at"] + float(f.get("ssh_refuse_s", 0) or 0):
+            self._start_sshd(inst)
+        preempt = f.get("preempt_after_s")
+        if preempt is not None and now >= inst["running_at"] + float(preempt):
+            self._preempt(inst, f.get("preempt_mode", "exited"), now)
+
+    def _preempt(self, inst: dict, mode: str, now: float) -> None:
+        self._kill(inst)
+        inst["preempted_at"] = now
+        if mode == "vanish":
+            inst["ended_at"], inst["end_reason"] = now, "vanished"
+            self._remove_disk(inst)
+        else:
+            inst["status"] = mode
+            inst["status_msg"] = "Host went offline: instance preempted" if mode == "offline" else \
+                "Instance exited: preempted by the host (outbid or maintenance)"
+
+    # ------------------------------------------------------------------- processes & disk --
+    def _sshd(self, inst: dict) -> Sshd:
+        return Sshd(Path(inst["root"]), int(inst["ssh_port"]), inst.get("sshd_pid"))
+
+    def _env(self, inst: dict) -> dict:
+        return {k: str(v) for k, v in inst["env"].items() if k.isidentifier()} | {
+            "CONTAINER_ID": str(inst["id"]), "VAST_CONTAINERLABEL": f"C.{inst['id']}"}
+
+    def _start_sshd(self, inst: dict) -> None:
+        sshd = self._sshd(inst)
+        sshd.prepare(self._env(inst))
+        try:
+            sshd.start()
+        except SshdError:  # port taken since creation (e.g. after a restart): take another
+            inst["ssh_port"] = free_port()
+            sshd = self._sshd(inst)
+            sshd.prepare(self._env(inst))
+            sshd.start()
+        inst["sshd_pid"], inst["ssh_started"] = sshd.pid, True
+
+    def _start_onstart(self, inst: dict) -> None:
+        disk = Path(inst["root"]) / "disk"
+        disk.mkdir(parents=True, exist_ok=True)
+        log = open(Path(inst["root"]) / "onstart.log", "ab")
+        if not inst.get("onstart"):
+            log.write(b"(no onstart script)\n")
+            log.close()
+            return
+        env = {"HOME": str(disk), "PATH": f"{image_path_dir()}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+               "VAST_EMULATED": "1", ROOT_MARKER: inst["root"], "LANG": "C.UTF-8", **self._env(inst)}
+        proc = subprocess.Popen(["/bin/bash", "-c", inst["onstart"]], cwd=disk, env=env, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self._procs[proc.pid] = proc
+        inst["onstart_pid"] = proc.pid
+
+    def _kill(self, inst: dict) -> None:
+        sshd = self._sshd(inst)
+        sshd.pid = inst.get("sshd_pid")
+        sshd.stop()
+        kill_instance_processes(Path(inst["root"]))
+        inst["sshd_pid"] = None
+
+    def _unmount(self, inst: dict) -> None:
+        if inst.get("disk_mounted"):
+            subprocess.run(["umount", "-l", str(Path(inst["root"]) / "disk")], capture_output=True)
+            inst["disk_mounted"] = False
+
+    def _remove_disk(self, inst: dict) -> None:
+        self._unmount(inst)
+        shutil.rmtree(inst["root"], ignore_errors=True)
+
+    def _mount_small_disk(self, inst: dict, size_mb: float) -> None:
+        """disk_full_mb: the disk is a tmpfs of that size, so writes past it fail with ENOSPC."""
+        disk = Path(inst["root"]) / "disk"
+        disk.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={max(1, int(size_mb * 1024))}k,mode=755",
+                            "tmpfs", str(disk)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ApiError(500, "emulator_error", f"disk_full_mb needs root and mount rights: {r.stderr.strip()}")
+        inst["disk_mounted"] = True
+
+    # ------------------------------------------------------------------------------ faults --
+    def faults_for(self, inst: dict) -> dict:
+        """Knobs for one instance: global '*' rule, then label-prefix rules, then its id rule."""
+        rules = self.store.rules()
+        merged = dict(rules.get("*", {}))
+        label = inst.get("label") or ""
+        for sel in sorted(s for s in rules if s.startswith("label:")):
+            if label.startswith(sel[len("label:"):]):
+                merged.update(rules[sel])
+        merged.update(rules.get(f"id:{inst['id']}", {}))
+        return {k: v for k, v in merged.items() if k in INSTANCE_KNOBS}
+
+    def set_faults(self, body: dict) -> dict:
+        """POST /_emulator/faults: {"clear": true} | {[id|label_prefix], knob: value, ...}."""
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_args", "faults body must be a JSON object")
+        body = dict(body)
+        with self.lock:
+            if body.pop("clear", False):
+                self.store.clear_rules()
+                for key in ("http_429", "malformed_count"):
+                    self.store.set_meta(key, 0)
+            target_id, prefix = body.pop("id", None), body.pop("label_prefix", None)
+            unknown = set(body) - INSTANCE_KNOBS - GLOBAL_KNOBS
+            if unknown:
+                raise ApiError(400, "invalid_args", f"unknown fault knob(s) {sorted(unknown)}; known: "
+                               f"{sorted(INSTANCE_KNOBS | GLOBAL_KNOBS)}")
+            global_part = {k: body.pop(k) for k in list(body) if k in GLOBAL_KNOBS}
+            if global_part and (target_id is not None or prefix is not None):
+                raise ApiError(400, "invalid_args", f"{sorted(global_part)} are global: drop id/label_prefix")
+            self._validate(body, global_part)
+            if "http_429" in global_part:
+                self.store.set_meta("http_429", int(global_part["http_429"]))
+            if "malformed" in global_part:
+                self.store.set_meta("malformed", global_part["malformed"])
+                self.store.set_meta("malformed_count", int(global_part.get("malformed_count", 1)))
+                self.store.set_meta("malformed_status", int(global_part.get("malformed_status", 200)))
+                self.store.set_meta("malformed_fields", global_part.get("malformed_fields"))
+            if body:
+                sel = f"id:{int(target_id)}" if target_id is not None else (
+                    f"label:{prefix}" if prefix is not None else "*")
+                self.store.set_rule(sel, body)
+            return self.faults_view()
+
+    @staticmethod
+    def _validate(knobs: dict, global_part: dict) -> None:
+        mode = knobs.get("preempt_mode")
+        if mode is not None and mode not in PREEMPT_MODES:
+            raise ApiError(400, "invalid_args", f"preempt_mode must be one of {PREEMPT_MODES}")
+        dfo = knobs.get("destroy_fail_once")
+        if dfo not in (None, True, False, "error", "silent"):
+            raise ApiError(400, "invalid_args", "destroy_fail_once must be true, \"error\" or \"silent\"")
+        mal = global_part.get("malformed")
+        if mal is not None and mal not in MALFORMED_MODES:
+            raise ApiError(400, "invalid_args", f"malformed must be one of {MALFORMED_MODES}")
+        for k in ("ssh_refuse_s", "preempt_after_s", "disk_full_mb", "boot_seconds"):
+            if knobs.get(k) is not None and not isinstance(knobs[k], (int, float)):
+                raise ApiError(400, "invalid_args", f"{k} must be a number")
+
+    def faults_view(self) -> dict:
+        return {"rules": self.store.rules(), "http_429": self.store.get_meta("http_429", 0),
+                "malformed": self.store.get_meta("malformed"),
+                "malformed_count": self.store.get_meta("malformed_count", 0)}
+
+    # ------------------------------------------------------------------------ operations --
+    def rented_offer_ids(self) -> set[int]:
+        return {i["offer_id"] for i in self.store.instances()}
+
+    def search(self, query: dict) -> list[dict]:
+        try:
+            return catalogue.search(query, self.rented_offer_ids())
+        except catalogue.QueryError as e:
+            raise ApiError(400, "invalid_args", str(e)) from None
+
+    def create(self, offer_id: int, body: dict) -> dict:
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_args", "body must be a JSON object")
+        offer = next((o for o in catalogue.catalogue() if o["id"] == offer_id), None)
+        if offer is None:
+            raise ApiError(404, "no_such_ask", f"Offer {offer_id} does not exist.")
+        env = body.get("env") or {}
+        if not isinstance(env, dict):
+            raise ApiError(400, "invalid_args", "env must be an object of name: value")
+        try:
+            disk_gb = float(body.get("disk") or 10)
+        except (TypeError, ValueError):
+            raise ApiError(400, "invalid_args", "disk must be a number of GB") from None
+        if disk_gb > offer["disk_space"]:
+            raise ApiError(400, "invalid_args", f"disk {disk_gb} GB exceeds the offer's {offer['disk_space']} GB")
+        bid = body.get("price")
+        with self.lock:
+            if offer_id in self.rented_offer_ids():
+                raise ApiError(400, "no_such_ask", f"Offer {offer_id} is no longer available (already rented).")
+            iid = self.store.next_instance_id()
+            priced = catalogue.price(offer, disk_gb, bid=bid is not None)
+            if bid is not None:
+                if float(bid) < offer["min_bid"]:
+                    raise ApiError(400, "invalid_args", f"bid {bid} is below min_bid {offer['min_bid']}")
+                priced["dph_total"] = round(float(bid) + priced["storage_total_cost"], 6)
+            root = self.state_dir / "instances" / str(iid)
+            now = time.time()
+            inst = {
+                "id": iid, "offer_id": offer_id, "offer": priced, "label": body.get("label"),
+                "image": body.get("image"), "disk_gb": disk_gb, "onstart": body.get("onstart"),
+                "env": {str(k): v for k, v in env.items()}, "runtype": body.get("runtype") or "ssh",
+                "bid_price": bid, "dph_total": priced["dph_total"], "storage_dph": priced["storage_total_cost"],
+                "created_at": now, "running_at": None, "ended_at": None, "end_reason": None,
+                "status": "created", "status_msg": "Instance created", "ssh_port": free_port(),
+                "root": str(root), "stopped_since": None, "stopped_seconds": 0.0, "extra_ports": {},
+            }
+            for key in inst["env"]:
+                if key.startswith("-p "):
+                    inst["extra_ports"][key[3:].split(":")[-1]] = free_port()
+            root.mkdir(parents=True, exist_ok=True)
+            size = self.faults_for(inst).get("disk_full_mb")
+            if size:
+                self._mount_small_disk(inst, float(size))
+            self.store.put_instance(inst)
+        return {"success": True, "new_contract": iid, "instance_api_key": None}
+
+    def _live(self, instance_id: int) -> dict:
+        inst = self.store.get_instance(instance_id)
+        if inst is None or inst.get("ended_at") is not None:
+            raise ApiError(404, "no_such_instance", f"Instance {instance_id} not found.")
+        return inst
+
+    def destroy(self, instance_id: int) -> dict:
+        with self.lock:
+            inst = self._live(instance_id)
+            mode = self.faults_for(inst).get("destroy_fail_once")
+            if mode and not inst.get("destroy_failed"):
+                inst["destroy_failed"] = True
+                self.store.put_instance(inst)
+                if mode == "silent":
+                    return {"success": True, "msg": "destroying instance"}
+                raise ApiError(500, "server_error", "Internal error while destroying the instance; try again.")
+            self._kill(inst)
+            self._remove_disk(inst)
+            self._end_stop(inst, time.time())
+            inst["ended_at"], inst["end_reason"], inst["status"] = time.time(), "destroyed", "destroyed"
+            self.store.put_instance(inst)
+        return {"success": True}
+
+    def update(self, instance_id: int, body: dict) -> dict:
+        """PUT /instances/{id}/: {"label": ...} or {"state": "stopped"|"running"}."""
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_args", "body must be a JSON object")
+        with self.lock:
+            inst = self._live(instance_id)
+            if "label" in body:
+                inst["label"] = body["label"]
+            state = body.get("state")
+            now = time.time()
+            if state == "stopped" and inst["status"] != "stopped":
+                self._kill(inst)
+                inst.update(status="stopped", status_msg="stopped by user", stopped_since=now, ssh_started=False)
+            elif state == "running" and inst["status"] == "stopped":
+                self._end_stop(inst, now)
+                inst.update(status="running", status_msg="success, running", running_at=now, ssh_started=False)
+                self._start_onstart(inst)
+            elif state not in (None, "stopped", "running"):
+                raise ApiError(400, "invalid_args", f"state must be stopped or running, got {state!r}")
+            self.store.put_instance(inst)
+        return {"success": True}
+
+    @staticmethod
+    def _end_stop(inst: dict, now: float) -> None:
+        if inst.get("stopped_since"):
+            inst["stopped_seconds"] += now - inst["stopped_since"]
+            inst["stopped_since"] = None
+
+    def attach_ssh(self, instance_id: int, body: dict) -> dict:
+        key = body.get("ssh_key") if isinstance(body, dict) else None
+        if not isinstance(key, str) or not key.strip().startswith(("ssh-", "ecdsa-", "sk-")):
+            raise ApiError(400, "invalid_args", "ssh_key must be an OpenSSH public key line ('ssh-ed25519 AAAA...')")
+        with self.lock:
+            inst = self._live(instance_id)
+            Sshd(Path(inst["root"]), int(inst["ssh_port"])).authorize(key)
+        return {"success": True, "msg": "SSH key attached"}
+
+    def logs(self, instance_id: int, tail: Any) -> str:
+        inst = self.store.get_instance(instance_id)
+        if inst is None:
+            raise ApiError(404, "no_such_instance", f"Instance {instance_id} not found.")
+        try:
+            n = int(tail) if tail else 1000
+        except (TypeError, ValueError):
+            raise ApiError(400, "invalid_args", f"tail must be a number of lines, got {tail!r}") from None
+        lines = []
+        for name in ("onstart.log", "sshd.log"):
+            try:
+                lines += (Path(inst["root"]) / name).read_text(errors="replace").splitlines()
+            except OSError:
+                pass
+        lines.append(f"[emulator] instance {instance_id} status={inst['status']} msg={inst.get('status_msg')}")
+        return "\n".join(lines[-n:]) + "\n"
+
+    # ----------------------------------------------------------------------------- views --
+    def instance_row(self, inst: dict) -> dict:
+        """The instance as Vast's API shows it."""
+        o, now = inst["offer"], time.time()
+        status = inst["status"]
+        ports = {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(inst["ssh_port"])}]}
+        for cport, hport in inst.get("extra_ports", {}).items():
+            ports[cport if "/" in cport else f"{cport}/tcp"] = [{"HostIp": "0.0.0.0", "HostPort": str(hport)}]
+        stopped = status == "stopped"
+        return {
+            "id": inst["id"], "machine_id": o["machine_id"], "host_id": o["host_id"], "bundle_id": o["id"],
+            "actual_status": status, "intended_status": "stopped" if stopped else "running",
+            "cur_state": "stopped" if stopped else "running", "next_state": "stopped" if stopped else "running",
+            "status_msg": inst.get("status_msg"), "label": inst.get("label"),
+            "image_uuid": inst.get("image"), "image_runtype": inst.get("runtype"), "image_args": [],
+            "onstart": inst.get("onstart"), "template_id": None, "template_hash_id": None,
+            "gpu_name": o["gpu_name"], "num_gpus": o["num_gpus"], "gpu_ram": o["gpu_ram"],
+            "gpu_totalram": o["gpu_total_ram"], "gpu_util": 0.0, "gpu_temp": 35.0, "cpu_name": o["cpu_name"],
+            "cpu_ram": o["cpu_ram"], "cpu_cores": o["cpu_cores"], "cpu_cores_effective": o["cpu_cores_effective"],
+            "disk_space": inst["disk_gb"], "disk_usage": 0.0, "disk_util": 0.0,
+            "ssh_host": "127.0.0.1", "ssh_port": int(inst["ssh_port"]), "ssh_idx": "0",
+            "public_ipaddr": "127.0.0.1", "local_ipaddrs": "127.0.0.1", "ports": ports,
+            "direct_port_start": int(inst["ssh_port"]), "direct_port_end": int(inst["ssh_port"]),
+            "start_date": inst["created_at"], "end_date": inst["created_at"] + o["duration"],
+            "uptime_mins": round((now - (inst.get("running_at") or now)) / 60, 2) if status == "running" else None,
+            "dph_total": inst["dph_total"], "dph_base": o["dph_base"], "storage_cost": o["storage_cost"],
+            "storage_total_cost": inst["storage_dph"], "inet_up": o["inet_up"], "inet_down": o["inet_down"],
+            "inet_up_cost": o["inet_up_cost"], "inet_down_cost": o["inet_down_cost"], "min_bid": o["min_bid"],
+            "is_bid": inst.get("bid_price") is not None, "reliability2": o["reliability2"],
+            "cuda_max_good": o["cuda_max_good"], "driver_version": o["driver_version"],
+            "geolocation": o["geolocation"], "verification": o["verification"], "hosting_type": o["hosting_type"],
+            "extra_env": [[k, str(v)] for k, v in inst["env"].items()], "jupyter_token": None,
+            "time_remaining": "", "logo": "/static/logos/nvidia.png",
+        }
+
+    def ledger(self) -> dict:
+        now, rows = time.time(), []
+        for inst in self.store.instances(include_ended=True):
+            end = inst["ended_at"] or now
+            stopped = inst.get("stopped_seconds", 0.0) + (now - inst["stopped_since"] if inst.get("stopped_since")
+                                                            and not inst["ended_at"] else 0.0)
+            seconds = max(0.0, end - inst["created_at"])
+            cost = inst["dph_total"] * seconds / 3600 - (inst["dph_total"] - inst["storage_dph"]) * stopped / 3600
+            rows.append({"id": inst["id"], "label": inst.get("label"), "offer_id": inst["offer_id"],
+                         "gpu_name": inst["offer"]["gpu_name"], "dph_total": inst["dph_total"],
+                         "created_at": inst["created_at"], "running_at": inst.get("running_at"),
+                         "ended_at": inst["ended_at"], "end_reason": inst.get("end_reason"),
+                         "status": inst["status"], "seconds": round(seconds, 6),
+                         "stopped_seconds": round(stopped, 3), "cost": round(cost, 10)})
+        total = sum(r["cost"] for r in rows)
+        credit = float(self.store.get_meta("credit", 0.0))
+        return {"instances": rows, "total_cost": round(total, 8), "credit": credit,
+                "balance": round(credit - total, 8), "now": now}
+
+    def admin_info(self, instance_id: int) -> dict:
+        inst = self.store.get_instance(instance_id)
+        if inst is None:
+            raise ApiError(404, "no_such_instance", f"Instance {instance_id} not found.")
+        root = Path(inst["root"])
+        key_pub = root / "etc" / "host_ed25519_key.pub"
+        return {"id": inst["id"], "status": inst["status"], "root": str(root), "disk": str(root / "disk"),
+                "ssh_port": inst["ssh_port"], "sshd_pid": inst.get("sshd_pid"),
+                "onstart_pid": inst.get("onstart_pid"), "ended_at": inst["ended_at"],
+                "host_key": " ".join(key_pub.read_text().split()[:2]) if key_pub.exists() else None,
+                "faults": self.faults_for(inst), "destroy_failed": bool(inst.get("destroy_failed"))}

@@ -1,0 +1,557 @@
+"""The local stack, one driver for the demo, the chaos bench and the slow tests: a Prefect server, the
+Vast.ai emulator (real sshd instances) and something that runs flows.
+
+    python -m devtools.stack up       # the demo stack: server (with UI), emulator, process worker
+    python -m devtools.stack down     # stop it; no process of it is left behind
+    python -m devtools.stack status
+    python -m devtools.stack env      # its settings as `export` lines (scripts/demo.sh evals them)
+
+`up`/`down` drive `LocalStack`, the persistent demo stack: state in .prefect/ and .stack/ (pid files,
+logs, the emulator's state and API key), ports from $PREFECT_SERVER_API_PORT (4200) and
+$EMULATOR_PORT (8765); `up` reuses whatever is already running.
+
+`Stack` is the throwaway stack of the chaos bench and the slow tests: everything under one root, free
+ports, and a Runner serving the `qat` flow instead of a worker, so that flow runs live in their own
+processes where cancellation, SIGTERM and SIGKILL behave as in production:
+
+    with Stack(root) as stack:
+        run_id = stack.submit(overrides={...})
+        stack.wait_final(run_id)
+
+Every service is started by `start_service` in its own session (so its own process group) and ended
+by `stop_service`: SIGTERM to the whole group, up to GRACE_S for the group and every process the
+service had started to exit, then SIGKILL for the group and each survivor, checked pid by pid. A
+process that ignores SIGTERM (the Prefect worker, whose server is already gone, retries for
+minutes) therefore cannot outlive `down`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+BIN = Path(PY).parent          # the venv's bin: `prefect` lives beside its python
+GRACE_S = 20.0                 # SIGTERM -> SIGKILL
+DEPLOYMENT = "qat/chaos"
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, every: float = 0.5, what: str = "condition") -> Any:
+    """Poll cond() until it returns something truthy; TimeoutError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+def answers(url: str) -> bool:
+    """Whether something answers HTTP at url (an error status counts: it is up)."""
+    try:
+        with urllib.request.urlopen(url, timeout=3):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except Exception:
+        return False
+
+
+def _free_port() -> int:
+    from devtools.emulator.sshd import free_port
+
+    return free_port()
+
+
+# ---------------------------------------------------------------- processes
+
+@dataclass
+class Service:
+    """A process started by start_service: the leader of its own session and process group."""
+
+    name: str
+    pid: int
+    created: Optional[float]               # psutil create_time: tells our process from a reused pid
+    log: Path
+    proc: Optional[subprocess.Popen] = field(default=None, repr=False, compare=False)
+
+    def process(self) -> Optional[psutil.Process]:
+        """The leader, if it still runs (not a zombie, not another process under a reused pid)."""
+        if self.proc is not None:
+            self.proc.poll()               # reap it if it has exited
+        try:
+            p = psutil.Process(self.pid)
+            if self.created is None or abs(p.create_time() - self.created) > 0.01:
+                return None
+            return p if p.status() != psutil.STATUS_ZOMBIE else None
+        except psutil.Error:
+            return None
+
+    def alive(self) -> bool:
+        return self.process() is not None
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "pid": self.pid, "created": self.created, "log": str(self.log)})
+
+    @classmethod
+    def from_file(cls, path: Path) -> Optional["Service"]:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            return None
+        try:
+            d = json.loads(text)
+            return cls(d["name"], int(d["pid"]), d.get("created"), Path(d["log"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def start_service(name: str, argv: list[str], log: Path, env: Optional[dict] = None, cwd: Path = REPO) -> Service:
+    """Start argv in a new session (its own process group), output appended to log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        created = psutil.Process(proc.pid).create_time()
+    except psutil.Error:
+        created = None
+    return Service(name, proc.pid, created, log, proc)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _members(svc: Service) -> list[psutil.Process]:
+    """The leader, every process descended from it, and every process in its group or session
+    (a child reparented to init after its parent died is found by its group)."""
+    found: dict[int, psutil.Process] = {}
+    leader = svc.process()
+    if leader is not None:
+        found[leader.pid] = leader
+        try:
+            found.update({c.pid: c for c in leader.children(recursive=True)})
+        except psutil.Error:
+            pass
+    for p in psutil.process_iter():
+        try:
+            if p.pid not in found and svc.pid in (os.getpgid(p.pid), os.getsid(p.pid)):
+                found[p.pid] = p
+        except (OSError, psutil.Error):
+            continue
+    return [p for p in found.values() if _running(p)]
+
+
+def _killpg(svc: Service, sig: int, procs: list[psutil.Process]) -> None:
+    """Signal the service's process group, if one of our processes still belongs to it."""
+    for p in procs:
+        try:
+            if _running(p) and os.getpgid(p.pid) == svc.pid:
+                os.killpg(svc.pid, sig)
+                return
+        except (OSError, psutil.Error):
+            continue
+
+
+def _wait_gone(svc: Service, procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while True:
+        if svc.proc is not None:
+            svc.proc.poll()
+        left = [p for p in procs if _running(p)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
+
+
+def stop_service(svc: Service, grace: float = GRACE_S) -> list[int]:
+    """SIGTERM the service's process group, wait up to `grace` s for it and every process it had
+    started, then SIGKILL the group and each survivor. Returns the pids still alive after that
+    (none, unless a process cannot be killed)."""
+    procs = _members(svc)
+    if not procs:
+        return []
+    _killpg(svc, signal.SIGTERM, procs)
+    for p in procs:  # descendants in sessions of their own (sshd, onstart scripts) get it too
+        try:
+            if os.getpgid(p.pid) != svc.pid:
+                p.terminate()
+        except (OSError, psutil.Error):
+            pass
+    left = _wait_gone(svc, procs, grace)
+    if left:
+        left = {p.pid: p for p in left + _members(svc)}.values()  # and whatever they started meanwhile
+        _killpg(svc, signal.SIGKILL, list(left))
+        for p in left:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        left = _wait_gone(svc, list(left), 10)
+    return sorted(p.pid for p in left)
+
+
+# ---------------------------------------------------------------- the demo stack (up / down / status)
+
+class LocalStack:
+    """The persistent demo stack: Prefect server (UI included), emulator, a process worker on qat-pool."""
+
+    SERVICES = ("prefect-server", "emulator", "worker")  # start order; stopped in reverse
+
+    def __init__(self, root: Path = REPO, stack_dir: Optional[Path] = None):
+        self.root = Path(root)
+        self.stack_dir = Path(stack_dir or self.root / ".stack")
+        self.server_port = int(os.environ.get("PREFECT_SERVER_API_PORT", "4200"))
+        self.emulator_port = int(os.environ.get("EMULATOR_PORT", "8765"))
+        self.key_file = self.stack_dir / "emulator-api-key"
+
+    def env(self) -> dict[str, str]:
+        """The stack's settings, for its services and for the shell that drives it (`env`)."""
+        ui = f"http://127.0.0.1:{self.server_port}"
+        return {
+            "PREFECT_HOME": str(self.root / ".prefect"), "PREFECT_SERVER_API_PORT": str(self.server_port),
+            "PREFECT_API_URL": f"{ui}/api", "PREFECT_UI_URL": ui, "EMULATOR_PORT": str(self.emulator_port),
+            "VAST_URL": os.environ.get("VAST_URL", f"http://127.0.0.1:{self.emulator_port}"),
+            "QAT_RUNS_DIR": os.environ.get("QAT_RUNS_DIR", str(self.root / "runs")),
+            "STACK_DIR": str(self.stack_dir),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+
+    def _pid_file(self, name: str) -> Path:
+        return self.stack_dir / f"{name}.pid"
+
+    def service(self, name: str) -> Optional[Service]:
+        return Service.from_file(self._pid_file(name))
+
+    def start(self, name: str, argv: list[str], env: Optional[dict] = None) -> Service:
+        """Start a service unless it already runs; its pid file records it for `down`."""
+        running = self.service(name)
+        if running is not None and running.alive():
+            print(f"    {name} already running (pid {running.pid})")
+            return running
+        svc = start_service(name, argv, self.stack_dir / "logs" / f"{name}.log",
+                            env={**os.environ, **self.env(), **(env or {})})
+        self._pid_file(name).write_text(svc.to_json())
+        print(f"    {name} started (pid {svc.pid}, log {svc.log})")
+        return svc
+
+    def _wait_up(self, svc: Service, url: str, what: str, timeout: float) -> None:
+        wait_for(lambda: not svc.alive() or answers(url), timeout, 1, what)
+        if not svc.alive():
+            raise SystemExit(f"{what} exited; see {svc.log}")
+
+    def up(self) -> None:
+        env = self.env()
+        os.environ.update(env)  # for the Prefect client below and the CLI calls
+        (self.stack_dir / "logs").mkdir(parents=True, exist_ok=True)
+        Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+        print(f"==> Prefect server ({env['PREFECT_UI_URL']})")
+        svc = self.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                            "--port", str(self.server_port)])
+        self._wait_up(svc, env["PREFECT_API_URL"] + "/health", "the Prefect server", 120)
+        print(f"==> Vast.ai emulator ({env['VAST_URL']})")
+        if not self.key_file.is_file():
+            self.key_file.write_text("emu-" + secrets.token_hex(16) + "\n")
+        self.key_file.chmod(0o600)
+        key = self.key_file.read_text().strip()
+        svc = self.start("emulator", [PY, "-m", "devtools.emulator", "--port", str(self.emulator_port),
+                                      "--state-dir", str(self.stack_dir / "emulator")],
+                         env={"VAST_EMULATOR_KEY": key})  # the key stays off the command line
+        self._wait_up(svc, env["VAST_URL"] + "/api/v0/users/current", "the Vast.ai emulator", 60)
+        print("==> Prefect blocks, work pool, concurrency limit")
+        from prefect.blocks.system import Secret
+
+        Secret(value=key).save("vast-api-key", overwrite=True)
+        prefect = str(BIN / "prefect")
+        for inspect, create in ((["work-pool", "inspect", "qat-pool"], ["work-pool", "create", "qat-pool", "--type", "process"]),
+                                (["gcl", "inspect", "vast-gpus"], ["gcl", "create", "vast-gpus", "--limit", "1"])):
+            if subprocess.run([prefect, *inspect], capture_output=True).returncode != 0:
+                subprocess.run([prefect, *create], capture_output=True, check=True)
+        print("==> worker")
+        self.start("worker", [prefect, "worker", "start", "--pool", "qat-pool"])
+
+    def down(self, grace: float = GRACE_S) -> list[int]:
+        """Stop worker, emulator, server (in that order); returns the pids that survived (none)."""
+        survivors = []
+        for name in reversed(self.SERVICES):
+            svc = self.service(name)
+            if svc is not None:
+                left = stop_service(svc, grace)
+                print(f"    {name} stopped (pid {svc.pid})" if not left else
+                      f"    {name}: processes {left} survived SIGKILL", flush=True)
+                survivors += left
+                if not left:
+                    self._pid_file(name).unlink(missing_ok=True)
+        return survivors
+
+    def status(self) -> dict[str, Optional[int]]:
+        """name -> pid of each running service (None: stopped)."""
+        out = {}
+        for name in self.SERVICES:
+            svc = self.service(name)
+            out[name] = svc.pid if svc is not None and svc.alive() else None
+        return out
+
+
+# ---------------------------------------------------------------- the throwaway stack (chaos bench, tests)
+
+class Stack:
+    """Prefect server + emulator + runner under `root` (logs in root/logs, runs in root/runs).
+
+    `env`: extra environment for the runner (and so for every flow run), e.g. HF_TOKEN.
+    After close(), `survivors` lists the pids of its processes that outlived it (expected: none)."""
+
+    def __init__(self, root: Path, api_key: str = "vastkey-chaos-0000", env: Optional[dict] = None,
+                 heartbeat_s: int = 30, runner_limit: int = 2):
+        self.root = Path(root)
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        self.api_key, self.extra_env, self.heartbeat_s = api_key, dict(env or {}), heartbeat_s
+        self.runner_limit = runner_limit
+        self.port = _free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.runs_dir = self.root / "runs"
+        self.server: Optional[Service] = None
+        self.runner: Optional[Service] = None
+        self.runner_log: Optional[Path] = None
+        self.runner_generation = 0
+        self.emu = None
+        self.survivors: list[int] = []
+
+    # ---------------------------------------------------------------- lifecycle
+    def env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update({
+            "PREFECT_HOME": str(self.root / "prefect-home"), "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
+            "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(self.heartbeat_s),
+            "VAST_API_KEY": self.api_key, "VAST_URL": self.emu.url if self.emu else "",
+            "QAT_RUNS_DIR": str(self.runs_dir), "PYTHONUNBUFFERED": "1",
+            "QAT_RUNNER_LIMIT": str(self.runner_limit),
+        })
+        env.update(self.extra_env)
+        return env
+
+    def server_env(self) -> dict:
+        """The Prefect server needs no credential: it gets none."""
+        return {k: v for k, v in self.env().items() if k not in ("VAST_API_KEY", "HF_TOKEN", *self.extra_env)}
+
+    def __enter__(self) -> "Stack":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        from devtools.emulator.testing import EmulatorProcess
+
+        self.emu = EmulatorProcess(state_dir=self.root / "emulator", api_key=self.api_key).start()
+        self.server = start_service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                                       "--port", str(self.port), "--no-ui"],
+                                    self.root / "logs" / "prefect-server.log", env=self.server_env())
+        wait_for(lambda: not self.server.alive() or answers(self.api_url + "/health"), 180, 1,
+                 "the Prefect server to answer")
+        if not self.server.alive():
+            raise RuntimeError(f"the Prefect server exited; see {self.server.log}")
+        self.start_runner()
+
+    def start_runner(self) -> None:
+        """A Runner process serving the qat flow as deployment qat/chaos (flow runs are its children)."""
+        self.runner_generation += 1
+        self.runner_log = self.root / "logs" / f"runner-{self.runner_generation}.log"
+        self.runner = start_service("runner", [PY, "-m", "devtools.stack", "serve"], self.runner_log, env=self.env())
+        wait_for(lambda: not self.runner.alive() or self._deployment_id(), 180, 1, "the runner to serve qat")
+        if not self.runner.alive():
+            raise RuntimeError(f"the runner exited; see {self.runner_log}")
+
+    def close(self) -> None:
+        for svc in (self.runner, self.server):
+            if svc is not None:
+                self.survivors += stop_service(svc)
+        if self.emu is not None:
+            self.emu.cleanup()
+
+    # ---------------------------------------------------------------- Prefect
+    def client(self):
+        from prefect.client.orchestration import SyncPrefectClient
+
+        return SyncPrefectClient(self.api_url)
+
+    def _deployment_id(self):
+        try:
+            with self.client() as c:
+                return c.read_deployment_by_name(DEPLOYMENT).id
+        except Exception:
+            return None
+
+    def submit(self, config: str = "tiny", overrides: Optional[dict] = None) -> str:
+        """Create a flow run of the served deployment; returns its id (the instance label is qat-<id>)."""
+        with self.client() as c:
+            fr = c.create_flow_run_from_deployment(self._deployment_id(),
+                                                   parameters={"config": config, "overrides": overrides or {}})
+        return str(fr.id)
+
+    def flow_run(self, run_id: str):
+        from uuid import UUID
+
+        with self.client() as c:
+            return c.read_flow_run(UUID(run_id))
+
+    def state(self, run_id: str):
+        return self.flow_run(run_id).state
+
+    def wait_final(self, run_id: str, timeout: float = 900):
+        return wait_for(lambda: (s := self.state(run_id)) is not None and s.is_final() and s, timeout, 1,
+                        f"flow run {run_id} to end")
+
+    def cancel(self, run_id: str) -> None:
+        from uuid import UUID
+
+        from prefect.states import Cancelling
+
+        with self.client() as c:
+            c.set_flow_run_state(UUID(run_id), Cancelling(message="cancelled by the chaos bench"), force=True)
+
+    def logs(self, run_id: str) -> list[str]:
+        from uuid import UUID
+
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        out, offset = [], 0
+        with self.client() as c:
+            while True:
+                page = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)])), limit=200,
+                                   offset=offset)
+                out += [f"{r.name}: {r.message}" for r in page]
+                if len(page) < 200:
+                    return out
+                offset += 200
+
+    def task_states(self, run_id: str) -> list[tuple[str, str]]:
+        """(task run name, state type) in start order."""
+        from uuid import UUID
+
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        with self.client() as c:
+            runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(run_id)])))
+        runs = sorted(runs, key=lambda r: r.start_time or r.created)
+        return [(r.name, r.state.type.value if r.state else "NONE") for r in runs]
+
+    def artifacts(self, run_id: str) -> list:
+        from uuid import UUID
+
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        with self.client() as c:
+            return c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)])))
+
+    # ---------------------------------------------------------------- processes
+    def flow_pid(self, run_id: str) -> Optional[int]:
+        """The pid of the process executing this flow run (a child of the runner)."""
+        runner = self.runner.process() if self.runner is not None else None
+        if runner is None:
+            return None
+        try:
+            kids = runner.children(recursive=True)
+        except psutil.Error:
+            return None
+        for p in kids:
+            try:
+                if p.environ().get("PREFECT__FLOW_RUN_ID") == run_id:
+                    return p.pid
+            except psutil.Error:
+                continue
+        return None
+
+    def kill_runner(self) -> None:
+        """SIGKILL the runner and every flow-run process under it (a lost worker machine).
+
+        All are frozen (SIGSTOP) first: killed one by one, the survivors could react to the first
+        death (a flow process sent SIGTERM by its dying parent runs its finally and destroys the
+        machine within ~0.1 s), which a machine losing power never allows.
+        """
+        runner = psutil.Process(self.runner.pid)
+        procs = [runner, *runner.children(recursive=True)]
+        for sig in ("suspend", "kill"):
+            for p in procs:
+                try:
+                    getattr(p, sig)()
+                except psutil.Error:
+                    pass
+        self.runner.proc.wait(timeout=10)
+        self.runner = None
+
+    # ---------------------------------------------------------------- emulator views
+    def instances(self, run_id: str) -> list[dict]:
+        """Ledger rows of the instances rented for this flow run (label qat-<run id>)."""
+        return [r for r in self.emu.ledger()["instances"] if r["label"] == f"qat-{run_id}"]
+
+    def live(self, run_id: str) -> list[dict]:
+        return [r for r in self.instances(run_id) if r["ended_at"] is None]
+
+    def runner_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted((self.root / "logs").glob("runner-*.log")))
+
+
+def serve() -> None:
+    """The Runner process of `Stack` (flow runs execute in its children)."""
+    import asyncio
+
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.runner import Runner
+
+    # From the entrypoint, as a worker does (`python -m prefect.engine` per run): `qat.serve()` runs
+    # the in-memory flow in a spawned child, where its parameters fail to validate (see CHAOS.md).
+    runner = Runner(name="chaos", limit=int(os.environ.get("QAT_RUNNER_LIMIT", "2")))
+    runner.add_deployment(RunnerDeployment.from_entrypoint("flows/qat.py:qat", name="chaos"))
+    asyncio.run(runner.start())
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m devtools.stack", description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", choices=("up", "down", "status", "env", "serve"),
+                    help="serve: the Runner process of Stack (started by it, not by hand)")
+    args = ap.parse_args(argv)
+    stack = LocalStack()
+    if args.command == "up":
+        stack.up()
+    elif args.command == "down":
+        return 1 if stack.down() else 0
+    elif args.command == "status":
+        for name, pid in stack.status().items():
+            print(f"{name}: running (pid {pid})" if pid else f"{name}: stopped")
+    elif args.command == "env":
+        print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in stack.env().items()))
+    else:
+        serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

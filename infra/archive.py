@@ -1,0 +1,333 @@
+"""The one way files come home from a machine: our own tar extractor, for archives we did not make.
+
+A rented machine is a stranger's computer, so whatever it sends is hostile until checked. This
+module does not rely on tarfile's extraction filters (``filter="data"`` can be bypassed before
+Python 3.11.13 / 3.12.11, CVE-2025-4517 and friends): tarfile only parses headers here, and every
+member is checked by the rules below BEFORE anything is written for it.
+
+Rules (a broken rule raises `UnsafeArchive`, naming the member and the rule):
+
+- only regular files and directories: symlinks, hard links, character/block devices, fifos,
+  sparse and contiguous files, and any other type are refused;
+- names: not absolute, no ``..`` part, not empty or ``.`` (the archive's own root entry ``./``,
+  a directory, is the one exception: it is skipped), no NUL; after normalisation (``./`` prefixes,
+  doubled and trailing slashes dropped) the name must match ``allow`` (``re.fullmatch``) when given;
+- each member's path, resolved, stays inside a FRESH temporary directory made next to ``dest``;
+  nothing already on disk is ever written through (files are created with O_EXCL|O_NOFOLLOW, a
+  name seen twice or a file where a directory is needed is refused);
+- caps: ``max_members`` members, ``max_bytes`` in all (the declared sizes, checked before a member
+  is written, and the bytes actually written), and the decompressed tar stream itself (headers
+  included) may not run far past ``max_bytes``; pax and long-name header payloads are capped
+  (MAX_HEADER_BYTES each, MAX_HEADER_TOTAL in all): tarfile reads them into memory and, before
+  Python 3.11.10, parses them with a quadratically backtracking regex (CVE-2024-6232);
+- modes are ours: directories 0o755, files 0o644 (0o755 when the member had an execute bit);
+  never setuid/setgid/sticky, no owners, no times from the archive;
+- only when every member was checked and written is the temporary directory swapped into
+  ``dest`` (the old ``dest``, if any, is moved aside, replaced, then deleted). On any refusal or
+  error the temporary directory is removed and ``dest`` is untouched.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import uuid
+import zlib
+from pathlib import Path
+from typing import IO, BinaryIO, Optional, Union
+
+from .machine import MachineError
+
+MAX_BYTES = 200 * 1000**3  # 200 GB: more than any step's outputs (checkpoints included)
+MAX_MEMBERS = 200_000
+# Generous default allowlist for names from a machine: anything printable (no control characters,
+# so no newline or escape sequence can reach a log line or a terminal).
+DEFAULT_ALLOW = re.compile(r"[^\x00-\x1f\x7f]+")
+# pax / GNU long-name header payloads: tarfile reads each into memory and (before 3.11.10) parses it
+# with a quadratic regex. A real one holds a path (PATH_MAX 4096) and a few times: 8 KiB each is
+# plenty; payloads over one 512-byte block add up to at most 8 MiB per archive.
+MAX_HEADER_BYTES = 8 * 1024
+MAX_HEADER_TOTAL = 8 * 1024 * 1024
+CHUNK = 1024 * 1024
+
+FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
+_TYPE_NAMES = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device",
+               tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "fifo", tarfile.GNUTYPE_SPARSE: "sparse file",
+               tarfile.CONTTYPE: "contiguous file"}
+
+Source = Union[str, os.PathLike, IO[bytes]]
+
+
+class UnsafeArchive(MachineError):
+    """An archive (or a name) from a machine broke a safety rule: refused, never retried."""
+
+    retryable = False  # tasks.retry.is_transient honours this
+
+    def __init__(self, member: str, rule: str):
+        self.member, self.rule = member, rule
+        super().__init__(f"refused {member!r} from the machine: {rule}")
+
+
+def safe_member_name(name: str, allow: Optional[re.Pattern] = None) -> str:
+    """The normalised relative name (``a/b``) if `name` is safe to create under a directory of
+    ours; raises UnsafeArchive otherwise. Usable for single remote names (e.g. ``ls`` output):
+    pass an `allow` such as ``re.compile(r"[^/]+")`` to insist on one path component."""
+    if not isinstance(name, str):
+        raise UnsafeArchive(repr(name), "the name is not text")
+    if "\0" in name:
+        raise UnsafeArchive(name, "the name contains a NUL byte")
+    if name.startswith("/"):
+        raise UnsafeArchive(name, "absolute names are not allowed")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeArchive(name, "'..' parts are not allowed")
+    if not parts:
+        raise UnsafeArchive(name, "empty or '.' names are not allowed")
+    norm = "/".join(parts)
+    if allow is not None and not allow.fullmatch(norm):
+        raise UnsafeArchive(name, f"the name does not match the allowlist {allow.pattern!r}")
+    return norm
+
+
+class _Guard(io.RawIOBase):
+    """What tarfile reads through: caps the whole decompressed stream and the headers tarfile reads
+    into memory (and parses with regexes that backtrack quadratically before Python 3.11.10,
+    CVE-2024-6232); seeks forward by reading, so a pipe or a gzip stream works too."""
+
+    def __init__(self, raw: IO[bytes], cap: int):
+        super().__init__()
+        self.raw, self.cap, self.pos = raw, cap, 0
+        self.in_data = False  # True while we copy a member's data (big reads are fine then)
+        self.header_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            raise io.UnsupportedOperation("unbounded read")
+        if not self.in_data and n > tarfile.BLOCKSIZE:  # a pax or long-name header's payload
+            self.header_bytes += n
+            if n > MAX_HEADER_BYTES:
+                raise UnsafeArchive(f"<header at byte {self.pos}>",
+                                    f"an extended header of {n} bytes (over {MAX_HEADER_BYTES})")
+            if self.header_bytes > MAX_HEADER_TOTAL:
+                raise UnsafeArchive(f"<header at byte {self.pos}>",
+                                    f"extended headers over {MAX_HEADER_TOTAL} bytes in all")
+        return self._read(n)
+
+    def _read(self, n: int) -> bytes:
+        if self.pos + n > self.cap:
+            n = max(0, self.cap - self.pos) + 1  # read just past the cap to know whether there is more
+        data = self.raw.read(n)
+        self.pos += len(data)
+        if self.pos > self.cap:
+            raise UnsafeArchive(f"<at byte {self.pos}>", f"the archive stream is larger than {self.cap} bytes")
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = {io.SEEK_SET: offset, io.SEEK_CUR: self.pos + offset}.get(whence)
+        if target is None:
+            raise io.UnsupportedOperation("seek from the end")
+        while self.pos < target:
+            if not self._read(min(CHUNK, target - self.pos)):
+                break
+        if target < self.pos:
+            self.raw.seek(target)
+            self.pos = target
+        return self.pos
+
+
+def _open_stream(src: IO[bytes]) -> IO[bytes]:
+    """src itself (plain tar) or a gzip reader over it, told apart by the gzip magic."""
+    if hasattr(src, "peek"):
+        magic = src.peek(2)[:2]  # type: ignore[attr-defined]
+    elif src.seekable():
+        start = src.tell()
+        magic = src.read(2)
+        src.seek(start)
+    else:
+        src = io.BufferedReader(src)  # type: ignore[arg-type]
+        magic = src.peek(2)[:2]
+    return gzip.GzipFile(fileobj=src, mode="rb") if magic == b"\x1f\x8b" else src
+
+
+def _member_type(m: tarfile.TarInfo) -> str:
+    if m.type in FILE_TYPES and m.sparse is None:
+        return "file"
+    if m.type == tarfile.DIRTYPE:
+        return "dir"
+    if m.sparse is not None:
+        return "sparse file"
+    return _TYPE_NAMES.get(m.type, f"member of type {m.type!r}")
+
+
+def _inside(root: str, path: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root + os.sep)
+
+
+def _make_dirs(root: str, norm: str, label: str) -> str:
+    """Create each missing directory of norm under root (real directories only); returns the path."""
+    path = root
+    for part in norm.split("/"):
+        path = os.path.join(path, part)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.mkdir(path, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafeArchive(label, "a directory is needed where the archive already put a file")
+    return path
+
+
+def _write_file(root: str, norm: str, label: str, reader: IO[bytes], size: int, mode: int,
+                budget: int) -> int:
+    """Create norm under root (exclusively, never through a link) with size bytes from reader."""
+    parent, _, base = norm.rpartition("/")
+    dirpath = _make_dirs(root, parent, label) if parent else root
+    path = os.path.join(dirpath, base)
+    if not _inside(root, dirpath) or not _inside(root, path):
+        raise UnsafeArchive(label, "its path resolves outside the destination")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0), 0o755 if mode & 0o111 else 0o644)
+    except FileExistsError:
+        raise UnsafeArchive(label, "the archive holds this name twice") from None
+    written = 0
+    with os.fdopen(fd, "wb") as out:
+        while True:
+            chunk = reader.read(min(CHUNK, size - written + 1))
+            if not chunk:
+                break
+            written += len(chunk)
+            if written > size:
+                raise UnsafeArchive(label, f"more data than its declared {size} bytes")
+            if written > budget:
+                raise UnsafeArchive(label, "the archive holds more than the byte cap")
+            out.write(chunk)
+    if written != size:
+        raise UnsafeArchive(label, f"truncated: {written} of its declared {size} bytes")
+    return written
+
+
+def _swap_into(tmp: Path, dest: Path) -> None:
+    """Put tmp at dest; an old dest is moved aside first, restored if the move fails, then removed."""
+    if not os.path.lexists(dest):
+        os.rename(tmp, dest)
+        return
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:12]}")
+    os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(old, dest)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+def extract_archive(source: Source, dest: Path, *, allow: Optional[re.Pattern] = DEFAULT_ALLOW,
+                    max_bytes: int = MAX_BYTES, max_members: int = MAX_MEMBERS) -> list[str]:
+    """Unpack a tar or tar.gz from an untrusted machine into dest (replacing it), by the rules in
+    this module's docstring. Returns the normalised names created (directories and files), in
+    archive order. Raises UnsafeArchive (dest untouched) when any member breaks a rule."""
+    dest = Path(dest)
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return extract_archive(f, dest, allow=allow, max_bytes=max_bytes, max_members=max_members)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.incoming-", dir=dest.parent))
+    root = os.path.realpath(tmp)
+    # headers: 512 bytes, padding up to 511, pax or long-name headers (a few KiB) per member
+    cap = max_bytes + (max_members + 2) * 8192 + 1024 * 1024
+    names: list[str] = []
+    total, count = 0, 0
+    try:
+        stream = _Guard(_open_stream(source), cap)
+        try:
+            with tarfile.open(fileobj=stream, mode="r:") as tar:  # type: ignore[call-overload]
+                while True:
+                    m = tar.next()
+                    if m is None:
+                        break
+                    count += 1
+                    label = m.name
+                    if count > max_members:
+                        raise UnsafeArchive(label, f"the archive holds more than {max_members} members")
+                    kind = _member_type(m)
+                    if kind == "dir" and m.name in (".", "./"):
+                        continue  # the archive's own root entry ("./" from `tar -C dir .`): nothing to make
+                    norm = safe_member_name(m.name, allow)
+                    if kind not in ("file", "dir"):
+                        raise UnsafeArchive(label, f"a {kind} (only regular files and directories are allowed)")
+                    path = os.path.join(root, *norm.split("/"))
+                    if not _inside(root, path):
+                        raise UnsafeArchive(label, "its path resolves outside the destination")
+                    if kind == "dir":
+                        _make_dirs(root, norm, label)
+                    else:
+                        if m.size < 0 or total + m.size > max_bytes:
+                            raise UnsafeArchive(label, f"the archive holds more than {max_bytes} bytes "
+                                                       f"(this member declares {m.size})")
+                        reader = tar.extractfile(m)
+                        assert reader is not None
+                        stream.in_data = True
+                        try:
+                            total += _write_file(root, norm, label, reader, m.size, m.mode, max_bytes - total)
+                        finally:
+                            stream.in_data = False
+                    names.append(norm)
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise UnsafeArchive("<archive>", f"not a valid tar archive: {type(e).__name__}: {e}") from None
+        os.chmod(tmp, 0o755)
+        _swap_into(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return names
+
+
+def copy_capped(src: BinaryIO, dest: Path, max_bytes: int, label: str) -> int:
+    """Copy one file's bytes from a machine to dest (via dest.partial, then renamed), refusing more
+    than max_bytes. Returns the bytes copied."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    partial.unlink(missing_ok=True)
+    written = 0
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "wb") as out:
+            while True:
+                chunk = src.read(CHUNK)
+                if not chunk:
+                    break
+                written += len(chunk)
+                if written > max_bytes:
+                    raise UnsafeArchive(label, f"larger than the cap of {max_bytes} bytes")
+                out.write(chunk)
+        os.replace(partial, dest)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return written

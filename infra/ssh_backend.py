@@ -1,0 +1,54 @@
+"""The `ssh` backend: a host the user owns, reached over SSH. Nothing is rented or destroyed."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from contract.machine_config import MachineConfig
+
+from .machine import Lease, LogFn, Machine
+from .ssh import SSHMachine
+
+
+def pin_host_key(timeout: float, log: LogFn):
+    """A ready check: SSH answers (retried until `timeout`), the host key gets pinned in the lease."""
+
+    def check(lease: Lease) -> None:
+        with SSHMachine(lease, connect_timeout=timeout).connect() as m:
+            log(f"ssh {m.name} answers; free disk {m.free_disk_gb('.'):.1f} GB")
+
+    return check
+
+
+class SSHBackend:
+    name = "ssh"
+
+    def acquire(self, mc: MachineConfig, label: str, workdir: Path, *, api_key=None, server_url=None,
+                log: LogFn = print) -> Lease:
+        assert mc.ssh is not None  # the config validator guarantees it
+        lease = Lease(backend=self.name, label=label, host=mc.ssh.host, port=mc.ssh.port, user=mc.ssh.user,
+                      key_path=str(Path(mc.ssh.key_path).expanduser()), created_at=time.time())
+        pin_host_key(mc.ssh_timeout_s, log)(lease)
+        return lease
+
+    def connect(self, lease: Lease, timeout: float) -> Machine:
+        return SSHMachine(lease, connect_timeout=timeout).connect()
+
+    def python(self, mc: MachineConfig) -> str:
+        return mc.python
+
+    def release(self, lease: Lease, *, api_key=None, server_url=None) -> bool:
+        return True  # the host is not ours to destroy
+
+    def is_alive(self, lease: Lease, *, api_key=None, server_url=None) -> bool:
+        try:
+            SSHMachine(lease, connect_timeout=10).connect().close()
+            return True
+        except Exception:
+            return False
+
+    def find_instances(self, label_prefix: str, *, api_key=None, server_url=None) -> list[Lease]:
+        return []
+
+    def price_estimate(self, mc: MachineConfig, *, api_key=None, server_url=None) -> dict:
+        return {"backend": self.name, "dph": 0.0, "planned_hours": mc.planned_hours, "estimated_usd": 0.0}

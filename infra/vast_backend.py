@@ -1,0 +1,67 @@
+"""The `vast` backend: a Vast.ai instance rented through the API (infra/vast.py), reached over SSH."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+from contract.machine_config import MachineConfig
+
+from . import keys
+from .machine import Lease, LogFn, Machine
+from .ssh import SSHMachine
+from .ssh_backend import pin_host_key
+from .vast import VastProvider
+
+
+class VastBackend:
+    name = "vast"
+
+    def __init__(self) -> None:
+        # Passed to every VastProvider made here (poll_s, retries, backoff_s): tests make polling fast.
+        self.provider_options: dict = {}
+
+    def provider(self, api_key: Optional[str], server_url: Optional[str], log: LogFn = print) -> VastProvider:
+        return VastProvider(api_key=api_key, server_url=server_url, log_fn=log, **self.provider_options)
+
+    def acquire(self, mc: MachineConfig, label: str, workdir: Path, *, api_key=None, server_url=None,
+                log: LogFn = print) -> Lease:
+        """Rent the cheapest matching offer; the lease is returned once SSH answers, its host key pinned."""
+        # one key pair per run (label = qat-<flow run id>), reused if the run rents again
+        pair = keys.load_or_generate(Path(workdir) / "ssh" / re.sub(r"[^A-Za-z0-9._-]", "_", label))
+        return self.provider(api_key, server_url, log).launch(
+            mc, label, pair.public_key, key_path=str(pair.private_path),
+            ready_check=pin_host_key(mc.ssh_timeout_s, log))
+
+    def connect(self, lease: Lease, timeout: float) -> Machine:
+        return SSHMachine(lease, connect_timeout=timeout).connect()
+
+    def python(self, mc: MachineConfig) -> str:
+        return mc.python
+
+    def release(self, lease: Lease, *, api_key=None, server_url=None) -> bool:
+        """Destroy the instance and confirm it is gone (True). Idempotent."""
+        if lease.instance_id is None:
+            return True
+        return self.provider(api_key, server_url).destroy(int(lease.instance_id))
+
+    def is_alive(self, lease: Lease, *, api_key=None, server_url=None) -> bool:
+        return lease.instance_id is not None and self.provider(api_key, server_url).is_running(int(lease.instance_id))
+
+    def find_instances(self, label_prefix: str, *, api_key=None, server_url=None) -> list[Lease]:
+        return [self.lease_from_row(r) for r in self.provider(api_key, server_url).find_instances(label_prefix)]
+
+    def price_estimate(self, mc: MachineConfig, *, api_key=None, server_url=None) -> dict:
+        """Before renting: the cheapest matching offer's $/h times machine.planned_hours."""
+        best, *rest = self.provider(api_key, server_url).search_offers(mc.vast, mc.vast.min_disk_gb)
+        dph = float(best["dph_total"])
+        return {"backend": self.name, "dph": dph, "planned_hours": mc.planned_hours,
+                "estimated_usd": round(dph * mc.planned_hours, 4), "offers": 1 + len(rest),
+                "gpu_name": best.get("gpu_name"), "offer_id": best.get("id")}
+
+    def lease_from_row(self, row: dict) -> Lease:
+        host, port = VastProvider.ssh_endpoint(row)
+        return Lease(backend=self.name, label=str(row.get("label") or ""), instance_id=int(row["id"]), host=host,
+                     port=port, dph_total=float(row.get("dph_total") or 0.0), gpu_name=str(row.get("gpu_name") or ""),
+                     num_gpus=int(row.get("num_gpus") or 0), created_at=float(row.get("start_date") or 0.0),
+                     extra={"machine_id": row.get("machine_id"), "actual_status": row.get("actual_status")})

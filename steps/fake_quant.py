@@ -1,0 +1,167 @@
+"""Quantization-aware training: fake-quantize Whisper's block Linears on ONNX Runtime's grid.
+
+Two steps, like torchao's prepare/convert:
+
+    n = prepare(model, quant)   # encoder/decoder block Linears -> FakeQuantLinear (same Parameters)
+    ... train ...
+    model = convert(model)      # FakeQuantLinear -> nn.Linear holding the trained float weights
+
+Why not torchao's QATConfig as is: the export (steps/convert) quantizes with ONNX Runtime, whose
+grids differ from torchao's recipes (docs/REFERENCE.md section 3):
+
+* int8 = ORT `quantize_dynamic`: weights per output channel, symmetric, scale max|w|/127
+  (torchao: /127.5); activations `DynamicQuantizeLinear`: one asymmetric uint8 range per tensor,
+  widened to include 0 (torchao: per token). The range follows what one ORT call sees at
+  inference: the encoder runs once per utterance (one range per utterance, as do the decoder's
+  cross-attention k/v projections of the encoder states); the decoder generates one token per
+  call with its KV cache, so its other Linears get one range per token.
+* int4 = ORT `MatMulNBits` (symmetric, blocks of `group_size` along the input dimension): the
+  element of largest magnitude m in a block maps to -8 with scale m / -8, the rest round into
+  [-8, 7] (torchao: max|w|/7.5, symmetric).
+
+tests/test_qat.py checks these grids bit for bit against what ORT itself produces, and
+benchmarks/train_speed.py measures how far torchao's grids are from ORT's on the real weights.
+Gradients pass straight through (STE, clipping included); scales are not learned.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from contract.config import QuantConfig
+
+from .common import StepError
+
+
+class _StraightThrough(torch.autograd.Function):
+    """y = quantize(x) forward, dy/dx = 1 backward; saves no tensors (no activation memory cost)."""
+
+    @staticmethod
+    def forward(ctx, x, quantize):
+        return quantize(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _int8_weight(w: torch.Tensor) -> torch.Tensor:
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
+    return (torch.clamp(torch.round(wf / scale), -127, 127) * scale).to(w.dtype)
+
+
+def _int4_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_f, in_f = w.shape
+    wf = F.pad(w.float(), (0, (-in_f) % group_size)).view(out_f, -1, group_size)
+    scale = torch.gather(wf, -1, wf.abs().argmax(dim=-1, keepdim=True)) / -8.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(wf / scale), -8, 7)
+    return (q * scale).view(out_f, -1)[:, :in_f].to(w.dtype)
+
+
+def _uint8_activation(x: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    xf = x.float()
+    first = xf.dim() - 1 if per_token or xf.dim() == 1 else 1  # range over dims first.. (dim 0 = batch)
+    dims = tuple(range(first, xf.dim()))
+    lo = xf.amin(dim=dims, keepdim=True).clamp(max=0)
+    hi = xf.amax(dim=dims, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / 255.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return ((torch.clamp(torch.round(xf / scale) + zp, 0, 255) - zp) * scale).to(x.dtype)
+
+
+def fake_quant_weight_int8(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric int8, scale max|w|/127 (ORT quantize_dynamic, QInt8 weights)."""
+    return _StraightThrough.apply(w, _int8_weight)
+
+
+def fake_quant_weight_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """ORT MatMulNBits symmetric 4-bit: per block, scale = (signed max-magnitude value) / -8."""
+    return _StraightThrough.apply(w, lambda t: _int4_weight(t, group_size))
+
+
+def fake_quant_act_uint8(x: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    """ORT DynamicQuantizeLinear: asymmetric uint8, range includes 0, one range per batch element
+    (or per token: per vector along the last dimension)."""
+    return _StraightThrough.apply(x, lambda t: _uint8_activation(t, per_token))
+
+
+class FakeQuantLinear(nn.Linear):
+    """nn.Linear that trains through ORT's int8 (W8A8 dynamic) or int4 (weight-only) rounding."""
+
+    def __init__(self, linear: nn.Linear, scheme: str, group_size: int = 32, per_token: bool = False):
+        if scheme not in ("int8", "int4"):
+            raise StepError(f"quant.scheme must be 'int8' or 'int4', got {scheme!r}")
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: nothing copied
+        self.scheme, self.group_size, self.per_token = scheme, group_size, per_token
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
+        if self.scheme == "int8":
+            return F.linear(fake_quant_act_uint8(x, self.per_token), fake_quant_weight_int8(self.weight), self.bias)
+        return F.linear(x, fake_quant_weight_int4(self.weight, self.group_size), self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        lin.weight, lin.bias = self.weight, self.bias
+        return lin
+
+    def extra_repr(self) -> str:
+        extra = f", group_size={self.group_size}" if self.scheme == "int4" else f", per_token={self.per_token}"
+        return super().extra_repr() + f", scheme={self.scheme}{extra}"
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    try:
+        return [model.model.encoder.layers, model.model.decoder.layers]
+    except AttributeError:
+        raise StepError(f"QAT expects a Whisper seq2seq model (model.model.encoder/decoder.layers); "
+                        f"got {type(model).__name__}") from None
+
+
+def prepare(model: nn.Module, quant: QuantConfig) -> int:
+    """Swap the Linears of the encoder and decoder blocks for FakeQuantLinear; return how many."""
+    if count_fake_quant(model):
+        raise StepError("QAT prepare: the model is already prepared (it holds FakeQuantLinear layers)")
+    n = 0
+    encoder_layers, decoder_layers = _blocks(model)
+    for layers in (encoder_layers, decoder_layers):
+        for parent_name, parent in layers.named_modules():
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    per_token = layers is decoder_layers and not (
+                        parent_name.endswith("encoder_attn") and name in ("k_proj", "v_proj"))
+                    setattr(parent, name, FakeQuantLinear(child, quant.scheme, quant.group_size, per_token))
+                    n += 1
+    if n == 0:
+        raise StepError("QAT prepare found no nn.Linear in model.model.encoder/decoder.layers: refusing "
+                        "to fall back to plain fine-tuning; check the model architecture")
+    return n
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every FakeQuantLinear by a plain nn.Linear holding the trained float weights."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FakeQuantLinear):
+                setattr(parent, name, child.to_linear())
+    return model
+
+
+def count_fake_quant(model: nn.Module) -> int:
+    return sum(isinstance(m, FakeQuantLinear) for m in model.modules())
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    """Turn fake quantization on or off (e.g. to compare against float) without converting."""
+    for m in model.modules():
+        if isinstance(m, FakeQuantLinear):
+            m.enabled = enabled

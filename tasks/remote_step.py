@@ -1,0 +1,186 @@
+"""The task that runs one on-machine step (python -m steps <step>) and brings its outputs home."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.tasks import exponential_backoff
+
+from contract.catalogue import (BULK_OUTPUTS, CHECKPOINT_DIR, ERROR_PREFIX, OUTPUT_NAME, PROGRESS_PREFIX, REDERIVED,
+                                RESUMING_STEP, checkpoint_number)
+from contract.config import RunConfig
+from contract.layout import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK
+from contract.result_file import ERROR_FILE, config_hash, is_done, read_result
+from infra import provision
+from infra.machine import Lease, Machine, TransientMachineError
+
+from .billing import check_budget
+from .rental import forget_machine, machine_alive, machine_for, remote_python
+from .retry import StepFailed, retry_transient
+
+
+class MachineLost(RuntimeError):
+    """The machine stopped answering and the provider no longer runs it (preempted, vanished):
+    retrying on it is pointless; the flow rents another one and resumes."""
+
+    retryable = False
+
+
+class _Progress:
+    """Turns PROGRESS lines into a Prefect progress artifact, updated at most every 2 seconds."""
+
+    def __init__(self, step: str):
+        self.step, self.artifact_id, self.last = step, None, 0.0
+
+    def update(self, event: dict) -> None:
+        total = max(1, int(event.get("total") or 1))
+        pct = min(100.0, 100.0 * float(event.get("done", 0)) / total)
+        now = time.time()
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(
+                progress=pct, key=f"{self.step}-progress", description=f"{self.step}: steps done out of {total}")
+        elif now - self.last >= 2 or pct >= 100:
+            update_progress_artifact(self.artifact_id, progress=pct)
+        else:
+            return
+        self.last = now
+
+
+class CheckpointSync:
+    """Copies the newest complete training checkpoint home every `every_s` seconds, on its own
+    connection, so a lost machine costs at most that much training."""
+
+    def __init__(self, lease: Lease, cfg: RunConfig, local_work: Path, every_s: float, log):
+        self.lease, self.cfg, self.local, self.every, self.log = lease, cfg, local_work, every_s, log
+        self.stopping = threading.Event()
+        self.synced: Optional[str] = None
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=60)
+
+    def _loop(self):
+        m: Optional[Machine] = None
+        while not self.stopping.wait(self.every):
+            try:
+                m = m or provision.connect(self.lease, timeout=self.cfg.machine.ssh_timeout_s)
+                self.sync(m)
+            except Exception as e:  # never kill the step for a failed copy; try again later
+                self.log.warning("checkpoint copy-back failed (will retry): %s", e)
+                m = None
+        if m is not None:
+            m.close()
+
+    def sync(self, m: Machine) -> None:
+        remote = f"{REMOTE_WORK}/{RESUMING_STEP}/{CHECKPOINT_DIR}"
+        listing: list[str] = []
+        m.run(["ls", "-1", remote], on_line=listing.append, check=False)
+        numbered = {checkpoint_number(x.strip()): x.strip() for x in listing}  # anything else is ignored
+        numbered.pop(None, None)
+        if not numbered or numbered[max(numbered)] == self.synced:
+            return
+        newest = numbered[max(numbered)]
+        dest = self.local / RESUMING_STEP / CHECKPOINT_DIR
+        tmp = dest / f".{newest}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        m.get(f"{remote}/{newest}", tmp, allow=OUTPUT_NAME)
+        shutil.rmtree(dest / newest, ignore_errors=True)
+        tmp.rename(dest / newest)
+        for old in dest.iterdir():
+            if checkpoint_number(old.name) is not None and old.name != newest:
+                shutil.rmtree(old, ignore_errors=True)
+        self.synced = newest
+        self.log.info("checkpoint %s copied home", newest)
+
+
+def fetch_outputs(m: Machine, step: str, local_work: Path, succeeded: bool) -> None:
+    """Bring a step's outputs home as one checked archive (infra/archive.py): everything after a
+    failure (nothing produced is lost), all but its bulk outputs after a success. The folder at
+    home is replaced only once every member passed."""
+    skip = BULK_OUTPUTS.get(step, ()) if succeeded or step in REDERIVED else ()
+    dest = local_work / step
+    tmp = local_work / f".{step}.incoming-{uuid.uuid4().hex[:8]}"
+    try:
+        m.get(f"{REMOTE_WORK}/{step}", tmp, allow=OUTPUT_NAME, exclude=skip)
+        if (dest / CHECKPOINT_DIR).is_dir() and not (tmp / CHECKPOINT_DIR).exists():
+            (dest / CHECKPOINT_DIR).rename(tmp / CHECKPOINT_DIR)  # keep what CheckpointSync brought home
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@task(name="step", task_run_name="{step}", retries=3, retry_delay_seconds=exponential_backoff(10),
+      retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
+def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -> dict:
+    """Run `python -m steps <step>` on the machine, streaming its lines into the Prefect logs."""
+    log = get_run_logger()
+    if is_done(cfg, local_work, step) and step not in REDERIVED:  # those must exist on this machine
+        log.info("%s already done for config hash %s: skipped", step, config_hash(cfg, step))
+        return read_result(local_work, step)
+    check_budget(lease, cfg)
+    argv = [remote_python(lease, cfg), "-m", "steps", step, "--config", f"../{Path(REMOTE_CONFIG).name}",
+            "--workdir", f"../{Path(REMOTE_WORK).name}"]
+    if step == RESUMING_STEP:
+        argv.append("--resume")
+    progress = _Progress(step)
+    error: dict = {}
+    tail: list[str] = []
+
+    def on_line(line: str) -> None:
+        line = line.rstrip("\n")
+        tail.append(line)
+        del tail[:-40]
+        if line.startswith(PROGRESS_PREFIX):
+            try:
+                progress.update(json.loads(line[len(PROGRESS_PREFIX):]))
+            except (ValueError, TypeError):
+                pass
+        elif line.startswith(ERROR_PREFIX):
+            try:
+                error.update(json.loads(line[len(ERROR_PREFIX):]))
+            except ValueError:
+                pass
+        log.info(line)
+        check_budget(lease, cfg)
+
+    sync = (CheckpointSync(lease, cfg, local_work, cfg.machine.checkpoint_sync_every_s, log)
+            if step == RESUMING_STEP else None)
+    if sync:
+        sync.start()
+    try:
+        m = machine_for(lease, cfg)
+        try:
+            code = m.run(argv, cwd=REMOTE_CODE, env={"PYTHONUNBUFFERED": "1"}, on_line=on_line,
+                         timeout=cfg.machine.step_timeout_s, check=False)
+        finally:
+            if sync:
+                sync.stop()
+        fetch_outputs(m, step, local_work, succeeded=code == 0)
+    except TransientMachineError as exc:
+        forget_machine(lease)  # a retry starts from a fresh connection
+        if not machine_alive(lease):  # do not spend retries waiting on a machine that is gone
+            raise MachineLost(f"machine {lease.label} is gone ({exc.__class__.__name__}: {exc})") from None
+        raise
+    if code != 0:
+        home_err = local_work / step / ERROR_FILE
+        if error and not home_err.is_file():  # e.g. a full disk could not hold it: keep the STEP_ERROR report
+            home_err.parent.mkdir(parents=True, exist_ok=True)
+            home_err.write_text(json.dumps(error, indent=2))
+        raise StepFailed(step, error.get("message", f"exit code {code}"), bool(error.get("retryable", code == 1)),
+                         "\n".join(tail[-15:]))
+    result = read_result(local_work, step)
+    if not result:
+        raise StepFailed(step, "the step exited 0 but wrote no result.json", False)
+    return result

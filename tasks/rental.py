@@ -1,0 +1,149 @@
+"""Tasks that rent a machine, prepare it and give it back, and the connection each flow-run process
+keeps to it. Everything they pass is plain data."""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.concurrency.sync import concurrency
+from prefect.tasks import exponential_backoff
+
+from contract.catalogue import REDERIVED
+from contract.config import RunConfig
+from contract.layout import PUSHED_CODE, REMOTE_CODE, REMOTE_CONFIG, REMOTE_ROOT, REMOTE_WORK, REPO_ROOT, REQUIREMENTS
+from infra import provision
+from infra.machine import Lease, Machine
+
+from . import secrets
+from .retry import retry_transient
+
+GPU_LIMIT = "vast-gpus"  # the global concurrency limit that caps rented GPUs
+
+_connections: dict[str, Machine] = {}
+_lock = threading.Lock()
+
+
+def machine_for(lease: Lease, cfg: RunConfig, fresh: bool = False) -> Machine:
+    """A connected Machine for this lease, reused across tasks in one flow-run process."""
+    key = f"{lease.backend}:{lease.instance_id}:{lease.label}"
+    with _lock:
+        m = _connections.get(key)
+        if m is None or fresh:
+            if m is not None:
+                m.close()
+            m = provision.connect(lease, timeout=cfg.machine.ssh_timeout_s)
+            _connections[key] = m
+        return m
+
+
+def forget_machine(lease: Lease) -> None:
+    key = f"{lease.backend}:{lease.instance_id}:{lease.label}"
+    with _lock:
+        m = _connections.pop(key, None)
+    if m is not None:
+        try:
+            m.close()
+        except Exception:
+            pass
+
+
+@task(name="estimate cost", retries=3, retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_transient)
+def estimate_cost(cfg: RunConfig) -> dict:
+    """The price of the cheapest matching offer times the planned hours, before anything is rented."""
+    est = provision.price_estimate(cfg.machine, api_key=secrets.vast_api_key(), server_url=secrets.vast_url())
+    get_run_logger().info(
+        "estimate: %s", ", ".join(f"{k}={v}" for k, v in est.items() if not isinstance(v, (dict, list))))
+    if est.get("estimated_usd", 0) > cfg.machine.max_cost_usd:
+        raise ValueError(
+            f"estimated cost ${est['estimated_usd']:.2f} exceeds machine.max_cost_usd ${cfg.machine.max_cost_usd:.2f}: "
+            "raise the cap, lower machine.planned_hours or machine.vast.max_dph")
+    return est
+
+
+def gpu_slot(cfg: RunConfig) -> AbstractContextManager:
+    """Holds one slot of the GPU_LIMIT while a rented machine is in use (hosts we own need none)."""
+    return concurrency(GPU_LIMIT, occupy=1) if cfg.machine.backend == "vast" else nullcontext()
+
+
+@task(name="rent machine", retries=2, retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_transient)
+def rent_machine(cfg: RunConfig, label: str, run_dir: Path) -> Lease:
+    log = get_run_logger()
+    lease = provision.acquire(cfg.machine, label, run_dir, api_key=secrets.vast_api_key(), server_url=secrets.vast_url(),
+                              log=log.info)
+    log.info("machine %s: %s x%s at $%.3f/h (%s)", lease.label, lease.gpu_name or "cpu", lease.num_gpus,
+             lease.dph_total, lease.location or lease.backend)
+    return lease
+
+
+@task(name="push code", retries=3, retry_delay_seconds=exponential_backoff(5), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_transient)
+def push_code(lease: Lease, cfg: RunConfig, local_work: Path) -> dict:
+    """Send our code and the resolved config; also what earlier runs copied back, so finished
+    steps skip themselves on a new machine."""
+    log = get_run_logger()
+    m = machine_for(lease, cfg)
+    t0 = time.time()
+    m.put(REPO_ROOT, REMOTE_CODE, include=PUSHED_CODE)
+    m.run(["mkdir", "-p", REMOTE_WORK])
+    m.write_text(REMOTE_CONFIG, cfg.to_yaml())
+    restored = [p.name for p in sorted(local_work.iterdir())
+                if p.is_dir() and p.name not in REDERIVED and not p.name.startswith(".")] if local_work.is_dir() else []
+    if restored:
+        m.put(local_work, REMOTE_WORK, include=restored, respect_gitignore=False)
+        log.info("restored earlier outputs on the machine: %s", ", ".join(restored))
+    log.info("code pushed in %.1fs", time.time() - t0)
+    return {"seconds": round(time.time() - t0, 2), "restored": restored}
+
+
+def remote_python(lease: Lease, cfg: RunConfig) -> str:
+    """The interpreter steps run with on this machine."""
+    return provision.python(lease, cfg.machine)
+
+
+def requirements_hash() -> str:
+    return hashlib.sha256((REPO_ROOT / REQUIREMENTS).read_bytes()).hexdigest()[:12]
+
+
+@task(name="set up environment", retries=2, retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_transient)
+def setup_environment(lease: Lease, cfg: RunConfig) -> dict:
+    """Install the on-machine requirements once per lockfile hash (a marker file records it)."""
+    log = get_run_logger()
+    m = machine_for(lease, cfg)
+    marker = f"{REMOTE_ROOT}/.env-{requirements_hash()}"
+    if m.exists(marker):
+        log.info("environment already set up for requirements %s", requirements_hash())
+        return {"installed": False}
+    t0 = time.time()
+    py = remote_python(lease, cfg)
+    m.run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r",
+           f"{REMOTE_CODE}/{REQUIREMENTS}"], on_line=log.info, timeout=3600)
+    m.run([py, "-c", "import torch, transformers, onnxruntime, torchao; print('torch', torch.__version__, "
+           "'cuda', torch.cuda.is_available())"], on_line=log.info)
+    m.run(["touch", marker])
+    return {"installed": True, "seconds": round(time.time() - t0, 1)}
+
+
+@task(name="destroy machine", retries=5, retry_delay_seconds=exponential_backoff(5), retry_jitter_factor=0.5)
+def destroy_machine(lease: Lease) -> dict:
+    """Destroy and confirm. Never just stop: stopped instances keep billing."""
+    log = get_run_logger()
+    forget_machine(lease)
+    t0 = time.time()
+    gone = provision.release(lease, api_key=secrets.vast_api_key(), server_url=secrets.vast_url())
+    log.info("machine %s released (confirmed gone: %s)", lease.label, gone)
+    return {"destroyed_at": time.time(), "confirmed": bool(gone), "seconds": round(time.time() - t0, 2)}
+
+
+def machine_alive(lease: Lease) -> bool:
+    """Whether the provider still runs the machine (False also when it cannot tell)."""
+    try:
+        return provision.is_alive(lease, api_key=secrets.vast_api_key(), server_url=secrets.vast_url())
+    except Exception:
+        return False

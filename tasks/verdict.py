@@ -1,0 +1,219 @@
+"""The orchestrator's own quality verdict, re-scored at home from the machine's transcripts.
+
+The rented machine is a stranger's computer: its result.json is a claim, not a measurement. The
+evaluate step also sends back, per variant, every test utterance's reference and hypothesis
+(`evaluate/utterances_<variant>.csv`, written by steps/evaluate.py `write_utterances`). Here those
+CSVs are read (size, row and field caps; any bad row refuses the file), both texts are normalized
+with contract/normalize.py, corpus WER/CER are counted with contract/quality.py (jiwer, as the step
+counts them) and the gate rule (contract/quality.py `gate_rule`, the step's own) is applied to the
+recomputed WERs. The machine's numbers are only compared: a claimed WER more than
+`WER_TOLERANCE` points away from the recomputed one, a claimed verdict that differs, or transcripts
+missing or malformed, and the gate fails saying the machine's claim did not match.
+
+The machine's normalized columns and error counts are ignored: only `reference` and `hypothesis`
+are read. What this cannot catch: a machine that forges the transcripts themselves consistently
+(references are the machine's copy of the test split, hypotheses its model's output).
+
+Plain code, no Prefect: tasks/gate.py and tasks/upload.py call `verify_evaluation`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any, Optional
+
+from contract.catalogue import ptq_variant, quantized_variant
+from contract.config import RunConfig
+from contract.normalize import normalize_french
+from contract.quality import corpus_rate, gate_rule, utterance_errors
+
+from .scorecard import gate_sentence, measured
+
+WER_TOLERANCE = 0.01          # points of WER a claim may differ from the recomputed value (the step rounds to 0.001)
+MAX_CSV_BYTES = 64 * 2**20    # one variant's transcripts; 500 test clips take ~100 kB
+MAX_ROWS = 200_000
+MAX_FIELD_CHARS = 20_000      # one transcript; a 30 s clip is a few hundred characters
+COLUMNS = ("id", "reference", "hypothesis", "reference_normalized", "hypothesis_normalized", "errors", "words",
+           "char_errors", "chars")
+CLAIM_MISMATCH = "the machine's claim did not match the orchestrator's check of its transcripts"
+NO_VERDICT = "the evaluate step recorded no gate verdict"
+
+
+_COUNT = re.compile(r"[0-9]{1,12}")
+
+
+class BadTranscripts(ValueError):
+    """The machine's per-utterance CSV is missing, too big or malformed; the message says where."""
+
+
+def utterances_path(local_work: Path, variant: str) -> Path:
+    return Path(local_work) / "evaluate" / f"utterances_{variant}.csv"
+
+
+def verified_variants(scheme: str) -> tuple[str, str, str]:
+    """The variants the gate compares, in the order the gate names them."""
+    return quantized_variant(scheme), "qat_fp32", ptq_variant(scheme)
+
+
+def _read_capped(path: Path) -> bytes:
+    """The bytes of a regular file (no symlink, no device, no FIFO), at most MAX_CSV_BYTES."""
+    name = f"evaluate/{path.name}"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise BadTranscripts(f"{name} is missing") from None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+        raise BadTranscripts(f"{name} is not a regular file (a symlink or special file is refused)")
+    if st.st_size > MAX_CSV_BYTES:
+        raise BadTranscripts(f"{name} is {st.st_size} bytes, over the {MAX_CSV_BYTES} byte cap")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise BadTranscripts(f"{name} is not a regular file")
+        data = f.read(MAX_CSV_BYTES + 1)
+    if len(data) > MAX_CSV_BYTES:
+        raise BadTranscripts(f"{name} grew over the {MAX_CSV_BYTES} byte cap while read")
+    return data
+
+
+def read_utterances(path: Path) -> list[tuple[str, str, str]]:
+    """[(id, reference, hypothesis)] of one `utterances_<variant>.csv`; raises BadTranscripts naming the
+    file and row for anything the evaluate step would not have written."""
+    name = f"evaluate/{Path(path).name}"
+    try:
+        text = _read_capped(Path(path)).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadTranscripts(f"{name} is not UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise BadTranscripts(f"{name} cannot be read ({type(e).__name__})") from None
+    rows: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None or tuple(header) != COLUMNS:
+            shown = repr(header[:len(COLUMNS) + 1])[:300] if header is not None else "None"
+            raise BadTranscripts(f"{name}: header {shown} is not {list(COLUMNS)}")
+        for row in reader:
+            n = reader.line_num
+            if len(rows) >= MAX_ROWS:
+                raise BadTranscripts(f"{name} holds more than {MAX_ROWS} utterances")
+            if len(row) != len(COLUMNS):
+                raise BadTranscripts(f"{name} line {n}: {len(row)} fields, expected {len(COLUMNS)}")
+            uid, ref, hyp = row[0], row[1], row[2]
+            long = [c for c, v in zip(COLUMNS, row) if len(v) > MAX_FIELD_CHARS]
+            if long:
+                raise BadTranscripts(f"{name} line {n}: {long[0]} longer than {MAX_FIELD_CHARS} characters")
+            if not uid.strip():
+                raise BadTranscripts(f"{name} line {n}: empty utterance id")
+            if uid in seen:
+                raise BadTranscripts(f"{name} line {n}: utterance id {uid[:80]!r} appears twice")
+            if not all(_COUNT.fullmatch(v) for v in row[5:]):
+                raise BadTranscripts(f"{name} line {n}: error counts must be non-negative integers")
+            seen.add(uid)
+            rows.append((uid, ref, hyp))
+    except csv.Error as e:
+        raise BadTranscripts(f"{name} line {reader.line_num}: not valid CSV ({e})") from None
+    if not rows:
+        raise BadTranscripts(f"{name} holds no utterances")
+    return rows
+
+
+def rescore(rows: list[tuple[str, str, str]]) -> dict:
+    """{"wer", "cer" (percent, rounded to 0.001 as the step records them), "utterances"} of the rows."""
+    we = w = ce = c = 0
+    for _, ref, hyp in rows:
+        a, b, x, y = utterance_errors(normalize_french(ref), normalize_french(hyp))
+        we, w, ce, c = we + a, w + b, ce + x, c + y
+    return {"wer": round(corpus_rate(we, w), 3), "cer": round(corpus_rate(ce, c), 3), "utterances": len(rows)}
+
+
+def recompute(local_work: Path, scheme: str) -> dict[str, dict]:
+    """{variant: rescore(...)} for the gate's three variants; raises BadTranscripts when a file is
+    missing or malformed, or when the files do not hold the same test utterances."""
+    read = {v: read_utterances(utterances_path(local_work, v)) for v in verified_variants(scheme)}
+    (first, ref_rows), *others = read.items()
+    expected = [(uid, ref) for uid, ref, _ in ref_rows]
+    for v, rows in others:
+        if [(uid, ref) for uid, ref, _ in rows] != expected:
+            raise BadTranscripts(f"evaluate/utterances_{v}.csv and evaluate/utterances_{first}.csv do not hold the "
+                                 f"same test utterances (ids and references, in order)")
+    return {v: rescore(rows) for v, rows in read.items()}
+
+
+def _claim_mismatches(metrics: dict, claimed_gate: dict, rescored: dict[str, dict], ours: dict,
+                      scheme: str) -> list[str]:
+    """What the machine claimed that its own transcripts do not support."""
+    out = []
+    wer = metrics.get("wer") if isinstance(metrics.get("wer"), dict) else {}
+    for v, r in rescored.items():
+        c = measured(wer.get(v))
+        if c is None or not math.isfinite(c) or abs(c - r["wer"]) > WER_TOLERANCE:
+            out.append(f"{v}: the machine claimed WER {_num(wer.get(v))}, its transcripts give {r['wer']:.3f}")
+    for key, v in zip(("qat_wer", "qat_fp32_wer", "ptq_wer"), verified_variants(scheme)):
+        c = measured(claimed_gate.get(key))
+        if c is None or not math.isfinite(c) or abs(c - rescored[v]["wer"]) > WER_TOLERANCE:
+            out.append(f"gate {key}: the machine claimed {_num(claimed_gate.get(key))}, its transcripts give "
+                       f"{rescored[v]['wer']:.3f}")
+    if claimed_gate.get("passed") is not ours["passed"]:
+        out.append(f"the machine claimed the gate {_word(claimed_gate.get('passed'))}; on its own transcripts it "
+                   f"{'passes' if ours['passed'] else 'fails'}")
+    n = metrics.get("n_utterances")
+    rows = {r["utterances"] for r in rescored.values()}
+    if n is not None and rows != {measured(n)}:
+        out.append(f"the machine claimed {_num(n)} test utterances, its transcripts hold {sorted(rows)}")
+    return out
+
+
+def _num(x: Any) -> str:
+    v = measured(x)
+    return f"{v:.3f}" if v is not None else "nothing" if x is None else repr(x)[:40]
+
+
+def _word(passed: Any) -> str:
+    return "passed" if passed is True else "failed" if passed is False else f"{_num(passed)} (no verdict)"
+
+
+def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path) -> dict:
+    """The gate verdict that decides an upload: `gate_rule` over the WERs recomputed at home.
+
+    Returns the gate's shape ({"passed", "scheme", "qat_wer", "qat_fp32_wer", "ptq_wer",
+    "max_wer_degradation", "reasons"}) plus "reason" (the sentence the report and the card print),
+    "verified" (True only when the machine's claims matched its transcripts), "recomputed"
+    ({variant: {"wer", "cer", "utterances"}}) and "claimed" (the machine's verdict, as it said it)."""
+    scheme, max_deg = cfg.quant.scheme, cfg.eval.max_wer_degradation
+    metrics = (evaluate or {}).get("metrics") if isinstance(evaluate, dict) else None
+    metrics = metrics if isinstance(metrics, dict) else {}
+    claimed = metrics.get("gate")
+    if not isinstance(claimed, dict) or not claimed:
+        return {**gate_rule(scheme, max_deg, {}), "passed": False, "reasons": [NO_VERDICT], "reason": NO_VERDICT,
+                "verified": False, "recomputed": {}, "claimed": None}
+    try:
+        rescored = recompute(local_work, scheme)
+    except BadTranscripts as e:
+        detail = f"its per-utterance transcripts cannot be checked: {e}"
+        return {**gate_rule(scheme, max_deg, {}), "passed": False, "reasons": [detail],
+                "reason": f"{CLAIM_MISMATCH} ({detail})", "verified": False, "recomputed": {}, "claimed": claimed}
+    ours = gate_rule(scheme, max_deg, {v: r["wer"] for v, r in rescored.items()})
+    mismatches = _claim_mismatches(metrics, claimed, rescored, ours, scheme)
+    if mismatches:
+        return {**ours, "passed": False, "reasons": mismatches,
+                "reason": f"{CLAIM_MISMATCH}: " + "; ".join(mismatches) + f" ({gate_sentence(ours, scheme, max_deg)})",
+                "verified": False, "recomputed": rescored, "claimed": claimed}
+    return {**ours, "reason": gate_sentence(ours, scheme, max_deg), "verified": True, "recomputed": rescored,
+            "claimed": claimed}
+
+
+def verified_metrics(metrics: dict, verdict: dict) -> dict:
+    """The steps' metrics with evaluate's gate replaced by the orchestrator's verdict and the
+    verified variants' WER/CER by the recomputed figures (what the model card may print)."""
+    ev = dict(metrics.get("evaluate") or {})
+    ev["gate"] = verdict
+    for key in ("wer", "cer"):
+        ev[key] = {**(ev.get(key) or {}), **{v: r[key] for v, r in (verdict.get("recomputed") or {}).items()}}
+    return {**metrics, "evaluate": ev}

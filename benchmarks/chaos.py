@@ -101,11 +101,17 @@ def act_drop_ssh(stack, run_id, notes):
     notes["sessions_killed"] = len(kids)
 
 
+def run_dir_of(stack, name: str, run_id: str) -> Path:
+    """The flow run's folder at home: runs/<name>/<UTC time>-<flow run id>/ (tasks/run_dir.py)."""
+    mine = sorted((stack.runs_dir / name).glob(f"*-{run_id}"))
+    return mine[-1] if mine else stack.runs_dir / name / f"missing-run-dir-{run_id}"
+
+
 def act_preempt(stack, run_id, notes):
     """Preempt the instance once a checkpoint has been copied home."""
     inst = _remote_train_started(stack, run_id)
-    home = stack.runs_dir / "chaos-preempt" / "work" / "train" / "checkpoints"
-    ckpt = wait_for(lambda: sorted(p.name for p in home.glob("step-*")), 600, 0.5, "a checkpoint copied home")
+    home = lambda: run_dir_of(stack, "chaos-preempt", run_id) / "work" / "train" / "checkpoints"  # noqa: E731
+    ckpt = wait_for(lambda: sorted(p.name for p in home().glob("step-*")), 600, 0.5, "a checkpoint copied home")
     stack.emu.set_faults(id=inst["id"], preempt_after_s=0)
     notes.update(preempted_instance=inst["id"], checkpoint_home_at_preemption=ckpt[-1], preempted_at=time.time())
 
@@ -116,25 +122,43 @@ def act_cancel(stack, run_id, notes):
     stack.cancel(run_id)
 
 
-def act_kill_all(stack, run_id, notes):
-    """SIGKILL the runner and the flow process (a lost worker), then let the reaper do its job."""
+def act_kill_all(stack, run_id, notes, every_s: float = 10, timeout: float = 420):
+    """SIGKILL the qat runner and its flow process (a lost worker), then let the deployed reaper,
+    served by its own runner that survives the kill, do its job: it is triggered every `every_s`
+    (its schedule, compressed) until the instance is destroyed. Records when the reaper first judged
+    the run gone, how many of its runs it took, and whether the reaper is what destroyed it."""
     inst = _remote_train_started(stack, run_id)
     notes["killed_at"] = time.time()
     stack.kill_runner()
-    label = f"qat-{run_id}"
-    # exit 3 means "not active"; any other failure (an import error exits 1) must not count as dead
-    check = ("import sys; from tasks.reaping import run_is_active; sys.exit(0 if run_is_active(sys.argv[1]) else 3)")
-    wait_for(lambda: subprocess.run([PY, "-c", check, label], cwd=REPO, env=stack.env(),
-                                    capture_output=True).returncode == 3, 400, 10, "the run to count as dead")
-    notes["judged_dead_after_s"] = round(time.time() - notes["killed_at"], 1)
-    r = subprocess.run([PY, "-c", "import json; from flows.reap import reap; print('REAPED', json.dumps(reap()))"],
-                       cwd=REPO, env=stack.env(), capture_output=True, text=True, timeout=300)
-    line = next((x for x in r.stdout.splitlines() if x.startswith("REAPED ")), None)
-    notes["reaped"] = json.loads(line[7:]) if line else f"reaper failed: {r.stderr[-500:]}"
-    notes["destroyed_after_s"] = round(time.time() - notes["killed_at"], 1)
-    notes["teardown_by"] = "reaper" if line and any(x["instance_id"] == inst["id"] and x["destroyed"]
-                                                     for x in notes["reaped"]) else None
-    stack.start_runner()
+    assert stack.reaper is not None and stack.reaper.alive(), "the reaper's runner died with the qat runner"
+    tag = f"instance {inst['id']} ("
+    notes["reaper_runs"], notes["reaped"] = 0, []
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            reap_id = stack.trigger_reaper()
+            notes["reaper_runs"] += 1
+            end = stack.wait_final(reap_id, 180)
+            # its logs reach the server in batches: the last line ("reaped N instance(s)") closes them
+            logs = (wait_for(lambda: (got := stack.logs(reap_id)) and any("reaped " in x for x in got) and got,
+                             20, 0.5, "the reaper's logs") if end.type.value == "COMPLETED" else stack.logs(reap_id))
+            lines = [x for x in logs if tag in x]
+            if end.type.value != "COMPLETED":
+                notes.setdefault("reaper_failures", []).append(f"{end.type.value}: {end.message}"[:300])
+            if "judged_dead_after_s" not in notes and any("gone" in x for x in lines):
+                notes["judged_dead_after_s"] = round(time.time() - notes["killed_at"], 1)
+                notes["judged_dead_by_reaper_run"] = notes["reaper_runs"]
+            if any(f"destroyed instance {inst['id']} " in x for x in lines):
+                notes["reaped"] = lines
+                notes["destroyed_after_s"] = round(time.time() - notes["killed_at"], 1)
+                notes["teardown_by"] = "reaper"
+                notes["checks_gone_before_destroy"] = notes["reaper_runs"] - notes["judged_dead_by_reaper_run"] + 1
+                break
+            time.sleep(every_s)
+        else:
+            raise TimeoutError(f"the deployed reaper did not destroy instance {inst['id']} within {timeout:.0f}s")
+    finally:
+        stack.start_runner()
 
 
 SCENARIOS = [
@@ -170,8 +194,9 @@ def expected_files(stack: Stack, run_id: str, name: str, state_type: str, messag
     need += [f"work/{s}/error.json" for s in STEP_NAMES if tasks.get(s) == "FAILED" and f"step {s} failed" in message]
     if state_type == "COMPLETED":
         need += ["work/convert/qat_int8/", "run.yaml"]
-    missing = [p for p in need if not ((stack.runs_dir / name / p).is_dir() and any((stack.runs_dir / name / p).iterdir())
-                                       if p.endswith("/") else (stack.runs_dir / name / p).is_file())]
+    run_dir = run_dir_of(stack, name, run_id)
+    missing = [p for p in need if not ((run_dir / p).is_dir() and any((run_dir / p).iterdir())
+                                       if p.endswith("/") else (run_dir / p).is_file())]
     if state_type == "COMPLETED":
         keys = {a.key for a in stack.artifacts(run_id) if a.key}
         missing += [f"artifact {k}" for k in (f"qat-{name}-{x}" for x in ("report", "metrics", "cost", "model", "chart"))
@@ -261,13 +286,13 @@ def run_scenario(stack: Stack, sc: Scenario, baseline: Optional[dict]) -> dict:
            "teardown_by": teardown_layer(stack, run_id, instances, notes), "notes": notes, "errors": errors}
     ok_state = state.type.value in sc.expect and (sc.message.lower() in (state.message or "").lower())
     if sc.name == "preempt" and baseline:
-        row["weights_vs_baseline"] = compare_weights(stack.runs_dir / name / "work/train/model",
+        row["weights_vs_baseline"] = compare_weights(run_dir_of(stack, name, run_id) / "work/train/model",
                                                      Path(baseline["model_dir"]))
         ok_state = ok_state and row["weights_vs_baseline"].get("equal", False)
         ok_state = ok_state and len(instances) >= 2
     if sc.name == "baseline":
         keep = Path(tempfile.mkdtemp(prefix="chaos-baseline-model-"))
-        shutil.copytree(stack.runs_dir / name / "work/train/model", keep, dirs_exist_ok=True)
+        shutil.copytree(run_dir_of(stack, name, run_id) / "work/train/model", keep, dirs_exist_ok=True)
         row["model_dir"] = str(keep)
     row["ended_correctly"] = bool(ok_state and not leaked and not errors)
     why = []

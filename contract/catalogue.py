@@ -27,9 +27,10 @@ PROGRESS_PREFIX = "PROGRESS "
 ERROR_PREFIX = "STEP_ERROR "
 
 # Bulky outputs not copied home once a step succeeded: prepare's datasets (re-derived on a new
-# machine) and train's checkpoints (the final model supersedes them; while training runs, the
-# newest one is copied home on its own).
-BULK_OUTPUTS: dict[str, tuple[str, ...]] = {"prepare": ("train", "dev", "test"), "train": ("checkpoints",)}
+# machine), train's checkpoints (the final model supersedes them; while training runs, the
+# newest one is copied home on its own) and the checkpoints of another config it set aside.
+BULK_OUTPUTS: dict[str, tuple[str, ...]] = {"prepare": ("train", "dev", "test"),
+                                            "train": ("checkpoints", "checkpoints-set-aside")}
 # What a step may send home: path components of letters, digits and ._+=,@- (no links, no `..`:
 # infra/archive.py checks every member of the one archive a step's outputs come home in).
 OUTPUT_NAME = re.compile(r"[A-Za-z0-9._+=,@-]+(/[A-Za-z0-9._+=,@-]+)*")
@@ -39,6 +40,9 @@ REDERIVED = ("prepare",)
 # The step that resumes from checkpoints: DIR/<RESUMING_STEP>/<CHECKPOINT_DIR>/step-<N>/.
 RESUMING_STEP = "train"
 CHECKPOINT_DIR = "checkpoints"
+# Checkpoints written under another config hash: moved to DIR/<RESUMING_STEP>/<SET_ASIDE_DIR>/<hash>/step-<N>/,
+# kept and named, never resumed.
+SET_ASIDE_DIR = "checkpoints-set-aside"
 _CHECKPOINT = re.compile(r"step-([0-9]{1,9})")
 
 

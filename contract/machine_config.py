@@ -55,6 +55,8 @@ class MachineConfig(Strict):
     # Python interpreter on the machine that creates the remote venv.
     python: str = "python3"
     checkpoint_sync_every_s: float = Field(default=600, gt=0)
+    budget_check_every_s: float = Field(default=30, gt=0, description="how often the budget is checked while a "
+                                        "command prints nothing (it is also checked on every output line)")
 
     @model_validator(mode="after")
     def _ssh(self) -> "MachineConfig":

@@ -1,7 +1,7 @@
 """The local stack, one driver for the demo, the chaos bench and the slow tests: a Prefect server, the
 Vast.ai emulator (real sshd instances) and something that runs flows.
 
-    python -m devtools.stack up       # the demo stack: server (with UI), emulator, process worker
+    python -m devtools.stack up       # the demo stack: server (with UI), emulator, process workers (qat, reaper)
     python -m devtools.stack down     # stop it; no process of it is left behind
     python -m devtools.stack status
     python -m devtools.stack env      # its settings as `export` lines (scripts/demo.sh evals them)
@@ -12,7 +12,9 @@ $EMULATOR_PORT (8765); `up` reuses whatever is already running.
 
 `Stack` is the throwaway stack of the chaos bench and the slow tests: everything under one root, free
 ports, and a Runner serving the `qat` flow instead of a worker, so that flow runs live in their own
-processes where cancellation, SIGTERM and SIGKILL behave as in production:
+processes where cancellation, SIGTERM and SIGKILL behave as in production. As in production, the
+`reap` flow is served apart, by a second Runner process (deployment reap/reaper, no schedule: the
+caller triggers it with `stack.trigger_reaper()`), which survives `kill_runner()`:
 
     with Stack(root) as stack:
         run_id = stack.submit(overrides={...})
@@ -48,6 +50,7 @@ PY = sys.executable
 BIN = Path(PY).parent          # the venv's bin: `prefect` lives beside its python
 GRACE_S = 20.0                 # SIGTERM -> SIGKILL
 DEPLOYMENT = "qat/chaos"
+REAPER_DEPLOYMENT = "reap/reaper"
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, every: float = 0.5, what: str = "condition") -> Any:
@@ -214,9 +217,10 @@ def stop_service(svc: Service, grace: float = GRACE_S) -> list[int]:
 # ---------------------------------------------------------------- the demo stack (up / down / status)
 
 class LocalStack:
-    """The persistent demo stack: Prefect server (UI included), emulator, a process worker on qat-pool."""
+    """The persistent demo stack: Prefect server (UI included), emulator, a process worker on qat-pool
+    and, as in production, another on qat-reaper for the reap deployment."""
 
-    SERVICES = ("prefect-server", "emulator", "worker")  # start order; stopped in reverse
+    SERVICES = ("prefect-server", "emulator", "worker", "reaper-worker")  # start order; stopped in reverse
 
     def __init__(self, root: Path = REPO, stack_dir: Optional[Path] = None):
         self.root = Path(root)
@@ -284,11 +288,14 @@ class LocalStack:
         Secret(value=key).save("vast-api-key", overwrite=True)
         prefect = str(BIN / "prefect")
         for inspect, create in ((["work-pool", "inspect", "qat-pool"], ["work-pool", "create", "qat-pool", "--type", "process"]),
+                                (["work-pool", "inspect", "qat-reaper"], ["work-pool", "create", "qat-reaper", "--type", "process"]),
                                 (["gcl", "inspect", "vast-gpus"], ["gcl", "create", "vast-gpus", "--limit", "1"])):
             if subprocess.run([prefect, *inspect], capture_output=True).returncode != 0:
                 subprocess.run([prefect, *create], capture_output=True, check=True)
         print("==> worker")
         self.start("worker", [prefect, "worker", "start", "--pool", "qat-pool"])
+        print("==> reaper worker")
+        self.start("reaper-worker", [prefect, "worker", "start", "--pool", "qat-reaper"])
 
     def down(self, grace: float = GRACE_S) -> list[int]:
         """Stop worker, emulator, server (in that order); returns the pids that survived (none)."""
@@ -322,7 +329,7 @@ class Stack:
     After close(), `survivors` lists the pids of its processes that outlived it (expected: none)."""
 
     def __init__(self, root: Path, api_key: str = "vastkey-chaos-0000", env: Optional[dict] = None,
-                 heartbeat_s: int = 30, runner_limit: int = 2):
+                 heartbeat_s: int = 30, runner_limit: int = 2, reaper: bool = True):
         self.root = Path(root)
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         self.api_key, self.extra_env, self.heartbeat_s = api_key, dict(env or {}), heartbeat_s
@@ -334,6 +341,8 @@ class Stack:
         self.runner: Optional[Service] = None
         self.runner_log: Optional[Path] = None
         self.runner_generation = 0
+        self.reaper: Optional[Service] = None   # the Runner serving reap/reaper (None: not started)
+        self.with_reaper = reaper
         self.emu = None
         self.survivors: list[int] = []
 
@@ -378,7 +387,26 @@ class Stack:
                  "the Prefect server to answer")
         if not self.server.alive():
             raise RuntimeError(f"the Prefect server exited; see {self.server.log}")
+        self._gpu_limit()
+        if self.with_reaper:  # started first: both runners boot at once
+            self.reaper = start_service("reaper", [PY, "-m", "devtools.stack", "serve-reaper"],
+                                        self.root / "logs" / "reaper.log", env=self.env())
         self.start_runner()
+        if self.reaper is not None:
+            wait_for(lambda: not self.reaper.alive() or self._deployment_id(REAPER_DEPLOYMENT), 180, 1,
+                     "the reaper runner to serve reap")
+            if not self.reaper.alive():
+                raise RuntimeError(f"the reaper runner exited; see {self.reaper.log}")
+
+    def _gpu_limit(self) -> None:
+        """The emulated account may run as many machines as the runner runs flows: without this limit
+        the flow would create one of a single slot and serialize the scenarios."""
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+        from tasks.rental import GPU_LIMIT
+
+        with self.client() as client:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=self.runner_limit))
 
     def start_runner(self) -> None:
         """A Runner process serving the qat flow as deployment qat/chaos (flow runs are its children)."""
@@ -390,7 +418,7 @@ class Stack:
             raise RuntimeError(f"the runner exited; see {self.runner_log}")
 
     def close(self) -> None:
-        for svc in (self.runner, self.server):
+        for svc in (self.runner, self.reaper, self.server):
             if svc is not None:
                 self.survivors += stop_service(svc)
         if self.emu is not None:
@@ -402,18 +430,25 @@ class Stack:
 
         return SyncPrefectClient(self.api_url)
 
-    def _deployment_id(self):
+    def _deployment_id(self, name: str = DEPLOYMENT):
         try:
             with self.client() as c:
-                return c.read_deployment_by_name(DEPLOYMENT).id
+                return c.read_deployment_by_name(name).id
         except Exception:
             return None
 
     def submit(self, config: str = "tiny", overrides: Optional[dict] = None) -> str:
-        """Create a flow run of the served deployment; returns its id (the instance label is qat-<id>)."""
+        """Create a flow run of the served deployment; returns its id (the instance label ends with it)."""
         with self.client() as c:
             fr = c.create_flow_run_from_deployment(self._deployment_id(),
                                                    parameters={"config": config, "overrides": overrides or {}})
+        return str(fr.id)
+
+    def trigger_reaper(self, max_age_hours: float = 24.0) -> str:
+        """Create a run of the deployed reaper (what its schedule does in production); returns its id."""
+        with self.client() as c:
+            fr = c.create_flow_run_from_deployment(self._deployment_id(REAPER_DEPLOYMENT),
+                                                   parameters={"max_age_hours": max_age_hours})
         return str(fr.id)
 
     def flow_run(self, run_id: str):
@@ -509,8 +544,9 @@ class Stack:
 
     # ---------------------------------------------------------------- emulator views
     def instances(self, run_id: str) -> list[dict]:
-        """Ledger rows of the instances rented for this flow run (label qat-<run id>)."""
-        return [r for r in self.emu.ledger()["instances"] if r["label"] == f"qat-{run_id}"]
+        """Ledger rows of the instances rented for this flow run (label qat-<installation id>-<run id>)."""
+        return [r for r in self.emu.ledger()["instances"]
+                if (r["label"] or "").startswith("qat-") and (r["label"] or "").endswith(f"-{run_id}")]
 
     def live(self, run_id: str) -> list[dict]:
         return [r for r in self.instances(run_id) if r["ended_at"] is None]
@@ -533,10 +569,22 @@ def serve() -> None:
     asyncio.run(runner.start())
 
 
+def serve_reaper() -> None:
+    """The reaper's own Runner process (a second worker, as prefect.yaml puts reap on qat-reaper)."""
+    import asyncio
+
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.runner import Runner
+
+    runner = Runner(name="chaos-reaper", limit=1)
+    runner.add_deployment(RunnerDeployment.from_entrypoint("flows/reap.py:reap", name="reaper"))
+    asyncio.run(runner.start())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m devtools.stack", description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=("up", "down", "status", "env", "serve"),
-                    help="serve: the Runner process of Stack (started by it, not by hand)")
+    ap.add_argument("command", choices=("up", "down", "status", "env", "serve", "serve-reaper"),
+                    help="serve / serve-reaper: the Runner processes of Stack (started by it, not by hand)")
     args = ap.parse_args(argv)
     stack = LocalStack()
     if args.command == "up":
@@ -548,6 +596,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{name}: running (pid {pid})" if pid else f"{name}: stopped")
     elif args.command == "env":
         print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in stack.env().items()))
+    elif args.command == "serve-reaper":
+        serve_reaper()
     else:
         serve()
     return 0

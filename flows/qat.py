@@ -9,39 +9,20 @@ report run from the outputs already copied home); `on_crashed` / `on_cancellatio
 """
 # No `from __future__ import annotations` here: Prefect validates the flow's parameters from
 # its real annotations (a served flow fails on string annotations).
-import time
 from typing import Any, Literal, Optional
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from tasks.billing import cost_rows, open_meter, total_usd
+from tasks.billing import total_usd
 from tasks.gate import quality_gate
-from tasks.remote_step import MachineLost, run_remote_step
-from tasks.rental import (destroy_machine, estimate_cost, gpu_slot, machine_alive, push_code, rent_machine,
-                          setup_environment)
+from tasks.labels import run_label
+from tasks.machine_run import run_on_machines
+from tasks.rental import estimate_cost
 from tasks.report import publish_report
-from tasks.retry import is_transient
 from tasks.run_dir import STEPS, all_steps_done, open_run_dir, results_at_home, validate_config
 from tasks.teardown import destroy_by_label
 from tasks.upload import upload_to_hub
-
-MAX_MACHINES = 3  # a run that loses its machine (preemption) rents a new one this many times at most
-
-
-def run_label() -> str:
-    return f"qat-{flow_run.get_id() or 'local-' + str(int(time.time()))}"
-
-
-def _on_machine(cfg, lease, local_work, results: dict, meter) -> None:
-    """Push, set up, then each step in order; every step's outputs come home as it finishes."""
-    with meter.step("push code"):
-        push_code(lease, cfg, local_work)
-    with meter.step("set up environment"):
-        setup_environment(lease, cfg)
-    for step in STEPS:
-        with meter.step(step):
-            results[step] = run_remote_step(lease, cfg, step, local_work)
 
 
 @flow(name="qat", log_prints=True,
@@ -68,29 +49,12 @@ def qat(config: str = "int8",
     cfg = validate_config(config, merged)
     run_dir, local_work = open_run_dir(cfg)
 
-    results: dict[str, dict] = {}
+    estimate: dict = {}
     costs: list[dict] = []
     lease = None
-    estimate: dict = {}
     if not all_steps_done(cfg, local_work):
         estimate = estimate_cost(cfg)
-        with gpu_slot(cfg):
-            for machine_no in range(1, MAX_MACHINES + 1):
-                lease = rent_machine(cfg, run_label(), run_dir)
-                meter = open_meter(lease, cfg)
-                try:
-                    _on_machine(cfg, lease, local_work, results, meter)
-                    break
-                except Exception as exc:
-                    lost = isinstance(exc, MachineLost) or (is_transient(exc) and not machine_alive(lease))
-                    if not lost or machine_no == MAX_MACHINES:
-                        raise
-                    log.warning("machine %s was lost (%s): renting another, resuming from what was copied home",
-                                lease.label, type(exc).__name__)
-                finally:
-                    with meter.step("destroy machine"):
-                        meter.destroyed(destroy_machine(lease)["destroyed_at"])
-                    costs += cost_rows(lease, meter, machine_no)
+        results, costs, lease = run_on_machines(cfg, run_label(flow_run.get_id()), run_dir, local_work)
     else:
         log.info("every step is already done for this config: nothing to rent")
         results = results_at_home(local_work)

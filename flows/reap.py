@@ -1,5 +1,7 @@
-"""The `reap` flow: the last layer of teardown. Every 10 minutes it destroys labelled instances
-whose flow run is no longer running, or that are older than a deadline (tasks/reaping.py)."""
+"""The `reap` flow: the last layer of teardown. Every 10 minutes, on its own work pool and worker
+(`qat-reaper`, so that it survives the loss of the worker it backs up), it destroys labelled
+instances older than a deadline, or whose flow run this server declared gone in two checks in a row;
+anything it cannot judge for sure it keeps (tasks/reaping.py)."""
 from __future__ import annotations
 
 from prefect import flow, get_run_logger

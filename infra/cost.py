@@ -1,7 +1,10 @@
 """What a rented machine costs: $/h (dph_total, GPU + storage) times its life, from creation
-until its destroy is confirmed; split per step; checked against a budget cap."""
+until its destroy is confirmed, plus the bytes it sent home at its $/GB; split per step; checked
+against a budget cap. `RunBudget` is the run's one meter over every machine it paid for (failed
+start attempts included); `BudgetTimer` checks it on a timer while a command is silent."""
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,23 +26,34 @@ class CostMeter:
     destroyed_at: Optional[float] = None
     steps: list[dict] = field(default_factory=list)
     clock: Callable[[], float] = time.time
+    instance_id: Optional[int] = None
+    usd_per_gb_home: float = 0.0  # the offer's inet_up_cost: bytes copied home leave the machine
+    bytes_home: int = 0
 
     @classmethod
     def from_lease(cls, lease: Lease, max_cost_usd: Optional[float] = None,
                    clock: Callable[[], float] = time.time) -> "CostMeter":
         return cls(dph=lease.dph_total, created_at=lease.created_at or clock(), max_cost_usd=max_cost_usd,
-                   label=lease.label, clock=clock)
+                   label=lease.label, clock=clock, instance_id=lease.instance_id,
+                   usd_per_gb_home=float((lease.extra or {}).get("inet_up_cost") or 0.0))
 
     def _usd(self, seconds: float) -> float:
         return self.dph * max(0.0, seconds) / 3600.0
+
+    def add_bytes_home(self, nbytes: int) -> None:
+        """Bytes copied home from this machine (its outputs, checkpoints): billed per GB."""
+        self.bytes_home += max(0, int(nbytes))
+
+    def bandwidth_usd(self) -> float:
+        return self.bytes_home / 1e9 * self.usd_per_gb_home
 
     def elapsed_s(self) -> float:
         end = self.destroyed_at if self.destroyed_at is not None else self.clock()
         return max(0.0, end - self.created_at)
 
     def total_usd(self) -> float:
-        """Billed so far: the whole life, idle time between steps included."""
-        return self._usd(self.elapsed_s())
+        """Billed so far: the whole life, idle time between steps included, and the bandwidth."""
+        return self._usd(self.elapsed_s()) + self.bandwidth_usd()
 
     @contextmanager
     def step(self, name: str) -> Iterator[dict]:
@@ -73,6 +87,116 @@ class CostMeter:
         other = max(0.0, self.elapsed_s() - in_steps)
         rows.append({"step": "outside steps (boot, idle, teardown)", "seconds": round(other, 3),
                      "usd": round(self._usd(other), 6), "ok": True})
+        if self.bytes_home:
+            rows.append({"step": f"bandwidth: {self.bytes_home / 1e6:.1f} MB copied home at ${self.usd_per_gb_home:g}/GB",
+                         "seconds": 0.0, "usd": round(self.bandwidth_usd(), 6), "ok": True})
         rows.append({"step": "total", "seconds": round(self.elapsed_s(), 3), "usd": round(self.total_usd(), 6),
                      "ok": self.destroyed_at is not None})
         return rows
+
+
+class RunBudget:
+    """One budget over a run: every machine it rented (each a CostMeter), the instances of failed
+    start attempts (billed from creation until their destroy, or until now when it was not
+    confirmed), and the bytes each machine sent home. `check()` raises BudgetExceeded once the sum
+    crosses the cap; after that `exceeded` stays set, so whatever the crossing interrupted (a closed
+    connection, a killed command) is reported as the budget stop it is, never as a lost machine."""
+
+    def __init__(self, max_cost_usd: Optional[float], clock: Callable[[], float] = time.time):
+        self.max_cost_usd, self.clock = max_cost_usd, clock
+        self.machines: list[CostMeter] = []
+        self.failed_starts: list[CostMeter] = []
+        self.exceeded: Optional[str] = None  # the message, once crossed
+        self._lock = threading.Lock()
+
+    def add_machine(self, lease: Lease) -> CostMeter:
+        meter = CostMeter.from_lease(lease, clock=self.clock)
+        with self._lock:
+            self.machines.append(meter)
+        self.add_failed_starts((lease.extra or {}).get("failed_starts") or ())
+        return meter
+
+    def add_failed_starts(self, records) -> None:
+        """Instances a launch created and gave up on: {instance_id, dph_total, created_at,
+        destroyed_at (None: not confirmed, still billing), label}. Each instance is counted once."""
+        with self._lock:
+            known = {m.instance_id for m in self.failed_starts if m.instance_id is not None}
+            for r in records or ():
+                iid = r.get("instance_id")
+                if iid is not None and iid in known:
+                    for m in self.failed_starts:  # a later report of the same instance: its destroy time
+                        if m.instance_id == iid and r.get("destroyed_at") is not None:
+                            m.destroyed_at = float(r["destroyed_at"])
+                    continue
+                if iid is not None:
+                    known.add(iid)
+                self.failed_starts.append(CostMeter(
+                    dph=float(r.get("dph_total") or 0.0), created_at=float(self.clock() if r.get("created_at") is None else r["created_at"]),
+                    label=str(r.get("label") or ""), clock=self.clock, instance_id=iid,
+                    destroyed_at=None if r.get("destroyed_at") is None else float(r["destroyed_at"])))
+
+    def meter_for(self, lease: Lease) -> Optional[CostMeter]:
+        with self._lock:
+            for m in reversed(self.machines):
+                if m.label == lease.label and m.instance_id == lease.instance_id:
+                    return m
+        return None
+
+    def add_bytes_home(self, lease: Lease, nbytes: int) -> None:
+        meter = self.meter_for(lease)
+        if meter is not None:
+            with self._lock:
+                meter.add_bytes_home(nbytes)
+
+    def total_usd(self) -> float:
+        with self._lock:
+            meters = self.machines + self.failed_starts
+        return sum(m.total_usd() for m in meters)
+
+    def over_budget(self) -> bool:
+        return self.max_cost_usd is not None and self.total_usd() > self.max_cost_usd
+
+    def check(self) -> None:
+        if self.exceeded is None and self.over_budget():
+            with self._lock:
+                n, failed = len(self.machines), len(self.failed_starts)
+                bw = sum(m.bandwidth_usd() for m in self.machines)
+            self.exceeded = (f"budget cap crossed: ${self.total_usd():.4f} spent by this run ({n} machine(s), "
+                             f"{failed} failed start attempt(s), ${bw:.4f} bandwidth), machine.max_cost_usd is "
+                             f"${self.max_cost_usd:.4f}; the machine is torn down")
+        if self.exceeded is not None:
+            raise BudgetExceeded(self.exceeded)
+
+
+class BudgetTimer:
+    """Checks a RunBudget every `every_s` seconds on its own thread, for the stretches no output
+    line comes (pip, a silent step). On crossing it calls `on_exceeded()`, and again on every later
+    tick while it runs (a retried command that reconnected is stopped again)."""
+
+    def __init__(self, budget: RunBudget, every_s: float, on_exceeded: Callable[[], None], log=None):
+        self.budget, self.every, self.on_exceeded, self.log = budget, every_s, on_exceeded, log
+        self.stopping = threading.Event()
+        self.fired = 0
+        self.thread = threading.Thread(target=self._loop, name="budget-timer", daemon=True)
+
+    def __enter__(self) -> "BudgetTimer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self.stopping.wait(self.every):
+            try:
+                self.budget.check()
+            except BudgetExceeded as e:
+                if self.fired == 0 and self.log is not None:
+                    self.log(f"{e} (timer check)")
+                self.fired += 1
+                try:
+                    self.on_exceeded()
+                except Exception as x:  # never let the timer die: the next tick tries again
+                    if self.log is not None:
+                        self.log(f"budget timer: stopping the command failed: {x}")

@@ -22,6 +22,28 @@ from .machine import CommandFailed, CommandTimeout, LineCallback, MachineError, 
 log = logging.getLogger("qat.machine")
 
 TAIL_LINES = 60
+# What a step process on this machine inherits from the orchestrator's environment: the basics and what
+# the workload reads (caches, offline switches, thread counts, GPUs). Nothing else: never VAST_API_KEY,
+# HF_TOKEN, PREFECT_* or other credentials; a step gets only these plus the env passed to `run`.
+STEP_ENV_NAMES = frozenset({
+    "PATH", "HOME", "LANG", "LANGUAGE", "TMPDIR", "TZ", "TERM", "USER", "LOGNAME", "SHELL",
+    "WHISPER_QAT_CACHE", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE",
+    "TORCH_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+    "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "LD_LIBRARY_PATH",
+    "PYTORCH_CUDA_ALLOC_CONF", "VIRTUAL_ENV",
+})
+STEP_ENV_PREFIXES = ("LC_", "TORCH_", "TORCHINDUCTOR_")
+
+
+def step_environment(extra: Optional[Mapping[str, str]] = None, base: Optional[Mapping[str, str]] = None) -> dict:
+    """The environment of a process run on the local machine: the names in STEP_ENV_NAMES (and
+    STEP_ENV_PREFIXES) taken from `base` (default os.environ), then `extra` (the env passed to run)."""
+    base = os.environ if base is None else base
+    env = {k: v for k, v in base.items() if k in STEP_ENV_NAMES or k.startswith(STEP_ENV_PREFIXES)}
+    env.setdefault("PATH", os.defpath)
+    env.setdefault("LANG", "C.UTF-8")
+    return {**env, **{k: str(v) for k, v in (extra or {}).items()}}
 ALWAYS_SKIPPED = {"__pycache__", ".git", ".pytest_cache", ".hypothesis"}
 
 
@@ -149,7 +171,7 @@ class LocalMachine:
         cmd = build_command(argv, None, str(self._path(cwd)) if cwd else None)  # env: not on the command line
         shown = masked_command(argv, env, cwd)
         log.debug("local run: %s", shown)
-        full_env = {**os.environ, **{k: str(v) for k, v in (env or {}).items()}}
+        full_env = step_environment(env)  # never the orchestrator's whole environment (its secrets)
         proc = subprocess.Popen(["/bin/sh", "-c", cmd], cwd=self.home, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         timed_out = threading.Event()

@@ -87,7 +87,11 @@ class Lease:
     port: Optional[int] = None
     user: str = "root"
     key_path: Optional[str] = None
-    host_key: Optional[str] = None  # pinned on first connect
+    host_key: Optional[str] = None  # "ssh-ed25519 AAAA...": pinned on the first connection, enforced after
+    # ["ssh-ed25519 SHA256:..."]: the host keys the provider's second channel (the instance log, read over
+    # the HTTPS API) printed; when set, the first connection accepts only a key among them
+    host_key_fingerprints: list = field(default_factory=list)
+    host_key_source: Optional[str] = None  # which channel pinned host_key: "provider log" | "first use"
     dph_total: float = 0.0
     gpu_name: str = ""
     num_gpus: int = 0

@@ -1,9 +1,12 @@
-"""Destroy forgotten instances: labelled ones older than a deadline, or whose run has finished.
+"""Destroy forgotten instances: labelled ones older than a deadline, or whose run is gone for sure.
 
     python -m infra.reaper --max-age-hours 24 [--label-prefix qat-] [--dry-run] [--url URL]
 
-The API key comes from env VAST_API_KEY (never printed). Without Prefect, age alone decides;
-the Prefect reap flow passes `is_run_active` that asks the Prefect API.
+The API key comes from env VAST_API_KEY (never printed). Without Prefect (this CLI), age alone
+decides. The Prefect reap flow passes `run_status`, which asks the Prefect API and answers
+ACTIVE, GONE or UNKNOWN (tasks/reaping.py), and `suspects`, the labels judged GONE by the previous
+pass: an instance is destroyed for its run only on the second GONE verdict in a row. ACTIVE,
+UNKNOWN or an exception clears the count; it is kept, and age decides in the end.
 """
 from __future__ import annotations
 
@@ -16,12 +19,21 @@ from typing import Callable, Optional
 from . import provision
 from .vast import VastAPIError
 
+ACTIVE, GONE, UNKNOWN = "active", "gone", "unknown"
+CONFIRMATIONS = 2  # consecutive GONE verdicts before an instance is destroyed for its run
+
 
 def reap_instances(api_key: Optional[str] = None, server_url: Optional[str] = None, max_age_hours: float = 24.0,
-                   label_prefix: str = "qat-", is_run_active: Optional[Callable[[str], bool]] = None,
-                   dry_run: bool = False, log: Callable[[str], None] = print, now: Optional[float] = None) -> list[dict]:
-    """Returns one row per instance judged: id, label, age_h, reason, destroyed (confirmed), error."""
+                   label_prefix: str = "qat-", run_status: Optional[Callable[[str], str]] = None,
+                   suspects: Optional[dict] = None, dry_run: bool = False, log: Callable[[str], None] = print,
+                   now: Optional[float] = None) -> list[dict]:
+    """Returns one row per instance to destroy: id, label, age_h, reason, destroyed (confirmed), error.
+
+    `suspects` (label -> consecutive GONE verdicts so far) is updated in place to what the next pass
+    needs: the labels judged GONE now and still alive. The caller persists it (not on a dry run)."""
     now = now if now is not None else time.time()
+    previous = dict(suspects or {})
+    judged: dict[str, int] = {}
     out = []
     for lease in provision.find_instances(label_prefix, api_key=api_key, server_url=server_url):
         label = lease.label
@@ -30,14 +42,23 @@ def reap_instances(api_key: Optional[str] = None, server_url: Optional[str] = No
         reason = None
         if age_h > max_age_hours:
             reason = f"older than {max_age_hours:g} h"
-        elif is_run_active is not None:
+        elif run_status is not None:
             try:
-                active = is_run_active(label)
+                verdict = run_status(label)
             except Exception as e:  # cannot tell: keep it, age will decide later
-                log(f"instance {lease.instance_id} ({label}): could not check its run ({e}); kept")
-                active = True
-            if not active:
-                reason = "its run is no longer active"
+                log(f"instance {lease.instance_id} ({label}): could not check its run ({type(e).__name__}); kept")
+                verdict = UNKNOWN
+            if verdict == GONE:
+                count = int(previous.get(label, 0)) + 1
+                judged[label] = count
+                if count >= CONFIRMATIONS:
+                    reason = f"its run is gone ({count} checks in a row)"
+                else:
+                    log(f"instance {lease.instance_id} ({label}): its run is gone (check {count} of "
+                        f"{CONFIRMATIONS}); kept until the next check")
+            elif verdict != ACTIVE:
+                log(f"instance {lease.instance_id} ({label}): its run cannot be judged; kept "
+                    f"(age decides: {age_h:.1f} of {max_age_hours:g} h)")
         if reason is None:
             continue
         entry = {"instance_id": lease.instance_id, "label": label, "age_h": round(age_h, 2), "reason": reason,
@@ -51,7 +72,12 @@ def reap_instances(api_key: Optional[str] = None, server_url: Optional[str] = No
             except VastAPIError as e:
                 entry["error"] = str(e)
                 log(f"could not destroy instance {entry['instance_id']} ({label}): {e}")
+        if entry["destroyed"]:
+            judged.pop(label, None)
         out.append(entry)
+    if suspects is not None:
+        suspects.clear()
+        suspects.update(judged)
     return out
 
 

@@ -1,7 +1,10 @@
 """`SSHMachine`: the Machine interface over paramiko (a Vast.ai instance or any SSH host).
 
 - connect: retried with exponential backoff until SSH answers or the deadline passes
-- host key: pinned on first connect (kept in the Lease), a changed key is refused
+- host key: pinned on the first connection (kept in the Lease), a changed key is refused. When the
+  lease carries fingerprints from a second channel (a Vast.ai instance prints its host keys in its
+  log, read over the HTTPS API: infra/vast.py), the first connection accepts only a key among them
+  ("provider log"); otherwise the first key seen is trusted ("first use", an SSH host of the user's)
 - idempotent operations (put/get/exists/free_disk/write_text) reconnect once after a drop;
   `run` never retries itself (the caller decides), it raises TransientMachineError instead
 - env values are never logged: the logged command line masks them
@@ -9,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import posixpath
 import re
@@ -78,21 +82,40 @@ def host_key_string(key: paramiko.PKey) -> str:
     return f"{key.get_name()} {key.get_base64()}"
 
 
+def host_key_fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's SHA256 fingerprint (`ssh-keygen -l -E sha256`): 'SHA256:' + unpadded base64."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
 def _parse_host_key(text: str) -> paramiko.PKey:
     kind, data = text.split()[:2]
     return paramiko.PKey.from_type_string(kind, base64.b64decode(data))
 
 
-class _Pin(paramiko.MissingHostKeyPolicy):
-    """First connect: accept and remember the key. With a pin: anything else is refused."""
+class HostKeyMismatch(HostKeyChanged):
+    """The first connection met a host key the provider's channel did not list: refused, never retried."""
 
-    def __init__(self, pinned: Optional[str]):
+
+class _Pin(paramiko.MissingHostKeyPolicy):
+    """With a pinned key: anything else is refused. Without one: with fingerprints from a second
+    channel, accept only a key among them; with none, accept and remember the first key (TOFU)."""
+
+    def __init__(self, pinned: Optional[str], fingerprints: Sequence[str] = ()):
         self.pinned, self.seen = pinned, None
+        self.fingerprints = {f.split()[-1] for f in fingerprints if f and f.split()}
 
     def missing_host_key(self, client, hostname, key):
         if self.pinned:
             raise HostKeyChanged(f"{hostname} offered a {key.get_name()} host key, but a "
                                  f"{self.pinned.split()[0]} key was pinned for it on first connect")
+        if self.fingerprints:
+            fp = host_key_fingerprint(key)
+            if fp not in self.fingerprints:
+                raise HostKeyMismatch(
+                    f"{hostname} offered {key.get_name()} host key {fp}, which is not among the "
+                    f"{len(self.fingerprints)} host key fingerprint(s) the instance printed in its provider log "
+                    f"({', '.join(sorted(self.fingerprints))}): refusing to connect (the connection is intercepted, "
+                    "or this is not the rented machine)")
         self.seen = host_key_string(key)
 
 
@@ -157,7 +180,7 @@ class SSHMachine:
 
     def _open(self, pkey: paramiko.PKey, timeout: float, host: str, port: int) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
-        policy = _Pin(self.lease.host_key)
+        policy = _Pin(self.lease.host_key, self.lease.host_key_fingerprints)
         client.set_missing_host_key_policy(policy)
         if self.lease.host_key:
             key = _parse_host_key(self.lease.host_key)
@@ -172,7 +195,9 @@ class SSHMachine:
             raise
         if policy.seen and not self.lease.host_key:
             self.lease.host_key = policy.seen
-            log.info("ssh %s: host key pinned (%s)", self.name, policy.seen.split()[0])
+            self.lease.host_key_source = "provider log" if policy.fingerprints else "first use"
+            log.info("ssh %s: host key pinned (%s, from %s)", self.name, policy.seen.split()[0],
+                     self.lease.host_key_source)
         transport = client.get_transport()
         if transport is not None:
             transport.set_keepalive(self.keepalive_s)

@@ -1,4 +1,7 @@
-"""The `ssh` backend: a host the user owns, reached over SSH. Nothing is rented or destroyed."""
+"""The `ssh` backend: a host the user owns, reached over SSH. Nothing is rented or destroyed.
+
+Its host key is trusted on first use (no second channel exists for a host we know only by address):
+the lease records `host_key_source = "first use"`, and a changed key is refused afterwards."""
 from __future__ import annotations
 
 import time
@@ -11,11 +14,17 @@ from .ssh import SSHMachine
 
 
 def pin_host_key(timeout: float, log: LogFn):
-    """A ready check: SSH answers (retried until `timeout`), the host key gets pinned in the lease."""
+    """A ready check: SSH answers (retried until `timeout`), the host key gets pinned in the lease.
+
+    Which key is accepted on that first connection: one among `lease.host_key_fingerprints` when a
+    second channel gave them (Vast.ai: the instance log over the HTTPS API), else the first key
+    seen (trust on first use: an SSH host of the user's offers no other channel). The lease records
+    which in `host_key_source` ("provider log" / "first use")."""
 
     def check(lease: Lease) -> None:
         with SSHMachine(lease, connect_timeout=timeout).connect() as m:
-            log(f"ssh {m.name} answers; free disk {m.free_disk_gb('.'):.1f} GB")
+            log(f"ssh {m.name} answers; host key {lease.host_key_source and (lease.host_key or '').split()[0]} "
+                f"pinned from {lease.host_key_source}; free disk {m.free_disk_gb('.'):.1f} GB")
 
     return check
 

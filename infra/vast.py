@@ -3,6 +3,15 @@
 Only the endpoint differs between the real console and the emulator (`server_url`). The API
 key never appears in messages: SDK errors are re-raised as VastAPIError with the key and any
 `api_key=` query value redacted, and without the original exception chained.
+
+Host keys come over a second channel: the onstart script prints one `QAT_HOSTKEY <type>
+SHA256:<fingerprint>` line per host key of the instance's sshd into the instance log; `launch`
+reads that log over the HTTPS API (the SDK's `logs`: request_logs, then the result URL) before the
+first SSH connection, and the lease carries the fingerprints, so SSH accepts only a key among them
+(infra/ssh.py). An attempt whose log never shows the line is failed, destroyed, and the next offer
+tried. What this protects: the SSH path (a man in the middle, a recycled address). What it cannot:
+the machine itself writes its log, so a hostile host can print its own keys (it is the machine we
+rented, and everything it sends is checked as untrusted anyway).
 """
 from __future__ import annotations
 
@@ -25,6 +34,9 @@ log = logging.getLogger("qat.vast")
 FAILED_STATES = {"exited", "unknown", "offline"}
 GONE_STATES = {"unloaded", "destroyed", "deleted"}
 RETRY_STATUS = {429, 500, 502, 503, 504}
+HOSTKEY_MARK = "QAT_HOSTKEY"
+# One line per host key, exactly: the mark, the key type, OpenSSH's SHA256 fingerprint (43 base64 chars).
+_HOSTKEY_LINE = re.compile(rf"{HOSTKEY_MARK} ((?:ssh|ecdsa|sk)-[A-Za-z0-9@.-]+) (SHA256:[A-Za-z0-9+/]{{43}})")
 
 
 class VastAPIError(RuntimeError):
@@ -268,11 +280,52 @@ class VastProvider:
 
     @staticmethod
     def onstart_script(public_key: str) -> str:
-        """Installs our key for root (keys may also be attached through the API)."""
+        """Prints the host keys' fingerprints into the instance log (one `QAT_HOSTKEY <type>
+        SHA256:<fp>` line each, host keys generated first if the image has none), then installs our
+        key for root (keys may also be attached through the API). `VAST_EMULATED_ETC` is the
+        emulator's stand-in for the image's /etc (it runs no container); unset on Vast.ai."""
         k = shlex.quote(public_key)
-        return ("mkdir -p ~/.ssh && chmod 700 ~/.ssh && touch ~/.ssh/authorized_keys && "
+        hostkeys = ('etc="${VAST_EMULATED_ETC:-/etc}"; '
+                    'ls "$etc"/ssh/ssh_host_*_key.pub >/dev/null 2>&1 || ssh-keygen -A >/dev/null 2>&1; '
+                    'for f in "$etc"/ssh/ssh_host_*_key.pub; do [ -f "$f" ] && '
+                    f'echo "{HOSTKEY_MARK} $(cut -d" " -f1 "$f") $(ssh-keygen -l -E sha256 -f "$f" | cut -d" " -f2)"; '
+                    'done; ')
+        return (hostkeys + "mkdir -p ~/.ssh && chmod 700 ~/.ssh && touch ~/.ssh/authorized_keys && "
                 f"(grep -qxF {k} ~/.ssh/authorized_keys || echo {k} >> ~/.ssh/authorized_keys) && "
                 "chmod 600 ~/.ssh/authorized_keys")
+
+    @staticmethod
+    def parse_host_keys(log_text: str) -> list[str]:
+        """["<type> SHA256:<fp>", ...] from the `QAT_HOSTKEY` lines of an instance log (whole lines
+        only, so a name an attacker gets into an sshd log line cannot pass for one), in order, once each."""
+        found: list[str] = []
+        for line in (log_text or "").splitlines():
+            m = _HOSTKEY_LINE.fullmatch(line.strip())
+            if m and f"{m[1]} {m[2]}" not in found:
+                found.append(f"{m[1]} {m[2]}")
+        return found
+
+    def wait_host_keys(self, instance_id: int, timeout_s: float) -> list[str]:
+        """The host key fingerprints the instance printed in its log, read over the API (polled until
+        `timeout_s`). Raises ProvisionError when the line never shows: no key may be trusted then."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        last = ""
+        while True:
+            try:
+                text = self._call("logs", self._sdk.logs, instance_id, tail="1000")
+                found = self.parse_host_keys(text if isinstance(text, str) else "")
+                if found:
+                    return found
+                last = "no QAT_HOSTKEY line yet"
+            except VastAPIError as e:
+                last = str(e)
+            if time.monotonic() >= deadline:
+                raise ProvisionError(
+                    f"instance {instance_id}: its onstart never printed the SSH host key fingerprints "
+                    f"({HOSTKEY_MARK} lines) in the instance log within {timeout_s:.0f}s (last: {last[:200]}); "
+                    "refusing to connect without the host key from the provider's channel "
+                    "(machine.provision_timeout_s)")
+            time.sleep(self.poll_s)
 
     @staticmethod
     def ssh_endpoints(row: dict) -> list[tuple[str, int]]:
@@ -327,20 +380,36 @@ class VastProvider:
             self.log(f"could not check for a half-created instance labelled {label}: {e}; the reaper will")
 
     def launch(self, m: MachineConfig, label: str, public_key: str, key_path: Optional[str] = None,
-               ready_check: Optional[Callable[[Lease], None]] = None, redact: Iterable[str] = ()) -> Lease:
+               ready_check: Optional[Callable[[Lease], None]] = None, redact: Iterable[str] = (),
+               on_failed_start: Optional[Callable[[dict], None]] = None) -> Lease:
         """Rent the cheapest matching offer, wait for it to run (and pass ready_check, e.g. SSH).
         A failed start is logged (log tail), destroyed, its machine excluded, and the next offer tried,
-        up to machine.vast.create_attempts times."""
+        up to machine.vast.create_attempts times. Each failed start's instance billed from creation to
+        its destroy: it is reported as {instance_id, dph_total, created_at, destroyed_at (None when not
+        confirmed), label} to `on_failed_start`, and listed in the lease's extra["failed_starts"] (or
+        the ProvisionError's `failed_starts`) so the run's budget counts it."""
         v = m.vast
         excluded: set[int] = set()
         reasons: list[str] = []
+        failed_starts: list[dict] = []
+
+        def failed_start(record: dict) -> None:
+            failed_starts.append(record)
+            if on_failed_start is not None:
+                on_failed_start(record)
+
+        def provision_error(message: str) -> ProvisionError:
+            err = ProvisionError(message)
+            err.failed_starts = failed_starts  # type: ignore[attr-defined]
+            return err
+
         for attempt in range(1, v.create_attempts + 1):
             try:
                 offer = self.search_offers(v, v.min_disk_gb, excluded)[0]
             except NoOffersError as e:
                 if not reasons:
                     raise
-                raise ProvisionError("no other offer left to try after:\n  " + "\n  ".join(reasons) + f"\n{e}") from None
+                raise provision_error("no other offer left to try after:\n  " + "\n  ".join(reasons) + f"\n{e}") from None
             machine_id = offer.get("machine_id")
             self.log(f"renting offer {offer['id']} (machine {machine_id}): {offer.get('gpu_name')} x"
                      f"{offer.get('num_gpus')} at ${float(offer['dph_total']):.3f}/h, attempt {attempt}/{v.create_attempts}")
@@ -362,34 +431,47 @@ class VastProvider:
                 excluded.add(machine_id)
                 continue
             try:
+                deadline = time.monotonic() + m.provision_timeout_s
                 try:
                     self._call("attach ssh key", self._sdk.attach_ssh, iid, public_key)
                 except VastAPIError as e:  # the onstart script installs the key as well
                     self.log(f"instance {iid}: attaching the SSH key failed ({e}); relying on onstart")
                 row = self._wait_running(iid, m.provision_timeout_s)
+                # the host keys, from the instance log over HTTPS: pinned before the first SSH connection
+                fingerprints = self.wait_host_keys(iid, deadline - time.monotonic())
+                self.log(f"instance {iid}: host key(s) from the provider log: {', '.join(fingerprints)}")
                 host, port = self.ssh_endpoint(row)
                 lease = Lease(backend="vast", label=label, instance_id=iid, host=host, port=port, user="root",
-                              key_path=key_path, dph_total=float(row.get("dph_total") or offer["dph_total"]),
+                              key_path=key_path, host_key_fingerprints=fingerprints,
+                              dph_total=float(row.get("dph_total") or offer["dph_total"]),
                               gpu_name=str(row.get("gpu_name") or offer.get("gpu_name") or ""),
                               num_gpus=int(row.get("num_gpus") or offer.get("num_gpus") or 0),
                               location=str(offer.get("geolocation") or ""), created_at=created_at,
                               extra={"machine_id": machine_id, "offer_id": offer["id"],
-                                     "ssh_alternatives": [list(e) for e in self.ssh_endpoints(row)[1:]]})
+                                     "ssh_alternatives": [list(e) for e in self.ssh_endpoints(row)[1:]],
+                                     "inet_up_cost": float(row.get("inet_up_cost") or offer.get("inet_up_cost") or 0),
+                                     "inet_down_cost": float(row.get("inet_down_cost") or offer.get("inet_down_cost") or 0),
+                                     "failed_starts": failed_starts})
                 if ready_check is not None:
                     ready_check(lease)
                 self.log(f"instance {iid} running at {host}:{port}")
                 return lease
             except BaseException as e:
                 tail = self.logs_tail(iid, redact=redact) if isinstance(e, Exception) else ""
+                destroyed_at: Optional[float] = None
                 try:
                     self.destroy(iid)
+                    destroyed_at = time.time()
                 except Exception as d:
                     self.log(f"instance {iid}: destroy after failed start failed too: {d}; the reaper will retry")
+                failed_start({"instance_id": iid, "dph_total": float(offer["dph_total"]), "created_at": created_at,
+                              "destroyed_at": destroyed_at, "label": label})
                 if not isinstance(e, Exception) or isinstance(e, VastAPIError) and not isinstance(e, ProvisionError):
+                    e.failed_starts = failed_starts  # type: ignore[attr-defined]
                     raise
                 reason = self.redact(f"{type(e).__name__}: {e}")
                 self.log(f"instance {iid} on machine {machine_id} failed: {reason}\n--- log tail ---\n{tail}")
                 reasons.append(f"instance {iid} (machine {machine_id}): {reason}")
                 excluded.add(machine_id)
-        raise ProvisionError(f"could not start a machine in {v.create_attempts} attempt(s) "
+        raise provision_error(f"could not start a machine in {v.create_attempts} attempt(s) "
                              f"(machine.vast.create_attempts):\n  " + "\n  ".join(reasons))

@@ -8,13 +8,14 @@ from typing import Optional
 from contract.machine_config import MachineConfig
 
 from . import keys
-from .machine import Lease, LogFn, Machine
-from .ssh import SSHMachine
-from .ssh_backend import pin_host_key
+from .machine import Lease, LogFn
+from .ssh_backend import SSHBackend, pin_host_key
 from .vast import VastProvider
 
 
-class VastBackend:
+class VastBackend(SSHBackend):
+    """Reached like an SSH host (connect, python); rented, billed and destroyed through the API."""
+
     name = "vast"
 
     def __init__(self) -> None:
@@ -26,18 +27,18 @@ class VastBackend:
 
     def acquire(self, mc: MachineConfig, label: str, workdir: Path, *, api_key=None, server_url=None,
                 log: LogFn = print) -> Lease:
-        """Rent the cheapest matching offer; the lease is returned once SSH answers, its host key pinned."""
-        # one key pair per run (label = qat-<flow run id>), reused if the run rents again
-        pair = keys.load_or_generate(Path(workdir) / "ssh" / re.sub(r"[^A-Za-z0-9._-]", "_", label))
-        return self.provider(api_key, server_url, log).launch(
+        """Rent the cheapest matching offer; the lease is returned once SSH answers, its host key pinned
+        from the fingerprints the instance printed in its log (read over the API before the first
+        SSH connection: infra/vast.py), `lease.host_key_source == "provider log"`."""
+        # one key pair per run (label = qat-<installation id>-<flow run id>), reused while the run rents; the lease names
+        # its folder (extra["run_key_dir"]) so tasks/rental.py deletes it once the machine is destroyed
+        key_dir = Path(workdir) / "ssh" / re.sub(r"[^A-Za-z0-9._-]", "_", label)
+        pair = keys.load_or_generate(key_dir)
+        lease = self.provider(api_key, server_url, log).launch(
             mc, label, pair.public_key, key_path=str(pair.private_path),
             ready_check=pin_host_key(mc.ssh_timeout_s, log))
-
-    def connect(self, lease: Lease, timeout: float) -> Machine:
-        return SSHMachine(lease, connect_timeout=timeout).connect()
-
-    def python(self, mc: MachineConfig) -> str:
-        return mc.python
+        lease.extra["run_key_dir"] = str(key_dir)
+        return lease
 
     def release(self, lease: Lease, *, api_key=None, server_url=None) -> bool:
         """Destroy the instance and confirm it is gone (True). Idempotent."""

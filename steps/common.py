@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 from contract.catalogue import ERROR_PREFIX, EXIT_DETERMINISTIC, EXIT_OK, EXIT_RETRYABLE, PROGRESS_PREFIX
 from contract.config import RunConfig
-from contract.result_file import ERROR_FILE, RESULT_FILE, config_hash, is_done, write_json_atomic
+from contract.result_file import ERROR_FILE, RESULT_FILE, config_hash, input_fingerprints, read_result, write_json_atomic
 
 
 class StepError(RuntimeError):
@@ -80,6 +80,15 @@ def _disk_full(exc: Optional[BaseException]) -> Optional[OSError]:
     return None
 
 
+def _missing_model(exc: BaseException) -> Optional[str]:
+    """steps/models.py's reading of exc's chain (imported late: it imports torch)."""
+    if "steps.models" not in sys.modules and "huggingface_hub" not in sys.modules and "transformers" not in sys.modules:
+        return None  # nothing that could have raised it was imported
+    from .models import missing_model_reason
+
+    return missing_model_reason(exc)
+
+
 def _classify(exc: BaseException) -> tuple[bool, str]:
     """(retryable, message) for an exception raised by a step."""
     if isinstance(exc, StepError):
@@ -88,6 +97,9 @@ def _classify(exc: BaseException) -> tuple[bool, str]:
     if full is not None:
         return False, f"the disk is full ({full}); free space or rent a machine with more disk (machine.vast.min_disk_gb)"
     name = type(exc).__name__
+    missing = _missing_model(exc)
+    if missing is not None:  # a missing model/repo is deterministic (transformers raises it as an OSError)
+        return False, missing
     if "OutOfMemory" in name or "out of memory" in str(exc).lower():
         return False, f"out of memory: {exc}; lower train.per_device_batch_size or enable train.gradient_checkpointing"
     if isinstance(exc, (ValueError, TypeError, KeyError, FileNotFoundError, NotImplementedError)):
@@ -97,14 +109,22 @@ def _classify(exc: BaseException) -> tuple[bool, str]:
 
 def execute_step(step: str, cfg: RunConfig, workdir: Path, body: Callable[[StepContext], dict],
              resume: bool = False, force: bool = False) -> int:
-    """Run one step's body with skipping, result.json and error reporting. Returns the exit code."""
+    """Run one step's body with skipping, result.json and error reporting. Returns the exit code.
+
+    The step is skipped when its result.json holds the current hash: config sections plus the code,
+    data and model fingerprints (contract/result_file.py config_hash), recorded as "inputs"."""
     workdir = Path(workdir)
     ctx = StepContext(step=step, cfg=cfg, workdir=workdir, resume=resume)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    h = config_hash(cfg, step)
-    if not force and is_done(cfg, workdir, step):
-        ctx.log(f"outputs already present for config hash {h}: skipping")
-        return EXIT_OK
+    inputs = input_fingerprints(cfg, step)
+    h = config_hash(cfg, step, inputs)
+    previous = read_result(workdir, step)
+    if not force and previous and previous.get("status") == "ok":
+        if previous.get("config_hash") == h:
+            ctx.log(f"outputs already present for config hash {h}: skipping")
+            return EXIT_OK
+        ctx.log(f"outputs present for hash {previous.get('config_hash')}, now {h} (config, code, data or model "
+                "changed): running again")
     (ctx.out / RESULT_FILE).unlink(missing_ok=True)
     (ctx.out / ERROR_FILE).unlink(missing_ok=True)
     started = time.time()
@@ -128,6 +148,7 @@ def execute_step(step: str, cfg: RunConfig, workdir: Path, body: Callable[[StepC
         "step": step,
         "config": cfg.name,
         "config_hash": h,
+        "inputs": inputs,
         "status": "ok",
         "metrics": metrics,
         "outputs": ctx.outputs,

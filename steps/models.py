@@ -18,7 +18,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -74,16 +74,75 @@ def _fixture_ok(path: Path) -> bool:
         return False
 
 
+class ModelNotFound(FileNotFoundError):
+    """The model (a local directory, a Hub repo, a revision or a file in it) does not exist or may not
+    be read: deterministic, retrying on a paid machine cannot help (steps/common.py `_classify`)."""
+
+
+# transformers' OSError when the Hub answered 404 for the repo (its RepositoryNotFoundError, flattened)
+_NOT_A_MODEL = "is not a local folder and is not a valid model identifier"
+
+
+def missing_model_reason(exc: BaseException) -> Optional[str]:
+    """Why exc means the model is missing (its chain holds the Hub's not-found / gated errors, or
+    transformers' message for them), else None: a network failure stays a transient error."""
+    try:
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency of transformers
+        EntryNotFoundError = RepositoryNotFoundError = RevisionNotFoundError = ()  # type: ignore
+    seen: set[int] = set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ModelNotFound):
+            return str(e)
+        if isinstance(e, RepositoryNotFoundError):  # GatedRepoError too: no access is as deterministic
+            return f"model not found: the Hub has no repository it may read ({type(e).__name__}: {str(e)[:200]})"
+        if isinstance(e, RevisionNotFoundError):
+            return f"model not found: the Hub repository has no such revision ({str(e)[:200]})"
+        if isinstance(e, EntryNotFoundError) and not type(e).__name__.startswith("Local"):
+            return f"model not found: a file it needs is not in its Hub repository ({str(e)[:200]})"
+        if isinstance(e, OSError) and _NOT_A_MODEL in str(e):
+            return f"model not found: {str(e)[:300]}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _from_pretrained(load: Callable, name_or_path: str, **kw):
+    """load(resolved, **kw), with a missing model raised as ModelNotFound (naming it) instead of the
+    OSError transformers raises for it and for a dropped connection alike."""
+    path = resolve_model(name_or_path)
+    looks_local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1  # a Hub id has one "/" at most
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise ModelNotFound(f"model {name_or_path!r} not found: the directory {path} does not exist "
+                            "(model.name_or_path must be a Hub id, an existing directory or a fixture:)")
+    try:
+        return load(path, **kw)
+    except OSError as e:
+        reason = missing_model_reason(e)
+        if reason is None and _offline() and "couldn't connect" in str(e).lower():
+            reason = "not found: not in the local cache, and offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
+        if reason is None:
+            raise  # e.g. the Hub could not be reached: transient
+        raise ModelNotFound(f"model {name_or_path!r}: {reason} (check model.name_or_path, and the "
+                            "token's access for a gated or private repository)") from e
+
+
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
     from transformers import WhisperForConditionalGeneration
 
-    return WhisperForConditionalGeneration.from_pretrained(resolve_model(name_or_path), dtype=dtype)
+    return _from_pretrained(WhisperForConditionalGeneration.from_pretrained, name_or_path, dtype=dtype)
 
 
 def load_processor(name_or_path: str):
     from transformers import WhisperProcessor
 
-    return WhisperProcessor.from_pretrained(resolve_model(name_or_path))
+    return _from_pretrained(WhisperProcessor.from_pretrained, name_or_path)
 
 
 # ---------------------------------------------------------------- CTranslate2 model.bin reader

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from contract.config import RunConfig
-from contract.layout import REPO_ROOT
+from contract.fingerprint import manifest_audio_path
 
 from .common import StepContext, StepError
 from .models import load_processor
@@ -98,14 +98,12 @@ def manifest_examples(cfg: RunConfig, split: str) -> Iterator[dict]:
             try:
                 row = json.loads(line)
                 row_split = row["split"]
-                audio_path = Path(row["audio"])
+                audio_path = manifest_audio_path(path, row["audio"])  # the data fingerprint resolves it the same way
             except (ValueError, KeyError, TypeError):
                 yield {"split": split, "drop": "bad_manifest_line", "where": f"{path}:{lineno}"}
                 continue
             if row_split != split:
                 continue
-            if not audio_path.is_absolute():
-                audio_path = REPO_ROOT / audio_path if (REPO_ROOT / audio_path).exists() else path.parent / audio_path
             yield {"id": str(row.get("id") or audio_path.stem), "text": row.get("text"), "speaker": str(row.get("speaker") or ""),
                    "load": (lambda p=audio_path: decode_audio(p)), "where": f"{path}:{lineno}"}
 

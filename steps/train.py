@@ -2,6 +2,8 @@
 
 Reads DIR/prepare/{train,dev}/, writes DIR/train/:
   checkpoints/step-N/   model, optimizer, scheduler, RNG and data position (last 2 kept)
+  checkpoints-set-aside/<hash>/step-N/   checkpoints found here that another config hash wrote
+                        (another learning rate, code or data): kept and named, never resumed
   history.jsonl         one line per optimizer step, one per evaluation
   model/                the converted plain transformers model + processor (what convert reads)
 
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contract.catalogue import CHECKPOINT_DIR, checkpoint_name, checkpoint_number
+from contract.catalogue import CHECKPOINT_DIR, SET_ASIDE_DIR, checkpoint_name, checkpoint_number
 from contract.normalize import normalize_french
 from contract.result_file import config_hash
 
@@ -235,6 +237,35 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, micro: i
     return final
 
 
+def checkpoint_hash(path: Path) -> str:
+    """The config hash a checkpoint was written under ("unreadable" when its state cannot be read)."""
+    try:
+        return str(torch.load(path / "state.pt", weights_only=False)["config_hash"])
+    except Exception:  # noqa: BLE001 - a damaged checkpoint is set aside like a foreign one
+        return "unreadable"
+
+
+def set_aside_foreign(ctx: StepContext, root: Path, chash: str) -> list[tuple[int, Path]]:
+    """Move the checkpoints in `root` written under another config hash to
+    <step dir>/checkpoints-set-aside/<their hash>/step-N (kept, named, never resumed); return the others.
+
+    A re-run with a changed train.* (or code, data, model) finds the old run's checkpoints: it
+    trains anew instead of refusing them or resuming a model trained under other settings."""
+    kept = []
+    for n, p in _checkpoints(root):
+        theirs = checkpoint_hash(p)
+        if theirs == chash:
+            kept.append((n, p))
+            continue
+        dest = ctx.out / SET_ASIDE_DIR / theirs / p.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(p, dest)
+        ctx.log(f"checkpoint {p.name} was written under config hash {theirs}, now {chash} (config, code, data "
+                f"or model changed): set aside in {dest.relative_to(ctx.out)}, not resumed")
+    return kept
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, chash: str) -> dict:
     state = torch.load(path / "state.pt", weights_only=False)
     if state["config_hash"] != chash:
@@ -310,7 +341,7 @@ def run(ctx: StepContext) -> dict:
 
     ckpt_root, hist_path, chash = ctx.out / CHECKPOINT_DIR, ctx.out / "history.jsonl", config_hash(cfg, "train")
     step, history = 0, []
-    ckpts = _checkpoints(ckpt_root)
+    ckpts = set_aside_foreign(ctx, ckpt_root, chash)
     if ctx.resume and ckpts:
         state = load_checkpoint(ckpts[-1][1], model, optimizer, scheduler, chash)
         step, history = state["step"], _read_history(hist_path, state["step"])

@@ -1,12 +1,51 @@
-"""What the run spends: one cost meter per rented machine, the budget check, the cost table's rows.
+"""What the run spends: one budget over every machine the run paid for, the budget check (per
+output line and on a timer), the bytes copied home, the cost table's rows.
 
-The meter (infra/cost.py) bills a machine's whole life, from creation until its destroy is confirmed.
+The meters (infra/cost.py) bill each machine's whole life, from creation until its destroy is
+confirmed; `RunBudget` adds them up with the instances of failed start attempts and the bandwidth.
+The flow opens one per run (`open_budget`) and registers each machine it rents; the tasks of the
+same flow-run process find it by the lease's label (`check_budget`, `record_bytes_home`).
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
 from contract.config import RunConfig
-from infra.cost import CostMeter
+from infra.cost import BudgetExceeded, BudgetTimer, CostMeter, RunBudget
 from infra.machine import Lease
+
+__all__ = ["BudgetExceeded", "RunBudget", "open_budget", "open_meter", "check_budget", "record_bytes_home",
+           "watch_budget", "budget_rows", "cost_rows", "total_usd"]
+
+_budgets: dict[str, RunBudget] = {}  # lease label -> the run's budget, in this flow-run process
+_lock = threading.Lock()
+
+
+def open_budget(cfg: RunConfig) -> RunBudget:
+    return RunBudget(cfg.machine.max_cost_usd)
+
+
+def register(budget: RunBudget, lease: Lease) -> CostMeter:
+    """A rented machine joins the run's budget (with the failed starts its launch reported)."""
+    meter = budget.add_machine(lease)
+    with _lock:
+        _budgets[lease.label] = budget
+    return meter
+
+
+def forget(budget: RunBudget) -> None:
+    with _lock:
+        for label in [k for k, v in _budgets.items() if v is budget]:
+            del _budgets[label]
+
+
+def budget_for(lease: Optional[Lease]) -> Optional[RunBudget]:
+    if lease is None:
+        return None
+    with _lock:
+        return _budgets.get(lease.label)
 
 
 def open_meter(lease: Lease, cfg: RunConfig) -> CostMeter:
@@ -14,15 +53,55 @@ def open_meter(lease: Lease, cfg: RunConfig) -> CostMeter:
 
 
 def check_budget(lease: Lease, cfg: RunConfig) -> None:
-    """Raise BudgetExceeded once the machine's billed life crosses machine.max_cost_usd."""
-    open_meter(lease, cfg).check_budget()
+    """Raise BudgetExceeded once the run's spending (every machine, failed starts, bandwidth)
+    crosses machine.max_cost_usd; without a run budget (a task run alone), this machine's life."""
+    budget = budget_for(lease)
+    if budget is not None:
+        budget.check()
+    else:
+        open_meter(lease, cfg).check_budget()
+
+
+def record_bytes_home(lease: Optional[Lease], nbytes: int) -> None:
+    """Bytes that landed at home from the machine: billed at its $/GB in the run's budget."""
+    budget = budget_for(lease)
+    if budget is not None and lease is not None and nbytes:
+        budget.add_bytes_home(lease, nbytes)
+
+
+@contextmanager
+def watch_budget(budget: RunBudget, cfg: RunConfig, on_exceeded: Callable[[], None],
+                 log: Optional[Callable[[str], None]] = None) -> Iterator[BudgetTimer]:
+    """Check the budget every machine.budget_check_every_s seconds while the block runs (silent
+    commands print no line to check on); on crossing, `on_exceeded` stops the command."""
+    with BudgetTimer(budget, cfg.machine.budget_check_every_s, on_exceeded, log) as timer:
+        yield timer
 
 
 def cost_rows(lease: Lease, meter: CostMeter, machine_no: int) -> list[dict]:
     """Seconds and dollars per step, plus the rest of the billed life, for one machine."""
-    prefix = f"machine {machine_no}: " if machine_no > 1 else ""
-    return [{"step": prefix + r["step"], "seconds": r["seconds"], "usd": r["usd"], "usd_per_hour": lease.dph_total,
-             "instance": lease.instance_id} for r in meter.as_rows()]
+    return _meter_rows(meter, f"machine {machine_no}: " if machine_no > 1 else "",
+                       meter.instance_id if meter.instance_id is not None else lease.instance_id)
+
+
+def _meter_rows(meter: CostMeter, prefix: str, instance: Optional[int]) -> list[dict]:
+    return [{"step": prefix + r["step"], "seconds": r["seconds"], "usd": r["usd"], "usd_per_hour": meter.dph,
+             "instance": instance} for r in meter.as_rows()]
+
+
+def budget_rows(budget: RunBudget) -> list[dict]:
+    """The cost table of the whole run: each machine's steps, idle time, bandwidth and total, then one
+    row per failed start attempt (its life, creation to destroy). `total_usd(rows)` is the run's bill."""
+    rows: list[dict] = []
+    several = len(budget.machines) > 1
+    for no, meter in enumerate(budget.machines, start=1):
+        rows += _meter_rows(meter, f"machine {no}: " if several else "", meter.instance_id)
+    for meter in budget.failed_starts:
+        state = "destroyed" if meter.destroyed_at is not None else "destroy NOT confirmed, still billing"
+        rows.append({"step": f"failed start attempt, instance {meter.instance_id} ({state}): total",
+                     "seconds": round(meter.elapsed_s(), 3), "usd": round(meter.total_usd(), 6),
+                     "usd_per_hour": meter.dph, "instance": meter.instance_id})
+    return rows
 
 
 def total_usd(rows: list[dict]) -> float:

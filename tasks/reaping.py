@@ -1,25 +1,42 @@
-"""Which labelled machines the reap flow may destroy: their flow run's liveness, read from Prefect.
+"""Which labelled machines the reap flow may destroy. It errs on the side of keeping.
 
-A flow process killed with SIGKILL (with its worker) leaves its run in Running forever, so a
-Running run counts as alive only while it keeps sending heartbeats (PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-set for every deployment in prefect.yaml). A run that never sent one is judged by age alone."""
+`run_is_active(label)` answers ACTIVE, GONE or UNKNOWN (infra/reaper.py), asking this Prefect server
+only about labels that prove this installation made them (`qat-<installation id>-<flow run id>`,
+tasks/labels.py). GONE only when the server itself says so, in so many words:
+- the flow run is not found (HTTP 404 "Flow run not found" on the server holding our installation id);
+- the run is in a final state (Completed, Failed, Crashed, Cancelled);
+- the run is Running but stopped sending heartbeats: a flow process killed with SIGKILL (with its
+  worker) leaves its run in Running forever, so a Running run counts as alive only while it keeps
+  sending them (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, set for every deployment in prefect.yaml); one
+  that never sent any is ACTIVE.
+Anything else is UNKNOWN and the machine is kept: a label of another installation or not ours at all,
+a timeout, a 5xx, a refused connection, an unexpected answer. Age alone decides for those.
+
+`reap_labelled` destroys a machine for its run only on the second GONE verdict in a row. The
+verdicts of the previous pass are kept in a JSON file, $QAT_REAPER_STATE or
+$PREFECT_HOME/qat-reaper-state.json on the reaper's worker (the reap deployment runs every 10
+minutes, one run at a time); a missing or unreadable file means no earlier verdict (keep)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
-from uuid import UUID
+from pathlib import Path
 
 from prefect import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+from prefect.exceptions import ObjectNotFound
 
-from infra.reaper import reap_instances
+from infra.reaper import ACTIVE, GONE, UNKNOWN, reap_instances
 
-from . import secrets
+from . import labels, secrets
 
-ACTIVE = {StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED, StateType.PAUSED, StateType.CANCELLING}
+LIVE = {StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED, StateType.PAUSED, StateType.CANCELLING}
+FINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 HEARTBEAT = "prefect.flow-run.heartbeat"
 MISSED_BEATS = 3
+NOT_FOUND = "Flow run not found"  # the server's 404 detail (prefect/server/api/flow_runs.py)
 
 
 def _heartbeat_s() -> int:
@@ -33,34 +50,79 @@ def _heartbeats(client, run_id: str, since: dt.datetime) -> int:
     return page.total
 
 
-def run_is_active(label: str) -> bool:
-    """True while the flow run named by the label (qat-<flow run id>) may still use its machine."""
-    run_id = label.removeprefix("qat-")
+def _says_not_found(e: ObjectNotFound) -> bool:
+    """A 404 whose body is the server's own 'Flow run not found' (not a proxy's or a wrong path's)."""
     try:
-        UUID(run_id)
-    except ValueError:
-        return False  # not a flow run id: age decides
-    now = dt.datetime.now(dt.timezone.utc)
-    with get_client(sync_client=True) as client:
-        try:
-            fr = client.read_flow_run(UUID(run_id))
-        except Exception:
-            return False  # no such run: nobody will destroy its machine but us
-        if fr.state is None or fr.state.type not in ACTIVE:
-            return False
-        if fr.state.type != StateType.RUNNING:
-            return True
-        ever = _heartbeats(client, run_id, now - dt.timedelta(days=30))
-        if not ever:
-            return True
-        return _heartbeats(client, run_id, now - dt.timedelta(seconds=MISSED_BEATS * _heartbeat_s())) > 0
+        return e.http_exc.response.json().get("detail") == NOT_FOUND
+    except Exception:
+        return False
 
 
-def reap_labelled(max_age_hours: float, dry_run: bool, log) -> list[dict]:
-    """Destroy labelled instances older than max_age_hours or whose run is no longer active."""
+def run_is_active(label: str) -> str:
+    """ACTIVE, GONE or UNKNOWN for the flow run named by a label (see the module docstring)."""
+    parsed = labels.parse_label(label)
+    if parsed is None:
+        return UNKNOWN  # not a label this installation makes: age decides
+    try:
+        with get_client(sync_client=True) as client:
+            if labels.installation_id(create=False, client=client) != parsed.installation:
+                return UNKNOWN  # another installation's run (or none here yet): not ours to judge
+            try:
+                fr = client.read_flow_run(parsed.run_id)
+            except ObjectNotFound as e:
+                return GONE if _says_not_found(e) else UNKNOWN
+            if fr.state is None:
+                return UNKNOWN
+            if fr.state.type in FINAL:
+                return GONE
+            if fr.state.type != StateType.RUNNING:
+                return ACTIVE if fr.state.type in LIVE else UNKNOWN
+            now = dt.datetime.now(dt.timezone.utc)
+            if not _heartbeats(client, str(parsed.run_id), now - dt.timedelta(days=30)):
+                return ACTIVE  # never sent one: heartbeats are off for it, age decides
+            recent = _heartbeats(client, str(parsed.run_id), now - dt.timedelta(seconds=MISSED_BEATS * _heartbeat_s()))
+            return ACTIVE if recent > 0 else GONE
+    except Exception:  # timeout, 5xx, refused, garbled: cannot tell, keep it
+        return UNKNOWN
+
+
+def state_file() -> Path:
+    if os.environ.get("QAT_REAPER_STATE"):
+        return Path(os.environ["QAT_REAPER_STATE"])
+    from prefect.settings import PREFECT_HOME
+
+    return Path(PREFECT_HOME.value()) / "qat-reaper-state.json"
+
+
+def load_suspects(path: Path) -> dict[str, int]:
+    try:
+        data = json.loads(path.read_text())
+        return {str(k): int(v) for k, v in data.get("suspects", {}).items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def save_suspects(path: Path, suspects: dict[str, int]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"suspects": suspects,
+                               "updated": dt.datetime.now(dt.timezone.utc).isoformat()}, indent=1))
+    os.replace(tmp, path)
+
+
+def reap_labelled(max_age_hours: float, dry_run: bool, log, state_path: Path | None = None) -> list[dict]:
+    """Destroy labelled instances older than max_age_hours or whose run was judged GONE twice in a row."""
     key = secrets.vast_api_key()
     if not key:
         log("no Vast.ai API key (env VAST_API_KEY or Secret block 'vast-api-key'): nothing to reap")
         return []
-    return reap_instances(api_key=key, server_url=secrets.vast_url(), max_age_hours=max_age_hours,
-                          is_run_active=run_is_active, dry_run=dry_run, log=log)
+    path = state_path or state_file()
+    suspects = load_suspects(path)
+    rows = reap_instances(api_key=key, server_url=secrets.vast_url(), max_age_hours=max_age_hours,
+                          run_status=run_is_active, suspects=suspects, dry_run=dry_run, log=log)
+    if not dry_run:
+        try:
+            save_suspects(path, suspects)
+        except OSError as e:  # next pass starts from no verdict: it keeps, never destroys early
+            log(f"could not save the reaper's verdicts to {path}: {e}")
+    return rows

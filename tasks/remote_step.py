@@ -21,7 +21,7 @@ from contract.result_file import ERROR_FILE, config_hash, is_done, read_result
 from infra import provision
 from infra.machine import Lease, Machine, TransientMachineError
 
-from .billing import check_budget
+from .billing import check_budget, record_bytes_home
 from .rental import forget_machine, machine_alive, machine_for, remote_python
 from .retry import StepFailed, retry_transient
 
@@ -95,6 +95,7 @@ class CheckpointSync:
         tmp = dest / f".{newest}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         m.get(f"{remote}/{newest}", tmp, allow=OUTPUT_NAME)
+        record_bytes_home(self.lease, tree_bytes(tmp))
         shutil.rmtree(dest / newest, ignore_errors=True)
         tmp.rename(dest / newest)
         for old in dest.iterdir():
@@ -104,21 +105,30 @@ class CheckpointSync:
         self.log.info("checkpoint %s copied home", newest)
 
 
-def fetch_outputs(m: Machine, step: str, local_work: Path, succeeded: bool) -> None:
+def tree_bytes(path: Path) -> int:
+    """Bytes of the regular files under path (what a copy home landed: billed as bandwidth)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def fetch_outputs(m: Machine, step: str, local_work: Path, succeeded: bool) -> int:
     """Bring a step's outputs home as one checked archive (infra/archive.py): everything after a
     failure (nothing produced is lost), all but its bulk outputs after a success. The folder at
-    home is replaced only once every member passed."""
+    home is replaced only once every member passed. Returns the bytes that came home."""
     skip = BULK_OUTPUTS.get(step, ()) if succeeded or step in REDERIVED else ()
     dest = local_work / step
     tmp = local_work / f".{step}.incoming-{uuid.uuid4().hex[:8]}"
     try:
         m.get(f"{REMOTE_WORK}/{step}", tmp, allow=OUTPUT_NAME, exclude=skip)
+        landed = tree_bytes(tmp)
         if (dest / CHECKPOINT_DIR).is_dir() and not (tmp / CHECKPOINT_DIR).exists():
             (dest / CHECKPOINT_DIR).rename(tmp / CHECKPOINT_DIR)  # keep what CheckpointSync brought home
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return landed
 
 
 @task(name="step", task_run_name="{step}", retries=3, retry_delay_seconds=exponential_backoff(10),
@@ -167,9 +177,10 @@ def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -
         finally:
             if sync:
                 sync.stop()
-        fetch_outputs(m, step, local_work, succeeded=code == 0)
+        record_bytes_home(lease, fetch_outputs(m, step, local_work, succeeded=code == 0))
     except TransientMachineError as exc:
         forget_machine(lease)  # a retry starts from a fresh connection
+        check_budget(lease, cfg)  # the budget timer closed the connection: a budget stop, not a lost machine
         if not machine_alive(lease):  # do not spend retries waiting on a machine that is gone
             raise MachineLost(f"machine {lease.label} is gone ({exc.__class__.__name__}: {exc})") from None
         raise

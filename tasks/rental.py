@@ -12,9 +12,10 @@ from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
-from contract.catalogue import REDERIVED
+from contract.catalogue import CHECKPOINT_DIR, REDERIVED, RESUMING_STEP, STEPS
 from contract.config import RunConfig
 from contract.layout import PUSHED_CODE, REMOTE_CODE, REMOTE_CONFIG, REMOTE_ROOT, REMOTE_WORK, REPO_ROOT, REQUIREMENTS
+from contract.result_file import is_done
 from infra import provision
 from infra.machine import Lease, Machine
 
@@ -65,9 +66,47 @@ def estimate_cost(cfg: RunConfig) -> dict:
     return est
 
 
+GPU_LIMIT_DEFAULT = 1  # slots of a GPU_LIMIT this code creates because none existed
+
+
+def ensure_gpu_limit(log=None) -> bool:
+    """Create the GPU_LIMIT global concurrency limit (GPU_LIMIT_DEFAULT slots) when it does not exist;
+    an existing one is left as its owner set it. Returns whether it was created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            return False
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=GPU_LIMIT_DEFAULT))
+        except ObjectAlreadyExists:  # another flow run created it first
+            return False
+    (log or _logger()).warning("global concurrency limit %r did not exist: created it with %d slot(s) "
+                               "(raise it with `prefect gcl update %s --limit N`)", GPU_LIMIT, GPU_LIMIT_DEFAULT, GPU_LIMIT)
+    return True
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a flow or task run
+        import logging
+
+        return logging.getLogger(__name__)
+
+
 def gpu_slot(cfg: RunConfig) -> AbstractContextManager:
-    """Holds one slot of the GPU_LIMIT while a rented machine is in use (hosts we own need none)."""
-    return concurrency(GPU_LIMIT, occupy=1) if cfg.machine.backend == "vast" else nullcontext()
+    """Holds one slot of the GPU_LIMIT while a rented machine is in use (hosts we own need none).
+    The limit is created when missing and taken strictly: without it nothing would be limited."""
+    if cfg.machine.backend != "vast":
+        return nullcontext()
+    ensure_gpu_limit()
+    return concurrency(GPU_LIMIT, occupy=1, strict=True)
 
 
 @task(name="rent machine", retries=2, retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5,
@@ -84,16 +123,19 @@ def rent_machine(cfg: RunConfig, label: str, run_dir: Path) -> Lease:
 @task(name="push code", retries=3, retry_delay_seconds=exponential_backoff(5), retry_jitter_factor=0.5,
       retry_condition_fn=retry_transient)
 def push_code(lease: Lease, cfg: RunConfig, local_work: Path) -> dict:
-    """Send our code and the resolved config; also what earlier runs copied back, so finished
-    steps skip themselves on a new machine."""
+    """Send our code and the resolved config; also what came home for the current hash, so finished
+    steps skip themselves on a new machine: the steps done for it (not the re-derived ones) and,
+    while training is unfinished, its checkpoints copied home (a checkpoint of another config hash
+    is set aside by the train step, never resumed). Outputs of another hash are never sent."""
     log = get_run_logger()
     m = machine_for(lease, cfg)
     t0 = time.time()
     m.put(REPO_ROOT, REMOTE_CODE, include=PUSHED_CODE)
     m.run(["mkdir", "-p", REMOTE_WORK])
     m.write_text(REMOTE_CONFIG, cfg.to_yaml())
-    restored = [p.name for p in sorted(local_work.iterdir())
-                if p.is_dir() and p.name not in REDERIVED and not p.name.startswith(".")] if local_work.is_dir() else []
+    restored = [s for s in STEPS if s not in REDERIVED and is_done(cfg, local_work, s)]
+    if RESUMING_STEP not in restored and (local_work / RESUMING_STEP / CHECKPOINT_DIR).is_dir():
+        restored.append(f"{RESUMING_STEP}/{CHECKPOINT_DIR}")
     if restored:
         m.put(local_work, REMOTE_WORK, include=restored, respect_gitignore=False)
         log.info("restored earlier outputs on the machine: %s", ", ".join(restored))
@@ -138,7 +180,37 @@ def destroy_machine(lease: Lease) -> dict:
     t0 = time.time()
     gone = provision.release(lease, api_key=secrets.vast_api_key(), server_url=secrets.vast_url())
     log.info("machine %s released (confirmed gone: %s)", lease.label, gone)
+    if gone and delete_run_key(lease):
+        log.info("machine %s: its per-run SSH key pair was deleted", lease.label)
     return {"destroyed_at": time.time(), "confirmed": bool(gone), "seconds": round(time.time() - t0, 2)}
+
+
+def delete_run_key(lease: Lease) -> bool:
+    """Delete the per-run SSH key pair of a destroyed machine (True if one was deleted).
+
+    Only a key the backend made for this run (`lease.extra["run_key_dir"]`, vast) and only once the
+    machine is confirmed gone: nothing can use it any more. A machine rented again within the run
+    (a lost machine replaced) gets a fresh pair from infra/keys.py, so deleting here costs nothing.
+    A key the user owns (backend ssh) is never touched. If the flow process dies before this, the
+    key stays in the run directory (runs/<name>/ssh/<label>/) until deleted by hand."""
+    key_dir = lease.extra.get("run_key_dir") if isinstance(lease.extra, dict) else None
+    if not key_dir or not lease.key_path:
+        return False
+    key_dir, private = Path(key_dir), Path(lease.key_path)
+    if private.parent != key_dir:  # not the pair this backend made: leave it alone
+        return False
+    deleted = False
+    for path in (private, private.with_name(private.name + ".pub")):
+        try:
+            path.unlink()
+            deleted = True
+        except FileNotFoundError:
+            pass
+    try:
+        key_dir.rmdir()  # only when empty
+    except OSError:
+        pass
+    return deleted
 
 
 def machine_alive(lease: Lease) -> bool:

@@ -53,6 +53,7 @@ def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: 
     totals = [r for r in costs if r["step"].endswith("total")]
     total_s = sum(r["seconds"] for r in totals)
     total_usd = sum(r["usd"] for r in totals)
+    several = len(totals) > 1  # several machines, or failed start attempts: each one's total is a line
     lines = [f"# QAT run `{cfg.name}`", "",
              "## Configuration", "",
              f"- model: `{cfg.model.name_or_path}` ({cfg.model.language}, {cfg.model.task})",
@@ -69,14 +70,29 @@ def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: 
                   f"({estimate.get('planned_hours', cfg.machine.planned_hours)} h at ${estimate.get('dph', 0):.3f}/h); cap ${cfg.machine.max_cost_usd:.2f}",
                   ""]
     lines += ["## Timings and cost", "", "| step | seconds | $ |", "|---|---:|---:|"]
-    lines += [f"| {r['step']} | {r['seconds']:.1f} | {r['usd']:.4f} |" for r in costs if r not in totals]
-    lines += [f"| **total (machine life, creation to confirmed destroy)** | **{total_s:.1f}** | **{total_usd:.4f}** |", ""]
+    lines += [f"| {r['step']} | {r['seconds']:.1f} | {r['usd']:.4f} |" for r in costs if several or r not in totals]
+    what = "every machine and failed start attempt" if several else "machine life"
+    lines += [f"| **total ({what}, creation to confirmed destroy, bandwidth included)** | **{total_s:.1f}** | "
+              f"**{total_usd:.4f}** |", ""]
     lines += ["## Results (test set)", "", *results_markdown(rows, name="variant"), ""]
     lines += ["## Quality gate", "", gate_verdict(gate, cfg.quant.scheme, cfg.eval.max_wer_degradation), ""]
     lines += ["## Links", "", f"- model: {link.get('url') or link.get('path')}", ""]
     if not link.get("uploaded"):
         lines.append(f"- not uploaded: {link.get('reason', '')}")
     return "\n".join(lines)
+
+
+def _cost_table(cfg: RunConfig, costs: list[dict]) -> None:
+    create_table_artifact(costs, key=f"qat-{cfg.name}-cost",
+                          description="seconds and dollars per step of every machine (dph_total x time), the "
+                                      "instances of failed start attempts and the bandwidth copied home")
+
+
+@task(name="publish cost table")
+def publish_cost_table(cfg: RunConfig, costs: list[dict]) -> None:
+    """The cost table alone, for a run that failed before its report (a budget stop, a lost run)."""
+    if costs:
+        _cost_table(cfg, costs)
 
 
 @task(name="publish report")
@@ -93,7 +109,7 @@ def publish_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs:
     if measured_rows:
         create_table_artifact(measured_rows, key=f"{key}-metrics", description="metrics per variant (test set)")
     if costs:
-        create_table_artifact(costs, key=f"{key}-cost", description="seconds and dollars per step (dph_total x time)")
+        _cost_table(cfg, costs)
     png = chart_png(rows)
     if png:
         (report_dir / "chart.png").write_bytes(png)

@@ -1,21 +1,37 @@
-"""The run directory at home: where a config's outputs come back to, and what is already there.
+"""The run directory at home: one per flow run, and the earlier runs whose results it reuses.
 
-    runs/<config name>/run.yaml      the resolved config
-    runs/<config name>/work/<step>/  each step's outputs, copied home as the step finishes
+    runs/<config name>/<run id>/run.yaml      the resolved config
+    runs/<config name>/<run id>/work/<step>/  each step's outputs, copied home as the step finishes
+    runs/<config name>/<run id>/report/       the report
+
+<run id> is `<UTC time>-<flow run id>` (`<UTC time>-local-<random>` outside a flow run), so two runs
+of one config never share a folder; a retry of the same flow run finds its own folder again.
+Results of earlier runs are reused by hash, not by name: when the new run's work/ is opened, each
+step whose result.json in an earlier run of the config (newest first; the old `runs/<name>/work`
+layout included) holds the step's current hash (config sections, code, data, model:
+contract/result_file.py) is hard-linked into it (copied where links are impossible), bulk outputs
+left out. Only those steps are pushed to a machine, so a step of another config never reaches one.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import time
+import uuid
 from pathlib import Path
+from typing import Optional
 
 from prefect import get_run_logger, task
 
-from contract.catalogue import STEPS
+from contract.catalogue import BULK_OUTPUTS, STEPS
 from contract.config import RunConfig, load_config
 from contract.layout import REPO_ROOT
 from contract.result_file import is_done, read_result
 
-__all__ = ["STEPS", "all_steps_done", "open_run_dir", "results_at_home", "runs_dir", "validate_config"]
+__all__ = ["STEPS", "all_steps_done", "latest_run_dir", "open_run_dir", "results_at_home", "run_dirs", "runs_dir",
+           "validate_config"]
+
+WORK = "work"
 
 
 def runs_dir() -> Path:
@@ -31,12 +47,93 @@ def validate_config(config: str, overrides: dict) -> RunConfig:
     return cfg
 
 
-def open_run_dir(cfg: RunConfig) -> tuple[Path, Path]:
-    """(run directory, its work/ folder), created, with the resolved config written beside them."""
-    run_dir = runs_dir() / cfg.name
-    local_work = run_dir / "work"
+def run_dirs(name: str, root: Optional[Path] = None) -> list[Path]:
+    """The run directories of config `name`, oldest first (the old shared `runs/<name>` first of all)."""
+    base = Path(root or runs_dir()) / name
+    found = sorted(p for p in base.iterdir() if p.is_dir() and (p / WORK).is_dir()) if base.is_dir() else []
+    return ([base] if (base / WORK).is_dir() else []) + found
+
+
+def latest_run_dir(name: str, root: Optional[Path] = None) -> Path:
+    """The newest run directory of config `name` (FileNotFoundError when it never ran)."""
+    dirs = run_dirs(name, root)
+    if not dirs:
+        raise FileNotFoundError(f"no run of config {name!r} under {Path(root or runs_dir())}")
+    return dirs[-1]
+
+
+def _flow_run_id() -> Optional[str]:
+    try:
+        from prefect.runtime import flow_run
+
+        return flow_run.get_id()
+    except Exception:  # noqa: BLE001 - outside a flow run
+        return None
+
+
+def _log(msg: str, *args) -> None:
+    try:
+        get_run_logger().info(msg, *args)
+    except Exception:  # noqa: BLE001 - outside a flow or task run
+        import logging
+
+        logging.getLogger(__name__).info(msg, *args)
+
+
+def _link_tree(src: Path, dest: Path, skip: tuple[str, ...]) -> None:
+    """Hard-link src into dest (a copy where linking fails), top-level `skip` names left out,
+    through a uniquely named temporary folder and a rename."""
+    tmp = dest.with_name(f".{dest.name}.reuse-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    try:
+        shutil.copytree(src, tmp, copy_function=link, symlinks=False,
+                        ignore=lambda d, names: [n for n in names if Path(d) == src and n in skip])
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def reuse_earlier_results(cfg: RunConfig, run_dir: Path, local_work: Path) -> dict[str, str]:
+    """Link into `local_work` each step done for the current hash in an earlier run of this config.
+    Returns {step: the run directory it came from}."""
+    earlier = [d for d in reversed(run_dirs(cfg.name, run_dir.parent.parent)) if d.resolve() != run_dir.resolve()]
+    reused: dict[str, str] = {}
+    for step in STEPS:
+        if is_done(cfg, local_work, step):
+            continue
+        for d in earlier:
+            if is_done(cfg, d / WORK, step):
+                shutil.rmtree(local_work / step, ignore_errors=True)
+                _link_tree(d / WORK / step, local_work / step, BULK_OUTPUTS.get(step, ()))
+                reused[step] = d.name
+                break
+    if reused:
+        _log("reused results of earlier runs (same hash): %s", ", ".join(f"{s} from {d}" for s, d in reused.items()))
+    return reused
+
+
+def open_run_dir(cfg: RunConfig, run_id: Optional[str] = None) -> tuple[Path, Path]:
+    """(run directory, its work/ folder) for this flow run, created, with the resolved config written
+    beside them and the results of earlier runs that still hold the current hash linked in."""
+    base = runs_dir() / cfg.name
+    run_id = run_id or _flow_run_id()
+    mine = sorted(base.glob(f"*-{run_id}")) if run_id and base.is_dir() else []
+    if mine:  # a retry of this flow run: its own folder
+        run_dir = mine[-1]
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:].replace(".", "-")
+        run_dir = base / f"{stamp}-{run_id or 'local-' + uuid.uuid4().hex[:8]}"
+    local_work = run_dir / WORK
     local_work.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.yaml").write_text(cfg.to_yaml())
+    _log("run directory %s", run_dir)
+    reuse_earlier_results(cfg, run_dir, local_work)
     return run_dir, local_work
 
 

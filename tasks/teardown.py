@@ -1,34 +1,44 @@
 """The layer of teardown beyond the flow's `finally`: the on_crashed / on_cancellation hook finds the
-machine by its label (the flow run id, never in-memory state)."""
+machine by its label (tasks/labels.py: the installation id and the flow run id, never in-memory state)."""
 from __future__ import annotations
 
 import logging
 
 from infra import provision
 
-from . import secrets
+from . import labels, secrets
 
 log = logging.getLogger("qat.teardown")
 
 
-def destroy_label(label: str) -> list[int]:
-    """Destroy (and confirm) every instance carrying this label. Idempotent."""
+def destroy_label(label: str, prefix: str | None = None, match=None) -> list[int]:
+    """Destroy (and confirm) every instance carrying this label (or, with `prefix` and `match`, every
+    instance under prefix whose label satisfies match). Idempotent."""
     key, url = secrets.vast_api_key(), secrets.vast_url()
     if not key:
         return []
+    match = match or (lambda lbl: lbl == label)
     destroyed = []
-    for inst in provision.find_instances(label, api_key=key, server_url=url):
-        if inst.label == label:
+    for inst in provision.find_instances(prefix or label, api_key=key, server_url=url):
+        if match(inst.label):
             provision.release(inst, api_key=key, server_url=url)
             destroyed.append(inst.instance_id)
     return destroyed
 
 
 def destroy_by_label(flow, flow_run, state) -> None:
-    """on_crashed / on_cancellation hook: the process may be dying, so only the label is trusted."""
-    label = f"qat-{flow_run.id}"
+    """on_crashed / on_cancellation hook: the process may be dying, so only the label is trusted.
+    Should the installation id be unreadable (server unreachable), any `qat-<id>-<this run id>`
+    label is this run's: a flow run id is a UUID4, unique."""
     try:
-        gone = destroy_label(label)
+        label = labels.run_label(flow_run.id)
+        kw = {}
+    except Exception as e:
+        log.warning("teardown hook: installation id unreadable (%s); matching labels by run id", type(e).__name__)
+        label = f"{labels.PREFIX}*-{flow_run.id}"
+        kw = {"prefix": labels.PREFIX, "match": lambda lbl: labels.is_label_of_run(lbl, flow_run.id)}
+    try:
+        gone = destroy_label(label, **kw)
         log.warning("teardown hook (%s): destroyed %s", state.name, gone or "nothing (already gone)")
     except Exception as e:  # the reaper is the next layer
         log.error("teardown hook (%s) could not destroy %s: %s; the reap flow will", state.name, label,

@@ -53,3 +53,155 @@ def test_budget_cap():
 def test_no_cap():
     meter = CostMeter(dph=100.0, created_at=0.0, clock=lambda: 1e6)
     assert not meter.over_budget()
+
+
+# ---------------------------------------------------------------- the run's budget (every machine)
+
+def test_run_budget_counts_every_machine_failed_starts_and_bandwidth():
+    from infra.cost import RunBudget
+    from tasks.billing import budget_rows, total_usd
+
+    clock = Clock()
+    budget = RunBudget(max_cost_usd=1.0, clock=clock)
+    first = budget.add_machine(Lease(backend="vast", label="qat-r", instance_id=1, dph_total=0.36, created_at=1000.0,
+                                     extra={"inet_up_cost": 0.01, "failed_starts": [
+                                         {"instance_id": 7, "dph_total": 0.72, "created_at": 0.0, "destroyed_at": 500.0},
+                                         {"instance_id": 8, "dph_total": 0.36, "created_at": 500.0, "destroyed_at": None}]}))
+    clock.t += 3600
+    first.add_bytes_home(2_000_000_000)  # 2 GB at $0.01/GB
+    first.destroyed()
+    second = budget.add_machine(Lease(backend="vast", label="qat-r", instance_id=2, dph_total=0.36, created_at=clock.t))
+    # the same failed start reported again (e.g. by the launch callback and the lease) is counted once
+    budget.add_failed_starts([{"instance_id": 7, "dph_total": 0.72, "created_at": 0.0, "destroyed_at": 500.0}])
+    clock.t += 1800
+    assert first.total_usd() == pytest.approx(0.36 + 0.02)
+    assert second.total_usd() == pytest.approx(0.18)
+    failed_7 = 0.72 * 500 / 3600
+    failed_8 = 0.36 * (clock.t - 500) / 3600  # destroy not confirmed: it bills until now
+    assert budget.total_usd() == pytest.approx(0.38 + 0.18 + failed_7 + failed_8)
+    assert len(budget.failed_starts) == 2
+    budget.add_bytes_home(Lease(backend="vast", label="qat-r", instance_id=2), 1_000_000)  # no $/GB known: free
+    assert second.bytes_home == 1_000_000 and second.bandwidth_usd() == 0
+
+    rows = budget_rows(budget)
+    steps = [r["step"] for r in rows]
+    assert "machine 1: bandwidth: 2000.0 MB copied home at $0.01/GB" in steps
+    assert "machine 2: total" in steps and "machine 1: total" in steps
+    assert sum(1 for s in steps if s.startswith("failed start attempt")) == 2
+    assert any("destroy NOT confirmed" in s for s in steps)
+    assert total_usd(rows) == pytest.approx(budget.total_usd(), abs=1e-4)
+
+
+def test_run_budget_cap_over_all_machines_and_stays_crossed():
+    from infra.cost import RunBudget
+
+    clock = Clock()
+    budget = RunBudget(max_cost_usd=1.0, clock=clock)
+    budget.add_failed_starts([{"instance_id": 5, "dph_total": 2.0, "created_at": clock.t, "destroyed_at": clock.t + 1200}])
+    budget.add_machine(Lease(backend="vast", label="qat-c", instance_id=6, dph_total=2.0, created_at=clock.t))
+    clock.t += 599  # one machine alone is under the cap ($0.33); with the failed start's $0.67 it is not yet over
+    budget.check()
+    clock.t += 2
+    with pytest.raises(BudgetExceeded, match=r"1 machine\(s\), 1 failed start attempt\(s\).*max_cost_usd is \$1.0000"):
+        budget.check()
+    assert budget.exceeded
+    clock.t = 0  # whatever the clock says later, a crossed budget stays crossed
+    with pytest.raises(BudgetExceeded):
+        budget.check()
+
+
+def test_budget_timer_stops_a_silent_command():
+    """No output line comes: the timer alone finds the crossing and stops the command (again on each tick)."""
+    import threading
+
+    from infra.cost import BudgetTimer, RunBudget
+
+    clock = Clock()
+    budget = RunBudget(max_cost_usd=0.01, clock=clock)
+    budget.add_machine(Lease(backend="vast", label="qat-t", instance_id=1, dph_total=3.6, created_at=clock.t))
+    stopped = threading.Event()
+    messages: list[str] = []
+    with BudgetTimer(budget, every_s=0.02, on_exceeded=stopped.set, log=messages.append) as timer:
+        assert not stopped.wait(0.2)  # under the cap: nothing happens
+        clock.t += 11  # $0.011 > $0.01
+        assert stopped.wait(5)
+        deadline = __import__("time").monotonic() + 5
+        while timer.fired < 2 and __import__("time").monotonic() < deadline:
+            __import__("time").sleep(0.02)
+    assert timer.fired >= 2 and not timer.thread.is_alive()
+    assert len(messages) == 1 and "timer check" in messages[0]
+
+
+def test_check_budget_uses_the_run_budget_of_the_lease(monkeypatch):
+    from contract.config import load_config
+    from infra.cost import RunBudget
+    from tasks import billing
+
+    cfg = load_config("tiny", {"machine.max_cost_usd": 0.5})
+    lease = Lease(backend="vast", label="qat-reg", instance_id=3, dph_total=0.36, created_at=__import__("time").time())
+    billing.check_budget(lease, cfg)  # no run budget: this machine alone, just rented
+    budget = RunBudget(0.5)
+    billing.register(budget, lease)
+    try:
+        budget.add_failed_starts([{"instance_id": 99, "dph_total": 100.0, "created_at": 0.0, "destroyed_at": 3600.0}])
+        with pytest.raises(BudgetExceeded):
+            billing.check_budget(lease, cfg)
+        billing.record_bytes_home(lease, 1234)
+        assert budget.meter_for(lease).bytes_home == 1234
+    finally:
+        billing.forget(budget)
+    assert billing.budget_for(lease) is None
+
+
+def test_report_lists_failed_starts_and_bandwidth():
+    from contract.config import load_config
+    from tasks.report import render_report
+
+    costs = [{"step": "train", "seconds": 10.0, "usd": 0.01}, {"step": "bandwidth: 5.0 MB copied home at $0.004/GB",
+                                                               "seconds": 0.0, "usd": 0.00002},
+             {"step": "total", "seconds": 12.0, "usd": 0.012},
+             {"step": "failed start attempt, instance 4 (destroyed): total", "seconds": 30.0, "usd": 0.003}]
+    md = render_report(load_config("tiny"), None, {}, costs, {}, {"passed": False, "reason": "x"},
+                       {"uploaded": False, "path": "/x", "reason": "no"})
+    assert "| failed start attempt, instance 4 (destroyed): total | 30.0 | 0.0030 |" in md
+    assert "bandwidth: 5.0 MB" in md and "**0.0150**" in md
+
+
+# ---------------------------------------------------------------- failed starts reported by launch (emulator)
+
+def test_launch_reports_failed_starts_and_the_budget_matches_the_bill(emulator):
+    from contract.config import load_config
+    from infra.cost import RunBudget
+    from infra.vast import ProvisionError, VastProvider
+
+    emulator.set_faults(stuck_loading=True)
+    seen: list[dict] = []
+
+    def log(msg: str) -> None:
+        if "attempt 2/" in msg:
+            emulator.clear_faults()
+
+    p = VastProvider(api_key=emulator.api_key, server_url=emulator.url, poll_s=0.2, backoff_s=0.02, log_fn=log)
+    mc = load_config("tiny", {"machine.provision_timeout_s": 2}).machine
+    lease = p.launch(mc, "qat-budget", "ssh-ed25519 AAAA test", on_failed_start=seen.append)
+    assert [r["instance_id"] for r in seen] == [r["instance_id"] for r in lease.extra["failed_starts"]]
+    assert len(seen) == 1 and seen[0]["destroyed_at"] is not None and seen[0]["instance_id"] != lease.instance_id
+    assert lease.extra["inet_up_cost"] > 0
+    budget = RunBudget(max_cost_usd=10)
+    meter = budget.add_machine(lease)
+    budget.add_failed_starts(seen)  # reported twice (callback and lease): counted once
+    p.destroy(lease.instance_id)
+    meter.destroyed()
+    rows = emulator.ledger()["instances"]
+    billed = sum(r["cost"] for r in rows)
+    # Our times bracket the provider's (creation asked before create, destroy stamped once confirmed):
+    # never under the bill, over it by at most the API round trips (~1 s per instance here).
+    assert billed * 0.99 <= budget.total_usd() <= billed + sum(r["dph_total"] for r in rows) * 1.5 / 3600
+
+    emulator.set_faults(stuck_loading=True)
+    p = VastProvider(api_key=emulator.api_key, server_url=emulator.url, poll_s=0.2, backoff_s=0.02)
+    with pytest.raises(ProvisionError) as err:
+        p.launch(load_config("tiny", {"machine.provision_timeout_s": 1, "machine.vast.create_attempts": 2}).machine,
+                 "qat-never", "ssh-ed25519 AAAA test")
+    assert len(err.value.failed_starts) == 2
+    assert all(r["destroyed_at"] is not None for r in err.value.failed_starts)

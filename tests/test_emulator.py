@@ -315,6 +315,45 @@ def test_fault_knob_validation(emulator):
         emulator.set_faults(id=1, http_429=1)
     with pytest.raises(RuntimeError, match="preempt_mode"):
         emulator.set_faults(preempt_mode="sideways")
+    with pytest.raises(RuntimeError, match="unknown evil mode"):
+        emulator.set_faults(evil=["symlink", "polite"])
+    with pytest.raises(RuntimeError, match="evil_target"):
+        emulator.set_faults(evil="symlink", evil_target="relative/dir")
+
+
+def test_onstart_sees_the_image_host_keys_and_logs_come_back_over_the_api(emulator, sdk, client_key):
+    """The instance's sshd host key is where an image keeps it (<image /etc>/ssh), exists before
+    onstart runs, and onstart's output is the instance log (request_logs -> result_url, no auth)."""
+    key, pub = client_key
+    onstart = (f"mkdir -p ~/.ssh && echo '{pub}' >> ~/.ssh/authorized_keys; "
+               'cat "$VAST_EMULATED_ETC"/ssh/ssh_host_*_key.pub')
+    iid = sdk.create_instance(sdk.search_offers(query={"rented": {"eq": False}}, no_default=True)[0]["id"],
+                              image="x", disk=10, label="t-keys", onstart_cmd=onstart, ssh=True, direct=True)["new_contract"]
+    row, _ = wait_status(sdk, iid, "running")
+    info = emulator.instance_info(iid)
+    deadline = time.monotonic() + 10
+    while info["host_key"] not in sdk.logs(iid, tail="100") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert info["host_key"] in sdk.logs(iid, tail="100")
+    c = ssh(row["ssh_port"], key, retry_until=5)
+    assert c.get_transport().get_remote_server_key().get_base64() == info["host_key"].split()[1]
+    c.close()
+    sdk.destroy_instance(iid)
+
+
+def test_fault_evil_shadows_tar_create_only(emulator, sdk, client_key):
+    key, pub = client_key
+    iid = create(sdk, pub)
+    row, _ = wait_status(sdk, iid, "running")
+    c = ssh(row["ssh_port"], key, retry_until=5)
+    assert run(c, "mkdir -p d && echo hi > d/a && tar -czf - -C d . | tar -tzf - | sort")[1].split() == ["./", "./a"]
+    emulator.set_faults(id=iid, evil="symlink", evil_target="/nonexistent-target")
+    listing = run(c, "tar -czf - -C d --anchored . | tar -tzvf -")[1]
+    assert "escape -> /nonexistent-target" in listing and "escape/pwned-symlink" in listing and "./a" in listing
+    emulator.set_faults(id=iid, evil=None)
+    assert run(c, "tar -czf - -C d . | tar -tzf - | sort")[1].split() == ["./", "./a"]
+    c.close()
+    sdk.destroy_instance(iid)
 
 
 def test_stop_bills_storage_only_and_start_revives_ssh(emulator, sdk, client_key):

@@ -154,7 +154,9 @@ def test_the_whole_dag_end_to_end(prefect_server, emulated_vast, tmp_path):
     assert out["cost_usd"] == pytest.approx(billed[0]["cost"], rel=0.05, abs=2e-5)
 
     # Nothing produced is lost: the outputs came home.
-    work = Path(os.environ["QAT_RUNS_DIR"]) / "tiny" / "work"
+    run_dirs = sorted((Path(os.environ["QAT_RUNS_DIR"]) / "tiny").glob(f"*-{flow_run_id}"))  # one per flow run
+    assert len(run_dirs) == 1, run_dirs
+    work = run_dirs[0] / "work"
     for step in ("prepare", "train", "convert", "bench", "evaluate"):
         assert (work / step / "result.json").is_file(), step
     assert (work / "convert" / "qat_int8").is_dir()

@@ -87,3 +87,21 @@ def test_files(tmp_path):
     m.get("qat/run.yaml", tmp_path / "back.yaml")
     assert (tmp_path / "back.yaml").read_text() == "name: x\n"
     assert m.free_disk_gb("qat/not-yet") > 0
+
+
+def test_step_processes_get_a_minimal_environment(tmp_path, monkeypatch):
+    """The orchestrator's secrets (VAST_API_KEY, HF_TOKEN, PREFECT_*) never reach a step process;
+    what the workload reads (caches, thread counts) and the env passed to run do."""
+    for k, v in {"VAST_API_KEY": "vast-secret-1234", "HF_TOKEN": "hf_secret1234", "PREFECT_API_KEY": "pf-secret",
+                 "PREFECT_API_URL": "http://127.0.0.1:4200/api", "AWS_SECRET_ACCESS_KEY": "aws-secret",
+                 "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "3", "LC_ALL": "C.UTF-8"}.items():
+        monkeypatch.setenv(k, v)
+    m = LocalMachine(tmp_path)
+    lines: list[str] = []
+    m.run(["env"], env={"PYTHONUNBUFFERED": "1"}, on_line=lines.append)
+    env = dict(line.split("=", 1) for line in lines if "=" in line)
+    assert not {"VAST_API_KEY", "HF_TOKEN", "PREFECT_API_KEY", "PREFECT_API_URL", "AWS_SECRET_ACCESS_KEY"} & set(env)
+    assert not any(k.startswith("PREFECT_") for k in env)
+    assert "secret" not in "\n".join(lines)
+    assert env["HF_HOME"] == str(tmp_path / "hf") and env["OMP_NUM_THREADS"] == "3" and env["LC_ALL"] == "C.UTF-8"
+    assert env["PYTHONUNBUFFERED"] == "1" and env["PATH"] and "HOME" in env and "LANG" in env

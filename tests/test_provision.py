@@ -81,14 +81,36 @@ def _create(emulator, label: str) -> int:
 def test_reaper_age_and_finished_runs(emulator):
     old, finished, active, foreign = (_create(emulator, lbl) for lbl in ("qat-old", "qat-done", "qat-live", "mine"))
     kw = dict(api_key=emulator.api_key, server_url=emulator.url, log=lambda m: None)
-    rows = reaper.reap_instances(max_age_hours=1, is_run_active=lambda label: label != "qat-done", dry_run=True, **kw)
+    status = lambda label: reaper.GONE if label == "qat-done" else reaper.ACTIVE  # noqa: E731
+    suspects: dict = {}
+    # one "gone" verdict is not enough: remembered, nothing destroyed
+    assert reaper.reap_instances(max_age_hours=1, run_status=status, suspects=suspects, **kw) == []
+    assert suspects == {"qat-done": 1} and len(emulator.live_instances()) == 4
+    rows = reaper.reap_instances(max_age_hours=1, run_status=status, suspects=dict(suspects), dry_run=True, **kw)
     assert [r["instance_id"] for r in rows] == [finished] and len(emulator.live_instances()) == 4
     later = time.time() + 2 * 3600
-    rows = reaper.reap_instances(max_age_hours=1, now=later, is_run_active=lambda label: True, **kw)
+    rows = reaper.reap_instances(max_age_hours=1, now=later, run_status=lambda label: reaper.ACTIVE, **kw)
     assert sorted(r["instance_id"] for r in rows) == sorted([old, finished, active])
     assert all(r["destroyed"] and r["reason"] == "older than 1 h" for r in rows)
     assert [r["id"] for r in emulator.live_instances()] == [foreign]  # other labels are never touched
     provision.release(Lease(backend="vast", label="mine", instance_id=foreign), emulator.api_key, emulator.url)
+
+
+def test_reaper_keeps_on_unknown_and_errors_and_resets_the_count(emulator):
+    iid = _create(emulator, "qat-x")
+    kw = dict(api_key=emulator.api_key, server_url=emulator.url, log=lambda m: None, max_age_hours=1)
+
+    def boom(label):
+        raise TimeoutError("the API timed out")
+
+    for verdicts in ([reaper.GONE, reaper.UNKNOWN, reaper.GONE], [reaper.GONE, boom, reaper.GONE],
+                     [reaper.GONE, reaper.ACTIVE, reaper.GONE]):
+        suspects: dict = {}
+        for v in verdicts:
+            rows = reaper.reap_instances(run_status=v if callable(v) else (lambda label, v=v: v), suspects=suspects, **kw)
+            assert rows == [] and [r["id"] for r in emulator.live_instances()] == [iid], verdicts
+    rows = reaper.reap_instances(run_status=lambda label: reaper.GONE, suspects=suspects, **kw)
+    assert [r["instance_id"] for r in rows] == [iid] and rows[0]["destroyed"] and suspects == {}
 
 
 def test_reaper_cli(emulator, monkeypatch, capsys):

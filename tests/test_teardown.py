@@ -4,7 +4,8 @@ its own process, as under a worker), the Vast.ai emulator with real sshd instanc
 A run is interrupted once training is running on the machine: cancelled from the API, SIGTERM or
 SIGKILL of its flow process, or SIGKILL of the runner with it (a lost worker machine). Whatever
 happens, its instance must end destroyed and the ledger show nothing live; which layer did it
-(the flow's finally, the on_cancellation/on_crashed hook, or the reaper) is recorded and checked.
+(the flow's finally, the on_cancellation/on_crashed hook, or the reaper: the `reap` deployment served
+by its own runner, as production runs it on its own work pool and worker) is recorded and checked.
 """
 from __future__ import annotations
 
@@ -100,11 +101,15 @@ def test_interrupted_run_destroys_its_machine_without_the_reaper(outcomes, case,
     assert r["destroyed_within_s"] < 90, r
 
 
-def test_lost_worker_is_reaped(outcomes):
-    """SIGKILL of runner + flow: nothing fires, the run stays Running; the reaper sees no heartbeat
-    for 3 intervals (30 s minimum each) and destroys the instance."""
+def test_lost_worker_is_reaped(outcomes, stack):
+    """SIGKILL of runner + flow: nothing fires, the run stays Running. The reaper, deployed and served
+    by its own runner (which the kill spares, as its own worker would be), sees no heartbeat for 3
+    intervals (30 s minimum each), judges the run gone, and destroys the instance on its next check."""
     r = outcomes["kill-worker"]
     assert "error" not in r, r
     assert r["state"] == "RUNNING", r  # nobody was left to report the crash
     assert r["layer"] == "reaper" and r["live"] == [], r
     assert 60 <= r["judged_dead_after_s"] < 400, r
+    assert r["checks_gone_before_destroy"] == 2, r  # never on the first "gone" verdict
+    assert not r.get("reaper_failures"), r
+    assert stack.reaper is not None and stack.reaper.alive()

@@ -123,14 +123,23 @@ def test_frozen_encoder_trains_only_the_decoder_with_qat_on_both(tmp_path):
                                         if not k.startswith("model.encoder.") and k != "proj_out.weight")
 
 
-def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+def train_until_interrupted(tmp_path) -> None:
+    """Three steps with a checkpoint after each, killed after step 2 (checkpoints step-1, step-2)."""
     make_prepared(tmp_path)
     ctx = context(tmp_path, max_steps=3, save_every=1, eval_every=10)
     ctx.progress = lambda done, total, **kw: (_ for _ in ()).throw(RuntimeError("stop")) if done == 2 else None
     with pytest.raises(RuntimeError):
         train.run(ctx)
+
+
+def test_resume_never_loads_a_checkpoint_of_another_config(tmp_path):
+    """run() sets such a checkpoint aside (tests/test_rerun.py); load_checkpoint still refuses one."""
+    train_until_interrupted(tmp_path)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
     with pytest.raises(StepError, match="another train config"):
-        train.run(context(tmp_path, resume=True, max_steps=3, save_every=1, eval_every=10, learning_rate=5e-4))
+        train.load_checkpoint(tmp_path / "train" / "checkpoints" / "step-1", model, opt,
+                              torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), "another-hash")
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():

@@ -158,3 +158,87 @@ def test_malformed_responses_are_clear_errors(emulator):
         with pytest.raises(VastAPIError):
             p.find_instances("qat-")
     assert p.destroy(iid)
+
+
+# ---------------------------------------------------------------- host key from the provider's channel
+
+def _ready(tmp_path):
+    from infra import keys
+    from infra.ssh_backend import pin_host_key
+
+    pair = keys.generate_keypair(tmp_path / "key")
+    return pair, pin_host_key(20, lambda m: None)
+
+
+def test_host_key_is_pinned_from_the_instance_log_before_ssh(emulator, tmp_path):
+    from infra.ssh import host_key_fingerprint, _parse_host_key
+
+    pair, ready = _ready(tmp_path)
+    p = provider(emulator)
+    lease = p.launch(cfg(), "qat-hostkey", pair.public_key, key_path=str(pair.private_path), ready_check=ready)
+    try:
+        info = emulator.instance_info(lease.instance_id)
+        fp = host_key_fingerprint(_parse_host_key(info["host_key"]))
+        assert lease.host_key_fingerprints == [f"ssh-ed25519 {fp}"]  # what onstart printed, read over the API
+        assert lease.host_key == info["host_key"] and lease.host_key_source == "provider log"
+        assert f"QAT_HOSTKEY ssh-ed25519 {fp}" in p.logs_tail(lease.instance_id, lines=200)
+    finally:
+        p.destroy(lease.instance_id)
+
+
+def test_no_host_key_line_in_the_log_fails_the_attempt(emulator, tmp_path, monkeypatch):
+    pair, ready = _ready(tmp_path)
+    k = pair.public_key
+    monkeypatch.setattr(VastProvider, "onstart_script",
+                        staticmethod(lambda key: f"mkdir -p ~/.ssh && echo '{k}' >> ~/.ssh/authorized_keys"))
+    with pytest.raises(ProvisionError, match="never printed the SSH host key fingerprints") as e:
+        provider(emulator).launch(cfg(**{"machine.provision_timeout_s": 3, "machine.vast.create_attempts": 1}),
+                                  "qat-nokey", k, key_path=str(pair.private_path), ready_check=ready)
+    assert "QAT_HOSTKEY" in str(e.value)
+    assert emulator.live_instances() == [] and len(emulator.ledger()["instances"]) == 1
+
+
+def test_a_host_key_other_than_the_logged_one_is_refused(emulator, tmp_path, monkeypatch):
+    """The log names one key, SSH answers with another (a man in the middle): no connection is
+    trusted, the attempt fails, the next offer is tried, every instance is destroyed."""
+    pair, ready = _ready(tmp_path)
+    k = pair.public_key
+    forged = "QAT_HOSTKEY ssh-ed25519 SHA256:" + "A" * 43
+    monkeypatch.setattr(VastProvider, "onstart_script", staticmethod(
+        lambda key: f"echo '{forged}'; mkdir -p ~/.ssh && echo '{k}' >> ~/.ssh/authorized_keys"))
+    with pytest.raises(ProvisionError, match="2 attempt") as e:
+        provider(emulator).launch(cfg(**{"machine.vast.create_attempts": 2}), "qat-mitm", k,
+                                  key_path=str(pair.private_path), ready_check=ready)
+    assert str(e.value).count("HostKeyMismatch") == 2 and "not among" in str(e.value)
+    assert emulator.live_instances() == [] and len(emulator.ledger()["instances"]) == 2
+
+
+def test_parse_host_keys_takes_whole_lines_only():
+    good = "SHA256:" + "b" * 43
+    text = "\n".join([f"QAT_HOSTKEY ssh-ed25519 {good}", f"Invalid user QAT_HOSTKEY ssh-rsa {good} from 1.2.3.4",
+                      f"QAT_HOSTKEY ssh-ed25519 {good}\r", "QAT_HOSTKEY ssh-rsa SHA256:short",
+                      f"QAT_HOSTKEY ecdsa-sha2-nistp256 {good} trailing"])
+    assert VastProvider.parse_host_keys(text) == [f"ssh-ed25519 {good}"]
+
+
+def test_the_run_key_pair_is_deleted_once_its_machine_is_destroyed(emulator, tmp_path, monkeypatch):
+    from infra import provision
+    from infra.machine import Lease
+    from tasks.rental import delete_run_key
+
+    monkeypatch.setattr(provision.backend("vast"), "provider_options", {"poll_s": 0.2, "backoff_s": 0.02})
+    lease = provision.acquire(cfg(), "qat-keys", tmp_path, api_key=emulator.api_key, server_url=emulator.url,
+                              log=lambda m: None)
+    key = tmp_path / "ssh" / "qat-keys" / "id_ed25519"
+    assert lease.key_path == str(key) and key.is_file() and lease.extra["run_key_dir"] == str(key.parent)
+    assert lease.host_key_source == "provider log"
+    assert provision.release(lease, api_key=emulator.api_key, server_url=emulator.url) is True
+    assert delete_run_key(lease) is True
+    assert not key.exists() and not key.with_name("id_ed25519.pub").exists() and not key.parent.exists()
+    assert delete_run_key(lease) is False  # idempotent
+    # a key the user owns (backend ssh: no run_key_dir) is never touched
+    own = tmp_path / "own_key"
+    own.write_text("private")
+    assert delete_run_key(Lease(backend="ssh", label="x", key_path=str(own))) is False and own.exists()
+    assert delete_run_key(Lease(backend="vast", label="x", key_path=str(own),
+                                extra={"run_key_dir": str(tmp_path / "ssh" / "elsewhere")})) is False and own.exists()

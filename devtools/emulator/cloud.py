@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from devtools.emulator import offers as catalogue
-from devtools.emulator.sshd import ROOT_MARKER, Sshd, SshdError, free_port, image_path_dir, kill_instance_processes
+from devtools.emulator import evil
+from devtools.emulator.sshd import (ETC_VAR, ROOT_MARKER, Sshd, SshdError, free_port, image_path_dir,
+                                    kill_instance_processes)
 from devtools.emulator.state import Store
 
 # Per-instance knobs (settable globally, per id, or per label prefix) and global-only knobs.
 INSTANCE_KNOBS = {"stuck_loading", "ssh_refuse_s", "preempt_after_s", "preempt_mode",
-                  "destroy_fail_once", "disk_full_mb", "boot_seconds"}
+                  "destroy_fail_once", "disk_full_mb", "boot_seconds", "evil", "evil_target"}
 GLOBAL_KNOBS = {"http_429", "malformed", "malformed_count", "malformed_status", "malformed_fields"}
 PREEMPT_MODES = ("exited", "offline", "vanish")
 MALFORMED_MODES = ("html", "missing_fields", "wrong_types", "truncated", "empty")
@@ -137,6 +139,7 @@ class Cloud:
             "CONTAINER_ID": str(inst["id"]), "VAST_CONTAINERLABEL": f"C.{inst['id']}"}
 
     def _start_sshd(self, inst: dict) -> None:
+        self._sync_evil(inst)
         sshd = self._sshd(inst)
         sshd.prepare(self._env(inst))
         try:
@@ -151,13 +154,17 @@ class Cloud:
     def _start_onstart(self, inst: dict) -> None:
         disk = Path(inst["root"]) / "disk"
         disk.mkdir(parents=True, exist_ok=True)
+        # the image's sshd host keys exist before onstart runs (it prints their fingerprints), as on
+        # Vast.ai, where the container's entrypoint makes them before onstart
+        self._sshd(inst).prepare(self._env(inst))
         log = open(Path(inst["root"]) / "onstart.log", "ab")
         if not inst.get("onstart"):
             log.write(b"(no onstart script)\n")
             log.close()
             return
         env = {"HOME": str(disk), "PATH": f"{image_path_dir()}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-               "VAST_EMULATED": "1", ROOT_MARKER: inst["root"], "LANG": "C.UTF-8", **self._env(inst)}
+               "VAST_EMULATED": "1", ROOT_MARKER: inst["root"], ETC_VAR: str(Path(inst["root"]) / "etc"),
+               "LANG": "C.UTF-8", **self._env(inst)}
         proc = subprocess.Popen(["/bin/bash", "-c", inst["onstart"]], cwd=disk, env=env, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -189,6 +196,11 @@ class Cloud:
         if r.returncode != 0:
             raise ApiError(500, "emulator_error", f"disk_full_mb needs root and mount rights: {r.stderr.strip()}")
         inst["disk_mounted"] = True
+
+    def _sync_evil(self, inst: dict) -> None:
+        """Install (or remove) the `evil` knob's shadowing commands for this instance (evil.py)."""
+        f = self.faults_for(inst)
+        evil.install(Path(inst["root"]), f.get("evil"), f.get("evil_target"))
 
     # ------------------------------------------------------------------------------ faults --
     def faults_for(self, inst: dict) -> dict:
@@ -232,6 +244,9 @@ class Cloud:
                 sel = f"id:{int(target_id)}" if target_id is not None else (
                     f"label:{prefix}" if prefix is not None else "*")
                 self.store.set_rule(sel, body)
+            for inst in self.store.instances():  # `evil` takes effect at once on live instances
+                if Path(inst["root"]).is_dir():
+                    self._sync_evil(inst)
             return self.faults_view()
 
     @staticmethod
@@ -245,6 +260,13 @@ class Cloud:
         mal = global_part.get("malformed")
         if mal is not None and mal not in MALFORMED_MODES:
             raise ApiError(400, "invalid_args", f"malformed must be one of {MALFORMED_MODES}")
+        try:
+            evil.modes(knobs.get("evil"))
+        except ValueError as e:
+            raise ApiError(400, "invalid_args", str(e)) from None
+        if knobs.get("evil_target") is not None and not (isinstance(knobs["evil_target"], str)
+                                                         and knobs["evil_target"].startswith("/")):
+            raise ApiError(400, "invalid_args", "evil_target must be an absolute path")
         for k in ("ssh_refuse_s", "preempt_after_s", "disk_full_mb", "boot_seconds"):
             if knobs.get(k) is not None and not isinstance(knobs[k], (int, float)):
                 raise ApiError(400, "invalid_args", f"{k} must be a number")
@@ -446,7 +468,7 @@ class Cloud:
         if inst is None:
             raise ApiError(404, "no_such_instance", f"Instance {instance_id} not found.")
         root = Path(inst["root"])
-        key_pub = root / "etc" / "host_ed25519_key.pub"
+        key_pub = root / "etc" / "ssh" / "ssh_host_ed25519_key.pub"
         return {"id": inst["id"], "status": inst["status"], "root": str(root), "disk": str(root / "disk"),
                 "ssh_port": inst["ssh_port"], "sshd_pid": inst.get("sshd_pid"),
                 "onstart_pid": inst.get("onstart_pid"), "ended_at": inst["ended_at"],

@@ -4,7 +4,10 @@ Layout of an sshd root directory (`root`):
 
     root/disk/                 the instance disk: HOME and cwd of every login, exec and SFTP
     root/disk/.ssh/authorized_keys   the only keys sshd accepts (written by onstart / attach_ssh)
-    root/etc/sshd_config, root/etc/host_ed25519_key(.pub), root/etc/login.sh
+    root/etc/sshd_config, root/etc/login.sh
+    root/etc/ssh/ssh_host_ed25519_key(.pub)  the host key: the image's /etc/ssh (no container, so the
+                               image's /etc is root/etc, exported as VAST_EMULATED_ETC to its processes)
+    root/evil/bin/tar          only while the `evil` fault knob is set (cloud.py): first on PATH
     root/sshd.log, root/sshd.pid
 
 Every command (exec, shell, SFTP) goes through `login.sh` (sshd ForceCommand), which sets
@@ -27,6 +30,7 @@ from typing import Mapping, Optional
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 ROOT_MARKER = "VAST_EMULATOR_ROOT"  # in the environment of every process run on an instance
+ETC_VAR = "VAST_EMULATED_ETC"  # the image's /etc as this no-container emulator lays it out (root/etc)
 
 
 class SshdError(RuntimeError):
@@ -72,10 +76,15 @@ def check_sshd_installed() -> None:
 
 
 def _write_login_script(path: Path, disk: Path, env: Mapping[str, str]) -> None:
+    root = disk.parent
+    evil_bin = shlex.quote(str(root / "evil" / "bin"))
     exports = [f"export HOME={shlex.quote(str(disk))}",
                f"export PATH={shlex.quote(image_path_dir())}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+               # the `evil` fault knob (cloud.py) shadows commands such as tar; absent otherwise
+               f"if [ -d {evil_bin} ]; then export PATH={evil_bin}:$PATH; fi",
                "export VAST_EMULATED=1",
-               f"export {ROOT_MARKER}={shlex.quote(str(disk.parent))}"]
+               f"export {ETC_VAR}={shlex.quote(str(root / 'etc'))}",
+               f"export {ROOT_MARKER}={shlex.quote(str(root))}"]
     exports += [f"export {k}={shlex.quote(str(v))}" for k, v in env.items() if k.isidentifier()]
     script = "\n".join([
         "#!/bin/bash",
@@ -109,7 +118,12 @@ class Sshd:
     @property
     def host_key_pub(self) -> str:
         """The host public key line ('ssh-ed25519 AAAA...'), for pinning."""
-        return " ".join((self.etc / "host_ed25519_key.pub").read_text().split()[:2])
+        return " ".join((self.host_key_path.with_name(self.host_key_path.name + ".pub")).read_text().split()[:2])
+
+    @property
+    def host_key_path(self) -> Path:
+        """The private host key, where an image keeps it: <image /etc>/ssh/ssh_host_ed25519_key."""
+        return self.etc / "ssh" / "ssh_host_ed25519_key"
 
     @property
     def authorized_keys(self) -> Path:
@@ -125,7 +139,12 @@ class Sshd:
         self.disk.mkdir(parents=True, exist_ok=True)
         self.etc.mkdir(parents=True, exist_ok=True)
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # Debian's privilege separation dir
-        key = self.etc / "host_ed25519_key"
+        key = self.host_key_path
+        key.parent.mkdir(parents=True, exist_ok=True)
+        old = self.etc / "host_ed25519_key"  # where state dirs made before kept it: keep the same key
+        if not key.exists() and old.exists():
+            old.rename(key)
+            Path(str(old) + ".pub").rename(str(key) + ".pub")
         if not key.exists():
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "emulated-instance",
                             "-f", str(key)], check=True, capture_output=True)

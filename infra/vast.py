@@ -31,16 +31,36 @@ from .machine import Lease
 
 log = logging.getLogger("qat.vast")
 
-FAILED_STATES = {"exited", "unknown", "offline"}
+# `stopped`/`frozen`: an outbid interruptible instance is stopped (storage still bills): failed at
+# start, lost when running (docs/REFERENCE.md section 1b).
+FAILED_STATES = {"exited", "unknown", "offline", "stopped", "frozen"}
 GONE_STATES = {"unloaded", "destroyed", "deleted"}
 RETRY_STATUS = {429, 500, 502, 503, 504}
+MAX_RETRY_AFTER_S = 60.0  # the SDK's own cap (vastai 1.9.1 api/client.py _MAX_RETRY_AFTER_SECONDS)
+QUOTA_MESSAGE = "Vast.ai daily search quota exceeded; retry after UTC midnight"
 HOSTKEY_MARK = "QAT_HOSTKEY"
 # One line per host key, exactly: the mark, the key type, OpenSSH's SHA256 fingerprint (43 base64 chars).
 _HOSTKEY_LINE = re.compile(rf"{HOSTKEY_MARK} ((?:ssh|ecdsa|sk)-[A-Za-z0-9@.-]+) (SHA256:[A-Za-z0-9+/]{{43}})")
 
 
 class VastAPIError(RuntimeError):
-    """The Vast.ai API failed or answered something we cannot use. The message says which call."""
+    """The Vast.ai API failed or answered something we cannot use. The message says which call.
+    `status`: the HTTP status when there was one. `retryable`: True for what a later try may fix
+    (429, 5xx, network), False otherwise (tasks/retry.py reads it). `ambiguous`: the request may
+    have been carried out although no usable answer came back (5xx, lost connection, garbage)."""
+
+    def __init__(self, message: str, status: Optional[int] = None, retryable: bool = False,
+                 ambiguous: bool = False):
+        super().__init__(message)
+        self.status, self.retryable, self.ambiguous = status, retryable, ambiguous
+
+
+class VastNotFound(VastAPIError):
+    """404 / no_such_instance: the instance is gone (or never was)."""
+
+
+class SearchQuotaExceeded(VastAPIError):
+    """A JSON 429 `search_quota_exceeded`: a daily quota, reset at UTC midnight; no retry fixes it."""
 
 
 class NoOffersError(VastAPIError):
@@ -95,7 +115,8 @@ class VastProvider:
     """One Vast.ai account. `api_key` defaults to env VAST_API_KEY; never printed."""
 
     def __init__(self, api_key: Optional[str] = None, server_url: Optional[str] = None, *,
-                 poll_s: float = 3.0, retries: int = 6, backoff_s: float = 1.0, log_fn: Callable[[str], None] = log.info):
+                 poll_s: float = 3.0, retries: int = 6, backoff_s: float = 1.0, create_settle_s: float = 60.0,
+                 log_fn: Callable[[str], None] = log.info):
         key = api_key or os.environ.get("VAST_API_KEY")
         if not key:
             raise VastAPIError("no Vast.ai API key: pass api_key or set VAST_API_KEY "
@@ -103,6 +124,8 @@ class VastProvider:
         self._key = key
         self.server_url = server_url
         self.poll_s, self.retries, self.backoff_s = poll_s, retries, backoff_s
+        # how long to look (by label) for an instance a create may have made when its answer was lost
+        self.create_settle_s = create_settle_s
         self.log = log_fn
         # The SDK's own retry is short (3 tries, 0.15 s): we retry 429/5xx bursts ourselves.
         self._sdk = VastAI(api_key=key, server_url=server_url, retry=1, quiet=True)
@@ -116,33 +139,68 @@ class VastProvider:
         text = re.sub(r"(api_key=)[^&\s'\"]+", r"\1***", text)
         return re.sub(r"(Bearer\s+)[^\s'\"]+", r"\1***", text)
 
-    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call the SDK, retrying 429/5xx/connection errors with backoff; errors come out redacted."""
+    @staticmethod
+    def _retry_after(response: Any) -> Optional[float]:
+        try:
+            return max(0.0, min(float(response.headers["Retry-After"]), MAX_RETRY_AFTER_S))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+
+    @staticmethod
+    def _is_quota(response: Any) -> bool:
+        try:
+            body = response.json()
+        except Exception:  # noqa: BLE001 - plain-text 429s are the ordinary rate limit
+            return False
+        return isinstance(body, dict) and body.get("error") == "search_quota_exceeded"
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, idempotent: bool = True, **kwargs: Any) -> Any:
+        """Call the SDK, retrying 429/5xx/connection errors with backoff (a 429's Retry-After, capped
+        at 60 s, when it sends one); errors come out redacted. A daily search quota 429 is never
+        retried (SearchQuotaExceeded). `idempotent=False` (create): only a plain 429 is retried (the
+        request was refused before it ran); a 5xx, timeout or lost connection raises at once with
+        `ambiguous` set, because the server may have carried it out: the caller looks, never re-sends."""
         delay = self.backoff_s
         for attempt in range(1, self.retries + 1):
             try:
                 return fn(*args, **kwargs)
             except requests.HTTPError as e:
-                status = e.response.status_code if e.response is not None else None
-                body = (e.response.text[:200] if e.response is not None else "").strip()
-                if status in RETRY_STATUS and attempt < self.retries:
+                resp = e.response
+                status = resp.status_code if resp is not None else None
+                body = (resp.text[:200] if resp is not None else "").strip()
+                if status == 429 and resp is not None and self._is_quota(resp):
+                    raise SearchQuotaExceeded(f"{QUOTA_MESSAGE} ({what})", status=429) from None
+                if status == 404:
+                    raise VastNotFound(self.redact(f"Vast.ai {what}: not found (HTTP 404): {body}"),
+                                       status=404) from None
+                retryable = status in RETRY_STATUS
+                ambiguous = retryable and status != 429
+                if retryable and attempt < self.retries and (idempotent or not ambiguous):
                     err = f"HTTP {status}"
+                    wait = self._retry_after(resp) if status == 429 else None
+                    if wait is not None:
+                        log.warning("Vast.ai %s: HTTP 429, Retry-After %.1fs (%d/%d)", what, wait, attempt, self.retries)
+                        time.sleep(wait)
+                        continue
                 else:
                     hint = " (is the API key valid?)" if status in (401, 403) else ""
-                    raise VastAPIError(self.redact(f"Vast.ai {what} failed: HTTP {status}{hint}: {body}")) from None
+                    raise VastAPIError(self.redact(f"Vast.ai {what} failed: HTTP {status}{hint}: {body}"),
+                                       status=status, retryable=retryable, ambiguous=ambiguous) from None
             except (requests.ConnectionError, requests.Timeout) as e:
-                if attempt >= self.retries:
-                    raise VastAPIError(self.redact(f"Vast.ai {what} failed: cannot reach the API "
-                                                   f"({type(e).__name__}: {e})")) from None
+                if attempt >= self.retries or not idempotent:
+                    raise VastAPIError(self.redact(f"Vast.ai {what} failed: cannot reach the API or the answer "
+                                                   f"was lost ({type(e).__name__}: {e})"),
+                                       retryable=True, ambiguous=True) from None
                 err = type(e).__name__
             except ValueError as e:  # JSONDecodeError: an HTML page or other non-JSON answer
                 raise VastAPIError(self.redact(f"Vast.ai {what}: the API answered something that is not JSON "
-                                               f"(an HTML error page?): {e}")) from None
+                                               f"(an HTML error page?): {e}"), ambiguous=True) from None
             except (KeyError, TypeError, AttributeError, IndexError) as e:
                 raise VastAPIError(self.redact(f"Vast.ai {what}: malformed response, the SDK could not read "
-                                               f"it ({type(e).__name__}: {e})")) from None
+                                               f"it ({type(e).__name__}: {e})"), ambiguous=True) from None
             except Exception as e:  # anything else the SDK raises: still wrapped, still redacted
-                raise VastAPIError(self.redact(f"Vast.ai {what} failed: {type(e).__name__}: {e}")) from None
+                raise VastAPIError(self.redact(f"Vast.ai {what} failed: {type(e).__name__}: {e}"),
+                                   ambiguous=True) from None
             log.warning("Vast.ai %s: %s, retrying in %.1fs (%d/%d)", what, err, delay, attempt, self.retries)
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
@@ -231,32 +289,69 @@ class VastProvider:
 
     # -- instances ------------------------------------------------------------------------------
     def show(self, instance_id: int) -> Optional[dict]:
-        row = self._call("show instance", self._sdk.show_instance, instance_id)
+        """The instance's row, or None when the API says it does not exist ({"instances": null} or a
+        404: Vast answers null for a while after destroy, then 404; also null right after create)."""
+        try:
+            row = self._call("show instance", self._sdk.show_instance, instance_id)
+        except VastNotFound:
+            return None
         return None if row is None else check_instance(row, f"Vast.ai show instance {instance_id} answer")
 
     def find_instances(self, label_prefix: str) -> list[dict]:
-        """Instances whose label starts with label_prefix (and are not already gone)."""
-        rows = self._call("list instances", self._sdk.show_instances)
-        if not isinstance(rows, list):
-            raise VastAPIError(f"Vast.ai list instances: expected a list, got {type(rows).__name__}")
-        rows = [check_instance(r, "Vast.ai list instances row") for r in rows]
-        return [r for r in rows if (r.get("label") or "").startswith(label_prefix) and r.get("cur_state") not in GONE_STATES]
+        """Instances whose label starts with label_prefix (and are not already gone).
+
+        Pages through `/api/v1/instances/` itself (the SDK's show_instances computes
+        `time.time() - start_date` on every row and dies on one null). Rows of other instances in the
+        account (label null or not ours) may have null fields: they are skipped unread; our own rows
+        are validated strictly (check_instance). A row whose label is not text cannot be told apart:
+        that is an error."""
+        params: dict = {"select_filters": {}, "order_by": [{"col": "id", "dir": "asc"}], "limit": 25}
+        out: list[dict] = []
+        for _ in range(10_000):
+            data = self._call("list instances", self._sdk.show_instances_v1, dict(params))
+            if not isinstance(data, dict) or not isinstance(data.get("instances", []), (list, type(None))):
+                raise VastAPIError(f"Vast.ai list instances: expected an object with a list of instances, "
+                                   f"got {_brief(data)}")
+            for row in data.get("instances") or []:
+                if not isinstance(row, dict):
+                    raise VastAPIError(f"Vast.ai list instances: malformed row, expected an object: {_brief(row)}")
+                label = row.get("label")
+                if label is not None and not isinstance(label, str):
+                    raise VastAPIError(f"malformed Vast.ai list instances row: field 'label' is {label!r}, "
+                                       f"expected text ({_brief(row)})")
+                if label is None or not label.startswith(label_prefix):
+                    continue  # another project's instance: its fields are not ours to judge
+                check_instance(row, "Vast.ai list instances row")
+                if row.get("cur_state") not in GONE_STATES:
+                    out.append(row)
+            token = data.get("next_token")
+            if not token:
+                return out
+            params["after_token"] = token
+        raise VastAPIError("Vast.ai list instances: the pages never end (next_token keeps coming)")
 
     def is_running(self, instance_id: int) -> bool:
+        """True only while `running` (stopped/outbid, exited, offline, gone: not alive)."""
         row = self.show(instance_id)
         return bool(row) and row.get("actual_status") == "running"
 
     def destroy(self, instance_id: int, timeout_s: float = 180.0) -> bool:
         """Destroy (never stop: stopped instances keep billing storage) and confirm it is gone.
+        DELETE is always sent (at least once: `show` answers null right after create too, so null
+        alone proves nothing), again while the row stays visible; a 404 / no_such_instance counts as
+        gone, and so does `show` answering null or 404 after a DELETE.
         Returns True once confirmed; raises VastAPIError when it cannot be confirmed in time."""
         deadline = time.monotonic() + timeout_s
         last, wait = "", 0.25
         while True:
             try:
+                try:
+                    self._call("destroy instance", self._sdk.destroy_instance, instance_id)
+                except VastNotFound:
+                    return True
                 row = self.show(instance_id)
                 if row is None or row.get("cur_state") in GONE_STATES or row.get("actual_status") in GONE_STATES:
                     return True
-                self._call("destroy instance", self._sdk.destroy_instance, instance_id)
             except VastAPIError as e:
                 last = str(e)
                 log.warning("destroy %s: %s", instance_id, last)
@@ -355,11 +450,18 @@ class VastProvider:
     def _wait_running(self, iid: int, timeout_s: float) -> dict:
         """Poll until running with an SSH endpoint. Raises ProvisionError on failure states."""
         deadline = time.monotonic() + timeout_s
-        status = None
+        status, seen = None, False
         while True:
             row = self.show(iid)
-            if row is None:
-                raise ProvisionError(f"instance {iid} disappeared while starting")
+            if row is None:  # Vast's show answers null for a while right after create: keep polling
+                if seen:
+                    raise ProvisionError(f"instance {iid} disappeared while starting")
+                if time.monotonic() > deadline:
+                    raise ProvisionError(f"instance {iid} never appeared in `show instance` within "
+                                         f"{timeout_s:.0f}s (machine.provision_timeout_s)")
+                time.sleep(self.poll_s)
+                continue
+            seen = True
             status, msg = row.get("actual_status"), str(row.get("status_msg") or "")
             if "OCI runtime" in msg or status in FAILED_STATES:
                 raise ProvisionError(f"instance {iid} failed to start: status {status!r}: {msg[:300]}")
@@ -370,14 +472,45 @@ class VastProvider:
                                      f"(status {status!r}: {msg[:200]}); machine.provision_timeout_s")
             time.sleep(self.poll_s)
 
-    def _sweep(self, label: str) -> None:
-        """After a failed or garbled create, an instance may exist anyway: find it by label, destroy it."""
+    def _look_for_created(self, label: str, known: set[int], wait_s: float) -> Optional[dict]:
+        """After a create whose answer was lost or garbled, the instance may exist anyway (and the
+        list may show it only a while later): look for an instance labelled exactly `label`, not
+        among `known` (ours, already handled), for up to `wait_s`. One found is returned to be
+        adopted; any further one is destroyed. Never re-sends the create."""
+        deadline = time.monotonic() + max(0.0, wait_s)
+        while True:
+            try:
+                rows = sorted((r for r in self.find_instances(label)
+                               if r.get("label") == label and int(r["id"]) not in known), key=lambda r: int(r["id"]))
+            except VastAPIError as e:
+                rows = []
+                self.log(f"looking for an instance labelled {label} after a failed create: {e}")
+            if rows:
+                for extra in rows[1:]:
+                    self.log(f"instance {extra['id']} labelled {label} is a duplicate: destroying it")
+                    known.add(int(extra["id"]))
+                    try:
+                        self.destroy(int(extra["id"]))
+                    except VastAPIError as e:
+                        self.log(f"instance {extra['id']}: destroy failed ({e}); the reaper will retry")
+                return rows[0]
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(min(self.poll_s, max(0.05, deadline - time.monotonic())))
+
+    def _destroy_strays(self, label: str, keep: int, known: set[int]) -> None:
+        """Once a lease is ready: any other instance with exactly our label that we did not handle
+        (a lost create answer the list showed late) is destroyed."""
         try:
             for row in self.find_instances(label):
-                if row.get("label") == label:
-                    self.destroy(int(row["id"]))
+                rid = int(row["id"])
+                if row.get("label") == label and rid != keep and rid not in known:
+                    self.log(f"instance {rid} labelled {label} was never ours to use (a lost create answer?): "
+                             "destroying it")
+                    known.add(rid)
+                    self.destroy(rid)
         except VastAPIError as e:
-            self.log(f"could not check for a half-created instance labelled {label}: {e}; the reaper will")
+            self.log(f"could not check for stray instances labelled {label}: {e}; the reaper will")
 
     def launch(self, m: MachineConfig, label: str, public_key: str, key_path: Optional[str] = None,
                ready_check: Optional[Callable[[Lease], None]] = None, redact: Iterable[str] = (),
@@ -389,6 +522,7 @@ class VastProvider:
         confirmed), label} to `on_failed_start`, and listed in the lease's extra["failed_starts"] (or
         the ProvisionError's `failed_starts`) so the run's budget counts it."""
         v = m.vast
+        known: set[int] = set()  # every instance id of this launch (used, failed, destroyed)
         excluded: set[int] = set()
         reasons: list[str] = []
         failed_starts: list[dict] = []
@@ -414,22 +548,30 @@ class VastProvider:
             self.log(f"renting offer {offer['id']} (machine {machine_id}): {offer.get('gpu_name')} x"
                      f"{offer.get('num_gpus')} at ${float(offer['dph_total']):.3f}/h, attempt {attempt}/{v.create_attempts}")
             created_at = time.time()
+            # Never re-sent: a create that ran server-side but whose answer was lost would rent a
+            # second machine. After any failure or garbled answer, look by label and adopt what exists.
+            failure, ambiguous = "", False
             try:
                 res = self._call("create instance", self._sdk.create_instance, int(offer["id"]), image=v.image,
                                  disk=v.min_disk_gb, label=label, onstart_cmd=self.onstart_script(public_key),
                                  price=v.bid_dph if v.interruptible else None, ssh=True, direct=True,
-                                 cancel_unavail=True)
+                                 cancel_unavail=True, idempotent=False)
+            except SearchQuotaExceeded:
+                raise
             except VastAPIError as e:
-                self._sweep(label)
-                reasons.append(f"offer {offer['id']}: create failed: {e}")
-                excluded.add(machine_id)
-                continue
+                res, failure, ambiguous = None, f"create failed: {e}", e.ambiguous
             iid = res.get("new_contract") if isinstance(res, dict) else None
-            if not (isinstance(res, dict) and res.get("success") and isinstance(iid, int)):
-                self._sweep(label)
-                reasons.append(f"offer {offer['id']}: create refused: {self.redact(str(res))[:200]}")
-                excluded.add(machine_id)
-                continue
+            if not failure and not (isinstance(res, dict) and res.get("success") and isinstance(iid, int)):
+                failure, ambiguous = f"create refused: {self.redact(str(res))[:200]}", True
+            if failure:
+                found = self._look_for_created(label, known, self.create_settle_s if ambiguous else 0.0)
+                if found is None:
+                    reasons.append(f"offer {offer['id']}: {failure}")
+                    excluded.add(machine_id)
+                    continue
+                iid = int(found["id"])
+                self.log(f"offer {offer['id']}: {failure}; but instance {iid} labelled {label} exists: adopting it")
+            known.add(iid)
             try:
                 deadline = time.monotonic() + m.provision_timeout_s
                 try:
@@ -454,6 +596,7 @@ class VastProvider:
                                      "failed_starts": failed_starts})
                 if ready_check is not None:
                     ready_check(lease)
+                self._destroy_strays(label, iid, known)
                 self.log(f"instance {iid} running at {host}:{port}")
                 return lease
             except BaseException as e:

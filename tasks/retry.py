@@ -1,7 +1,9 @@
 """Which failures are worth a retry: transient ones (SSH drop, 429, network), never deterministic
-ones (bad config, OOM, a step that reports it would fail again)."""
+ones (bad config, OOM, a full disk, a daily API quota, a step that reports it would fail again)."""
 from __future__ import annotations
 
+import errno
+import socket
 from typing import Any
 
 
@@ -14,11 +16,34 @@ class StepFailed(RuntimeError):
         super().__init__(f"step {step} failed ({kind}): {message}" + (f"\n--- last output ---\n{tail}" if tail else ""))
 
 
-DETERMINISTIC = ("ConfigError", "BudgetExceeded", "NoOffersError", "HostKeyChanged", "ValueError", "ValidationError")
+DETERMINISTIC = ("ConfigError", "BudgetExceeded", "NoOffersError", "SearchQuotaExceeded", "HostKeyChanged",
+                 "ValueError", "ValidationError")
+# errno values of a network drop; any other OSError (ENOSPC, EACCES, ENOENT, EROFS ...) is local and deterministic
+NETWORK_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+                  errno.ENETUNREACH, errno.ENETDOWN, errno.ENETRESET, errno.EPIPE, errno.EHOSTDOWN, errno.ENOTCONN,
+                  errno.ESHUTDOWN}
+TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+def _network_error(exc: BaseException) -> bool:
+    """A socket or connection failure (not a local file error)."""
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout, socket.gaierror, socket.herror)):
+        return True
+    try:
+        import requests
+
+        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+            return True
+    except ImportError:  # pragma: no cover - requests comes with vastai
+        pass
+    return isinstance(exc, OSError) and exc.errno in NETWORK_ERRNOS
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(getattr(exc, "retryable", None), bool):  # StepFailed, HubUploadError: they know
+    """By type and status code, never by the message text: an exception's own `retryable` flag
+    (StepFailed, HubUploadError, VastAPIError), a deterministic type, the machine layer's
+    TransientMachineError, an HTTP status worth a retry, a network error; everything else is not."""
+    if isinstance(getattr(exc, "retryable", None), bool):  # StepFailed, HubUploadError, VastAPIError: they know
         return exc.retryable
     if type(exc).__name__ in DETERMINISTIC:
         return False
@@ -28,7 +53,12 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, CommandFailed):
         return False
-    return isinstance(exc, (ConnectionError, TimeoutError, OSError)) or "429" in str(exc)
+    status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+    if status is None and getattr(exc, "response", None) is not None:
+        status = getattr(exc.response, "status_code", None)
+    if isinstance(status, int):
+        return status in TRANSIENT_STATUS
+    return _network_error(exc)
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

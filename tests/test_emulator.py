@@ -404,3 +404,54 @@ def test_sshd_host_fixture_round_trip(sshd_host):
     assert (sshd_host.home / "blob").stat().st_size == 1000
     assert c.get_transport().get_remote_server_key().get_base64() == sshd_host.host_key.split()[1]
     c.close()
+
+
+# ---------------------------------------------------------------- first contact knobs (SDK level)
+
+def test_fault_429_retry_after_and_quota(emulator):
+    import requests as rq
+
+    url = emulator.url + "/api/v0/bundles/"
+    auth = {"Authorization": f"Bearer {emulator.api_key}"}
+    emulator.set_faults(http_429=1, http_429_retry_after=7)
+    r = rq.post(url, json={}, headers=auth, timeout=10)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "7" and r.text == "API requests too frequent"
+    emulator.set_faults(quota_429=1)
+    r = rq.post(url, json={}, headers=auth, timeout=10)
+    assert r.status_code == 429 and r.json()["error"] == "search_quota_exceeded"
+    assert rq.post(url, json={}, headers=auth, timeout=10).status_code == 200
+
+
+def test_fault_lost_create_list_lag_null_and_destroy_lag(emulator, sdk):
+    import requests as rq
+
+    emulator.set_faults(lost_create=1, list_lag_s=1.0)
+    offer = sdk.search_offers(query={}, limit=1, no_default=True)[0]
+    with pytest.raises(rq.HTTPError) as e:
+        sdk.create_instance(offer["id"], image="x", disk=10, label="lost-1")
+    # 504, and the SDK's own retry (3 attempts) re-sent the create: 400, the offer is taken by now
+    assert e.value.response.status_code in (504, 400)
+    (row,) = emulator.live_instances()  # created server-side all the same
+    assert sdk.show_instances() == []  # the list lags
+    time.sleep(1.1)
+    assert [r["label"] for r in sdk.show_instances()] == ["lost-1"]
+    iid = row["id"]
+    emulator.set_faults(id=iid, destroy_lag_s=1.0)
+    sdk.destroy_instance(iid)
+    assert sdk.show_instance(iid)["label"] == "lost-1"  # still visible
+    time.sleep(1.1)
+    with pytest.raises(rq.HTTPError) as e:
+        sdk.show_instance(iid)
+    assert e.value.response.status_code == 404
+    emulator.set_faults(null_after_create_s=30, list_lag_s=0)
+    iid = sdk.create_instance(offer["id"], image="x", disk=10, label="null-1")["new_contract"]
+    assert sdk.show_instance(iid) is None and [r["id"] for r in sdk.show_instances()] == [iid]
+    sdk.destroy_instance(iid)
+
+
+def test_fault_foreign_rows_have_null_fields(emulator, sdk):
+    emulator.set_faults(foreign_rows=3)
+    rows = sdk.show_instances_v1({"select_filters": {}, "order_by": [{"col": "id", "dir": "asc"}], "limit": 25})
+    assert len(rows["instances"]) == 3
+    assert all(r["dph_total"] is None and r["ports"] is None and r["start_date"] is None for r in rows["instances"])
+    assert emulator.ledger()["instances"] == []  # not ours: not billed here

@@ -243,3 +243,37 @@ def test_a_full_disk_wrapped_by_a_library_is_deterministic_and_named():
         retryable, message = _classify(wrapped)
     assert retryable is False and "disk is full" in message and "min_disk_gb" in message
     assert _classify(RuntimeError("socket closed"))[0] is True
+
+
+# ---------------------------------------------------------------- what is worth a retry (by type and status)
+
+def test_is_transient_by_type_and_status_not_by_text():
+    import errno
+    import socket
+
+    import requests
+
+    from infra.vast import SearchQuotaExceeded, VastAPIError
+    from tasks.retry import is_transient
+
+    table = [
+        (OSError(errno.ENOSPC, "No space left on device"), False),
+        (OSError(errno.EACCES, "Permission denied"), False),
+        (PermissionError(errno.EACCES, "Permission denied"), False),
+        (FileNotFoundError(errno.ENOENT, "missing"), False),
+        (OSError(errno.EROFS, "Read-only file system"), False),
+        (OSError(errno.ECONNRESET, "Connection reset by peer"), True),
+        (OSError(errno.EHOSTUNREACH, "No route to host"), True),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), True),
+        (BrokenPipeError(errno.EPIPE, "broken pipe"), True),
+        (TimeoutError("timed out"), True),
+        (socket.timeout("timed out"), True),
+        (socket.gaierror(-2, "Name or service not known"), True),
+        (requests.ConnectionError("connection aborted"), True),
+        (RuntimeError("disk 429 GB is full"), False),  # "429" in the text is not a rate limit
+        (VastAPIError("Vast.ai search offers failed: HTTP 429", status=429, retryable=True), True),
+        (VastAPIError("Vast.ai create instance failed: HTTP 400", status=400), False),
+        (SearchQuotaExceeded("Vast.ai daily search quota exceeded; retry after UTC midnight", status=429), False),
+    ]
+    for exc, expected in table:
+        assert is_transient(exc) is expected, (exc, expected)

@@ -78,14 +78,16 @@ def test_stuck_loading_moves_to_the_next_offer(emulator):
     p.destroy(lease.instance_id)
 
 
-def test_garbled_create_answer_leaks_nothing(emulator):
+def test_garbled_create_answer_is_adopted_not_rented_twice(emulator):
     def garble_next_answer(msg: str) -> None:  # logged just before the create call
         if msg.startswith("renting offer"):
             emulator.set_faults(malformed="wrong_types", malformed_count=1)  # new_contract: "pending"
 
-    with pytest.raises(ProvisionError, match="create refused"):
-        provider(emulator, log_fn=garble_next_answer).launch(cfg(**{"machine.vast.create_attempts": 1}), "qat-garbled", "ssh-ed25519 AAAA test")
-    assert len(emulator.ledger()["instances"]) == 1 and emulator.live_instances() == []
+    p = provider(emulator, log_fn=garble_next_answer)
+    lease = p.launch(cfg(**{"machine.vast.create_attempts": 1}), "qat-garbled", "ssh-ed25519 AAAA test")
+    (row,) = emulator.ledger()["instances"]  # the instance the garbled answer was about, used
+    assert row["id"] == lease.instance_id and row["ended_at"] is None
+    assert p.destroy(lease.instance_id) and emulator.live_instances() == []
 
 
 def test_exited_instance_fails_fast(emulator):
@@ -108,7 +110,7 @@ def test_all_attempts_fail_leaves_nothing_running(emulator):
 
 
 def test_429_bursts_are_retried(emulator):
-    emulator.set_faults(http_429=4)
+    emulator.set_faults(http_429=4, http_429_retry_after=0)
     assert provider(emulator).search_offers(VastConfig())
     emulator.set_faults(http_429=50)
     with pytest.raises(VastAPIError, match="HTTP 429") as e:
@@ -242,3 +244,142 @@ def test_the_run_key_pair_is_deleted_once_its_machine_is_destroyed(emulator, tmp
     assert delete_run_key(Lease(backend="ssh", label="x", key_path=str(own))) is False and own.exists()
     assert delete_run_key(Lease(backend="vast", label="x", key_path=str(own),
                                 extra={"run_key_dir": str(tmp_path / "ssh" / "elsewhere")})) is False and own.exists()
+
+
+# ---------------------------------------------------------------- first contact: orphans, duplicates, status, 429s
+
+PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFirstContact test"
+
+
+def _create(p, label="qat-raw"):
+    offer = p.search_offers(VastConfig(min_disk_gb=10))[0]
+    return p._sdk.create_instance(offer["id"], image="x", disk=10, label=label)["new_contract"]
+
+
+@pytest.mark.parametrize("mode", ["504", "drop"])
+def test_lost_create_answer_rents_one_machine_and_uses_it(emulator, mode):
+    """The server creates the instance but the answer is lost (gateway 504 / connection closed), and
+    the list shows new instances only 1.5 s later: create is not re-sent, the instance is found by
+    label and adopted; exactly one instance was ever rented."""
+    emulator.set_faults(lost_create=1, lost_create_mode=mode, list_lag_s=1.5)
+    p = provider(emulator, create_settle_s=5)
+    lease = p.launch(cfg(**{"machine.vast.create_attempts": 2}), "qat-lost", PUB)
+    rows = emulator.ledger()["instances"]
+    assert [r["id"] for r in rows] == [lease.instance_id], rows  # one rented, no duplicate
+    assert p.destroy(lease.instance_id) and emulator.live_instances() == []
+
+
+def test_lost_create_answer_seen_late_is_destroyed_not_leaked(emulator):
+    """The list lags longer than the look after the lost answer: the next attempt rents another
+    machine, and the late one is destroyed once it shows (0 leaked)."""
+    emulator.set_faults(lost_create=1, list_lag_s=2.5, boot_seconds=3)
+    emulator.set_faults(label_prefix="qat-", boot_seconds=3)
+    p = provider(emulator, create_settle_s=0.3)
+    lease = p.launch(cfg(**{"machine.vast.create_attempts": 2}), "qat-late", PUB)
+    rows = emulator.ledger()["instances"]
+    assert len(rows) == 2
+    other = next(r for r in rows if r["id"] != lease.instance_id)
+    assert other["ended_at"] is not None and other["end_reason"] == "destroyed", rows
+    assert p.destroy(lease.instance_id) and emulator.live_instances() == []
+
+
+def test_show_null_right_after_create_is_tolerated(emulator):
+    emulator.set_faults(label_prefix="qat-", null_after_create_s=1.5)
+    p = provider(emulator)
+    lease = p.launch(cfg(), "qat-null", PUB)
+    assert p.is_running(lease.instance_id)
+    assert p.destroy(lease.instance_id) and emulator.live_instances() == []
+
+
+def test_destroy_while_show_is_still_null_sends_delete(emulator):
+    emulator.set_faults(label_prefix="qat-", null_after_create_s=30)
+    p = provider(emulator)
+    iid = _create(p, "qat-null-destroy")
+    assert p.show(iid) is None
+    assert p.destroy(iid) is True
+    (row,) = emulator.ledger()["instances"]
+    assert row["end_reason"] == "destroyed"  # DELETE was sent, not skipped on the null
+
+
+def test_destroy_lag_then_404_is_confirmed(emulator):
+    emulator.set_faults(label_prefix="qat-", destroy_lag_s=1.0)
+    p = provider(emulator)
+    iid = _create(p, "qat-lag")
+    t0 = time.monotonic()
+    assert p.destroy(iid, timeout_s=20) is True
+    assert 0.9 <= time.monotonic() - t0 < 10
+    (row,) = emulator.ledger()["instances"]
+    assert row["end_reason"] == "destroyed"
+    assert p.show(iid) is None  # 404 now: gone
+    assert p.destroy(iid) is True  # idempotent on a 404
+
+
+def test_outbid_stopped_at_start_fails_over(emulator):
+    emulator.set_faults(preempt_after_s=0, preempt_mode="stopped")
+    messages = []
+
+    def log(msg: str) -> None:
+        messages.append(msg)
+        if "attempt 2/" in msg:
+            emulator.clear_faults()
+
+    t0 = time.monotonic()
+    p = provider(emulator, log_fn=log)
+    lease = p.launch(cfg(**{"machine.provision_timeout_s": 60, "machine.vast.create_attempts": 2}), "qat-outbid", PUB)
+    assert time.monotonic() - t0 < 15  # failed at once on `stopped`, not after the 60 s deadline
+    assert any("status 'stopped'" in m for m in messages)
+    first = next(r for r in emulator.ledger()["instances"] if r["id"] != lease.instance_id)
+    assert first["end_reason"] == "destroyed"
+    assert p.destroy(lease.instance_id)
+
+
+def test_outbid_running_instance_is_not_alive_and_bills_storage(emulator):
+    p = provider(emulator)
+    lease = p.launch(cfg(), "qat-run-outbid", PUB)
+    emulator.set_faults(id=lease.instance_id, preempt_after_s=0, preempt_mode="stopped")
+    deadline = time.monotonic() + 5
+    while p.is_running(lease.instance_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not p.is_running(lease.instance_id)
+    assert p.show(lease.instance_id)["actual_status"] == "stopped"
+    (row,) = emulator.live_instances()
+    assert row["status"] == "stopped"
+    time.sleep(0.3)
+    assert emulator.live_instances()[0]["stopped_seconds"] > 0  # still billing (storage)
+    assert p.destroy(lease.instance_id)
+
+
+def test_foreign_rows_with_null_fields_do_not_blind_us(emulator):
+    from infra.provision import find_instances
+    from infra.vast_backend import VastBackend
+
+    emulator.set_faults(foreign_rows=30)  # > one page of 25: paging too
+    p = provider(emulator)
+    iid = _create(p, "qat-mine")
+    assert [r["id"] for r in p.find_instances("qat-")] == [iid]
+    leases = VastBackend().find_instances("qat-", api_key=emulator.api_key, server_url=emulator.url)
+    assert [lease.instance_id for lease in leases] == [iid]
+    assert [lease.instance_id for lease in find_instances("qat-", api_key=emulator.api_key, server_url=emulator.url)] == [iid]
+    assert p.destroy(iid) and p.find_instances("qat-") == []
+
+
+def test_retry_after_is_honoured(emulator):
+    emulator.set_faults(http_429=2, http_429_retry_after=0.7)
+    t0 = time.monotonic()
+    assert provider(emulator).search_offers(VastConfig())
+    assert 1.3 <= time.monotonic() - t0 < 6  # two waits of 0.7 s (not the 0.02 s backoff)
+
+
+def test_search_quota_429_is_not_retried(emulator):
+    from infra.vast import SearchQuotaExceeded
+    from tasks.retry import is_transient
+
+    emulator.set_faults(quota_429=5)
+    with pytest.raises(SearchQuotaExceeded, match="daily search quota exceeded; retry after UTC midnight") as e:
+        provider(emulator).search_offers(VastConfig())
+    assert not is_transient(e.value)
+    assert emulator.admin("GET", "/_emulator/faults")["quota_429"] == 4  # one request, not retried
+    with pytest.raises(SearchQuotaExceeded):
+        provider(emulator).launch(cfg(), "qat-quota", PUB)
+    assert emulator.ledger()["instances"] == []
+    emulator.clear_faults()

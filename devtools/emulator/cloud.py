@@ -22,9 +22,17 @@ from devtools.emulator.state import Store
 
 # Per-instance knobs (settable globally, per id, or per label prefix) and global-only knobs.
 INSTANCE_KNOBS = {"stuck_loading", "ssh_refuse_s", "preempt_after_s", "preempt_mode",
-                  "destroy_fail_once", "disk_full_mb", "boot_seconds", "evil", "evil_target"}
-GLOBAL_KNOBS = {"http_429", "malformed", "malformed_count", "malformed_status", "malformed_fields"}
-PREEMPT_MODES = ("exited", "offline", "vanish")
+                  "destroy_fail_once", "disk_full_mb", "boot_seconds", "evil", "evil_target",
+                  "null_after_create_s", "destroy_lag_s"}
+# Global counters (the next N calls) and global settings (kept until changed or cleared).
+GLOBAL_COUNTERS = {"http_429", "quota_429", "lost_create"}
+GLOBAL_SETTINGS = {"http_429_retry_after", "lost_create_mode", "list_lag_s", "foreign_rows", "gone_404_after_s"}
+GLOBAL_KNOBS = {"malformed", "malformed_count", "malformed_status", "malformed_fields"} | GLOBAL_COUNTERS | GLOBAL_SETTINGS
+# Defaults of the settings: what Vast.ai does (docs/REFERENCE.md section 1b).
+GLOBAL_DEFAULTS = {"http_429_retry_after": 1, "lost_create_mode": "504", "list_lag_s": 0, "foreign_rows": 0,
+                   "gone_404_after_s": 60}
+LOST_CREATE_MODES = ("504", "500", "drop")
+PREEMPT_MODES = ("exited", "offline", "vanish", "stopped")
 MALFORMED_MODES = ("html", "missing_fields", "wrong_types", "truncated", "empty")
 
 
@@ -125,6 +133,9 @@ class Cloud:
         if mode == "vanish":
             inst["ended_at"], inst["end_reason"] = now, "vanished"
             self._remove_disk(inst)
+        elif mode == "stopped":  # outbid (interruptible): stopped, the disk kept, storage still bills
+            inst.update(status="stopped", status_msg="Instance stopped: outbid by a higher bid", stopped_since=now,
+                        ssh_started=False, outbid=True)
         else:
             inst["status"] = mode
             inst["status_msg"] = "Host went offline: instance preempted" if mode == "offline" else \
@@ -222,8 +233,10 @@ class Cloud:
         with self.lock:
             if body.pop("clear", False):
                 self.store.clear_rules()
-                for key in ("http_429", "malformed_count"):
+                for key in ("malformed_count", *GLOBAL_COUNTERS):
                     self.store.set_meta(key, 0)
+                for key, value in GLOBAL_DEFAULTS.items():
+                    self.store.set_meta(key, value)
             target_id, prefix = body.pop("id", None), body.pop("label_prefix", None)
             unknown = set(body) - INSTANCE_KNOBS - GLOBAL_KNOBS
             if unknown:
@@ -233,8 +246,13 @@ class Cloud:
             if global_part and (target_id is not None or prefix is not None):
                 raise ApiError(400, "invalid_args", f"{sorted(global_part)} are global: drop id/label_prefix")
             self._validate(body, global_part)
-            if "http_429" in global_part:
-                self.store.set_meta("http_429", int(global_part["http_429"]))
+            for key in GLOBAL_COUNTERS:
+                if key in global_part:
+                    self.store.set_meta(key, int(global_part[key]))
+            for key in GLOBAL_SETTINGS:
+                if key in global_part:
+                    value = global_part[key]
+                    self.store.set_meta(key, GLOBAL_DEFAULTS[key] if value is None else value)
             if "malformed" in global_part:
                 self.store.set_meta("malformed", global_part["malformed"])
                 self.store.set_meta("malformed_count", int(global_part.get("malformed_count", 1)))
@@ -257,6 +275,12 @@ class Cloud:
         dfo = knobs.get("destroy_fail_once")
         if dfo not in (None, True, False, "error", "silent"):
             raise ApiError(400, "invalid_args", "destroy_fail_once must be true, \"error\" or \"silent\"")
+        if global_part.get("lost_create_mode") not in (None, *LOST_CREATE_MODES):
+            raise ApiError(400, "invalid_args", f"lost_create_mode must be one of {LOST_CREATE_MODES}")
+        for k in ("http_429_retry_after", "list_lag_s", "foreign_rows", "gone_404_after_s", "http_429",
+                  "quota_429", "lost_create"):
+            if global_part.get(k) is not None and not isinstance(global_part[k], (int, float)):
+                raise ApiError(400, "invalid_args", f"{k} must be a number")
         mal = global_part.get("malformed")
         if mal is not None and mal not in MALFORMED_MODES:
             raise ApiError(400, "invalid_args", f"malformed must be one of {MALFORMED_MODES}")
@@ -267,12 +291,17 @@ class Cloud:
         if knobs.get("evil_target") is not None and not (isinstance(knobs["evil_target"], str)
                                                          and knobs["evil_target"].startswith("/")):
             raise ApiError(400, "invalid_args", "evil_target must be an absolute path")
-        for k in ("ssh_refuse_s", "preempt_after_s", "disk_full_mb", "boot_seconds"):
+        for k in ("ssh_refuse_s", "preempt_after_s", "disk_full_mb", "boot_seconds", "null_after_create_s",
+                  "destroy_lag_s"):
             if knobs.get(k) is not None and not isinstance(knobs[k], (int, float)):
                 raise ApiError(400, "invalid_args", f"{k} must be a number")
 
+    def setting(self, key: str) -> Any:
+        return self.store.get_meta(key, GLOBAL_DEFAULTS.get(key))
+
     def faults_view(self) -> dict:
-        return {"rules": self.store.rules(), "http_429": self.store.get_meta("http_429", 0),
+        return {"rules": self.store.rules(), **{k: self.store.get_meta(k, 0) for k in GLOBAL_COUNTERS},
+                **{k: self.setting(k) for k in GLOBAL_SETTINGS},
                 "malformed": self.store.get_meta("malformed"),
                 "malformed_count": self.store.get_meta("malformed_count", 0)}
 
@@ -340,6 +369,9 @@ class Cloud:
 
     def destroy(self, instance_id: int) -> dict:
         with self.lock:
+            gone = self.store.get_instance(instance_id)
+            if gone is not None and gone.get("ended_at") is not None and time.time() < gone.get("visible_until", 0):
+                return {"success": True, "msg": "already destroying"}  # a repeated DELETE during the lag
             inst = self._live(instance_id)
             mode = self.faults_for(inst).get("destroy_fail_once")
             if mode and not inst.get("destroy_failed"):
@@ -351,9 +383,66 @@ class Cloud:
             self._kill(inst)
             self._remove_disk(inst)
             self._end_stop(inst, time.time())
+            lag = float(self.faults_for(inst).get("destroy_lag_s") or 0)
+            if lag:  # the row stays visible (show, list) for `lag` s, then show answers 404
+                inst["visible_until"], inst["last_row"] = time.time() + lag, self.instance_row(inst)
             inst["ended_at"], inst["end_reason"], inst["status"] = time.time(), "destroyed", "destroyed"
             self.store.put_instance(inst)
         return {"success": True}
+
+    # ------------------------------------------------------------------ what the API shows --
+    def show(self, instance_id: int) -> Optional[dict]:
+        """GET /instances/{id}/: the row; None ({"instances": null}) for a destroyed instance (and for
+        `null_after_create_s` after creation); a 404 once it is long gone (`gone_404_after_s`, or at
+        once after a `destroy_lag_s`), as Vast does."""
+        inst = self.store.get_instance(instance_id)
+        if inst is None:
+            return None
+        now = time.time()
+        if inst.get("ended_at") is not None:
+            if now < inst.get("visible_until", 0):
+                return self._destroying_row(inst)
+            if inst.get("visible_until") or now - inst["ended_at"] >= float(self.setting("gone_404_after_s")):
+                raise ApiError(404, "no_such_instance", f"Instance {instance_id} not found.")
+            return None
+        if now - inst["created_at"] < float(self.faults_for(inst).get("null_after_create_s") or 0):
+            return None
+        return self.instance_row(inst)
+
+    @staticmethod
+    def _destroying_row(inst: dict) -> dict:
+        row = dict(inst["last_row"])
+        row.update(intended_status="stopped", next_state="unloaded", status_msg="Destroying instance...")
+        return row
+
+    def list_rows(self) -> list[dict]:
+        """The account's instances as the list endpoints show them: `list_lag_s` hides the newest,
+        `destroy_lag_s` keeps destroyed ones a while, `foreign_rows` adds other projects' rows with
+        null fields."""
+        now = time.time()
+        lag = float(self.setting("list_lag_s") or 0)
+        rows = []
+        for inst in self.store.instances(include_ended=True):
+            if inst.get("ended_at") is None:
+                if now - inst["created_at"] >= lag:
+                    rows.append(self.instance_row(inst))
+            elif now < inst.get("visible_until", 0):
+                rows.append(self._destroying_row(inst))
+        return rows + self.foreign_rows(int(self.setting("foreign_rows") or 0))
+
+    @staticmethod
+    def foreign_rows(n: int) -> list[dict]:
+        """Other instances in the account (another project's, one unlabelled), half-filled as rows of
+        instances being created or migrated are: dph_total, ports, start_date, ssh_port null."""
+        out = []
+        for i in range(n):
+            out.append({"id": 9_000_001 + i, "machine_id": None, "actual_status": "loading" if i % 2 else None,
+                        "intended_status": "running", "cur_state": "running", "next_state": "running",
+                        "status_msg": None, "label": None if i % 3 == 2 else f"other-project-{i}",
+                        "gpu_name": None, "num_gpus": None, "ssh_host": None, "ssh_port": None,
+                        "public_ipaddr": None, "ports": None, "start_date": None, "end_date": None,
+                        "dph_total": None, "extra_env": [], "image_uuid": "someone/else:latest"})
+        return out
 
     def update(self, instance_id: int, body: dict) -> dict:
         """PUT /instances/{id}/: {"label": ...} or {"state": "stopped"|"running"}."""
@@ -420,7 +509,8 @@ class Cloud:
         stopped = status == "stopped"
         return {
             "id": inst["id"], "machine_id": o["machine_id"], "host_id": o["host_id"], "bundle_id": o["id"],
-            "actual_status": status, "intended_status": "stopped" if stopped else "running",
+            "actual_status": status,
+            "intended_status": "stopped" if stopped and not inst.get("outbid") else "running",
             "cur_state": "stopped" if stopped else "running", "next_state": "stopped" if stopped else "running",
             "status_msg": inst.get("status_msg"), "label": inst.get("label"),
             "image_uuid": inst.get("image"), "image_runtype": inst.get("runtype"), "image_args": [],

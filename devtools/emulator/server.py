@@ -19,6 +19,8 @@ from devtools.emulator.cloud import ApiError, Cloud
 RATE_LIMIT_TEXT = "API requests too frequent"
 HTML_ERROR = ("<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad "
               "Gateway</h1></center><hr><center>cloudflare</center></body></html>")
+HTML_GATEWAY_TIMEOUT = ("<!DOCTYPE html><html><head><title>504 Gateway Time-out</title></head><body><center><h1>504 "
+                        "Gateway Time-out</h1></center><hr><center>cloudflare</center></body></html>")
 DEFAULT_MISSING = ("ssh_host", "ssh_port", "public_ipaddr", "ports", "actual_status", "dph_total", "gpu_name",
                    "new_contract", "offers_count")
 WRONG_TYPES = {"ssh_port": "twenty-two", "actual_status": 7, "dph_total": "cheap", "ports": "22/tcp",
@@ -82,8 +84,30 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     # --------------------------------------------------------------------------- plumbing --
-    def _send(self, status: int, body: bytes, ctype: str) -> None:
+    @staticmethod
+    def _is_search(method: str, path: str) -> bool:
+        p = path.rstrip("/")
+        return (method == "POST" and p.endswith("/bundles")) or (method == "PUT" and p.endswith("/search/asks"))
+
+    @staticmethod
+    def _is_create(method: str, path: str) -> bool:
+        return method == "PUT" and re.fullmatch(r"/api/v0/asks/\d+/?", path) is not None
+
+    def _lose_answer(self) -> None:
+        """`lost_create`: the instance was created, but its answer never reaches the client: a gateway
+        504/500 page, or the connection closed without a reply (`lost_create_mode`)."""
+        mode = str(self.server.cloud.setting("lost_create_mode"))
+        if mode == "drop":
+            self.close_connection = True
+            return
+        if mode == "500":
+            return self._json(500, {"success": False, "error": "server_error", "msg": "Internal server error"})
+        return self._send(504, HTML_GATEWAY_TIMEOUT.encode(), "text/html; charset=utf-8")
+
+    def _send(self, status: int, body: bytes, ctype: str, headers: Optional[dict] = None) -> None:
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -121,8 +145,15 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(401, {"success": False, "error": "auth_error", "msg": "Invalid user key"})
             cloud = self.server.cloud
             if cloud.store.take("http_429"):
-                return self._send(429, RATE_LIMIT_TEXT.encode(), "text/plain")
+                retry_after = cloud.setting("http_429_retry_after")
+                headers = {} if retry_after is None or retry_after < 0 else {"Retry-After": f"{retry_after:g}"}
+                return self._send(429, RATE_LIMIT_TEXT.encode(), "text/plain", headers)
+            if self._is_search(method, path) and cloud.store.take("quota_429"):
+                return self._json(429, {"success": False, "error": "search_quota_exceeded",
+                                        "msg": "Daily search quota exceeded. The quota resets at 00:00 UTC."})
             status, result = self._api(method, path, params, body)
+            if self._is_create(method, path) and cloud.store.take("lost_create"):
+                return self._lose_answer()
             self._reply(status, result)
         except ApiError as e:
             self._json(e.status, {"success": False, "error": e.error, "msg": e.msg})
@@ -162,7 +193,7 @@ class Handler(BaseHTTPRequestHandler):
         if method == "GET" and path.rstrip("/") == "/api/v1/instances":
             return 200, self._list_v1(params)
         if method == "GET" and p == "/instances/":
-            return 200, {"instances": [cloud.instance_row(i) for i in cloud.store.instances()]}
+            return 200, {"instances": cloud.list_rows()}
         if method == "GET" and p == "/instances/filters/":
             return 200, {"filters": []}
         if m := re.fullmatch(r"/instances/request_logs/(\d+)/", p):
@@ -179,9 +210,7 @@ class Handler(BaseHTTPRequestHandler):
         if m := re.fullmatch(r"/instances/(\d+)/", p):
             iid = int(m[1])
             if method == "GET":
-                inst = cloud.store.get_instance(iid)
-                live = inst is not None and inst.get("ended_at") is None
-                return 200, {"instances": cloud.instance_row(inst) if live else None}
+                return 200, {"instances": cloud.show(iid)}
             if method == "DELETE":
                 return 200, cloud.destroy(iid)
             if method == "PUT":
@@ -204,7 +233,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "invalid_args", "limit must be an integer") from None
         if not isinstance(filters, dict) or not isinstance(order, list):
             raise ApiError(400, "invalid_args", "select_filters must be an object, order_by a list")
-        rows = [cloud.instance_row(i) for i in cloud.store.instances()]
+        rows = cloud.list_rows()
         try:
             rows = [r for r in rows if all(matches(r, f, c) for f, c in filters.items())]
         except QueryError as e:
@@ -218,7 +247,7 @@ class Handler(BaseHTTPRequestHandler):
         more = start + limit < len(rows)
         labels: dict[str, int] = {}
         for r in rows:
-            labels[r["label"] or ""] = labels.get(r["label"] or "", 0) + 1
+            labels[r.get("label") or ""] = labels.get(r.get("label") or "", 0) + 1
         return {"instances": page, "next_token": _page_token(start + limit) if more else None,
                 "total_instances": len(rows), "label_counts": labels}
 

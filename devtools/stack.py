@@ -326,14 +326,16 @@ class Stack:
     """Prefect server + emulator + runner under `root` (logs in root/logs, runs in root/runs).
 
     `env`: extra environment for the runner (and so for every flow run), e.g. HF_TOKEN.
+    `secret_blocks`: the Vast.ai key and HF_TOKEN are saved as the Prefect Secret blocks the README
+    recommends (vast-api-key, hf-token) instead of reaching the runner's environment.
     After close(), `survivors` lists the pids of its processes that outlived it (expected: none)."""
 
     def __init__(self, root: Path, api_key: str = "vastkey-chaos-0000", env: Optional[dict] = None,
-                 heartbeat_s: int = 30, runner_limit: int = 2, reaper: bool = True):
+                 heartbeat_s: int = 30, runner_limit: int = 2, reaper: bool = True, secret_blocks: bool = False):
         self.root = Path(root)
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         self.api_key, self.extra_env, self.heartbeat_s = api_key, dict(env or {}), heartbeat_s
-        self.runner_limit = runner_limit
+        self.runner_limit, self.secret_blocks = runner_limit, secret_blocks
         self.port = _free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.runs_dir = self.root / "runs"
@@ -359,6 +361,9 @@ class Stack:
             "QAT_RUNNER_LIMIT": str(self.runner_limit),
         })
         env.update(self.extra_env)
+        if self.secret_blocks:  # the flows must find them in the Secret blocks
+            env.pop("VAST_API_KEY", None)
+            env.pop("HF_TOKEN", None)
         return env
 
     def server_env(self) -> dict:
@@ -388,6 +393,8 @@ class Stack:
         if not self.server.alive():
             raise RuntimeError(f"the Prefect server exited; see {self.server.log}")
         self._gpu_limit()
+        if self.secret_blocks:
+            self._save_secret_blocks()
         if self.with_reaper:  # started first: both runners boot at once
             self.reaper = start_service("reaper", [PY, "-m", "devtools.stack", "serve-reaper"],
                                         self.root / "logs" / "reaper.log", env=self.env())
@@ -407,6 +414,16 @@ class Stack:
 
         with self.client() as client:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=self.runner_limit))
+
+    def _save_secret_blocks(self) -> None:
+        """Secret blocks, saved through the API by a short-lived process (never a command line)."""
+        values = {"vast-api-key": self.api_key, "hf-token": self.extra_env.get("HF_TOKEN")}
+        save = ("import os; from prefect.blocks.system import Secret; "
+                "Secret(value=os.environ['QAT_SECRET_VALUE']).save(os.environ['QAT_SECRET_NAME'], overwrite=True)")
+        for name, value in values.items():
+            if value:
+                subprocess.run([PY, "-c", save], env={**self.env(), "QAT_SECRET_NAME": name, "QAT_SECRET_VALUE": value},
+                               check=True, capture_output=True, timeout=120)
 
     def start_runner(self) -> None:
         """A Runner process serving the qat flow as deployment qat/chaos (flow runs are its children)."""

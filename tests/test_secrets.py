@@ -1,7 +1,8 @@
 """The credentials never leak: a full tiny run (Prefect server + Runner, Vast.ai emulator with real
 sshd, upload to a local Hub) with recognisable fake secrets, then forced failures. The canaries must
 appear nowhere: Prefect logs and database, artifacts, the flow processes' output, the run directory,
-the rented disk and its processes (scanned while the instance is alive), error messages."""
+the rented disk and its processes (scanned while the instance is alive), error messages. The
+secrets reach the flows through Prefect Secret blocks, as the README recommends."""
 from __future__ import annotations
 
 import secrets
@@ -94,7 +95,8 @@ def hub(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack_options(hub) -> dict:
-    return {"api_key": VAST_CANARY, "env": {"HF_TOKEN": HF_CANARY, "HF_ENDPOINT": hub.url}}
+    # the route the README recommends: both secrets in Prefect Secret blocks, none in the environment
+    return {"api_key": VAST_CANARY, "env": {"HF_TOKEN": HF_CANARY, "HF_ENDPOINT": hub.url}, "secret_blocks": True}
 
 
 def _everything_the_run_left(stack, run_id: str) -> list[str]:

@@ -126,11 +126,12 @@ class Service:
 
 
 def start_service(name: str, argv: list[str], log: Path, env: Optional[dict] = None, cwd: Path = REPO) -> Service:
-    """Start argv in a new session (its own process group), output appended to log."""
+    """Start argv in a new session (its own process group), output appended to log. Files it creates
+    are private (umask 077): the Prefect database holds Secret blocks and the key that decrypts them."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077)
     try:
         created = psutil.Process(proc.pid).create_time()
     except psutil.Error:
@@ -268,7 +269,8 @@ class LocalStack:
         env = self.env()
         os.environ.update(env)  # for the Prefect client below and the CLI calls
         (self.stack_dir / "logs").mkdir(parents=True, exist_ok=True)
-        Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+        Path(env["PREFECT_HOME"]).mkdir(mode=0o700, parents=True, exist_ok=True)
+        Path(env["PREFECT_HOME"]).chmod(0o700)
         print(f"==> Prefect server ({env['PREFECT_UI_URL']})")
         svc = self.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                             "--port", str(self.server_port)])

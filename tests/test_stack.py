@@ -86,3 +86,11 @@ def test_a_service_that_exits_on_sigterm_is_not_killed(tmp_path):
     assert svc.alive()
     assert stop_service(svc, grace=10.0) == []
     assert svc.proc.returncode == -15  # SIGTERM did it, no SIGKILL needed
+
+
+def test_files_a_service_creates_are_private(tmp_path):
+    """The Prefect server's database holds Secret blocks and their key: nobody else may read it."""
+    svc = start_service("writer", [sys.executable, "-c", "open('db.sqlite', 'w').write('x')"], tmp_path / "w.log",
+                        cwd=tmp_path)
+    svc.proc.wait(timeout=30)
+    assert (tmp_path / "db.sqlite").stat().st_mode & 0o077 == 0

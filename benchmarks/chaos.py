@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,7 +23,8 @@ from typing import Callable, Optional
 
 import psutil
 
-from devtools.stack import PY, REPO, Stack, wait_for
+from devtools.services import REPO, wait_for
+from devtools.stack import Stack
 
 OUT_JSON = REPO / "benchmarks" / "chaos.json"
 OUT_MD = REPO / "benchmarks" / "CHAOS.md"

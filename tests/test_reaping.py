@@ -240,12 +240,12 @@ def test_a_server_without_our_installation_id_judges_nothing(server, via_proxy):
 
 
 def test_refused_connection_is_unknown(server):
-    from devtools.stack import _free_port
+    from devtools.emulator.sshd import free_port
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
     from tasks.reaping import run_is_active
 
     labels._cache.clear()
-    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{_free_port()}/api", PREFECT_CLIENT_MAX_RETRIES: 0}):
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api", PREFECT_CLIENT_MAX_RETRIES: 0}):
         assert run_is_active(ours(server, uuid.uuid4())) == UNKNOWN
     labels._cache.clear()
 

@@ -9,7 +9,8 @@ import time
 import psutil
 import pytest
 
-from devtools.stack import LocalStack, start_service, stop_service
+from devtools.services import start_service, stop_service
+from devtools.stack import LocalStack
 
 # A service that ignores SIGTERM (forwards SIGINT to itself, which it also ignores), with a child in its
 # process group that ignores SIGTERM too, and a grandchild in a session of its own (like the emulator's

@@ -48,7 +48,7 @@ def _interrupt(stack, case: str, run_id: str, out: dict) -> None:
 
 
 def _wait_gone(stack, run_id: str, since: float, timeout: float = 120) -> float:
-    from devtools.stack import wait_for
+    from devtools.services import wait_for
 
     wait_for(lambda: stack.instances(run_id) and not stack.live(run_id), timeout, 1, f"instances of {run_id} to end")
     return round(max(i["ended_at"] for i in stack.instances(run_id)) - since, 1)

@@ -12,5 +12,5 @@ echo "==> running qat/demo; dashboard: $PREFECT_UI_URL"
 prefect deployment run qat/demo --watch
 echo
 echo "Dashboard:  $PREFECT_UI_URL  (Runs -> the qat/demo run -> Artifacts)"
-echo "Run report: $QAT_RUNS_DIR/demo/report/report.md"
+echo "Run report: report/report.md in the newest run folder under $QAT_RUNS_DIR/demo/"
 echo "Stop the local stack with: make stop"

@@ -17,7 +17,7 @@ from infra.cost import BudgetExceeded, BudgetTimer, CostMeter, RunBudget
 from infra.machine import Lease
 
 __all__ = ["BudgetExceeded", "RunBudget", "open_budget", "open_meter", "check_budget", "record_bytes_home",
-           "watch_budget", "budget_rows", "cost_rows", "total_usd"]
+           "watch_budget", "budget_rows", "total_usd"]
 
 _budgets: dict[str, RunBudget] = {}  # lease label -> the run's budget, in this flow-run process
 _lock = threading.Lock()
@@ -76,12 +76,6 @@ def watch_budget(budget: RunBudget, cfg: RunConfig, on_exceeded: Callable[[], No
     commands print no line to check on); on crossing, `on_exceeded` stops the command."""
     with BudgetTimer(budget, cfg.machine.budget_check_every_s, on_exceeded, log) as timer:
         yield timer
-
-
-def cost_rows(lease: Lease, meter: CostMeter, machine_no: int) -> list[dict]:
-    """Seconds and dollars per step, plus the rest of the billed life, for one machine."""
-    return _meter_rows(meter, f"machine {machine_no}: " if machine_no > 1 else "",
-                       meter.instance_id if meter.instance_id is not None else lease.instance_id)
 
 
 def _meter_rows(meter: CostMeter, prefix: str, instance: Optional[int]) -> list[dict]:

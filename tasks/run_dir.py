@@ -28,7 +28,7 @@ from contract.config import RunConfig, load_config
 from contract.layout import REPO_ROOT
 from contract.result_file import is_done, read_result
 
-__all__ = ["STEPS", "all_steps_done", "latest_run_dir", "open_run_dir", "results_at_home", "run_dirs", "runs_dir",
+__all__ = ["STEPS", "all_steps_done", "open_run_dir", "results_at_home", "run_dirs", "runs_dir",
            "validate_config"]
 
 WORK = "work"
@@ -52,14 +52,6 @@ def run_dirs(name: str, root: Optional[Path] = None) -> list[Path]:
     base = Path(root or runs_dir()) / name
     found = sorted(p for p in base.iterdir() if p.is_dir() and (p / WORK).is_dir()) if base.is_dir() else []
     return ([base] if (base / WORK).is_dir() else []) + found
-
-
-def latest_run_dir(name: str, root: Optional[Path] = None) -> Path:
-    """The newest run directory of config `name` (FileNotFoundError when it never ran)."""
-    dirs = run_dirs(name, root)
-    if not dirs:
-        raise FileNotFoundError(f"no run of config {name!r} under {Path(root or runs_dir())}")
-    return dirs[-1]
 
 
 def _flow_run_id() -> Optional[str]:

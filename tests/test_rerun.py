@@ -157,7 +157,7 @@ def test_result_json_records_the_inputs(tmp_path):
 # ---------------------------------------------------------------- run directories
 
 def test_two_runs_of_one_config_get_distinct_run_dirs(tmp_path, monkeypatch):
-    from tasks.run_dir import latest_run_dir, open_run_dir, run_dirs
+    from tasks.run_dir import open_run_dir, run_dirs
 
     monkeypatch.setenv("QAT_RUNS_DIR", str(tmp_path / "runs"))
     cfg = tiny_config()
@@ -165,7 +165,7 @@ def test_two_runs_of_one_config_get_distinct_run_dirs(tmp_path, monkeypatch):
     b, wb = open_run_dir(cfg)
     assert a != b and wa.is_dir() and wb.is_dir() and (a / "run.yaml").is_file() and (b / "run.yaml").is_file()
     assert a.parent == b.parent == tmp_path / "runs" / cfg.name
-    assert run_dirs(cfg.name) == [a, b] and latest_run_dir(cfg.name) == b
+    assert run_dirs(cfg.name) == [a, b]
     again, _ = open_run_dir(cfg, run_id="flowrun-1")
     assert again.name.endswith("-flowrun-1") and open_run_dir(cfg, run_id="flowrun-1")[0] == again  # a retry
 

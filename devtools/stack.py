@@ -7,8 +7,11 @@ Vast.ai emulator (real sshd instances) and something that runs flows.
     python -m devtools.stack env      # its settings as `export` lines (scripts/demo.sh evals them)
 
 `up`/`down` drive `LocalStack`, the persistent demo stack: state in .prefect/ and .stack/ (pid files,
-logs, the emulator's state and API key), ports from $PREFECT_SERVER_API_PORT (4200) and
-$EMULATOR_PORT (8765); `up` reuses whatever is already running.
+logs, the emulator's state and API key), the server's port from $PREFECT_SERVER_API_PORT (4200); `up`
+reuses whatever is already running. It never serves real use: its workers serve the demo pools only
+(qat-demo, qat-demo-reaper), the emulator listens where the demo deployment's `VAST_URL` says and its
+key is saved in the Secret block the demo deployment names (`VAST_API_KEY_BLOCK`), both read from
+prefect.yaml; the stack's own environment carries no Vast.ai endpoint or key.
 
 `Stack` is the throwaway stack of the chaos bench and the slow tests: everything under one root, free
 ports, and a Runner serving the `qat` flow instead of a worker, so that flow runs live in their own
@@ -33,8 +36,12 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 import psutil
+import yaml
+
+from tasks.secrets import EMULATOR_KEY_PREFIX
 
 from .emulator.sshd import free_port
 from .services import GRACE_S, Service, answers, start_service, stop_service, wait_for
@@ -48,9 +55,26 @@ REAPER_DEPLOYMENT = "reap/reaper"
 
 # ---------------------------------------------------------------- the demo stack (up / down / status)
 
+DEMO_DEPLOYMENTS = ("qat/demo", "reap/demo")  # what `make demo` registers (scripts/demo.sh)
+
+
+def deployment(name: str, prefect_yaml: Path = REPO / "prefect.yaml") -> dict:
+    """The entry of deployment `flow/name` in prefect.yaml (anchors resolved)."""
+    flow, _, dep = name.partition("/")
+    for d in yaml.safe_load(prefect_yaml.read_text())["deployments"]:
+        if d["entrypoint"].rsplit(":", 1)[-1] == flow and d["name"] == dep:
+            return d
+    raise KeyError(f"no deployment {name!r} in {prefect_yaml}")
+
+
+def deployment_env(name: str, prefect_yaml: Path = REPO / "prefect.yaml") -> dict[str, str]:
+    """The environment a worker adds to this deployment's flow runs (its job variables' env)."""
+    return dict(deployment(name, prefect_yaml)["work_pool"].get("job_variables", {}).get("env", {}))
+
+
 class LocalStack:
-    """The persistent demo stack: Prefect server (UI included), emulator, a process worker on qat-pool
-    and, as in production, another on qat-reaper for the reap deployment."""
+    """The persistent demo stack: Prefect server (UI included), emulator, a process worker on the
+    demo's pool (qat-demo) and, as in production, another on its own reaper pool (qat-demo-reaper)."""
 
     SERVICES = ("prefect-server", "emulator", "worker", "reaper-worker")  # start order; stopped in reverse
 
@@ -58,20 +82,30 @@ class LocalStack:
         self.root = Path(root)
         self.stack_dir = Path(stack_dir or self.root / ".stack")
         self.server_port = int(os.environ.get("PREFECT_SERVER_API_PORT", "4200"))
-        self.emulator_port = int(os.environ.get("EMULATOR_PORT", "8765"))
+        demo = deployment_env(DEMO_DEPLOYMENTS[0], self.root / "prefect.yaml")
+        self.vast_url, self.secret_block = demo["VAST_URL"], demo["VAST_API_KEY_BLOCK"]
+        self.emulator_port = urlsplit(self.vast_url).port
+        self.pools = {name: deployment(name, self.root / "prefect.yaml")["work_pool"]["name"]
+                      for name in DEMO_DEPLOYMENTS}
         self.key_file = self.stack_dir / "emulator-api-key"
 
     def env(self) -> dict[str, str]:
-        """The stack's settings, for its services and for the shell that drives it (`env`)."""
+        """The stack's settings, for its services and for the shell that drives it (`env`). No Vast.ai
+        endpoint or key: the demo deployments carry theirs (prefect.yaml job variables)."""
         ui = f"http://127.0.0.1:{self.server_port}"
         return {
             "PREFECT_HOME": str(self.root / ".prefect"), "PREFECT_SERVER_API_PORT": str(self.server_port),
-            "PREFECT_API_URL": f"{ui}/api", "PREFECT_UI_URL": ui, "EMULATOR_PORT": str(self.emulator_port),
-            "VAST_URL": os.environ.get("VAST_URL", f"http://127.0.0.1:{self.emulator_port}"),
+            "PREFECT_API_URL": f"{ui}/api", "PREFECT_UI_URL": ui,
             "QAT_RUNS_DIR": os.environ.get("QAT_RUNS_DIR", str(self.root / "runs")),
             "STACK_DIR": str(self.stack_dir),
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         }
+
+    def service_env(self) -> dict[str, str]:
+        """What the stack's processes get: this shell's environment less any Vast.ai endpoint or key
+        (a worker passes its environment to every flow run it starts), plus the stack's settings."""
+        env = {k: v for k, v in os.environ.items() if k not in ("VAST_URL", "VAST_API_KEY", "VAST_API_KEY_BLOCK")}
+        return {**env, **self.env()}
 
     def _pid_file(self, name: str) -> Path:
         return self.stack_dir / f"{name}.pid"
@@ -86,7 +120,7 @@ class LocalStack:
             print(f"    {name} already running (pid {running.pid})")
             return running
         svc = start_service(name, argv, self.stack_dir / "logs" / f"{name}.log",
-                            env={**os.environ, **self.env(), **(env or {})})
+                            env={**self.service_env(), **(env or {})})
         self._pid_file(name).write_text(svc.to_json())
         print(f"    {name} started (pid {svc.pid}, log {svc.log})")
         return svc
@@ -106,29 +140,36 @@ class LocalStack:
         svc = self.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                             "--port", str(self.server_port)])
         self._wait_up(svc, env["PREFECT_API_URL"] + "/health", "the Prefect server", 120)
-        print(f"==> Vast.ai emulator ({env['VAST_URL']})")
+        print(f"==> Vast.ai emulator ({self.vast_url})")
         if not self.key_file.is_file():
-            self.key_file.write_text("emu-" + secrets.token_hex(16) + "\n")
+            self.key_file.write_text(EMULATOR_KEY_PREFIX + secrets.token_hex(16) + "\n")
         self.key_file.chmod(0o600)
         key = self.key_file.read_text().strip()
         svc = self.start("emulator", [PY, "-m", "devtools.emulator", "--port", str(self.emulator_port),
                                       "--state-dir", str(self.stack_dir / "emulator")],
                          env={"VAST_EMULATOR_KEY": key})  # the key stays off the command line
-        self._wait_up(svc, env["VAST_URL"] + "/api/v0/users/current", "the Vast.ai emulator", 60)
-        print("==> Prefect blocks, work pool, concurrency limit")
+        self._wait_up(svc, self.vast_url + "/api/v0/users/current", "the Vast.ai emulator", 60)
+        print(f"==> Prefect Secret {self.secret_block!r}, work pools {', '.join(self.pools.values())}, "
+              "concurrency limit")
+        self.prefect_setup(key)
+        prefect = str(BIN / "prefect")
+        print("==> worker")
+        self.start("worker", [prefect, "worker", "start", "--pool", self.pools["qat/demo"]])
+        print("==> reaper worker")
+        self.start("reaper-worker", [prefect, "worker", "start", "--pool", self.pools["reap/demo"]])
+
+    def prefect_setup(self, key: str) -> None:
+        """On the Prefect server of PREFECT_API_URL: the emulator key in the demo's own Secret block,
+        the demo's work pools, the GPU limit. Nothing of real use (vast-api-key, qat-pool) is touched."""
         from prefect.blocks.system import Secret
 
-        Secret(value=key).save("vast-api-key", overwrite=True)
+        Secret(value=key).save(self.secret_block, overwrite=True)
         prefect = str(BIN / "prefect")
-        for inspect, create in ((["work-pool", "inspect", "qat-pool"], ["work-pool", "create", "qat-pool", "--type", "process"]),
-                                (["work-pool", "inspect", "qat-reaper"], ["work-pool", "create", "qat-reaper", "--type", "process"]),
-                                (["gcl", "inspect", "vast-gpus"], ["gcl", "create", "vast-gpus", "--limit", "1"])):
+        todo = [(["work-pool", "inspect", pool], ["work-pool", "create", pool, "--type", "process"])
+                for pool in self.pools.values()]
+        for inspect, create in todo + [(["gcl", "inspect", "vast-gpus"], ["gcl", "create", "vast-gpus", "--limit", "1"])]:
             if subprocess.run([prefect, *inspect], capture_output=True).returncode != 0:
                 subprocess.run([prefect, *create], capture_output=True, check=True)
-        print("==> worker")
-        self.start("worker", [prefect, "worker", "start", "--pool", "qat-pool"])
-        print("==> reaper worker")
-        self.start("reaper-worker", [prefect, "worker", "start", "--pool", "qat-reaper"])
 
     def down(self, grace: float = GRACE_S) -> list[int]:
         """Stop worker, emulator, server (in that order); returns the pids that survived (none)."""

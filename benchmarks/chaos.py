@@ -1,18 +1,25 @@
 """Chaos bench: real `qat` flow runs (tiny model, Vast.ai emulator, real sshd, real Prefect server
 and Runner) under one fault each. For every scenario: did it end as it should, were instances
 leaked (emulator ledger), were artifacts lost (expected files and Prefect artifacts), how many
-dollars beyond the clean baseline run were billed.
+dollars were billed, and whether the bill stayed within the budget bound (machine.max_cost_usd plus
+one budget check interval of every instance's $/h).
 
-    .venv/bin/python -m benchmarks.chaos [--only baseline,preempt,...] [--list] [--keep DIR]
+    .venv/bin/python -m benchmarks.chaos [--only baseline,preempt,...] [--repeat N] [--list] [--keep DIR] [--out PREFIX]
+    .venv/bin/python -m benchmarks.chaos --render-readme    # README's "What survives what" from chaos.json
 
-Writes benchmarks/chaos.json (merged by scenario name, so a partial re-run keeps the other rows) and
-benchmarks/CHAOS.md. Scenarios run one after another; a failing one is recorded with its reason.
+Each scenario runs --repeat times (default 2); benchmarks/chaos.json keeps every run (merged by
+scenario name, so a partial re-run keeps the other rows) and benchmarks/CHAOS.md shows runs/ok per
+scenario. Scenarios run one after another; a failing one is recorded with its reason.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -23,11 +30,16 @@ from typing import Callable, Optional
 
 import psutil
 
+from devtools.emulator.cloud import GLOBAL_KNOBS
+from devtools.emulator.sshd import instance_processes
 from devtools.services import REPO, wait_for
-from devtools.stack import Stack
+from devtools.stack import PY, LocalStack, Stack, deployment, deployment_env
 
 OUT_JSON = REPO / "benchmarks" / "chaos.json"
 OUT_MD = REPO / "benchmarks" / "CHAOS.md"
+README = REPO / "README.md"
+README_START = "<!-- chaos-table:start (python -m benchmarks.chaos --render-readme; do not edit by hand) -->"
+README_END = "<!-- chaos-table:end -->"
 STEP_NAMES = ("prepare", "train", "convert", "bench", "evaluate")
 # Every full run uses these, so any run compares with the baseline (same train config, same data order).
 COMMON = {"train.max_steps": 6, "train.save_every": 2, "train.eval_every": 6, "data.max_eval_samples": 2,
@@ -42,13 +54,19 @@ WEIGHT_ATOL = 1e-5
 @dataclass
 class Scenario:
     name: str
-    fault: str
+    fault: str                            # what happens (the README's first column)
     expect: tuple[str, ...]               # acceptable final state types
+    does: str = ""                        # what the flow does about it (the README's second column)
     overrides: dict = field(default_factory=dict)
-    faults: dict = field(default_factory=dict)   # set on label prefix "qat-" before the run
+    faults: dict = field(default_factory=dict)   # set before the run: global knobs globally, the others on label prefix "qat-"
     action: Optional[Callable] = None     # (stack, run_id, notes) -> None, runs while the flow does
     message: str = ""                     # the final state's message must contain this (failures)
     final: bool = True                    # False: the run is never finalised (its process was killed)
+    resumes: bool = False                 # a machine is lost mid-training: >= 2 instances, weights == the baseline's
+    max_instances: Optional[int] = None   # at most this many instances may be rented (0: refused before renting)
+    prepare: Optional[Callable] = None    # (stack) -> overrides computed when the scenario starts
+    start: Optional[Callable] = None      # (stack, sc, notes, errors) -> run id: replaces submit + action + wait
+    config: str = "tiny"
 
 
 # ---------------------------------------------------------------- triggers
@@ -107,13 +125,142 @@ def run_dir_of(stack, name: str, run_id: str) -> Path:
     return mine[-1] if mine else stack.runs_dir / name / f"missing-run-dir-{run_id}"
 
 
-def act_preempt(stack, run_id, notes):
-    """Preempt the instance once a checkpoint has been copied home."""
+def _preempt(stack, run_id, notes, mode: str) -> None:
+    """Preempt the instance (emulator preempt_mode `mode`) once a checkpoint has been copied home."""
     inst = _remote_train_started(stack, run_id)
-    home = lambda: run_dir_of(stack, "chaos-preempt", run_id) / "work" / "train" / "checkpoints"  # noqa: E731
-    ckpt = wait_for(lambda: sorted(p.name for p in home().glob("step-*")), 600, 0.5, "a checkpoint copied home")
-    stack.emu.set_faults(id=inst["id"], preempt_after_s=0)
+    ckpt = wait_for(lambda: sorted(p.name for p in stack.runs_dir.glob(f"*/*-{run_id}/work/train/checkpoints/step-*")),
+                    600, 0.5, "a checkpoint copied home")
+    stack.emu.set_faults(id=inst["id"], preempt_after_s=0, preempt_mode=mode)
     notes.update(preempted_instance=inst["id"], checkpoint_home_at_preemption=ckpt[-1], preempted_at=time.time())
+
+
+def act_preempt(stack, run_id, notes):
+    _preempt(stack, run_id, notes, "exited")
+
+
+def act_outbid(stack, run_id, notes):
+    """Outbid: Vast stops the instance (disk kept, storage still billed) instead of ending it."""
+    _preempt(stack, run_id, notes, "stopped")
+
+
+def act_freeze_step(stack, run_id, notes):
+    """Freeze (SIGSTOP) the train step on the machine before the budget is crossed: from then on it
+    prints nothing, so only the budget timer (machine.budget_check_every_s) can see the spending."""
+    inst = _remote_train_started(stack, run_id)
+    info = stack.emu.instance_info(inst["id"])
+    frozen = []
+    for pid in instance_processes(Path(info["root"]), info.get("sshd_pid")):
+        try:
+            p = psutil.Process(pid)
+            if "steps" in p.cmdline() and "train" in p.cmdline():
+                p.suspend()
+                frozen.append(pid)
+        except psutil.Error:
+            continue
+    if not frozen:
+        raise RuntimeError(f"no train step process found on instance {inst['id']}")
+    billed = next(r["cost"] for r in stack.instances(run_id) if r["id"] == inst["id"])
+    notes.update(frozen_pids=frozen, frozen_at=time.time(), billed_at_freeze_usd=round(billed, 6))
+
+
+def silent_budget_overrides(stack, life_s: float = 150, check_s: float = 10) -> dict:
+    """A cap that buys `life_s` of the cheapest matching machine: renting, setup and the start of
+    training fit, then the frozen step sits silent until the timer finds the cap crossed."""
+    from contract.config import load_config
+    from infra.vast import VastProvider
+
+    mc = load_config("tiny").machine
+    dph = float(VastProvider(api_key=stack.api_key, server_url=stack.emu.url).search_offers(mc.vast)[0]["dph_total"])
+    return {**LONG_TRAIN, "machine.max_cost_usd": round(dph * life_s / 3600, 6), "machine.planned_hours": 0.001,
+            "machine.budget_check_every_s": check_s}
+
+
+class ConnectCatcher:
+    """A fake HTTPS proxy on loopback: every connection the process under test tries to open to an
+    https:// address (HTTPS_PROXY) lands here, is recorded (its CONNECT line) and refused."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.seen: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    self.seen.append(conn.recv(200).split(b"\r\n", 1)[0].decode(errors="replace"))
+                except OSError:
+                    self.seen.append("(nothing sent)")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _emulator_api_requests(stack) -> int:
+    """Vast.ai API requests the emulator has served (its log has one line per request; admin excluded)."""
+    log = Path(stack.emu.state_dir) / "emulator.log"
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return len(re.findall(r"^(?:GET|POST|PUT|DELETE) /api/", text, re.M))
+
+
+def _prefect_python(code: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_demo_then_real(stack, sc, notes, errors) -> str:
+    """The demo stack sets itself up on this Prefect server (LocalStack.prefect_setup, its emulator key
+    minted as `make demo` does), an older demo's leftover puts that key in `vast-api-key` too, then the
+    real deployment qat/int8 runs as a worker started from the demo's shell would run it: the demo
+    stack's environment plus the deployment's job variables, https traffic caught by ConnectCatcher."""
+    from tasks.secrets import EMULATOR_KEY_PREFIX, VAST_SECRET_BLOCK
+
+    key = EMULATOR_KEY_PREFIX + "chaos" + os.urandom(8).hex()
+    base = {k: v for k, v in stack.env().items() if not k.startswith("VAST_")}
+    setup = ("import os; from devtools.stack import LocalStack; from tasks.secrets import _secret_block; "
+             "LocalStack().prefect_setup(os.environ['QAT_DEMO_KEY']); "
+             "print('REAL_BLOCK_SET', _secret_block(os.environ['QAT_REAL_BLOCK']) is not None)")
+    out = _prefect_python(setup, {**base, "QAT_DEMO_KEY": key, "QAT_REAL_BLOCK": VAST_SECRET_BLOCK}, 300)
+    if out.returncode != 0:
+        raise RuntimeError(f"the demo's Prefect setup failed: {out.stderr[-500:]}")
+    notes["demo_wrote_vast_api_key"] = "REAL_BLOCK_SET True" in out.stdout
+    leftover = ("import os; from prefect.blocks.system import Secret; "
+                "Secret(value=os.environ['QAT_DEMO_KEY']).save(os.environ['QAT_REAL_BLOCK'], overwrite=True)")
+    _prefect_python(leftover, {**base, "QAT_DEMO_KEY": key, "QAT_REAL_BLOCK": VAST_SECRET_BLOCK}, 120).check_returncode()
+    real = deployment("qat/int8")
+    worker_env = {k: v for k, v in LocalStack().service_env().items()
+                  if not k.startswith(("PREFECT_",)) and k.lower() not in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")}
+    catcher = ConnectCatcher()
+    before = (_emulator_api_requests(stack), len(stack.emu.ledger()["instances"]))
+    env = {**worker_env, **{k: v for k, v in base.items() if k.startswith("PREFECT_") or k == "QAT_RUNS_DIR"},
+           **deployment_env("qat/int8"), "HTTPS_PROXY": catcher.url, "https_proxy": catcher.url}
+    run = ("import json; from flows.qat import qat; "
+           f"s = qat(**{real['parameters']!r}, return_state=True); "
+           "print('QAT_FLOW_RUN', s.state_details.flow_run_id)")
+    try:
+        out = _prefect_python(run, env, 600)
+    finally:
+        catcher.close()
+    found = re.search(r"QAT_FLOW_RUN (\S+)", out.stdout)
+    if not found:
+        raise RuntimeError(f"the real deployment's run printed no flow run id: {out.stderr[-800:]}")
+    requests_after, instances_after = _emulator_api_requests(stack), len(stack.emu.ledger()["instances"])
+    notes.update(emulator_api_requests=requests_after - before[0], instances_created=instances_after - before[1],
+                 https_connections=catcher.seen, deployment="qat/int8", worker_env_vast=sorted(
+                     k for k in env if k.startswith("VAST_")))
+    if notes["emulator_api_requests"] or notes["instances_created"] or catcher.seen:
+        errors.append(f"the real run reached out: {notes['emulator_api_requests']} emulator API request(s), "
+                      f"https connection(s) {catcher.seen}")
+    if notes["demo_wrote_vast_api_key"]:
+        errors.append("the demo's setup wrote the real Secret block 'vast-api-key'")
+    return found.group(1)
 
 
 def act_cancel(stack, run_id, notes):
@@ -162,24 +309,85 @@ def act_kill_all(stack, run_id, notes, every_s: float = 10, timeout: float = 420
 
 
 SCENARIOS = [
-    Scenario("baseline", "none", ("COMPLETED",)),
+    Scenario("baseline", "none", ("COMPLETED",), "runs every step, destroys the machine"),
     Scenario("preempt", "preemption mid-training (after a checkpoint came home)", ("COMPLETED",),
-             overrides={"machine.checkpoint_sync_every_s": 2, "machine.ssh_timeout_s": 30}, action=act_preempt),
+             "rents a new machine, resumes from the checkpoint copied home",
+             overrides={"machine.checkpoint_sync_every_s": 2, "machine.ssh_timeout_s": 30}, action=act_preempt,
+             resumes=True),
+    Scenario("outbid-stopped", "outbid mid-training: Vast stops the instance (`preempt_mode: stopped`, storage still bills)",
+             ("COMPLETED",), "sees the machine is no longer running, destroys it (a stopped one bills storage), "
+             "rents another and resumes from the checkpoint copied home",
+             overrides={"machine.checkpoint_sync_every_s": 2, "machine.ssh_timeout_s": 30}, action=act_outbid,
+             resumes=True),
     Scenario("kill-worker", "SIGKILL of the runner and the flow process mid-training", ("RUNNING",),
-             overrides=LONG_TRAIN, action=act_kill_all, final=False),
-    Scenario("cancel", "cancel from the API mid-training", ("CANCELLED",), overrides=LONG_TRAIN, action=act_cancel),
+             "nothing fires; the `reap` deployment, on its own worker, sees no heartbeat and destroys the machine "
+             "after two \"gone\" verdicts in a row", overrides=LONG_TRAIN, action=act_kill_all, final=False),
+    Scenario("cancel", "cancel from the API mid-training", ("CANCELLED",), "SIGTERM: the flow's `finally` destroys",
+             overrides=LONG_TRAIN, action=act_cancel),
     Scenario("budget", "budget cap crossed (machine.max_cost_usd $0.002)", ("FAILED",),
+             "`BudgetExceeded` on an output line, machine destroyed",
              overrides={"machine.max_cost_usd": 0.002, "machine.planned_hours": 0.001}, message="budget"),
-    Scenario("disk-full", "rented disk full (30 MB tmpfs)", ("FAILED",), faults={"disk_full_mb": 30},
+    Scenario("silent-budget", "a step that prints nothing while the budget is crossed (train frozen, cap = 150 s of machine)",
+             ("FAILED",), "the budget timer (`machine.budget_check_every_s`, 10 s here) finds the cap crossed, stops "
+             "the command and destroys the machine", action=act_freeze_step, prepare=silent_budget_overrides,
+             message="budget"),
+    Scenario("disk-full", "rented disk full (30 MB tmpfs)", ("FAILED",),
+             "deterministic step error naming the disk, not retried; error.json home", faults={"disk_full_mb": 30},
              message="disk"),
-    Scenario("ssh-drop", "SSH sessions killed mid-training", ("COMPLETED",), action=act_drop_ssh),
-    Scenario("destroy-fails", "first destroy answers 500", ("COMPLETED",), faults={"destroy_fail_once": True}),
+    Scenario("ssh-drop", "SSH sessions killed mid-training", ("COMPLETED",),
+             "the step is retried on a new connection (`--resume`: from the last checkpoint)", action=act_drop_ssh),
+    Scenario("destroy-fails", "first destroy answers 500", ("COMPLETED",), "destroy is retried and confirmed by polling",
+             faults={"destroy_fail_once": True}),
     Scenario("destroy-silent", "first destroy claims success but keeps the instance", ("COMPLETED",),
-             faults={"destroy_fail_once": "silent"}),
-    Scenario("http-429", "bursts of 4 x HTTP 429 on any endpoint, the next 15 s after one is spent", ("COMPLETED",), action=act_429_bursts),
-    Scenario("ssh-refused", "SSH refused for 25 s after `running`", ("COMPLETED",), faults={"ssh_refuse_s": 25}),
+             "destroy is confirmed by polling and sent again", faults={"destroy_fail_once": "silent"}),
+    Scenario("destroy-lag", "destroyed instance stays visible for 20 s (`destroy_lag_s`)", ("COMPLETED",),
+             "keeps polling until the API says it is gone (404)", faults={"destroy_lag_s": 20}),
+    Scenario("http-429", "bursts of 4 x HTTP 429 on any endpoint, the next 15 s after one is spent", ("COMPLETED",),
+             "backoff retries on every endpoint", action=act_429_bursts),
+    Scenario("quota-429", "daily search quota exhausted (`quota_429`: JSON 429 search_quota_exceeded)", ("FAILED",),
+             "fails before renting, not retried (the quota resets at UTC midnight), $0", faults={"quota_429": 10},
+             message="quota", max_instances=0),
+    Scenario("lost-create-504", "create answer lost: 504 gateway timeout (`lost_create`), the instance exists",
+             ("COMPLETED",), "never re-sends the create: finds the instance by its label and uses it",
+             faults={"lost_create": 1, "lost_create_mode": "504"}, max_instances=1),
+    Scenario("lost-create-500", "create answer lost: 500 server_error, the instance exists", ("COMPLETED",),
+             "never re-sends the create: finds the instance by its label and uses it",
+             faults={"lost_create": 1, "lost_create_mode": "500"}, max_instances=1),
+    Scenario("lost-create-drop", "create answer lost: connection dropped, the instance exists", ("COMPLETED",),
+             "never re-sends the create: finds the instance by its label and uses it",
+             faults={"lost_create": 1, "lost_create_mode": "drop"}, max_instances=1),
+    Scenario("null-after-create", "show answers null for 20 s after create (`null_after_create_s`)", ("COMPLETED",),
+             "keeps polling the new instance instead of taking it for gone", faults={"null_after_create_s": 20},
+             max_instances=1),
+    Scenario("list-lag", "instance list lags 30 s behind creation (`list_lag_s`)", ("COMPLETED",),
+             "tracks its machine by id; the list is only for finding by label", faults={"list_lag_s": 30},
+             max_instances=1),
+    Scenario("foreign-rows", "30 instances of other projects with null fields in the list (`foreign_rows`)",
+             ("COMPLETED",), "ignores rows it cannot read or that are not its label; touches none of them",
+             faults={"foreign_rows": 30}),
+    Scenario("ssh-refused", "SSH refused for 25 s after `running`", ("COMPLETED",), "retries SSH until `ssh_timeout_s`",
+             faults={"ssh_refuse_s": 25}),
     Scenario("stuck-loading", "first instance stuck in `loading` (provision timeout 15 s)", ("COMPLETED",),
+             "gives up after `provision_timeout_s`, destroys it, rents another offer",
              overrides={"machine.provision_timeout_s": 15}, faults={"stuck_loading": True}, action=act_stuck_first),
+    Scenario("demo-then-real", "`make demo`'s stack ran, then the real deployment qat/int8 runs on the same machine "
+             "(an older demo left its emulator key in `vast-api-key`)", ("FAILED",),
+             "refuses the emulator key for the real API before any request, naming the Secret block and how to "
+             "fix it; the demo's own pools, block and endpoint are not the real ones", message="emulator's API key",
+             max_instances=0, start=start_demo_then_real, config="int8"),
+    # Two more scenarios wait for emulator knobs being added in another branch (no CUDA on a GPU machine:
+    # `no_cuda`; image packages built for another torch: `image_torchvision_broken`): one Scenario each,
+    # with `faults={knob: True}`, the expected final state, `message` and `does`, like the rows above.
+]
+
+# Rows of README's table that a test measures rather than `make chaos`: (what happens, what the flow does, where).
+TESTED_ELSEWHERE = [
+    ("SIGTERM or SIGKILL of the flow process", "`finally` destroys (SIGTERM); the runner/worker fires `on_crashed`, "
+     "which destroys by label (SIGKILL)", "tests/test_teardown.py"),
+    ("garbled Vast.ai answers (HTML, empty, truncated, missing/wrong fields)",
+     "`VastAPIError` naming the call; create sweeps by label", "tests/test_hostile.py; key never in a traceback"),
+    ("secrets", "API key and HF token never in logs, artifacts, Prefect DB, run dir, rented disk or its processes",
+     "tests/test_secrets.py (canaries)"),
 ]
 
 
@@ -207,6 +415,8 @@ def expected_files(stack: Stack, run_id: str, name: str, state_type: str, messag
 def teardown_layer(stack: Stack, run_id: str, instances: list[dict], notes: dict) -> str:
     if notes.get("teardown_by"):
         return notes["teardown_by"]
+    if not instances:
+        return "nothing rented"
     tasks = [s for n, s in stack.task_states(run_id) if n.startswith("destroy machine")]
     text = stack.runner_text()
     hook = [i["id"] for i in instances if f"destroyed [{i['id']}" in text or f", {i['id']}]" in text]
@@ -221,6 +431,12 @@ def abandoned_usd(instances: list[dict], state_type: str) -> float:
     """Dollars billed by machines that did not carry the run to its end (all of them if it did not end well)."""
     keep = instances[-1]["id"] if state_type == "COMPLETED" and instances else None
     return round(sum(i["cost"] for i in instances if i["id"] != keep), 6)
+
+
+def billing_bound(instances: list[dict], max_cost_usd: float, check_every_s: float) -> float:
+    """The most a run may be billed: its cap plus one budget check interval of every instance it rented
+    (the budget is checked on every output line and every check interval; crossing it destroys)."""
+    return round(max_cost_usd + sum(i["dph_total"] for i in instances) * check_every_s / 3600, 6)
 
 
 def compare_weights(a: Path, b: Path) -> dict:
@@ -240,16 +456,9 @@ def compare_weights(a: Path, b: Path) -> dict:
     return {"compared": True, "tensors": n, "max_abs_diff": worst, "atol": WEIGHT_ATOL, "equal": worst <= WEIGHT_ATOL}
 
 
-def run_scenario(stack: Stack, sc: Scenario, baseline: Optional[dict]) -> dict:
-    stack.emu.clear_faults()
-    if sc.faults:
-        stack.emu.set_faults(label_prefix="qat-", **sc.faults)
-    name = f"chaos-{sc.name}"
-    shutil.rmtree(stack.runs_dir / name, ignore_errors=True)
-    t0 = time.time()
-    run_id = stack.submit(overrides={**COMMON, "name": name, **sc.overrides})
-    notes: dict = {}
-    errors: list[str] = []
+def _submit_and_wait(stack: Stack, sc: Scenario, overrides: dict, notes: dict, errors: list[str]) -> str:
+    run_id = stack.submit(config=sc.config, overrides=overrides)
+    th = None
     if sc.action:
         def act():
             try:
@@ -258,15 +467,36 @@ def run_scenario(stack: Stack, sc: Scenario, baseline: Optional[dict]) -> dict:
                 errors.append(f"fault injection failed: {type(e).__name__}: {e}")
         th = threading.Thread(target=act, daemon=True)
         th.start()
-    state = None
     if sc.final:
         try:
-            state = stack.wait_final(run_id, 1800)
+            stack.wait_final(run_id, 1800)
         except TimeoutError as e:
             errors.append(str(e))
-    if sc.action:
+    if th is not None:
         th.join(timeout=900)
-    state = state or stack.state(run_id)
+    return run_id
+
+
+def run_scenario(stack: Stack, sc: Scenario, baseline: Optional[dict]) -> dict:
+    """One run of the scenario, measured: a row of chaos.json."""
+    from contract.config import load_config
+
+    stack.emu.clear_faults()
+    glob_faults = {k: v for k, v in sc.faults.items() if k in GLOBAL_KNOBS}
+    inst_faults = {k: v for k, v in sc.faults.items() if k not in GLOBAL_KNOBS}
+    if inst_faults:
+        stack.emu.set_faults(label_prefix="qat-", **inst_faults)
+    name = f"chaos-{sc.name}"
+    shutil.rmtree(stack.runs_dir / name, ignore_errors=True)
+    overrides = {} if sc.start else {**COMMON, "name": name, **sc.overrides, **(sc.prepare(stack) if sc.prepare else {})}
+    cfg = load_config(sc.config, overrides)
+    if glob_faults:  # global counters count every call: set last, just before the run
+        stack.emu.set_faults(**glob_faults)
+    t0 = time.time()
+    notes: dict = {}
+    errors: list[str] = []
+    run_id = (sc.start or (lambda st, s, n, e: _submit_and_wait(st, s, overrides, n, e)))(stack, sc, notes, errors)
+    state = stack.state(run_id)
     # Hooks and a retried destroy may finish a moment after the state: give them 60 s.
     try:
         wait_for(lambda: not stack.live(run_id), 60, 1, "teardown")
@@ -276,58 +506,94 @@ def run_scenario(stack: Stack, sc: Scenario, baseline: Optional[dict]) -> dict:
     instances = stack.instances(run_id)
     leaked = [i["id"] for i in instances if i["ended_at"] is None]
     cost = round(sum(i["cost"] for i in instances), 6)
-    missing = expected_files(stack, run_id, name, state.type.value, state.message or "")
+    bound = billing_bound(instances, cfg.machine.max_cost_usd, cfg.machine.budget_check_every_s)
+    missing = expected_files(stack, run_id, cfg.name, state.type.value, state.message or "")
     row = {"scenario": sc.name, "fault": sc.fault, "run_id": run_id, "expected": list(sc.expect),
            "final_state": state.type.value, "message": (state.message or "")[:400], "seconds": round(time.time() - t0, 1),
-           "instances": [{k: i[k] for k in ("id", "end_reason", "seconds", "cost")} for i in instances],
+           "instances": [{k: i[k] for k in ("id", "end_reason", "seconds", "cost", "dph_total")} for i in instances],
            "leaked": leaked, "lost_artifacts": missing, "cost_usd": cost,
+           "max_cost_usd": cfg.machine.max_cost_usd, "budget_check_every_s": cfg.machine.budget_check_every_s,
+           "bound_usd": bound, "within_bound": cost <= bound,
            "wasted_usd": round(max(0.0, cost - baseline["cost_usd"]), 6) if baseline else None,
            "abandoned_usd": abandoned_usd(instances, state.type.value),
            "teardown_by": teardown_layer(stack, run_id, instances, notes), "notes": notes, "errors": errors}
-    ok_state = state.type.value in sc.expect and (sc.message.lower() in (state.message or "").lower())
-    if sc.name == "preempt" and baseline:
-        row["weights_vs_baseline"] = compare_weights(run_dir_of(stack, name, run_id) / "work/train/model",
-                                                     Path(baseline["model_dir"]))
-        ok_state = ok_state and row["weights_vs_baseline"].get("equal", False)
-        ok_state = ok_state and len(instances) >= 2
-    if sc.name == "baseline":
-        keep = Path(tempfile.mkdtemp(prefix="chaos-baseline-model-"))
-        shutil.copytree(run_dir_of(stack, name, run_id) / "work/train/model", keep, dirs_exist_ok=True)
-        row["model_dir"] = str(keep)
-    row["ended_correctly"] = bool(ok_state and not leaked and not errors)
     why = []
     if state.type.value not in sc.expect:
         why.append(f"ended {state.type.value}, expected {'/'.join(sc.expect)}")
     elif sc.message and sc.message.lower() not in (state.message or "").lower():
         why.append(f"message lacks {sc.message!r}")
     why += [f"leaked instances {leaked}"] if leaked else []
+    why += [f"billed ${cost} > bound ${bound}"] if cost > bound else []
+    why += [f"{len(instances)} instances rented, at most {sc.max_instances} allowed"] \
+        if sc.max_instances is not None and len(instances) > sc.max_instances else []
+    if sc.resumes:
+        why += [f"only {len(instances)} instance(s): the machine was not replaced"] if len(instances) < 2 else []
+        if baseline and baseline.get("model_dir"):
+            row["weights_vs_baseline"] = compare_weights(run_dir_of(stack, name, run_id) / "work/train/model",
+                                                         Path(baseline["model_dir"]))
+            if not row["weights_vs_baseline"].get("equal"):
+                why.append(f"resumed weights differ from the baseline: {row['weights_vs_baseline']}")
+        else:
+            why.append("no baseline model to compare the resumed weights with")
+    if sc.name == "silent-budget" and notes.get("billed_at_freeze_usd", 0) >= cfg.machine.max_cost_usd:
+        why.append("the step was frozen after the cap was crossed: the timer was not what stopped it")
+    if sc.name == "baseline" and state.type.value == "COMPLETED":
+        keep = Path(tempfile.mkdtemp(prefix="chaos-baseline-model-"))
+        shutil.copytree(run_dir_of(stack, name, run_id) / "work/train/model", keep, dirs_exist_ok=True)
+        row["model_dir"] = str(keep)
     why += errors
-    if "weights_vs_baseline" in row and not row["weights_vs_baseline"].get("equal"):
-        why.append(f"resumed weights differ from the baseline: {row['weights_vs_baseline']}")
+    row["ended_correctly"] = not why
     row["reason"] = "; ".join(why)
     return row
 
 
+RUN_FIELDS = ("run_id", "final_state", "ended_correctly", "cost_usd", "bound_usd", "within_bound", "seconds", "reason")
+
+
+def run_summary(row: dict) -> dict:
+    """One run as chaos.json keeps it in a scenario's `runs`."""
+    return {**{k: row.get(k) for k in RUN_FIELDS}, "instances": len(row.get("instances", [])),
+            "leaked": len(row.get("leaked", [])), "lost_artifacts": len(row.get("lost_artifacts", []))}
+
+
+def runs_of(entry: dict) -> list[dict]:
+    """The runs recorded for a scenario (a row from before --repeat is its one run)."""
+    return entry.get("runs") or [run_summary(entry)]
+
+
+def scenario_entry(rows: list[dict]) -> dict:
+    """A scenario's entry in chaos.json: its first failing run (else its last) in full, plus every run."""
+    shown = next((r for r in rows if not r["ended_correctly"]), rows[-1])
+    return {**shown, "runs": [run_summary(r) for r in rows], "ended_correctly": all(r["ended_correctly"] for r in rows)}
+
+
 # ---------------------------------------------------------------- report
 
-def render(rows: list[dict], findings: list[str] = ()) -> str:
+def render(rows: list[dict], findings: list[str] = (), note: str = "") -> str:
     ok = sum(r["ended_correctly"] for r in rows)
     lines = ["# Chaos bench", "",
-             "Generated by `make chaos` (`.venv/bin/python -m benchmarks.chaos`): each row is one real `qat` flow run",
+             "Generated by `make chaos` (`.venv/bin/python -m benchmarks.chaos`): each run is one real `qat` flow run",
              "(tiny model, Vast.ai emulator with real sshd instances, Prefect server + Runner) under one fault.",
+             *([note] if note else []),
              f"Common overrides: `{json.dumps(COMMON)}`; interrupted runs use `train.max_steps: 400`.", "",
-             f"**{ok}/{len(rows)} scenarios ended correctly; leaked instances: {sum(len(r['leaked']) for r in rows)}; "
-             f"lost artifacts: {sum(len(r['lost_artifacts']) for r in rows)}.**", "",
-             "| scenario | fault | ended | correct | leaked | lost artifacts | cost $ | beyond baseline $ | "
+             f"**{ok}/{len(rows)} scenarios ended correctly in every run; leaked instances: "
+             f"{sum(r['leaked'] for e in rows for r in runs_of(e))}; lost artifacts: "
+             f"{sum(r['lost_artifacts'] for e in rows for r in runs_of(e))}.**", "",
+             "| scenario | fault | ended | runs ok | leaked | lost artifacts | cost $ | bound $ | beyond baseline $ | "
              "abandoned machines $ | teardown by | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        wasted = "" if r["wasted_usd"] is None else f"{r['wasted_usd']:.4f}"
-        lines.append(f"| {r['scenario']} | {r['fault']} | {r['final_state']} | {'yes' if r['ended_correctly'] else 'NO'} | "
-                     f"{len(r['leaked'])} | {len(r['lost_artifacts'])} | {r['cost_usd']:.4f} | {wasted} | "
-                     f"{r.get('abandoned_usd', 0.0):.4f} | "
-                     f"{r['teardown_by']} | {r['seconds']:.0f} |")
-    lines += ["", "Cost = the emulator ledger's bill for the run's instances. Beyond baseline = that minus the clean "
+        runs = runs_of(r)
+        wasted = "" if r.get("wasted_usd") is None else f"{r['wasted_usd']:.4f}"
+        bound = "" if r.get("bound_usd") is None else f"{r['bound_usd']:.4f}"
+        lines.append(f"| {r['scenario']} | {r['fault']} | {r['final_state']} | "
+                     f"{sum(x['ended_correctly'] for x in runs)}/{len(runs)} | "
+                     f"{sum(x['leaked'] for x in runs)} | {sum(x['lost_artifacts'] for x in runs)} | {r['cost_usd']:.4f} | "
+                     f"{bound} | {wasted} | {r.get('abandoned_usd', 0.0):.4f} | {r['teardown_by']} | {r['seconds']:.0f} |")
+    lines += ["", "One row per scenario: its first failing run, else its last; runs ok counts every run, leaked and "
+              "lost artifacts add up every run. Cost = the emulator ledger's bill for the run's instances. Bound = "
+              "machine.max_cost_usd plus one budget check interval (machine.budget_check_every_s) of every instance's "
+              "$/h: a run billed more fails. Beyond baseline = cost minus the clean "
               "baseline run's bill (0 when cheaper; on a shared machine run times, hence bills, vary by about +-40 %). "
               "Abandoned machines = the bill of instances that did not carry the run to a successful end "
               "(stuck, preempted, killed, or all of them when the run failed by design).", "", "## Details", ""]
@@ -336,6 +602,9 @@ def render(rows: list[dict], findings: list[str] = ()) -> str:
                      + (f"; state message: {r['message'][:200]!r}" if r["message"] else ""))
         lines.append(f"  instances: {[(i['id'], i['end_reason'], round(i['seconds'])) for i in r['instances']]}"
                      + (f"; notes: {json.dumps({k: v for k, v in r['notes'].items() if k != 'reaped'})}" if r["notes"] else ""))
+        if len(runs_of(r)) > 1:
+            lines.append("  runs: " + "; ".join(f"{x['final_state']} {'ok' if x['ended_correctly'] else 'NOT ok'} "
+                                                f"${x['cost_usd']:.4f} {x['seconds']:.0f} s" for x in runs_of(r)))
         if r["lost_artifacts"]:
             lines.append(f"  missing: {r['lost_artifacts']}")
         if "weights_vs_baseline" in r:
@@ -346,32 +615,97 @@ def render(rows: list[dict], findings: list[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _measured(entry: dict) -> str:
+    runs = runs_of(entry)
+    ok = sum(r["ended_correctly"] for r in runs)
+    states = "/".join(sorted({r["final_state"] for r in runs}))
+    bill = max(r["cost_usd"] for r in runs)
+    bounds = [r["bound_usd"] for r in runs if r.get("bound_usd") is not None]
+    text = (f"{states}, as expected in {ok}/{len(runs)} run(s); {sum(r['leaked'] for r in runs)} leaked, "
+            f"{sum(r['lost_artifacts'] for r in runs)} artifacts lost; billed up to ${bill:.4f}")
+    text += f" (bound ${max(bounds):.4f})" if bounds else " (bound not recorded)"
+    return text + ("" if entry.get("teardown_by") in (None, "", "flow finally (destroy machine task)")
+                   else f"; teardown by {entry['teardown_by']}")
+
+
+def render_readme_section(data: dict) -> str:
+    """README's "What survives what" table from chaos.json: every scenario, "not measured yet" without a run."""
+    by_name = {r["scenario"]: r for r in data.get("scenarios", [])}
+    measured = [by_name[s.name] for s in SCENARIOS if s.name in by_name]
+    missing = [s.name for s in SCENARIOS if s.name not in by_name]
+    ok = sum(e["ended_correctly"] for e in measured)
+    lines = [README_START,
+             f"From `benchmarks/chaos.json` (generated {data.get('generated_at', 'never')}): {ok}/{len(measured)} "
+             f"measured scenarios ended as they should in every run; "
+             f"{sum(r['leaked'] for e in measured for r in runs_of(e))} instances leaked, "
+             f"{sum(r['lost_artifacts'] for e in measured for r in runs_of(e))} artifacts lost"
+             + (f"; not measured yet: {', '.join(missing)}." if missing else "."), "",
+             "| what happens | what the flow does | measured |", "|---|---|---|"]
+    for sc in SCENARIOS:
+        if sc.name == "baseline":
+            continue
+        cell = _measured(by_name[sc.name]) if sc.name in by_name else "not measured yet"
+        lines.append(f"| {sc.fault} | {sc.does} | {cell} |")
+    lines += [f"| {what} | {does} | {where} |" for what, does, where in TESTED_ELSEWHERE]
+    return "\n".join(lines + [README_END])
+
+
+def render_readme(readme: str, data: dict) -> str:
+    """README text with the section between the chaos-table markers replaced by render_readme_section."""
+    start, end = readme.find(README_START), readme.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"README.md lacks the markers {README_START!r} ... {README_END!r}")
+    return readme[:start] + render_readme_section(data) + readme[end + len(README_END):]
+
+
 def save(rows_by_name: dict) -> None:
     order = [s.name for s in SCENARIOS]
     rows = sorted(rows_by_name.values(), key=lambda r: order.index(r["scenario"]) if r["scenario"] in order else 99)
-    findings = json.loads(OUT_JSON.read_text()).get("findings", []) if OUT_JSON.is_file() else []
+    old = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {}
+    findings, note = old.get("findings", []), old.get("note", "")
     OUT_JSON.write_text(json.dumps({"generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                    "common_overrides": COMMON, "scenarios": rows, "findings": findings},
-                                   indent=1) + "\n")
-    OUT_MD.write_text(render(rows, findings))
+                                    "common_overrides": COMMON, **({"note": note} if note else {}),
+                                    "scenarios": rows, "findings": findings}, indent=1) + "\n")
+    OUT_MD.write_text(render(rows, findings, note))
+
+
+def harness_error(stack: Stack, sc: Scenario, e: Exception) -> dict:
+    """A row saying the harness itself broke; any live instance is destroyed (it would bill the next scenario)."""
+    from infra.vast import VastProvider
+
+    live = [i["id"] for i in stack.emu.live_instances()]
+    for i in live:
+        VastProvider(api_key=stack.api_key, server_url=stack.emu.url).destroy(int(i))
+    return {"scenario": sc.name, "fault": sc.fault, "final_state": "HARNESS_ERROR", "ended_correctly": False,
+            "reason": f"{type(e).__name__}: {e}", "leaked": live, "lost_artifacts": [], "cost_usd": 0.0,
+            "wasted_usd": None, "teardown_by": "", "seconds": 0, "instances": [], "notes": {}, "message": ""}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", help="comma-separated scenario names (the baseline always runs first when needed)")
+    p.add_argument("--only", help="comma-separated scenario names (the baseline runs first when a resume is compared)")
+    p.add_argument("--repeat", type=int, default=2, help="runs per scenario (default 2); chaos.json keeps every run")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.add_argument("--keep", help="keep the stack's files (logs, runs, emulator state) in this directory")
     p.add_argument("--out", help="write OUT.json / OUT.md instead of benchmarks/chaos.json / benchmarks/CHAOS.md "
                                  "(the baseline is still read from benchmarks/chaos.json)")
+    p.add_argument("--render-readme", action="store_true",
+                   help="rewrite README.md's \"What survives what\" table from benchmarks/chaos.json and exit")
     args = p.parse_args(argv)
     global OUT_JSON, OUT_MD
+    if args.render_readme:
+        README.write_text(render_readme(README.read_text(), json.loads(OUT_JSON.read_text())))
+        print(f"chaos: rewrote the chaos table of {README} from {OUT_JSON}")
+        return 0
     main_json = OUT_JSON
     if args.out:
         OUT_JSON, OUT_MD = Path(args.out + ".json"), Path(args.out + ".md")
     if args.list:
         for s in SCENARIOS:
-            print(f"{s.name:15} {s.fault}")
+            print(f"{s.name:18} {s.fault}")
         return 0
+    if args.repeat < 1:
+        p.error("--repeat must be 1 or more")
     names = [s.name for s in SCENARIOS] if not args.only else args.only.split(",")
     unknown = set(names) - {s.name for s in SCENARIOS}
     if unknown:
@@ -380,32 +714,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = {r["scenario"]: r for r in previous.get("scenarios", [])}
     if "baseline" not in rows and main_json.is_file():
         rows["baseline"] = next((r for r in json.loads(main_json.read_text())["scenarios"] if r["scenario"] == "baseline"), {})
-    baseline = rows.get("baseline") if "baseline" not in names and Path(rows.get("baseline", {}).get("model_dir", "/nonexistent")).is_dir() else None
-    if baseline is None and "baseline" not in names:
+    baseline = rows.get("baseline") or None
+    needs_model = any(s.resumes for s in SCENARIOS if s.name in names)
+    if "baseline" not in names and needs_model and not Path((baseline or {}).get("model_dir") or "/nonexistent").is_dir():
         names.insert(0, "baseline")
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qat-chaos-"))
     print(f"chaos: stack in {root}", flush=True)
     with Stack(root) as stack:
         for sc in (s for s in SCENARIOS if s.name in names):
-            print(f"chaos: {sc.name}: {sc.fault} ...", flush=True)
-            try:
-                row = run_scenario(stack, sc, baseline)
-            except Exception as e:  # the harness itself broke: say so in the table
-                row = {"scenario": sc.name, "fault": sc.fault, "final_state": "HARNESS_ERROR", "ended_correctly": False,
-                       "reason": f"{type(e).__name__}: {e}", "leaked": [i["id"] for i in stack.emu.live_instances()],
-                       "lost_artifacts": [], "cost_usd": 0.0, "wasted_usd": None, "teardown_by": "", "seconds": 0,
-                       "instances": [], "notes": {}, "message": ""}
-                from infra.vast import VastProvider
-
-                for i in stack.emu.live_instances():  # never leave one billing for the next scenario
-                    VastProvider(api_key=stack.api_key, server_url=stack.emu.url).destroy(int(i["id"]))
+            runs = []
+            for i in range(args.repeat):
+                print(f"chaos: {sc.name} ({i + 1}/{args.repeat}): {sc.fault} ...", flush=True)
+                try:
+                    row = run_scenario(stack, sc, baseline)
+                except Exception as e:  # the harness itself broke: say so in the table
+                    row = harness_error(stack, sc, e)
+                runs.append(row)
+                print(f"chaos: {sc.name}: {'ok' if row['ended_correctly'] else 'FAILED: ' + row['reason']} "
+                      f"({row['final_state']}, {row['seconds']}s, leaked {len(row['leaked'])}, "
+                      f"lost {len(row['lost_artifacts'])}, ${row['cost_usd']})", flush=True)
             if sc.name == "baseline":
-                baseline = row
-            rows[sc.name] = row
+                baseline = next((r for r in runs if r.get("model_dir")), runs[-1])
+            rows[sc.name] = scenario_entry(runs)
             save(rows)
-            print(f"chaos: {sc.name}: {'ok' if row['ended_correctly'] else 'FAILED: ' + row['reason']} "
-                  f"({row['final_state']}, {row['seconds']}s, leaked {len(row['leaked'])}, "
-                  f"lost {len(row['lost_artifacts'])}, ${row['cost_usd']})", flush=True)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     bad = [r["scenario"] for r in rows.values() if not r["ended_correctly"]]

@@ -1,4 +1,4 @@
-# The two commands: `make demo` (the whole DAG offline on this machine) and `make test`.
+# The two commands: `make demo` (the whole DAG offline on this machine, on its own pools) and `make test`.
 .PHONY: install demo test test-fast bench chaos stop clean
 
 install:
@@ -16,8 +16,8 @@ test-fast: install
 bench: install
 	.venv/bin/python -m benchmarks.run_bench
 
-chaos: install
-	.venv/bin/python -m benchmarks.chaos
+chaos: install  # every scenario twice (--repeat 2), then README's table from the new chaos.json
+	.venv/bin/python -m benchmarks.chaos; rc=$$?; .venv/bin/python -m benchmarks.chaos --render-readme; exit $$rc
 
 stop:  # the local stack (devtools/stack.py); nothing to stop without a venv
 	[ ! -x .venv/bin/python ] || .venv/bin/python -m devtools.stack down

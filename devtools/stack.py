@@ -82,11 +82,10 @@ class LocalStack:
         self.root = Path(root)
         self.stack_dir = Path(stack_dir or self.root / ".stack")
         self.server_port = int(os.environ.get("PREFECT_SERVER_API_PORT", "4200"))
-        demo = deployment_env(DEMO_DEPLOYMENTS[0], self.root / "prefect.yaml")
+        demo = deployment_env(DEMO_DEPLOYMENTS[0])  # the code's prefect.yaml, wherever the state lives
         self.vast_url, self.secret_block = demo["VAST_URL"], demo["VAST_API_KEY_BLOCK"]
         self.emulator_port = urlsplit(self.vast_url).port
-        self.pools = {name: deployment(name, self.root / "prefect.yaml")["work_pool"]["name"]
-                      for name in DEMO_DEPLOYMENTS}
+        self.pools = {name: deployment(name)["work_pool"]["name"] for name in DEMO_DEPLOYMENTS}
         self.key_file = self.stack_dir / "emulator-api-key"
 
     def env(self) -> dict[str, str]:

@@ -177,7 +177,8 @@ def silent_budget_overrides(stack, life_s: float = 150, check_s: float = 10) -> 
 
 class ConnectCatcher:
     """A fake HTTPS proxy on loopback: every connection the process under test tries to open to an
-    https:// address (HTTPS_PROXY) lands here, is recorded (its CONNECT line) and refused."""
+    https:// address off this machine (HTTPS_PROXY, the Vast.ai console's included) lands here, is
+    recorded (its CONNECT line) and refused."""
 
     def __init__(self) -> None:
         self.sock = socket.socket()
@@ -240,7 +241,9 @@ def start_demo_then_real(stack, sc, notes, errors) -> str:
     catcher = ConnectCatcher()
     before = (_emulator_api_requests(stack), len(stack.emu.ledger()["instances"]))
     env = {**worker_env, **{k: v for k, v in base.items() if k.startswith("PREFECT_") or k == "QAT_RUNS_DIR"},
-           **deployment_env("qat/int8"), "HTTPS_PROXY": catcher.url, "https_proxy": catcher.url}
+           **deployment_env("qat/int8"), "HTTPS_PROXY": catcher.url, "https_proxy": catcher.url,
+           # loopback stays direct: the Prefect server's events websocket; the emulator is counted by its log
+           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     run = ("import json; from flows.qat import qat; "
            f"s = qat(**{real['parameters']!r}, return_state=True); "
            "print('QAT_FLOW_RUN', s.state_details.flow_run_id)")

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import psutil
 
-from devtools.emulator.cloud import GLOBAL_KNOBS
+from devtools.emulator.cloud import GLOBAL_COUNTERS, GLOBAL_KNOBS
 from devtools.emulator.sshd import instance_processes
 from devtools.services import REPO, wait_for
 from devtools.stack import PY, LocalStack, Stack, deployment, deployment_env
@@ -505,6 +505,8 @@ def run_scenario(stack: Stack, sc: Scenario, baseline: Optional[dict]) -> dict:
         wait_for(lambda: not stack.live(run_id), 60, 1, "teardown")
     except TimeoutError:
         pass
+    counters = stack.emu.admin("GET", "/_emulator/faults")
+    unfired = [k for k in GLOBAL_COUNTERS if k in glob_faults and counters.get(k) == glob_faults[k]]
     stack.emu.clear_faults()
     instances = stack.instances(run_id)
     leaked = [i["id"] for i in instances if i["ended_at"] is None]
@@ -527,6 +529,7 @@ def run_scenario(stack: Stack, sc: Scenario, baseline: Optional[dict]) -> dict:
         why.append(f"message lacks {sc.message!r}")
     why += [f"leaked instances {leaked}"] if leaked else []
     why += [f"billed ${cost} > bound ${bound}"] if cost > bound else []
+    why += [f"the fault never fired: {unfired} unspent"] if unfired else []
     why += [f"{len(instances)} instances rented, at most {sc.max_instances} allowed"] \
         if sc.max_instances is not None and len(instances) > sc.max_instances else []
     if sc.resumes:

@@ -632,6 +632,10 @@ def _measured(entry: dict) -> str:
     text = (f"{states}, as expected in {ok}/{len(runs)} run(s); {sum(r['leaked'] for r in runs)} leaked, "
             f"{sum(r['lost_artifacts'] for r in runs)} artifacts lost; billed up to ${bill:.4f}")
     text += f" (bound ${max(bounds):.4f})" if bounds else " (bound not recorded)"
+    weights = entry.get("weights_vs_baseline") or {}
+    text += f"; resumed weights vs the clean run: max abs diff {weights['max_abs_diff']}" if weights.get("compared") else ""
+    after = entry.get("notes", {}).get("destroyed_after_s")
+    text += f"; destroyed {after} s after the kill" if after is not None else ""
     return text + ("" if entry.get("teardown_by") in (None, "", "flow finally (destroy machine task)")
                    else f"; teardown by {entry['teardown_by']}")
 

@@ -634,7 +634,11 @@ def _measured(entry: dict) -> str:
     text += f" (bound ${max(bounds):.4f})" if bounds else " (bound not recorded)"
     weights = entry.get("weights_vs_baseline") or {}
     text += f"; resumed weights vs the clean run: max abs diff {weights['max_abs_diff']}" if weights.get("compared") else ""
-    after = entry.get("notes", {}).get("destroyed_after_s")
+    notes = entry.get("notes", {})
+    if "emulator_api_requests" in notes:
+        text += (f"; {notes['emulator_api_requests']} emulator API requests, "
+                 f"{len(notes.get('https_connections', []))} https connections")
+    after = notes.get("destroyed_after_s")
     text += f"; destroyed {after} s after the kill" if after is not None else ""
     return text + ("" if entry.get("teardown_by") in (None, "", "flow finally (destroy machine task)")
                    else f"; teardown by {entry['teardown_by']}")

@@ -226,12 +226,13 @@ def start_demo_then_real(stack, sc, notes, errors) -> str:
     key = EMULATOR_KEY_PREFIX + "chaos" + os.urandom(8).hex()
     base = {k: v for k, v in stack.env().items() if not k.startswith("VAST_")}
     setup = ("import os; from devtools.stack import LocalStack; from tasks.secrets import _secret_block; "
+             "before = _secret_block(os.environ['QAT_REAL_BLOCK']); "
              "LocalStack().prefect_setup(os.environ['QAT_DEMO_KEY']); "
-             "print('REAL_BLOCK_SET', _secret_block(os.environ['QAT_REAL_BLOCK']) is not None)")
+             "print('REAL_BLOCK_CHANGED', _secret_block(os.environ['QAT_REAL_BLOCK']) != before)")
     out = _prefect_python(setup, {**base, "QAT_DEMO_KEY": key, "QAT_REAL_BLOCK": VAST_SECRET_BLOCK}, 300)
     if out.returncode != 0:
         raise RuntimeError(f"the demo's Prefect setup failed: {out.stderr[-500:]}")
-    notes["demo_wrote_vast_api_key"] = "REAL_BLOCK_SET True" in out.stdout
+    notes["demo_wrote_vast_api_key"] = "REAL_BLOCK_CHANGED True" in out.stdout  # (a repeat finds the last leftover)
     leftover = ("import os; from prefect.blocks.system import Secret; "
                 "Secret(value=os.environ['QAT_DEMO_KEY']).save(os.environ['QAT_REAL_BLOCK'], overwrite=True)")
     _prefect_python(leftover, {**base, "QAT_DEMO_KEY": key, "QAT_REAL_BLOCK": VAST_SECRET_BLOCK}, 120).check_returncode()

@@ -96,6 +96,11 @@ class TrainConfig(Strict):
     # "auto": bf16 on CUDA, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     num_workers: int = Field(default=2, ge=0)
+    compile: Optional[bool] = Field(default=None, description="torch.compile each encoder/decoder block; "
+                                    "unset: on with CUDA, off on CPU (compiling costs more than it saves there)")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        default="adamw", description="adamw8bit: torchao's AdamW8bit, moments in 8 bits (checkpoints ~40 % of "
+        "adamw's at the real shapes; needs torchao on the machine)")
 
     @property
     def length(self) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from steps import train
+from steps import train, train_loop
 from steps.common import StepContext, StepError
 from contract.config import parse_config
 from steps.models import load_processor
@@ -143,10 +143,10 @@ def test_resume_never_loads_a_checkpoint_of_another_config(tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    f = [train.lr_factor(s, 3, 10) for s in range(10)]
+    f = [train_loop.lr_factor(s, 3, 10) for s in range(10)]
     assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and f[3] == 1.0
     assert all(a > b for a, b in zip(f[3:], f[4:])) and 0 < f[-1] < 0.1
-    assert train.lr_factor(0, 0, 5) == 1.0
+    assert train_loop.lr_factor(0, 0, 5) == 1.0
 
 
 def test_data_order_is_seeded_and_covers_each_epoch():

@@ -73,10 +73,14 @@ def test_train_writes_model_history_checkpoints_and_metrics(tmp_path):
     assert ctx.outputs == ["train/model", "train/history.jsonl"]
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, compiled):
     """CPU kernels are deterministic for equal shapes, order and thread count, and a checkpoint
-    restores weights, AdamW moments, scheduler, RNG and data position bit for bit: so tolerance 0."""
-    cfg = dict(max_steps=5, save_every=2, eval_every=3, grad_accum=2, warmup_steps=2)  # 10 micro-batches, 3 epochs
+    restores weights, AdamW moments, scheduler, RNG and data position bit for bit: so tolerance 0.
+    Compiled blocks too: static shapes (labels padded to one length) make each kernel a function of
+    its batch shape alone, whatever the process compiled before."""
+    cfg = dict(max_steps=5, save_every=2, eval_every=3, grad_accum=2, warmup_steps=2,  # 10 micro-batches, 3 epochs
+               compile=compiled)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     for d in (straight, broken):
         make_prepared(d, n_train=5, n_dev=2)
@@ -95,8 +99,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         train.run(ctx)
     # lost during step 4, before its checkpoint: history already holds steps 3 and 4, resume must drop them
     assert sorted(p.name for p in (ctx.out / "checkpoints").iterdir()) == ["step-2"]
+    if compiled:  # the resumed run compiles afresh, like a new process on a new machine
+        torch._dynamo.reset()
     m = train.run(context(broken, resume=True, **cfg))
-    assert m["resumed_from_step"] == 2 and m["optimizer_steps"] == 5
+    assert m["resumed_from_step"] == 2 and m["optimizer_steps"] == 5 and m["compiled"] is compiled
 
     a, b = load_file(straight / "train/model/model.safetensors"), load_file(broken / "train/model/model.safetensors")
     assert a.keys() == b.keys()

@@ -69,3 +69,28 @@ def test_the_gpu_probe_needs_neither_pydantic_nor_datasets_torchvision_or_torcha
     proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(out.read_text())["results"]["int8_eager"]["fake_quant_linears"] == 32
+
+
+@pytest.mark.slow
+def test_8bit_optimizer_states_resume_exactly(tmp_path):
+    """AdamW8bit (torchao): a checkpoint of model + optimizer + scheduler continues bit for bit."""
+    pytest.importorskip("torchao")
+    recipe = Recipe(scheme="int8", optimizer="adamw8bit", compile=False, learning_rate=1e-3, warmup_steps=1)
+    batches = [{"input_features": torch.randn(2, 80, 100, generator=torch.Generator().manual_seed(i)),
+                "labels": torch.randint(3, 120, (2, 6), generator=torch.Generator().manual_seed(i))} for i in range(3)]
+    straight = Trainer(tiny_whisper(), recipe, total_steps=3)
+    for b in batches:
+        straight.step([b])
+    first = Trainer(tiny_whisper(), recipe, total_steps=3)
+    first.step([batches[0]])
+    for name, obj in (("model", first.model), ("optimizer", first.optimizer), ("scheduler", first.scheduler)):
+        torch.save(obj.state_dict(), tmp_path / f"{name}.pt")
+    resumed = Trainer(tiny_whisper(seed=5), recipe, total_steps=3)
+    resumed.model.load_state_dict(torch.load(tmp_path / "model.pt"))
+    resumed.optimizer.load_state_dict(torch.load(tmp_path / "optimizer.pt"))
+    resumed.scheduler.load_state_dict(torch.load(tmp_path / "scheduler.pt"))
+    assert type(resumed.optimizer).__name__ == "AdamW8bit"
+    for b in batches[1:]:
+        resumed.step([b])
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

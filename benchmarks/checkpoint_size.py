@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     tc = cfg.train
     ref = reference_speed(cfg.quant.scheme, tc.per_device_batch_size, tc.compile is not False)
     results = []
-    with tempfile.TemporaryDirectory(dir=REPO) as tmp:
+    with tempfile.TemporaryDirectory(dir=REPO, prefix=".checkpoint-size-") as tmp:  # this disk, not a tmpfs
         for name in a.optimizers.split(","):
             r = measure(name, cfg.quant.scheme, Path(tmp) / name)
             r["home"] = per_hour(r["checkpoint_bytes"], ref["samples_per_s"], tc.per_device_batch_size * tc.grad_accum,

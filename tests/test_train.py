@@ -53,8 +53,15 @@ def history(ctx: StepContext) -> list[dict]:
 def test_train_writes_model_history_checkpoints_and_metrics(tmp_path):
     make_prepared(tmp_path)
     ctx = context(tmp_path, max_steps=4, save_every=1, eval_every=2, gradient_checkpointing=True)
+    events = []
+    ctx.progress = lambda done, total, **kw: events.append(kw)
     m = train.run(ctx)
     assert m["optimizer_steps"] == 4 and m["fake_quant_modules"] == 32 and m["quant_scheme"] == "int8"
+    # the first step (where compilation happens) apart from the steady state, in the metrics and progress lines
+    assert m["compiled"] is False and m["first_step_s"] > 0 and m["samples_per_s"] > 0 and m["optimizer"] == "adamw"
+    assert events[0]["first_step_s"] == m["first_step_s"] and events[0]["samples_per_s"] is None
+    assert events[-1]["samples_per_s"] == m["samples_per_s"] and events[-1]["steady_steps"] == 3
+    assert m["checkpoint_bytes"] > 0 and m["label_tokens"] % 8 == 0 and m["train_flops_per_sample"] > 0
     assert m["precision"] == "fp32" and m["device"] == "cpu" and m["freeze_encoder"] is False
     assert m["samples_per_s"] > 0 and m["peak_memory_mb"] > 0 and m["trainable_params"] > 0
     assert m["dev_wer_first"] is not None and m["dev_wer"] is not None

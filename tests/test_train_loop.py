@@ -94,3 +94,11 @@ def test_8bit_optimizer_states_resume_exactly(tmp_path):
         resumed.step([b])
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_progress_artifact_shows_the_first_step_apart_from_the_steady_state():
+    from tasks.remote_step import progress_description
+
+    text = progress_description("train", 100, {"done": 5, "first_step_s": 42.0, "compiled": True, "samples_per_s": 52.2})
+    assert text == "train: steps done out of 100; first step 42 s (compiling); steady state 52.2 samples/s"
+    assert progress_description("bench", 3, {"done": 1}) == "bench: steps done out of 3"

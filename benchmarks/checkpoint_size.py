@@ -45,7 +45,7 @@ def measure(optimizer_name: str, scheme: str, root: Path) -> dict:
 
     from benchmarks.gpu_probe import SHAPES
     from steps.train import save_checkpoint, tree_bytes
-    from steps.train_loop import Recipe, make_optimizer, param_groups  # noqa: F401
+    from steps.train_loop import Recipe, make_optimizer
     from steps import fake_quant
 
     model = WhisperForConditionalGeneration(WhisperConfig(**SHAPES["large-v3-distil"]))

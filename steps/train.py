@@ -8,7 +8,12 @@ Reads DIR/prepare/{train,dev}/, writes DIR/train/:
   model/                the converted plain transformers model + processor (what convert reads)
 
 Data order is a pure function of (seed, epoch), and a checkpoint stores how many micro-batches
-were consumed, so `--resume` continues exactly where the run stopped.
+were consumed, so `--resume` continues exactly where the run stopped (compiled blocks too: labels
+are padded to one length, so each compiled kernel depends on its batch shape alone).
+
+The model, QAT, checkpointing, compilation, optimizer and the optimizer step itself are
+steps/train_loop.py's Trainer, the code benchmarks/gpu_probe.py times on a GPU. Metrics keep the
+first step of the process (compilation) apart from the steady-state samples/s.
 """
 from __future__ import annotations
 

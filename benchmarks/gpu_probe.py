@@ -26,6 +26,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -108,34 +109,49 @@ def probe_mode(mode: str, shapes: dict, batch: int, steps: int, warmup: int, lab
 
 
 def run_probe(shapes_name: str, batch: int, steps: int, warmup: int, label_tokens: int, checkpointing: bool,
-              modes=MODES, optimizer: str = "adamw", peak: float | None = None) -> dict:
+              modes=MODES, optimizer: str = "adamw", peak: float | None = None, on_result=None) -> dict:
+    """Every mode in turn; `on_result(report)` after each (main writes the file: a run cut short keeps
+    the modes it finished)."""
     import torch
-    import transformers
-
-    from steps.train_loop import flops_per_sample
 
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.machine()})"
     source = "--peak-tflops"
     if peak is None and cuda:
         peak, source = peak_tflops(device)
-    results = {}
+    results: dict = {}
+    report = _report(shapes_name, batch, steps, warmup, label_tokens, checkpointing, optimizer, device, cuda, peak,
+                     source, results)
     for mode in modes:
         try:
             results[mode] = probe_mode(mode, SHAPES[shapes_name], batch, steps, warmup, label_tokens,
                                        checkpointing, optimizer, peak)
         except torch.cuda.OutOfMemoryError as e:
             results[mode] = {"error": f"out of memory at batch {batch}: {str(e).splitlines()[0]}"}
+        except Exception as e:  # noqa: BLE001 - one mode failing (a compiler error) must not lose the others
+            traceback.print_exc()
+            results[mode] = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"}
         finally:
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
         print(mode, json.dumps(results[mode]), flush=True)
-    base = results.get("plain_eager", {}).get("samples_per_s")
-    for r in results.values():
-        if base and "samples_per_s" in r:
-            r["speedup_vs_plain_eager"] = round(r["samples_per_s"] / base, 3)
+        base = results.get("plain_eager", {}).get("samples_per_s")
+        for r in results.values():
+            if base and "samples_per_s" in r:
+                r["speedup_vs_plain_eager"] = round(r["samples_per_s"] / base, 3)
+        if on_result:
+            on_result(report)
+    return report
+
+
+def _report(shapes_name: str, batch: int, steps: int, warmup: int, label_tokens: int, checkpointing: bool,
+            optimizer: str, device: str, cuda: bool, peak: float | None, source: str, results: dict) -> dict:
+    import torch
+    import transformers
     from transformers import WhisperConfig
+
+    from steps.train_loop import flops_per_sample
 
     return {
         "device": device, "is_gpu": cuda, "shapes": shapes_name,
@@ -168,13 +184,16 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown modes {bad}: use {MODES}")
     t = time.time()
+    command = " ".join(["python -m benchmarks.gpu_probe", *(argv if argv is not None else sys.argv[1:])])
+
+    def write(report: dict) -> None:
+        report.update(wall_s=round(time.time() - t, 1), command=command)
+        a.out.write_text(json.dumps(report, indent=2) + "\n")
+
     report = run_probe(a.shapes, a.batch, a.steps, a.warmup, a.label_tokens, a.checkpointing, modes,
-                       a.optimizer, a.peak_tflops)
-    report["wall_s"] = round(time.time() - t, 1)
-    report["command"] = " ".join(["python -m benchmarks.gpu_probe", *(argv if argv is not None else sys.argv[1:])])
+                       a.optimizer, a.peak_tflops, on_result=write)
     if not report["is_gpu"] and a.shapes != "tiny":
         print("warning: no CUDA device; these are CPU figures", file=sys.stderr)
-    a.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {a.out}")
     return 0
 

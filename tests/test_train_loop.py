@@ -102,3 +102,41 @@ def test_progress_artifact_shows_the_first_step_apart_from_the_steady_state():
     text = progress_description("train", 100, {"done": 5, "first_step_s": 42.0, "compiled": True, "samples_per_s": 52.2})
     assert text == "train: steps done out of 100; first step 42 s (compiling); steady state 52.2 samples/s"
     assert progress_description("bench", 3, {"done": 1}) == "bench: steps done out of 3"
+
+
+@pytest.mark.slow
+def test_every_block_of_a_kind_shares_one_compiled_graph():
+    """32 encoder layers must not be 32 compilations (dynamo's recompile limit is 8: past it, layers
+    would silently run eagerly). One graph for the encoder blocks, one for the decoder blocks."""
+    from torch._dynamo.utils import counters
+    from transformers import WhisperForConditionalGeneration
+
+    cfg = WhisperConfig(**{**SHAPES["tiny"], "encoder_layers": 10, "max_source_positions": 50})
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = Trainer(WhisperForConditionalGeneration(cfg), Recipe(scheme="int8", compile=True), total_steps=2)
+    batch = {"input_features": torch.randn(2, 80, 100), "labels": torch.randint(3, 900, (2, 8))}
+    for _ in range(2):
+        trainer.step([batch])
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["recompiles"]
+
+
+def test_the_probe_keeps_going_past_a_failing_mode_and_writes_what_it_has(tmp_path, monkeypatch):
+    from benchmarks import gpu_probe
+
+    written = []
+
+    def fake(mode, *args):
+        if mode == "int8_compiled":
+            raise RuntimeError("inductor exploded\ntraceback text")
+        return {"samples_per_s": 2.0 if mode == "plain_eager" else 3.0}
+
+    monkeypatch.setattr(gpu_probe, "probe_mode", fake)
+    out = tmp_path / "gpu.json"
+    real_write = Path.write_text
+    monkeypatch.setattr(Path, "write_text", lambda self, text: written.append(text) or real_write(self, text))
+    gpu_probe.main(["--shapes", "tiny", "--modes", "plain_eager,int8_compiled,int4_compiled", "--out", str(out)])
+    r = json.loads(out.read_text())["results"]
+    assert r["int8_compiled"] == {"error": "RuntimeError: inductor exploded"}
+    assert r["int4_compiled"]["speedup_vs_plain_eager"] == 1.5
+    assert len(written) == 3  # after every mode: a run cut short keeps what it finished

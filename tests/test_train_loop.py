@@ -140,3 +140,14 @@ def test_the_probe_keeps_going_past_a_failing_mode_and_writes_what_it_has(tmp_pa
     assert r["int8_compiled"] == {"error": "RuntimeError: inductor exploded"}
     assert r["int4_compiled"]["speedup_vs_plain_eager"] == 1.5
     assert len(written) == 3  # after every mode: a run cut short keeps what it finished
+
+
+def test_checkpoint_bytes_home_per_hour_follow_save_every_and_the_sync_interval():
+    from benchmarks.checkpoint_size import per_hour
+
+    # 52.2 samples/s, 32 per step: 5872 steps/h; every 3000 steps -> 1.96 checkpoints/h of 9.06 GB
+    h = per_hour(9_062_136_108, 52.2, 32, 3000, 600, 0.02)
+    assert h["optimizer_steps_per_hour"] == 5872 and h["checkpoints_copied_home_per_hour"] == pytest.approx(1.96, abs=0.01)
+    assert h["gb_home_per_hour"] == pytest.approx(17.73, abs=0.02) and h["usd_per_hour_at"]["usd"] == pytest.approx(0.355, abs=1e-3)
+    # saved more often than the sync runs: only the newest is copied, at most once per interval
+    assert per_hour(9e9, 52.2, 32, 10, 600, 0.02)["checkpoints_copied_home_per_hour"] == 6.0

@@ -2,8 +2,10 @@
 
     .venv/bin/python -m benchmarks.train_speed [--config demo] [--steps 3] [--out benchmarks/train_speed.json]
 
-Each variant runs in its own process (clean peak RSS), with the model, batch size, gradient
-accumulation, precision and checkpointing of the config's train section, on synthetic log-mel
+Each variant runs in its own process (clean peak RSS) through the train step's own core
+(steps/train_loop.py Trainer: the code benchmarks/gpu_probe.py drives on a GPU), with the model,
+batch size, gradient accumulation, precision, checkpointing and compile setting of the config's
+train section, on synthetic log-mel
 inputs (teacher-forced training cost depends on shapes, not content) and `--label-tokens` labels.
 Variants `torchao-int8` / `torchao-int4` time torchao's own QATConfig for comparison.
 
@@ -21,13 +23,14 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from contract.config import QuantConfig, load_config
+from contract.config import load_config
 from steps import fake_quant
-from steps.train import autocast, device_precision, param_groups
+from steps.train_loop import Recipe, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,55 +52,38 @@ def torchao_prepare(model, scheme: str, group_size: int) -> int:
 
 
 def one(config: str, variant: str, freeze: bool, steps: int, label_tokens: int, batch: int | None) -> dict:
+    """One variant through the train step's own core (steps/train_loop.py Trainer) on synthetic batches."""
     from steps.models import load_model
 
     cfg = load_config(config)
     tc = cfg.train
-    device, amp_dtype, precision = device_precision(tc.precision)
     torch.manual_seed(0)
     model = load_model(cfg.model.name_or_path)
-    if freeze:
-        model.model.encoder.requires_grad_(False)
-    n_fq = 0
-    if variant in ("int8", "int4"):
-        n_fq = fake_quant.prepare(model, QuantConfig(scheme=variant, group_size=cfg.quant.group_size))
-    elif variant.startswith("torchao-"):
-        n_fq = torchao_prepare(model, variant.split("-")[1], cfg.quant.group_size)
-    if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.to(device).train()
-    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=1e-6, fused=device.type == "cuda")
+    n_tao = torchao_prepare(model, variant.split("-")[1], cfg.quant.group_size) if variant.startswith("torchao-") else 0
+    recipe = replace(Recipe.of(cfg), scheme=variant if variant in ("int8", "int4") else None,
+                     freeze_encoder=freeze, learning_rate=1e-6)
+    trainer = Trainer(model, recipe, total_steps=steps + 1)
     b, mels = batch or tc.per_device_batch_size, model.config.num_mel_bins
-    feats = torch.randn(b, mels, 2 * model.config.max_source_positions, device=device)
-    labels = torch.randint(0, 50000, (b, label_tokens), device=device)
+    data = {"input_features": torch.randn(b, mels, 2 * model.config.max_source_positions),
+            "labels": torch.randint(0, 50000, (b, label_tokens))}
     times, cpu_times = [], []
-    for i in range(steps + 1):  # the first step warms up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t, c = time.perf_counter(), time.process_time()
-        for _ in range(tc.grad_accum):
-            with autocast(device, amp_dtype):
-                loss = model(input_features=feats, labels=labels).loss
-            (loss / tc.grad_accum).backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    for i in range(steps + 1):  # the first step warms up (and compiles, when compiled)
+        c = time.process_time()
+        r = trainer.step([data] * tc.grad_accum)
         if i:
-            times.append(time.perf_counter() - t)
+            times.append(r["seconds"])
             cpu_times.append(time.process_time() - c)
     s = statistics.median(times)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if trainer.device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"variant": variant, "freeze_encoder": freeze, "fake_quant_modules": n_fq,
+    return {"variant": variant, "freeze_encoder": freeze, "fake_quant_modules": trainer.fake_quant_modules + n_tao,
+            "compiled": trainer.compiled, "first_step_s": trainer.speed()["first_step_s"],
             "seconds_per_step": round(s, 3), "step_times": [round(x, 3) for x in times],
             # CPU seconds of this process (all threads): less sensitive than wall time to a shared machine
             "cpu_seconds_per_step": round(statistics.median(cpu_times), 3),
             "samples_per_s": round(b * tc.grad_accum / s, 3), "peak_memory_mb": round(peak, 1),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "precision": precision, "device": str(device), "threads": torch.get_num_threads()}
+            "trainable_params": sum(p.numel() for p in trainer.trainable),
+            "precision": trainer.precision, "device": str(trainer.device), "threads": torch.get_num_threads()}
 
 
 def grid_gap(config: str, group_size: int) -> dict:

@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .layout import CONFIG_DIR, REPO_ROOT
-from .machine_config import MachineConfig, Strict
+from .machine_config import MachineConfig, Strict, TrainWorkload
 
 
 class ModelConfig(Strict):
@@ -96,6 +96,11 @@ class TrainConfig(Strict):
     # "auto": bf16 on CUDA, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     num_workers: int = Field(default=2, ge=0)
+    compile: Optional[bool] = Field(default=None, description="torch.compile each encoder/decoder block; "
+                                    "unset: on with CUDA, off on CPU (compiling costs more than it saves there)")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        default="adamw", description="adamw8bit: torchao's AdamW8bit, moments in 8 bits (checkpoints ~40 % of "
+        "adamw's at the real shapes; needs torchao on the machine)")
 
     @property
     def length(self) -> str:
@@ -159,6 +164,35 @@ class RunConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     machine: MachineConfig = Field(default_factory=MachineConfig)
     hub: HubConfig = Field(default_factory=HubConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _workload(cls, raw: Any) -> Any:
+        """machine.vast.workload from the train and quant sections (offers are ranked by $ per sample)."""
+        if not isinstance(raw, dict):
+            return raw
+        tr, q, data = raw.get("train") or {}, raw.get("quant") or {}, raw.get("data") or {}
+        if not all(isinstance(x, dict) for x in (tr, q, data)) or not isinstance(raw.get("machine", {}), dict):
+            return raw  # the section's own validation names what is wrong
+        t = TrainConfig.model_fields
+        get = lambda k: tr.get(k, t[k].default)  # noqa: E731
+        bs, accum = get("per_device_batch_size"), get("grad_accum")
+        epochs, steps, cap = get("epochs"), get("max_steps"), data.get("max_samples", DataConfig.model_fields["max_samples"].default)
+        try:
+            samples = int(steps * bs * accum) if steps else (math.ceil(epochs * cap) if cap else None)
+        except (TypeError, ValueError):
+            return raw
+        workload = {"scheme": q.get("scheme"), "micro_batch": bs, "compile": get("compile") is not False,
+                    "gradient_checkpointing": get("gradient_checkpointing"), "samples": samples}
+        try:
+            TrainWorkload(**workload)
+        except ValidationError:
+            return raw  # an invalid train/quant value: its own section's error names it
+        machine = dict(raw.get("machine") or {})
+        vast = machine.get("vast") or {}
+        if isinstance(vast, dict):
+            machine["vast"] = {**vast, "workload": workload}
+        return {**raw, "machine": machine}
 
     @model_validator(mode="after")
     def _finite(self) -> "RunConfig":

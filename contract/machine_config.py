@@ -14,6 +14,18 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TrainWorkload(Strict):
+    """What the train step will run, so offers are ranked by dollars per training sample
+    (infra/gpu_speed.py). Derived from the train and quant sections by contract/config.py: a value
+    written in a config file is replaced."""
+
+    scheme: Literal["int8", "int4", "plain"] = "int8"
+    micro_batch: int = Field(default=8, gt=0)
+    compile: bool = True
+    gradient_checkpointing: bool = True
+    samples: Optional[int] = Field(default=None, gt=0, description="training samples of the run; None: unknown")
+
+
 class VastConfig(Strict):
     gpu_names: list[str] = Field(default_factory=lambda: ["RTX 4090", "RTX A6000", "A100 PCIE", "A100 SXM4", "H100 PCIE", "H100 SXM", "L40S"])
     min_gpu_ram_gb: float = Field(default=24, gt=0)
@@ -28,6 +40,7 @@ class VastConfig(Strict):
     max_dph: float = Field(default=1.5, gt=0, description="most $/h a rented machine may cost")
     image: str = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
     create_attempts: int = Field(default=3, gt=0)
+    workload: Optional[TrainWorkload] = None  # set from train/quant; None: offers ranked by $/h alone
 
     @model_validator(mode="after")
     def _bid(self) -> "VastConfig":
@@ -47,7 +60,10 @@ class MachineConfig(Strict):
     backend: Literal["vast", "local", "ssh"] = "vast"
     vast: VastConfig = Field(default_factory=VastConfig)
     ssh: Optional[SSHHostConfig] = None
-    planned_hours: float = Field(default=6.0, gt=0, description="used for the cost estimate before renting")
+    planned_hours: float = Field(default=6.0, gt=0, description="the cost estimate's hours when the training "
+                                 "size or the GPU's speed is unknown (infra/gpu_speed.py)")
+    setup_hours: float = Field(default=1.0, ge=0, description="hours besides training (set-up, prepare, convert, "
+                               "bench, evaluate) added to the per-sample estimate")
     max_cost_usd: float = Field(default=25.0, gt=0, description="budget cap: the machine is torn down when crossed")
     provision_timeout_s: float = Field(default=900, gt=0)
     ssh_timeout_s: float = Field(default=300, gt=0)

@@ -27,6 +27,7 @@ from vastai import VastAI
 
 from contract.machine_config import MachineConfig, VastConfig
 
+from .gpu_speed import rank_offers
 from .machine import Lease
 
 log = logging.getLogger("qat.vast")
@@ -285,7 +286,12 @@ class VastProvider:
             seen = f"{len(offers)} offer(s) returned" + (f", rejected by {rejected}" if rejected else "")
             raise NoOffersError(f"no Vast.ai offer matches: {self.describe_filters(v, disk_gb)} ({seen}). "
                                 "Loosen those machine.vast.* settings (or raise max_dph) and try again.")
-        return sorted(good, key=lambda o: float(o["dph_total"]))
+        ranked = rank_offers(good, v.workload)  # $ per training sample; short of memory: left out
+        if not ranked:
+            raise NoOffersError(f"no Vast.ai offer has the GPU memory machine.vast.workload needs ({v.workload}): "
+                                f"{len(good)} offer(s) matched the filters. Lower train.per_device_batch_size "
+                                "or raise machine.vast.min_gpu_ram_gb.")
+        return ranked
 
     # -- instances ------------------------------------------------------------------------------
     def show(self, instance_id: int) -> Optional[dict]:

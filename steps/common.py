@@ -21,9 +21,9 @@ from contract.catalogue import ERROR_PREFIX, EXIT_DETERMINISTIC, EXIT_OK, EXIT_R
 from contract.config import RunConfig
 from contract.result_file import ERROR_FILE, RESULT_FILE, config_hash, input_fingerprints, read_result, write_json_atomic
 
+from .errors import StepError
 
-class StepError(RuntimeError):
-    """A deterministic failure: retrying the same step with the same config fails again."""
+__all__ = ["StepContext", "StepError", "execute_step"]
 
 
 @dataclass

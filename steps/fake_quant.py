@@ -25,13 +25,16 @@ Gradients pass straight through (STE, clipping included); scales are not learned
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from contract.config import QuantConfig
+from .errors import StepError  # not .common: the GPU probe runs this without pydantic
 
-from .common import StepError
+if TYPE_CHECKING:
+    from contract.config import QuantConfig
 
 
 class _StraightThrough(torch.autograd.Function):

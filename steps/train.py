@@ -8,11 +8,15 @@ Reads DIR/prepare/{train,dev}/, writes DIR/train/:
   model/                the converted plain transformers model + processor (what convert reads)
 
 Data order is a pure function of (seed, epoch), and a checkpoint stores how many micro-batches
-were consumed, so `--resume` continues exactly where the run stopped.
+were consumed, so `--resume` continues exactly where the run stopped (compiled blocks too: labels
+are padded to one length, so each compiled kernel depends on its batch shape alone).
+
+The model, QAT, checkpointing, compilation, optimizer and the optimizer step itself are
+steps/train_loop.py's Trainer, the code benchmarks/gpu_probe.py times on a GPU. Metrics keep the
+first step of the process (compilation) apart from the steady-state samples/s.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -31,6 +35,7 @@ from contract.result_file import config_hash
 
 from . import fake_quant
 from .common import StepContext, StepError
+from .train_loop import Recipe, Trainer, autocast, eager, flops_per_sample
 
 KEEP_CHECKPOINTS = 2
 
@@ -56,9 +61,9 @@ class MicroBatches:
 class _Rows(torch.utils.data.Dataset):
     """dataset[list of row indices] -> one collated batch (rows fetched in a single Arrow take)."""
 
-    def __init__(self, ds, pad_id: int = -100):
+    def __init__(self, ds, pad_id: int = -100, label_len: int | None = None):
         self.ds = ds.select_columns(["input_features", "labels"]).with_format("numpy")
-        self.pad_id = pad_id
+        self.pad_id, self.label_len = pad_id, label_len  # None: the batch's longest label
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -67,7 +72,7 @@ class _Rows(torch.utils.data.Dataset):
         rows = self.ds[idx]
         feats = torch.from_numpy(np.stack([np.asarray(f, dtype=np.float32) for f in rows["input_features"]]))
         labels = [np.asarray(l, dtype=np.int64) for l in rows["labels"]]
-        out = torch.full((len(labels), max(len(l) for l in labels)), self.pad_id, dtype=torch.long)
+        out = torch.full((len(labels), self.label_len or max(len(l) for l in labels)), self.pad_id, dtype=torch.long)
         for i, l in enumerate(labels):
             out[i, :len(l)] = torch.tensor(l)
         return {"input_features": feats, "labels": out, "rows": idx}
@@ -128,35 +133,6 @@ def _load_split(prep: Path, split: str):
     return ds
 
 
-# ---------------------------------------------------------------- optimisation
-
-def device_precision(precision: str) -> tuple[torch.device, torch.dtype | None, str]:
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if precision == "auto":
-        precision = "bf16" if cuda else "fp32"
-    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise StepError("train.precision bf16 needs a GPU with bfloat16 support (Ampere or newer); use fp32")
-    return device, (torch.bfloat16 if precision == "bf16" else None), precision
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on biases and norm weights."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith(".bias") or "norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Multiplier of the peak learning rate for 0-based optimizer step `step`: linear warm-up, cosine decay."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -171,26 +147,23 @@ def evaluate(model, processor, dev, batch_size: int, device, amp_dtype, language
     was_training = model.training
     model.eval()
     loss_sum, tokens, hyps = 0.0, 0, []
-    for start in range(0, len(dev), batch_size):
-        batch = rows[list(range(start, min(start + batch_size, len(dev))))]
-        feats, labels = batch["input_features"].to(device), batch["labels"].to(device)
-        with autocast(device, amp_dtype):
-            enc = model.model.encoder(feats)  # run once, shared by the loss and generation
-            n = int((labels != -100).sum())
-            loss_sum += float(model(encoder_outputs=enc, labels=labels).loss) * n
-            tokens += n
-            ids = model.generate(encoder_outputs=enc, language=language, task=task, max_new_tokens=max_new,
-                                 use_cache=True)
-        hyps += processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    with eager():  # compiled blocks run eagerly here: generation changes shapes every token
+        for start in range(0, len(dev), batch_size):
+            batch = rows[list(range(start, min(start + batch_size, len(dev))))]
+            feats, labels = batch["input_features"].to(device), batch["labels"].to(device)
+            with autocast(device, amp_dtype):
+                enc = model.model.encoder(feats)  # run once, shared by the loss and generation
+                n = int((labels != -100).sum())
+                loss_sum += float(model(encoder_outputs=enc, labels=labels).loss) * n
+                tokens += n
+                ids = model.generate(encoder_outputs=enc, language=language, task=task, max_new_tokens=max_new,
+                                     use_cache=True)
+            hyps += processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
     model.train(was_training)
     pairs = [(normalize(r), normalize(h)) for r, h in zip(dev["text"], hyps)]
     pairs = [(r, h) for r, h in pairs if r.strip()]
     wer = 100.0 * jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]) if pairs else None
     return {"dev_loss": loss_sum / max(tokens, 1), "dev_wer": wer, "examples": [h for h in hyps[:3]]}
-
-
-def autocast(device, amp_dtype):
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -308,6 +281,14 @@ def save_final(out: Path, model, processor) -> Path:
     return out
 
 
+def label_length(ds, max_target_positions: int) -> int:
+    """The one length every batch's labels are padded to (the longest label of the split, rounded up
+    to a multiple of 8): compiled blocks then see one decoder shape per run, so a kernel never depends
+    on which batches came first; padding (-100) adds no loss and no gradient."""
+    longest = max((len(l) for l in ds["labels"]), default=1)
+    return min(max(8, -(-longest // 8) * 8), max_target_positions)
+
+
 def run(ctx: StepContext) -> dict:
     from .models import load_model, load_processor
 
@@ -316,28 +297,21 @@ def run(ctx: StepContext) -> dict:
     train_ds, dev_ds = _load_split(prep, "train"), _load_split(prep, "dev")
     if len(train_ds) == 0:
         raise StepError(f"the prepared train split in {prep} is empty; check data.* and rerun prepare")
-    device, amp_dtype, precision = device_precision(tc.precision)
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)
 
     model = load_model(cfg.model.name_or_path)
     processor = load_processor(cfg.model.name_or_path)
-    if tc.freeze_encoder:
-        model.model.encoder.requires_grad_(False)
-    n_fq = fake_quant.prepare(model, cfg.quant)
-    ctx.log(f"QAT {cfg.quant.scheme}: {n_fq} fake-quantized Linear layers")
-    if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.to(device).train()
-    cache = EncoderCache.for_run(model, tc, len(train_ds), amp_dtype or torch.float32, ctx.log)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.learning_rate,
-                                  fused=device.type == "cuda")
     batches = MicroBatches(len(train_ds), tc.per_device_batch_size, tc.seed)
     total = tc.max_steps or max(1, math.ceil(tc.epochs * batches.per_epoch / tc.grad_accum))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tc.warmup_steps, total))
+    trainer = Trainer(model, Recipe.of(cfg), total_steps=total)
+    device, amp_dtype, precision = trainer.device, trainer.amp_dtype, trainer.precision
+    optimizer, scheduler = trainer.optimizer, trainer.scheduler
+    ctx.log(f"QAT {cfg.quant.scheme}: {trainer.fake_quant_modules} fake-quantized Linear layers; "
+            f"optimizer {tc.optimizer}; blocks {'compiled' if trainer.compiled else 'eager'}")
+    cache = EncoderCache.for_run(model, tc, len(train_ds), amp_dtype or torch.float32, ctx.log)
+    trainer.encode = cache
 
     ckpt_root, hist_path, chash = ctx.out / CHECKPOINT_DIR, ctx.out / "history.jsonl", config_hash(cfg, "train")
     step, history = 0, []
@@ -368,67 +342,67 @@ def run(ctx: StepContext) -> dict:
 
     if not any("dev_wer" in r for r in history):
         run_eval(0)
-    start_step = step
-    rows = _Rows(train_ds)
+    rows = _Rows(train_ds, label_len=label_length(train_ds, model.config.max_target_positions))
     micro_per_step = tc.grad_accum
     stream = iter(_loader(rows, (batches.indices(m) for m in range(step * micro_per_step, total * micro_per_step)),
                           tc.num_workers, device.type == "cuda"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    train_seconds, samples, last_loss = 0.0, 0, None
+    train_seconds, samples, last_loss, ckpt_io = 0.0, 0, None, []
     while step < total:
-        t0 = time.time()
-        loss_sum = 0.0
-        for _ in range(micro_per_step):
-            batch = next(stream)
-            feats, labels = batch["input_features"].to(device), batch["labels"].to(device)
-            with autocast(device, amp_dtype):
-                if cache is not None:
-                    loss = model(encoder_outputs=(cache(batch["rows"], feats),), labels=labels).loss
-                else:
-                    loss = model(input_features=feats, labels=labels).loss
-            (loss / micro_per_step).backward()
-            loss_sum += float(loss.detach())
-            samples += len(labels)
-        last_loss = loss_sum / micro_per_step
-        if not math.isfinite(last_loss):
-            raise StepError(f"training diverged: loss {last_loss} at step {step + 1}; lower train.learning_rate")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        try:
+            r = trainer.step(next(stream) for _ in range(micro_per_step))
+        except StepError as e:
+            raise StepError(f"step {step + 1}: {e}") from None
         step += 1
-        dt = time.time() - t0
-        train_seconds += dt
-        record({"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm, "seconds": round(dt, 3)})
-        ctx.progress(step, total, loss=round(last_loss, 5), lr=lr)
+        last_loss, train_seconds, samples = r["loss"], train_seconds + r["seconds"], samples + r["samples"]
+        record({"step": step, "loss": last_loss, "lr": r["lr"], "grad_norm": r["grad_norm"],
+                "seconds": round(r["seconds"], 3)})
+        ctx.progress(step, total, loss=round(last_loss, 5), lr=r["lr"], **trainer.speed())
         if step % tc.eval_every == 0 or step == total:
             run_eval(step)
         if step % tc.save_every == 0 and step < total:
-            save_checkpoint(ckpt_root, step, model, optimizer, scheduler, step * micro_per_step, chash)
+            t = time.perf_counter()
+            path = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, step * micro_per_step, chash)
+            ckpt_io.append((time.perf_counter() - t, tree_bytes(path)))
 
     ctx.add_output(save_final(ctx.out / "model", model, processor))
     ctx.add_output(hist_path)
 
     evals = [r for r in history if "dev_wer" in r]
     train_rows = [r for r in history if "loss" in r]
+    speed = trainer.speed()
+    flops = flops_per_sample(model.config, rows.label_len, train_encoder=not tc.freeze_encoder)["train_flops"]
     return {
         "optimizer_steps": step,
         "total_steps": total,
-        "samples_per_s": round(samples / train_seconds, 3) if train_seconds else None,
-        "seconds_per_step": round(train_seconds / (step - start_step), 3) if step > start_step else None,
+        # steady state: every step of this process after its first (compilation happens in the first)
+        "samples_per_s": speed["samples_per_s"],
+        "seconds_per_step": speed["seconds_per_step"],
+        "first_step_s": speed["first_step_s"],
+        "samples_per_s_overall": round(samples / train_seconds, 3) if train_seconds else None,
+        "compiled": trainer.compiled,
+        "optimizer": tc.optimizer,
+        "train_flops_per_sample": flops,
+        "model_tflops_per_s": round(flops * speed["samples_per_s"] / 1e12, 3) if speed["samples_per_s"] else None,
+        "label_tokens": rows.label_len,
+        "checkpoint_bytes": ckpt_io[-1][1] if ckpt_io else None,
+        "checkpoint_save_s": round(max(t for t, _ in ckpt_io), 3) if ckpt_io else None,
         "train_loss": train_rows[-1]["loss"] if train_rows else last_loss,
         "dev_loss_first": evals[0]["dev_loss"] if evals else None,
         "dev_loss": evals[-1]["dev_loss"] if evals else None,
         "dev_wer_first": evals[0]["dev_wer"] if evals else None,
         "dev_wer": evals[-1]["dev_wer"] if evals else None,
-        "fake_quant_modules": n_fq,
+        "fake_quant_modules": trainer.fake_quant_modules,
         "quant_scheme": cfg.quant.scheme,
         "peak_memory_mb": round(_peak_memory_mb(device), 1),
         "precision": precision,
         "device": str(device),
-        "trainable_params": sum(p.numel() for p in trainable),
+        "trainable_params": sum(p.numel() for p in trainer.trainable),
         "freeze_encoder": tc.freeze_encoder,
         "resumed_from_step": (ckpts[-1][0] if ctx.resume and ckpts else None),
     }
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -17,7 +17,7 @@ from infra.cost import BudgetExceeded, BudgetTimer, CostMeter, RunBudget
 from infra.machine import Lease
 
 __all__ = ["BudgetExceeded", "RunBudget", "open_budget", "open_meter", "check_budget", "record_bytes_home",
-           "watch_budget", "budget_rows", "total_usd"]
+           "watch_budget", "budget_rows", "estimate_rows", "total_usd"]
 
 _budgets: dict[str, RunBudget] = {}  # lease label -> the run's budget, in this flow-run process
 _lock = threading.Lock()
@@ -100,3 +100,25 @@ def budget_rows(budget: RunBudget) -> list[dict]:
 
 def total_usd(rows: list[dict]) -> float:
     return sum(r["usd"] for r in rows if r["step"].endswith("total"))
+
+
+def estimate_rows(estimate: dict, costs: list[dict], train: Optional[dict] = None) -> list[dict]:
+    """The pre-rent estimate beside what the run cost, for the cost table (after the run): the estimate,
+    and actual minus estimate (hours and dollars). With the train step's metrics, the training speed the
+    estimate assumed beside the one measured. Their names do not end in "total": `total_usd` skips them."""
+    if not estimate or "estimated_usd" not in estimate:
+        return []
+    hours = float(estimate.get("planned_hours") or 0)
+    actual_s = sum(r["seconds"] for r in costs if r["step"].endswith("total"))
+    basis = estimate.get("basis", "$/h x planned hours")
+    where = f" on {estimate['gpu_name']}" if estimate.get("gpu_name") else ""
+    rows = [{"step": f"estimate before renting{where} ({basis})", "seconds": round(hours * 3600, 1),
+             "usd": estimate["estimated_usd"], "usd_per_hour": estimate.get("dph"), "instance": None},
+            {"step": "actual minus estimate", "seconds": round(actual_s - hours * 3600, 1),
+             "usd": round(total_usd(costs) - estimate["estimated_usd"], 6), "usd_per_hour": None, "instance": None}]
+    expected, measured = estimate.get("expected_samples_per_s"), (train or {}).get("samples_per_s")
+    if expected and measured:
+        rows.append({"step": f"training samples/s: expected {expected:g} ({estimate.get('speed_source')}), "
+                             f"measured {measured:g} (steady state)", "seconds": (train or {}).get("first_step_s"),
+                     "usd": None, "usd_per_hour": None, "instance": None})
+    return rows

@@ -33,6 +33,17 @@ class MachineLost(RuntimeError):
     retryable = False
 
 
+def progress_description(step: str, total: int, event: dict) -> str:
+    """What a progress artifact says: steps out of total; for training, the first step (compilation
+    included) apart from the steady-state speed (steps/train_loop.py Trainer.speed)."""
+    text = f"{step}: steps done out of {total}"
+    if event.get("first_step_s") is not None:
+        text += f"; first step {event['first_step_s']:g} s" + (" (compiling)" if event.get("compiled") else "")
+    if event.get("samples_per_s") is not None:
+        text += f"; steady state {event['samples_per_s']:g} samples/s"
+    return text
+
+
 class _Progress:
     """Turns PROGRESS lines into a Prefect progress artifact, updated at most every 2 seconds."""
 
@@ -43,11 +54,12 @@ class _Progress:
         total = max(1, int(event.get("total") or 1))
         pct = min(100.0, 100.0 * float(event.get("done", 0)) / total)
         now = time.time()
+        description = progress_description(self.step, total, event)
         if self.artifact_id is None:
             self.artifact_id = create_progress_artifact(
-                progress=pct, key=f"{self.step}-progress", description=f"{self.step}: steps done out of {total}")
+                progress=pct, key=f"{self.step}-progress", description=description)
         elif now - self.last >= 2 or pct >= 100:
-            update_progress_artifact(self.artifact_id, progress=pct)
+            update_progress_artifact(self.artifact_id, progress=pct, description=description)
         else:
             return
         self.last = now

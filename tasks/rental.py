@@ -55,14 +55,18 @@ def forget_machine(lease: Lease) -> None:
 @task(name="estimate cost", retries=3, retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5,
       retry_condition_fn=retry_transient)
 def estimate_cost(cfg: RunConfig) -> dict:
-    """The price of the cheapest matching offer times the planned hours, before anything is rented."""
+    """Before anything is rented, on the offer that would be rented (cheapest per training sample):
+    training samples x $/sample + machine.setup_hours, or $/h x machine.planned_hours when the
+    run's size or the GPU's speed is unknown (infra/gpu_speed.py)."""
     est = provision.price_estimate(cfg.machine, api_key=secrets.vast_api_key(), server_url=secrets.vast_url())
     get_run_logger().info(
         "estimate: %s", ", ".join(f"{k}={v}" for k, v in est.items() if not isinstance(v, (dict, list))))
     if est.get("estimated_usd", 0) > cfg.machine.max_cost_usd:
         raise ValueError(
             f"estimated cost ${est['estimated_usd']:.2f} exceeds machine.max_cost_usd ${cfg.machine.max_cost_usd:.2f}: "
-            "raise the cap, lower machine.planned_hours or machine.vast.max_dph")
+            f"({est.get('basis', '$/h x planned hours')}, {est.get('planned_hours')} h at ${est.get('dph', 0):.3f}/h): "
+            "raise the cap, train on fewer samples (train.epochs, data.max_samples), or lower machine.planned_hours "
+            "or machine.vast.max_dph")
     return est
 
 

@@ -17,6 +17,7 @@ from prefect.artifacts import (create_image_artifact, create_link_artifact, crea
 from contract.config import RunConfig
 from infra.machine import Lease
 
+from .billing import estimate_rows
 from .scorecard import gate_verdict, results_markdown, results_table, step_metrics
 
 
@@ -109,7 +110,7 @@ def publish_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs:
     if measured_rows:
         create_table_artifact(measured_rows, key=f"{key}-metrics", description="metrics per variant (test set)")
     if costs:
-        _cost_table(cfg, costs)
+        _cost_table(cfg, costs + estimate_rows(estimate, costs, step_metrics(results)["train"]))
     png = chart_png(rows)
     if png:
         (report_dir / "chart.png").write_bytes(png)

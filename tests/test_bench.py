@@ -130,16 +130,20 @@ def test_report_explains_misses_with_figures_and_says_gpu_not_measured():
     assert "| plain | 42.7 |" in rb.render_bench_report(r, gpu)
 
 
-def test_gpu_probe_runs_on_cpu_with_tiny_shapes(tmp_path):
+def test_gpu_probe_runs_the_train_steps_core_on_cpu_with_tiny_shapes(tmp_path):
     probe = _load_script("gpu_probe")
     out = tmp_path / "gpu.json"
+    modes = "plain_eager,int8_eager,int4_eager,int8_compiled"
     assert probe.main(["--shapes", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1",
-                       "--label-tokens", "8", "--out", str(out)]) == 0
+                       "--label-tokens", "8", "--modes", modes, "--peak-tflops", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["is_gpu"] is False and report["shapes"] == "tiny"
+    assert report["is_gpu"] is False and report["shapes"] == "tiny" and report["gradient_checkpointing"] is True
     res = report["results"]
-    assert set(res) == {"plain", "int8_qat", "int4_qat"}
-    assert res["plain"]["fake_quant_linears"] == 0
-    assert res["int8_qat"]["fake_quant_linears"] == res["int4_qat"]["fake_quant_linears"] > 0
+    assert list(res) == modes.split(",")
+    assert res["plain_eager"]["fake_quant_linears"] == 0 and res["plain_eager"]["speedup_vs_plain_eager"] == 1.0
+    assert res["int8_eager"]["fake_quant_linears"] == res["int4_eager"]["fake_quant_linears"] > 0
+    assert res["int8_compiled"]["compiled"] is True and res["int8_eager"]["compiled"] is False
+    flops = report["train_flops_per_sample"]["train_flops"]
     for mode in res.values():
-        assert mode["samples_per_s"] > 0 and np.isfinite(mode["final_loss"])
+        assert mode["samples_per_s"] > 0 and np.isfinite(mode["final_loss"]) and mode["first_step_s"] > 0
+        assert mode["mfu"] == pytest.approx(flops * mode["samples_per_s"] / 1e12, rel=1e-2)

@@ -205,3 +205,19 @@ def test_launch_reports_failed_starts_and_the_budget_matches_the_bill(emulator):
                  "qat-never", "ssh-ed25519 AAAA test")
     assert len(err.value.failed_starts) == 2
     assert all(r["destroyed_at"] is not None for r in err.value.failed_starts)
+
+
+def test_cost_table_shows_the_estimate_beside_the_actual_cost():
+    from tasks.billing import estimate_rows, total_usd
+
+    costs = [{"step": "train", "seconds": 7000.0, "usd": 4.9, "usd_per_hour": 2.52, "instance": 7},
+             {"step": "total", "seconds": 9000.0, "usd": 6.3, "usd_per_hour": 2.52, "instance": 7}]
+    est = {"basis": "samples x $/sample + setup", "estimated_usd": 5.5, "planned_hours": 2.0, "dph": 2.52,
+           "gpu_name": "H200", "expected_samples_per_s": 52.2, "speed_source": "measured"}
+    rows = estimate_rows(est, costs, {"samples_per_s": 50.0, "first_step_s": 42.0})
+    assert rows[0]["usd"] == 5.5 and rows[0]["seconds"] == 7200.0 and "H200" in rows[0]["step"]
+    assert rows[1]["step"] == "actual minus estimate" and rows[1]["usd"] == pytest.approx(0.8)
+    assert rows[1]["seconds"] == pytest.approx(1800.0)
+    assert "expected 52.2" in rows[2]["step"] and "measured 50" in rows[2]["step"]
+    assert total_usd(costs + rows) == total_usd(costs) == 6.3  # the bill is not changed by the comparison
+    assert estimate_rows({}, costs) == []

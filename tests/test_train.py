@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from steps import train
+from steps import train, train_loop
 from steps.common import StepContext, StepError
 from contract.config import parse_config
 from steps.models import load_processor
@@ -53,8 +53,15 @@ def history(ctx: StepContext) -> list[dict]:
 def test_train_writes_model_history_checkpoints_and_metrics(tmp_path):
     make_prepared(tmp_path)
     ctx = context(tmp_path, max_steps=4, save_every=1, eval_every=2, gradient_checkpointing=True)
+    events = []
+    ctx.progress = lambda done, total, **kw: events.append(kw)
     m = train.run(ctx)
     assert m["optimizer_steps"] == 4 and m["fake_quant_modules"] == 32 and m["quant_scheme"] == "int8"
+    # the first step (where compilation happens) apart from the steady state, in the metrics and progress lines
+    assert m["compiled"] is False and m["first_step_s"] > 0 and m["samples_per_s"] > 0 and m["optimizer"] == "adamw"
+    assert events[0]["first_step_s"] == m["first_step_s"] and events[0]["samples_per_s"] is None
+    assert events[-1]["samples_per_s"] == m["samples_per_s"] and events[-1]["steady_steps"] == 3
+    assert m["checkpoint_bytes"] > 0 and m["label_tokens"] % 8 == 0 and m["train_flops_per_sample"] > 0
     assert m["precision"] == "fp32" and m["device"] == "cpu" and m["freeze_encoder"] is False
     assert m["samples_per_s"] > 0 and m["peak_memory_mb"] > 0 and m["trainable_params"] > 0
     assert m["dev_wer_first"] is not None and m["dev_wer"] is not None
@@ -73,10 +80,14 @@ def test_train_writes_model_history_checkpoints_and_metrics(tmp_path):
     assert ctx.outputs == ["train/model", "train/history.jsonl"]
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, compiled):
     """CPU kernels are deterministic for equal shapes, order and thread count, and a checkpoint
-    restores weights, AdamW moments, scheduler, RNG and data position bit for bit: so tolerance 0."""
-    cfg = dict(max_steps=5, save_every=2, eval_every=3, grad_accum=2, warmup_steps=2)  # 10 micro-batches, 3 epochs
+    restores weights, AdamW moments, scheduler, RNG and data position bit for bit: so tolerance 0.
+    Compiled blocks too: static shapes (labels padded to one length) make each kernel a function of
+    its batch shape alone, whatever the process compiled before."""
+    cfg = dict(max_steps=5, save_every=2, eval_every=3, grad_accum=2, warmup_steps=2,  # 10 micro-batches, 3 epochs
+               compile=compiled)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     for d in (straight, broken):
         make_prepared(d, n_train=5, n_dev=2)
@@ -95,8 +106,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         train.run(ctx)
     # lost during step 4, before its checkpoint: history already holds steps 3 and 4, resume must drop them
     assert sorted(p.name for p in (ctx.out / "checkpoints").iterdir()) == ["step-2"]
+    if compiled:  # the resumed run compiles afresh, like a new process on a new machine
+        torch._dynamo.reset()
     m = train.run(context(broken, resume=True, **cfg))
-    assert m["resumed_from_step"] == 2 and m["optimizer_steps"] == 5
+    assert m["resumed_from_step"] == 2 and m["optimizer_steps"] == 5 and m["compiled"] is compiled
 
     a, b = load_file(straight / "train/model/model.safetensors"), load_file(broken / "train/model/model.safetensors")
     assert a.keys() == b.keys()
@@ -143,10 +156,10 @@ def test_resume_never_loads_a_checkpoint_of_another_config(tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    f = [train.lr_factor(s, 3, 10) for s in range(10)]
+    f = [train_loop.lr_factor(s, 3, 10) for s in range(10)]
     assert f[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and f[3] == 1.0
     assert all(a > b for a, b in zip(f[3:], f[4:])) and 0 < f[-1] < 0.1
-    assert train.lr_factor(0, 0, 5) == 1.0
+    assert train_loop.lr_factor(0, 0, 5) == 1.0
 
 
 def test_data_order_is_seeded_and_covers_each_epoch():

@@ -1,0 +1,115 @@
+"""Dollars per training sample: how fast each GPU trains our model, and offers ranked by it.
+
+Two tables next to this module (sources in docs/REFERENCE.md, "GPU throughput table"):
+
+* gpu_speed.csv: per Vast.ai `gpu_name`, its dense bf16 tensor peak (TFLOP/s) and memory.
+* train_throughput.csv: training samples/s and peak memory measured on a reference GPU (H200) at
+  whisper-large-v3-distil-fr shapes, per (scheme, compile, checkpointing, micro-batch).
+
+Expected samples/s of a workload on GPU X: the measured figure when X is the GPU it was measured
+on, else that figure times X's bf16 peak over the reference's (a FLOP-scaled estimate, marked as
+such: training here is ~98 % dense matmuls, but memory bandwidth and kernel efficiency differ).
+Peak memory does not depend on the GPU; an offer whose memory is short of it (plus 10 %) is left out.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+from contract.machine_config import TrainWorkload
+
+HERE = Path(__file__).resolve().parent
+VRAM_MARGIN = 1.10  # allocator fragmentation, CUDA context
+
+
+@lru_cache(maxsize=None)
+def gpus() -> dict[str, dict]:
+    return {r["gpu_name"].upper(): {**r, "bf16_tflops": float(r["bf16_tflops"])}
+            for r in csv.DictReader((HERE / "gpu_speed.csv").open())}
+
+
+@lru_cache(maxsize=None)
+def _measured() -> tuple[dict, ...]:
+    return tuple({**r, "compile": r["compile"] == "true", "gradient_checkpointing": r["gradient_checkpointing"] == "true",
+                  "micro_batch": int(r["micro_batch"]), "samples_per_s": float(r["samples_per_s"]),
+                  "peak_gib": float(r["peak_gib"])}
+                 for r in csv.DictReader((HERE / "train_throughput.csv").open()))
+
+
+def reference_speed(scheme: str, micro_batch: int, compile: bool, gradient_checkpointing: bool = True) -> Optional[dict]:
+    """The measured row closest to the workload (same scheme, compile and checkpointing; the nearest
+    micro-batch) and the peak memory at `micro_batch` (linear through the two nearest measured
+    micro-batches; from one, scaled up with the batch). None when nothing of that kind was measured."""
+    rows = [r for r in _measured() if (r["scheme"], r["compile"], r["gradient_checkpointing"])
+            == (scheme, compile, gradient_checkpointing)]
+    if not rows:
+        return None
+    rows.sort(key=lambda r: (abs(r["micro_batch"] - micro_batch), -r["micro_batch"]))
+    best = rows[0]
+    if best["micro_batch"] == micro_batch:
+        peak = best["peak_gib"]
+    elif len(rows) > 1 and rows[1]["micro_batch"] != best["micro_batch"]:
+        a, b = rows[0], rows[1]
+        slope = (b["peak_gib"] - a["peak_gib"]) / (b["micro_batch"] - a["micro_batch"])
+        peak = max(a["peak_gib"], b["peak_gib"]) if slope < 0 else a["peak_gib"] + slope * (micro_batch - a["micro_batch"])
+    else:
+        peak = best["peak_gib"] * max(1.0, micro_batch / best["micro_batch"])
+    note = "" if best["micro_batch"] == micro_batch else f", nearest measured micro-batch {best['micro_batch']}"
+    return {"gpu_name": best["gpu_name"], "samples_per_s": best["samples_per_s"], "peak_gib": round(peak, 2),
+            "source": best["source"] + note}
+
+
+def expected_speed(gpu_name: str, w: TrainWorkload) -> Optional[dict]:
+    """Expected samples/s of workload `w` on `gpu_name`, with its source; None when unknown."""
+    ref = reference_speed(w.scheme, w.micro_batch, w.compile, w.gradient_checkpointing)
+    gpu = gpus().get(str(gpu_name).upper())
+    if ref is None or gpu is None:
+        return None
+    if gpu["gpu_name"].upper() == ref["gpu_name"].upper():
+        return {"samples_per_s": ref["samples_per_s"], "peak_gib": ref["peak_gib"], "source": ref["source"]}
+    base = gpus()[ref["gpu_name"].upper()]
+    sps = ref["samples_per_s"] * gpu["bf16_tflops"] / base["bf16_tflops"]
+    return {"samples_per_s": round(sps, 2), "peak_gib": ref["peak_gib"],
+            "source": f"estimate: {ref['gpu_name']} measured x bf16 peak {gpu['bf16_tflops']:g}/{base['bf16_tflops']:g}"}
+
+
+def vram_needed_mb(w: TrainWorkload) -> Optional[float]:
+    ref = reference_speed(w.scheme, w.micro_batch, w.compile, w.gradient_checkpointing)
+    return None if ref is None else ref["peak_gib"] * 2**30 / 1e6 * VRAM_MARGIN
+
+
+def rank_offers(offers: list[dict], w: Optional[TrainWorkload]) -> list[dict]:
+    """Offers cheapest per training sample first (`dph_total` / expected samples/s); GPUs of unknown
+    speed after them, by $/h; offers without the memory the micro-batch needs are left out.
+    Without a workload: by $/h alone. Each ranked offer gains `expected_samples_per_s`,
+    `usd_per_sample` and `speed_source` (None where unknown)."""
+    if w is None:
+        return sorted(offers, key=lambda o: float(o["dph_total"]))
+    need = vram_needed_mb(w)
+    ranked = []
+    for o in offers:
+        if need is not None and float(o.get("gpu_ram") or 0) < need:
+            continue
+        speed = expected_speed(o.get("gpu_name", ""), w)
+        sps = speed["samples_per_s"] if speed else None
+        ranked.append({**o, "expected_samples_per_s": sps, "speed_source": speed["source"] if speed else None,
+                       "usd_per_sample": float(o["dph_total"]) / 3600 / sps if sps else None})
+    return sorted(ranked, key=lambda o: (o["usd_per_sample"] is None, o["usd_per_sample"] or float(o["dph_total"])))
+
+
+def estimate(offer: dict, w: Optional[TrainWorkload], planned_hours: float, setup_hours: float) -> dict:
+    """Pre-rent estimate on `offer`: samples x $/sample + setup hours x $/h when the workload's size and
+    speed are known, else $/h x machine.planned_hours."""
+    dph = float(offer["dph_total"])
+    per_sample = offer.get("usd_per_sample")
+    if w is not None and w.samples and per_sample:
+        train_h = w.samples / offer["expected_samples_per_s"] / 3600
+        return {"basis": "samples x $/sample + setup", "samples": w.samples, "usd_per_sample": per_sample,
+                "expected_samples_per_s": offer["expected_samples_per_s"], "speed_source": offer["speed_source"],
+                "train_hours": round(train_h, 3), "setup_hours": setup_hours, "planned_hours": round(train_h + setup_hours, 3),
+                "estimated_usd": round(math.fsum([w.samples * per_sample, setup_hours * dph]), 4)}
+    return {"basis": "$/h x machine.planned_hours", "planned_hours": planned_hours,
+            "estimated_usd": round(dph * planned_hours, 4)}

@@ -510,11 +510,13 @@ def test_image_python_has_a_torchvision_built_for_another_torch(emulator, sdk, c
     sdk.destroy_instance(iid)
 
 
-@pytest.mark.parametrize("mode,code,text", [("fail", 9, "couldn't communicate with the NVIDIA driver"),
-                                            ("absent", 127, "nvidia-smi: command not found")])
-def test_fault_nvidia_smi(emulator, sdk, client_key, mode, code, text):
+@pytest.mark.parametrize("faults,code,text", [
+    ({"nvidia_smi": "fail"}, 9, "couldn't communicate with the NVIDIA driver"),
+    ({"nvidia_smi": "absent"}, 127, "nvidia-smi: command not found"),
+    ({"driver_cuda": 12.4}, 0, "Driver Version: 550.127.05     CUDA Version: 12.4")])
+def test_fault_nvidia_smi(emulator, sdk, client_key, faults, code, text):
     key, pub = client_key
-    emulator.set_faults(nvidia_smi=mode)
+    emulator.set_faults(**faults)
     iid = create(sdk, pub)
     row, _ = wait_status(sdk, iid, "running")
     c = ssh(row["ssh_port"], key, retry_until=5)

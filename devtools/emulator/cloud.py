@@ -22,7 +22,7 @@ from devtools.emulator.state import Store
 # Per-instance knobs (settable globally, per id, or per label prefix) and global-only knobs.
 INSTANCE_KNOBS = {"stuck_loading", "ssh_refuse_s", "preempt_after_s", "preempt_mode",
                   "destroy_fail_once", "disk_full_mb", "boot_seconds", "evil", "evil_target",
-                  "null_after_create_s", "destroy_lag_s", "nvidia_smi", "image_torchvision"}
+                  "null_after_create_s", "destroy_lag_s", "nvidia_smi", "driver_cuda", "image_torchvision"}
 # Global counters (the next N calls) and global settings (kept until changed or cleared).
 GLOBAL_COUNTERS = {"http_429", "quota_429", "lost_create"}
 GLOBAL_SETTINGS = {"http_429_retry_after", "lost_create_mode", "list_lag_s", "foreign_rows", "gone_404_after_s"}
@@ -151,9 +151,9 @@ class Cloud:
 
     def _install_host(self, inst: dict) -> None:
         """What the host puts in the container: its nvidia-smi (root/usr-bin), per the `nvidia_smi` knob."""
-        o = inst["offer"]
+        o, f = inst["offer"], self.faults_for(inst)
         image.install_nvidia_smi(Path(inst["root"]) / "usr-bin", o["gpu_name"], o["num_gpus"], o["driver_version"],
-                                 float(o["cuda_max_good"]), self.faults_for(inst).get("nvidia_smi") or "ok")
+                                 float(o["cuda_max_good"]), f.get("nvidia_smi") or "ok", f.get("driver_cuda"))
 
     def _start_sshd(self, inst: dict) -> None:
         self._sync_evil(inst)
@@ -297,6 +297,8 @@ class Cloud:
             raise ApiError(400, "invalid_args", f"malformed must be one of {MALFORMED_MODES}")
         if knobs.get("nvidia_smi") not in (None, *image.NVIDIA_SMI_MODES):
             raise ApiError(400, "invalid_args", f"nvidia_smi must be one of {image.NVIDIA_SMI_MODES}")
+        if knobs.get("driver_cuda") is not None and not isinstance(knobs["driver_cuda"], (int, float)):
+            raise ApiError(400, "invalid_args", "driver_cuda must be a CUDA version number such as 12.4")
         if knobs.get("image_torchvision") not in (None, *image.TORCHVISION_MODES):
             raise ApiError(400, "invalid_args", f"image_torchvision must be one of {image.TORCHVISION_MODES}")
         try:

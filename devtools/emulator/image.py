@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 IMAGE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "emulator-image"
 from devtools.emulator.sshd import MINIMAL_PATH
@@ -79,18 +80,25 @@ def ensure_image() -> Path:
     return venv
 
 
+_PIP_KEYS = ("index-url", "extra-index-url", "find-links", "cert")
+# This machine's TLS trust and proxy: how it reaches the package registries (the image's own CA bundle
+# and network on Vast.ai)
+_PASSED = ("SSL_CERT_FILE", "SSL_CERT_DIR", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy",
+           "no_proxy")
+
+
 @functools.lru_cache(maxsize=1)
 def pip_settings() -> dict[str, list[str]]:
-    """This machine's pip index settings (`pip config list`, then PIP_* variables): index-url,
-    extra-index-url, find-links, each a list of locations."""
+    """This machine's pip settings (`pip config list`, then PIP_* variables): index-url,
+    extra-index-url, find-links (each a list of locations) and cert (the CA bundle)."""
     out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
     found: dict[str, list[str]] = {}
     for line in out.splitlines():
         key, _, value = line.partition("=")
         name = key.rsplit(".", 1)[-1]
-        if name in ("index-url", "extra-index-url", "find-links"):
+        if name in _PIP_KEYS:
             found[name] = value.strip().strip("'\"").split()
-    for name in ("index-url", "extra-index-url", "find-links"):
+    for name in _PIP_KEYS:
         env = os.environ.get("PIP_" + name.upper().replace("-", "_"))
         if env:
             found[name] = env.split()
@@ -112,6 +120,9 @@ def image_env(torchvision: str = "abi") -> dict[str, str]:
         env["UV_INDEX_URL"] = env["PIP_INDEX_URL"] = pip["index-url"][0]
     if pip.get("extra-index-url"):
         env["UV_EXTRA_INDEX_URL"] = env["PIP_EXTRA_INDEX_URL"] = " ".join(pip["extra-index-url"])
+    if pip.get("cert"):
+        env["SSL_CERT_FILE"] = env["PIP_CERT"] = pip["cert"][0]
+    env.update({k: os.environ[k] for k in _PASSED if os.environ.get(k)})
     if pip.get("find-links"):
         env["UV_FIND_LINKS"] = ",".join(pip["find-links"])
         env["PIP_FIND_LINKS"] = " ".join(pip["find-links"])
@@ -119,6 +130,10 @@ def image_env(torchvision: str = "abi") -> dict[str, str]:
 
 
 NVIDIA_SMI_MODES = ("ok", "absent", "fail")
+# The driver release that first supports each CUDA version (NVIDIA's CUDA toolkit release notes): what the
+# `driver_cuda` knob's nvidia-smi prints as its driver version
+DRIVER_FOR_CUDA = {11.8: "520.61.05", 12.1: "530.30.02", 12.2: "535.183.01", 12.4: "550.127.05",
+                   12.6: "560.35.03", 12.8: "570.133.07", 13.0: "580.95.05"}
 _NVIDIA_SMI = '''#!/bin/bash
 # Emulator stand-in for the host's nvidia-smi (devtools/emulator/image.py): the offer's driver and CUDA.
 if [ "$1" = "-L" ]; then
@@ -137,10 +152,14 @@ exit 9
 
 
 def install_nvidia_smi(bin_dir: Path, gpu_name: str, num_gpus: int, driver: str, cuda: float,
-                       mode: str = "ok") -> None:
+                       mode: str = "ok", driver_cuda: Optional[float] = None) -> None:
     """The host's nvidia-smi as the container sees it (`bin_dir`: its /usr/bin stand-in), printing the
     offer's driver version and the CUDA version it supports (`cuda_max_good`); `nvidia_smi` knob:
-    `absent` (no GPU passed through), `fail` (the driver does not answer)."""
+    `absent` (no GPU passed through), `fail` (the driver does not answer); `driver_cuda` knob: the
+    host's driver is older than its offer said (it supports only that CUDA)."""
+    if driver_cuda is not None:
+        cuda = float(driver_cuda)
+        driver = DRIVER_FOR_CUDA.get(round(cuda, 1), f"{int(cuda * 40)}.00.00")
     bin_dir.mkdir(parents=True, exist_ok=True)
     path = bin_dir / "nvidia-smi"
     if mode == "absent":

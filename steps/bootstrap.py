@@ -100,13 +100,18 @@ def check_driver(gpu: dict, torch_version: str) -> None:
 def install(venv: Path, requirements: str, gpu: str) -> None:
     """A fresh venv from the image's python, uv in it, then the requirements for this build."""
     log(f"creating {venv} with {sys.executable} (python {sys.version.split()[0]})")
-    made = _run([sys.executable, "-m", "venv", "--clear", str(venv)], timeout=600)
+    made = _run([sys.executable, "-m", "venv", "--clear", "--without-pip", str(venv)], timeout=600)
     if made.returncode != 0:
         raise EnvError(f"{sys.executable} -m venv failed: {(made.stderr or made.stdout).strip()[-400:]}; the image's "
                        "python cannot make a venv (Debian/Ubuntu: install python3-venv), or set machine.python "
                        "to one that can")
     py = str(venv / "bin" / "python")
-    _stream([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", UV], "installing uv")
+    # uv into the venv by the image's pip (pip >= 22.3 installs into another interpreter's environment,
+    # its own untouched): seconds faster than ensurepip; an image without such a pip gets ensurepip
+    quiet = ["install", "--quiet", "--disable-pip-version-check", UV]
+    if _run([sys.executable, "-m", "pip", "--python", py, *quiet], timeout=600).returncode != 0:
+        _stream([py, "-m", "ensurepip", "--default-pip"], "bootstrapping pip in the venv")
+        _stream([py, "-m", "pip", *quiet], "installing uv")
     (venv / "requirements.txt").write_text(resolved_requirements(requirements, gpu))
     argv = [py, "-m", "uv", "pip", "install", "--python", py, "-r", str(venv / "requirements.txt")]
     if build(gpu) == "cuda":  # onnxruntime-gpu provides the module; faster-whisper's onnxruntime would clash

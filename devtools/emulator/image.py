@@ -5,9 +5,10 @@ and torchaudio are compiled for the image's torch; that Python is on PATH only t
 Docker ENV, which SSH sessions see only if onstart wrote it to /etc/environment (docs/REFERENCE.md
 section 9). The emulator builds that image once per checkout and caches it under `.cache/emulator-image/`:
 
-    venv/      `python -m venv --without-pip` of the interpreter the emulator runs on (a separate
-               environment: none of the orchestrator's packages), with a `torchvision` that fails on
-               import the way one compiled for another torch does (`image_torchvision` knob)
+    venv/      `python -m venv` of the interpreter the emulator runs on (a separate environment: pip
+               and none of the orchestrator's packages, as conda's python in pytorch images has pip),
+               with a `torchvision` that fails on import the way one compiled for another torch does
+               (`image_torchvision` knob)
     uv-cache/, pip-cache/  shared by every instance (hard links into each instance's venv): the
                first install on this machine downloads, later ones take seconds
 
@@ -30,7 +31,7 @@ IMAGE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "emulator-image"
 from devtools.emulator.sshd import MINIMAL_PATH
 TORCHVISION_VAR = "VAST_EMULATED_TORCHVISION"  # the `image_torchvision` knob, as the image sees it
 TORCHVISION_MODES = ("abi", "no_video_reader", "absent")
-_VERSION = "1"  # bump when the layout below changes: the cached image is rebuilt
+_VERSION = "2"  # bump when the layout below changes: the cached image is rebuilt
 
 # The image's torchvision 0.20.1 was built for its torch 2.5.1. Imported next to another torch it
 # fails the way such a build does (the operator its C++ extension registers is missing), or it lacks
@@ -68,7 +69,7 @@ def ensure_image() -> Path:
         if stamp.exists() and stamp.read_text() == _VERSION:
             return venv
         base = getattr(sys, "_base_executable", sys.executable)  # not the orchestrator's venv
-        subprocess.run([base, "-m", "venv", "--clear", "--without-pip", str(venv)], check=True, capture_output=True)
+        subprocess.run([base, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True)
         site = _site_packages(venv)
         (site / "torchvision" / "io").mkdir(parents=True, exist_ok=True)
         (site / "torchvision" / "__init__.py").write_text(_TORCHVISION.format(var=TORCHVISION_VAR))

@@ -7,7 +7,7 @@ The workload never runs in the image's Python (its torchvision/torchaudio are bu
 torch): setup makes a venv `qat/venv/<requirements hash>-<build>/` and installs
 requirements-remote.txt into it. The build follows `machine.gpu`: `cuda` (GPU required: the pinned
 torch as published, onnxruntime-gpu, and CUDA must be usable from torch) or `cpu` (a CPU run:
-onnxruntime). Facts in docs/REFERENCE.md section 9.
+onnxruntime). Facts in docs/REFERENCE.md section 7.
 """
 from __future__ import annotations
 

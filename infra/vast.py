@@ -375,7 +375,7 @@ class VastProvider:
 
     @staticmethod
     def onstart_script(public_key: str) -> str:
-        """What a rented instance runs at start (docs/REFERENCE.md section 9), in this order:
+        """What a rented instance runs at start (docs/REFERENCE.md section 7), in this order:
         1. `touch ~/.no_auto_tmux`: Vast images attach SSH sessions to tmux otherwise, and a command
            sent without a terminal does not run;
         2. the image's container environment (its Docker ENV: PATH to its python, CUDA variables)

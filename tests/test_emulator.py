@@ -17,7 +17,7 @@ from vastai import VastAI
 from devtools.emulator.image import IMAGE_DIR
 from devtools.emulator.sshd import make_client_key, pid_alive, port_open
 
-# What a Vast.ai onstart must do for SSH commands to run (docs/REFERENCE.md section 9): tmux off, the
+# What a Vast.ai onstart must do for SSH commands to run (docs/REFERENCE.md section 7): tmux off, the
 # image's environment into /etc/environment (the emulator's stand-in: $VAST_EMULATED_ETC/environment)
 ONSTART = ('touch ~/.no_auto_tmux && env > "$VAST_EMULATED_ETC/environment" && '
            "mkdir -p ~/.ssh && echo '{pub}' >> ~/.ssh/authorized_keys && echo onstart-ran-in-$PWD")

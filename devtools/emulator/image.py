@@ -3,7 +3,7 @@
 A real Vast.ai image (pytorch/pytorch:2.5.1-...) has its own Python (/opt/conda/bin) whose torchvision
 and torchaudio are compiled for the image's torch; that Python is on PATH only through the image's
 Docker ENV, which SSH sessions see only if onstart wrote it to /etc/environment (docs/REFERENCE.md
-section 9). The emulator builds that image once per checkout and caches it under `.cache/emulator-image/`:
+section 7). The emulator builds that image once per checkout and caches it under `.cache/emulator-image/`:
 
     venv/      `python -m venv` of the interpreter the emulator runs on (a separate environment: pip
                and none of the orchestrator's packages, as conda's python in pytorch images has pip),

@@ -81,7 +81,7 @@ def check_sshd_installed() -> None:
 def _write_login_script(path: Path, disk: Path, env: Mapping[str, str], instance: bool = False) -> None:
     """The sshd ForceCommand. A plain host (`instance=False`, the `sshd_host` fixture): this python's
     directory first on PATH and `env` exported. An emulated Vast.ai instance (`instance=True`), as a real
-    one's SSH session is (docs/REFERENCE.md section 9): the minimal PATH plus what onstart wrote to the
+    one's SSH session is (docs/REFERENCE.md section 7): the minimal PATH plus what onstart wrote to the
     image's /etc/environment (read as pam_env does: NAME=value lines), the host's /usr/bin stand-in
     (`root/usr-bin`: nvidia-smi) last; and a command runs only once `~/.no_auto_tmux` exists (otherwise
     the image's auto-tmux answers a session without a terminal the way tmux does). SFTP is never gated."""

@@ -131,7 +131,7 @@ def image_env(torchvision: str = "abi") -> dict[str, str]:
 
 
 NVIDIA_SMI_MODES = ("ok", "absent", "fail")
-# The driver release that first supports each CUDA version (NVIDIA's CUDA toolkit release notes): what the
+# A driver release of the branch that supports each CUDA version (as Vast offers list them): what the
 # `driver_cuda` knob's nvidia-smi prints as its driver version
 DRIVER_FOR_CUDA = {11.8: "520.61.05", 12.1: "530.30.02", 12.2: "535.183.01", 12.4: "550.127.05",
                    12.6: "560.35.03", 12.8: "570.133.07", 13.0: "580.95.05"}

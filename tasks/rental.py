@@ -162,7 +162,7 @@ def setup_environment(lease: Lease, cfg: RunConfig) -> dict:
     log = get_run_logger()
     if not provision.sets_up_environment(lease):
         log.info("backend %s: steps run with %s, nothing to set up", lease.backend, remote_python(lease, cfg))
-        return {"installed": False}
+        return {"venv": None}
     m = machine_for(lease, cfg)
     t0 = time.time()
     error: dict = {}
@@ -183,7 +183,7 @@ def setup_environment(lease: Lease, cfg: RunConfig) -> dict:
     if code != 0:
         raise StepFailed("setup", error.get("message", f"exit code {code}"),
                          bool(error.get("retryable", code == EXIT_RETRYABLE)), "\n".join(tail))
-    return {"installed": True, "seconds": round(time.time() - t0, 1), "python": remote_python(lease, cfg)}
+    return {"venv": remote_python(lease, cfg), "seconds": round(time.time() - t0, 1)}
 
 
 @task(name="destroy machine", retries=5, retry_delay_seconds=exponential_backoff(5), retry_jitter_factor=0.5)

@@ -9,6 +9,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .remote_env import PINNED_TORCH, PINNED_TORCH_CUDA
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -32,7 +34,9 @@ class VastConfig(Strict):
     num_gpus: int = Field(default=1, gt=0)
     min_disk_gb: float = Field(default=80, gt=0)
     min_reliability: float = Field(default=0.95, ge=0, le=1)
-    min_cuda: float = Field(default=12.1, ge=0)
+    min_cuda: float = Field(default=PINNED_TORCH_CUDA, ge=0, description=(
+        "offers need cuda_max_good (the CUDA the host's driver supports) >= this; default: the CUDA the "
+        "pinned torch build needs, the least allowed when machine.gpu is required"))
     min_inet_down_mbps: float = Field(default=200, ge=0)
     verified: bool = True
     interruptible: bool = False
@@ -68,7 +72,10 @@ class MachineConfig(Strict):
     provision_timeout_s: float = Field(default=900, gt=0)
     ssh_timeout_s: float = Field(default=300, gt=0)
     step_timeout_s: float = Field(default=6 * 3600, gt=0)
-    # Python interpreter on the machine that creates the remote venv.
+    # Whether the run needs a GPU: `required` (setup refuses a machine where CUDA is not usable from
+    # torch) or `none` (a CPU run is intended: the emulator, the demo; onnxruntime's CPU wheel).
+    gpu: Literal["required", "none"] = "required"
+    # The machine's own python (an image's), run only to build the workload's venv (steps/bootstrap.py).
     python: str = "python3"
     checkpoint_sync_every_s: float = Field(default=600, gt=0)
     budget_check_every_s: float = Field(default=30, gt=0, description="how often the budget is checked while a "
@@ -78,4 +85,9 @@ class MachineConfig(Strict):
     def _ssh(self) -> "MachineConfig":
         if self.backend == "ssh" and self.ssh is None:
             raise ValueError("machine.ssh (host, port, user, key_path) is required when machine.backend is 'ssh'")
+        if self.gpu == "required" and self.vast.min_cuda < PINNED_TORCH_CUDA:
+            raise ValueError(f"machine.vast.min_cuda {self.vast.min_cuda:g} is below {PINNED_TORCH_CUDA:g}, the CUDA "
+                             f"the pinned torch {PINNED_TORCH} build needs: on an older driver CUDA is not usable "
+                             f"and setup refuses the machine; raise it to {PINNED_TORCH_CUDA:g} or more (or set "
+                             "machine.gpu: none for a CPU run)")
         return self

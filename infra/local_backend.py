@@ -13,6 +13,7 @@ from .machine import Lease, LogFn, Machine
 
 class LocalBackend:
     name = "local"
+    sets_up_environment = False  # steps run with this interpreter: nothing to install
 
     def acquire(self, mc: MachineConfig, label: str, workdir: Path, *, api_key=None, server_url=None,
                 log: LogFn = print) -> Lease:

@@ -1,6 +1,7 @@
 """Every backend behind the same verbs, registered once (SkyPilot's sky/provision routing):
 
-    acquire -> Lease, connect -> Machine, python (the interpreter steps run with), release
+    acquire -> Lease, connect -> Machine, python (local: the interpreter steps run with; ssh, vast:
+    the machine's python that builds the workload's venv, `sets_up_environment`), release
     (idempotent, confirmed), is_alive, find_instances (rented instances by label prefix), price_estimate
 
 A backend gets the machine section of the config, never the whole run config. Adding a cloud is
@@ -40,8 +41,15 @@ def connect(lease: Lease, timeout: float = 300.0) -> Machine:
 
 
 def python(lease: Lease, mc: MachineConfig) -> str:
-    """The interpreter that runs the steps on the leased machine."""
+    """Local: the interpreter that runs the steps. SSH, Vast.ai: the machine's own python (the
+    image's), which only builds the workload's venv (tasks/rental.py setup_environment)."""
     return backend(lease.backend).python(mc)
+
+
+def sets_up_environment(lease: Lease) -> bool:
+    """Whether steps on this machine run in a venv that setup builds (ssh, vast) rather than with
+    `python` itself (local: this very interpreter)."""
+    return backend(lease.backend).sets_up_environment
 
 
 def release(lease: Lease, api_key: Optional[str] = None, server_url: Optional[str] = None) -> bool:

@@ -31,6 +31,7 @@ def pin_host_key(timeout: float, log: LogFn):
 
 class SSHBackend:
     name = "ssh"
+    sets_up_environment = True  # steps run in a venv setup builds with `python` (machine.python)
 
     def acquire(self, mc: MachineConfig, label: str, workdir: Path, *, api_key=None, server_url=None,
                 log: LogFn = print) -> Lease:
@@ -44,6 +45,7 @@ class SSHBackend:
         return SSHMachine(lease, connect_timeout=timeout).connect()
 
     def python(self, mc: MachineConfig) -> str:
+        """The machine's own python (an image's /opt/conda/bin/python3), that builds the venv."""
         return mc.python
 
     def release(self, lease: Lease, *, api_key=None, server_url=None) -> bool:

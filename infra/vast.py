@@ -381,17 +381,30 @@ class VastProvider:
 
     @staticmethod
     def onstart_script(public_key: str) -> str:
-        """Prints the host keys' fingerprints into the instance log (one `QAT_HOSTKEY <type>
-        SHA256:<fp>` line each, host keys generated first if the image has none), then installs our
-        key for root (keys may also be attached through the API). `VAST_EMULATED_ETC` is the
-        emulator's stand-in for the image's /etc (it runs no container); unset on Vast.ai."""
+        """What a rented instance runs at start (docs/REFERENCE.md section 7), in this order:
+        1. `touch ~/.no_auto_tmux`: Vast images attach SSH sessions to tmux otherwise, and a command
+           sent without a terminal does not run;
+        2. the image's container environment (its Docker ENV: PATH to its python, CUDA variables)
+           written to /etc/environment, which SSH sessions read (SSH launch mode replaces the image's
+           entrypoint, so they get a minimal PATH otherwise); names that look like secrets (KEY,
+           TOKEN, SECRET, PASSW) and per-shell ones are left out;
+        3. the host keys' fingerprints printed into the instance log (one `QAT_HOSTKEY <type>
+           SHA256:<fp>` line each, host keys generated first if the image has none); the product
+           connects only after reading them, so 1 and 2 are in place by its first command;
+        4. our key installed for root (keys may also be attached through the API).
+        `VAST_EMULATED_ETC` is the emulator's stand-in for the image's /etc (it runs no container);
+        unset on Vast.ai."""
         k = shlex.quote(public_key)
-        hostkeys = ('etc="${VAST_EMULATED_ETC:-/etc}"; '
-                    'ls "$etc"/ssh/ssh_host_*_key.pub >/dev/null 2>&1 || ssh-keygen -A >/dev/null 2>&1; '
+        shell = ('touch ~/.no_auto_tmux; etc="${VAST_EMULATED_ETC:-/etc}"; '
+                 "env | grep -E '^[A-Za-z_][A-Za-z0-9_]*=' "
+                 "| grep -vE '^(HOME|PWD|OLDPWD|SHLVL|_|HOSTNAME|TERM|SSH_[A-Z_]*)=' "
+                 "| grep -viE '^[A-Za-z0-9_]*(KEY|TOKEN|SECRET|PASSW)[A-Za-z0-9_]*=' "
+                 '> "$etc/environment.qat" && mv -f "$etc/environment.qat" "$etc/environment"; ')
+        hostkeys = ('ls "$etc"/ssh/ssh_host_*_key.pub >/dev/null 2>&1 || ssh-keygen -A >/dev/null 2>&1; '
                     'for f in "$etc"/ssh/ssh_host_*_key.pub; do [ -f "$f" ] && '
                     f'echo "{HOSTKEY_MARK} $(cut -d" " -f1 "$f") $(ssh-keygen -l -E sha256 -f "$f" | cut -d" " -f2)"; '
                     'done; ')
-        return (hostkeys + "mkdir -p ~/.ssh && chmod 700 ~/.ssh && touch ~/.ssh/authorized_keys && "
+        return (shell + hostkeys + "mkdir -p ~/.ssh && chmod 700 ~/.ssh && touch ~/.ssh/authorized_keys && "
                 f"(grep -qxF {k} ~/.ssh/authorized_keys || echo {k} >> ~/.ssh/authorized_keys) && "
                 "chmod 600 ~/.ssh/authorized_keys")
 

@@ -2,7 +2,7 @@
 keeps to it. Everything they pass is plain data."""
 from __future__ import annotations
 
-import hashlib
+import json
 import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -12,15 +12,16 @@ from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
-from contract.catalogue import CHECKPOINT_DIR, REDERIVED, RESUMING_STEP, STEPS
+from contract.catalogue import CHECKPOINT_DIR, ERROR_PREFIX, EXIT_RETRYABLE, REDERIVED, RESUMING_STEP, STEPS
 from contract.config import RunConfig
-from contract.layout import PUSHED_CODE, REMOTE_CODE, REMOTE_CONFIG, REMOTE_ROOT, REMOTE_WORK, REPO_ROOT, REQUIREMENTS
+from contract.layout import PUSHED_CODE, REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, REPO_ROOT, REQUIREMENTS
+from contract.remote_env import steps_python
 from contract.result_file import is_done
 from infra import provision
 from infra.machine import Lease, Machine
 
 from . import secrets
-from .retry import retry_transient
+from .retry import StepFailed, retry_transient
 
 GPU_LIMIT = "vast-gpus"  # the global concurrency limit that caps rented GPUs
 
@@ -148,32 +149,45 @@ def push_code(lease: Lease, cfg: RunConfig, local_work: Path) -> dict:
 
 
 def remote_python(lease: Lease, cfg: RunConfig) -> str:
-    """The interpreter steps run with on this machine."""
-    return provision.python(lease, cfg.machine)
-
-
-def requirements_hash() -> str:
-    return hashlib.sha256((REPO_ROOT / REQUIREMENTS).read_bytes()).hexdigest()[:12]
+    """The interpreter steps run with on this machine: the venv setup_environment made (named relative
+    to REMOTE_CODE, where steps run), or, where the backend sets up nothing (local), its own."""
+    if not provision.sets_up_environment(lease):
+        return provision.python(lease, cfg.machine)
+    return steps_python((REPO_ROOT / REQUIREMENTS).read_bytes(), cfg.machine.gpu)
 
 
 @task(name="set up environment", retries=2, retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5,
       retry_condition_fn=retry_transient)
 def setup_environment(lease: Lease, cfg: RunConfig) -> dict:
-    """Install the on-machine requirements once per lockfile hash (a marker file records it)."""
+    """The workload's own venv on the machine (`python -m steps.bootstrap` with the image's python:
+    the torch build and onnxruntime(-gpu) for machine.gpu, installed once per requirements hash, then
+    checked: CUDA usable when the run needs a GPU). A machine that cannot be made usable fails here,
+    deterministically (StepFailed "setup", not retried), and the flow's `finally` destroys it."""
     log = get_run_logger()
+    if not provision.sets_up_environment(lease):
+        log.info("backend %s: steps run with %s, nothing to set up", lease.backend, remote_python(lease, cfg))
+        return {"venv": None}
     m = machine_for(lease, cfg)
-    marker = f"{REMOTE_ROOT}/.env-{requirements_hash()}"
-    if m.exists(marker):
-        log.info("environment already set up for requirements %s", requirements_hash())
-        return {"installed": False}
     t0 = time.time()
-    py = remote_python(lease, cfg)
-    m.run([py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r",
-           f"{REMOTE_CODE}/{REQUIREMENTS}"], on_line=log.info, timeout=3600)
-    m.run([py, "-c", "import torch, transformers, onnxruntime, torchao; print('torch', torch.__version__, "
-           "'cuda', torch.cuda.is_available())"], on_line=log.info)
-    m.run(["touch", marker])
-    return {"installed": True, "seconds": round(time.time() - t0, 1)}
+    error: dict = {}
+    tail: list[str] = []
+
+    def on_line(line: str) -> None:
+        if line.startswith(ERROR_PREFIX):
+            try:
+                error.update(json.loads(line[len(ERROR_PREFIX):]))
+            except ValueError:
+                pass
+        tail.append(line)
+        del tail[:-15]
+        log.info(line)
+
+    code = m.run([provision.python(lease, cfg.machine), "-m", "steps.bootstrap", "--gpu", cfg.machine.gpu],
+                 cwd=REMOTE_CODE, env={"PYTHONUNBUFFERED": "1"}, on_line=on_line, timeout=3600, check=False)
+    if code != 0:
+        raise StepFailed("setup", error.get("message", f"exit code {code}"),
+                         bool(error.get("retryable", code == EXIT_RETRYABLE)), "\n".join(tail))
+    return {"venv": remote_python(lease, cfg), "seconds": round(time.time() - t0, 1)}
 
 
 @task(name="destroy machine", retries=5, retry_delay_seconds=exponential_backoff(5), retry_jitter_factor=0.5)

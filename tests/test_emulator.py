@@ -14,9 +14,14 @@ import pytest
 import requests
 from vastai import VastAI
 
+from devtools.emulator.image import IMAGE_DIR
 from devtools.emulator.sshd import make_client_key, pid_alive, port_open
 
-ONSTART = "mkdir -p ~/.ssh && echo '{pub}' >> ~/.ssh/authorized_keys && echo onstart-ran-in-$PWD"
+# What a Vast.ai onstart must do for SSH commands to run (docs/REFERENCE.md section 7): tmux off, the
+# image's environment into /etc/environment (the emulator's stand-in: $VAST_EMULATED_ETC/environment)
+ONSTART = ('touch ~/.no_auto_tmux && env > "$VAST_EMULATED_ETC/environment" && '
+           "mkdir -p ~/.ssh && echo '{pub}' >> ~/.ssh/authorized_keys && echo onstart-ran-in-$PWD")
+KEY_ONLY = "mkdir -p ~/.ssh && echo '{pub}' >> ~/.ssh/authorized_keys"
 
 
 @pytest.fixture
@@ -67,10 +72,10 @@ def run(c, cmd):
     return code, out.read().decode(), err.read().decode()
 
 
-def create(sdk, pub, label="t-inst", offer=None, **kw):
+def create(sdk, pub, label="t-inst", offer=None, onstart=ONSTART, **kw):
     offer = offer or sdk.search_offers("num_gpus=1", order="dph_total", limit=1)[0]["id"]
     r = sdk.create_instance(offer, image="pytorch/pytorch", disk=20, label=label,
-                            onstart_cmd=ONSTART.format(pub=pub), ssh=True, direct=True, **kw)
+                            onstart_cmd=onstart.format(pub=pub), ssh=True, direct=True, **kw)
     assert r["success"] is True and isinstance(r["new_contract"], int)
     return r["new_contract"]
 
@@ -138,7 +143,8 @@ def test_instance_lifecycle_ssh_sftp_logs_label_destroy_billing(emulator, sdk, c
     c = ssh(row["ssh_port"], key, retry_until=5)
     code, out, _ = run(c, "pwd; echo $HOME; echo $VAST_EMULATED $RUN_ID; command -v python")
     assert code == 0
-    assert out.split() == [str(disk), str(disk), "1", "r42", str(Path(sys.executable).parent / "python")]
+    # the instance env and the image's python come through what onstart wrote to /etc/environment
+    assert out.split() == [str(disk), str(disk), "1", "r42", str(IMAGE_DIR / "venv" / "bin" / "python")]
     assert c.get_transport().get_remote_server_key().get_base64() == info["host_key"].split()[1]
     sftp = c.open_sftp()
     sftp.mkdir("qat")
@@ -455,3 +461,66 @@ def test_fault_foreign_rows_have_null_fields(emulator, sdk):
     assert len(rows["instances"]) == 3
     assert all(r["dph_total"] is None and r["ports"] is None and r["start_date"] is None for r in rows["instances"])
     assert emulator.ledger()["instances"] == []  # not ours: not billed here
+
+
+# ----------------------------------------------------------- the image and the SSH session --
+def test_ssh_commands_need_no_auto_tmux_and_see_a_minimal_path(emulator, sdk, client_key):
+    """An onstart that only installs the key: commands fail as under Vast's auto-tmux (SFTP works),
+    and once ~/.no_auto_tmux exists they run with the minimal PATH: neither the image's python nor
+    the orchestrator's; nvidia-smi (the host's) prints the offer's driver and CUDA version."""
+    key, pub = client_key
+    offer = sdk.search_offers("num_gpus=1", order="dph_total", limit=1)[0]
+    iid = create(sdk, pub, onstart=KEY_ONLY, offer=offer["id"])
+    row, _ = wait_status(sdk, iid, "running")
+    c = ssh(row["ssh_port"], key, retry_until=5)
+    code, out, err = run(c, "echo ran")
+    assert (code, out) == (1, "") and "open terminal failed: not a terminal" in err
+    c.open_sftp().putfo(io.BytesIO(b""), ".no_auto_tmux")
+    code, out, _ = run(c, "echo $PATH; command -v python3 python || true; nvidia-smi; nvidia-smi -L")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("/usr/local/bin:/usr/bin:/bin:") and lines[0].endswith("/usr-bin")
+    assert str(IMAGE_DIR) not in out and str(Path(sys.executable).parent) not in out
+    assert f"Driver Version: {offer['driver_version']}" in out and f"CUDA Version: {offer['cuda_max_good']:.1f}" in out
+    assert f"GPU 0: NVIDIA {offer['gpu_name']} (UUID:" in out
+    c.close()
+    sdk.destroy_instance(iid)
+
+
+def test_image_python_has_a_torchvision_built_for_another_torch(emulator, sdk, client_key):
+    """The image's python (on PATH through /etc/environment) is its own environment, whose torchvision
+    fails on import (`image_torchvision` knob: abi by default, no_video_reader, absent)."""
+    key, pub = client_key
+    iid = create(sdk, pub)
+    row, _ = wait_status(sdk, iid, "running")
+    c = ssh(row["ssh_port"], key, retry_until=5)
+    code, out, err = run(c, "python3 -c 'import sys; print(sys.prefix)'; python3 -c 'import torchvision'")
+    assert out.strip() == str(IMAGE_DIR / "venv") and code == 1
+    assert "RuntimeError: operator torchvision::nms does not exist" in err
+    assert run(c, "python3 -c 'import yaml'")[0] == 1  # none of the orchestrator's packages
+    c.close()
+    sdk.destroy_instance(iid)
+    emulator.set_faults(image_torchvision="no_video_reader")
+    iid = create(sdk, pub)
+    row, _ = wait_status(sdk, iid, "running")
+    c = ssh(row["ssh_port"], key, retry_until=5)
+    code, out, err = run(c, "python3 -c 'import torchvision; print(torchvision.__version__); "
+                            "from torchvision.io import VideoReader'")
+    assert out.strip() == "0.20.1" and code == 1 and "ImportError: cannot import name 'VideoReader'" in err
+    c.close()
+    sdk.destroy_instance(iid)
+
+
+@pytest.mark.parametrize("faults,code,text", [
+    ({"nvidia_smi": "fail"}, 9, "couldn't communicate with the NVIDIA driver"),
+    ({"nvidia_smi": "absent"}, 127, "nvidia-smi: command not found"),
+    ({"driver_cuda": 12.4}, 0, "Driver Version: 550.127.05     CUDA Version: 12.4")])
+def test_fault_nvidia_smi(emulator, sdk, client_key, faults, code, text):
+    key, pub = client_key
+    emulator.set_faults(**faults)
+    iid = create(sdk, pub)
+    row, _ = wait_status(sdk, iid, "running")
+    c = ssh(row["ssh_port"], key, retry_until=5)
+    got, out, err = run(c, "nvidia-smi")
+    assert got == code and text in out + err
+    c.close()
+    sdk.destroy_instance(iid)

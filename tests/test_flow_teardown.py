@@ -139,6 +139,24 @@ def test_disk_full_step_destroys_the_machine(prefect_server, vast, tmp_path, mon
     assert runs, "the step's error report did not come home"
 
 
+@pytest.mark.parametrize("faults,says", [
+    ({"driver_cuda": 12.4}, "driver 550.127.05 supports CUDA 12.4, but torch 2.13.0 is built for CUDA 13.0"),
+    ({"nvidia_smi": "fail"}, "nvidia-smi failed (exit 9"),
+])
+def test_gpu_run_on_a_machine_without_usable_cuda_fails_at_setup_and_destroys_it(prefect_server, vast, faults, says):
+    """A run that needs a GPU, on a machine whose driver cannot serve the pinned torch (older than
+    its offer said) or does not answer: setup fails deterministically (no retry, no step runs) and
+    the machine is destroyed, instead of training on the CPU of a rented GPU until the budget cap."""
+    vast.set_faults(**faults)
+    state, took = run_qat(**{"machine.gpu": "required"})
+    assert state.is_failed()
+    err = state.result(raise_on_failure=False)
+    assert type(err).__name__ == "StepFailed" and "step setup failed (deterministic, not retried)" in str(err), err
+    assert says in str(err)
+    assert_all_destroyed(vast, 1)
+    assert not any(r["step"] == "prepare" for r in cost_table(state))  # no step ran
+
+
 def test_budget_stop_by_timer_destroys_the_machine(prefect_server, vast, tmp_path, monkeypatch):
     """A step that prints nothing for ten minutes: the timer finds the cap crossed and stops it."""
     from contract.config import load_config

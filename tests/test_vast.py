@@ -40,9 +40,27 @@ def test_no_match_names_the_filters(emulator):
         provider(emulator).search_offers(v)
     msg = str(e.value)
     for part in ("gpu_name in ['RTX 4090']", "gpu_ram >= 80 GB", "min_gpu_ram_gb", "disk_space >= 80 GB",
-                 "reliability >= 0.95", "cuda_max_good >= 12.1", "max_dph"):
+                 "reliability >= 0.95", "cuda_max_good >= 13 (min_cuda)", "max_dph"):
         assert part in msg
     assert_no_key(e.value, emulator.api_key)
+
+
+def test_an_offer_whose_driver_is_too_old_for_the_pinned_torch_is_not_rented(emulator, tmp_path):
+    """The RTX 3090 offer is the cheapest but its driver supports CUDA 12.2; torch 2.13.0 needs 13.0."""
+    v = VastConfig(gpu_names=["RTX 3090", "RTX 4090"], min_disk_gb=10)
+    assert v.min_cuda == 13.0
+    p = provider(emulator)
+    assert p._sdk.search_offers(query={"gpu_name": {"eq": "RTX 3090"}}, no_default=True)[0]["cuda_max_good"] < 13
+    offers = p.search_offers(v)
+    assert offers and all(o["cuda_max_good"] >= 13.0 for o in offers) and offers[0]["gpu_name"] == "RTX 4090"
+    lease = p.launch(cfg(**{"machine.vast.gpu_names": ["RTX 3090", "RTX 4090"]}), "qat-driver",
+                     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPk9nJ8k0u2e1k7b5n0s0n3f0c0a0b0c0d0e0f0a0b0c test")
+    try:
+        assert lease.gpu_name == "RTX 4090"
+    finally:
+        p.destroy(lease.instance_id)
+    with pytest.raises(NoOffersError, match=r"cuda_max_good >= 13 \(min_cuda\)"):
+        p.search_offers(VastConfig(gpu_names=["RTX 3090"], min_disk_gb=10))
 
 
 def test_launch_and_destroy_confirmed(emulator, tmp_path):

@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from devtools.emulator import offers as catalogue
-from devtools.emulator import evil
-from devtools.emulator.sshd import (ETC_VAR, ROOT_MARKER, Sshd, SshdError, free_port, image_path_dir,
-                                    kill_instance_processes)
+from devtools.emulator import evil, image
+from devtools.emulator.sshd import ETC_VAR, ROOT_MARKER, Sshd, SshdError, free_port, kill_instance_processes
 from devtools.emulator.state import Store
 
 # Per-instance knobs (settable globally, per id, or per label prefix) and global-only knobs.
 INSTANCE_KNOBS = {"stuck_loading", "ssh_refuse_s", "preempt_after_s", "preempt_mode",
                   "destroy_fail_once", "disk_full_mb", "boot_seconds", "evil", "evil_target",
-                  "null_after_create_s", "destroy_lag_s"}
+                  "null_after_create_s", "destroy_lag_s", "nvidia_smi", "driver_cuda", "image_torchvision"}
 # Global counters (the next N calls) and global settings (kept until changed or cleared).
 GLOBAL_COUNTERS = {"http_429", "quota_429", "lost_create"}
 GLOBAL_SETTINGS = {"http_429_retry_after", "lost_create_mode", "list_lag_s", "foreign_rows", "gone_404_after_s"}
@@ -60,6 +59,7 @@ class Cloud:
 
     # ---------------------------------------------------------------- background lifecycle --
     def start(self) -> None:
+        image.image_env()  # build the cached image now, not in the first instance's boot
         self.recover()
         self._thread = threading.Thread(target=self._loop, name="lifecycle", daemon=True)
         self._thread.start()
@@ -149,16 +149,23 @@ class Cloud:
         return {k: str(v) for k, v in inst["env"].items() if k.isidentifier()} | {
             "CONTAINER_ID": str(inst["id"]), "VAST_CONTAINERLABEL": f"C.{inst['id']}"}
 
+    def _install_host(self, inst: dict) -> None:
+        """What the host puts in the container: its nvidia-smi (root/usr-bin), per the `nvidia_smi` knob."""
+        o, f = inst["offer"], self.faults_for(inst)
+        image.install_nvidia_smi(Path(inst["root"]) / "usr-bin", o["gpu_name"], o["num_gpus"], o["driver_version"],
+                                 float(o["cuda_max_good"]), f.get("nvidia_smi") or "ok", f.get("driver_cuda"))
+
     def _start_sshd(self, inst: dict) -> None:
         self._sync_evil(inst)
+        self._install_host(inst)
         sshd = self._sshd(inst)
-        sshd.prepare(self._env(inst))
+        sshd.prepare(self._env(inst), instance=True)
         try:
             sshd.start()
         except SshdError:  # port taken since creation (e.g. after a restart): take another
             inst["ssh_port"] = free_port()
             sshd = self._sshd(inst)
-            sshd.prepare(self._env(inst))
+            sshd.prepare(self._env(inst), instance=True)
             sshd.start()
         inst["sshd_pid"], inst["ssh_started"] = sshd.pid, True
 
@@ -167,15 +174,19 @@ class Cloud:
         disk.mkdir(parents=True, exist_ok=True)
         # the image's sshd host keys exist before onstart runs (it prints their fingerprints), as on
         # Vast.ai, where the container's entrypoint makes them before onstart
-        self._sshd(inst).prepare(self._env(inst))
+        self._sshd(inst).prepare(self._env(inst), instance=True)
+        self._install_host(inst)
         log = open(Path(inst["root"]) / "onstart.log", "ab")
         if not inst.get("onstart"):
             log.write(b"(no onstart script)\n")
             log.close()
             return
-        env = {"HOME": str(disk), "PATH": f"{image_path_dir()}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-               "VAST_EMULATED": "1", ROOT_MARKER: inst["root"], ETC_VAR: str(Path(inst["root"]) / "etc"),
-               "LANG": "C.UTF-8", **self._env(inst)}
+        # onstart sees the image's container environment (image.py: its python first on PATH, the
+        # shared package caches and index settings) and the instance's env; SSH sessions see neither
+        # unless onstart writes them to $VAST_EMULATED_ETC/environment
+        tv = self.faults_for(inst).get("image_torchvision") or "abi"
+        env = {"HOME": str(disk), **image.image_env(tv), "VAST_EMULATED": "1", ROOT_MARKER: inst["root"],
+               ETC_VAR: str(Path(inst["root"]) / "etc"), "LANG": "C.UTF-8", **self._env(inst)}
         proc = subprocess.Popen(["/bin/bash", "-c", inst["onstart"]], cwd=disk, env=env, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -284,6 +295,12 @@ class Cloud:
         mal = global_part.get("malformed")
         if mal is not None and mal not in MALFORMED_MODES:
             raise ApiError(400, "invalid_args", f"malformed must be one of {MALFORMED_MODES}")
+        if knobs.get("nvidia_smi") not in (None, *image.NVIDIA_SMI_MODES):
+            raise ApiError(400, "invalid_args", f"nvidia_smi must be one of {image.NVIDIA_SMI_MODES}")
+        if knobs.get("driver_cuda") is not None and not isinstance(knobs["driver_cuda"], (int, float)):
+            raise ApiError(400, "invalid_args", "driver_cuda must be a CUDA version number such as 12.4")
+        if knobs.get("image_torchvision") not in (None, *image.TORCHVISION_MODES):
+            raise ApiError(400, "invalid_args", f"image_torchvision must be one of {image.TORCHVISION_MODES}")
         try:
             evil.modes(knobs.get("evil"))
         except ValueError as e:

@@ -37,7 +37,7 @@ def catalogue() -> list[dict]:
             "dph_base": round(dph * n, 4), "storage_cost": STORAGE_COST,
             "inet_up": round(down * 0.8, 1), "inet_down": down, "inet_up_cost": 0.004, "inet_down_cost": 0.004,
             "min_bid": round(dph * n * 0.55, 4), "reliability": rel, "reliability2": rel,
-            "cuda_max_good": cuda, "driver_version": "570.133.07", "direct_port_count": 20,
+            "cuda_max_good": cuda, "driver_version": r["driver_version"], "direct_port_count": 20,
             "verified": verified, "verification": "verified" if verified else "unverified",
             "rentable": True, "rented": False, "external": False, "hosting_type": hosting,
             "geolocation": geo, "duration": 30 * 86400.0, "end_date": None, "static_ip": hosting == 1,

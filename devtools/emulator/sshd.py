@@ -11,8 +11,10 @@ Layout of an sshd root directory (`root`):
     root/sshd.log, root/sshd.pid
 
 Every command (exec, shell, SFTP) goes through `login.sh` (sshd ForceCommand), which sets
-HOME and cwd to the disk, `VAST_EMULATED=1`, and puts the directory of the python that runs the
-emulator FIRST on PATH: that is the instance "image" (python with torch etc., offline).
+HOME and cwd to the disk and `VAST_EMULATED=1`. On an emulated instance, PATH is the minimal one
+plus what onstart wrote to the image's /etc/environment (`root/etc/environment`), and commands
+run only once `~/.no_auto_tmux` exists (`_write_login_script`); on a plain host (`sshd_host`), the
+directory of the python that runs the emulator comes first on PATH.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 ROOT_MARKER = "VAST_EMULATOR_ROOT"  # in the environment of every process run on an instance
 ETC_VAR = "VAST_EMULATED_ETC"  # the image's /etc as this no-container emulator lays it out (root/etc)
+MINIMAL_PATH = "/usr/local/bin:/usr/bin:/bin"  # an instance's SSH session without /etc/environment
 
 
 class SshdError(RuntimeError):
@@ -75,23 +78,48 @@ def check_sshd_installed() -> None:
                             "(apt-get install openssh-server) to run emulated instances")
 
 
-def _write_login_script(path: Path, disk: Path, env: Mapping[str, str]) -> None:
+def _write_login_script(path: Path, disk: Path, env: Mapping[str, str], instance: bool = False) -> None:
+    """The sshd ForceCommand. A plain host (`instance=False`, the `sshd_host` fixture): this python's
+    directory first on PATH and `env` exported. An emulated Vast.ai instance (`instance=True`), as a real
+    one's SSH session is (docs/REFERENCE.md section 7): the minimal PATH plus what onstart wrote to the
+    image's /etc/environment (read as pam_env does: NAME=value lines), the host's /usr/bin stand-in
+    (`root/usr-bin`: nvidia-smi) last; and a command runs only once `~/.no_auto_tmux` exists (otherwise
+    the image's auto-tmux answers a session without a terminal the way tmux does). SFTP is never gated."""
     root = disk.parent
     evil_bin = shlex.quote(str(root / "evil" / "bin"))
-    exports = [f"export HOME={shlex.quote(str(disk))}",
-               f"export PATH={shlex.quote(image_path_dir())}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-               # the `evil` fault knob (cloud.py) shadows commands such as tar; absent otherwise
-               f"if [ -d {evil_bin} ]; then export PATH={evil_bin}:$PATH; fi",
-               "export VAST_EMULATED=1",
-               f"export {ETC_VAR}={shlex.quote(str(root / 'etc'))}",
-               f"export {ROOT_MARKER}={shlex.quote(str(root))}"]
-    exports += [f"export {k}={shlex.quote(str(v))}" for k, v in env.items() if k.isidentifier()]
+    etc = shlex.quote(str(root / "etc"))
+    exports = [f"export HOME={shlex.quote(str(disk))}"]
+    if instance:
+        exports += [f"export PATH={MINIMAL_PATH}",
+                    f"if [ -f {etc}/environment ]; then",
+                    "  while IFS= read -r line || [ -n \"$line\" ]; do",
+                    "    case \"$line\" in [A-Za-z_]*=*) ;; *) continue ;; esac",
+                    "    name=${line%%=*}; value=${line#*=}",
+                    "    case \"$name\" in *[!A-Za-z0-9_]*) continue ;; esac",
+                    "    value=${value#\\\"}; value=${value%\\\"}",
+                    "    export \"$name=$value\"",
+                    f"  done < {etc}/environment",
+                    "fi",
+                    f"export PATH=\"$PATH:{shlex.quote(str(root / 'usr-bin'))}\""]
+    else:
+        exports.append(f"export PATH={shlex.quote(image_path_dir())}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+        exports += [f"export {k}={shlex.quote(str(v))}" for k, v in env.items() if k.isidentifier()]
+    exports += [  # the `evil` fault knob (cloud.py) shadows commands such as tar; absent otherwise
+        f"if [ -d {evil_bin} ]; then export PATH={evil_bin}:$PATH; fi",
+        "export VAST_EMULATED=1",
+        f"export {ETC_VAR}={etc}",
+        f"export {ROOT_MARKER}={shlex.quote(str(root))}"]
+    gate = []
+    if instance:
+        gate = [f'case "$SSH_ORIGINAL_COMMAND" in {SFTP_SERVER}*) exec /bin/bash -c "$SSH_ORIGINAL_COMMAND" ;; esac',
+                'if [ ! -e "$HOME/.no_auto_tmux" ]; then echo "open terminal failed: not a terminal" >&2; exit 1; fi']
     script = "\n".join([
         "#!/bin/bash",
         "# sshd ForceCommand: every session runs with HOME and cwd = the instance disk.",
         *exports,
         'cd "$HOME" || exit 1',
         'if [ -z "$SSH_ORIGINAL_COMMAND" ]; then exec /bin/bash -l; fi',
+        *gate,
         'exec /bin/bash -c "$SSH_ORIGINAL_COMMAND"',
         "",
     ])
@@ -133,8 +161,9 @@ class Sshd:
     def log_path(self) -> Path:
         return self.root / "sshd.log"
 
-    def prepare(self, env: Optional[Mapping[str, str]] = None) -> None:
-        """Create the disk, host key, login wrapper and sshd_config (idempotent)."""
+    def prepare(self, env: Optional[Mapping[str, str]] = None, instance: bool = False) -> None:
+        """Create the disk, host key, login wrapper and sshd_config (idempotent); `instance`: logins
+        as on an emulated Vast.ai instance (`_write_login_script`)."""
         check_sshd_installed()
         self.disk.mkdir(parents=True, exist_ok=True)
         self.etc.mkdir(parents=True, exist_ok=True)
@@ -148,7 +177,7 @@ class Sshd:
         if not key.exists():
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "emulated-instance",
                             "-f", str(key)], check=True, capture_output=True)
-        _write_login_script(self.etc / "login.sh", self.disk, env or {})
+        _write_login_script(self.etc / "login.sh", self.disk, env or {}, instance)
         config = f"""\
 ListenAddress 127.0.0.1:{self.port}
 HostKey {key}

@@ -379,9 +379,15 @@ SCENARIOS = [
              "refuses the emulator key for the real API before any request, naming the Secret block and how to "
              "fix it; the demo's own pools, block and endpoint are not the real ones", message="emulator's API key",
              max_instances=0, start=start_demo_then_real, config="int8"),
-    # Two more scenarios wait for emulator knobs being added in another branch (no CUDA on a GPU machine:
-    # `no_cuda`; image packages built for another torch: `image_torchvision_broken`): one Scenario each,
-    # with `faults={knob: True}`, the expected final state, `message` and `does`, like the rows above.
+    Scenario("no-cuda", "a GPU run (`machine.gpu: required`) on a host whose driver supports only CUDA 12.4 "
+             "while its offer row says 13.0 (`driver_cuda`)", ("FAILED",),
+             "setup reads nvidia-smi before installing anything, fails fast naming the driver's and torch's CUDA, "
+             "not retried; the machine is destroyed", overrides={"machine.gpu": "required"},
+             faults={"driver_cuda": 12.4}, message="CUDA 12.4", max_instances=1),
+    Scenario("image-torchvision", "the image's python carries a torchvision built for another torch, without "
+             "`VideoReader` (`image_torchvision: no_video_reader`, what datasets 4.4.1 tripped on)", ("COMPLETED",),
+             "the workload runs in its own venv: the image's packages never reach it",
+             faults={"image_torchvision": "no_video_reader"}),
 ]
 
 # Rows of README's table that a test measures rather than `make chaos`: (what happens, what the flow does, where).

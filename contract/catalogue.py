@@ -8,6 +8,7 @@ a broken invariant), printing `PROGRESS {...}` lines while it works and `STEP_ER
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Optional
 
@@ -25,6 +26,18 @@ EXIT_OK, EXIT_RETRYABLE, EXIT_DETERMINISTIC = 0, 1, 3
 
 PROGRESS_PREFIX = "PROGRESS "
 ERROR_PREFIX = "STEP_ERROR "
+
+
+def marked_json(line: str, prefix: str) -> Optional[dict]:
+    """The JSON object a step printed after `prefix` (PROGRESS_PREFIX, ERROR_PREFIX) on this line; None
+    when the line is not one, or its JSON is broken."""
+    if not line.startswith(prefix):
+        return None
+    try:
+        found = json.loads(line[len(prefix):])
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
 
 # Bulky outputs not copied home once a step succeeded: prepare's datasets (re-derived on a new
 # machine), train's checkpoints (the final model supersedes them; while training runs, the

@@ -14,7 +14,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
 from contract.catalogue import (BULK_OUTPUTS, CHECKPOINT_DIR, ERROR_PREFIX, OUTPUT_NAME, PROGRESS_PREFIX, REDERIVED,
-                                RESUMING_STEP, checkpoint_number)
+                                RESUMING_STEP, checkpoint_number, marked_json)
 from contract.config import RunConfig
 from contract.layout import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK
 from contract.result_file import ERROR_FILE, config_hash, is_done, read_result
@@ -164,16 +164,8 @@ def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -
         line = line.rstrip("\n")
         tail.append(line)
         del tail[:-40]
-        if line.startswith(PROGRESS_PREFIX):
-            try:
-                progress.update(json.loads(line[len(PROGRESS_PREFIX):]))
-            except (ValueError, TypeError):
-                pass
-        elif line.startswith(ERROR_PREFIX):
-            try:
-                error.update(json.loads(line[len(ERROR_PREFIX):]))
-            except ValueError:
-                pass
+        progress.update(marked_json(line, PROGRESS_PREFIX) or {})
+        error.update(marked_json(line, ERROR_PREFIX) or {})
         log.info(line)
         check_budget(lease, cfg)
 

@@ -2,7 +2,6 @@
 keeps to it. Everything they pass is plain data."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -12,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
-from contract.catalogue import CHECKPOINT_DIR, ERROR_PREFIX, EXIT_RETRYABLE, REDERIVED, RESUMING_STEP, STEPS
+from contract.catalogue import CHECKPOINT_DIR, ERROR_PREFIX, EXIT_RETRYABLE, marked_json, REDERIVED, RESUMING_STEP, STEPS
 from contract.config import RunConfig
 from contract.layout import PUSHED_CODE, REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, REPO_ROOT, REQUIREMENTS
 from contract.remote_env import steps_python
@@ -173,11 +172,7 @@ def setup_environment(lease: Lease, cfg: RunConfig) -> dict:
     tail: list[str] = []
 
     def on_line(line: str) -> None:
-        if line.startswith(ERROR_PREFIX):
-            try:
-                error.update(json.loads(line[len(ERROR_PREFIX):]))
-            except ValueError:
-                pass
+        error.update(marked_json(line, ERROR_PREFIX) or {})
         tail.append(line)
         del tail[:-15]
         log.info(line)

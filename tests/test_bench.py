@@ -260,3 +260,23 @@ def test_gpu_probe_runs_on_cpu_with_tiny_shapes(tmp_path):
     assert res["int8_qat"]["fake_quant_linears"] == res["int4_qat"]["fake_quant_linears"] > 0
     for mode in res.values():
         assert mode["samples_per_s"] > 0 and np.isfinite(mode["final_loss"])
+
+
+def test_gpu_serving_probe_skips_without_cuda_and_runs_on_cpu_with_tiny_shapes(tmp_path):
+    from steps import serving
+
+    serve = _load_script("gpu_serve")
+    out = tmp_path / "serve.json"
+    if serving.cuda_usable() is not None:  # CI: no GPU, nothing written, exit 0
+        assert serve.main(["--out", str(out)]) == 0 and not out.exists()
+    assert serve.main(["--shapes", "tiny", "--device", "cpu", "--forced-tokens", "2", "--reps", "1",
+                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert set(rows) == {"torch_fp16", "torch_int8_weight_only", "torch_int4_weight_only"}
+    for name in ("torch_fp16", "torch_int8_weight_only"):
+        r = rows[name]
+        assert r["device"] == "cpu" and r["provider"].startswith("torch-cpu-") and r["forced_tokens"] == 2
+        assert r["decoder_ms_per_token"] > 0 and r["latency_s"] > 0 and r["size_mb"] > 0
+    assert rows["torch_int8_weight_only"]["size_mb"] < rows["torch_fp16"]["size_mb"]
+    assert set(report["vs_fp16_same_device"]) <= set(rows)

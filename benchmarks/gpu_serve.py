@@ -85,11 +85,12 @@ def load_variant(name: str, shapes: dict, device: str, onnx_dirs: dict):
 
     if name in TORCH_VARIANTS:
         model = serving.place_torch_model(build_model(shapes), device, TORCH_VARIANTS[name])
+        provider = f"torch-{device}-{TORCH_VARIANTS[name]}"
         if device == "cpu" and TORCH_VARIANTS[name] == "fp16":
-            model = model.float()  # the CPU has no fp16 serving path: the CPU run only checks the code
+            # the CPU has no fp16 serving path: a CPU run only checks the code, in fp32, and says so
+            model, provider = model.float(), f"torch-{device}-fp32"
         dtype = next(model.parameters()).dtype
-        return model, lambda f: model.model.encoder(input_features=f), dtype, serving.weights_mb(model), \
-            f"torch-{device}-{TORCH_VARIANTS[name]}"
+        return model, lambda f: model.model.encoder(input_features=f), dtype, serving.weights_mb(model), provider
     import onnxruntime as ort
     from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
 

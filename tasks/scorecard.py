@@ -16,7 +16,7 @@ NOT_MEASURED = "not measured"
 SPEED_REFERENCES = ("base_fp32", "qat_fp32")
 # Per device, the serving table's baseline (the guide's fp16 on a GPU; fp32 on a CPU, where fp16
 # is no serving path) and the labels of the devices bench measures (steps/bench.py sections).
-SERVING_BASELINE = {"cuda": "qat_fp16", "cpu": "qat_fp32"}
+SERVING_BASELINE = {"cpu": "qat_fp32", "cuda": "qat_fp16"}
 DEVICE_LABELS = {"cpu": "CPU", "cuda": "GPU (CUDA)"}
 # convert/ names its folders by model ("qat_fp32" is the ONNX export there) and records the PyTorch
 # weights as "pytorch_fp32"; bench and evaluate name variants. Convert's names -> variant names:
@@ -188,6 +188,25 @@ def serving_markdown(scheme: str, metrics: dict) -> list[str]:
                                              figure(r["latency_s"], ".3f"), figure(r["rtf"], ".3f"),
                                              figure(r["decoder_ms_per_token"], ".2f"), quality]) + " |")
         lines.append("")
+        if device == "cuda":
+            lines += placement_lines((metrics.get("bench") or {}).get("placement") or {})
     for device, why in ((metrics.get("bench") or {}).get("skipped") or {}).items():
         lines += [f"**{DEVICE_LABELS.get(device, device)}**: not measured ({why}).", ""]
     return lines
+
+
+def placement_lines(placement: dict) -> list[str]:
+    """Where ONNX Runtime ran each ONNX model's nodes on the GPU machine (a CUDA EP that lacks a
+    kernel, e.g. int8 MatMulInteger, runs it on the CPU, copies included: its figures show that)."""
+    lines = []
+    for variant, parts in placement.items():
+        cells = []
+        for part, p in parts.items():
+            if "error" in p:
+                cells.append(f"{part}: {p['error']}")
+                continue
+            counts = ", ".join(f"{n} on {ep.replace('ExecutionProvider', '')}" for ep, n in p.items() if ep != "cpu_ops")
+            ops = ", ".join(f"{op} {n}" for op, n in sorted(p.get("cpu_ops", {}).items(), key=lambda x: -x[1]))
+            cells.append(f"{part}: {counts}" + (f" (on the CPU: {ops})" if ops else ""))
+        lines.append(f"- node placement of `{variant}`: " + "; ".join(cells))
+    return lines + ([""] if lines else [])

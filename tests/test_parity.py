@@ -27,33 +27,29 @@ def exported(tmp_path_factory, tiny_model_dir):
     return out
 
 
-def _onnx_logits(d: Path, feats: torch.Tensor, ids: list[int]) -> np.ndarray:
-    """Greedy-cache decoding as served: the prompt token by token through the merged decoder."""
-    from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
-
-    model = ORTModelForSpeechSeq2Seq.from_pretrained(d)
-    enc = model.encoder(input_features=feats, attention_mask=None)
+def _decode(model, enc, ids: list[int]) -> np.ndarray:
+    """Greedy-cache decoding as served: the prompt token by token, the KV cache carried along."""
     past, out = None, []
-    for i, tok in enumerate(ids):
-        o = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([[tok]]), past_key_values=past,
-                  cache_position=torch.tensor([i]), use_cache=True)
-        past = o.past_key_values
-        out.append(o.logits[0, -1].numpy())
-    return np.stack(out)
-
-
-def _torch_logits(model, feats: torch.Tensor, ids: list[int]) -> np.ndarray:
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
     with torch.inference_mode():
-        enc = model.model.encoder(input_features=feats)
-        past, out = EncoderDecoderCache(DynamicCache(), DynamicCache()), []
         for i, tok in enumerate(ids):
             o = model(encoder_outputs=enc, decoder_input_ids=torch.tensor([[tok]]), past_key_values=past,
                       cache_position=torch.tensor([i]), use_cache=True)
             past = o.past_key_values
             out.append(o.logits[0, -1].numpy())
     return np.stack(out)
+
+
+def _onnx_logits(d: Path, feats: torch.Tensor, ids: list[int]) -> np.ndarray:
+    from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
+
+    model = ORTModelForSpeechSeq2Seq.from_pretrained(d)
+    return _decode(model, model.encoder(input_features=feats, attention_mask=None), ids)
+
+
+def _torch_logits(model, feats: torch.Tensor, ids: list[int]) -> np.ndarray:
+    with torch.inference_mode():
+        enc = model.model.encoder(input_features=feats)
+    return _decode(model, enc, ids)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

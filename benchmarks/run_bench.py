@@ -7,8 +7,9 @@
 1. prepare once (benchmarks/work/int8), shared with benchmarks/work/int4 (same data, same config hash);
    train (QAT), convert, evaluate for each scheme via `python -m steps ...` (steps skip
    themselves when their outputs exist for the same config).
-2. one speed pass over PyTorch fp32, ONNX fp32 / int8 / int4 and faster-whisper int8, measured
-   round-robin per clip (steps/bench.py), on the test clips.
+2. one speed pass on the CPU over PyTorch fp32, ONNX fp32 / int8 / int4 and faster-whisper int8,
+   measured round-robin per clip (steps/bench.py), on the test clips. GPU serving figures come from
+   benchmarks/gpu_serve.py (gpu_serve.json), GPU training figures from benchmarks/gpu_probe.py.
 3. benchmarks/results.json (sizes, latency, encoder/decoder timings, WER/CER, targets) and
    benchmarks/REPORT.md (tables, targets met or missed with the figures that explain why, machine).
 """
@@ -289,7 +290,7 @@ def explain(r: dict) -> list[str]:
     return lines
 
 
-def render_bench_report(r: dict, gpu: dict | None) -> str:
+def render_bench_report(r: dict, gpu: dict | None, serve: dict | None = None) -> str:
     m, sp = r["machine"], r.get("speed_pass", {})
     dec = sp.get("decoding", {})
     variants = ["pytorch_fp32", "onnx_fp32", "onnx_int8", "onnx_int4", "faster_whisper_int8"]
@@ -352,14 +353,33 @@ def render_bench_report(r: dict, gpu: dict | None) -> str:
     else:
         parts += ["GPU not measured this session (no CUDA device). Run `python -m benchmarks.gpu_probe` on a "
                   "CUDA machine to write benchmarks/gpu.json; this section then shows it."]
+    parts += ["", "## GPU serving (benchmarks/gpu_serve.py)", "", *serving_section(serve)]
     return "\n".join(parts) + "\n"
+
+
+def serving_section(serve: dict | None) -> list[str]:
+    """gpu_serve.json as a table: every ratio is against fp16 on the same GPU."""
+    if not serve:
+        return ["GPU serving not measured this session (no CUDA device). Run `python -m benchmarks.gpu_serve --onnx` "
+                "on a CUDA machine to write benchmarks/gpu_serve.json; this section then shows it."]
+    ratios = serve.get("vs_fp16_same_device", {})
+    rows = [[name, r.get("provider", ""), r.get("size_mb"), r.get("peak_vram_mb"), _fmt(r.get("latency_s"), 3),
+             _fmt(r.get("decoder_ms_per_token"), 2), _fmt(ratios.get(name, {}).get("speed_vs_fp16"), 2),
+             _fmt(ratios.get(name, {}).get("vram_vs_fp16"), 2), r.get("error", "")] for name, r in serve["results"].items()]
+    return [f"{serve['device']}, {serve['shapes']} shapes (random weights), torch {serve['torch']}; "
+            f"`{serve['command']}`:", "",
+            _table(["variant", "provider", "size MB", "peak VRAM MiB", "latency s/clip", "decoder ms/token",
+                    "speed vs fp16", "VRAM vs fp16", "note"], rows), "",
+            f"Targets (issue 13): {json.dumps(serve.get('targets', {}))}; ONNX int8 node placement on the CUDA EP: "
+            f"{json.dumps(serve.get('onnx_int8_placement') or 'not measured')}."]
 
 
 def write_outputs(results: dict) -> None:
     (BENCH / "results.json").write_text(json.dumps(results, indent=2))
-    gpu_file = BENCH / "gpu.json"
+    gpu_file, serve_file = BENCH / "gpu.json", BENCH / "gpu_serve.json"
     gpu = json.loads(gpu_file.read_text()) if gpu_file.is_file() else None
-    (BENCH / "REPORT.md").write_text(render_bench_report(results, gpu))
+    serve = json.loads(serve_file.read_text()) if serve_file.is_file() else None
+    (BENCH / "REPORT.md").write_text(render_bench_report(results, gpu, serve))
     print(f"wrote {BENCH / 'results.json'} and {BENCH / 'REPORT.md'}")
 
 

@@ -1,18 +1,24 @@
-"""Speed benchmark of every model variant, side by side, on real speech.
+"""Speed benchmark of every model variant, side by side, on real speech, on every device the machine has.
 
-Variants: the QAT model in PyTorch fp32, every ONNX directory written by convert, and
-faster-whisper int8 on the CTranslate2 whisper-base weights (when the model is that fixture).
+One section per device, each compared only with itself (steps/serving.py):
+- cpu: the QAT model in PyTorch fp32, every ONNX directory written by convert (CPU EP), and
+  faster-whisper int8 on the CTranslate2 whisper-base weights (when the model is that fixture).
+- cuda (when CUDA is usable; otherwise skipped with the reason): the QAT model in PyTorch fp16 (the
+  guide's baseline) and through torchao's weight-only kernel for the run's scheme, and the ONNX
+  exports on ONNX Runtime's CUDA EP when onnxruntime-gpu is installed, with which nodes ran where.
 Decoding is fixed for all: greedy, the configured language and task, max_new_tokens.
 Clips are measured round-robin (clip 1 on every variant, then clip 2, ...), with the variant
 order rotated per clip, so machine noise hits all variants alike; warm-up runs are not timed.
 
 Per variant: median end-to-end latency per clip (feature extraction + generate), RTF,
 throughput, encoder ms per clip, decoder ms per token over a forced number of tokens
-(EOS suppressed, the same count for every variant), peak memory (a fresh process per variant,
-or peak VRAM on GPU) and size on disk.
+(EOS suppressed, the same count for every variant), peak memory of a fresh process per variant
+(RSS; on CUDA also the device memory it holds) and size on disk. Every row names its device and
+execution provider.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -28,6 +34,7 @@ import numpy as np
 
 from contract.catalogue import ptq_variant, quantized_variant
 
+from . import serving
 from .common import StepContext, StepError
 
 # Variants share one process: OpenMP threads must sleep, not spin, between runs (before torch loads).
@@ -41,6 +48,17 @@ class Variant:
     name: str
     kind: str  # "pytorch" | "onnx" | "ctranslate2"
     path: str
+    device: str = "cpu"  # "cpu" | "cuda"
+    precision: str = "fp32"  # PyTorch only: one of serving.TORCH_PRECISIONS
+
+    @property
+    def provider(self) -> str:
+        """The execution provider the variant runs on, as its result row records it."""
+        if self.kind == "onnx":
+            return "CUDAExecutionProvider" if self.device == "cuda" else "CPUExecutionProvider"
+        if self.kind == "ctranslate2":
+            return "ctranslate2-cpu"
+        return f"torch-{self.device}-{self.precision}"
 
 
 @dataclass(frozen=True)
@@ -63,6 +81,8 @@ def size_mb(variant: Variant) -> float:
 
 class Runner:
     """One loaded variant; the four timed operations share the same processor and settings."""
+
+    held_mb: float | None = None  # size of weights converted at load time (else size on disk)
 
     def __init__(self, variant: Variant, dec: Decoding):
         self.variant, self.dec = variant, dec
@@ -88,15 +108,28 @@ class HFRunner(Runner):
 
         self.torch = torch
         torch.set_num_threads(dec.threads)
-        self.device = "cuda" if variant.kind == "pytorch" and torch.cuda.is_available() else "cpu"
-        self.t = load_variant(variant.path, variant.kind, dec.threads, self.device, dec.language, dec.task)
+        self.device = variant.device
+        if variant.kind == "pytorch":
+            self.t = load_variant(variant.path, "pytorch", dec.threads, "cpu", dec.language, dec.task)
+            self.t.model = serving.place_torch_model(self.t.model, self.device, variant.precision)
+            self.t.device = self.device
+            if variant.precision != "fp32":  # fp16 / quantized: the weights as held, not the fp32 file
+                self.held_mb = serving.weights_mb(self.t.model)
+        else:
+            self.t = load_variant(variant.path, variant.kind, dec.threads, self.device, dec.language, dec.task)
         self.model = self.t.model
+
+    def _sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
 
     def features(self, audio):
         return self.t.features([audio])
 
     def generate(self, feats, max_new_tokens):
-        return int(self.t.generate_ids(feats, max_new_tokens).shape[-1])
+        n = int(self.t.generate_ids(feats, max_new_tokens).shape[-1])
+        self._sync()
+        return n
 
     def encode(self, feats):
         with self.torch.inference_mode():
@@ -104,8 +137,7 @@ class HFRunner(Runner):
                 enc = self.model.get_encoder()(input_features=feats)
             else:
                 enc = self.model.get_encoder()(input_features=feats, attention_mask=None)
-        if self.device == "cuda":
-            self.torch.cuda.synchronize()
+        self._sync()
         return enc
 
     def decode_forced(self, enc, n):
@@ -113,7 +145,9 @@ class HFRunner(Runner):
 
         enc = BaseModelOutput(last_hidden_state=enc.last_hidden_state)
         # min_new_tokens suppresses EOS until n tokens exist: every variant decodes exactly n steps
-        return int(self.t.generate_ids(None, n, encoder_outputs=enc, min_new_tokens=n).shape[-1])
+        out = int(self.t.generate_ids(None, n, encoder_outputs=enc, min_new_tokens=n).shape[-1])
+        self._sync()
+        return out
 
 
 class CT2Runner(Runner):
@@ -168,17 +202,29 @@ def _timed(fn, *args):
 
 
 def _peak_rss_main() -> None:
-    """Child process body: load one variant, transcribe one clip, print peak RSS in MiB."""
+    """Child process body: load one variant, transcribe one clip, print peak RSS (and on CUDA the
+    device memory the process holds, over its baseline before loading) in MiB."""
     spec = json.loads(sys.stdin.read())
-    runner = load_runner(Variant(**spec["variant"]), Decoding(**spec["decoding"]))
+    variant = Variant(**spec["variant"])
+    if variant.device == "cuda":
+        import torch
+
+        torch.cuda.init()
+        torch.zeros(1, device="cuda")  # the context exists before the baseline reading
+        before = serving.cuda_memory_mb()
+    runner = load_runner(variant, Decoding(**spec["decoding"]))
     runner.end_to_end(np.load(spec["audio"]))
     # VmHWM, not ru_maxrss: ru_maxrss survives execve and would report the parent's peak
     hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     print("PEAK_RSS_MB", hwm_kb / 1024, flush=True)
+    if variant.device == "cuda":
+        # both PyTorch's caching allocator and ORT's arena keep their peak: held now = peak
+        print("PEAK_VRAM_MB", serving.cuda_memory_mb() - before, flush=True)
 
 
-def peak_rss_mb(variant: Variant, dec: Decoding, audio: np.ndarray, timeout: float = 600) -> float | None:
-    """Peak resident memory of a fresh process that loads the variant and transcribes one clip."""
+def peak_memory_mb(variant: Variant, dec: Decoding, audio: np.ndarray, timeout: float = 600) -> dict:
+    """{"peak_rss_mb", "peak_vram_mb" (CUDA variants)} of a fresh process that loads the variant and
+    transcribes one clip; a figure the child did not print is None."""
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "clip.npy", audio)
         spec = {"variant": asdict(variant), "decoding": asdict(dec), "audio": str(Path(tmp) / "clip.npy")}
@@ -187,11 +233,13 @@ def peak_rss_mb(variant: Variant, dec: Decoding, audio: np.ndarray, timeout: flo
                                   input=json.dumps(spec), capture_output=True, text=True, timeout=timeout,
                                   cwd=Path(__file__).resolve().parent.parent)
         except subprocess.TimeoutExpired:
-            return None
+            return {"peak_rss_mb": None}
+    out = {"peak_rss_mb": None, **({"peak_vram_mb": None} if variant.device == "cuda" else {})}
     for line in proc.stdout.splitlines():
-        if line.startswith("PEAK_RSS_MB "):
-            return round(float(line.split()[1]), 1)
-    return None
+        key, _, value = line.partition(" ")
+        if key in ("PEAK_RSS_MB", "PEAK_VRAM_MB"):
+            out[key.lower()] = round(float(value), 1)
+    return out
 
 
 def benchmark(variants: list[Variant], clips: list[tuple[str, np.ndarray]], dec: Decoding,
@@ -233,6 +281,8 @@ def benchmark(variants: list[Variant], clips: list[tuple[str, np.ndarray]], dec:
         results[n] = {
             "kind": v.kind,
             "path": v.path,
+            **serving.describe(v.device, v.provider),
+            "precision": v.precision if v.kind == "pytorch" else None,
             "clips": len(clips),
             "latency_s": round(statistics.median(lat[n]), 4),
             "latency_mean_s": round(total / len(clips), 4),
@@ -242,7 +292,8 @@ def benchmark(variants: list[Variant], clips: list[tuple[str, np.ndarray]], dec:
             "encoder_ms": round(statistics.median(enc_ms[n]), 2),
             "decoder_ms_per_token": round(statistics.median(dec_ms[n]), 3),
             "mean_new_tokens": round(statistics.mean(toks[n]), 2),
-            "size_mb": size_mb(v),
+            "size_mb": runners[n].held_mb or size_mb(v),
+            "size_basis": "held in memory" if runners[n].held_mb else "on disk",
         }
     runners.clear()
     if measure_memory:
@@ -251,18 +302,9 @@ def benchmark(variants: list[Variant], clips: list[tuple[str, np.ndarray]], dec:
 
 
 def _measure_memory(variants, dec, audio, results, log) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        for v in variants:
-            if v.kind != "pytorch":
-                continue
-            torch.cuda.reset_peak_memory_stats()
-            load_runner(v, dec).end_to_end(audio)
-            results[v.name]["peak_vram_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     for v in variants:
-        results[v.name]["peak_rss_mb"] = peak_rss_mb(v, dec, audio)
-        log(f"peak RSS {v.name}: {results[v.name]['peak_rss_mb']} MiB")
+        results[v.name].update(peak_memory_mb(v, dec, audio))
+        log(f"peak memory {v.name} ({v.device}): {results[v.name]}")
 
 
 def load_clips(prepare_dir: Path, max_clips: int) -> list[tuple[str, np.ndarray]]:
@@ -287,7 +329,8 @@ def ct2_base_dir() -> Path:
 
 
 def discover_variants(ctx: StepContext) -> list[Variant]:
-    """PyTorch fp32 (the QAT model), every ONNX dir from convert, faster-whisper when applicable."""
+    """The CPU section: PyTorch fp32 (the QAT model), every ONNX dir from convert, faster-whisper
+    when applicable."""
     cfg = ctx.cfg
     # Variant names are the ones evaluate uses, so the report joins WER and latency per variant:
     # qat_fp32 is the QAT model in PyTorch, an ONNX fp32 export is "<model>_onnx_fp32".
@@ -302,21 +345,67 @@ def discover_variants(ctx: StepContext) -> list[Variant]:
     return variants
 
 
+def cuda_variants(ctx: StepContext, log=print) -> list[Variant]:
+    """The CUDA section: the QAT weights in PyTorch fp16 (the baseline) and through torchao's
+    weight-only kernel of the run's scheme, and the ONNX exports on the CUDA EP when this
+    onnxruntime has it (the ONNX fp32 export is the ONNX reference on the same device)."""
+    scheme, model = ctx.cfg.quant.scheme, str(ctx.dir_of("train") / "model")
+    variants = [Variant("qat_fp16", "pytorch", model, "cuda", "fp16")]
+    if importlib.util.find_spec("torchao") is not None:
+        variants.append(Variant(f"qat_{scheme}_torchao", "pytorch", model, "cuda", f"{scheme}_weight_only"))
+    else:
+        log(f"cuda: torchao is not installed: the PyTorch {scheme} weight-only variant is not measured")
+    if serving.ort_provider("cuda") is None:
+        log("cuda: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu): ONNX not measured on CUDA")
+        return variants
+    conv = ctx.dir_of("convert")
+    for d in ("qat_fp32", quantized_variant(scheme)):
+        variants.append(Variant(d.replace("_fp32", "_onnx_fp32"), "onnx", str(conv / d), "cuda"))
+    return variants
+
+
+def onnx_placements(variants: list[Variant], results: dict) -> None:
+    """For each ONNX variant on CUDA: which provider ran how many nodes, per graph (ORT puts shape
+    ops and kernels the CUDA EP lacks, e.g. int8 MatMulInteger, on the CPU)."""
+    from .convert import ENCODER, MERGED
+
+    for v in variants:
+        if v.kind == "onnx" and v.device == "cuda":
+            results[v.name]["placement"] = {part: serving.node_placement(Path(v.path) / part, v.provider)
+                                            for part in (ENCODER, MERGED)}
+
+
 def decoding_of(cfg) -> Decoding:
     return Decoding(language=cfg.model.language, task=cfg.model.task, max_new_tokens=cfg.bench.max_new_tokens,
                     forced_tokens=cfg.bench.forced_tokens, threads=cfg.bench.threads)
 
 
+FIGURES = ("latency_s", "encoder_ms", "decoder_ms_per_token", "rtf", "clips_per_s", "audio_s_per_s",
+           "peak_rss_mb", "peak_vram_mb", "size_mb", "device", "provider")
+
+
 def run(ctx: StepContext) -> dict:
+    """{"devices": {device: {figure: {variant: value}}}, "skipped": {device: why}}: one section per device."""
     cfg = ctx.cfg
     clips = load_clips(ctx.dir_of("prepare"), cfg.bench.max_clips)
-    variants = discover_variants(ctx)
-    ctx.log(f"{len(variants)} variants x {len(clips)} clips, {cfg.bench.threads} threads")
-    results = benchmark(variants, clips, decoding_of(cfg), warmup=cfg.bench.warmup, log=ctx.log,
-                        progress=ctx.progress)
-    out = {"variants": results, "decoding": asdict(decoding_of(cfg)), "clips": len(clips)}
+    dec = decoding_of(cfg)
+    sections = {"cpu": discover_variants(ctx)}
+    skipped = {}
+    reason = serving.cuda_usable()
+    if reason is None:
+        sections["cuda"] = cuda_variants(ctx, ctx.log)
+    else:
+        skipped["cuda"] = reason
+        ctx.log(f"cuda section skipped: {reason}")
+    results = {}
+    for device, variants in sections.items():
+        ctx.log(f"{device}: {len(variants)} variants x {len(clips)} clips, {cfg.bench.threads} threads")
+        results[device] = benchmark(variants, clips, dec, warmup=cfg.bench.warmup, log=ctx.log, progress=ctx.progress)
+        onnx_placements(variants, results[device])
+    out = {"devices": results, "skipped": skipped, "decoding": asdict(dec), "clips": len(clips)}
     (ctx.out / "results.json").write_text(json.dumps(out, indent=2))
     ctx.add_output(ctx.out / "results.json")
-    return {k: {n: r.get(k) for n, r in results.items()}
-            for k in ("latency_s", "encoder_ms", "decoder_ms_per_token", "rtf", "clips_per_s",
-                      "audio_s_per_s", "peak_rss_mb", "peak_vram_mb", "size_mb")}
+    return {"devices": {device: {k: {n: r.get(k) for n, r in rows.items()} for k in FIGURES}
+                        for device, rows in results.items()},
+            "skipped": skipped,
+            "placement": {n: r["placement"] for rows in results.values() for n, r in rows.items() if "placement" in r}}

@@ -7,7 +7,8 @@ Every encoder's self-attention runs as one fused MultiHeadAttention node per lay
 
 int8: dynamic quantization of MatMul weights (per channel, int8; activations uint8 per tensor at
 run time), never Conv (ConvInteger has no CPU kernel). int4: MatMulNBits (block 32, symmetric,
-accuracy_level 4) plus the token embedding as GatherBlockQuantized, saved with external data.
+accuracy_level 0: float activations, bit-true to QAT) plus the tied token embedding as
+GatherBlockQuantized reading proj_out's blocks, saved with external data.
 The decoder and decoder-with-past graphs are quantized separately and merged afterwards: the
 quantizers do not reach into the merged decoder's If branches.
 """
@@ -34,6 +35,10 @@ DECODER = "decoder_model.onnx"
 DECODER_WITH_PAST = "decoder_with_past_model.onnx"
 MERGED = "decoder_model_merged.onnx"
 TASK = "automatic-speech-recognition-with-past"
+# MatMulNBits accuracy_level 0: activations stay float, so the ONNX int4 model computes what QAT's
+# weight-only fake quantization trained (level 4 quantizes activations to int8 per block at run time,
+# which QAT never saw; measured in benchmarks/INT4_RECIPE.md). The CUDA kernel ignores it.
+INT4_ACCURACY_LEVEL = 0
 QUANT_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "GatherBlockQuantized",
              "ConvInteger", "DequantizeLinear", "MatMul", "Gather", "MultiHeadAttention")
 
@@ -284,18 +289,28 @@ def quantize_int8(src: Path, dst: Path) -> bool:
     return shared
 
 
-def quantize_int4(src: Path, dst: Path, block_size: int) -> bool:
-    """Weight-only int4: MatMulNBits (blocks along K) and GatherBlockQuantized for embeddings."""
+def untied_gathers(model: onnx.ModelProto) -> list[str]:
+    """Gather nodes on a constant table that is not a MatMul weight transposed (the decoder's
+    positional embedding): left float by the int4 export, as QAT leaves them (a few MB at most)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = {tuple(inits[n.input[1]].dims) for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+            and tuple(reversed(inits[n.input[0]].dims)) not in weights]
+
+
+def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int = INT4_ACCURACY_LEVEL) -> bool:
+    """Weight-only int4: MatMulNBits (blocks along K) and GatherBlockQuantized for the tied embedding."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  MatMulNBitsQuantizer)
     from onnxruntime.quantization.quant_utils import QuantFormat
 
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4,
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
                                           quant_format=QuantFormat.QOperator,
                                           op_types_to_quantize=("MatMul", "Gather"),
                                           quant_axes=(("MatMul", 0), ("Gather", 1)), bits=4)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    quantizer = MatMulNBitsQuantizer(_load_folded(src), algo_config=config)
+    model = _load_folded(src)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=untied_gathers(model))
     quantizer.process()
     shared = share_tied_embedding_int4(quantizer.model.model)
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
@@ -309,7 +324,8 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def quantize_dir(fp32_dir: Path, dst: Path, scheme: str, group_size: int) -> dict:
+def quantize_dir(fp32_dir: Path, dst: Path, scheme: str, group_size: int,
+                 int4_accuracy_level: int = INT4_ACCURACY_LEVEL) -> dict:
     """Quantize an exported fp32 dir (encoder + both decoders) into dst with a merged decoder."""
     from optimum.onnx.graph_transformations import merge_decoders
 
@@ -323,7 +339,7 @@ def quantize_dir(fp32_dir: Path, dst: Path, scheme: str, group_size: int) -> dic
         if scheme == "int8":
             return quantize_int8(src, out)
         if scheme == "int4":
-            return quantize_int4(src, out, group_size)
+            return quantize_int4(src, out, group_size, int4_accuracy_level)
         raise StepError(f"quant.scheme {scheme!r} is not supported: use int8 or int4")
 
     q(fp32_dir / ENCODER, dst / ENCODER)

@@ -60,7 +60,10 @@ def _int4_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
     wf = F.pad(w.float(), (0, (-in_f) % group_size)).view(out_f, -1, group_size)
     scale = torch.gather(wf, -1, wf.abs().argmax(dim=-1, keepdim=True)) / -8.0
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.clamp(torch.round(wf / scale), -8, 7)
+    # MLAS (MlasQuantizeBlockwise) rounds w * (1 / scale) + 8 half away from zero (std::roundf):
+    # an exact tie such as -3.5 becomes -3, where torch.round's half-to-even gives -4 (issue 13)
+    v = wf * (1.0 / scale) + 8.0
+    q = torch.clamp(torch.where(v - torch.floor(v) == 0.5, torch.ceil(v), torch.round(v)), 0, 15) - 8
     return (q * scale).view(out_f, -1)[:, :in_f].to(w.dtype)
 
 
@@ -147,7 +150,7 @@ def prepare(model: nn.Module, quant: QuantConfig) -> int:
     if n == 0:
         raise StepError("QAT prepare found no nn.Linear in model.model.encoder/decoder.layers: refusing "
                         "to fall back to plain fine-tuning; check the model architecture")
-    return n
+    return n + _prepare_tied_output(model, quant)
 
 
 def convert(model: nn.Module) -> nn.Module:
@@ -156,15 +159,61 @@ def convert(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, FakeQuantLinear):
                 setattr(parent, name, child.to_linear())
+            elif isinstance(child, FakeQuantEmbedding):
+                setattr(parent, name, child.to_embedding())
     return model
 
 
 def count_fake_quant(model: nn.Module) -> int:
-    return sum(isinstance(m, FakeQuantLinear) for m in model.modules())
+    return sum(isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)) for m in model.modules())
 
 
 def set_enabled(model: nn.Module, enabled: bool) -> None:
     """Turn fake quantization on or off (e.g. to compare against float) without converting."""
     for m in model.modules():
-        if isinstance(m, FakeQuantLinear):
+        if isinstance(m, (FakeQuantLinear, FakeQuantEmbedding)):
             m.enabled = enabled
+
+
+# --- coverage beyond the blocks: the tied output projection and token embedding (issue 13) ---------
+# The export quantizes proj_out and, through it, the tied token embedding (steps/convert.py
+# share_tied_embedding_int8 / _int4): int8 proj_out is W8A8 like the decoder's other Linears (one
+# activation range per generated token) and its embedding rows are the same int8 weights; int4
+# proj_out is MatMulNBits and the embedding reads the same 4-bit blocks (GatherBlockQuantized).
+# Training sees exactly that, so what is trained is what ships (tests/test_parity.py).
+
+class FakeQuantEmbedding(nn.Embedding):
+    """nn.Embedding whose table is read through the same weight rounding as the tied proj_out."""
+
+    def __init__(self, emb: nn.Embedding, scheme: str, group_size: int = 32):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = emb.padding_idx, emb.max_norm, emb.norm_type
+        self.scale_grad_by_freq, self.sparse = emb.scale_grad_by_freq, emb.sparse
+        self.weight = emb.weight  # the same Parameter (tied with proj_out)
+        self.scheme, self.group_size, self.enabled = scheme, group_size, True
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.enabled:
+            w = fake_quant_weight_int8(w) if self.scheme == "int8" else fake_quant_weight_int4(w, self.group_size)
+        return F.embedding(ids, w, self.padding_idx)
+
+    def to_embedding(self) -> nn.Embedding:
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        emb.weight = self.weight
+        return emb
+
+
+def _prepare_tied_output(model: nn.Module, quant: QuantConfig) -> int:
+    """Wrap proj_out (and the token embedding when tied to it); returns how many modules were wrapped."""
+    proj = getattr(model, "proj_out", None)
+    if type(proj) is not nn.Linear:
+        return 0
+    model.proj_out = FakeQuantLinear(proj, quant.scheme, quant.group_size, per_token=True)
+    emb = model.model.decoder.embed_tokens
+    if type(emb) is nn.Embedding and emb.weight is proj.weight:
+        model.model.decoder.embed_tokens = FakeQuantEmbedding(emb, quant.scheme, quant.group_size)
+        return 2
+    return 1

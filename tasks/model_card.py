@@ -14,7 +14,7 @@ import yaml
 from contract.catalogue import quantized_variant
 from contract.config import RunConfig
 
-from .scorecard import figure, gate_verdict, measured, results_markdown, results_table, variants
+from .scorecard import figure, gate_verdict, measured, results_markdown, results_table, serving_markdown, variants
 
 LANGUAGES = {"fr": "French", "en": "English", "de": "German", "es": "Spanish", "it": "Italian"}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -108,8 +108,12 @@ def render_model_card(cfg: RunConfig, metrics: dict) -> str:
              f"Test split `{d.test_split}` of {source}. WER and CER in percent after text normalization (corpus level, "
              "95 % bootstrap interval on WER); size on disk is the weights (safetensors for PyTorch, ONNX files with "
              "their external data); latency is seconds per clip measured by the bench step "
-             f"({cfg.bench.threads} threads); speed-up is relative to the model in fp32 PyTorch.", "",
-             *results_markdown(_card_rows(cfg, metrics))]
+             f"on the CPU ({cfg.bench.threads} threads); speed-up is relative to the model in fp32 PyTorch on the same CPU.", "",
+             *results_markdown(_card_rows(cfg, metrics)), "",
+             "### Serving, per device", "",
+             "Each device against its own baseline, never one device's time over another's; memory is what a fresh "
+             "process holds after one clip; decoder ms/token over forced tokens.", "",
+             *serving_markdown(scheme, metrics)]
     if measured(ev.get("n_utterances")) is not None:
         lines += ["", f"Scored on {int(ev['n_utterances'])} test utterances."]
     lines += ["", gate_verdict(ev.get("gate") or {}, scheme, cfg.eval.max_wer_degradation), "",

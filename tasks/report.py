@@ -18,7 +18,7 @@ from contract.config import RunConfig
 from infra.machine import Lease
 
 from .billing import estimate_rows
-from .scorecard import gate_verdict, results_markdown, results_table, step_metrics
+from .scorecard import gate_verdict, results_markdown, results_table, serving_markdown, step_metrics
 
 
 def chart_png(rows: list[dict]) -> Optional[bytes]:
@@ -76,6 +76,7 @@ def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: 
     lines += [f"| **total ({what}, creation to confirmed destroy, bandwidth included)** | **{total_s:.1f}** | "
               f"**{total_usd:.4f}** |", ""]
     lines += ["## Results (test set)", "", *results_markdown(rows, name="variant"), ""]
+    lines += ["## Serving, per device", "", *serving_markdown(cfg.quant.scheme, step_metrics(results))]
     lines += ["## Quality gate", "", gate_verdict(gate, cfg.quant.scheme, cfg.eval.max_wer_degradation), ""]
     lines += ["## Links", "", f"- model: {link.get('url') or link.get('path')}", ""]
     if not link.get("uploaded"):

@@ -12,8 +12,12 @@ from typing import Any, Optional
 from contract.catalogue import ptq_variant, quantized_variant
 
 NOT_MEASURED = "not measured"
-# The PyTorch fp32 model whose latency every speed-up is relative to, in order of preference.
+# The PyTorch fp32 model whose CPU latency the results table's speed-up is relative to, in order of preference.
 SPEED_REFERENCES = ("base_fp32", "qat_fp32")
+# Per device, the serving table's baseline (the guide's fp16 on a GPU; fp32 on a CPU, where fp16
+# is no serving path) and the labels of the devices bench measures (steps/bench.py sections).
+SERVING_BASELINE = {"cpu": "qat_fp32", "cuda": "qat_fp16"}
+DEVICE_LABELS = {"cpu": "CPU", "cuda": "GPU (CUDA)"}
 # convert/ names its folders by model ("qat_fp32" is the ONNX export there) and records the PyTorch
 # weights as "pytorch_fp32"; bench and evaluate name variants. Convert's names -> variant names:
 _CONVERT_TO_VARIANT = {"qat_fp32": "qat_onnx_fp32", "base_fp32": "base_onnx_fp32", "pytorch_fp32": "qat_fp32"}
@@ -25,6 +29,11 @@ def variants(scheme: str) -> list[tuple[str, str]]:
     """(variant name, label) of the comparison the model card shows, in reading order."""
     return [("base_fp32", "baseline (fp32, PyTorch)"), (ptq_variant(scheme), f"PTQ {scheme} (baseline quantized, no QAT)"),
             ("qat_fp32", "QAT-trained model, fp32 (PyTorch)"), (quantized_variant(scheme), f"**QAT {scheme} (this model)**")]
+
+
+def bench_section(metrics: dict, device: str = "cpu") -> dict:
+    """Bench's figures of one device, {figure: {variant: value}} (steps/bench.py `run`); {} if none."""
+    return (((metrics.get("bench") or {}).get("devices") or {}).get(device)) or {}
 
 
 def step_metrics(results: dict) -> dict[str, dict]:
@@ -50,7 +59,7 @@ def variant_sizes(metrics: dict) -> dict[str, float]:
     `qat_fp32`, convert's `pytorch_fp32`), never an ONNX fp32 export; the baseline in fp32 PyTorch
     has the same architecture and dtype, hence the same size, when nothing measured it by name."""
     recorded = {_CONVERT_TO_VARIANT.get(k, k): v for k, v in ((metrics.get("convert") or {}).get("sizes_mb") or {}).items()}
-    benched = (metrics.get("bench") or {}).get("size_mb") or {}
+    benched = bench_section(metrics).get("size_mb") or {}
     sizes = {k: measured(v) for src in (recorded, benched) for k, v in src.items() if measured(v) is not None}
     if "base_fp32" not in sizes and "qat_fp32" in sizes:
         sizes["base_fp32"] = sizes["qat_fp32"]
@@ -60,8 +69,9 @@ def variant_sizes(metrics: dict) -> dict[str, float]:
 def results_table(scheme: str, metrics: dict) -> list[dict]:
     """One row per variant: the card's comparison first (always, measured or not), then every other
     variant evaluate or bench measured. Numbers or None; `wer_ci95` is (low, high) or None;
-    `speedup` is the PyTorch fp32 reference's latency over the variant's, to 2 decimals."""
-    ev, be = metrics.get("evaluate") or {}, metrics.get("bench") or {}
+    `speedup` is the PyTorch fp32 reference's latency over the variant's, to 2 decimals, both on the
+    CPU (the GPU's figures are in `serving_rows`, each against the GPU's own baseline)."""
+    ev, be = metrics.get("evaluate") or {}, bench_section(metrics, "cpu")
     wer, cer, ci, lat = (ev.get("wer") or {}), (ev.get("cer") or {}), (ev.get("wer_ci") or {}), (be.get("latency_s") or {})
     sizes = variant_sizes(metrics)
     ref = next((measured(lat.get(r)) for r in SPEED_REFERENCES if measured(lat.get(r))), None)
@@ -119,3 +129,84 @@ def gate_verdict(gate: dict, scheme: str, allowed: Any = None) -> str:
     text = f"Quality gate {verdict}: {gate.get('reason') or gate_sentence(gate, scheme, allowed)}."
     reasons = [str(r) for r in gate.get("reasons") or []]
     return text + ("".join(f"\n- {r}" for r in reasons) if reasons and not gate["passed"] else "")
+
+
+def _quantized_on(device: str, scheme: str, figures: dict) -> list[tuple[str, str]]:
+    """(variant, label) of the QAT model quantized, as each device serves it (those bench measured)."""
+    q = quantized_variant(scheme)
+    ep = "CUDA EP" if device == "cuda" else "CPU EP"
+    rows = [(q, f"QAT {scheme}, ONNX Runtime {ep}")]
+    if device == "cuda":
+        rows.append((f"{q}_torchao", f"QAT {scheme}, PyTorch torchao weight-only"))
+    return [(v, label) for v, label in rows if v in (figures.get("latency_s") or {})]
+
+
+def serving_rows(scheme: str, metrics: dict) -> dict[str, list[dict]]:
+    """The guide's table per measured device: size, memory, speed, latency, quality for the baseline
+    and the QAT model quantized. Speed is the same device's baseline latency over the row's: no
+    figure anywhere divides one device's time by another's. Quality is the WER evaluate measured for
+    the same weights and quantization (`wer_of`: the variant it was measured as), else None."""
+    wer = (metrics.get("evaluate") or {}).get("wer") or {}
+    out = {}
+    for device, base in SERVING_BASELINE.items():
+        fig = bench_section(metrics, device)
+        lat = fig.get("latency_s") or {}
+        if not lat:
+            continue
+        ref = measured(lat.get(base))
+        label = "PyTorch fp16 (baseline)" if device == "cuda" else "PyTorch fp32 (baseline)"
+        rows = []
+        for name, text in [(base, label)] + _quantized_on(device, scheme, fig):
+            mine = measured(lat.get(name))
+            # fp16 serves the fp32-evaluated weights; an ONNX model's graph is the one evaluate ran (CPU EP)
+            wer_of = "qat_fp32" if name == base else (name if name in wer else None)
+            memory = (fig.get("peak_vram_mb") if device == "cuda" else fig.get("peak_rss_mb")) or {}
+            rows.append({"variant": name, "label": text, "device": (fig.get("device") or {}).get(name, device),
+                         "provider": (fig.get("provider") or {}).get(name),
+                         "size_mb": measured((fig.get("size_mb") or {}).get(name)),
+                         "memory_mb": measured(memory.get(name)), "latency_s": mine,
+                         "decoder_ms_per_token": measured((fig.get("decoder_ms_per_token") or {}).get(name)),
+                         "rtf": measured((fig.get("rtf") or {}).get(name)),
+                         "speed": round(ref / mine, 2) if ref and mine else None,
+                         "wer_pct": measured(wer.get(wer_of)) if wer_of else None, "wer_of": wer_of})
+        out[device] = rows
+    return out
+
+
+def serving_markdown(scheme: str, metrics: dict) -> list[str]:
+    """One table per device (its own baseline), and the devices bench skipped with the reason."""
+    lines = []
+    for device, rows in serving_rows(scheme, metrics).items():
+        mem = "peak VRAM MiB" if device == "cuda" else "peak RSS MiB"
+        lines += [f"**{DEVICE_LABELS[device]}** (speed relative to {rows[0]['label']} on the same device):", "",
+                  f"| variant | execution provider | size MB | {mem} | speed | latency s/clip | RTF | decoder ms/token | WER % |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            quality = figure(r["wer_pct"], ".2f") + (f" ({r['wer_of']})" if r["wer_pct"] is not None else "")
+            lines.append("| " + " | ".join([r["label"], r["provider"] or NOT_MEASURED, figure(r["size_mb"], ".1f"),
+                                             figure(r["memory_mb"], ".0f"), figure(r["speed"], ".2f", "x"),
+                                             figure(r["latency_s"], ".3f"), figure(r["rtf"], ".3f"),
+                                             figure(r["decoder_ms_per_token"], ".2f"), quality]) + " |")
+        lines.append("")
+        if device == "cuda":
+            lines += placement_lines((metrics.get("bench") or {}).get("placement") or {})
+    for device, why in ((metrics.get("bench") or {}).get("skipped") or {}).items():
+        lines += [f"**{DEVICE_LABELS.get(device, device)}**: not measured ({why}).", ""]
+    return lines
+
+
+def placement_lines(placement: dict) -> list[str]:
+    """Where ONNX Runtime ran each ONNX model's nodes on the GPU machine (a CUDA EP that lacks a
+    kernel, e.g. int8 MatMulInteger, runs it on the CPU, copies included: its figures show that)."""
+    lines = []
+    for variant, parts in placement.items():
+        cells = []
+        for part, p in parts.items():
+            if "error" in p:
+                cells.append(f"{part}: {p['error']}")
+                continue
+            counts = ", ".join(f"{n} on {ep.replace('ExecutionProvider', '')}" for ep, n in p.items() if ep != "cpu_ops")
+            ops = ", ".join(f"{op} {n}" for op, n in sorted(p.get("cpu_ops", {}).items(), key=lambda x: -x[1]))
+            cells.append(f"{part}: {counts}" + (f" (on the CPU: {ops})" if ops else ""))
+        lines.append(f"- node placement of `{variant}`: " + "; ".join(cells))
+    return lines + ([""] if lines else [])

@@ -43,7 +43,7 @@ def test_bench_step_measures_every_variant(bench_workdir):
     assert execute_step("bench", cfg, bench_workdir, bench.run) == 0
     results = json.loads((bench_workdir / "bench" / "results.json").read_text())
     assert results["clips"] == 2 and results["decoding"]["forced_tokens"] == cfg.bench.forced_tokens
-    v = results["variants"]
+    v = results["devices"]["cpu"]
     assert set(v) == {"qat_fp32", "qat_onnx_fp32", "qat_int8", "base_onnx_fp32", "base_ptq_int8"}
     for name, r in v.items():
         assert 0 < r["encoder_ms"] < 60_000 and 0 < r["decoder_ms_per_token"] < 10_000, name
@@ -51,9 +51,10 @@ def test_bench_step_measures_every_variant(bench_workdir):
         assert 1 <= r["mean_new_tokens"] <= cfg.bench.max_new_tokens, name
         assert r["peak_rss_mb"] is not None and 50 < r["peak_rss_mb"] < 8000, name
         assert r["size_mb"] > 0
+        assert r["device"] == "cpu" and r["provider"] in ("CPUExecutionProvider", "torch-cpu-fp32"), name
     assert v["qat_int8"]["size_mb"] < v["qat_fp32"]["size_mb"]
     metrics = json.loads((bench_workdir / "bench" / "result.json").read_text())["metrics"]
-    assert metrics["latency_s"]["qat_int8"] == v["qat_int8"]["latency_s"]
+    assert metrics["devices"]["cpu"]["latency_s"]["qat_int8"] == v["qat_int8"]["latency_s"]
 
 
 def test_forced_decoding_runs_exactly_n_steps(bench_workdir, french_manifest):
@@ -74,8 +75,124 @@ def test_forced_decoding_runs_exactly_n_steps(bench_workdir, french_manifest):
 def test_peak_rss_is_measured_in_a_fresh_process(bench_workdir):
     clip = np.zeros(16000, dtype=np.float32)
     v = bench.Variant("int8", "onnx", str(bench_workdir / "convert" / "qat_int8"))
-    mb = bench.peak_rss_mb(v, bench.Decoding(max_new_tokens=3, forced_tokens=2, threads=1), clip)
-    assert mb is not None and 50 < mb < 4000
+    mb = bench.peak_memory_mb(v, bench.Decoding(max_new_tokens=3, forced_tokens=2, threads=1), clip)
+    assert mb == {"peak_rss_mb": mb["peak_rss_mb"]} and 50 < mb["peak_rss_mb"] < 4000  # no VRAM figure on a CPU
+
+
+# --- one section per device, never a ratio across devices ---------------------------------------
+
+def _fake_benchmark(calls):
+    def benchmark(variants, clips, dec, **_):
+        calls.append([(v.name, v.device) for v in variants])
+        return {v.name: {"latency_s": 1.0, "device": v.device, "provider": v.provider, "size_mb": 1.0} for v in variants}
+    return benchmark
+
+
+def test_bench_step_without_cuda_measures_the_cpu_only_and_says_why(bench_workdir, monkeypatch):
+    from steps import serving
+    from steps.common import StepContext
+
+    calls = []
+    monkeypatch.setattr(bench, "benchmark", _fake_benchmark(calls))
+    monkeypatch.setattr(serving, "cuda_usable", lambda: "no CUDA device (test)")
+    ctx = StepContext("bench", tiny_config(), bench_workdir)
+    ctx.out.mkdir(exist_ok=True)
+    m = bench.run(ctx)
+    assert m["skipped"] == {"cuda": "no CUDA device (test)"} and set(m["devices"]) == {"cpu"}
+    assert len(calls) == 1 and all(device == "cpu" for _, device in calls[0])
+    assert set(m["devices"]["cpu"]["provider"].values()) <= {"CPUExecutionProvider", "torch-cpu-fp32"}
+
+
+def test_bench_step_with_cuda_keeps_each_device_in_its_own_section(bench_workdir, monkeypatch):
+    from steps import serving
+    from steps.common import StepContext
+
+    calls = []
+    monkeypatch.setattr(bench, "benchmark", _fake_benchmark(calls))
+    monkeypatch.setattr(serving, "cuda_usable", lambda: None)
+    monkeypatch.setattr(serving, "ort_provider", lambda device: "CUDAExecutionProvider")
+    monkeypatch.setattr(serving, "node_placement", lambda path, provider: {provider: 10, "CPUExecutionProvider": 2})
+    ctx = StepContext("bench", tiny_config(), bench_workdir)
+    ctx.out.mkdir(exist_ok=True)
+    m = bench.run(ctx)
+    assert [{d for _, d in c} for c in calls] == [{"cpu"}, {"cuda"}]  # one device per benchmark() call
+    cuda = dict(calls[1])
+    assert cuda["qat_fp16"] == "cuda" and {"qat_int8", "qat_onnx_fp32"} <= set(cuda)
+    assert m["devices"]["cuda"]["provider"]["qat_fp16"] == "torch-cuda-fp16"
+    assert m["devices"]["cuda"]["provider"]["qat_int8"] == "CUDAExecutionProvider"
+    assert m["placement"]["qat_int8"]["decoder_model_merged.onnx"]["CPUExecutionProvider"] == 2
+
+
+def _two_device_metrics():
+    return {"evaluate": {"wer": {"qat_fp32": 21.0, "qat_int4": 21.8}},
+            "bench": {"devices": {
+                "cpu": {"latency_s": {"qat_fp32": 2.0, "qat_int4": 0.5},
+                        "device": {"qat_fp32": "cpu", "qat_int4": "cpu"},
+                        "provider": {"qat_fp32": "torch-cpu-fp32", "qat_int4": "CPUExecutionProvider"},
+                        "peak_rss_mb": {"qat_fp32": 900.0, "qat_int4": 300.0}},
+                "cuda": {"latency_s": {"qat_fp16": 0.1, "qat_int4": 0.05, "qat_int4_torchao": 0.08},
+                         "device": {"qat_fp16": "cuda", "qat_int4": "cuda", "qat_int4_torchao": "cuda"},
+                         "provider": {"qat_fp16": "torch-cuda-fp16", "qat_int4": "CUDAExecutionProvider",
+                                      "qat_int4_torchao": "torch-cuda-int4_weight_only"},
+                         "peak_vram_mb": {"qat_fp16": 1600.0, "qat_int4": 500.0, "qat_int4_torchao": 450.0}}}}}
+
+
+def test_serving_tables_never_divide_one_device_by_another():
+    from tasks.scorecard import results_table, serving_markdown, serving_rows
+
+    metrics = _two_device_metrics()
+    rows = serving_rows("int4", metrics)
+    assert {d: [r["variant"] for r in rs] for d, rs in rows.items()} == {
+        "cpu": ["qat_fp32", "qat_int4"], "cuda": ["qat_fp16", "qat_int4", "qat_int4_torchao"]}
+    for device, rs in rows.items():
+        assert all(r["device"] == device for r in rs)
+    speed = {(d, r["variant"]): r["speed"] for d, rs in rows.items() for r in rs}
+    assert speed == {("cpu", "qat_fp32"): 1.0, ("cpu", "qat_int4"): 4.0,
+                     ("cuda", "qat_fp16"): 1.0, ("cuda", "qat_int4"): 2.0, ("cuda", "qat_int4_torchao"): 1.25}
+    assert rows["cuda"][1]["memory_mb"] == 500.0 and rows["cpu"][1]["memory_mb"] == 300.0
+    text = "\n".join(serving_markdown("int4", metrics))
+    lat = [v for sec in metrics["bench"]["devices"].values() for v in sec["latency_s"].values()]
+    own = {round(a / b, 2) for sec in metrics["bench"]["devices"].values()
+           for a in sec["latency_s"].values() for b in sec["latency_s"].values()}
+    cross = {round(a / b, 2) for a in lat for b in lat} - own
+    assert not [x for x in cross if f"{x:.2f}x" in text], cross
+    # the results table (CPU figures) ignores the GPU's latencies
+    table = {r["variant"]: r for r in results_table("int4", metrics)}
+    assert table["qat_int4"]["latency_s"] == 0.5 and table["qat_int4"]["speedup"] == 4.0
+    assert "qat_fp16" not in table and "qat_int4_torchao" not in table
+
+
+def test_serving_table_says_which_device_was_skipped():
+    from tasks.scorecard import serving_markdown
+
+    metrics = _two_device_metrics()
+    del metrics["bench"]["devices"]["cuda"]
+    metrics["bench"]["skipped"] = {"cuda": "no CUDA device"}
+    text = "\n".join(serving_markdown("int4", metrics))
+    assert "**GPU (CUDA)**: not measured (no CUDA device)." in text and "CUDAExecutionProvider" not in text
+
+
+def test_node_placement_reads_ort_verbose_log(tmp_path):
+    from steps import serving
+
+    log = "\n".join([
+        "2026-11-27 [V:onnxruntime:, session_state.cc:1598 VerifyEachNodeIsAssignedToAnEp] Node placements",
+        "2026-11-27 [V:onnxruntime:, session_state.cc:1601 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on "
+        "[CUDAExecutionProvider]. Number of nodes: 40",
+        "2026-11-27 [V:onnxruntime:, session_state.cc:1603 VerifyEachNodeIsAssignedToAnEp]   MatMulNBits (q_proj)",
+        "2026-11-27 [V:onnxruntime:, session_state.cc:1601 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on "
+        "[CPUExecutionProvider]. Number of nodes: 3",
+        "2026-11-27 [V:onnxruntime:, session_state.cc:1603 VerifyEachNodeIsAssignedToAnEp]   MatMulInteger (fc1)",
+        "2026-11-27 [V:onnxruntime:, session_state.cc:1603 VerifyEachNodeIsAssignedToAnEp]   Shape (s1)",
+        "2026-11-27 [V:onnxruntime:, session_state.cc:1603 VerifyEachNodeIsAssignedToAnEp]   Shape (s2)"])
+    assert serving.parse_placements(log) == {"CUDAExecutionProvider": 40, "CPUExecutionProvider": 3,
+                                             "cpu_ops": {"MatMulInteger": 1, "Shape": 2}}
+    # and the real log of a real session (CPU only here)
+    from tests.test_qat import _matmul_model, _weights
+    import onnx
+
+    onnx.save(_matmul_model(_weights(32, 8, 0)), tmp_path / "m.onnx")
+    assert serving.node_placement(tmp_path / "m.onnx", "CPUExecutionProvider") == {"CPUExecutionProvider": 1, "cpu_ops": {}}
 
 
 def test_bench_without_clips_is_a_clear_error():
@@ -147,3 +264,23 @@ def test_gpu_probe_runs_the_train_steps_core_on_cpu_with_tiny_shapes(tmp_path):
     for mode in res.values():
         assert mode["samples_per_s"] > 0 and np.isfinite(mode["final_loss"]) and mode["first_step_s"] > 0
         assert mode["mfu"] == pytest.approx(flops * mode["samples_per_s"] / 1e12, rel=1e-2)
+
+
+def test_gpu_serving_probe_skips_without_cuda_and_runs_on_cpu_with_tiny_shapes(tmp_path):
+    from steps import serving
+
+    serve = _load_script("gpu_serve")
+    out = tmp_path / "serve.json"
+    if serving.cuda_usable() is not None:  # CI: no GPU, nothing written, exit 0
+        assert serve.main(["--out", str(out)]) == 0 and not out.exists()
+    assert serve.main(["--shapes", "tiny", "--device", "cpu", "--forced-tokens", "2", "--reps", "1",
+                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert set(rows) == {"torch_fp16", "torch_int8_weight_only", "torch_int4_weight_only"}
+    for name in ("torch_fp16", "torch_int8_weight_only"):
+        r = rows[name]
+        assert r["device"] == "cpu" and r["provider"].startswith("torch-cpu-") and r["forced_tokens"] == 2
+        assert r["decoder_ms_per_token"] > 0 and r["latency_s"] > 0 and r["size_mb"] > 0
+    assert rows["torch_int8_weight_only"]["size_mb"] < rows["torch_fp16"]["size_mb"]
+    assert set(report["vs_fp16_same_device"]) <= set(rows)

@@ -28,7 +28,8 @@ def _results(wer_qat=30.0, wer_fp32=29.8, wer_ptq=40.0) -> dict:
             "wer_ci": {"qat_int8": [25.0, 35.0]},
             "gate": {"passed": wer_qat <= wer_fp32 + 0.5 and wer_qat <= wer_ptq, "qat_wer": wer_qat,
                      "qat_fp32_wer": wer_fp32, "ptq_wer": wer_ptq, "max_wer_degradation": 0.5}}},
-        "bench": {"metrics": {"latency_s": {"base_fp32": 2.0, "qat_int8": 0.8}, "size_mb": {"base_fp32": 290.0, "qat_int8": 80.0}}},
+        "bench": {"metrics": {"devices": {"cpu": {"latency_s": {"base_fp32": 2.0, "qat_int8": 0.8},
+                                                  "size_mb": {"base_fp32": 290.0, "qat_int8": 80.0}}}}},
     }
 
 

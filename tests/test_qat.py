@@ -11,13 +11,15 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from steps import fake_quant
+from steps import convert, fake_quant
 from steps.common import StepError
 from contract.config import QuantConfig
 
 ENC_LAYERS, DEC_LAYERS = 2, 2
 # Per encoder block: q, k, v, out, fc1, fc2; per decoder block: self q/k/v/out, cross q/k/v/out, fc1, fc2.
 EXPECTED = ENC_LAYERS * 6 + DEC_LAYERS * 10
+# plus what the export also quantizes: the output projection and the token embedding tied to it
+TIED = 2
 
 
 def tiny_whisper(seed: int = 0) -> WhisperForConditionalGeneration:
@@ -38,15 +40,19 @@ def batch(seed: int = 1):
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_prepare_counts_block_linears_only_and_keeps_parameters(scheme):
+def test_prepare_wraps_what_the_export_quantizes_and_keeps_parameters(scheme):
     model = tiny_whisper()
     params_before = {n: p for n, p in model.named_parameters()}
     n = fake_quant.prepare(model, QuantConfig(scheme=scheme))
-    assert n == EXPECTED == fake_quant.count_fake_quant(model)
-    # convs, embeddings and the tied output projection stay float
+    assert n == EXPECTED + TIED == fake_quant.count_fake_quant(model)
+    # convs and positional embeddings stay float; the tied output projection and token embedding
+    # are quantized (steps/convert.py quantizes both), still sharing one Parameter
     m = model.model
     assert type(m.encoder.conv1) is nn.Conv1d and type(m.encoder.conv2) is nn.Conv1d
-    assert type(model.proj_out) is nn.Linear and model.proj_out.weight is m.decoder.embed_tokens.weight
+    assert type(m.decoder.embed_positions) is not fake_quant.FakeQuantEmbedding
+    assert isinstance(model.proj_out, fake_quant.FakeQuantLinear) and model.proj_out.per_token
+    assert isinstance(m.decoder.embed_tokens, fake_quant.FakeQuantEmbedding)
+    assert model.proj_out.weight is m.decoder.embed_tokens.weight
     assert all(isinstance(x, fake_quant.FakeQuantLinear) for x in [m.encoder.layers[0].fc1, m.decoder.layers[1].encoder_attn.k_proj])
     # the same Parameter objects under the same names: an optimizer built later sees them
     assert {n: p for n, p in model.named_parameters()}.keys() == params_before.keys()
@@ -98,6 +104,8 @@ def test_convert_gives_plain_linears_that_save_and_reload(tmp_path):
     model = fake_quant.convert(model)
     assert fake_quant.count_fake_quant(model) == 0 and set(model.state_dict()) == keys
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    assert type(model.model.decoder.embed_tokens) is nn.Embedding
+    assert model.proj_out.weight is model.model.decoder.embed_tokens.weight  # still tied
     model.save_pretrained(tmp_path)
     again = WhisperForConditionalGeneration.from_pretrained(tmp_path).eval()
     with torch.no_grad():
@@ -133,12 +141,9 @@ def _weights(k: int, n: int, seed: int) -> np.ndarray:
 
 
 def test_int8_weight_grid_matches_ort_quantize_dynamic(tmp_path):
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     w = _weights(96, 48, 0)
     onnx.save(_matmul_model(w), tmp_path / "m.onnx")
-    quantize_dynamic(tmp_path / "m.onnx", tmp_path / "q.onnx", per_channel=True,
-                     weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    convert.quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx")  # what the convert step runs
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q.onnx").graph.initializer}
     assert not inits["W_zero_point"].any()
     ort_w = inits["W_quantized"].astype(np.float32) * inits["W_scale"][None, :]
@@ -171,17 +176,26 @@ def test_decoder_self_side_ranges_are_per_token_like_cached_generation():
                                                    for p in ("k_proj", "v_proj")}
 
 
-@pytest.mark.parametrize("k", [96, 100])  # 100: a last, partial block
-def test_int4_weight_grid_matches_ort_matmul_nbits(k):
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+def _tie_weights(k: int, n: int) -> np.ndarray:
+    """Weights on which rounding ties happen: per block a max of 8 steps and values at x.5 steps."""
+    rng = np.random.default_rng(7)
+    steps = rng.integers(-15, 15, size=(k, n)) / 2.0  # multiples of half a step, exact in float32
+    steps[::32, :] = -8.0  # each block's largest magnitude: the scale is exactly 2**-6
+    return (steps * 2.0 ** -6).astype(np.float32)
 
-    w = _weights(k, 48, k)
-    quantizer = MatMulNBitsQuantizer(_matmul_model(w), algo_config=DefaultWeightOnlyQuantConfig(
-        block_size=32, is_symmetric=True, accuracy_level=0))
-    quantizer.process()
-    assert [n.op_type for n in quantizer.model.model.graph.node] == ["MatMulNBits"]
-    sess = ort.InferenceSession(quantizer.model.model.SerializeToString())
+
+@pytest.mark.parametrize("k,ties", [(96, False), (100, False), (96, True)])  # 100: a last, partial block
+def test_int4_weight_grid_matches_ort_matmul_nbits(tmp_path, k, ties):
+    w = _tie_weights(k, 48) if ties else _weights(k, 48, k)
+    onnx.save(_matmul_model(w), tmp_path / "m.onnx")
+    convert.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", 32)  # what the convert step runs
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"))
     ort_w = sess.run(None, {"X": np.eye(k, dtype=np.float32)})[0]  # identity input reads the weights back
     ours = fake_quant.fake_quant_weight_int4(torch.from_numpy(w.T.copy()), 32).numpy().T
     np.testing.assert_array_equal(ours, ort_w)
     assert np.abs(ours - w).max() > 1e-3  # and it is really 4-bit
+    # and the shipped accuracy level computes with float activations, as QAT trained: any input
+    x = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"X": x})[0], x @ ours, rtol=0, atol=1e-5)

@@ -259,8 +259,9 @@ def full_metrics(scheme: str, draw=lambda: round(1 + secrets.randbelow(9_000_000
                               "ptq_wer": wer[f"base_ptq_{scheme}"], "max_wer_degradation": 0.5,
                               "reasons": [f"qat_{scheme} WER {wer[f'qat_{scheme}']:.2f} > qat_fp32 WER "
                                           f"{wer['qat_fp32']:.2f} + 0.5"]}},
-        # as steps/bench.py reports them: one dict per measure, variant -> value (None: not measured)
-        "bench": {"latency_s": {v: draw() for v in names}, "size_mb": {**{v: draw() for v in names}, "qat_fp32": None}},
+        # as steps/bench.py reports them: per device, one dict per measure, variant -> value (None: not measured)
+        "bench": {"devices": {"cpu": {"latency_s": {v: draw() for v in names},
+                                      "size_mb": {**{v: draw() for v in names}, "qat_fp32": None}}}},
         "train": {"steps": 1234, "final_train_loss": draw(), "dev_wer": draw(), "fake_quant_modules": 96},
     }
 
@@ -282,8 +283,8 @@ def numbers_in(x) -> list:
 def allowed_numbers(cfg, metrics: dict) -> set[str]:
     """Every rendering of every number the card may show: metrics, ratios of measured latencies, config."""
     values = numbers_in(metrics)
-    lat = metrics.get("bench", {}).get("latency_s", {})
-    values += [lat["base_fp32"] / v for v in lat.values() if "base_fp32" in lat and v]
+    lat = metrics.get("bench", {}).get("devices", {}).get("cpu", {}).get("latency_s", {})
+    values += [lat[ref] / v for ref in ("base_fp32", "qat_fp32") for v in lat.values() if ref in lat and v]
     out = {f"{v:{spec}}" for v in values for spec in (".1f", ".2f", ".3f", ".4g", "g")} | {str(round(v, 2)) for v in values}
     out |= {s for v in numbers_in(cfg.model_dump()) for s in (f"{v:g}", str(v))}
     return out | {"95"}  # the confidence level of the bootstrap interval, a label
@@ -301,7 +302,7 @@ def test_every_number_in_the_card_comes_from_the_metrics(scheme, seed, drop):
     rng = random.Random(seed)
     cfg = load_config(scheme)
     metrics = full_metrics(scheme, draw=lambda: round(rng.uniform(0.5, 900.0), rng.choice([1, 3, 5])))
-    for section in metrics.values():
+    for section in [*metrics.values(), metrics["bench"]["devices"]["cpu"]]:
         for key in drop & set(section):
             del section[key]
     if "train" in drop:
@@ -310,7 +311,7 @@ def test_every_number_in_the_card_comes_from_the_metrics(scheme, seed, drop):
 
     stray = [n for n in NUMBER.findall(card) if n not in allowed_numbers(cfg, metrics)]
     assert stray == [], f"numbers in the card that no metric or config holds: {stray}"
-    rows, ev, be = table(card), metrics["evaluate"], metrics["bench"]
+    rows, ev, be = table(card), metrics["evaluate"], metrics["bench"]["devices"]["cpu"]
     for name, label in variants(scheme):
         wer, ci, cer, size, lat, speed = rows[label]
         assert wer == (f"{ev['wer'][name]:.2f}" if "wer" in ev else NOT_MEASURED)
@@ -400,7 +401,7 @@ def test_uploaded_model_loads_with_the_cards_own_instructions(hub, tmp_path, tin
 def test_card_takes_sizes_from_convert_when_bench_did_not_measure_them():
     cfg = load_config("int4")
     card = render_model_card(cfg, {"convert": {"sizes_mb": {"qat_int4": 123.456, "base_fp32": 987.65}},
-                                   "bench": {"size_mb": {"qat_int4": None, "base_fp32": 990.04}}})
+                                   "bench": {"devices": {"cpu": {"size_mb": {"qat_int4": None, "base_fp32": 990.04}}}}})
     rows = table(card)
     assert rows["**QAT int4 (this model)**"][3] == "123.5" and rows["baseline (fp32, PyTorch)"][3] == "990.0"
     assert rows["QAT-trained model, fp32 (PyTorch)"][3] == NOT_MEASURED
@@ -414,7 +415,7 @@ def test_card_gives_pytorch_the_safetensors_size_not_the_onnx_exports():
                             "pytorch_fp32": 290.4}}
     bench = {"size_mb": {"qat_fp32": 290.41, "qat_onnx_fp32": 397.0, "base_onnx_fp32": 397.04, "qat_int8": 110.2,
                          "base_ptq_int8": 110.3}}
-    rows = table(render_model_card(cfg, {"convert": convert, "bench": bench}))
+    rows = table(render_model_card(cfg, {"convert": convert, "bench": {"devices": {"cpu": bench}}}))
     assert rows["baseline (fp32, PyTorch)"][3] == rows["QAT-trained model, fp32 (PyTorch)"][3] == "290.4"
     assert rows["**QAT int8 (this model)**"][3] == "110.2" and rows["PTQ int8 (baseline quantized, no QAT)"][3] == "110.3"
     # before bench ran: convert's own record of the safetensors

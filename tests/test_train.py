@@ -56,7 +56,7 @@ def test_train_writes_model_history_checkpoints_and_metrics(tmp_path):
     events = []
     ctx.progress = lambda done, total, **kw: events.append(kw)
     m = train.run(ctx)
-    assert m["optimizer_steps"] == 4 and m["fake_quant_modules"] == 32 and m["quant_scheme"] == "int8"
+    assert m["optimizer_steps"] == 4 and m["fake_quant_modules"] == 34 and m["quant_scheme"] == "int8"
     # the first step (where compilation happens) apart from the steady state, in the metrics and progress lines
     assert m["compiled"] is False and m["first_step_s"] > 0 and m["samples_per_s"] > 0 and m["optimizer"] == "adamw"
     assert events[0]["first_step_s"] == m["first_step_s"] and events[0]["samples_per_s"] is None
@@ -126,7 +126,7 @@ def test_frozen_encoder_trains_only_the_decoder_with_qat_on_both(tmp_path):
 
     base = load_model("fixture:tiny-random").state_dict()
     m = train.run(context(tmp_path, scheme="int4", freeze_encoder=True, max_steps=2, eval_every=2))
-    assert m["fake_quant_modules"] == 32 and m["freeze_encoder"] is True
+    assert m["fake_quant_modules"] == 34 and m["freeze_encoder"] is True
     after = load_file(tmp_path / "train/model/model.safetensors")
     enc = [k for k in after if k.startswith("model.encoder.")]
     dec = [k for k in after if k.startswith("model.decoder.layers.")]

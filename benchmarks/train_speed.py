@@ -96,7 +96,7 @@ def grid_gap(config: str, group_size: int) -> dict:
     model = load_model(load_config(config).model.name_or_path)
     ws = [m.weight.detach() for n, m in model.named_modules()
           if isinstance(m, torch.nn.Linear) and ".layers." in n]
-    ort = {"int8": fake_quant.fake_quant_weight_int8, "int4": lambda w: fake_quant.fake_quant_weight_int4(w, group_size)}
+    ort = {"int8": fake_quant.fake_quant_weight_int8, "int4": lambda w: fake_quant.fake_quant_weight_blocks(w, group_size)}
     tao = {"int8": IntxFakeQuantizer(IntxFakeQuantizeConfig(torch.int8, "per_channel")),
            "int4": IntxFakeQuantizer(IntxFakeQuantizeConfig(torch.int4, group_size=group_size))}
     out = {}

@@ -75,6 +75,16 @@ class QuantConfig(Strict):
     # int8: 8-bit per-channel weights + 8-bit dynamic activations; int4: 4-bit weights, groups of 32.
     scheme: Literal["int8", "int4"]
     group_size: int = Field(default=32, gt=0)
+    vocab_bits: Literal[4, 8] = Field(default=8, description=(
+        "int4 only: bits of the vocabulary matrix (proj_out and the tied token embedding), weight-only. "
+        "8 holds the WER (4 cost the demo 5 to 6 points, benchmarks/INT4_RECIPE.md); 4 is the smaller file"))
+
+    @model_validator(mode="after")
+    def _vocab_bits_int4_only(self):
+        if self.scheme == "int8" and self.vocab_bits != 8:
+            raise ValueError("quant.vocab_bits 4 applies to quant.scheme int4 only "
+                             "(int8 quantizes the vocabulary like its other weights)")
+        return self
 
 
 class TrainConfig(Strict):

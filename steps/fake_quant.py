@@ -17,7 +17,9 @@ grids differ from torchao's recipes (docs/REFERENCE.md section 3):
   call with its KV cache, so its other Linears get one range per token.
 * int4 = ORT `MatMulNBits` (symmetric, blocks of `group_size` along the input dimension): the
   element of largest magnitude m in a block maps to -8 with scale m / -8, the rest round into
-  [-8, 7] (torchao: max|w|/7.5, symmetric).
+  [-8, 7] (torchao: max|w|/7.5, symmetric). The vocabulary matrix (proj_out and the tied token
+  embedding) is 8-bit on the same kind of grid (m -> -128, blocks of VOCAB_GROUP_8BIT) unless
+  quant.vocab_bits is 4: at 4 bits it cost the demo 5 to 6 WER points (benchmarks/INT4_RECIPE.md).
 
 tests/test_qat.py checks these grids bit for bit against what ORT itself produces, and
 benchmarks/train_speed.py measures how far torchao's grids are from ORT's on the real weights.
@@ -55,15 +57,27 @@ def _int8_weight(w: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(torch.round(wf / scale), -127, 127) * scale).to(w.dtype)
 
 
-def _int4_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
+# Blocks of the 8-bit vocabulary matrix in an int4 model: at 8 bits the rounding error is small
+# enough that one scale per 128 inputs holds the demo's WER (32, 128 and per-row measured alike,
+# benchmarks/INT4_RECIPE.md) for a quarter of a bit per weight instead of one.
+VOCAB_GROUP_8BIT = 128
+
+
+def vocab_grid(group_size: int, vocab_bits: int) -> tuple[int, int]:
+    """(bits, block size) of the weight-only vocabulary matrix in an int4 model."""
+    return (4, group_size) if vocab_bits == 4 else (8, VOCAB_GROUP_8BIT)
+
+
+def _block_weight(w: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
     out_f, in_f = w.shape
+    zero = 2 ** (bits - 1)
     wf = F.pad(w.float(), (0, (-in_f) % group_size)).view(out_f, -1, group_size)
-    scale = torch.gather(wf, -1, wf.abs().argmax(dim=-1, keepdim=True)) / -8.0
+    scale = torch.gather(wf, -1, wf.abs().argmax(dim=-1, keepdim=True)) / -zero
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    # MLAS (MlasQuantizeBlockwise) rounds w * (1 / scale) + 8 half away from zero (std::roundf):
+    # MLAS (MlasQuantizeBlockwise) rounds w * (1 / scale) + zero half away from zero (std::roundf):
     # an exact tie such as -3.5 becomes -3, where torch.round's half-to-even gives -4 (issue 13)
-    v = wf * (1.0 / scale) + 8.0
-    q = torch.clamp(torch.where(v - torch.floor(v) == 0.5, torch.ceil(v), torch.round(v)), 0, 15) - 8
+    v = wf * (1.0 / scale) + zero
+    q = torch.clamp(torch.where(v - torch.floor(v) == 0.5, torch.ceil(v), torch.round(v)), 0, 2 * zero - 1) - zero
     return (q * scale).view(out_f, -1)[:, :in_f].to(w.dtype)
 
 
@@ -84,9 +98,9 @@ def fake_quant_weight_int8(w: torch.Tensor) -> torch.Tensor:
     return _StraightThrough.apply(w, _int8_weight)
 
 
-def fake_quant_weight_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """ORT MatMulNBits symmetric 4-bit: per block, scale = (signed max-magnitude value) / -8."""
-    return _StraightThrough.apply(w, lambda t: _int4_weight(t, group_size))
+def fake_quant_weight_blocks(w: torch.Tensor, group_size: int, bits: int = 4) -> torch.Tensor:
+    """ORT MatMulNBits symmetric weights: per block, scale = (signed max-magnitude value) / -2^(bits-1)."""
+    return _StraightThrough.apply(w, lambda t: _block_weight(t, group_size, bits))
 
 
 def fake_quant_act_uint8(x: torch.Tensor, per_token: bool = False) -> torch.Tensor:
@@ -96,15 +110,15 @@ def fake_quant_act_uint8(x: torch.Tensor, per_token: bool = False) -> torch.Tens
 
 
 class FakeQuantLinear(nn.Linear):
-    """nn.Linear that trains through ORT's int8 (W8A8 dynamic) or int4 (weight-only) rounding."""
+    """nn.Linear that trains through ORT's int8 (W8A8 dynamic) or int4 (weight-only blocks of `bits`) rounding."""
 
-    def __init__(self, linear: nn.Linear, scheme: str, group_size: int = 32, per_token: bool = False):
+    def __init__(self, linear: nn.Linear, scheme: str, group_size: int = 32, per_token: bool = False, bits: int = 4):
         if scheme not in ("int8", "int4"):
             raise StepError(f"quant.scheme must be 'int8' or 'int4', got {scheme!r}")
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: nothing copied
-        self.scheme, self.group_size, self.per_token = scheme, group_size, per_token
+        self.scheme, self.group_size, self.per_token, self.bits = scheme, group_size, per_token, bits
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +126,7 @@ class FakeQuantLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if self.scheme == "int8":
             return F.linear(fake_quant_act_uint8(x, self.per_token), fake_quant_weight_int8(self.weight), self.bias)
-        return F.linear(x, fake_quant_weight_int4(self.weight, self.group_size), self.bias)
+        return F.linear(x, fake_quant_weight_blocks(self.weight, self.group_size, self.bits), self.bias)
 
     def to_linear(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
@@ -121,7 +135,7 @@ class FakeQuantLinear(nn.Linear):
         return lin
 
     def extra_repr(self) -> str:
-        extra = f", group_size={self.group_size}" if self.scheme == "int4" else f", per_token={self.per_token}"
+        extra = f", bits={self.bits}, group_size={self.group_size}" if self.scheme == "int4" else f", per_token={self.per_token}"
         return super().extra_repr() + f", scheme={self.scheme}{extra}"
 
 
@@ -179,24 +193,25 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
 # The export quantizes proj_out and, through it, the tied token embedding (steps/convert.py
 # share_tied_embedding_int8 / _int4): int8 proj_out is W8A8 like the decoder's other Linears (one
 # activation range per generated token) and its embedding rows are the same int8 weights; int4
-# proj_out is MatMulNBits and the embedding reads the same 4-bit blocks (GatherBlockQuantized).
+# proj_out is MatMulNBits (8-bit unless quant.vocab_bits is 4, see vocab_grid) and the embedding
+# reads the same blocks (GatherBlockQuantized).
 # Training sees exactly that, so what is trained is what ships (tests/test_parity.py).
 
 class FakeQuantEmbedding(nn.Embedding):
     """nn.Embedding whose table is read through the same weight rounding as the tied proj_out."""
 
-    def __init__(self, emb: nn.Embedding, scheme: str, group_size: int = 32):
+    def __init__(self, emb: nn.Embedding, scheme: str, group_size: int = 32, bits: int = 4):
         nn.Module.__init__(self)
         self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
         self.padding_idx, self.max_norm, self.norm_type = emb.padding_idx, emb.max_norm, emb.norm_type
         self.scale_grad_by_freq, self.sparse = emb.scale_grad_by_freq, emb.sparse
         self.weight = emb.weight  # the same Parameter (tied with proj_out)
-        self.scheme, self.group_size, self.enabled = scheme, group_size, True
+        self.scheme, self.group_size, self.bits, self.enabled = scheme, group_size, bits, True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.enabled:
-            w = fake_quant_weight_int8(w) if self.scheme == "int8" else fake_quant_weight_int4(w, self.group_size)
+            w = fake_quant_weight_int8(w) if self.scheme == "int8" else fake_quant_weight_blocks(w, self.group_size, self.bits)
         return F.embedding(ids, w, self.padding_idx)
 
     def to_embedding(self) -> nn.Embedding:
@@ -211,9 +226,10 @@ def _prepare_tied_output(model: nn.Module, quant: QuantConfig) -> int:
     proj = getattr(model, "proj_out", None)
     if type(proj) is not nn.Linear:
         return 0
-    model.proj_out = FakeQuantLinear(proj, quant.scheme, quant.group_size, per_token=True)
+    bits, group = vocab_grid(quant.group_size, quant.vocab_bits)
+    model.proj_out = FakeQuantLinear(proj, quant.scheme, group, per_token=True, bits=bits)
     emb = model.model.decoder.embed_tokens
     if type(emb) is nn.Embedding and emb.weight is proj.weight:
-        model.model.decoder.embed_tokens = FakeQuantEmbedding(emb, quant.scheme, quant.group_size)
+        model.model.decoder.embed_tokens = FakeQuantEmbedding(emb, quant.scheme, group, bits)
         return 2
     return 1

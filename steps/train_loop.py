@@ -35,6 +35,7 @@ class Recipe:
 
     scheme: Optional[str] = None  # "int8" / "int4" QAT, None: plain fine-tuning
     group_size: int = 32
+    vocab_bits: int = 8  # int4: bits of proj_out and the tied embedding (fake_quant.vocab_grid)
     gradient_checkpointing: bool = True
     compile: Optional[bool] = None  # None: on with CUDA, off on CPU
     precision: str = "auto"
@@ -50,7 +51,7 @@ class Recipe:
     def of(cls, cfg) -> "Recipe":
         """From a run config (contract.config.RunConfig): its train and quant sections."""
         tc = cfg.train
-        return cls(scheme=cfg.quant.scheme, group_size=cfg.quant.group_size,
+        return cls(scheme=cfg.quant.scheme, group_size=cfg.quant.group_size, vocab_bits=cfg.quant.vocab_bits,
                    gradient_checkpointing=tc.gradient_checkpointing, compile=tc.compile, precision=tc.precision,
                    optimizer=tc.optimizer, learning_rate=tc.learning_rate, weight_decay=tc.weight_decay,
                    max_grad_norm=tc.max_grad_norm, grad_accum=tc.grad_accum, freeze_encoder=tc.freeze_encoder,

@@ -86,7 +86,7 @@ def test_gradients_flow_straight_through(scheme):
     assert w.grad is not None and w.grad.abs().sum() > 0
     # the straight-through estimator: d(sum fq(w))/dw == 1
     w = torch.randn(8, 64, requires_grad=True)
-    fq = fake_quant.fake_quant_weight_int8(w) if scheme == "int8" else fake_quant.fake_quant_weight_int4(w, 32)
+    fq = fake_quant.fake_quant_weight_int8(w) if scheme == "int8" else fake_quant.fake_quant_weight_blocks(w, 32)
     fq.sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
 
@@ -193,7 +193,7 @@ def test_int4_weight_grid_matches_ort_matmul_nbits(tmp_path, k, ties):
     assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
     sess = ort.InferenceSession(str(tmp_path / "q.onnx"))
     ort_w = sess.run(None, {"X": np.eye(k, dtype=np.float32)})[0]  # identity input reads the weights back
-    ours = fake_quant.fake_quant_weight_int4(torch.from_numpy(w.T.copy()), 32).numpy().T
+    ours = fake_quant.fake_quant_weight_blocks(torch.from_numpy(w.T.copy()), 32).numpy().T
     np.testing.assert_array_equal(ours, ort_w)
     assert np.abs(ours - w).max() > 1e-3  # and it is really 4-bit
     # and the shipped accuracy level computes with float activations, as QAT trained: any input

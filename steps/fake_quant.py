@@ -18,8 +18,8 @@ grids differ from torchao's recipes (docs/REFERENCE.md section 3):
 * int4 = ORT `MatMulNBits` (symmetric, blocks of `group_size` along the input dimension): the
   element of largest magnitude m in a block maps to -8 with scale m / -8, the rest round into
   [-8, 7] (torchao: max|w|/7.5, symmetric). The vocabulary matrix (proj_out and the tied token
-  embedding) is 8-bit on the same kind of grid (m -> -128, blocks of VOCAB_GROUP_8BIT) unless
-  quant.vocab_bits is 4: at 4 bits it cost the demo 5 to 6 WER points (benchmarks/INT4_RECIPE.md).
+  embedding) is 8-bit on the same kind of grid (m -> -128, same blocks) unless quant.vocab_bits
+  is 4: at 4 bits it cost the demo several WER points (benchmarks/INT4_RECIPE.md).
 
 tests/test_qat.py checks these grids bit for bit against what ORT itself produces, and
 benchmarks/train_speed.py measures how far torchao's grids are from ORT's on the real weights.
@@ -55,17 +55,6 @@ def _int8_weight(w: torch.Tensor) -> torch.Tensor:
     wf = w.float()
     scale = (wf.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)
     return (torch.clamp(torch.round(wf / scale), -127, 127) * scale).to(w.dtype)
-
-
-# Blocks of the 8-bit vocabulary matrix in an int4 model: at 8 bits the rounding error is small
-# enough that one scale per 128 inputs holds the demo's WER (32, 128 and per-row measured alike,
-# benchmarks/INT4_RECIPE.md) for a quarter of a bit per weight instead of one.
-VOCAB_GROUP_8BIT = 128
-
-
-def vocab_grid(group_size: int, vocab_bits: int) -> tuple[int, int]:
-    """(bits, block size) of the weight-only vocabulary matrix in an int4 model."""
-    return (4, group_size) if vocab_bits == 4 else (8, VOCAB_GROUP_8BIT)
 
 
 def _block_weight(w: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
@@ -193,7 +182,7 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
 # The export quantizes proj_out and, through it, the tied token embedding (steps/convert.py
 # share_tied_embedding_int8 / _int4): int8 proj_out is W8A8 like the decoder's other Linears (one
 # activation range per generated token) and its embedding rows are the same int8 weights; int4
-# proj_out is MatMulNBits (8-bit unless quant.vocab_bits is 4, see vocab_grid) and the embedding
+# proj_out is MatMulNBits (8-bit unless quant.vocab_bits is 4) and the embedding
 # reads the same blocks (GatherBlockQuantized).
 # Training sees exactly that, so what is trained is what ships (tests/test_parity.py).
 
@@ -226,10 +215,9 @@ def _prepare_tied_output(model: nn.Module, quant: QuantConfig) -> int:
     proj = getattr(model, "proj_out", None)
     if type(proj) is not nn.Linear:
         return 0
-    bits, group = vocab_grid(quant.group_size, quant.vocab_bits)
-    model.proj_out = FakeQuantLinear(proj, quant.scheme, group, per_token=True, bits=bits)
+    model.proj_out = FakeQuantLinear(proj, quant.scheme, quant.group_size, per_token=True, bits=quant.vocab_bits)
     emb = model.model.decoder.embed_tokens
     if type(emb) is nn.Embedding and emb.weight is proj.weight:
-        model.model.decoder.embed_tokens = FakeQuantEmbedding(emb, quant.scheme, group, bits)
+        model.model.decoder.embed_tokens = FakeQuantEmbedding(emb, quant.scheme, quant.group_size, quant.vocab_bits)
         return 2
     return 1

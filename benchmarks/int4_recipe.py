@@ -6,10 +6,12 @@
 CFG is configs/demo.yaml with quant.scheme int4 (and whatever the option changes). For the run's
 trained weights (W/train/model) it measures, on W/prepare/test with evaluate's own scoring:
 - qat_fp32: the weights in PyTorch, no quantization ("its fp32", what the gate compares with);
-- qat_fake_quant: PyTorch with steps/fake_quant.py's quantizers (what training saw);
+- qat_fake_quant: PyTorch with steps/fake_quant.py's quantizers (what training saw), and
+  fake_quant_vocab: the same with the vocabulary matrix (proj_out + tied embedding) float, 4- or 8-bit;
 - qat_int4 / qat_int4_acc4: the ONNX int4 export through steps/convert.py, with the shipped
   MatMulNBits accuracy_level (0) and with accuracy_level 4 (int8 block activations);
-- base_ptq_int4: the untrained base model exported and quantized the same way (the gate's PTQ side).
+- base_ptq_int4: the untrained base model exported and quantized the same way (the gate's PTQ side);
+- size_mb: the shipped ONNX int4 directory and the trained PyTorch fp32 weights.
 Writes benchmarks/int4_recipe.json (one entry per option, with the commands) and INT4_RECIPE.md.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "int4_recipe.json"
 
 
-def _export(model_dir: Path, out: Path, group: int, levels: dict[str, int], log) -> dict[str, Path]:
+def _export(model_dir: Path, out: Path, quant, levels: dict[str, int], log) -> dict[str, Path]:
     """ONNX fp32 export of model_dir, quantized to int4 once per accuracy level (cached in out)."""
     from steps import convert
     from steps.fuse_attention import fuse_encoder_file
@@ -36,7 +38,7 @@ def _export(model_dir: Path, out: Path, group: int, levels: dict[str, int], log)
     convert.export(model_dir, fp32)
     heads = json.loads((fp32 / "config.json").read_text())["encoder_attention_heads"]
     for name, level in levels.items():
-        convert.quantize_dir(fp32, dirs[name], "int4", group, int4_accuracy_level=level)
+        convert.quantize_dir(fp32, dirs[name], "int4", quant.group_size, quant.vocab_bits, int4_accuracy_level=level)
         fuse_encoder_file(dirs[name] / convert.ENCODER, heads)
         log(f"{name}: accuracy_level {level} -> {dirs[name]}")
     return dirs
@@ -58,7 +60,7 @@ def measure(cfg, workdir: Path, log=print) -> dict:
     from datasets import load_from_disk
 
     from contract.normalize import normalize_french
-    from steps import fake_quant
+    from steps import convert, fake_quant
     from steps.convert import INT4_ACCURACY_LEVEL
     from steps.inference import load_variant
     from steps.models import resolve_model
@@ -69,8 +71,8 @@ def measure(cfg, workdir: Path, log=print) -> dict:
     model_dir = workdir / "train" / "model"
     work = workdir / "int4_recipe"
     levels = {"qat_int4": INT4_ACCURACY_LEVEL, "qat_int4_acc4": 4}
-    qat = _export(model_dir, work / "qat", cfg.quant.group_size, levels, log)
-    base = _export(Path(resolve_model(cfg.model.name_or_path)), work / "base", cfg.quant.group_size,
+    qat = _export(model_dir, work / "qat", cfg.quant, levels, log)
+    base = _export(Path(resolve_model(cfg.model.name_or_path)), work / "base", cfg.quant,
                    {"base_ptq_int4": INT4_ACCURACY_LEVEL}, log)
     n, lang, task = cfg.eval.max_new_tokens, cfg.model.language, cfg.model.task
     out = {}
@@ -78,11 +80,28 @@ def measure(cfg, workdir: Path, log=print) -> dict:
     out["qat_fp32"] = _wer(t, audios, refs_n, 8, n)
     fake_quant.prepare(t.model, cfg.quant)
     out["qat_fake_quant"] = _wer(t, audios, refs_n, 8, n)
+    # where the int4 loss sits: the same weights with the blocks int4 and the vocabulary matrix
+    # (proj_out + tied embedding) float, 4-bit or 8-bit (the option's own setting is qat_fake_quant)
+    vocab = [m for m in (t.model.proj_out, t.model.model.decoder.embed_tokens)
+             if isinstance(m, (fake_quant.FakeQuantLinear, fake_quant.FakeQuantEmbedding))]
+    out["fake_quant_vocab"] = {str(cfg.quant.vocab_bits): out["qat_fake_quant"]}
+    for setting in ("float", "4", "8"):
+        if setting not in out["fake_quant_vocab"]:
+            for m in vocab:
+                m.enabled, m.bits = setting != "float", int(setting) if setting != "float" else m.bits
+            out["fake_quant_vocab"][setting] = _wer(t, audios, refs_n, 8, n)
+            log(f"fake-quant, vocabulary {setting}: {out['fake_quant_vocab'][setting]}")
     for name, d in {**qat, **base}.items():
         out[name] = _wer(load_variant(str(d), "onnx", 2, "cpu", lang, task), audios, refs_n, 1, n)
         log(f"{name}: {out[name]}")
     out["clips"] = len(audios)
+    out["size_mb"] = {"pytorch_fp32": round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1e6, 3),
+                      "qat_int4": convert.onnx_size_mb(qat["qat_int4"])}
     return out
+
+
+def _size(mb: dict | None) -> str:
+    return f"{mb['qat_int4']:.1f} ({mb['qat_int4'] / mb['pytorch_fp32']:.3f})" if mb else "not measured"
 
 
 def render(data: dict) -> str:
@@ -91,8 +110,8 @@ def render(data: dict) -> str:
              "WER % on the demo test set (espeak French, greedy, normalized text; 95 % bootstrap CI of the "
              "shipped ONNX int4 in brackets). Targets: ONNX int4 <= its own fp32 + 1.0 point, and <= PTQ int4.", "",
              "| option | train steps | qat_fp32 | fake-quant (PyTorch) | ONNX int4 (shipped, acc. level 0) | "
-             "ONNX int4 acc. level 4 | PTQ int4 | int4 - fp32 | targets |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "ONNX int4 acc. level 4 | PTQ int4 | int4 - fp32 | targets | int4 MB (x fp32) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name, e in data.items():
         w = e["wer"]
         gap = round(w["qat_int4"]["wer"] - w["qat_fp32"]["wer"], 3)
@@ -101,9 +120,17 @@ def render(data: dict) -> str:
         lines.append(f"| {name} | {e['train_metrics'].get('optimizer_steps')} | {w['qat_fp32']['wer']:.2f} | "
                      f"{w['qat_fake_quant']['wer']:.2f} | {w['qat_int4']['wer']:.2f} [{ci[0]:.1f}, {ci[1]:.1f}] | "
                      f"{w['qat_int4_acc4']['wer']:.2f} | {w['base_ptq_int4']['wer']:.2f} | {gap:+.2f} | "
-                     f"{'met' if met else '**missed**'} |")
+                     f"{'met' if met else '**missed**'} | {_size(w.get('size_mb'))} |")
     gaps = {n: e["wer"]["qat_int4"]["wer"] - e["wer"]["qat_fp32"]["wer"] for n, e in data.items()}
     best = min(gaps, key=gaps.get)
+    lines += ["", "Where the int4 loss sits: each option's trained weights in PyTorch, blocks fake-quantized to int4, "
+              "the vocabulary matrix (proj_out and the tied token embedding) float, 4-bit or 8-bit (WER %):", "",
+              "| option | vocabulary float | 4-bit | 8-bit | fp32 (nothing quantized) |", "|---|---:|---:|---:|---:|"]
+    for name, e in data.items():
+        v = e["wer"].get("fake_quant_vocab")
+        if v:
+            lines.append(f"| {name} | {v['float']['wer']:.2f} | {v['4']['wer']:.2f} | {v['8']['wer']:.2f} | "
+                         f"{e['wer']['qat_fp32']['wer']:.2f} |")
     lines += ["", f"Smallest int4 - fp32 gap: `{best}` ({gaps[best]:+.2f} points); "
               + ("it meets the +1.0 point target." if gaps[best] <= 1.0 else "no option meets the +1.0 point target."),
               "Where the fake-quant and ONNX columns are equal, the export computes what training saw.", "",

@@ -7,8 +7,8 @@ Every encoder's self-attention runs as one fused MultiHeadAttention node per lay
 
 int8: dynamic quantization of MatMul weights (per channel, int8; activations uint8 per tensor at
 run time), never Conv (ConvInteger has no CPU kernel). int4: MatMulNBits (block 32, symmetric,
-accuracy_level 0: float activations, bit-true to QAT) plus the tied token embedding as
-GatherBlockQuantized reading proj_out's blocks, saved with external data.
+accuracy_level 0: float activations, bit-true to QAT; proj_out at quant.vocab_bits, 8 by default)
+plus the tied token embedding as GatherBlockQuantized reading proj_out's blocks, saved with external data.
 The decoder and decoder-with-past graphs are quantized separately and merged afterwards: the
 quantizers do not reach into the merged decoder's If branches.
 """
@@ -202,46 +202,57 @@ def _rewire_gather(graph, gather, wq_name: str, scale_name: str) -> None:
         graph.initializer.remove(next(i for i in graph.initializer if i.name == table_name))
 
 
-def share_tied_embedding_int4(model: onnx.ModelProto) -> bool:
-    """Let the int4 token embedding (GatherBlockQuantized) read the int4 output projection's blocks.
+def _nbits_values(packed: np.ndarray, bits: int, vocab: int, d: int) -> np.ndarray:
+    """MatMulNBits' packed uint8 blocks -> signed integer values [vocab, d] (zero point 2^(bits-1))."""
+    packed = packed.reshape(vocab, -1)
+    if bits == 4:  # two values per byte, low nibble first
+        packed = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(vocab, -1)
+    return packed[:, :d].astype(np.int16) - 2 ** (bits - 1)
 
-    MatMulNBits stores proj_out as uint8 [vocab, K/block, block/2] (4-bit, low nibble first, zero
-    point 8) with scales [vocab, K/block]: exactly GatherBlockQuantized's packed uint8 layout with
-    bits=4. When both hold the same values (tied weights), one copy is dropped.
+
+def share_tied_embedding_nbits(model: onnx.ModelProto) -> bool:
+    """Let the token embedding read the weight-only output projection's blocks (GatherBlockQuantized).
+
+    MatMulNBits stores proj_out (the MatMul producing the logits) as uint8 [vocab, K/block, block*bits/8]
+    (symmetric, zero point 2^(bits-1), low nibble first at 4 bits) with scales [vocab, K/block]: exactly
+    GatherBlockQuantized's packed uint8 layout with the same bits and block size. When those blocks
+    dequantize back to the fp32 token table within one step (the weights are tied: rounding moves a
+    weight by half a step, the clamp of +2^(bits-1) to 2^(bits-1) - 1 by one), the Gather reads them
+    and the fp32 table is dropped.
     """
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     attrs = lambda n: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
-    for g in [n for n in graph.node if n.op_type == "GatherBlockQuantized" and n.input[0] in inits
-              and inits[n.input[0]].data_type == onnx.TensorProto.INT4 and len(n.input) == 3]:
-        vocab, d = inits[g.input[0]].dims
-        ga = attrs(g)
-        for mm in (n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] in inits):
-            ma = attrs(mm)
-            if (ma["N"], ma["K"], ma.get("bits", 4), ma["block_size"]) != (vocab, d, 4, ga["block_size"]) \
-                    or (len(mm.input) > 3 and mm.input[3]) or mm.input[2] not in inits:
-                continue
-            packed = numpy_helper.to_array(inits[mm.input[1]]).reshape(vocab, -1)
-            values = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(vocab, -1)[:, :d].astype(np.int8) - 8
-            mm_scale = numpy_helper.to_array(inits[mm.input[2]]).reshape(vocab, -1)
-            g_scale = numpy_helper.to_array(inits[g.input[2]]).reshape(vocab, -1)
-            g_values = numpy_helper.to_array(inits[g.input[0]]).astype(np.int8)
-            rep = lambda sc: np.repeat(sc, ga["block_size"], axis=1)[:, :d]  # noqa: E731
-            if mm_scale.shape != g_scale.shape or \
-                    np.max(np.abs(values * rep(mm_scale) - g_values * rep(g_scale))) > np.max(np.abs(g_scale)) * 1.01:
-                continue  # not the same matrix
-            p = g.name or "tied_embedding_q4"
-            shape = numpy_helper.from_array(np.array([vocab, packed.shape[1]], dtype=np.int64), p + "_shape")
-            graph.initializer.append(shape)
-            reshape = onnx.helper.make_node("Reshape", [mm.input[1], shape.name], [p + "_packed"], name=p + "_reshape")
-            old = [g.input[0], g.input[2]]
-            g.input[0], g.input[2] = p + "_packed", mm.input[2]
-            g.attribute.append(onnx.helper.make_attribute("bits", 4))
-            graph.node.insert(list(graph.node).index(g), reshape)
-            for name in old:
-                if not any(name in n.input for n in graph.node):
-                    graph.initializer.remove(inits[name])
-            return True
+    mm = next((n for n in graph.node if n.op_type == "MatMulNBits" and "logits" in n.output), None)
+    if mm is None or mm.input[1] not in inits or mm.input[2] not in inits or (len(mm.input) > 3 and mm.input[3]):
+        return False
+    ma = attrs(mm)
+    vocab, d, bits, block = ma["N"], ma["K"], ma.get("bits", 4), ma["block_size"]
+    if d % block:
+        return False  # padded blocks: GatherBlockQuantized would return rows longer than the table's
+    packed = numpy_helper.to_array(inits[mm.input[1]])
+    scale = np.repeat(numpy_helper.to_array(inits[mm.input[2]]).reshape(vocab, -1), block, axis=1)[:, :d]
+    dequantized = _nbits_values(packed, bits, vocab, d) * scale
+    for g in graph.node:
+        if g.op_type != "Gather" or g.input[0] not in inits or list(inits[g.input[0]].dims) != [vocab, d]:
+            continue
+        table = numpy_helper.to_array(inits[g.input[0]])
+        if not np.all(np.abs(dequantized - table) <= np.abs(scale) * (1 + 1e-4) + 1e-7):
+            continue  # not the same matrix: the embedding is not tied
+        p = g.name or "tied_embedding"
+        shape = numpy_helper.from_array(np.array([vocab, packed.size // vocab], dtype=np.int64), p + "_shape")
+        graph.initializer.append(shape)
+        nodes = [onnx.helper.make_node("Reshape", [mm.input[1], shape.name], [p + "_packed"], name=p + "_reshape"),
+                 onnx.helper.make_node("GatherBlockQuantized", [p + "_packed", g.input[1], mm.input[2]], list(g.output),
+                                       name=p + "_q", domain="com.microsoft", gather_axis=0, quantize_axis=1,
+                                       block_size=block, bits=bits)]
+        index = list(graph.node).index(g)
+        graph.node.remove(g)
+        for k, n in enumerate(nodes):
+            graph.node.insert(index + k, n)
+        if not any(g.input[0] in n.input for n in graph.node):
+            graph.initializer.remove(inits[g.input[0]])
+        return True
     return False
 
 
@@ -289,31 +300,33 @@ def quantize_int8(src: Path, dst: Path) -> bool:
     return shared
 
 
-def untied_gathers(model: onnx.ModelProto) -> list[str]:
-    """Gather nodes on a constant table that is not a MatMul weight transposed (the decoder's
-    positional embedding): left float by the int4 export, as QAT leaves them (a few MB at most)."""
-    inits = {i.name: i for i in model.graph.initializer}
-    weights = {tuple(inits[n.input[1]].dims) for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
-    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
-            and tuple(reversed(inits[n.input[0]].dims)) not in weights]
-
-
-def quantize_int4(src: Path, dst: Path, block_size: int, accuracy_level: int = INT4_ACCURACY_LEVEL) -> bool:
-    """Weight-only int4: MatMulNBits (blocks along K) and GatherBlockQuantized for the tied embedding."""
+def quantize_int4(src: Path, dst: Path, block_size: int, vocab_bits: int = 8,
+                  accuracy_level: int = INT4_ACCURACY_LEVEL) -> bool:
+    """Weight-only MatMulNBits: 4-bit blocks, proj_out (the vocabulary) at vocab_bits; the tied token
+    embedding then reads proj_out's blocks. Returns whether it does."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  MatMulNBitsQuantizer)
+    from onnxruntime.quantization.onnx_model import ONNXModel
     from onnxruntime.quantization.quant_utils import QuantFormat
 
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
-                                          quant_format=QuantFormat.QOperator,
-                                          op_types_to_quantize=("MatMul", "Gather"),
-                                          quant_axes=(("MatMul", 0), ("Gather", 1)), bits=4)
+    def nbits(model: onnx.ModelProto, bits: int, **nodes) -> onnx.ModelProto:
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
+                                              quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",),
+                                              quant_axes=(("MatMul", 0),), bits=bits)
+        quantizer = MatMulNBitsQuantizer(model, algo_config=config, **nodes)
+        quantizer.process()
+        return quantizer.model.model
+
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = _load_folded(src)
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=untied_gathers(model))
-    quantizer.process()
-    shared = share_tied_embedding_int4(quantizer.model.model)
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
+    vocab = [n.name for n in model.graph.node if n.op_type == "MatMul" and "logits" in n.output]
+    if vocab and not vocab[0]:
+        raise StepError(f"{src}: the MatMul producing the logits has no name; the int4 export cannot select it")
+    model = nbits(model, 4, nodes_to_exclude=vocab)
+    if vocab:
+        model = nbits(model, vocab_bits, nodes_to_include=vocab)
+    shared = share_tied_embedding_nbits(model)
+    ONNXModel(model).save_model_to_file(str(dst), use_external_data_format=True)
     return shared
 
 
@@ -324,7 +337,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def quantize_dir(fp32_dir: Path, dst: Path, scheme: str, group_size: int,
+def quantize_dir(fp32_dir: Path, dst: Path, scheme: str, group_size: int, vocab_bits: int = 8,
                  int4_accuracy_level: int = INT4_ACCURACY_LEVEL) -> dict:
     """Quantize an exported fp32 dir (encoder + both decoders) into dst with a merged decoder."""
     from optimum.onnx.graph_transformations import merge_decoders
@@ -339,7 +352,7 @@ def quantize_dir(fp32_dir: Path, dst: Path, scheme: str, group_size: int,
         if scheme == "int8":
             return quantize_int8(src, out)
         if scheme == "int4":
-            return quantize_int4(src, out, group_size, int4_accuracy_level)
+            return quantize_int4(src, out, group_size, vocab_bits, int4_accuracy_level)
         raise StepError(f"quant.scheme {scheme!r} is not supported: use int8 or int4")
 
     q(fp32_dir / ENCODER, dst / ENCODER)
@@ -371,14 +384,14 @@ def check_loads(path: Path) -> None:
 
 
 def convert_model(model_dir: Path, out_root: Path, fp32_name: str, q_name: str, scheme: str,
-                  group_size: int, log=print) -> dict:
+                  group_size: int, vocab_bits: int = 8, log=print) -> dict:
     """Export model_dir to out_root/fp32_name and quantize it into out_root/q_name; returns metrics."""
     fp32_dir, q_dir = out_root / fp32_name, out_root / q_name
     t0 = time.time()
     export(Path(model_dir), fp32_dir)
     t1 = time.time()
     log(f"exported {model_dir} -> {fp32_dir} in {t1 - t0:.1f}s")
-    info = quantize_dir(fp32_dir, q_dir, scheme, group_size)
+    info = quantize_dir(fp32_dir, q_dir, scheme, group_size, vocab_bits)
     t2 = time.time()
     log(f"quantized ({scheme}) -> {q_dir} in {t2 - t1:.1f}s")
     finish_fp32_dir(fp32_dir)
@@ -421,7 +434,7 @@ def run(ctx: StepContext) -> dict:
     metrics: dict = {"scheme": scheme, "seconds": {}, "ops": {}, "sizes_mb": {}}
     for i, (src, fp32_name, q_name) in enumerate(jobs):
         ctx.progress(i, len(jobs), model=fp32_name)
-        m = convert_model(src, ctx.out, fp32_name, q_name, scheme, group, log=ctx.log)
+        m = convert_model(src, ctx.out, fp32_name, q_name, scheme, group, cfg.quant.vocab_bits, log=ctx.log)
         check_quantized(ctx.out / q_name, scheme)
         metrics["seconds"][fp32_name] = m["export_s"]
         metrics["seconds"][q_name] = m["quantize_s"]

@@ -93,7 +93,8 @@ def place_torch_model(model, device: str, precision: str, group_size: int = 32):
 
     int4 weight-only runs torchao's tinygemm layout (torch._weight_int4pack_mm, bf16 activations,
     asymmetric groups): the same QAT weights, but not ORT's symmetric grid, so its WER is not the
-    ONNX int4 model's; int8 weight-only is per-channel symmetric like the ONNX int8 weights."""
+    ONNX int4 model's; proj_out (the vocabulary) is int8 weight-only there, as the int4 export keeps
+    it at 8 bits (quant.vocab_bits). int8 weight-only is per-channel symmetric like the ONNX int8 weights."""
     import torch
 
     if precision not in TORCH_PRECISIONS:
@@ -109,7 +110,9 @@ def place_torch_model(model, device: str, precision: str, group_size: int = 32):
         quantize_(model, Int8WeightOnlyConfig())
         return model
     model = model.to(device, dtype=torch.bfloat16)
-    quantize_(model, Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d"))
+    quantize_(model, Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d"),
+              filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and fqn != "proj_out")
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn == "proj_out")
     return model
 
 

@@ -22,7 +22,8 @@ SCHEMES = {
     "int8": ("int8 weights per output channel, symmetric, with dynamic uint8 activations: the grid of "
              "ONNX Runtime's quantize_dynamic"),
     "int4": ("int4 weights, symmetric, in blocks of {group_size} inputs, float activations: the grid of "
-             "ONNX Runtime's MatMulNBits"),
+             "ONNX Runtime's MatMulNBits; the vocabulary matrix (output projection and tied token embedding) "
+             "in {vocab_bits}-bit blocks"),
 }
 
 
@@ -89,7 +90,7 @@ def render_model_card(cfg: RunConfig, metrics: dict) -> str:
     repo = cfg.hub.repo_id or f"<owner>/{cfg.name}"
     base = cfg.model.name_or_path
     base_link = f"[`{base}`](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}`"
-    scheme_text = SCHEMES[scheme].format(group_size=cfg.quant.group_size)
+    scheme_text = SCHEMES[scheme].format(group_size=cfg.quant.group_size, vocab_bits=cfg.quant.vocab_bits)
     source = (f"`{d.dataset}`" + (f" (config `{d.config}`)" if d.config else "")) if d.source == "hf" else f"the local manifest `{d.manifest}`"
 
     lines = ["---", yaml.safe_dump(_front_matter(cfg, metrics), sort_keys=False, allow_unicode=True).strip(), "---", "",

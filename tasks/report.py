@@ -59,7 +59,7 @@ def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: 
              "## Configuration", "",
              f"- model: `{cfg.model.name_or_path}` ({cfg.model.language}, {cfg.model.task})",
              f"- data: {cfg.data.source} `{cfg.data.dataset or cfg.data.manifest}`, max_samples {cfg.data.max_samples}",
-             f"- quantization: **{cfg.quant.scheme}**" + (f" (group {cfg.quant.group_size})" if cfg.quant.scheme == "int4" else ""),
+             f"- quantization: **{cfg.quant.scheme}**" + (f" (group {cfg.quant.group_size}, vocabulary {cfg.quant.vocab_bits}-bit)" if cfg.quant.scheme == "int4" else ""),
              f"- training: {cfg.train.length}, lr {cfg.train.learning_rate}, "
              f"batch {cfg.train.per_device_batch_size} x accumulation {cfg.train.grad_accum}, freeze_encoder {cfg.train.freeze_encoder}",
              ""]

@@ -24,6 +24,14 @@ def _walk(graph):
                 yield from _walk(a.g)
 
 
+def _walk_initializers(graph):
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _walk_initializers(a.g)
+
+
 def _clip(french_manifest) -> np.ndarray:
     import soundfile as sf
 
@@ -122,19 +130,20 @@ def test_int4_has_4bit_weights_in_external_data(converted_int4):
         model = onnx.load(str(d / part), load_external_data=False)
         nbits = [n for n in _walk(model.graph) if n.op_type == "MatMulNBits"]
         assert nbits, f"{part} holds no MatMulNBits"
-        for n in nbits:
+        for n in nbits:  # 4-bit blocks; proj_out (the vocabulary, producing the logits) at 8 bits
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            assert attrs["bits"] == 4 and attrs["block_size"] == 32 and attrs.get("accuracy_level", 0) == convert.INT4_ACCURACY_LEVEL == 0
+            assert attrs["bits"] == (8 if "logits" in n.output else 4), (n.name, attrs)
+            assert attrs["block_size"] == 32 and attrs.get("accuracy_level", 0) == convert.INT4_ACCURACY_LEVEL == 0
         assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer), part
     assert list(d.glob("*.onnx_data")) or list(d.glob("*.onnx.data"))
-    # tied embedding: GatherBlockQuantized reads proj_out's packed 4-bit blocks, no second int4 table
+    # tied embedding: GatherBlockQuantized reads proj_out's packed 8-bit blocks, no table of its own
     merged = onnx.load(str(d / "decoder_model_merged.onnx"), load_external_data=False)
-    vocab = json.loads((d / "config.json").read_text())["vocab_size"]
-    tables = [i.name for i in merged.graph.initializer if i.data_type == onnx.TensorProto.INT4 and i.dims[0] == vocab]
+    config = json.loads((d / "config.json").read_text())
+    tables = [i.name for i in _walk_initializers(merged.graph) if list(i.dims) == [config["vocab_size"], config["d_model"]]]
     assert not tables, tables
-    gbq = [n for n in _walk(merged.graph) if n.op_type == "GatherBlockQuantized"
-           and any(a.name == "bits" for a in n.attribute)]
-    assert len(gbq) == 2  # one per decoder branch
+    gbq = [helper.get_attribute_value(a) for n in _walk(merged.graph) if n.op_type == "GatherBlockQuantized"
+           for a in n.attribute if a.name == "bits"]
+    assert gbq == [8, 8]  # one per decoder branch
     sizes = {n: convert.onnx_size_mb(converted_int4 / n) for n in ("qat_fp32", "qat_int4")}
     assert sizes["qat_int4"] < 0.3 * sizes["qat_fp32"], sizes
     convert.check_quantized(d, "int4")

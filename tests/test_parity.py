@@ -16,14 +16,15 @@ from steps import convert, fake_quant
 from steps.models import load_model
 from tests.test_convert import _clip
 
+VARIANTS = {"int8": ("int8", 8), "int4": ("int4", 8), "int4_vocab4": ("int4", 4)}  # name: (scheme, vocab_bits)
 PROMPT = [50258, 50265, 50359, 50363]  # <|startoftranscript|><|fr|><|transcribe|><|notimestamps|>
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("parity")
-    for scheme in ("int8", "int4"):
-        convert.convert_model(Path(tiny_model_dir), out, "fp32", scheme, scheme, 32, log=lambda _: None)
+    for name, (scheme, vocab_bits) in VARIANTS.items():
+        convert.convert_model(Path(tiny_model_dir), out, "fp32", name, scheme, 32, vocab_bits, log=lambda _: None)
     return out
 
 
@@ -52,8 +53,8 @@ def _torch_logits(model, feats: torch.Tensor, ids: list[int]) -> np.ndarray:
     return _decode(model, enc, ids)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_fake_quantized_pytorch_logits_are_the_exported_onnx_logits(scheme, exported, tiny_model_dir, french_manifest):
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_fake_quantized_pytorch_logits_are_the_exported_onnx_logits(name, exported, tiny_model_dir, french_manifest):
     from transformers import WhisperProcessor
 
     feats = WhisperProcessor.from_pretrained(tiny_model_dir).feature_extractor(
@@ -61,9 +62,10 @@ def test_fake_quantized_pytorch_logits_are_the_exported_onnx_logits(scheme, expo
     ids = PROMPT + [400, 500]
     model = load_model(tiny_model_dir).eval()
     float_logits = _torch_logits(model, feats, ids)
-    fake_quant.prepare(model, QuantConfig(scheme=scheme, group_size=32))
+    scheme, vocab_bits = VARIANTS[name]
+    fake_quant.prepare(model, QuantConfig(scheme=scheme, group_size=32, vocab_bits=vocab_bits))
     trained = _torch_logits(model, feats, ids)
-    shipped = _onnx_logits(exported / scheme, feats, ids)
+    shipped = _onnx_logits(exported / name, feats, ids)
     scale = np.abs(float_logits).max()
     quant_error = np.abs(trained - float_logits).max() / scale
     parity_error = np.abs(shipped - trained).max() / scale

@@ -127,11 +127,11 @@ def test_prepare_refuses_to_silently_do_nothing():
 
 # --- the grids are what ONNX Runtime runs -------------------------------------------------------
 
-def _matmul_model(w: np.ndarray) -> onnx.ModelProto:
+def _matmul_model(w: np.ndarray, out: str = "Y") -> onnx.ModelProto:
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "W"], ["Y"])], "mm",
+        [helper.make_node("MatMul", ["X", "W"], [out], name="mm")], "mm",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", w.shape[0]])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["b", w.shape[1]])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["b", w.shape[1]])],
         [numpy_helper.from_array(w, "W")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -199,3 +199,24 @@ def test_int4_weight_grid_matches_ort_matmul_nbits(tmp_path, k, ties):
     # and the shipped accuracy level computes with float activations, as QAT trained: any input
     x = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32)
     np.testing.assert_allclose(sess.run(None, {"X": x})[0], x @ ours, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab_bits", [8, 4])
+def test_vocabulary_grid_matches_ort_matmul_nbits(tmp_path, vocab_bits):
+    """The MatMul producing the logits (proj_out) is quantized at quant.vocab_bits, on the grid QAT trains."""
+    k = 96
+    w = _weights(k, 48, 3)
+    low = int(np.abs(w[:32, 7]).argmax())
+    w[(low + 1) % 32, 7] = -w[low, 7] * 1.0001  # the block's largest magnitude, of the other sign: w[low] clamps
+    onnx.save(_matmul_model(w, out="logits"), tmp_path / "m.onnx")
+    convert.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", 32, vocab_bits)
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    bits = [helper.get_attribute_value(a) for n in model.graph.node for a in n.attribute if a.name == "bits"]
+    assert bits == [vocab_bits]
+    ort_w = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"X": np.eye(k, dtype=np.float32)})[0]
+    ours = fake_quant.fake_quant_weight_blocks(torch.from_numpy(w.T.copy()), 32, vocab_bits).numpy().T
+    np.testing.assert_allclose(ours, ort_w, rtol=0, atol=1e-9)
+    step = np.repeat(np.abs(w).reshape(-1, 32, 48).max(axis=1), 32, axis=0) / 2 ** (vocab_bits - 1)
+    err = np.abs(ours - w)
+    assert err.max() > 1e-7 and np.all(err <= step * 1.0001)  # really quantized, at most one step (the clamp)
+    assert err[low, 7] > 0.5 * step[low, 7]  # the clamped weight

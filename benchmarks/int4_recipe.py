@@ -52,7 +52,20 @@ def _wer(transcriber, audios, refs_n, batch: int, max_new_tokens: int) -> dict:
     for start in range(0, len(audios), batch):
         hyps += transcriber.transcribe(audios[start:start + batch], max_new_tokens, batch)
     s = score(refs_n, [normalize_french(h) for h in hyps])
-    return {"wer": round(s.wer, 3), "cer": round(s.cer, 3), "wer_ci": s.bootstrap(1000)["wer"]}
+    return {"wer": round(s.wer, 3), "cer": round(s.cer, 3), "wer_ci": s.bootstrap(1000)["wer"],
+            "word_errors": s.word_errors.tolist(), "words": s.words.tolist()}
+
+
+def gap_ci(a: dict, b: dict, samples: int = 1000, seed: int = 0) -> list[float] | None:
+    """95 % interval of WER(a) - WER(b) in points, resampling the same utterances for both (paired)."""
+    import numpy as np
+
+    if "word_errors" not in a or "word_errors" not in b:
+        return None
+    ea, eb, words = (np.asarray(x, dtype=float) for x in (a["word_errors"], b["word_errors"], a["words"]))
+    idx = np.random.default_rng(seed).integers(0, len(words), size=(samples, len(words)))
+    gaps = 100.0 * (ea[idx].sum(axis=1) - eb[idx].sum(axis=1)) / np.maximum(words[idx].sum(axis=1), 1)
+    return [round(float(np.percentile(gaps, 2.5)), 2), round(float(np.percentile(gaps, 97.5)), 2)]
 
 
 def measure(cfg, workdir: Path, log=print) -> dict:
@@ -110,16 +123,17 @@ def render(data: dict) -> str:
              "WER % on the demo test set (espeak French, greedy, normalized text; 95 % bootstrap CI of the "
              "shipped ONNX int4 in brackets). Targets: ONNX int4 <= its own fp32 + 1.0 point, and <= PTQ int4.", "",
              "| option | train steps | qat_fp32 | fake-quant (PyTorch) | ONNX int4 (shipped, acc. level 0) | "
-             "ONNX int4 acc. level 4 | PTQ int4 | int4 - fp32 | targets | int4 MB (x fp32) |",
+             "ONNX int4 acc. level 4 | PTQ int4 | int4 - fp32 [paired 95 % CI] | targets | int4 MB (x fp32) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name, e in data.items():
         w = e["wer"]
         gap = round(w["qat_int4"]["wer"] - w["qat_fp32"]["wer"], 3)
         met = gap <= 1.0 and w["qat_int4"]["wer"] <= w["base_ptq_int4"]["wer"]
-        ci = w["qat_int4"]["wer_ci"]
+        ci, gci = w["qat_int4"]["wer_ci"], gap_ci(w["qat_int4"], w["qat_fp32"])
         lines.append(f"| {name} | {e['train_metrics'].get('optimizer_steps')} | {w['qat_fp32']['wer']:.2f} | "
                      f"{w['qat_fake_quant']['wer']:.2f} | {w['qat_int4']['wer']:.2f} [{ci[0]:.1f}, {ci[1]:.1f}] | "
-                     f"{w['qat_int4_acc4']['wer']:.2f} | {w['base_ptq_int4']['wer']:.2f} | {gap:+.2f} | "
+                     f"{w['qat_int4_acc4']['wer']:.2f} | {w['base_ptq_int4']['wer']:.2f} | {gap:+.2f}"
+                     + (f" [{gci[0]:+.1f}, {gci[1]:+.1f}]" if gci else "") + " | "
                      f"{'met' if met else '**missed**'} | {_size(w.get('size_mb'))} |")
     gaps = {n: e["wer"]["qat_int4"]["wer"] - e["wer"]["qat_fp32"]["wer"] for n, e in data.items()}
     best = min(gaps, key=gaps.get)

@@ -30,7 +30,9 @@ BENCH = REPO / "benchmarks"
 SCHEMES = ("int8", "int4")
 TARGETS = {  # name: (description, limit)
     "int8_size_ratio": ("ONNX int8 size / PyTorch fp32 size", 0.30),
-    "int4_size_ratio": ("ONNX int4 size / PyTorch fp32 size", 0.20),
+    # 0.20 while the vocabulary was 4-bit too; at 8 bits (quant.vocab_bits, benchmarks/INT4_RECIPE.md:
+    # 0.227 measured) it costs whisper-base 14 MB, as its vocabulary is 37 % of its weights (large-v3: 9 %)
+    "int4_size_ratio": ("ONNX int4 size / PyTorch fp32 size", 0.23),
     "int8_speedup_vs_pytorch": ("PyTorch fp32 latency / ONNX int8 latency", 2.5),
     "int8_speedup_vs_faster_whisper": ("faster-whisper int8 latency / ONNX int8 latency", 1.3),
     "qat_int8_wer_loss": ("WER(QAT int8) - WER(QAT fp32), points", 0.5),

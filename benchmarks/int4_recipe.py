@@ -101,15 +101,16 @@ def measure(cfg, workdir: Path, log=print) -> dict:
     for setting in ("float", "4", "8"):
         if setting not in out["fake_quant_vocab"]:
             for m in vocab:
-                m.enabled, m.bits = setting != "float", int(setting) if setting != "float" else m.bits
+                m.enabled = setting != "float"
+                if m.enabled:
+                    m.bits = int(setting)
             out["fake_quant_vocab"][setting] = _wer(t, audios, refs_n, 8, n)
             log(f"fake-quant, vocabulary {setting}: {out['fake_quant_vocab'][setting]}")
     for name, d in {**qat, **base}.items():
         out[name] = _wer(load_variant(str(d), "onnx", 2, "cpu", lang, task), audios, refs_n, 1, n)
         log(f"{name}: {out[name]}")
     out["clips"] = len(audios)
-    out["size_mb"] = {"pytorch_fp32": round(sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1e6, 3),
-                      "qat_int4": convert.onnx_size_mb(qat["qat_int4"])}
+    out["size_mb"] = {"pytorch_fp32": convert.pytorch_size_mb(model_dir), "qat_int4": convert.onnx_size_mb(qat["qat_int4"])}
     return out
 
 

@@ -77,7 +77,8 @@ class QuantConfig(Strict):
     group_size: int = Field(default=32, gt=0)
     vocab_bits: Literal[4, 8] = Field(default=8, description=(
         "int4 only: bits of the vocabulary matrix (proj_out and the tied token embedding), weight-only. "
-        "8 holds the WER (4 cost the demo 5 to 6 points, benchmarks/INT4_RECIPE.md); 4 is the smaller file"))
+        "8 holds the WER (4 cost 2 to 2.5 points in each of three demo runs, benchmarks/INT4_RECIPE.md); "
+        "4 is the smaller file"))
 
     @model_validator(mode="after")
     def _vocab_bits_int4_only(self):

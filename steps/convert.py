@@ -48,6 +48,11 @@ def dir_size_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6, 3)
 
 
+def pytorch_size_mb(model_dir: Path) -> float:
+    """The safetensors weights of a transformers model directory, in MB."""
+    return round(sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 1e6, 3)
+
+
 def onnx_size_mb(path: Path) -> float:
     """Size of the model files only (.onnx and their external data), in MB."""
     files = [f for f in Path(path).iterdir() if f.suffix == ".onnx" or f.name.endswith(".onnx_data") or f.suffix == ".data"]
@@ -181,7 +186,7 @@ def _scale_init_name(graph, mm, inits, vocab) -> str | None:
 
 def _rewire_gather(graph, gather, wq_name: str, scale_name: str) -> None:
     """table[ids] -> float(Transpose(wq)[ids]) * scale[ids][..., None]; drops the fp32 table."""
-    table_name, ids = gather.input[0], gather.input[1]
+    ids = gather.input[1]
     p = gather.name or "tied_embedding"
     axes = p + "_axes"
     graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), axes))
@@ -193,12 +198,17 @@ def _rewire_gather(graph, gather, wq_name: str, scale_name: str) -> None:
         onnx.helper.make_node("Unsqueeze", [p + "_row_scale", axes], [p + "_row_scale_u"], name=p + "_unsq"),
         onnx.helper.make_node("Mul", [p + "_rows_f", p + "_row_scale_u"], [gather.output[0]], name=p + "_dequant"),
     ]
+    _replace_gather(graph, gather, nodes)
+
+
+def _replace_gather(graph, gather, nodes: list) -> None:
+    """Put `nodes` where the tied embedding's Gather was; drop its fp32 table once nothing reads it."""
+    table_name = gather.input[0]
     index = list(graph.node).index(gather)
     graph.node.remove(gather)
     for k, n in enumerate(nodes):
         graph.node.insert(index + k, n)
-    still_used = any(table_name in n.input for n in graph.node)
-    if not still_used:
+    if not any(table_name in n.input for n in graph.node):
         graph.initializer.remove(next(i for i in graph.initializer if i.name == table_name))
 
 
@@ -242,16 +252,11 @@ def share_tied_embedding_nbits(model: onnx.ModelProto) -> bool:
         p = g.name or "tied_embedding"
         shape = numpy_helper.from_array(np.array([vocab, packed.size // vocab], dtype=np.int64), p + "_shape")
         graph.initializer.append(shape)
-        nodes = [onnx.helper.make_node("Reshape", [mm.input[1], shape.name], [p + "_packed"], name=p + "_reshape"),
-                 onnx.helper.make_node("GatherBlockQuantized", [p + "_packed", g.input[1], mm.input[2]], list(g.output),
-                                       name=p + "_q", domain="com.microsoft", gather_axis=0, quantize_axis=1,
-                                       block_size=block, bits=bits)]
-        index = list(graph.node).index(g)
-        graph.node.remove(g)
-        for k, n in enumerate(nodes):
-            graph.node.insert(index + k, n)
-        if not any(g.input[0] in n.input for n in graph.node):
-            graph.initializer.remove(inits[g.input[0]])
+        _replace_gather(graph, g, [
+            onnx.helper.make_node("Reshape", [mm.input[1], shape.name], [p + "_packed"], name=p + "_reshape"),
+            onnx.helper.make_node("GatherBlockQuantized", [p + "_packed", g.input[1], mm.input[2]], list(g.output),
+                                  name=p + "_q", domain="com.microsoft", gather_axis=0, quantize_axis=1,
+                                  block_size=block, bits=bits)])
         return True
     return False
 
@@ -445,8 +450,7 @@ def run(ctx: StepContext) -> dict:
         for name in (fp32_name, q_name):
             metrics["sizes_mb"][name] = onnx_size_mb(ctx.out / name)
             ctx.add_output(ctx.out / name)
-    pt = sum(f.stat().st_size for f in qat_model.glob("*.safetensors")) / 1e6
-    metrics["sizes_mb"]["pytorch_fp32"] = round(pt, 3)
+    metrics["sizes_mb"]["pytorch_fp32"] = pytorch_size_mb(qat_model)
     ctx.progress(len(jobs), len(jobs))
     (ctx.out / "sizes.json").write_text(json.dumps(metrics["sizes_mb"], indent=2))
     return metrics

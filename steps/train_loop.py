@@ -35,7 +35,7 @@ class Recipe:
 
     scheme: Optional[str] = None  # "int8" / "int4" QAT, None: plain fine-tuning
     group_size: int = 32
-    vocab_bits: int = 8  # int4: bits of proj_out and the tied embedding (fake_quant.vocab_grid)
+    vocab_bits: int = 8  # int4: bits of proj_out and the tied embedding (quant.vocab_bits)
     gradient_checkpointing: bool = True
     compile: Optional[bool] = None  # None: on with CUDA, off on CPU
     precision: str = "auto"

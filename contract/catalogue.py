@@ -8,9 +8,10 @@ a broken invariant), printing `PROGRESS {...}` lines while it works and `STEP_ER
 """
 from __future__ import annotations
 
-import json
 import re
 from typing import Optional
+
+from . import bounded_json
 
 # The config sections each step's outputs depend on: changing bench settings must not retrain.
 STEP_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -30,14 +31,14 @@ ERROR_PREFIX = "STEP_ERROR "
 
 def marked_json(line: str, prefix: str) -> Optional[dict]:
     """The JSON object a step printed after `prefix` (PROGRESS_PREFIX, ERROR_PREFIX) on this line; None
-    when the line is not one, or its JSON is broken."""
+    when the line is not one. A marked line whose JSON is broken, too deep (contract/bounded_json.py)
+    or not an object raises ValueError saying so: the caller logs it and goes on."""
     if not line.startswith(prefix):
         return None
-    try:
-        found = json.loads(line[len(prefix):])
-    except ValueError:
-        return None
-    return found if isinstance(found, dict) else None
+    found = bounded_json.loads(line[len(prefix):])
+    if not isinstance(found, dict):
+        raise bounded_json.UnsafeJSON(f"a JSON {type(found).__name__}, not an object")
+    return found
 
 # Bulky outputs not copied home once a step succeeded: prepare's datasets (re-derived on a new
 # machine), train's checkpoints (the final model supersedes them; while training runs, the
@@ -47,6 +48,13 @@ BULK_OUTPUTS: dict[str, tuple[str, ...]] = {"prepare": ("train", "dev", "test"),
 # What a step may send home: path components of letters, digits and ._+=,@- (no links, no `..`:
 # infra/archive.py checks every member of the one archive a step's outputs come home in).
 OUTPUT_NAME = re.compile(r"[A-Za-z0-9._+=,@-]+(/[A-Za-z0-9._+=,@-]+)*")
+# The most a step's outputs may unpack to at home (infra/archive.py max_bytes, decompressed), from
+# what each step writes at the real model's shapes (docs/REFERENCE.md 1d, benchmarks/checkpoint.json):
+# train's fp32 model is 3.0 GB and, after a failure, its last 2 checkpoints come too (9.1 GB each with
+# AdamW); convert writes two fp32 ONNX exports (3 GB of weights each, more with the decoder copies) and
+# two quantized ones (0.5 to 0.8 GB each); the other steps write JSON and CSV.
+OUTPUT_CAP_BYTES: dict[str, int] = {"prepare": 1 * 1000**3, "train": 40 * 1000**3, "convert": 40 * 1000**3,
+                                    "bench": 1 * 1000**3, "evaluate": 1 * 1000**3}
 # Steps whose bulk never comes home: a new machine runs them again.
 REDERIVED = ("prepare",)
 

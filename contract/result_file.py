@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
 from typing import Optional
 
+from . import bounded_json
 from .catalogue import STEP_SECTIONS
 from .config import RunConfig
 from .fingerprint import step_inputs
@@ -40,11 +42,21 @@ def input_fingerprints(cfg: RunConfig, step: str) -> dict:
 
 
 def read_result(workdir: Path, step: str) -> Optional[dict]:
+    """The step's result.json, or None: missing, or (logged) unreadable, too large, too deeply nested,
+    broken or not an object. It came from a machine: a bad one means "not done", never an error
+    that would stop every later run of the config (bounded_json caps its size and nesting)."""
     p = Path(workdir) / step / RESULT_FILE
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        found = bounded_json.load_file(p)
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:
+        logging.getLogger(__name__).warning("%s ignored (the step counts as not done): %s", p, e)
+        return None
+    if not isinstance(found, dict):
+        logging.getLogger(__name__).warning("%s ignored (the step counts as not done): not a JSON object", p)
+        return None
+    return found
 
 
 def is_done(cfg: RunConfig, workdir: Path, step: str) -> bool:

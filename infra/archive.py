@@ -10,16 +10,26 @@ Rules (a broken rule raises `UnsafeArchive`, naming the member and the rule):
 - only regular files and directories: symlinks, hard links, character/block devices, fifos,
   sparse and contiguous files, and any other type are refused;
 - names: not absolute, no ``..`` part, not empty or ``.`` (the archive's own root entry ``./``,
-  a directory, is the one exception: it is skipped), no NUL; after normalisation (``./`` prefixes,
-  doubled and trailing slashes dropped) the name must match ``allow`` (``re.fullmatch``) when given;
-- each member's path, resolved, stays inside a FRESH temporary directory made next to ``dest``;
-  nothing already on disk is ever written through (files are created with O_EXCL|O_NOFOLLOW, a
-  name seen twice or a file where a directory is needed is refused);
+  a directory, is the one exception: it is skipped), no NUL, at most MAX_DEPTH parts, MAX_PART_BYTES
+  per part and MAX_NAME_BYTES in all (checked in one pass over the name: work per member is linear
+  in its length, and nothing deeper than MAX_DEPTH ever lands, so no later walk of the tree at home
+  can recurse out of stack); after normalisation (``./`` prefixes, doubled and trailing slashes
+  dropped) the name must match ``allow`` (``re.fullmatch``) when given;
+- members under a top-level name in ``exclude`` (a step's bulk outputs) are dropped, whatever the
+  machine's own ``tar --exclude`` did: nothing is written for them;
+- each member is created inside a FRESH private temporary directory made next to ``dest``, where
+  this function alone creates directories and regular files (never a link), so a checked name
+  cannot resolve outside it; which names exist is kept in memory, never looked up on disk; nothing
+  is ever written through (files are created with O_EXCL|O_NOFOLLOW, a name seen twice or a file
+  where a directory is needed is refused);
 - caps: ``max_members`` members, ``max_bytes`` in all (the declared sizes, checked before a member
   is written, and the bytes actually written), and the decompressed tar stream itself (headers
-  included) may not run far past ``max_bytes``; pax and long-name header payloads are capped
+  included) may not run far past ``max_bytes``, nor past ``max_ratio`` times the compressed bytes
+  read once past RATIO_FREE_BYTES (a small gzip bomb); pax and long-name header payloads are capped
   (MAX_HEADER_BYTES each, MAX_HEADER_TOTAL in all): tarfile reads them into memory and, before
-  Python 3.11.10, parses them with a quadratically backtracking regex (CVE-2024-6232);
+  Python 3.11.10, parses them with a quadratically backtracking regex (CVE-2024-6232); and at most
+  MAX_HEADER_READS header reads may precede one member (tarfile recurses once per pax or long-name
+  header in a chain: 2000 of them end in RecursionError);
 - modes are ours: directories 0o755, files 0o644 (0o755 when the member had an execute bit);
   never setuid/setgid/sticky, no owners, no times from the archive;
 - only when every member was checked and written is the temporary directory swapped into
@@ -30,16 +40,16 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import os
 import re
 import shutil
-import stat
 import tarfile
 import tempfile
 import uuid
 import zlib
 from pathlib import Path
-from typing import IO, BinaryIO, Optional, Union
+from typing import IO, BinaryIO, Optional, Sequence, Union
 
 from .machine import MachineError
 
@@ -53,7 +63,19 @@ DEFAULT_ALLOW = re.compile(r"[^\x00-\x1f\x7f]+")
 # plenty; payloads over one 512-byte block add up to at most 8 MiB per archive.
 MAX_HEADER_BYTES = 8 * 1024
 MAX_HEADER_TOTAL = 8 * 1024 * 1024
+# A member is one 512-byte header, or a few headers and payloads (pax, GNU long name and long link).
+MAX_HEADER_READS = 16
+# Names: our outputs nest 5 levels (train/checkpoints-set-aside/<hash>/step-N/file); parts as the
+# filesystem's NAME_MAX; a whole name well inside PATH_MAX (4096) with the home directory in front.
+MAX_DEPTH = 32
+MAX_PART_BYTES = 255
+MAX_NAME_BYTES = 2048
+# Decompressed bytes per compressed byte: weights and checkpoints compress ~1.1x, JSON and CSV ~10x,
+# a gzip bomb ~1000x. Below RATIO_FREE_BYTES (tar padding alone compresses 50x) no ratio is checked.
+MAX_RATIO = 50
+RATIO_FREE_BYTES = 32 * 1024 * 1024
 CHUNK = 1024 * 1024
+log = logging.getLogger("qat.machine")
 
 FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
 _TYPE_NAMES = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "character device",
@@ -88,7 +110,14 @@ def safe_member_name(name: str, allow: Optional[re.Pattern] = None) -> str:
         raise UnsafeArchive(name, "'..' parts are not allowed")
     if not parts:
         raise UnsafeArchive(name, "empty or '.' names are not allowed")
+    if len(parts) > MAX_DEPTH:
+        raise UnsafeArchive(name[:200] + "...", f"{len(parts)} levels deep (at most {MAX_DEPTH})")
     norm = "/".join(parts)
+    if len(norm.encode(errors="surrogateescape")) > MAX_NAME_BYTES:
+        raise UnsafeArchive(name[:200] + "...", f"a name of over {MAX_NAME_BYTES} bytes")
+    for part in parts:
+        if len(part.encode(errors="surrogateescape")) > MAX_PART_BYTES:
+            raise UnsafeArchive(name[:200] + "...", f"a path part of over {MAX_PART_BYTES} bytes")
     if allow is not None and not allow.fullmatch(norm):
         raise UnsafeArchive(name, f"the name does not match the allowlist {allow.pattern!r}")
     return norm
@@ -99,11 +128,13 @@ class _Guard(io.RawIOBase):
     into memory (and parses with regexes that backtrack quadratically before Python 3.11.10,
     CVE-2024-6232); seeks forward by reading, so a pipe or a gzip stream works too."""
 
-    def __init__(self, raw: IO[bytes], cap: int):
+    def __init__(self, raw: IO[bytes], cap: int, compressed: "_Counted", max_ratio: float):
         super().__init__()
         self.raw, self.cap, self.pos = raw, cap, 0
+        self.compressed, self.max_ratio = compressed, max_ratio
         self.in_data = False  # True while we copy a member's data (big reads are fine then)
         self.header_bytes = 0
+        self.header_reads = 0  # reads since the last member was handed out (reset by the caller)
 
     def readable(self) -> bool:
         return True
@@ -117,6 +148,11 @@ class _Guard(io.RawIOBase):
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             raise io.UnsupportedOperation("unbounded read")
+        if not self.in_data:
+            self.header_reads += 1
+            if self.header_reads > MAX_HEADER_READS:
+                raise UnsafeArchive(f"<header at byte {self.pos}>",
+                                    f"a chain of over {MAX_HEADER_READS} headers (pax or long-name) before one member")
         if not self.in_data and n > tarfile.BLOCKSIZE:  # a pax or long-name header's payload
             self.header_bytes += n
             if n > MAX_HEADER_BYTES:
@@ -134,6 +170,9 @@ class _Guard(io.RawIOBase):
         self.pos += len(data)
         if self.pos > self.cap:
             raise UnsafeArchive(f"<at byte {self.pos}>", f"the archive stream is larger than {self.cap} bytes")
+        if self.pos > RATIO_FREE_BYTES and self.pos > self.max_ratio * max(1, self.compressed.n):
+            raise UnsafeArchive(f"<at byte {self.pos}>", f"it unpacks to over {self.max_ratio:g} times the "
+                                                         f"{self.compressed.n} compressed bytes read (a compression bomb)")
         return data
 
     def readinto(self, b) -> int:
@@ -152,6 +191,32 @@ class _Guard(io.RawIOBase):
             self.raw.seek(target)
             self.pos = target
         return self.pos
+
+
+class _Counted(io.RawIOBase):
+    """Counts the bytes read from the source (compressed, for a tar.gz): the ratio cap's divisor."""
+
+    def __init__(self, raw: IO[bytes]):
+        super().__init__()
+        self.raw, self.n = raw, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self.raw.seekable()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def readinto(self, b) -> int:
+        data = self.raw.read(len(b))
+        b[:len(data)] = data
+        self.n += len(data)
+        return len(data)
 
 
 def _open_stream(src: IO[bytes]) -> IO[bytes]:
@@ -178,34 +243,32 @@ def _member_type(m: tarfile.TarInfo) -> str:
     return _TYPE_NAMES.get(m.type, f"member of type {m.type!r}")
 
 
-def _inside(root: str, path: str) -> bool:
-    real = os.path.realpath(path)
-    return real == root or real.startswith(root + os.sep)
-
-
-def _make_dirs(root: str, norm: str, label: str) -> str:
-    """Create each missing directory of norm under root (real directories only); returns the path."""
-    path = root
-    for part in norm.split("/"):
-        path = os.path.join(path, part)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            os.mkdir(path, 0o755)
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            raise UnsafeArchive(label, "a directory is needed where the archive already put a file")
-    return path
+def _make_dirs(root: str, norm: str, label: str, made: dict[str, bool]) -> str:
+    """Create each missing directory of norm under root; returns its path. `made` (name -> is a
+    directory) holds everything this extraction created: nothing is looked up on disk."""
+    if made.get(norm) is not True:  # the parent of the previous member, usually: nothing to do
+        name = ""
+        for part in norm.split("/"):
+            name = f"{name}/{part}" if name else part
+            kind = made.get(name)
+            if kind is None:
+                os.mkdir(os.path.join(root, name), 0o755)
+                made[name] = True
+            elif not kind:
+                raise UnsafeArchive(label, "a directory is needed where the archive already put a file")
+    return os.path.join(root, norm)
 
 
 def _write_file(root: str, norm: str, label: str, reader: IO[bytes], size: int, mode: int,
-                budget: int) -> int:
+                budget: int, made: dict[str, bool]) -> int:
     """Create norm under root (exclusively, never through a link) with size bytes from reader."""
     parent, _, base = norm.rpartition("/")
-    dirpath = _make_dirs(root, parent, label) if parent else root
+    dirpath = _make_dirs(root, parent, label, made) if parent else root
+    if norm in made:
+        raise UnsafeArchive(label, "the archive holds this name twice" if not made[norm]
+                            else "a file where the archive already put a directory")
+    made[norm] = False
     path = os.path.join(dirpath, base)
-    if not _inside(root, dirpath) or not _inside(root, path):
-        raise UnsafeArchive(label, "its path resolves outside the destination")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
                      | getattr(os, "O_CLOEXEC", 0), 0o755 if mode & 0o111 else 0o644)
@@ -247,26 +310,32 @@ def _swap_into(tmp: Path, dest: Path) -> None:
 
 
 def extract_archive(source: Source, dest: Path, *, allow: Optional[re.Pattern] = DEFAULT_ALLOW,
-                    max_bytes: int = MAX_BYTES, max_members: int = MAX_MEMBERS) -> list[str]:
+                    max_bytes: int = MAX_BYTES, max_members: int = MAX_MEMBERS, exclude: Sequence[str] = (),
+                    max_ratio: float = MAX_RATIO) -> list[str]:
     """Unpack a tar or tar.gz from an untrusted machine into dest (replacing it), by the rules in
     this module's docstring. Returns the normalised names created (directories and files), in
     archive order. Raises UnsafeArchive (dest untouched) when any member breaks a rule."""
     dest = Path(dest)
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
-            return extract_archive(f, dest, allow=allow, max_bytes=max_bytes, max_members=max_members)
+            return extract_archive(f, dest, allow=allow, max_bytes=max_bytes, max_members=max_members,
+                                   exclude=exclude, max_ratio=max_ratio)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.incoming-", dir=dest.parent))
     root = os.path.realpath(tmp)
     # headers: 512 bytes, padding up to 511, pax or long-name headers (a few KiB) per member
     cap = max_bytes + (max_members + 2) * 8192 + 1024 * 1024
     names: list[str] = []
+    made: dict[str, bool] = {}
+    dropped: dict[str, int] = {}
     total, count = 0, 0
     try:
-        stream = _Guard(_open_stream(source), cap)
+        compressed = _Counted(source)
+        stream = _Guard(_open_stream(io.BufferedReader(compressed)), cap, compressed, max_ratio)
         try:
             with tarfile.open(fileobj=stream, mode="r:") as tar:  # type: ignore[call-overload]
                 while True:
+                    stream.header_reads = 0
                     m = tar.next()
                     if m is None:
                         break
@@ -280,11 +349,12 @@ def extract_archive(source: Source, dest: Path, *, allow: Optional[re.Pattern] =
                     norm = safe_member_name(m.name, allow)
                     if kind not in ("file", "dir"):
                         raise UnsafeArchive(label, f"a {kind} (only regular files and directories are allowed)")
-                    path = os.path.join(root, *norm.split("/"))
-                    if not _inside(root, path):
-                        raise UnsafeArchive(label, "its path resolves outside the destination")
+                    top = norm.split("/", 1)[0]
+                    if top in exclude:  # bulk that stays on the machine, whatever its tar sent
+                        dropped[top] = dropped.get(top, 0) + 1
+                        continue
                     if kind == "dir":
-                        _make_dirs(root, norm, label)
+                        _make_dirs(root, norm, label, made)
                     else:
                         if m.size < 0 or total + m.size > max_bytes:
                             raise UnsafeArchive(label, f"the archive holds more than {max_bytes} bytes "
@@ -293,12 +363,16 @@ def extract_archive(source: Source, dest: Path, *, allow: Optional[re.Pattern] =
                         assert reader is not None
                         stream.in_data = True
                         try:
-                            total += _write_file(root, norm, label, reader, m.size, m.mode, max_bytes - total)
+                            total += _write_file(root, norm, label, reader, m.size, m.mode, max_bytes - total,
+                                                 made)
                         finally:
                             stream.in_data = False
                     names.append(norm)
         except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise UnsafeArchive("<archive>", f"not a valid tar archive: {type(e).__name__}: {e}") from None
+        if dropped:
+            log.warning("dropped from the archive (bulk outputs stay on the machine, its tar sent them anyway): %s",
+                        ", ".join(f"{n} members under {top}/" for top, n in sorted(dropped.items())))
         os.chmod(tmp, 0o755)
         _swap_into(tmp, dest)
     except BaseException:

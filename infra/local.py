@@ -22,6 +22,19 @@ from .machine import CommandFailed, CommandTimeout, LineCallback, MachineError, 
 log = logging.getLogger("qat.machine")
 
 TAIL_LINES = 60
+# A line from a machine is shown up to MAX_LINE_BYTES; the rest is cut, with a note every CUT_NOTE_BYTES
+# (each note is a line: on_line, and so the budget check, still runs while an endless line streams).
+MAX_LINE_BYTES = 16 * 1024
+CUT_NOTE_BYTES = 1024 * 1024
+# Terminal escape sequences (CSI, OSC, other ESC sequences) and control characters but tab: never
+# shown, so a machine cannot clear or retitle the worker's console, or hide text from the logs.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]?|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]?|\x9b[0-?]*[ -/]*[@-~]?"
+                      r"|[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """text without terminal escape sequences and control characters (tab kept)."""
+    return _ESCAPES.sub("", text)
 # What a step process on this machine inherits from the orchestrator's environment: the basics and what
 # the workload reads (caches, offline switches, thread counts, GPUs). Nothing else: never VAST_API_KEY,
 # HF_TOKEN, PREFECT_* or other credentials; a step gets only these plus the env passed to `run`.
@@ -121,28 +134,72 @@ def tar_tree(root: Path, fileobj: IO[bytes], exclude: Sequence[str] = ()) -> Non
 
 
 class LineSplitter:
-    """Bytes in, complete lines out (a carriage return keeps only what follows it, like a terminal)."""
+    """Bytes in, lines out, in time linear in the bytes: a carriage return keeps only what follows
+    it (like a terminal); a line is shown up to max_line bytes, the rest is cut and noted (a note line
+    every CUT_NOTE_BYTES and at its end); escape sequences and control characters are stripped."""
 
-    def __init__(self, on_line: Optional[LineCallback], tail_lines: int = TAIL_LINES, hidden_prefix: str = ""):
-        self.on_line, self.buf, self.hidden_prefix = on_line, b"", hidden_prefix
+    def __init__(self, on_line: Optional[LineCallback], tail_lines: int = TAIL_LINES, hidden_prefix: str = "",
+                 max_line: int = MAX_LINE_BYTES):
+        self.on_line, self.hidden_prefix, self.max_line = on_line, hidden_prefix, max_line
+        self.parts: list[bytes] = []  # the current line so far (at most max_line bytes, and a \r)
+        self.size = 0
+        self.cut = 0  # bytes of the current line not shown (it went past max_line)
+        self.noted = 0  # of which a note already told
         self.hidden: list[str] = []  # lines starting with hidden_prefix: neither shown nor in the tail
         self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
 
     def feed(self, data: bytes) -> None:
-        self.buf += data
-        *lines, self.buf = self.buf.split(b"\n")
-        for raw in lines:
-            self._emit(raw)
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            self._take(data[start:] if end < 0 else data[start:end])
+            if end < 0:
+                return
+            self._end_line()
+            start = end + 1
 
     def flush(self) -> None:
-        if self.buf:
-            self._emit(self.buf)
-            self.buf = b""
+        if self.size or self.cut:
+            self._end_line()
 
-    def _emit(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", errors="replace").rstrip("\r")
-        if "\r" in line:
-            line = line.rsplit("\r", 1)[-1]
+    def _take(self, seg: bytes) -> None:
+        """Add seg (no newline in it) to the current line."""
+        if not seg:
+            return
+        if self.parts and self.parts[-1].endswith(b"\r"):  # a \r not followed by \n: overwritten
+            self._restart()
+        cr = seg.rfind(b"\r", 0, len(seg) - 1)
+        if cr >= 0:  # what came before the last \r (not the final byte: maybe \r\n) is overwritten
+            self._restart()
+            seg = seg[cr + 1:]
+        if self.cut:
+            self.cut += len(seg)
+        else:
+            self.parts.append(seg)
+            self.size += len(seg)
+            if self.size > self.max_line + 1:  # + 1: room for a final \r
+                whole = b"".join(self.parts)
+                self._emit(whole[:self.max_line], f" [line cut: over {self.max_line} bytes without a newline]")
+                self.parts, self.size, self.cut = [], 0, len(whole) - self.max_line
+        if self.cut - self.noted >= CUT_NOTE_BYTES:
+            self.noted = self.cut
+            self._emit(b"", f"[the line goes on: {self.cut} bytes cut so far]")
+
+    def _restart(self) -> None:
+        if self.cut:
+            self._end_line()
+        self.parts, self.size = [], 0
+
+    def _end_line(self) -> None:
+        if self.cut:
+            if self.cut > self.noted:
+                self._emit(b"", f"[end of a cut line: {self.cut} bytes were not shown]")
+        else:
+            self._emit(b"".join(self.parts).rstrip(b"\r"))
+        self.parts, self.size, self.cut, self.noted = [], 0, 0, 0
+
+    def _emit(self, raw: bytes, note: str = "") -> None:
+        line = printable(raw.decode("utf-8", errors="replace")) + note
         if self.hidden_prefix and line.startswith(self.hidden_prefix):
             self.hidden.append(line)
             return
@@ -226,7 +283,7 @@ class LocalMachine:
         if src.is_dir():
             with tempfile.TemporaryFile() as tmp:
                 tar_tree(src, tmp, exclude)
-                extract_archive(tmp, dest, allow=allow, max_bytes=max_bytes, max_members=max_members)
+                extract_archive(tmp, dest, allow=allow, max_bytes=max_bytes, max_members=max_members, exclude=exclude)
         elif src.is_file():
             with open(src, "rb") as f:
                 copy_capped(f, dest, max_bytes, remote_path)

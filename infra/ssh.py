@@ -377,7 +377,8 @@ class SSHMachine:
             max_members: int = MAX_MEMBERS, allow: Optional[re.Pattern] = DEFAULT_ALLOW,
             exclude: Sequence[str] = ()) -> None:
         """A file is copied to local_path (at most max_bytes); a directory's contents (less the
-        top-level names in `exclude`, which stay on the machine) replace local_path. The machine is untrusted: a directory comes as a tar that infra.archive checks
+        top-level names in `exclude`, which stay on the machine: the remote tar leaves them out and
+        the archive check drops them if it did not) replace local_path. The machine is untrusted: a directory comes as a tar that infra.archive checks
         member by member (regular files and directories only, names inside local_path and matching
         `allow`, at most max_members members and max_bytes bytes) before anything lands; a refusal
         raises UnsafeArchive (never retried) and leaves local_path as it was."""
@@ -412,7 +413,8 @@ class SSHMachine:
                 self._idempotent(f"get {remote_path}", lambda: fetch_tar(tmp))
                 tmp.seek(0)
                 # local work, outside the retry loop: a refusal or a full local disk is not a dropped link
-                extract_archive(tmp, local_path, allow=allow, max_bytes=max_bytes, max_members=max_members)
+                extract_archive(tmp, local_path, allow=allow, max_bytes=max_bytes, max_members=max_members,
+                                exclude=exclude)
         else:
             raise UnsafeArchive(remote_path, "not a regular file or a directory")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 import time
@@ -13,17 +14,18 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
-from contract.catalogue import (BULK_OUTPUTS, CHECKPOINT_DIR, ERROR_PREFIX, OUTPUT_NAME, PROGRESS_PREFIX, REDERIVED,
-                                RESUMING_STEP, checkpoint_number, marked_json)
+from contract.catalogue import (BULK_OUTPUTS, CHECKPOINT_DIR, ERROR_PREFIX, OUTPUT_CAP_BYTES, OUTPUT_NAME,
+                                PROGRESS_PREFIX, REDERIVED, RESUMING_STEP, checkpoint_number, marked_json)
 from contract.config import RunConfig
 from contract.layout import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK
 from contract.result_file import ERROR_FILE, config_hash, is_done, read_result
 from infra import provision
+from infra.local import printable
 from infra.machine import Lease, Machine, TransientMachineError
 
 from .billing import check_budget, record_bytes_home
 from .rental import forget_machine, machine_alive, machine_for, remote_python
-from .retry import StepFailed, retry_transient
+from .retry import StepFailed, exit_code_retryable, retry_transient
 
 
 class MachineLost(RuntimeError):
@@ -44,6 +46,21 @@ def progress_description(step: str, total: int, event: dict) -> str:
     return text
 
 
+def _progress_number(event: dict, key: str) -> Optional[float]:
+    """A PROGRESS field as a finite number >= 0 (None when absent); ValueError for anything else."""
+    value = event.get(key)
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past float's range
+            number = math.inf
+        if math.isfinite(number) and number >= 0:
+            return number
+    raise ValueError(f"PROGRESS {key!r} is {str(value)[:40]!r}, not a finite number >= 0")
+
+
 class _Progress:
     """Turns PROGRESS lines into a Prefect progress artifact, updated at most every 2 seconds."""
 
@@ -51,8 +68,11 @@ class _Progress:
         self.step, self.artifact_id, self.last = step, None, 0.0
 
     def update(self, event: dict) -> None:
-        total = max(1, int(event.get("total") or 1))
-        pct = min(100.0, 100.0 * float(event.get("done", 0)) / total)
+        """ValueError (before anything is shown) when a field home reads has the wrong type."""
+        numbers = {k: _progress_number(event, k) for k in ("total", "done", "first_step_s", "samples_per_s")}
+        event = {**event, **numbers}
+        total = max(1, int(numbers["total"] or 1))
+        pct = min(100.0, 100.0 * (numbers["done"] or 0) / total)
         now = time.time()
         description = progress_description(self.step, total, event)
         if self.artifact_id is None:
@@ -106,7 +126,7 @@ class CheckpointSync:
         dest = self.local / RESUMING_STEP / CHECKPOINT_DIR
         tmp = dest / f".{newest}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        m.get(f"{remote}/{newest}", tmp, allow=OUTPUT_NAME)
+        m.get(f"{remote}/{newest}", tmp, allow=OUTPUT_NAME, max_bytes=OUTPUT_CAP_BYTES[RESUMING_STEP])
         record_bytes_home(self.lease, tree_bytes(tmp))
         shutil.rmtree(dest / newest, ignore_errors=True)
         tmp.rename(dest / newest)
@@ -126,13 +146,14 @@ def tree_bytes(path: Path) -> int:
 
 def fetch_outputs(m: Machine, step: str, local_work: Path, succeeded: bool) -> int:
     """Bring a step's outputs home as one checked archive (infra/archive.py): everything after a
-    failure (nothing produced is lost), all but its bulk outputs after a success. The folder at
+    failure (nothing produced is lost), all but its bulk outputs after a success (dropped at home
+    if the machine sends them anyway), at most OUTPUT_CAP_BYTES[step] unpacked. The folder at
     home is replaced only once every member passed. Returns the bytes that came home."""
     skip = BULK_OUTPUTS.get(step, ()) if succeeded or step in REDERIVED else ()
     dest = local_work / step
     tmp = local_work / f".{step}.incoming-{uuid.uuid4().hex[:8]}"
     try:
-        m.get(f"{REMOTE_WORK}/{step}", tmp, allow=OUTPUT_NAME, exclude=skip)
+        m.get(f"{REMOTE_WORK}/{step}", tmp, allow=OUTPUT_NAME, exclude=skip, max_bytes=OUTPUT_CAP_BYTES[step])
         landed = tree_bytes(tmp)
         if (dest / CHECKPOINT_DIR).is_dir() and not (tmp / CHECKPOINT_DIR).exists():
             (dest / CHECKPOINT_DIR).rename(tmp / CHECKPOINT_DIR)  # keep what CheckpointSync brought home
@@ -164,9 +185,14 @@ def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -
         line = line.rstrip("\n")
         tail.append(line)
         del tail[:-40]
-        progress.update(marked_json(line, PROGRESS_PREFIX) or {})
-        error.update(marked_json(line, ERROR_PREFIX) or {})
         log.info(line)
+        try:  # a marker line home cannot use is the machine's problem: logged, never fatal here
+            event = marked_json(line, PROGRESS_PREFIX)
+            if event is not None:
+                progress.update(event)
+            error.update(marked_json(line, ERROR_PREFIX) or {})
+        except ValueError as e:
+            log.warning("a marker line from the machine was ignored: %s", e)
         check_budget(lease, cfg)
 
     sync = (CheckpointSync(lease, cfg, local_work, cfg.machine.checkpoint_sync_every_s, log)
@@ -193,7 +219,7 @@ def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -
         if error and not home_err.is_file():  # e.g. a full disk could not hold it: keep the STEP_ERROR report
             home_err.parent.mkdir(parents=True, exist_ok=True)
             home_err.write_text(json.dumps(error, indent=2))
-        raise StepFailed(step, error.get("message", f"exit code {code}"), bool(error.get("retryable", code == 1)),
+        raise StepFailed(step, printable(str(error.get("message", f"exit code {code}"))), exit_code_retryable(code),
                          "\n".join(tail[-15:]))
     result = read_result(local_work, step)
     if not result:

@@ -11,16 +11,17 @@ from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
-from contract.catalogue import CHECKPOINT_DIR, ERROR_PREFIX, EXIT_RETRYABLE, marked_json, REDERIVED, RESUMING_STEP, STEPS
+from contract.catalogue import CHECKPOINT_DIR, ERROR_PREFIX, marked_json, REDERIVED, RESUMING_STEP, STEPS
 from contract.config import RunConfig
 from contract.layout import PUSHED_CODE, REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, REPO_ROOT, REQUIREMENTS
 from contract.remote_env import steps_python
 from contract.result_file import is_done
 from infra import provision
+from infra.local import printable
 from infra.machine import Lease, Machine
 
 from . import secrets
-from .retry import StepFailed, retry_transient
+from .retry import StepFailed, exit_code_retryable, retry_transient
 
 GPU_LIMIT = "vast-gpus"  # the global concurrency limit that caps rented GPUs
 
@@ -172,16 +173,19 @@ def setup_environment(lease: Lease, cfg: RunConfig) -> dict:
     tail: list[str] = []
 
     def on_line(line: str) -> None:
-        error.update(marked_json(line, ERROR_PREFIX) or {})
         tail.append(line)
         del tail[:-15]
         log.info(line)
+        try:
+            error.update(marked_json(line, ERROR_PREFIX) or {})
+        except ValueError as e:
+            log.warning("a STEP_ERROR line from the machine was ignored: %s", e)
 
     code = m.run([provision.python(lease, cfg.machine), "-m", "steps.bootstrap", "--gpu", cfg.machine.gpu],
                  cwd=REMOTE_CODE, env={"PYTHONUNBUFFERED": "1"}, on_line=on_line, timeout=3600, check=False)
     if code != 0:
-        raise StepFailed("setup", error.get("message", f"exit code {code}"),
-                         bool(error.get("retryable", code == EXIT_RETRYABLE)), "\n".join(tail))
+        raise StepFailed("setup", printable(str(error.get("message", f"exit code {code}"))), exit_code_retryable(code),
+                         "\n".join(tail))
     return {"venv": remote_python(lease, cfg), "seconds": round(time.time() - t0, 1)}
 
 

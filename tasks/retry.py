@@ -6,14 +6,25 @@ import errno
 import socket
 from typing import Any
 
+from contract.catalogue import EXIT_RETRYABLE
+
 
 class StepFailed(RuntimeError):
-    """An on-machine step failed; `retryable` comes from the step's own STEP_ERROR report."""
+    """An on-machine step failed; `retryable` is home's decision (`exit_code_retryable`)."""
 
     def __init__(self, step: str, message: str, retryable: bool, tail: str = ""):
         self.step, self.retryable, self.tail = step, retryable, tail
         kind = "transient" if retryable else "deterministic, not retried"
         super().__init__(f"step {step} failed ({kind}): {message}" + (f"\n--- last output ---\n{tail}" if tail else ""))
+
+
+def exit_code_retryable(code: int) -> bool:
+    """Whether a failed step (or setup) is worth a retry, decided at home from its exit code class:
+    only EXIT_RETRYABLE, the transient class the step chose by its own classification (network,
+    a lost device); EXIT_DETERMINISTIC (config, OOM, disk full), a signal or any other code is not.
+    The "retryable" field of a STEP_ERROR line is the machine's word and is never read: a machine
+    cannot buy more than the task's own retries (remote_step: 3) this way."""
+    return code == EXIT_RETRYABLE
 
 
 DETERMINISTIC = ("ConfigError", "BudgetExceeded", "NoOffersError", "SearchQuotaExceeded", "HostKeyChanged",

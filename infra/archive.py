@@ -24,8 +24,8 @@ Rules (a broken rule raises `UnsafeArchive`, naming the member and the rule):
   where a directory is needed is refused);
 - caps: ``max_members`` members, ``max_bytes`` in all (the declared sizes, checked before a member
   is written, and the bytes actually written), and the decompressed tar stream itself (headers
-  included) may not run far past ``max_bytes``, nor past ``max_ratio`` times the compressed bytes
-  read once past RATIO_FREE_BYTES (a small gzip bomb); pax and long-name header payloads are capped
+  included) may not run far past ``max_bytes``; the members' data may not exceed ``max_ratio``
+  times the compressed bytes read, once past RATIO_FREE_BYTES (a small gzip bomb); pax and long-name header payloads are capped
   (MAX_HEADER_BYTES each, MAX_HEADER_TOTAL in all): tarfile reads them into memory and, before
   Python 3.11.10, parses them with a quadratically backtracking regex (CVE-2024-6232); and at most
   MAX_HEADER_READS header reads may precede one member (tarfile recurses once per pax or long-name
@@ -70,8 +70,8 @@ MAX_HEADER_READS = 16
 MAX_DEPTH = 32
 MAX_PART_BYTES = 255
 MAX_NAME_BYTES = 2048
-# Decompressed bytes per compressed byte: weights and checkpoints compress ~1.1x, JSON and CSV ~10x,
-# a gzip bomb ~1000x. Below RATIO_FREE_BYTES (tar padding alone compresses 50x) no ratio is checked.
+# Members' data bytes per compressed byte: weights and checkpoints compress ~1.1x, JSON and CSV ~10x,
+# a gzip bomb ~1000x. Below RATIO_FREE_BYTES of data no ratio is checked (small files vary more).
 MAX_RATIO = 50
 RATIO_FREE_BYTES = 32 * 1024 * 1024
 CHUNK = 1024 * 1024
@@ -135,6 +135,7 @@ class _Guard(io.RawIOBase):
         self.in_data = False  # True while we copy a member's data (big reads are fine then)
         self.header_bytes = 0
         self.header_reads = 0  # reads since the last member was handed out (reset by the caller)
+        self.data_bytes = 0  # members' data read (what lands), for the ratio cap
 
     def readable(self) -> bool:
         return True
@@ -170,9 +171,11 @@ class _Guard(io.RawIOBase):
         self.pos += len(data)
         if self.pos > self.cap:
             raise UnsafeArchive(f"<at byte {self.pos}>", f"the archive stream is larger than {self.cap} bytes")
-        if self.pos > RATIO_FREE_BYTES and self.pos > self.max_ratio * max(1, self.compressed.n):
-            raise UnsafeArchive(f"<at byte {self.pos}>", f"it unpacks to over {self.max_ratio:g} times the "
-                                                         f"{self.compressed.n} compressed bytes read (a compression bomb)")
+        if self.in_data:
+            self.data_bytes += len(data)
+            if self.data_bytes > RATIO_FREE_BYTES and self.data_bytes > self.max_ratio * max(1, self.compressed.n):
+                raise UnsafeArchive(f"<at byte {self.pos}>", f"it unpacks to over {self.max_ratio:g} times the "
+                                    f"{self.compressed.n} compressed bytes read (a compression bomb)")
         return data
 
     def readinto(self, b) -> int:

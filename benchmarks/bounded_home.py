@@ -42,7 +42,7 @@ def archive_case(depth: int) -> str:
             outcome = f"{type(e).__name__}: {str(e)[-80:]}"
         cpu = time.process_time() - t0
         left = sorted(p.name for p in Path(d).iterdir())
-    return f"archive 200 members at depth {depth}: {cpu:.2f} s CPU; {outcome}; left in its folder: {left}"
+    return f"archive 200 members at depth {depth}: {cpu:.3f} s CPU; {outcome}; left in its folder: {left}"
 
 
 def splitter_case(megabytes: int = 32) -> str:
@@ -56,7 +56,7 @@ def splitter_case(megabytes: int = 32) -> str:
         s.feed(chunk)
     s.flush()
     cpu = time.process_time() - t0
-    return f"splitter {megabytes} MB without a newline: {cpu:.2f} s CPU; on_line called {len(calls)} times"
+    return f"splitter {megabytes} MB without a newline: {cpu:.3f} s CPU; on_line called {len(calls)} times"
 
 
 if __name__ == "__main__":

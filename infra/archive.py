@@ -25,7 +25,8 @@ Rules (a broken rule raises `UnsafeArchive`, naming the member and the rule):
 - caps: ``max_members`` members, ``max_bytes`` in all (the declared sizes, checked before a member
   is written, and the bytes actually written), and the decompressed tar stream itself (headers
   included) may not run far past ``max_bytes``; the members' data may not exceed ``max_ratio``
-  times the compressed bytes read, once past RATIO_FREE_BYTES (a small gzip bomb); pax and long-name header payloads are capped
+  times the compressed bytes read, once past RATIO_FREE_BYTES (a small gzip bomb); pax and
+  long-name header payloads are capped
   (MAX_HEADER_BYTES each, MAX_HEADER_TOTAL in all): tarfile reads them into memory and, before
   Python 3.11.10, parses them with a quadratically backtracking regex (CVE-2024-6232); and at most
   MAX_HEADER_READS header reads may precede one member (tarfile recurses once per pax or long-name

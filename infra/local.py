@@ -28,8 +28,10 @@ MAX_LINE_BYTES = 16 * 1024
 CUT_NOTE_BYTES = 1024 * 1024
 # Terminal escape sequences (CSI, OSC, other ESC sequences) and control characters but tab: never
 # shown, so a machine cannot clear or retitle the worker's console, or hide text from the logs.
-_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]?|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]?|\x9b[0-?]*[ -/]*[@-~]?"
-                      r"|[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]?|\x9b[0-?]*[ -/]*[@-~]?"  # CSI (ESC [ or the 8-bit one)
+                      r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC (a title, a hyperlink), to BEL or ST
+                      r"|\x1b[ -/]*[0-~]?"  # any other escape sequence
+                      r"|[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # control characters but tab
 
 
 def printable(text: str) -> str:

@@ -86,6 +86,9 @@ def reap_instances(api_key: Optional[str] = None, server_url: Optional[str] = No
                                                           "message": message})
             else:
                 reason = f"older than {max_age_hours:g} h"
+        elif reason is None and verdict == FOREIGN:
+            log(f"instance {lease.instance_id} ({label}): another installation's machine; kept (its own reaper "
+                "judges it)")
         elif reason is None and verdict not in (None, GONE, ACTIVE, LIVE):
             log(f"instance {lease.instance_id} ({label}): its run cannot be judged; kept "
                 f"(age decides: {age_h:.1f} of {max_age_hours:g} h)")

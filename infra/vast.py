@@ -327,8 +327,8 @@ class VastProvider:
         `time.time() - start_date` on every row and dies on one null). Rows of other instances in the
         account (label null or not ours) may have null fields: they are skipped unread; our own rows
         are validated (check_instance: HALF_FILLED fields may be null) and one that fails is logged
-        and skipped, never the end of the listing. A row whose label is not text cannot be told
-        apart: that is an error."""
+        and skipped, never the end of the listing; so is a row whose label is not text (it cannot be
+        told apart). A page that is not a list of objects is an error."""
         params: dict = {"select_filters": {}, "order_by": [{"col": "id", "dir": "asc"}], "limit": 25}
         out: list[dict] = []
         for _ in range(10_000):
@@ -340,9 +340,10 @@ class VastProvider:
                 if not isinstance(row, dict):
                     raise VastAPIError(f"Vast.ai list instances: malformed row, expected an object: {_brief(row)}")
                 label = row.get("label")
-                if label is not None and not isinstance(label, str):
-                    raise VastAPIError(f"malformed Vast.ai list instances row: field 'label' is {label!r}, "
-                                       f"expected text ({_brief(row)})")
+                if label is not None and not isinstance(label, str):  # cannot be told apart: never ours to touch
+                    self.log(self.redact(f"skipped: malformed Vast.ai list instances row: field 'label' is "
+                                         f"{label!r}, expected text ({_brief(row)})"))
+                    continue
                 if label is None or not label.startswith(label_prefix):
                     continue  # another project's instance: its fields are not ours to judge
                 try:

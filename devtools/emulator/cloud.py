@@ -27,7 +27,7 @@ from devtools.emulator.state import Store
 INSTANCE_KNOBS = {"stuck_loading", "ssh_refuse_s", "preempt_after_s", "preempt_mode",
                   "destroy_fail_once", "disk_full_mb", "boot_seconds", "evil", "evil_target",
                   "null_after_create_s", "destroy_lag_s", "nvidia_smi", "driver_cuda", "image_torchvision",
-                  "half_filled_s"}
+                  "half_filled_s", "garbled_fields"}
 # What an instance knob is when no rule sets it: rows of instances being created are half-filled for
 # a while, as Vast's are (docs/REFERENCE.md section 1d); a few of the product's poll intervals in tests.
 INSTANCE_DEFAULTS = {"half_filled_s": 1.0}
@@ -326,6 +326,9 @@ class Cloud:
             evil.modes(knobs.get("evil"))
         except ValueError as e:
             raise ApiError(400, "invalid_args", str(e)) from None
+        garbled = knobs.get("garbled_fields")
+        if garbled is not None and not (isinstance(garbled, list) and all(isinstance(k, str) for k in garbled)):
+            raise ApiError(400, "invalid_args", "garbled_fields must be a list of row field names")
         if knobs.get("evil_target") is not None and not (isinstance(knobs["evil_target"], str)
                                                          and knobs["evil_target"].startswith("/")):
             raise ApiError(400, "invalid_args", "evil_target must be an absolute path")
@@ -540,9 +543,13 @@ class Cloud:
     def instance_row(self, inst: dict) -> dict:
         """The instance as Vast's API shows it; half-filled (start_date, dph_total, ports null) for
         `half_filled_s` after creation, as rows of instances being created are."""
-        row = self._full_row(inst)
-        if time.time() - inst["created_at"] < float(self.faults_for(inst).get("half_filled_s") or 0):
+        row, f = self._full_row(inst), self.faults_for(inst)
+        if time.time() - inst["created_at"] < float(f.get("half_filled_s") or 0):
             row.update(start_date=None, dph_total=None, ports=None)
+        if f.get("garbled_fields"):  # this one row (show and list) with wrong-typed values
+            from devtools.emulator.server import WRONG_TYPES
+
+            row.update({k: WRONG_TYPES.get(k, "garbage") for k in f["garbled_fields"]})
         return row
 
     def _full_row(self, inst: dict) -> dict:

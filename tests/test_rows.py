@@ -15,7 +15,6 @@ from infra import provision, reaper
 from infra.machine import Lease
 from infra.vast import ProvisionError, VastProvider
 from contract.config import ConfigError, load_config
-from contract.machine_config import REAPER_MAX_AGE_HOURS, STEP_ATTEMPTS
 
 
 def provider(emulator, **kw) -> VastProvider:
@@ -159,6 +158,8 @@ def test_reaper_never_destroys_a_live_run_or_a_foreign_machine_by_age(emulator):
 # ---------------------------------------------------------------- configuration
 
 def test_step_timeout_times_attempts_must_fit_the_reapers_age_limit():
+    from contract.machine_config import REAPER_MAX_AGE_HOURS, STEP_ATTEMPTS
+
     limit_s = REAPER_MAX_AGE_HOURS * 3600 / STEP_ATTEMPTS
     assert load_config("tiny", {"machine.step_timeout_s": limit_s}).machine.step_timeout_s == limit_s
     for value in (limit_s + 1, 1e12):
@@ -174,6 +175,7 @@ def test_the_reap_deployments_age_limit_is_the_one_the_config_checks():
 
     import yaml
 
+    from contract.machine_config import REAPER_MAX_AGE_HOURS
     from flows.reap import reap
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "prefect.yaml").read_text())

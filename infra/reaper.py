@@ -11,7 +11,8 @@ ACTIVE, UNKNOWN or an exception clears the count; it is kept, and age decides in
 Age never overrides what is known: a LIVE run (heartbeats) or another installation's machine
 (FOREIGN) is never destroyed by age; past the limit the reaper says so through `alarm` instead.
 Age is never guessed: a row without a start date (an instance being created) is aged from the
-reaper's first sighting of it (`first_seen`, instance id -> time, kept by the caller between passes).
+reaper's first sighting of it (`first_seen`, instance id -> time, kept by the caller between passes;
+this CLI keeps none, so it ages such a row 0 h and keeps it).
 A malformed row is skipped and logged (infra/vast.py find_instances), never the end of the pass.
 """
 from __future__ import annotations

@@ -45,7 +45,7 @@ HOSTKEY_MARK = "QAT_HOSTKEY"
 # endpoint (onstart prints them within seconds): an instance whose lines never come is failed then,
 # not at the end of machine.provision_timeout_s.
 HOSTKEY_WAIT_S = 120.0
-# Fields a row of an instance being created shows null (docs/REFERENCE.md section 1d): not ready yet.
+# Fields a row of an instance being created shows null (docs/REFERENCE.md section 1b): not ready yet.
 HALF_FILLED = ("start_date", "dph_total", "ports")
 # One line per host key, exactly: the mark, the key type, OpenSSH's SHA256 fingerprint (43 base64 chars).
 _HOSTKEY_LINE = re.compile(rf"{HOSTKEY_MARK} ((?:ssh|ecdsa|sk)-[A-Za-z0-9@.-]+) (SHA256:[A-Za-z0-9+/]{{43}})")

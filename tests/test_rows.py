@@ -3,7 +3,7 @@ and a reaper that never guesses age (issue 18 items 2-3, issue 19 findings 3 and
 
 Against the emulator's defaults: a new instance's row shows start_date, dph_total and ports null for
 `half_filled_s` (default 1 s), and the log API serves the container's log (PID 1's stdout), not
-onstart's output (docs/REFERENCE.md section 1d)."""
+onstart's output (docs/REFERENCE.md section 1b)."""
 from __future__ import annotations
 
 import time

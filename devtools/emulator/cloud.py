@@ -6,7 +6,7 @@ fault). Billing: dph_total per second from creation until destroy (storage-only 
 Rows of instances being created are half-filled (`half_filled_s`, default 1 s: start_date, dph_total
 and ports null). The log API serves the container's log (PID 1's stdout: `<root>/proc/1/fd/1`, the
 sshd log, a status line), not onstart's output, which goes to `<root>/var/log/onstart.log` as in
-Vast's SSH launch mode (docs/REFERENCE.md section 1d).
+Vast's SSH launch mode (docs/REFERENCE.md section 1b).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ INSTANCE_KNOBS = {"stuck_loading", "ssh_refuse_s", "preempt_after_s", "preempt_m
                   "null_after_create_s", "destroy_lag_s", "nvidia_smi", "driver_cuda", "image_torchvision",
                   "half_filled_s", "garbled_fields"}
 # What an instance knob is when no rule sets it: rows of instances being created are half-filled for
-# a while, as Vast's are (docs/REFERENCE.md section 1d); a few of the product's poll intervals in tests.
+# a while, as Vast's are (docs/REFERENCE.md section 1b); a few of the product's poll intervals in tests.
 INSTANCE_DEFAULTS = {"half_filled_s": 1.0}
 # Global counters (the next N calls) and global settings (kept until changed or cleared).
 GLOBAL_COUNTERS = {"http_429", "quota_429", "lost_create"}

@@ -428,8 +428,8 @@ class VastProvider:
         hostkeys = ('ls "$etc"/ssh/ssh_host_*_key.pub >/dev/null 2>&1 || ssh-keygen -A >/dev/null 2>&1; '
                     'hk="$(for f in "$etc"/ssh/ssh_host_*_key.pub; do [ -f "$f" ] && '
                     f'echo "{HOSTKEY_MARK} $(cut -d" " -f1 "$f") $(ssh-keygen -l -E sha256 -f "$f" | cut -d" " -f2)"; '
-                    'done)"; printf "%s\n" "$hk"; '
-                    'printf "%s\n" "$hk" >> "${VAST_EMULATED_PROC:-/proc}/1/fd/1" 2>/dev/null; ')
+                    'done)"; printf "%s\\n" "$hk"; '
+                    'printf "%s\\n" "$hk" 2>/dev/null >> "${VAST_EMULATED_PROC:-/proc}/1/fd/1"; ')
         return (shell + hostkeys + "mkdir -p ~/.ssh && chmod 700 ~/.ssh && touch ~/.ssh/authorized_keys && "
                 f"(grep -qxF {k} ~/.ssh/authorized_keys || echo {k} >> ~/.ssh/authorized_keys) && "
                 "chmod 600 ~/.ssh/authorized_keys")

@@ -95,7 +95,7 @@ def test_an_onstart_that_prints_only_to_its_own_output_is_not_trusted(emulator, 
     the attempt fails after `hostkey_wait_s`, not at the end of machine.provision_timeout_s."""
     pair, ready = _ready(tmp_path)
     own = VastProvider.onstart_script(pair.public_key).replace(
-        '"$hk" >> "${VAST_EMULATED_PROC:-/proc}/1/fd/1"', '"$hk" >> /dev/null')
+        '"$hk" 2>/dev/null >> "${VAST_EMULATED_PROC:-/proc}/1/fd/1"', '"$hk" >> /dev/null')
     assert own != VastProvider.onstart_script(pair.public_key)
     monkeypatch.setattr(VastProvider, "onstart_script", staticmethod(lambda key: own))
     t0 = time.monotonic()

@@ -11,6 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .remote_env import PINNED_TORCH, PINNED_TORCH_CUDA
 
+# The reap deployment's age limit (prefect.yaml, max_age_hours): a labelled machine older than this
+# whose run is not known to be live is destroyed (infra/reaper.py).
+REAPER_MAX_AGE_HOURS = 24.0
+# How many times one step may run on one machine (tasks/remote_step.py: retries = STEP_ATTEMPTS - 1).
+STEP_ATTEMPTS = 4
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -90,4 +96,11 @@ class MachineConfig(Strict):
                              f"the pinned torch {PINNED_TORCH} build needs: on an older driver CUDA is not usable "
                              f"and setup refuses the machine; raise it to {PINNED_TORCH_CUDA:g} or more (or set "
                              "machine.gpu: none for a CPU run)")
+        limit_s = REAPER_MAX_AGE_HOURS * 3600
+        if self.step_timeout_s * STEP_ATTEMPTS > limit_s:
+            raise ValueError(f"machine.step_timeout_s {self.step_timeout_s:g} s x {STEP_ATTEMPTS} attempts of a step = "
+                             f"{self.step_timeout_s * STEP_ATTEMPTS / 3600:g} h, more than the reaper's age limit of "
+                             f"{REAPER_MAX_AGE_HOURS:g} h (max_age_hours of the reap deployment): the machine of a "
+                             f"step still retrying would outlive it. Set machine.step_timeout_s to at most "
+                             f"{limit_s / STEP_ATTEMPTS:g} s")
         return self

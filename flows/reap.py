@@ -12,6 +12,6 @@ from tasks.reaping import reap_labelled
 @flow(name="reap")
 def reap(max_age_hours: float = 24.0, dry_run: bool = False) -> list[dict]:
     log = get_run_logger()
-    out = reap_labelled(max_age_hours, dry_run, log.info)
+    out = reap_labelled(max_age_hours, dry_run, log.info, log_error=log.error)
     log.info("reaped %d instance(s)", len(out))
     return out

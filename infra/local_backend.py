@@ -34,7 +34,7 @@ class LocalBackend:
     def is_alive(self, lease: Lease, *, api_key=None, server_url=None) -> bool:
         return True
 
-    def find_instances(self, label_prefix: str, *, api_key=None, server_url=None) -> list[Lease]:
+    def find_instances(self, label_prefix: str, *, api_key=None, server_url=None, log=print) -> list[Lease]:
         return []
 
     def price_estimate(self, mc: MachineConfig, *, api_key=None, server_url=None) -> dict:

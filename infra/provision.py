@@ -62,10 +62,12 @@ def is_alive(lease: Lease, api_key: Optional[str] = None, server_url: Optional[s
     return backend(lease.backend).is_alive(lease, api_key=api_key, server_url=server_url)
 
 
-def find_instances(label_prefix: str, api_key: Optional[str] = None, server_url: Optional[str] = None) -> list[Lease]:
-    """Rented instances, on every backend, whose label starts with label_prefix (for teardown)."""
+def find_instances(label_prefix: str, api_key: Optional[str] = None, server_url: Optional[str] = None,
+                   log: LogFn = print) -> list[Lease]:
+    """Rented instances, on every backend, whose label starts with label_prefix (for teardown); a
+    malformed row is skipped and said through `log`."""
     return [lease for b in BACKENDS.values()
-            for lease in b.find_instances(label_prefix, api_key=api_key, server_url=server_url)]
+            for lease in b.find_instances(label_prefix, api_key=api_key, server_url=server_url, log=log)]
 
 
 def price_estimate(mc: MachineConfig, api_key: Optional[str] = None, server_url: Optional[str] = None) -> dict:

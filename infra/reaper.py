@@ -3,10 +3,17 @@
     python -m infra.reaper --max-age-hours 24 [--label-prefix qat-] [--dry-run] [--url URL]
 
 The API key comes from env VAST_API_KEY (never printed). Without Prefect (this CLI), age alone
-decides. The Prefect reap flow passes `run_status`, which asks the Prefect API and answers
-ACTIVE, GONE or UNKNOWN (tasks/reaping.py), and `suspects`, the labels judged GONE by the previous
-pass: an instance is destroyed for its run only on the second GONE verdict in a row. ACTIVE,
-UNKNOWN or an exception clears the count; it is kept, and age decides in the end.
+decides. The Prefect reap flow passes `run_status`, which asks the Prefect API and answers LIVE,
+ACTIVE, GONE, FOREIGN or UNKNOWN (tasks/reaping.py), and `suspects`, the labels judged GONE by the
+previous pass: an instance is destroyed for its run only on the second GONE verdict in a row.
+ACTIVE, UNKNOWN or an exception clears the count; it is kept, and age decides in the end.
+
+Age never overrides what is known: a LIVE run (heartbeats) or another installation's machine
+(FOREIGN) is never destroyed by age; past the limit the reaper says so through `alarm` instead.
+Age is never guessed: a row without a start date (an instance being created) is aged from the
+reaper's first sighting of it (`first_seen`, instance id -> time, kept by the caller between passes;
+this CLI keeps none, so it ages such a row 0 h and keeps it).
+A malformed row is skipped and logged (infra/vast.py find_instances), never the end of the pass.
 """
 from __future__ import annotations
 
@@ -19,46 +26,73 @@ from typing import Callable, Optional
 from . import provision
 from .vast import VastAPIError
 
-ACTIVE, GONE, UNKNOWN = "active", "gone", "unknown"
+LIVE, ACTIVE, GONE, FOREIGN, UNKNOWN = "live", "active", "gone", "foreign", "unknown"
 CONFIRMATIONS = 2  # consecutive GONE verdicts before an instance is destroyed for its run
 
 
 def reap_instances(api_key: Optional[str] = None, server_url: Optional[str] = None, max_age_hours: float = 24.0,
                    label_prefix: str = "qat-", run_status: Optional[Callable[[str], str]] = None,
                    suspects: Optional[dict] = None, dry_run: bool = False, log: Callable[[str], None] = print,
-                   now: Optional[float] = None) -> list[dict]:
+                   now: Optional[float] = None, first_seen: Optional[dict] = None,
+                   alarm: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Returns one row per instance to destroy: id, label, age_h, reason, destroyed (confirmed), error.
 
     `suspects` (label -> consecutive GONE verdicts so far) is updated in place to what the next pass
-    needs: the labels judged GONE now and still alive. The caller persists it (not on a dry run)."""
+    needs: the labels judged GONE now and still alive. `first_seen` (str(instance id) -> epoch s) is
+    updated in place to the instances listed now without a start date. The caller persists both
+    (not on a dry run). `alarm` receives {instance_id, label, age_h, verdict, message} for a machine
+    past the age limit that is kept because its run is live or it is another installation's
+    (default: `log` the message)."""
     now = now if now is not None else time.time()
     previous = dict(suspects or {})
+    sighted = dict(first_seen or {})
     judged: dict[str, int] = {}
+    seen_now: dict[str, float] = {}
     out = []
-    for lease in provision.find_instances(label_prefix, api_key=api_key, server_url=server_url):
+    for lease in provision.find_instances(label_prefix, api_key=api_key, server_url=server_url, log=log):
         label = lease.label
-        # no start date: treat as old, never leave it billing
-        age_h = (now - lease.created_at) / 3600.0 if lease.created_at else float("inf")
-        reason = None
-        if age_h > max_age_hours:
-            reason = f"older than {max_age_hours:g} h"
-        elif run_status is not None:
+        if lease.created_at:
+            age_h = (now - lease.created_at) / 3600.0
+        else:  # no start date (being created): age unknown, counted from the first sighting
+            key = str(lease.instance_id)
+            seen_now[key] = since = float(sighted.get(key, now))
+            age_h = (now - since) / 3600.0
+            log(f"instance {lease.instance_id} ({label}): no start date in its row (being created?); "
+                f"aged from the reaper's first sighting: {age_h:.1f} h")
+        verdict = None
+        if run_status is not None:
             try:
                 verdict = run_status(label)
             except Exception as e:  # cannot tell: keep it, age will decide later
                 log(f"instance {lease.instance_id} ({label}): could not check its run ({type(e).__name__}); kept")
                 verdict = UNKNOWN
-            if verdict == GONE:
-                count = int(previous.get(label, 0)) + 1
-                judged[label] = count
-                if count >= CONFIRMATIONS:
-                    reason = f"its run is gone ({count} checks in a row)"
-                else:
-                    log(f"instance {lease.instance_id} ({label}): its run is gone (check {count} of "
-                        f"{CONFIRMATIONS}); kept until the next check")
-            elif verdict != ACTIVE:
-                log(f"instance {lease.instance_id} ({label}): its run cannot be judged; kept "
-                    f"(age decides: {age_h:.1f} of {max_age_hours:g} h)")
+        reason = None
+        if verdict == GONE:
+            count = int(previous.get(label, 0)) + 1
+            judged[label] = count
+            if count >= CONFIRMATIONS:
+                reason = f"its run is gone ({count} checks in a row)"
+            else:
+                log(f"instance {lease.instance_id} ({label}): its run is gone (check {count} of "
+                    f"{CONFIRMATIONS}); kept until the next check")
+        if reason is None and age_h > max_age_hours:
+            if verdict in (LIVE, FOREIGN):
+                why = ("its run is live (it sends heartbeats)" if verdict == LIVE else
+                       "it is another installation's machine (its own reaper judges it)")
+                message = (f"instance {lease.instance_id} ({label}) is {age_h:.1f} h old, past the reaper's "
+                           f"{max_age_hours:g} h, but {why}: kept, not destroyed by age. Check that run "
+                           "(machine.step_timeout_s x attempts must stay under the reaper's limit)")
+                (alarm or (lambda a: log(a["message"])))({"instance_id": lease.instance_id, "label": label,
+                                                          "age_h": round(age_h, 2), "verdict": verdict,
+                                                          "message": message})
+            else:
+                reason = f"older than {max_age_hours:g} h"
+        elif reason is None and verdict == FOREIGN:
+            log(f"instance {lease.instance_id} ({label}): another installation's machine; kept (its own reaper "
+                "judges it)")
+        elif reason is None and verdict not in (None, GONE, ACTIVE, LIVE):
+            log(f"instance {lease.instance_id} ({label}): its run cannot be judged; kept "
+                f"(age decides: {age_h:.1f} of {max_age_hours:g} h)")
         if reason is None:
             continue
         entry = {"instance_id": lease.instance_id, "label": label, "age_h": round(age_h, 2), "reason": reason,
@@ -74,10 +108,14 @@ def reap_instances(api_key: Optional[str] = None, server_url: Optional[str] = No
                 log(f"could not destroy instance {entry['instance_id']} ({label}): {e}")
         if entry["destroyed"]:
             judged.pop(label, None)
+            seen_now.pop(str(lease.instance_id), None)
         out.append(entry)
     if suspects is not None:
         suspects.clear()
         suspects.update(judged)
+    if first_seen is not None:
+        first_seen.clear()
+        first_seen.update(seen_now)
     return out
 
 

@@ -58,7 +58,7 @@ class SSHBackend:
         except Exception:
             return False
 
-    def find_instances(self, label_prefix: str, *, api_key=None, server_url=None) -> list[Lease]:
+    def find_instances(self, label_prefix: str, *, api_key=None, server_url=None, log=print) -> list[Lease]:
         return []
 
     def price_estimate(self, mc: MachineConfig, *, api_key=None, server_url=None) -> dict:

@@ -5,11 +5,12 @@ key never appears in messages: SDK errors are re-raised as VastAPIError with the
 `api_key=` query value redacted, and without the original exception chained.
 
 Host keys come over a second channel: the onstart script prints one `QAT_HOSTKEY <type>
-SHA256:<fingerprint>` line per host key of the instance's sshd into the instance log; `launch`
-reads that log over the HTTPS API (the SDK's `logs`: request_logs, then the result URL) before the
-first SSH connection, and the lease carries the fingerprints, so SSH accepts only a key among them
-(infra/ssh.py). An attempt whose log never shows the line is failed, destroyed, and the next offer
-tried. What this protects: the SSH path (a man in the middle, a recycled address). What it cannot:
+SHA256:<fingerprint>` line per host key of the instance's sshd into the container's log (PID 1's
+stdout: in SSH launch mode onstart's own output goes to /var/log/onstart.log, which the log API does
+not serve); `launch` reads that log over the HTTPS API (the SDK's `logs`: request_logs, then the
+result URL) before the first SSH connection, and the lease carries the fingerprints, so SSH accepts
+only a key among them (infra/ssh.py). An attempt whose log shows no such line within
+`hostkey_wait_s` of running is failed, destroyed, and the next offer tried. What this protects: the SSH path (a man in the middle, a recycled address). What it cannot:
 the machine itself writes its log, so a hostile host can print its own keys (it is the machine we
 rented, and everything it sends is checked as untrusted anyway).
 """
@@ -40,6 +41,12 @@ RETRY_STATUS = {429, 500, 502, 503, 504}
 MAX_RETRY_AFTER_S = 60.0  # the SDK's own cap (vastai 1.9.1 api/client.py _MAX_RETRY_AFTER_SECONDS)
 QUOTA_MESSAGE = "Vast.ai daily search quota exceeded; retry after UTC midnight"
 HOSTKEY_MARK = "QAT_HOSTKEY"
+# How long the QAT_HOSTKEY lines may take to reach the log API once the instance runs with an SSH
+# endpoint (onstart prints them within seconds): an instance whose lines never come is failed then,
+# not at the end of machine.provision_timeout_s.
+HOSTKEY_WAIT_S = 120.0
+# Fields a row of an instance being created shows null (docs/REFERENCE.md section 1b): not ready yet.
+HALF_FILLED = ("start_date", "dph_total", "ports")
 # One line per host key, exactly: the mark, the key type, OpenSSH's SHA256 fingerprint (43 base64 chars).
 _HOSTKEY_LINE = re.compile(rf"{HOSTKEY_MARK} ((?:ssh|ecdsa|sk)-[A-Za-z0-9@.-]+) (SHA256:[A-Za-z0-9+/]{{43}})")
 
@@ -96,7 +103,8 @@ def check_instance(row: Any, what: str = "instance") -> dict:
         if field not in row:
             raise VastAPIError(f"malformed {what}: field {field!r} is missing ({_brief(row)})")
     _num(row, "id", what)
-    _num(row, "dph_total", what, 0.0)
+    if row["dph_total"] is not None:  # null while the instance is being created (HALF_FILLED)
+        _num(row, "dph_total", what)
     for field in ("actual_status", "label", "status_msg", "ssh_host", "public_ipaddr", "cur_state"):
         if row.get(field) is not None and not isinstance(row[field], str):
             raise VastAPIError(f"malformed {what}: field {field!r} is {row[field]!r}, expected text ({_brief(row)})")
@@ -117,7 +125,7 @@ class VastProvider:
 
     def __init__(self, api_key: Optional[str] = None, server_url: Optional[str] = None, *,
                  poll_s: float = 3.0, retries: int = 6, backoff_s: float = 1.0, create_settle_s: float = 60.0,
-                 log_fn: Callable[[str], None] = log.info):
+                 hostkey_wait_s: float = HOSTKEY_WAIT_S, log_fn: Callable[[str], None] = log.info):
         key = api_key or os.environ.get("VAST_API_KEY")
         if not key:
             raise VastAPIError("no Vast.ai API key: pass api_key or set VAST_API_KEY "
@@ -127,6 +135,7 @@ class VastProvider:
         self.poll_s, self.retries, self.backoff_s = poll_s, retries, backoff_s
         # how long to look (by label) for an instance a create may have made when its answer was lost
         self.create_settle_s = create_settle_s
+        self.hostkey_wait_s = hostkey_wait_s
         self.log = log_fn
         # The SDK's own retry is short (3 tries, 0.15 s): we retry 429/5xx bursts ourselves.
         self._sdk = VastAI(api_key=key, server_url=server_url, retry=1, quiet=True)
@@ -296,12 +305,20 @@ class VastProvider:
     # -- instances ------------------------------------------------------------------------------
     def show(self, instance_id: int) -> Optional[dict]:
         """The instance's row, or None when the API says it does not exist ({"instances": null} or a
-        404: Vast answers null for a while after destroy, then 404; also null right after create)."""
+        404: Vast answers null for a while after destroy, then 404; also null right after create).
+        A row of an instance being created may be half-filled (HALF_FILLED fields null): returned as
+        is, so the SDK's own `show_instance` (it computes `time.time() - start_date`) is not used."""
         try:
-            row = self._call("show instance", self._sdk.show_instance, instance_id)
+            row = self._call("show instance", self._show_row, instance_id)
         except VastNotFound:
             return None
         return None if row is None else check_instance(row, f"Vast.ai show instance {instance_id} answer")
+
+    def _show_row(self, instance_id: int) -> Any:
+        """vastai 1.9.1's show_instance request, without its arithmetic on start_date."""
+        r = self._sdk.client.get(f"/instances/{int(instance_id)}/", query_args={"owner": "me"})
+        r.raise_for_status()
+        return r.json()["instances"]
 
     def find_instances(self, label_prefix: str) -> list[dict]:
         """Instances whose label starts with label_prefix (and are not already gone).
@@ -309,8 +326,9 @@ class VastProvider:
         Pages through `/api/v1/instances/` itself (the SDK's show_instances computes
         `time.time() - start_date` on every row and dies on one null). Rows of other instances in the
         account (label null or not ours) may have null fields: they are skipped unread; our own rows
-        are validated strictly (check_instance). A row whose label is not text cannot be told apart:
-        that is an error."""
+        are validated (check_instance: HALF_FILLED fields may be null) and one that fails is logged
+        and skipped, never the end of the listing; so is a row whose label is not text (it cannot be
+        told apart). A page that is not a list of objects is an error."""
         params: dict = {"select_filters": {}, "order_by": [{"col": "id", "dir": "asc"}], "limit": 25}
         out: list[dict] = []
         for _ in range(10_000):
@@ -322,12 +340,17 @@ class VastProvider:
                 if not isinstance(row, dict):
                     raise VastAPIError(f"Vast.ai list instances: malformed row, expected an object: {_brief(row)}")
                 label = row.get("label")
-                if label is not None and not isinstance(label, str):
-                    raise VastAPIError(f"malformed Vast.ai list instances row: field 'label' is {label!r}, "
-                                       f"expected text ({_brief(row)})")
+                if label is not None and not isinstance(label, str):  # cannot be told apart: never ours to touch
+                    self.log(self.redact(f"skipped: malformed Vast.ai list instances row: field 'label' is "
+                                         f"{label!r}, expected text ({_brief(row)})"))
+                    continue
                 if label is None or not label.startswith(label_prefix):
                     continue  # another project's instance: its fields are not ours to judge
-                check_instance(row, "Vast.ai list instances row")
+                try:
+                    check_instance(row, "Vast.ai list instances row")
+                except VastAPIError as e:
+                    self.log(f"skipped: {self.redact(str(e))}")
+                    continue
                 if row.get("cur_state") not in GONE_STATES:
                     out.append(row)
             token = data.get("next_token")
@@ -388,12 +411,14 @@ class VastProvider:
            written to /etc/environment, which SSH sessions read (SSH launch mode replaces the image's
            entrypoint, so they get a minimal PATH otherwise); names that look like secrets (KEY,
            TOKEN, SECRET, PASSW) and per-shell ones are left out;
-        3. the host keys' fingerprints printed into the instance log (one `QAT_HOSTKEY <type>
-           SHA256:<fp>` line each, host keys generated first if the image has none); the product
-           connects only after reading them, so 1 and 2 are in place by its first command;
+        3. the host keys' fingerprints printed (one `QAT_HOSTKEY <type> SHA256:<fp>` line each, host
+           keys generated first if the image has none) to the container's log, PID 1's stdout
+           (`/proc/1/fd/1`), which the log API serves, and to onstart's own output (Vast's
+           /var/log/onstart.log, which it does not serve); the product connects only after reading
+           them, so 1 and 2 are in place by its first command;
         4. our key installed for root (keys may also be attached through the API).
-        `VAST_EMULATED_ETC` is the emulator's stand-in for the image's /etc (it runs no container);
-        unset on Vast.ai."""
+        `VAST_EMULATED_ETC` / `VAST_EMULATED_PROC` are the emulator's stand-ins for the image's /etc
+        and /proc (it runs no container); unset on Vast.ai."""
         k = shlex.quote(public_key)
         shell = ('touch ~/.no_auto_tmux; etc="${VAST_EMULATED_ETC:-/etc}"; '
                  "env | grep -E '^[A-Za-z_][A-Za-z0-9_]*=' "
@@ -401,9 +426,10 @@ class VastProvider:
                  "| grep -viE '^[A-Za-z0-9_]*(KEY|TOKEN|SECRET|PASSW)[A-Za-z0-9_]*=' "
                  '> "$etc/environment.qat" && mv -f "$etc/environment.qat" "$etc/environment"; ')
         hostkeys = ('ls "$etc"/ssh/ssh_host_*_key.pub >/dev/null 2>&1 || ssh-keygen -A >/dev/null 2>&1; '
-                    'for f in "$etc"/ssh/ssh_host_*_key.pub; do [ -f "$f" ] && '
+                    'hk="$(for f in "$etc"/ssh/ssh_host_*_key.pub; do [ -f "$f" ] && '
                     f'echo "{HOSTKEY_MARK} $(cut -d" " -f1 "$f") $(ssh-keygen -l -E sha256 -f "$f" | cut -d" " -f2)"; '
-                    'done; ')
+                    'done)"; printf "%s\\n" "$hk"; '
+                    'printf "%s\\n" "$hk" 2>/dev/null >> "${VAST_EMULATED_PROC:-/proc}/1/fd/1"; ')
         return (shell + hostkeys + "mkdir -p ~/.ssh && chmod 700 ~/.ssh && touch ~/.ssh/authorized_keys && "
                 f"(grep -qxF {k} ~/.ssh/authorized_keys || echo {k} >> ~/.ssh/authorized_keys) && "
                 "chmod 600 ~/.ssh/authorized_keys")
@@ -420,8 +446,9 @@ class VastProvider:
         return found
 
     def wait_host_keys(self, instance_id: int, timeout_s: float) -> list[str]:
-        """The host key fingerprints the instance printed in its log, read over the API (polled until
-        `timeout_s`). Raises ProvisionError when the line never shows: no key may be trusted then."""
+        """The host key fingerprints the instance printed in its container log, read over the API
+        (polled until `timeout_s`). Raises ProvisionError when the line never shows: no key may be
+        trusted then."""
         deadline = time.monotonic() + max(0.0, timeout_s)
         last = ""
         while True:
@@ -436,9 +463,9 @@ class VastProvider:
             if time.monotonic() >= deadline:
                 raise ProvisionError(
                     f"instance {instance_id}: its onstart never printed the SSH host key fingerprints "
-                    f"({HOSTKEY_MARK} lines) in the instance log within {timeout_s:.0f}s (last: {last[:200]}); "
-                    "refusing to connect without the host key from the provider's channel "
-                    "(machine.provision_timeout_s)")
+                    f"({HOSTKEY_MARK} lines) in the instance's container log within {timeout_s:.0f}s of running "
+                    f"(last: {last[:200]}); refusing to connect without the host key from the provider's "
+                    "channel. onstart must write them to PID 1's stdout (/proc/1/fd/1), which the log API serves")
             time.sleep(self.poll_s)
 
     @staticmethod
@@ -467,9 +494,11 @@ class VastProvider:
         return found[0] if found else (None, None)
 
     def _wait_running(self, iid: int, timeout_s: float) -> dict:
-        """Poll until running with an SSH endpoint. Raises ProvisionError on failure states."""
+        """Poll until running with an SSH endpoint and a filled row (HALF_FILLED fields set: a row
+        of an instance being created is "not yet", never an error). Raises ProvisionError on
+        failure states and at the deadline."""
         deadline = time.monotonic() + timeout_s
-        status, seen = None, False
+        status, seen, missing = None, False, []
         while True:
             row = self.show(iid)
             if row is None:  # Vast's show answers null for a while right after create: keep polling
@@ -484,11 +513,13 @@ class VastProvider:
             status, msg = row.get("actual_status"), str(row.get("status_msg") or "")
             if "OCI runtime" in msg or status in FAILED_STATES:
                 raise ProvisionError(f"instance {iid} failed to start: status {status!r}: {msg[:300]}")
-            if status == "running" and self.ssh_endpoint(row)[0]:
+            missing = [f for f in HALF_FILLED if row.get(f) is None]
+            if status == "running" and self.ssh_endpoint(row)[0] and not missing:
                 return row
             if time.monotonic() > deadline:
+                nulls = f"; still null: {', '.join(missing)}" if missing else ""
                 raise ProvisionError(f"instance {iid} not running after {timeout_s:.0f}s "
-                                     f"(status {status!r}: {msg[:200]}); machine.provision_timeout_s")
+                                     f"(status {status!r}: {msg[:200]}{nulls}); machine.provision_timeout_s")
             time.sleep(self.poll_s)
 
     def _look_for_created(self, label: str, known: set[int], wait_s: float) -> Optional[dict]:
@@ -599,7 +630,7 @@ class VastProvider:
                     self.log(f"instance {iid}: attaching the SSH key failed ({e}); relying on onstart")
                 row = self._wait_running(iid, m.provision_timeout_s)
                 # the host keys, from the instance log over HTTPS: pinned before the first SSH connection
-                fingerprints = self.wait_host_keys(iid, deadline - time.monotonic())
+                fingerprints = self.wait_host_keys(iid, min(deadline - time.monotonic(), self.hostkey_wait_s))
                 self.log(f"instance {iid}: host key(s) from the provider log: {', '.join(fingerprints)}")
                 host, port = self.ssh_endpoint(row)
                 lease = Lease(backend="vast", label=label, instance_id=iid, host=host, port=port, user="root",

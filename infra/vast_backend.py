@@ -49,8 +49,9 @@ class VastBackend(SSHBackend):
     def is_alive(self, lease: Lease, *, api_key=None, server_url=None) -> bool:
         return lease.instance_id is not None and self.provider(api_key, server_url).is_running(int(lease.instance_id))
 
-    def find_instances(self, label_prefix: str, *, api_key=None, server_url=None) -> list[Lease]:
-        return [self.lease_from_row(r) for r in self.provider(api_key, server_url).find_instances(label_prefix)]
+    def find_instances(self, label_prefix: str, *, api_key=None, server_url=None, log: LogFn = print) -> list[Lease]:
+        """Our labelled instances; a malformed row is skipped and said through `log`."""
+        return [self.lease_from_row(r) for r in self.provider(api_key, server_url, log).find_instances(label_prefix)]
 
     def price_estimate(self, mc: MachineConfig, *, api_key=None, server_url=None) -> dict:
         """Before renting, on the offer that would be rented (cheapest per training sample): samples x
@@ -61,6 +62,7 @@ class VastBackend(SSHBackend):
                 "offers": 1 + len(rest), "gpu_name": best.get("gpu_name"), "offer_id": best.get("id")}
 
     def lease_from_row(self, row: dict) -> Lease:
+        """created_at 0.0 and dph_total 0.0: unknown (null while the instance is being created)."""
         host, port = VastProvider.ssh_endpoint(row)
         return Lease(backend=self.name, label=str(row.get("label") or ""), instance_id=int(row["id"]), host=host,
                      port=port, dph_total=float(row.get("dph_total") or 0.0), gpu_name=str(row.get("gpu_name") or ""),

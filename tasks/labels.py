@@ -2,9 +2,10 @@
 
 The installation id is 8 hex digits, created once per Prefect server (workspace) and kept there as the
 Prefect Variable `qat-installation-id`. It proves that a label was made by the flows of *this*
-server: the reaper (tasks/reaping.py) only ever asks this server about labels that carry it, so the
-runs of another Prefect server sharing the Vast.ai account are judged by age alone. Deleting or
-changing the Variable makes every earlier label foreign (age alone decides): the safe direction.
+server: the reaper (tasks/reaping.py) only ever asks this server about labels that carry it; the
+machines of another Prefect server sharing the Vast.ai account are foreign: never destroyed here,
+not even by age (past it, the reaper logs an error). Deleting or changing the Variable makes every
+earlier label foreign: those machines are kept; destroy them by hand (`python -m infra.reaper`).
 
 Length: 4 + 8 + 1 + 36 = 49 characters (Vast.ai accepts labels of up to 60)."""
 from __future__ import annotations

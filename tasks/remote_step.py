@@ -18,6 +18,7 @@ from contract.catalogue import (BULK_OUTPUTS, CHECKPOINT_DIR, ERROR_PREFIX, OUTP
                                 PROGRESS_PREFIX, REDERIVED, RESUMING_STEP, checkpoint_number, marked_json)
 from contract.config import RunConfig
 from contract.layout import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK
+from contract.machine_config import STEP_ATTEMPTS
 from contract.result_file import ERROR_FILE, config_hash, is_done, read_result
 from infra import provision
 from infra.local import printable
@@ -164,7 +165,7 @@ def fetch_outputs(m: Machine, step: str, local_work: Path, succeeded: bool) -> i
     return landed
 
 
-@task(name="step", task_run_name="{step}", retries=3, retry_delay_seconds=exponential_backoff(10),
+@task(name="step", task_run_name="{step}", retries=STEP_ATTEMPTS - 1, retry_delay_seconds=exponential_backoff(10),
       retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
 def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -> dict:
     """Run `python -m steps <step>` on the machine, streaming its lines into the Prefect logs."""

@@ -26,6 +26,9 @@ KEY_ONLY = "mkdir -p ~/.ssh && echo '{pub}' >> ~/.ssh/authorized_keys"
 
 @pytest.fixture
 def sdk(emulator):
+    # rows filled at once: the SDK's show_instance(s) die on a null start_date (the half-filled rows of
+    # instances being created are tested in test_half_filled_rows_by_default)
+    emulator.set_faults(half_filled_s=0)
     return VastAI(api_key=emulator.api_key, server_url=emulator.url)
 
 
@@ -162,7 +165,9 @@ def test_instance_lifecycle_ssh_sftp_logs_label_destroy_billing(emulator, sdk, c
     assert sdk.label_instance(iid, "t-renamed")["success"] is True
     assert sdk.show_instance(iid)["label"] == "t-renamed"
     assert [r["id"] for r in sdk.show_instances()] == [iid]
-    assert f"onstart-ran-in-{disk}" in sdk.logs(iid, tail="100")
+    # SSH launch mode: onstart's output is in /var/log/onstart.log, not in the container log the API serves
+    assert f"onstart-ran-in-{disk}" not in sdk.logs(iid, tail="100")
+    assert f"onstart-ran-in-{disk}" in (Path(info["root"]) / "var" / "log" / "onstart.log").read_text()
 
     time.sleep(0.3)
     before = sdk.show_user()["balance"]
@@ -329,10 +334,12 @@ def test_fault_knob_validation(emulator):
 
 def test_onstart_sees_the_image_host_keys_and_logs_come_back_over_the_api(emulator, sdk, client_key):
     """The instance's sshd host key is where an image keeps it (<image /etc>/ssh), exists before
-    onstart runs, and onstart's output is the instance log (request_logs -> result_url, no auth)."""
+    onstart runs, and what onstart writes to PID 1's stdout (the container's log, `/proc/1/fd/1`:
+    $VAST_EMULATED_PROC/1/fd/1) comes back over the log API (request_logs -> result_url, no auth);
+    onstart's own output does not (/var/log/onstart.log in SSH launch mode)."""
     key, pub = client_key
-    onstart = (f"mkdir -p ~/.ssh && echo '{pub}' >> ~/.ssh/authorized_keys; "
-               'cat "$VAST_EMULATED_ETC"/ssh/ssh_host_*_key.pub')
+    onstart = (f"mkdir -p ~/.ssh && echo '{pub}' >> ~/.ssh/authorized_keys; echo own-output-only; "
+               'cat "$VAST_EMULATED_ETC"/ssh/ssh_host_*_key.pub >> "$VAST_EMULATED_PROC/1/fd/1"')
     iid = sdk.create_instance(sdk.search_offers(query={"rented": {"eq": False}}, no_default=True)[0]["id"],
                               image="x", disk=10, label="t-keys", onstart_cmd=onstart, ssh=True, direct=True)["new_contract"]
     row, _ = wait_status(sdk, iid, "running")
@@ -340,7 +347,8 @@ def test_onstart_sees_the_image_host_keys_and_logs_come_back_over_the_api(emulat
     deadline = time.monotonic() + 10
     while info["host_key"] not in sdk.logs(iid, tail="100") and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert info["host_key"] in sdk.logs(iid, tail="100")
+    assert info["host_key"] in sdk.logs(iid, tail="100") and "own-output-only" not in sdk.logs(iid, tail="100")
+    assert "own-output-only" in (Path(info["root"]) / "var" / "log" / "onstart.log").read_text()
     c = ssh(row["ssh_port"], key, retry_until=5)
     assert c.get_transport().get_remote_server_key().get_base64() == info["host_key"].split()[1]
     c.close()
@@ -523,4 +531,29 @@ def test_fault_nvidia_smi(emulator, sdk, client_key, faults, code, text):
     got, out, err = run(c, "nvidia-smi")
     assert got == code and text in out + err
     c.close()
+    sdk.destroy_instance(iid)
+
+
+def test_half_filled_rows_by_default(emulator):
+    """A new instance's row (show and list) has start_date, dph_total and ports null for
+    `half_filled_s` (default 1 s), as Vast's rows of instances being created do: the SDK's own
+    show_instance dies on it (it computes time.time() - start_date). `garbled_fields` garbles one row."""
+    sdk = VastAI(api_key=emulator.api_key, server_url=emulator.url)
+    offer = sdk.search_offers(query={"rented": {"eq": False}}, no_default=True)[0]["id"]
+    iid = sdk.create_instance(offer, image="x", disk=10, label="half-1")["new_contract"]
+    params = {"select_filters": {}, "order_by": [{"col": "id", "dir": "asc"}], "limit": 25}
+    raw = requests.get(f"{emulator.url}/api/v0/instances/{iid}/", params={"api_key": emulator.api_key}, timeout=10)
+    (listed,) = sdk.show_instances_v1(params)["instances"]
+    for row in (raw.json()["instances"], listed):
+        assert row["start_date"] is None and row["dph_total"] is None and row["ports"] is None
+        assert row["label"] == "half-1" and row["ssh_port"]
+    with pytest.raises(TypeError):
+        sdk.show_instance(iid)
+    time.sleep(1.1)
+    row = sdk.show_instance(iid)
+    assert row["start_date"] and row["dph_total"] > 0 and row["ports"]["22/tcp"]
+    emulator.set_faults(id=iid, garbled_fields=["dph_total"])
+    assert sdk.show_instance(iid)["dph_total"] == "cheap"
+    with pytest.raises(RuntimeError, match="garbled_fields"):
+        emulator.set_faults(garbled_fields="dph_total")
     sdk.destroy_instance(iid)

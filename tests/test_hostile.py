@@ -92,8 +92,11 @@ def test_reaper_cli_on_garbage_exits_clearly_without_the_key(emulator, mode):
     r = subprocess.run([sys.executable, "-m", "infra.reaper", "--max-age-hours", "1", "--url", emulator.url],
                        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1], timeout=120)
     out = r.stdout + r.stderr
-    assert r.returncode == 2, out
-    assert r.stderr.startswith("reaper: ") and "Vast.ai list instances" in r.stderr, out
+    if mode == "wrong_types":  # a readable listing whose row is garbled: that row skipped and said, the pass goes on
+        assert r.returncode == 0 and "skipped: malformed Vast.ai list instances row" in r.stdout, out
+    else:
+        assert r.returncode == 2, out
+        assert r.stderr.startswith("reaper: ") and "Vast.ai list instances" in r.stderr, out
     assert "Traceback" not in out and emulator.api_key not in out
     emulator.clear_faults()
     assert p.destroy(iid)

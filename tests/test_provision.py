@@ -79,6 +79,7 @@ def _create(emulator, label: str) -> int:
 
 
 def test_reaper_age_and_finished_runs(emulator):
+    emulator.set_faults(half_filled_s=0)  # rows with a start date at once (tests/test_rows.py: without)
     old, finished, active, foreign = (_create(emulator, lbl) for lbl in ("qat-old", "qat-done", "qat-live", "mine"))
     kw = dict(api_key=emulator.api_key, server_url=emulator.url, log=lambda m: None)
     status = lambda label: reaper.GONE if label == "qat-done" else reaper.ACTIVE  # noqa: E731
@@ -114,6 +115,7 @@ def test_reaper_keeps_on_unknown_and_errors_and_resets_the_count(emulator):
 
 
 def test_reaper_cli(emulator, monkeypatch, capsys):
+    emulator.set_faults(half_filled_s=0)  # a row with a start date at once (tests/test_rows.py: without)
     _create(emulator, "qat-cli")
     monkeypatch.setenv("VAST_API_KEY", emulator.api_key)
     assert reaper.main(["--url", emulator.url, "--max-age-hours", "0", "--dry-run"]) == 0

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from infra.reaper import ACTIVE, GONE, UNKNOWN
+from infra.reaper import ACTIVE, FOREIGN, GONE, LIVE, UNKNOWN
 from tasks import labels
 
 HANG_S = 3.0  # > the 1 s request timeout set below
@@ -182,7 +182,7 @@ def test_label_carries_the_installation_id_and_fits_vast(server):
 
 # ---------------------------------------------------------------- the real run_is_active
 
-@pytest.mark.parametrize("name,verdict", [("running-beating", ACTIVE), ("running-silent", ACTIVE),
+@pytest.mark.parametrize("name,verdict", [("running-beating", LIVE), ("running-silent", ACTIVE),
                                           ("pending", ACTIVE), ("running-stale", GONE),
                                           ("completed", GONE), ("crashed", GONE)])
 def test_runs_of_this_server(server, name, verdict):
@@ -198,14 +198,16 @@ def test_unknown_run_of_this_installation_is_gone(server):
 
 
 def test_foreign_and_unprovable_labels_are_unknown(server):
-    """Another installation's label, even for a run this server does not know (a 404) or a dead one;
-    labels without a UUID; labels of the old `qat-<uuid>` form: never judged, age decides."""
+    """Another installation's label, even for a run this server does not know (a 404) or a dead one:
+    FOREIGN (never judged, never destroyed by age); labels without a UUID; labels of the old
+    `qat-<uuid>` form: never judged, age decides."""
     from tasks.reaping import run_is_active
 
     unknown = uuid.uuid4()
     for label in (labels.make_label(other_install(server), unknown),
-                  labels.make_label(other_install(server), server.runs["completed"]),
-                  f"qat-{unknown}", f"qat-{server.runs['completed']}", "qat-manual-box", "qat-local-1700000000",
+                  labels.make_label(other_install(server), server.runs["completed"])):
+        assert run_is_active(label) == FOREIGN, label
+    for label in (f"qat-{unknown}", f"qat-{server.runs['completed']}", "qat-manual-box", "qat-local-1700000000",
                   f"qat-{server.install}-{str(unknown)[:-1]}", "qat-", ""):
         assert run_is_active(label) == UNKNOWN, label
 
@@ -340,3 +342,75 @@ def test_dry_run_remembers_nothing(server, emulator, tmp_path, monkeypatch):
     assert reap_labelled(24, False, lambda m: None, state_path=state) == []
     rows = reap_labelled(24, False, lambda m: None, state_path=state)
     assert [r["instance_id"] for r in rows] == [iid] and emulator.live_instances() == []
+
+
+def test_reap_flow_never_destroys_a_live_or_foreign_machine_by_age_and_ages_rows_from_first_sighting(
+        server, emulator, tmp_path, monkeypatch):
+    """max_age_hours 0: every machine is past the limit. A run sending heartbeats (LIVE) and another
+    installation's machine (FOREIGN) are kept, with an error and a `qat.reaper.kept-past-age` event
+    each; our instance being created (start_date null) is aged from the first sighting, kept in the
+    state file: kept on the first pass, destroyed by age on the next."""
+    from prefect import flow, get_client
+    from prefect.events import emit_event
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+    from prefect.events.worker import EventsWorker
+    from prefect.states import Running
+    from tasks.reaping import KEPT_PAST_AGE, _heartbeats, load_first_seen, reap_labelled
+
+    @flow(name="qat-live")
+    def live_flow():
+        pass
+
+    monkeypatch.setenv("VAST_API_KEY", emulator.api_key)
+    monkeypatch.setenv("VAST_URL", emulator.url)
+    with get_client(sync_client=True) as c:
+        run_id = c.create_flow_run(live_flow, state=Running()).id
+    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)
+    emit_event("prefect.flow-run.heartbeat", resource={"prefect.resource.id": f"prefect.flow-run.{run_id}"})
+    EventsWorker.drain_all()
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as c:
+        while not _heartbeats(c, str(run_id), since):
+            assert time.monotonic() < deadline, "the heartbeat never reached the server"
+            time.sleep(0.5)
+    emulator.set_faults(half_filled_s=0)
+    new_label = ours(server, server.runs["pending"])
+    emulator.set_faults(label_prefix=new_label, half_filled_s=600)
+    spec = {"live": ours(server, run_id), "foreign": labels.make_label(other_install(server), uuid.uuid4()),
+            "new": new_label}
+    ids = {name: _create(emulator, label) for name, label in spec.items()}
+    state = tmp_path / "state.json"
+    info, errors = [], []
+
+    def rpass():
+        labels._cache.clear()
+        with faulty_client(None):
+            out = reap_labelled(0, False, info.append, state_path=state, log_error=errors.append)
+        EventsWorker.drain_all()
+        return out
+
+    try:
+        assert rpass() == [], info + errors
+        assert load_first_seen(state).keys() == {str(ids["new"])}
+        assert sorted(e.split(" ", 2)[1] for e in errors if "not destroyed by age" in e) == sorted(
+            str(ids[n]) for n in ("live", "foreign")), errors
+        time.sleep(0.05)
+        rows = rpass()
+        assert [(r["instance_id"], r["reason"]) for r in rows] == [(ids["new"], "older than 0 h")], info + errors
+        assert load_first_seen(state) == {}
+        assert sorted(r["id"] for r in emulator.live_instances()) == sorted([ids["live"], ids["foreign"]])
+        deadline = time.monotonic() + 60
+        with get_client(sync_client=True) as c:
+            while True:
+                events = c.read_events(EventFilter(event=EventNameFilter(name=[KEPT_PAST_AGE]),
+                                                   occurred=EventOccurredFilter(since=since)), limit=50).events
+                if len({e.resource.id for e in events}) >= 2 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        assert {e.resource.id for e in events} == {f"vast.instance.{ids[n]}" for n in ("live", "foreign")}
+    finally:
+        from infra import provision
+        from infra.machine import Lease
+
+        for r in emulator.live_instances():
+            provision.release(Lease(backend="vast", label="", instance_id=r["id"]), emulator.api_key, emulator.url)

@@ -35,14 +35,21 @@ def test_cli_search_create_show_label_logs_destroy(emulator):
     iid = created["new_contract"]
     deadline = time.monotonic() + 8
     while time.monotonic() < deadline:
-        (row,) = json.loads(cli(emulator, "show", "instances", "--raw").stdout)
-        if row["actual_status"] == "running":
+        # while its row is half-filled (start_date null) the real CLI itself fails, as on Vast.ai
+        r = cli(emulator, "show", "instances", "--raw", check=False)
+        if r.returncode != 0:
+            assert "start_date" in r.stderr or "NoneType" in r.stderr, r.stderr
+            continue
+        (row,) = json.loads(r.stdout)
+        if row["actual_status"] == "running" and row["start_date"] is not None:
             break
     assert row["id"] == iid and row["actual_status"] == "running" and row["label"] == "cli-run"
     assert row["ssh_host"] == "127.0.0.1" and row["gpu_name"] == offers[0]["gpu_name"]
 
     assert "renamed" in cli(emulator, "label", "instance", str(iid), "renamed").stdout
-    assert "hello-from-onstart" in cli(emulator, "logs", str(iid)).stdout
+    # the log API serves the container's log: onstart's own output is in /var/log/onstart.log only
+    assert "hello-from-onstart" not in cli(emulator, "logs", str(iid)).stdout
+    assert "hello-from-onstart" in (Path(emulator.instance_info(iid)["root"]) / "var/log/onstart.log").read_text()
     assert f"destroying instance {iid}" in cli(emulator, "destroy", "instance", str(iid), "-y").stdout
     assert json.loads(cli(emulator, "show", "instance", str(iid), "--raw").stdout) == {"instances": None}
     (entry,) = emulator.ledger()["instances"]

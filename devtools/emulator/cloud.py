@@ -3,6 +3,10 @@
 Lifecycle: created -> loading (after boot/4) -> running (after boot). On `running` the onstart
 script starts (bash -c, cwd = HOME = disk) and the instance's sshd starts (unless delayed by a
 fault). Billing: dph_total per second from creation until destroy (storage-only while stopped).
+Rows of instances being created are half-filled (`half_filled_s`, default 1 s: start_date, dph_total
+and ports null). The log API serves the container's log (PID 1's stdout: `<root>/proc/1/fd/1`, the
+sshd log, a status line), not onstart's output, which goes to `<root>/var/log/onstart.log` as in
+Vast's SSH launch mode (docs/REFERENCE.md section 1b).
 """
 from __future__ import annotations
 
@@ -16,13 +20,17 @@ from typing import Any, Optional
 
 from devtools.emulator import offers as catalogue
 from devtools.emulator import evil, image
-from devtools.emulator.sshd import ETC_VAR, ROOT_MARKER, Sshd, SshdError, free_port, kill_instance_processes
+from devtools.emulator.sshd import ETC_VAR, PROC_VAR, ROOT_MARKER, Sshd, SshdError, free_port, kill_instance_processes
 from devtools.emulator.state import Store
 
 # Per-instance knobs (settable globally, per id, or per label prefix) and global-only knobs.
 INSTANCE_KNOBS = {"stuck_loading", "ssh_refuse_s", "preempt_after_s", "preempt_mode",
                   "destroy_fail_once", "disk_full_mb", "boot_seconds", "evil", "evil_target",
-                  "null_after_create_s", "destroy_lag_s", "nvidia_smi", "driver_cuda", "image_torchvision"}
+                  "null_after_create_s", "destroy_lag_s", "nvidia_smi", "driver_cuda", "image_torchvision",
+                  "half_filled_s", "garbled_fields"}
+# What an instance knob is when no rule sets it: rows of instances being created are half-filled for
+# a while, as Vast's are (docs/REFERENCE.md section 1b); a few of the product's poll intervals in tests.
+INSTANCE_DEFAULTS = {"half_filled_s": 1.0}
 # Global counters (the next N calls) and global settings (kept until changed or cleared).
 GLOBAL_COUNTERS = {"http_429", "quota_429", "lost_create"}
 GLOBAL_SETTINGS = {"http_429_retry_after", "lost_create_mode", "list_lag_s", "foreign_rows", "gone_404_after_s"}
@@ -176,7 +184,12 @@ class Cloud:
         # Vast.ai, where the container's entrypoint makes them before onstart
         self._sshd(inst).prepare(self._env(inst), instance=True)
         self._install_host(inst)
-        log = open(Path(inst["root"]) / "onstart.log", "ab")
+        # SSH launch mode: onstart's output goes to /var/log/onstart.log, not to the container's log
+        # (PID 1's stdout, what the log API serves); a process that wants to reach that log writes
+        # to /proc/1/fd/1, here `$VAST_EMULATED_PROC/1/fd/1`
+        (Path(inst["root"]) / "var" / "log").mkdir(parents=True, exist_ok=True)
+        self._container_log(inst).touch()
+        log = open(Path(inst["root"]) / "var" / "log" / "onstart.log", "ab")
         if not inst.get("onstart"):
             log.write(b"(no onstart script)\n")
             log.close()
@@ -186,12 +199,20 @@ class Cloud:
         # unless onstart writes them to $VAST_EMULATED_ETC/environment
         tv = self.faults_for(inst).get("image_torchvision") or "abi"
         env = {"HOME": str(disk), **image.image_env(tv), "VAST_EMULATED": "1", ROOT_MARKER: inst["root"],
-               ETC_VAR: str(Path(inst["root"]) / "etc"), "LANG": "C.UTF-8", **self._env(inst)}
+               ETC_VAR: str(Path(inst["root"]) / "etc"), PROC_VAR: str(Path(inst["root"]) / "proc"),
+               "LANG": "C.UTF-8", **self._env(inst)}
         proc = subprocess.Popen(["/bin/bash", "-c", inst["onstart"]], cwd=disk, env=env, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self._procs[proc.pid] = proc
         inst["onstart_pid"] = proc.pid
+
+    @staticmethod
+    def _container_log(inst: dict) -> Path:
+        """The container's stdout (PID 1's): what the log API serves."""
+        path = Path(inst["root"]) / "proc" / "1" / "fd" / "1"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def _kill(self, inst: dict) -> None:
         sshd = self._sshd(inst)
@@ -228,7 +249,7 @@ class Cloud:
     def faults_for(self, inst: dict) -> dict:
         """Knobs for one instance: global '*' rule, then label-prefix rules, then its id rule."""
         rules = self.store.rules()
-        merged = dict(rules.get("*", {}))
+        merged = {**INSTANCE_DEFAULTS, **rules.get("*", {})}
         label = inst.get("label") or ""
         for sel in sorted(s for s in rules if s.startswith("label:")):
             if label.startswith(sel[len("label:"):]):
@@ -305,11 +326,14 @@ class Cloud:
             evil.modes(knobs.get("evil"))
         except ValueError as e:
             raise ApiError(400, "invalid_args", str(e)) from None
+        garbled = knobs.get("garbled_fields")
+        if garbled is not None and not (isinstance(garbled, list) and all(isinstance(k, str) for k in garbled)):
+            raise ApiError(400, "invalid_args", "garbled_fields must be a list of row field names")
         if knobs.get("evil_target") is not None and not (isinstance(knobs["evil_target"], str)
                                                          and knobs["evil_target"].startswith("/")):
             raise ApiError(400, "invalid_args", "evil_target must be an absolute path")
         for k in ("ssh_refuse_s", "preempt_after_s", "disk_full_mb", "boot_seconds", "null_after_create_s",
-                  "destroy_lag_s"):
+                  "destroy_lag_s", "half_filled_s"):
             if knobs.get(k) is not None and not isinstance(knobs[k], (int, float)):
                 raise ApiError(400, "invalid_args", f"{k} must be a number")
 
@@ -506,10 +530,10 @@ class Cloud:
             n = int(tail) if tail else 1000
         except (TypeError, ValueError):
             raise ApiError(400, "invalid_args", f"tail must be a number of lines, got {tail!r}") from None
-        lines = []
-        for name in ("onstart.log", "sshd.log"):
+        lines = []  # the container's log: PID 1's stdout (never onstart's own output), then sshd's
+        for path in (Path(inst["root"]) / "proc" / "1" / "fd" / "1", Path(inst["root"]) / "sshd.log"):
             try:
-                lines += (Path(inst["root"]) / name).read_text(errors="replace").splitlines()
+                lines += path.read_text(errors="replace").splitlines()
             except OSError:
                 pass
         lines.append(f"[emulator] instance {instance_id} status={inst['status']} msg={inst.get('status_msg')}")
@@ -517,7 +541,18 @@ class Cloud:
 
     # ----------------------------------------------------------------------------- views --
     def instance_row(self, inst: dict) -> dict:
-        """The instance as Vast's API shows it."""
+        """The instance as Vast's API shows it; half-filled (start_date, dph_total, ports null) for
+        `half_filled_s` after creation, as rows of instances being created are."""
+        row, f = self._full_row(inst), self.faults_for(inst)
+        if time.time() - inst["created_at"] < float(f.get("half_filled_s") or 0):
+            row.update(start_date=None, dph_total=None, ports=None)
+        if f.get("garbled_fields"):  # this one row (show and list) with wrong-typed values
+            from devtools.emulator.server import WRONG_TYPES
+
+            row.update({k: WRONG_TYPES.get(k, "garbage") for k in f["garbled_fields"]})
+        return row
+
+    def _full_row(self, inst: dict) -> dict:
         o, now = inst["offer"], time.time()
         status = inst["status"]
         ports = {"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(inst["ssh_port"])}]}

@@ -33,6 +33,7 @@ SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 ROOT_MARKER = "VAST_EMULATOR_ROOT"  # in the environment of every process run on an instance
 ETC_VAR = "VAST_EMULATED_ETC"  # the image's /etc as this no-container emulator lays it out (root/etc)
+PROC_VAR = "VAST_EMULATED_PROC"  # the container's /proc for onstart: $PROC_VAR/1/fd/1 is PID 1's stdout (cloud.py)
 MINIMAL_PATH = "/usr/local/bin:/usr/bin:/bin"  # an instance's SSH session without /etc/environment
 
 

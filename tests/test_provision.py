@@ -127,3 +127,26 @@ def test_reaper_cli(emulator, monkeypatch, capsys):
     assert reaper.main(["--url", emulator.url, "--max-age-hours", "1"]) == 2
     err = capsys.readouterr().err
     assert "HTTP 401" in err and "wrong-key-999" not in err
+
+
+def test_vast_acquire_makes_a_fresh_private_key_pair_whatever_the_umask(emulator, tmp_path):
+    """A pair already in the run's key folder (planted, or left by an earlier rental) is replaced, and
+    under umask 000 the folder is still 0700 and both files 0600 (issue 19, finding 17)."""
+    from infra import keys
+
+    planted = keys.generate_keypair(tmp_path / "ssh" / "qat-run2")
+    old = os.umask(0)
+    try:
+        lease = provision.acquire(cfg().machine, "qat-run2", tmp_path, api_key=emulator.api_key,
+                                  server_url=emulator.url, log=lambda m: None)
+    finally:
+        os.umask(old)
+    try:
+        folder = tmp_path / "ssh" / "qat-run2"
+        pub = (folder / "id_ed25519.pub").read_text().strip()
+        assert pub != planted.public_key and lease.key_path == str(folder / "id_ed25519")
+        assert oct(folder.stat().st_mode & 0o777) == "0o700"
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {
+            "id_ed25519": "0o600", "id_ed25519.pub": "0o600"}
+    finally:
+        provision.release(lease, api_key=emulator.api_key, server_url=emulator.url)

@@ -173,7 +173,8 @@ WHISPER_MAX_TOKENS = 448  # Whisper's decoder positions (max_target_positions): 
 
 class BenchConfig(Strict):
     max_new_tokens: int = Field(default=128, gt=0, le=WHISPER_MAX_TOKENS)
-    forced_tokens: int = Field(default=32, gt=0, le=WHISPER_MAX_TOKENS, description="decoder length forced when timing per token")
+    forced_tokens: int = Field(default=32, gt=0, le=WHISPER_MAX_TOKENS,
+                               description="decoder length forced when timing per token")
     threads: int = Field(default=2, gt=0, le=256)
     max_clips: int = Field(default=40, gt=0)
     warmup: int = Field(default=2, ge=0)

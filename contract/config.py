@@ -18,8 +18,10 @@ from typing import Any, Iterator, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from .layout import CONFIG_DIR, REPO_ROOT
+from .fingerprint import FIXTURE_PREFIX
+from .layout import CONFIG_DIR, PUSHED_CODE, REPO_ROOT
 from .machine_config import MachineConfig, Strict, TrainWorkload
+from .whisper_languages import CODES as WHISPER_LANGUAGE_CODES, NAMES as WHISPER_LANGUAGE_NAMES
 
 
 class ModelConfig(Strict):
@@ -29,6 +31,30 @@ class ModelConfig(Strict):
     name_or_path: str = Field(min_length=1)
     language: str = "fr"
     task: Literal["transcribe", "translate"] = "transcribe"
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _name_or_path(cls, v: str) -> str:
+        """A relative name is read as a Hub id on the machine (local folders are not pushed): one that is
+        also a folder here, or that no Hub id looks like, is refused rather than loaded from the Hub."""
+        if v.startswith(FIXTURE_PREFIX) or Path(v).is_absolute():
+            return v  # an absolute folder: RunConfig checks that the machine can see it
+        if Path(v).is_dir() or (REPO_ROOT / v).is_dir():
+            raise ValueError(f"{v!r} is a folder here, but a relative name is read on the machine as the Hub repo "
+                             "of that name (local folders are not pushed): give the folder's absolute path "
+                             "(machine.backend local or ssh: a folder on that machine) or a Hub id that is not "
+                             "also a folder here")
+        if v.count("/") > 1 or not all(HUB_NAME.fullmatch(part) for part in v.split("/")):
+            raise ValueError("is neither a Hub id ('owner/name'), an absolute folder nor 'fixture:<name>'")
+        return v
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, v: str) -> str:
+        if v not in WHISPER_LANGUAGE_CODES and v not in WHISPER_LANGUAGE_NAMES:
+            raise ValueError("is not a language Whisper knows: give its code (fr, en, de, ...) or its name in "
+                             "lower case (french, english, ...), as listed in contract/whisper_languages.py")
+        return v
 
 
 class DataConfig(Strict):
@@ -45,8 +71,8 @@ class DataConfig(Strict):
     # Local source: JSONL lines {"audio": path, "text": str, "speaker": str, "split": train|dev|test}.
     # A relative path is resolved against the repository root.
     manifest: Optional[str] = None
-    max_samples: int = Field(default=60000, gt=0, description="training examples taken from train")
-    max_eval_samples: int = Field(default=500, gt=0, description="examples taken from dev and from test")
+    max_samples: int = Field(default=60000, gt=0, le=10_000_000, description="training examples taken from train")
+    max_eval_samples: int = Field(default=500, gt=0, le=1_000_000, description="examples taken from dev and from test")
     min_seconds: float = Field(default=1.0, ge=0)
     max_seconds: float = Field(default=30.0, gt=0, le=30)
     sampling_rate: Literal[16000] = 16000
@@ -60,6 +86,12 @@ class DataConfig(Strict):
                 raise ValueError("data.manifest is required when data.source is 'manifest'")
             if not self.manifest_path().is_file():
                 raise ValueError(f"data.manifest: file {self.manifest_path()} does not exist")
+            problem = _manifest_problem(self.manifest or "", self.manifest_path())
+            if problem:
+                raise ValueError(f"data.manifest {self.manifest!r}: {problem}")
+        if self.test_split == self.train_split:
+            raise ValueError(f"data.test_split {self.test_split!r} is the train split: the model would be scored "
+                             "on what it trained on; name a held-out split (e.g. 'test')")
         if self.min_seconds >= self.max_seconds:
             raise ValueError("data.min_seconds must be below data.max_seconds")
         if not self.text_column.strip():
@@ -69,6 +101,23 @@ class DataConfig(Strict):
     def manifest_path(self) -> Path:
         p = Path(self.manifest or "")
         return p if p.is_absolute() else REPO_ROOT / p
+
+
+def _manifest_problem(given: str, path: Path) -> Optional[str]:
+    """Why `path` cannot be the data manifest: a relative one leaving the repository, or a first line
+    that is not a JSON object with "audio" and "text" (a JSONL manifest)."""
+    if not Path(given).is_absolute() and not path.resolve().is_relative_to(REPO_ROOT):
+        return "a relative path must stay inside the repository"
+    try:
+        with open(path, "rb") as f:
+            first = next((line for line in f.read(1 << 20).splitlines() if line.strip()), b"")
+        row = json.loads(first.decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        row = None
+    if not isinstance(row, dict) or not {"audio", "text"} <= row.keys():
+        return ('not a manifest: its first line must be a JSON object with "audio" and "text" (JSONL, one '
+                'utterance per line; fixtures/french/manifest.jsonl is one)')
+    return None
 
 
 class QuantConfig(Strict):
@@ -89,8 +138,8 @@ class QuantConfig(Strict):
 
 
 class TrainConfig(Strict):
-    epochs: float = Field(default=5, gt=0)
-    max_steps: Optional[int] = Field(default=None, gt=0, description="overrides epochs when set")
+    epochs: float = Field(default=5, gt=0, le=1000)
+    max_steps: Optional[int] = Field(default=None, gt=0, le=10_000_000, description="overrides epochs when set")
     learning_rate: float = Field(default=5e-6, gt=0, lt=1)
     per_device_batch_size: int = Field(default=8, gt=0)
     grad_accum: int = Field(default=4, gt=0)
@@ -119,10 +168,14 @@ class TrainConfig(Strict):
         return f"{self.max_steps} optimizer steps" if self.max_steps else f"{self.epochs:g} epochs"
 
 
+WHISPER_MAX_TOKENS = 448  # Whisper's decoder positions (max_target_positions): generation stops there
+
+
 class BenchConfig(Strict):
-    max_new_tokens: int = Field(default=128, gt=0)
-    forced_tokens: int = Field(default=32, gt=0, description="decoder length forced when timing per token")
-    threads: int = Field(default=2, gt=0)
+    max_new_tokens: int = Field(default=128, gt=0, le=WHISPER_MAX_TOKENS)
+    forced_tokens: int = Field(default=32, gt=0, le=WHISPER_MAX_TOKENS,
+                               description="decoder length forced when timing per token")
+    threads: int = Field(default=2, gt=0, le=256)
     max_clips: int = Field(default=40, gt=0)
     warmup: int = Field(default=2, ge=0)
     faster_whisper: bool = True
@@ -130,8 +183,8 @@ class BenchConfig(Strict):
 
 class EvalConfig(Strict):
     max_wer_degradation: float = Field(default=0.5, ge=0, description="points of WER the QAT model may lose to fp32")
-    bootstrap_samples: int = Field(default=1000, gt=0)
-    max_new_tokens: int = Field(default=128, gt=0)
+    bootstrap_samples: int = Field(default=1000, gt=0, le=1_000_000)
+    max_new_tokens: int = Field(default=128, gt=0, le=WHISPER_MAX_TOKENS)
 
 
 # The Hub's naming rule for each half of a repo id: letters, digits, '-', '_', '.'; no '--' or '..';
@@ -154,7 +207,8 @@ def hub_repo_id_problem(repo_id: str) -> Optional[str]:
 class HubConfig(Strict):
     repo_id: Optional[str] = Field(default=None, description="owner/name on the Hugging Face Hub")
     private: bool = True
-    license: str = "mit"
+    license: str = Field(default="mit", pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]{0,63}$",
+                         description="a Hub license id (mit, apache-2.0, cc-by-4.0, other): letters, digits, '.+-'")
 
     @field_validator("repo_id")
     @classmethod
@@ -204,6 +258,22 @@ class RunConfig(Strict):
         if isinstance(vast, dict):
             machine["vast"] = {**vast, "workload": workload}
         return {**raw, "machine": machine}
+
+    @model_validator(mode="after")
+    def _reaches_the_machine(self) -> "RunConfig":
+        """Local files a rented or remote machine cannot see: only the repository's pushed folders travel."""
+        backend = self.machine.backend
+        if backend == "vast" and Path(self.model.name_or_path).is_absolute():
+            raise ValueError(f"model.name_or_path {self.model.name_or_path!r} is a folder of this computer, and "
+                             "local folders are not pushed to a rented machine: upload it to the Hub and name its id, "
+                             "or use machine.backend local")
+        if backend != "local" and self.data.source == "manifest":
+            path = self.data.manifest_path().resolve()
+            if not any(path.is_relative_to(REPO_ROOT / d) for d in PUSHED_CODE):
+                raise ValueError(f"data.manifest {self.data.manifest!r} is outside the folders pushed to the machine "
+                                 f"({', '.join(PUSHED_CODE)}): commit it and its audio under fixtures/, or use "
+                                 "machine.backend local")
+        return self
 
     @model_validator(mode="after")
     def _finite(self) -> "RunConfig":

@@ -6,7 +6,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
-# What the orchestrator sends to a machine: our code, never data, venvs or caches (.gitignore honoured).
+# What the orchestrator sends to a machine: the files git tracks in these (infra/local.py collect_files),
+# never untracked files, data, venvs or caches.
 PUSHED_CODE = ("contract", "steps", "configs", "fixtures", "requirements-remote.txt", "pyproject.toml")
 REQUIREMENTS = "requirements-remote.txt"
 

@@ -49,7 +49,7 @@ class VastConfig(Strict):
     bid_dph: Optional[float] = Field(default=None, gt=0, description="bid price in $/h for interruptible instances")
     max_dph: float = Field(default=1.5, gt=0, description="most $/h a rented machine may cost")
     image: str = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
-    create_attempts: int = Field(default=3, gt=0)
+    create_attempts: int = Field(default=3, gt=0, le=20)
     workload: Optional[TrainWorkload] = None  # set from train/quant; None: offers ranked by $/h alone
 
     @model_validator(mode="after")
@@ -75,16 +75,16 @@ class MachineConfig(Strict):
     setup_hours: float = Field(default=1.0, ge=0, description="hours besides training (set-up, prepare, convert, "
                                "bench, evaluate) added to the per-sample estimate")
     max_cost_usd: float = Field(default=25.0, gt=0, description="budget cap: the machine is torn down when crossed")
-    provision_timeout_s: float = Field(default=900, gt=0)
-    ssh_timeout_s: float = Field(default=300, gt=0)
-    step_timeout_s: float = Field(default=6 * 3600, gt=0)
+    provision_timeout_s: float = Field(default=900, gt=0, le=86400)
+    ssh_timeout_s: float = Field(default=300, gt=0, le=3600)
+    step_timeout_s: float = Field(default=6 * 3600, gt=0, le=86400)
     # Whether the run needs a GPU: `required` (setup refuses a machine where CUDA is not usable from
     # torch) or `none` (a CPU run is intended: the emulator, the demo; onnxruntime's CPU wheel).
     gpu: Literal["required", "none"] = "required"
     # The machine's own python (an image's), run only to build the workload's venv (steps/bootstrap.py).
     python: str = "python3"
-    checkpoint_sync_every_s: float = Field(default=600, gt=0)
-    budget_check_every_s: float = Field(default=30, gt=0, description="how often the budget is checked while a "
+    checkpoint_sync_every_s: float = Field(default=600, gt=0, le=86400)
+    budget_check_every_s: float = Field(default=30, gt=0, le=3600, description="how often the budget is checked while a "
                                         "command prints nothing (it is also checked on every output line)")
 
     @model_validator(mode="after")

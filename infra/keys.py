@@ -1,4 +1,5 @@
-"""A fresh SSH key pair per run: ed25519, private key 0600 in the run's work directory.
+"""A fresh SSH key pair per rental: ed25519, in a folder 0700 of the run's work directory, both
+files 0600, whatever the umask; a pair already in the folder is replaced, never reused.
 
 The private key never leaves that file and is never logged; only the public key string
 (OpenSSH format) goes to Vast.ai.
@@ -23,31 +24,22 @@ class KeyPair:
 
 
 def generate_keypair(directory: Path, name: str = "id_ed25519", comment: str = "qat") -> KeyPair:
-    """Write `directory/name` (mode 0600) and `directory/name.pub`; return both."""
+    """Write a new pair `directory/name` and `directory/name.pub` (folder 0700, files 0600 whatever
+    the umask; files already there are replaced, never reused or followed); return it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     public_str = f"{public.decode()} {comment}"
     path = directory / name
-    if path.exists():
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private)
-    os.chmod(path, 0o600)  # whatever the umask was
-    (directory / f"{name}.pub").write_text(public_str + "\n")
+    for target, data in ((path, private), (directory / f"{name}.pub", (public_str + "\n").encode())):
+        if target.is_symlink() or target.exists():
+            target.unlink()
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # whatever the umask was
+            f.write(data)
     return KeyPair(path, public_str)
-
-
-def load_or_generate(directory: Path, name: str = "id_ed25519") -> KeyPair:
-    """Reuse the run's key pair when it exists (a resumed run), else make one."""
-    path = Path(directory) / name
-    pub = path.with_name(f"{name}.pub")
-    if path.is_file() and pub.is_file():
-        if path.stat().st_mode & 0o077:
-            os.chmod(path, 0o600)
-        return KeyPair(path, pub.read_text().strip())
-    return generate_keypair(directory, name)

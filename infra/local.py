@@ -68,8 +68,11 @@ def masked_command(argv: Sequence[str], env: Optional[Mapping[str, str]], cwd: O
 
 
 def _in_git_repo(path: Path) -> bool:
-    r = subprocess.run(["git", "-C", str(path), "rev-parse", "--is-inside-work-tree"],
-                       capture_output=True, text=True)
+    try:
+        r = subprocess.run(["git", "-C", str(path), "rev-parse", "--is-inside-work-tree"],
+                           capture_output=True, text=True)
+    except FileNotFoundError:  # no git installed: no checkout we can read
+        return False
     return r.returncode == 0 and r.stdout.strip() == "true"
 
 
@@ -88,15 +91,20 @@ def _walk(root: Path, rel: str) -> list[str]:
 def collect_files(local_dir: Path, include: Sequence[str], respect_gitignore: bool = True) -> list[str]:
     """Relative paths of the files under local_dir named by `include` (files or folders).
 
-    In a git work tree, files that .gitignore excludes are left out (tracked files and
-    untracked-but-not-ignored files are sent). Missing include entries are skipped."""
+    respect_gitignore=True (code): only the files git tracks (`git ls-files`): untracked files, ignored
+    or not (a configs/.env, a fixtures/.netrc), stay home; outside a git checkout nothing can tell our
+    code from a stray file, so MachineError says to run from a clone. False (run outputs): every file
+    under the entries. Missing include entries are skipped."""
     local_dir = Path(local_dir).resolve()
     present = [i.strip("/") for i in include if (local_dir / i).exists()]
     if not present:
         return []
-    if respect_gitignore and _in_git_repo(local_dir):
-        r = subprocess.run(["git", "-C", str(local_dir), "ls-files", "-z", "--cached", "--others",
-                            "--exclude-standard", "--", *present], capture_output=True)
+    if respect_gitignore:
+        if not _in_git_repo(local_dir):
+            raise MachineError(f"{local_dir} is not a git checkout (or git is not installed): the code sent to a "
+                               "machine is what git tracks there; run from a clone of the repository")
+        r = subprocess.run(["git", "-C", str(local_dir), "ls-files", "-z", "--cached", "--", *present],
+                           capture_output=True)
         if r.returncode != 0:
             raise MachineError(f"git ls-files failed in {local_dir}: {r.stderr.decode(errors='replace').strip()}")
         files = {f for f in r.stdout.decode().split("\0") if f}

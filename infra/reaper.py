@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 from . import provision
 from .vast import VastAPIError
+from .vast_endpoint import VastCredentialsRefused, check_vast_credentials
 
 LIVE, ACTIVE, GONE, FOREIGN, UNKNOWN = "live", "active", "gone", "foreign", "unknown"
 CONFIRMATIONS = 2  # consecutive GONE verdicts before an instance is destroyed for its run
@@ -124,14 +125,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-age-hours", type=float, required=True, help="destroy labelled instances older than this")
     p.add_argument("--label-prefix", default="qat-", help="only instances whose label starts with this (default qat-)")
     p.add_argument("--dry-run", action="store_true", help="list what would be destroyed, destroy nothing")
-    p.add_argument("--url", default=os.environ.get("VAST_URL"), help="Vast.ai API endpoint (default: env VAST_URL or the console)")
+    p.add_argument("--url", default=os.environ.get("VAST_URL") or None, help="Vast.ai API endpoint (default: env VAST_URL or the console)")
     args = p.parse_args(argv)
     if not args.label_prefix:
         p.error("--label-prefix must not be empty: the reaper only touches instances it labelled")
+    key = os.environ.get("VAST_API_KEY")
     try:
-        rows = reap_instances(api_key=os.environ.get("VAST_API_KEY"), server_url=args.url, max_age_hours=args.max_age_hours,
+        if key:  # before any request, as the flow does (tasks/secrets.py)
+            check_vast_credentials(key, args.url, "the environment variable VAST_API_KEY")
+        rows = reap_instances(api_key=key, server_url=args.url, max_age_hours=args.max_age_hours,
                     label_prefix=args.label_prefix, dry_run=args.dry_run)
-    except VastAPIError as e:
+    except (VastAPIError, VastCredentialsRefused) as e:
         print(f"reaper: {e}", file=sys.stderr)
         return 2
     failed = [r for r in rows if r["error"]]

@@ -1,7 +1,8 @@
 """The `ssh` backend: a host the user owns, reached over SSH. Nothing is rented or destroyed.
 
-Its host key is trusted on first use (no second channel exists for a host we know only by address):
-the lease records `host_key_source = "first use"`, and a changed key is refused afterwards."""
+Its host key is trusted on first use (no second channel exists for a host we know only by address)
+and kept for later runs in the runs folder's known_hosts (infra/known_hosts.py): the lease records
+`host_key_source = "first use"` or `"known_hosts"`, and a changed key is refused, in this run and later ones."""
 from __future__ import annotations
 
 import time
@@ -9,8 +10,9 @@ from pathlib import Path
 
 from contract.machine_config import MachineConfig
 
+from . import known_hosts
 from .machine import Lease, LogFn, Machine
-from .ssh import SSHMachine
+from .ssh import HostKeyChanged, SSHMachine
 
 
 def pin_host_key(timeout: float, log: LogFn):
@@ -38,7 +40,21 @@ class SSHBackend:
         assert mc.ssh is not None  # the config validator guarantees it
         lease = Lease(backend=self.name, label=label, host=mc.ssh.host, port=mc.ssh.port, user=mc.ssh.user,
                       key_path=str(Path(mc.ssh.key_path).expanduser()), created_at=time.time())
-        pin_host_key(mc.ssh_timeout_s, log)(lease)
+        store = known_hosts.default_path()
+        lease.host_key = known_hosts.pinned_key(store, lease.host, lease.port)
+        lease.host_key_source = "known_hosts" if lease.host_key else None
+        try:
+            pin_host_key(mc.ssh_timeout_s, log)(lease)
+        except HostKeyChanged:
+            entry = known_hosts.host_entry(lease.host, lease.port)
+            raise HostKeyChanged(
+                f"{entry} answered with another host key than the {(lease.host_key or '?').split()[0]} key pinned "
+                f"for it in {store} on first contact: refusing to connect (the host was reinstalled, or the "
+                f"connection is intercepted). If you trust the host's new key, remove the old one "
+                f"(ssh-keygen -R '{entry}' -f {store}) and run again: the next connection pins the key it meets") from None
+        if lease.host_key_source == "first use":
+            known_hosts.record(store, lease.host, lease.port, lease.host_key or "")
+            log(f"ssh {known_hosts.host_entry(lease.host, lease.port)}: host key recorded in {store}")
         return lease
 
     def connect(self, lease: Lease, timeout: float) -> Machine:

@@ -30,10 +30,10 @@ class VastBackend(SSHBackend):
         """Rent the cheapest matching offer; the lease is returned once SSH answers, its host key pinned
         from the fingerprints the instance printed in its log (read over the API before the first
         SSH connection: infra/vast.py), `lease.host_key_source == "provider log"`."""
-        # one key pair per run (label = qat-<installation id>-<flow run id>), reused while the run rents; the lease names
-        # its folder (extra["run_key_dir"]) so tasks/rental.py deletes it once the machine is destroyed
+        # a fresh key pair per rental (label = qat-<installation id>-<flow run id>), never one found in the folder;
+        # the lease names its folder (extra["run_key_dir"]) so tasks/rental.py deletes it once the machine is destroyed
         key_dir = Path(workdir) / "ssh" / re.sub(r"[^A-Za-z0-9._-]", "_", label)
-        pair = keys.load_or_generate(key_dir)
+        pair = keys.generate_keypair(key_dir)
         lease = self.provider(api_key, server_url, log).launch(
             mc, label, pair.public_key, key_path=str(pair.private_path),
             ready_check=pin_host_key(mc.ssh_timeout_s, log))

@@ -17,7 +17,7 @@ from contract.layout import PUSHED_CODE, REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK
 from contract.remote_env import steps_python
 from contract.result_file import is_done
 from infra import provision
-from infra.local import printable
+from infra.local import collect_files, printable
 from infra.machine import Lease, Machine
 
 from . import secrets
@@ -118,6 +118,7 @@ def gpu_slot(cfg: RunConfig) -> AbstractContextManager:
       retry_condition_fn=retry_transient)
 def rent_machine(cfg: RunConfig, label: str, run_dir: Path) -> Lease:
     log = get_run_logger()
+    collect_files(REPO_ROOT, PUSHED_CODE)  # what push_code sends is known (a git checkout) before anything is rented
     lease = provision.acquire(cfg.machine, label, run_dir, api_key=secrets.vast_api_key(), server_url=secrets.vast_url(),
                               log=log.info)
     log.info("machine %s: %s x%s at $%.3f/h (%s)", lease.label, lease.gpu_name or "cpu", lease.num_gpus,

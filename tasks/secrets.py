@@ -10,25 +10,13 @@ job variables (prefect.yaml); real deployments set neither, so they use the cons
 from __future__ import annotations
 
 import os
-import re
 from typing import Optional
-from urllib.parse import urlsplit
 
-VAST_SECRET_BLOCK = "vast-api-key"
+# The check itself lives in infra/ (the reaper CLI uses it too); re-exported here for the flow's callers.
+from infra.vast_endpoint import (DEMO_VAST_SECRET_BLOCK, EMULATOR_KEY_PREFIX, VAST_SECRET_BLOCK,  # noqa: F401
+                                 VastCredentialsRefused, check_vast_credentials, is_real_endpoint)
+
 HF_SECRET_BLOCK = "hf-token"
-# The local stack's emulator key (devtools/stack.py mints `emu-<hex>`) and the block it lives in.
-EMULATOR_KEY_PREFIX = "emu-"
-DEMO_VAST_SECRET_BLOCK = "vast-emulator-api-key"
-REAL_VAST_HOSTS = {"console.vast.ai"}
-# A key of letters and digits only, 32 or longer, is taken for one the console issued; every key this
-# project gives an emulator has a dash (emu-..., the tests' test-emulator-key, vastkey-chaos-0000).
-_REAL_LOOKING_KEY = re.compile(r"[A-Za-z0-9]{32,}")
-
-
-class VastCredentialsRefused(RuntimeError):
-    """The Vast.ai key does not belong to the endpoint it would be sent to; nothing was sent."""
-
-    retryable = False  # tasks/retry.py: no retry fixes a configuration
 
 
 def _secret_block(name: str) -> Optional[str]:
@@ -68,29 +56,6 @@ def hf_token() -> Optional[str]:
 def vast_url() -> Optional[str]:
     """The Vast.ai API endpoint: None means the real console; the demo points it at the emulator."""
     return os.environ.get("VAST_URL") or None
-
-
-def is_real_endpoint(url: Optional[str]) -> bool:
-    return url is None or (urlsplit(url).hostname or "").lower() in REAL_VAST_HOSTS
-
-
-def check_vast_credentials(key: str, url: Optional[str], source: str = "the Vast.ai key") -> None:
-    """Refuse, before any request, an emulator key for the real console and a real-looking key for
-    anything else. The message says where the key came from and what to do."""
-    if is_real_endpoint(url) and key.startswith(EMULATOR_KEY_PREFIX):
-        raise VastCredentialsRefused(
-            f"refusing to send the local emulator's API key (from {source}) to the real Vast.ai API: it "
-            f"was made by the demo stack (`make demo`). Save your Vast.ai API key in the Secret block "
-            f"{VAST_SECRET_BLOCK!r} (python -c \"from prefect.blocks.system import Secret; "
-            f"Secret(value='YOUR_KEY').save('{VAST_SECRET_BLOCK}', overwrite=True)\") or in VAST_API_KEY "
-            f"of the qat-pool worker; the demo keeps its key in {DEMO_VAST_SECRET_BLOCK!r}.")
-    if not is_real_endpoint(url) and _REAL_LOOKING_KEY.fullmatch(key):
-        raise VastCredentialsRefused(
-            f"refusing to send what looks like a real Vast.ai API key (from {source}) to {url}, which "
-            f"is not the Vast.ai console: VAST_URL points at an emulator or another service. Real runs "
-            f"leave VAST_URL unset; the demo deployment sets it with VAST_API_KEY_BLOCK="
-            f"{DEMO_VAST_SECRET_BLOCK!r} (prefect.yaml): unset VAST_API_KEY in the worker that serves "
-            f"the demo pool, or run the real deployment on its own pool (qat-pool).")
 
 
 def known_secrets() -> list[str]:

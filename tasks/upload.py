@@ -7,9 +7,9 @@ The token is used only in memory: it never reaches a log line, the returned dict
 message.
 
 The folder came from a rented machine (a stranger's computer), so what goes to the user's Hub
-account is an allowlist (`check_model_folder`): regular files named like an ONNX export (graphs,
-external data, configs, tokenizer and processor files) plus the README.md model card rendered here
-(never the machine's). A symlink, code, a pickle, a JSON asking for remote code (`auto_map`,
+account is an allowlist (`check_model_folder`): regular files named like an ONNX export (graphs that
+parse as ONNX, the external data files they reference inside the folder, configs, tokenizer and
+processor files) plus the README.md model card rendered here (never the machine's). A symlink, code, a pickle, a JSON asking for remote code (`auto_map`,
 `custom_pipelines`) or any other file refuses the whole upload, naming the files: nothing is sent.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ from contract.config import RunConfig
 
 from . import secrets
 from .model_card import render_model_card
+from .onnx_check import onnx_problems
 from .retry import retry_transient
 from .scorecard import step_metrics
 from .verdict import verified_metrics, verify_evaluation
@@ -65,7 +66,8 @@ ALLOWED_NAMES = frozenset({
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "merges.txt", "normalizer.json",
 })
-ONNX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.(?:onnx|onnx_data|onnx\.data)")
+# One extension, from the allowlist: `evil.py.onnx` is no export name. Their content: tasks/onnx_check.py.
+ONNX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,200}\.(?:onnx|onnx_data|onnx\.data)")
 CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".so", ".dll", ".dylib", ".exe", ".sh", ".bash", ".js", ".mjs",
                  ".ipynb", ".bat", ".cmd", ".ps1", ".rb", ".pl", ".jar", ".wasm")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz", ".dill", ".h5",
@@ -95,8 +97,9 @@ def _remote_code_keys(data: bytes) -> set[str]:
 
 def check_model_folder(model_dir: Path) -> list[str]:
     """The files to upload (sorted names, the card excluded), or UnsafeModelFolder naming every
-    entry that is refused and why. Looks at entries without following links; nothing is read but
-    the JSON files' keys."""
+    entry that is refused and why. Looks at entries without following links; reads the JSON files'
+    keys and the ONNX graphs (tasks/onnx_check.py: each parses, its external data are referenced
+    files of this folder)."""
     model_dir = Path(model_dir)
     refused: dict[str, list[str]] = {}
     ok: list[str] = []
@@ -135,6 +138,9 @@ def check_model_folder(model_dir: Path) -> list[str]:
                 continue
         else:
             why = "not an expected export file"
+        refused.setdefault(why, []).append(name)
+    for name, why in onnx_problems(model_dir, ok).items():
+        ok.remove(name)
         refused.setdefault(why, []).append(name)
     if refused:
         listing = "; ".join(f"{why}: {', '.join(repr(n) for n in names[:20])}"

@@ -145,3 +145,85 @@ def test_bad_repo_ids_are_refused_at_load_config(repo_id, words):
     with pytest.raises(ConfigError) as e:
         load_config("tiny", {"hub.repo_id": repo_id})
     assert "hub.repo_id" in str(e.value) and words in str(e.value)
+
+
+# ---------------------------------------------------------------- accepted, then failing or misleading after renting
+# (issue 19 finding 14): each refused before anything is rented, the field named.
+
+def _refused(overrides: dict, *words: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    return str(e.value)
+
+
+def test_a_relative_model_name_that_is_a_folder_here_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "me" / "my-whisper").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    _refused({"model.name_or_path": "me/my-whisper"}, "model.name_or_path", "is a folder here", "absolute path")
+    _refused({"model.name_or_path": "fixtures/french"}, "model.name_or_path", "is a folder here")  # in the repository
+    for name in ("./me/not-there", "../x", "a/b/c", "me/my whisper"):
+        _refused({"model.name_or_path": name}, "model.name_or_path", "neither a Hub id")
+    for hub_id in ("openai/whisper-base", "bofenghuang/whisper-large-v3-distil-fr-v0.2", "gpt2", "fixture:tiny-random"):
+        assert load_config("tiny", {"model.name_or_path": hub_id}).model.name_or_path == hub_id
+
+
+def test_an_absolute_model_folder_needs_a_machine_that_sees_it(tmp_path):
+    _refused({"model.name_or_path": str(tmp_path)}, "model.name_or_path", "not pushed to a rented machine")
+    assert load_config("tiny", {"model.name_or_path": str(tmp_path), "machine.backend": "local"})
+
+
+def test_the_test_split_is_never_the_train_split():
+    _refused({"data.test_split": "train"}, "data.test_split 'train' is the train split")
+    _refused({"data.train_split": "all", "data.test_split": "all"}, "data.test_split 'all' is the train split")
+
+
+@pytest.mark.parametrize("language", ['fr", task="translate"); import os; os.system("id"); ("', "fr\n", "klingon",
+                                      "French", "<|fr|>", ""])
+def test_model_language_is_one_whisper_knows(language):
+    _refused({"model.language": language}, "model.language", "not a language Whisper knows")
+
+
+@pytest.mark.parametrize("language", ["fr", "french", "en", "haitian creole", "yue", "castilian"])
+def test_whisper_languages_by_code_or_name_load(language):
+    assert load_config("tiny", {"model.language": language}).model.language == language
+
+
+def test_the_language_list_is_transformers_own():
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    from contract.whisper_languages import CODES, NAMES
+
+    assert CODES == set(LANGUAGES) and NAMES == set(TO_LANGUAGE_CODE)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("train.epochs", 1e300), ("train.max_steps", 10**12), ("machine.vast.create_attempts", 10**9),
+    ("data.max_samples", 10**18), ("data.max_eval_samples", 10**12), ("bench.threads", 10**6),
+    ("bench.max_new_tokens", 449), ("eval.max_new_tokens", 10**6), ("eval.bootstrap_samples", 10**12),
+    ("machine.step_timeout_s", 1e12), ("machine.provision_timeout_s", 1e9), ("machine.ssh_timeout_s", 1e9),
+    ("machine.budget_check_every_s", 1e9), ("machine.checkpoint_sync_every_s", 1e12),
+])
+def test_counts_and_timeouts_have_finite_upper_bounds(field, value):
+    _refused({field: value}, field, "less than or equal to")
+
+
+def test_the_manifest_is_a_manifest_inside_the_repository(tmp_path):
+    for backend in ("vast", "local"):
+        _refused({"data.manifest": "/etc/hostname", "machine.backend": backend}, "data.manifest", "not a manifest")
+    _refused({"data.manifest": "../../../../../../../../etc/hostname"}, "data.manifest", "must stay inside the repository")
+    _refused({"data.manifest": "README.md"}, "data.manifest", "not a manifest")
+    own = tmp_path / "manifest.jsonl"
+    own.write_text('{"audio": "a.wav", "text": "bonjour", "split": "train"}\n')
+    _refused({"data.manifest": str(own)}, "data.manifest", "outside the folders pushed to the machine")
+    assert load_config("tiny", {"data.manifest": str(own), "machine.backend": "local"}).data.manifest == str(own)
+
+
+@pytest.mark.parametrize("license", ["mit\n[click](https://evil.example)", "mit license", "", "-x", "a" * 65])
+def test_hub_license_is_a_license_id(license):
+    _refused({"hub.license": license}, "hub.license")
+
+
+@pytest.mark.parametrize("license", ["mit", "apache-2.0", "cc-by-nc-4.0", "openrail++", "other", "llama3.1"])
+def test_hub_license_ids_load(license):
+    assert load_config("tiny", {"hub.license": license}).hub.license == license

@@ -145,7 +145,7 @@ def test_odd_transcripts_and_broken_audio_are_kept_or_counted(tmp_path, french_m
 
     cfg = parse_config({"name": "t", "model": {"name_or_path": "fixture:tiny-random"}, "quant": {"scheme": "int8"},
                         "data": {"source": "manifest", "manifest": str(manifest), "max_samples": 50,
-                                 "max_eval_samples": 50, "min_seconds": 0.5}})
+                                 "max_eval_samples": 50, "min_seconds": 0.5}, "machine": {"backend": "local"}})
     workdir = tmp_path / "work"
     assert execute_step("prepare", cfg, workdir, prepare.run) == 0
     m = json.loads((workdir / "prepare" / "result.json").read_text())["metrics"]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from infra.local import LocalMachine, collect_files
-from infra.machine import CommandFailed, CommandTimeout
+from infra.machine import CommandFailed, CommandTimeout, MachineError
 
 NASTY = "  it's \"quoted\" $HOME; `touch pwned` $(touch pwned2) & | > < back\\slash\\n *"
 
@@ -24,20 +24,25 @@ def make_tree(root: Path, git: bool) -> Path:
     if git:
         (root / ".gitignore").write_text("*.bin\n")
         subprocess.run(["git", "init", "-q", str(root)], check=True)
-        subprocess.run(["git", "-C", str(root), "add", "pkg/a.py"], check=True)  # one tracked, the rest untracked
+        subprocess.run(["git", "-C", str(root), "add", "pkg/a.py", "pkg/sub/b.txt", "top.txt"], check=True)
+        # untracked and not ignored: a secret left in the tree must never be pushed (issue 19 finding 16)
+        (root / "pkg" / ".env").write_text("HF_TOKEN=hf_untracked\n")
+        (root / "pkg" / "sub" / ".netrc").write_text("machine example password untracked\n")
     return root
 
 
-def test_collect_files_honours_gitignore(tmp_path):
+def test_collect_files_sends_only_what_git_tracks(tmp_path):
     root = make_tree(tmp_path / "repo", git=True)
     files = collect_files(root, ["pkg", "top.txt", "missing-entry"])
-    assert files == ["pkg/a.py", "pkg/sub/b.txt", "top.txt"]
+    assert files == ["pkg/a.py", "pkg/sub/b.txt", "top.txt"]  # not .env, .netrc (untracked) nor big.bin (ignored)
     assert "pkg/big.bin" in collect_files(root, ["pkg"], respect_gitignore=False)
 
 
 def test_collect_files_without_git(tmp_path):
     root = make_tree(tmp_path / "plain", git=False)
-    assert collect_files(root, ["pkg"]) == ["pkg/a.py", "pkg/big.bin", "pkg/sub/b.txt"]
+    with pytest.raises(MachineError, match="not a git checkout.*run from a clone"):
+        collect_files(root, ["pkg"])  # code is chosen by git: without a checkout nothing is sent
+    assert collect_files(root, ["pkg"], respect_gitignore=False) == ["pkg/a.py", "pkg/big.bin", "pkg/sub/b.txt"]
 
 
 def test_run_streams_exit_codes_and_quotes(tmp_path):

@@ -45,7 +45,7 @@ def test_hub_not_found_errors_are_classed_deterministic():
 
 
 def test_a_step_on_a_missing_model_exits_deterministic(tmp_path):
-    cfg = tiny_config(**{"model.name_or_path": str(tmp_path / "gone")})
+    cfg = tiny_config(**{"model.name_or_path": str(tmp_path / "gone"), "machine.backend": "local"})
     code = execute_step("train", cfg, tmp_path / "work", lambda ctx: load_model(cfg.model.name_or_path))
     assert code == EXIT_DETERMINISTIC
     err = json.loads((tmp_path / "work" / "train" / ERROR_FILE).read_text())

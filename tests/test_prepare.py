@@ -16,7 +16,8 @@ from contract.layout import REPO_ROOT
 
 def _cfg(manifest: Path, **data):
     return parse_config({"name": "t", "model": {"name_or_path": "fixture:tiny-random"}, "quant": {"scheme": "int8"},
-                         "data": {"source": "manifest", "manifest": str(manifest), "max_samples": 50, "max_eval_samples": 50, **data}})
+                         "data": {"source": "manifest", "manifest": str(manifest), "max_samples": 50, "max_eval_samples": 50, **data},
+                         "machine": {"backend": "local"}})  # a manifest outside the repository: this computer only
 
 
 def _tone(seconds: float, sr: int = 16000) -> np.ndarray:

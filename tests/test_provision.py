@@ -60,7 +60,8 @@ def test_local_backend(tmp_path):
     assert provision.release(lease) is True and provision.is_alive(lease)
 
 
-def test_ssh_backend_pins_host_key(sshd_host, tmp_path):
+def test_ssh_backend_pins_host_key(sshd_host, tmp_path, monkeypatch):
+    monkeypatch.setenv("QAT_RUNS_DIR", str(tmp_path / "runs"))
     c = cfg(**{"machine.backend": "ssh", "machine.ssh": {"host": sshd_host.host, "port": sshd_host.port,
                                                          "user": sshd_host.user, "key_path": str(sshd_host.key_path)}})
     lease = provision.acquire(c.machine, "qat-ssh", tmp_path, log=lambda m: None)
@@ -129,3 +130,50 @@ def test_reaper_cli(emulator, monkeypatch, capsys):
     assert reaper.main(["--url", emulator.url, "--max-age-hours", "1"]) == 2
     err = capsys.readouterr().err
     assert "HTTP 401" in err and "wrong-key-999" not in err
+
+
+def test_vast_acquire_makes_a_fresh_private_key_pair_whatever_the_umask(emulator, tmp_path):
+    """A pair already in the run's key folder (planted, or left by an earlier rental) is replaced, and
+    under umask 000 the folder is still 0700 and both files 0600 (issue 19, finding 17)."""
+    from infra import keys
+
+    planted = keys.generate_keypair(tmp_path / "ssh" / "qat-run2")
+    old = os.umask(0)
+    try:
+        lease = provision.acquire(cfg().machine, "qat-run2", tmp_path, api_key=emulator.api_key,
+                                  server_url=emulator.url, log=lambda m: None)
+    finally:
+        os.umask(old)
+    try:
+        folder = tmp_path / "ssh" / "qat-run2"
+        pub = (folder / "id_ed25519.pub").read_text().strip()
+        assert pub != planted.public_key and lease.key_path == str(folder / "id_ed25519")
+        assert oct(folder.stat().st_mode & 0o777) == "0o700"
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {
+            "id_ed25519": "0o600", "id_ed25519.pub": "0o600"}
+    finally:
+        provision.release(lease, api_key=emulator.api_key, server_url=emulator.url)
+
+
+def test_ssh_backend_keeps_the_host_key_for_later_runs_and_refuses_a_changed_one(sshd_host, tmp_path, monkeypatch):
+    """First contact records host:port's key in the runs folder's known_hosts; a later run accepts that
+    key only, and a changed key is refused, saying how to accept it (issue 19, finding 9)."""
+    from infra import keys
+    from infra.ssh import HostKeyChanged
+
+    monkeypatch.setenv("QAT_RUNS_DIR", str(tmp_path / "runs"))
+    store = tmp_path / "runs" / "known_hosts"
+    c = cfg(**{"machine.backend": "ssh", "machine.ssh": {"host": sshd_host.host, "port": sshd_host.port,
+                                                         "user": sshd_host.user, "key_path": str(sshd_host.key_path)}})
+    first = provision.acquire(c.machine, "qat-run-1", tmp_path / "runs" / "tiny" / "r1", log=lambda m: None)
+    assert first.host_key_source == "first use"
+    assert store.read_text() == f"[{sshd_host.host}]:{sshd_host.port} {sshd_host.host_key}\n"
+    assert oct(store.stat().st_mode & 0o777) == "0o600"
+    second = provision.acquire(c.machine, "qat-run-2", tmp_path / "runs" / "tiny" / "r2", log=lambda m: None)
+    assert (second.host_key, second.host_key_source) == (sshd_host.host_key, "known_hosts")
+    # the host now shows another key than the one pinned (here: the pin replaced, same effect)
+    other = keys.generate_keypair(tmp_path / "other").public_key.rsplit(" ", 1)[0]
+    store.write_text(f"[{sshd_host.host}]:{sshd_host.port} {other}\n")
+    with pytest.raises(HostKeyChanged, match=r"known_hosts on first contact: refusing.*ssh-keygen -R"):
+        provision.acquire(c.machine, "qat-run-3", tmp_path / "runs" / "tiny" / "r3", log=lambda m: None)
+    assert store.read_text() == f"[{sshd_host.host}]:{sshd_host.port} {other}\n"  # nothing re-pinned

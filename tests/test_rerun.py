@@ -109,7 +109,7 @@ def test_the_hash_changes_when_the_manifest_or_its_audio_changes(tmp_path):
         r["audio"] = f"audio/{dest.name}"  # relative to the manifest's folder
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = tiny_config(**{"data.manifest": str(manifest)})
+    cfg = tiny_config(**{"data.manifest": str(manifest), "machine.backend": "local"})
     h0 = config_hash(cfg, "prepare")
     assert config_hash(cfg, "prepare") == h0  # stable
 

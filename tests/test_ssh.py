@@ -40,7 +40,8 @@ def test_generated_key_pair_logs_in(sshd_host, tmp_path):
     pair = keys.generate_keypair(tmp_path / "run" / "ssh")
     assert oct(pair.private_path.stat().st_mode & 0o777) == "0o600"
     assert pair.public_key.startswith("ssh-ed25519 AAAA") and "PRIVATE" not in repr(pair)
-    assert keys.load_or_generate(tmp_path / "run" / "ssh") == pair  # a resumed run reuses it
+    assert keys.generate_keypair(tmp_path / "run" / "ssh").public_key != pair.public_key  # never reused
+    pair = keys.generate_keypair(tmp_path / "run" / "ssh")
     sshd_host.sshd.authorize(pair.public_key)
     lease = Lease(backend="ssh", label="k", host=sshd_host.host, port=sshd_host.port, key_path=str(pair.private_path))
     with SSHMachine(lease, connect_timeout=10).connect() as m:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -37,16 +38,37 @@ def hub(tmp_path):
         yield h
 
 
+def write_graph(path: Path, data: Optional[str] = None, length: int = 4096, offset: int = 0) -> Path:
+    """A real ONNX graph (Y = X + W, W of `length` bytes), W stored in the external file `data` (a
+    location as written in the graph) when given, else inline; the data file itself is not written."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    n = length // 4
+    w = helper.make_tensor("W", TensorProto.FLOAT, [n], [0.5] * n)
+    if data is not None:
+        w.ClearField("float_data")
+        w.data_location = TensorProto.EXTERNAL
+        for k, v in {"location": data, "offset": str(offset), "length": str(length)}.items():
+            entry = w.external_data.add()
+            entry.key, entry.value = k, v
+    io = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n]) for x in ("X", "Y")]
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Add", ["X", "W"], ["Y"])], "g", io[:1], io[1:], [w])),
+              str(path))
+    return path
+
+
 def make_model(root: Path, big: bool = False) -> Path:
-    """A converted-model look-alike: json files, a small .onnx (LFS by pattern), optionally a file
-    just over the Hub's 10 MB LFS threshold with an extension no pattern covers."""
+    """A converted-model look-alike: json files, a small .onnx (LFS by pattern), optionally a graph whose
+    external data is just over the Hub's 10 MB LFS threshold, in a file no pattern covers."""
     d = root / "qat_int8"
     d.mkdir(parents=True)
     (d / "config.json").write_text('{"model_type": "whisper"}')
     (d / "tokenizer.json").write_text('{"version": "1.0"}')
-    (d / "encoder_model.onnx").write_bytes(os.urandom(4096))
+    write_graph(d / "encoder_model.onnx")
     if big:
-        (d / "decoder_model.onnx_data").write_bytes(os.urandom(LFS_SIZE_THRESHOLD + 1))
+        write_graph(d / "decoder_model.onnx", "decoder_model.onnx_data", LFS_SIZE_THRESHOLD + 4)
+        (d / "decoder_model.onnx_data").write_bytes(os.urandom(LFS_SIZE_THRESHOLD + 4))
     return d
 
 
@@ -56,16 +78,16 @@ def test_upload_sends_every_file_and_large_ones_through_lfs(hub, tmp_path):
 
     remote = hub.repo_files("alice/whisper-qat")
     local = sorted(p.name for p in model.iterdir())
-    assert out["uploaded"] is True and out["files"] == len(local) == 5
+    assert out["uploaded"] is True and out["files"] == len(local) == 6
     assert out["url"] == f"{hub.url}/alice/whisper-qat"
     assert out["commit"] == hub.state.meta("alice/whisper-qat")["sha"]
     assert sorted(remote) == sorted(local + [".gitattributes"])
     for name in local:
         assert hub.file_bytes("alice/whisper-qat", name) == (model / name).read_bytes(), name
     lfs = {p for p, f in remote.items() if f["lfs"]}
-    assert lfs == {"encoder_model.onnx", "decoder_model.onnx_data"}
+    assert lfs == {"encoder_model.onnx", "decoder_model.onnx", "decoder_model.onnx_data"}
     assert remote["decoder_model.onnx_data"]["lfs"] == hashlib.sha256((model / "decoder_model.onnx_data").read_bytes()).hexdigest()
-    assert sum(1 for m, p in hub.requests if m == "PUT" and p.startswith("/lfs-upload/")) == 2
+    assert sum(1 for m, p in hub.requests if m == "PUT" and p.startswith("/lfs-upload/")) == 3
     assert hub.file_bytes("alice/whisper-qat", "README.md").decode() == CARD
     assert WRITE not in repr(out)
 
@@ -90,7 +112,7 @@ def test_private_flag_is_honoured(hub, tmp_path):
 def test_reupload_to_an_existing_repo(hub, tmp_path):
     model = make_model(tmp_path)
     first = push_model_folder(model, "alice/m", WRITE, card=CARD, endpoint=hub.url)
-    (model / "encoder_model.onnx").write_bytes(os.urandom(4096))
+    write_graph(model / "encoder_model.onnx", length=8192)  # a new version of the graph
     second = push_model_folder(model, "alice/m", WRITE, card=CARD + "\nv2\n", endpoint=hub.url)
     assert second["uploaded"] and second["commit"] != first["commit"]
     assert hub.file_bytes("alice/m", "encoder_model.onnx") == (model / "encoder_model.onnx").read_bytes()
@@ -175,7 +197,10 @@ def test_every_file_convert_writes_is_allowed_and_uploaded(hub, tmp_path):
     d = tmp_path / "qat_int4"
     d.mkdir()
     for name in CONVERT_INT4:  # what steps/convert.py leaves in convert/qat_int4 (int8: no *_data files)
-        (d / name).write_bytes(b'{"model_type": "whisper"}' if name.endswith(".json") else os.urandom(512))
+        if name.endswith(".onnx"):
+            write_graph(d / name, next(n for n in CONVERT_INT4 if n.startswith(name) and n != name), 512)
+        else:
+            (d / name).write_bytes(b'{"model_type": "whisper"}' if name.endswith(".json") else os.urandom(512))
     (d / "README.md").write_text("# the machine's own card\n")
     assert check_model_folder(d) == CONVERT_INT4
     out = push_model_folder(d, "alice/m", WRITE, card=CARD, endpoint=hub.url)
@@ -218,6 +243,51 @@ def test_unsafe_folders_are_refused_whole_naming_the_files(hub, tmp_path, plant,
     assert e.value.retryable is False and isinstance(e.value, HubUploadError)
     assert hub.requests == [] and hub.repo_files("alice/m") == {}
     assert not (model / "README.md").exists() or (model / "README.md").is_symlink()  # the card was not written either
+
+
+def _graph_with_data(location: str, data_name: Optional[str] = None, size: int = 4096, **kw):
+    def plant(d):
+        write_graph(d / "decoder_model.onnx", location, 4096, **kw)
+        if data_name:
+            (d / data_name).write_bytes(os.urandom(size))
+    return plant
+
+
+@pytest.mark.parametrize("plant, named, why", [  # issue 19 finding 10: names alone said yes to each of these
+    (_graph_with_data("../../x"), "decoder_model.onnx", "not an external data file of this folder"),
+    (_graph_with_data("/etc/passwd"), "decoder_model.onnx", "not an external data file of this folder"),
+    (_graph_with_data("sub/decoder_model.onnx_data"), "decoder_model.onnx", "not an external data file"),
+    (_graph_with_data("config.json"), "decoder_model.onnx", "not an external data file of this folder"),
+    (_graph_with_data("decoder_model.onnx_data"), "decoder_model.onnx", "not an external data file"),  # absent
+    (_graph_with_data("decoder_model.onnx_data", "decoder_model.onnx_data", size=100), "decoder_model.onnx",
+     "lies outside"),
+    (_graph_with_data("decoder_model.onnx_data", "decoder_model.onnx_data", offset=10), "decoder_model.onnx",
+     "lies outside"),
+    (lambda d: write_graph(d / "evil.py.onnx"), "evil.py.onnx", "not an expected export file"),
+    (lambda d: (d / "encoder_model.onnx_data").write_bytes(b"\x80\x04\x95" + os.urandom(64)), "encoder_model.onnx_data",
+     "no ONNX graph of the folder references"),
+    (lambda d: (d / "encoder_model.onnx").write_bytes(b"\x80\x04\x95cposix\nsystem\n."), "encoder_model.onnx",
+     "not an ONNX model"),
+    (lambda d: (d / "decoder_model.onnx").write_bytes(b""), "decoder_model.onnx", "not an ONNX model"),
+])
+def test_onnx_files_are_checked_by_content_not_by_name(hub, tmp_path, plant, named, why):
+    model = make_model(tmp_path)
+    plant(model)
+    with pytest.raises(UnsafeModelFolder) as e:
+        push_model_folder(model, "alice/m", WRITE, card=CARD, endpoint=hub.url)
+    assert repr(named) in str(e.value) and why in str(e.value) and "nothing was sent" in str(e.value)
+    assert hub.requests == [] and hub.repo_files("alice/m") == {}
+
+
+def test_both_external_data_names_pass_when_referenced(tmp_path):
+    """convert writes `<graph>.onnx_data` (optimum's Hub loader name) or `<graph>.onnx.data`: both go up
+    when a graph of the folder references them."""
+    model = make_model(tmp_path)
+    for graph, data in (("decoder_model.onnx", "decoder_model.onnx_data"),
+                        ("decoder_with_past_model.onnx", "decoder_with_past_model.onnx.data")):
+        write_graph(model / graph, data, 4096)
+        (model / data).write_bytes(os.urandom(4096))
+    assert check_model_folder(model) == sorted(p.name for p in model.iterdir())
 
 
 def test_a_symlinked_readme_is_refused_and_not_written_through(hub, tmp_path):

@@ -3,16 +3,19 @@
 The rented machine is a stranger's computer: its result.json is a claim, not a measurement. The
 evaluate step also sends back, per variant, every test utterance's reference and hypothesis
 (`evaluate/utterances_<variant>.csv`, written by steps/evaluate.py `write_utterances`). Here those
-CSVs are read (size, row and field caps; any bad row refuses the file), both texts are normalized
-with contract/normalize.py, corpus WER/CER are counted with contract/quality.py (jiwer, as the step
-counts them) and the gate rule (contract/quality.py `gate_rule`, the step's own) is applied to the
-recomputed WERs. The machine's numbers are only compared: a claimed WER more than
-`WER_TOLERANCE` points away from the recomputed one, a claimed verdict that differs, or transcripts
-missing or malformed, and the gate fails saying the machine's claim did not match.
+CSVs are read (size, row and field caps; any bad row refuses the file) and held against the test
+set home read itself (tasks/references.py: ids and references from the manifest or the Hub, never
+from the machine): every test id present exactly once, no other id, each reference the test split's.
+The hypotheses are then scored against home's references, normalized with contract/normalize.py,
+corpus WER/CER counted with contract/quality.py (jiwer, as the step counts them), and the gate
+rule (contract/quality.py `gate_rule`, the step's own) applied to the recomputed WERs. The
+machine's numbers are only compared: a claimed WER more than `WER_TOLERANCE` points away from the
+recomputed one, a claimed verdict or count that differs, or transcripts missing, malformed or not
+of the test set, and the gate fails saying the machine's claim did not match.
 
-The machine's normalized columns and error counts are ignored: only `reference` and `hypothesis`
-are read. What this cannot catch: a machine that forges the transcripts themselves consistently
-(references are the machine's copy of the test split, hypotheses its model's output).
+The machine's normalized columns and error counts are ignored. What this cannot catch: hypotheses
+the machine forged (home does not run the model), e.g. each hypothesis written equal to the
+true reference.
 
 Plain code, no Prefect: tasks/gate.py and tasks/upload.py call `verify_evaluation`.
 """
@@ -32,6 +35,7 @@ from contract.config import RunConfig
 from contract.normalize import normalize_french
 from contract.quality import corpus_rate, gate_rule, utterance_errors
 
+from .references import TestSet, TestSetUnavailable, home_test_set
 from .scorecard import gate_sentence, measured
 
 WER_TOLERANCE = 0.01          # points of WER a claim may differ from the recomputed value (the step rounds to 0.001)
@@ -112,7 +116,7 @@ def read_utterances(path: Path) -> list[tuple[str, str, str]]:
             if not uid.strip():
                 raise BadTranscripts(f"{name} line {n}: empty utterance id")
             if uid in seen:
-                raise BadTranscripts(f"{name} line {n}: utterance id {uid[:80]!r} appears twice")
+                raise BadTranscripts(f"{name} line {n}: duplicate utterance id {uid[:80]!r}: it appears twice (each test utterance must appear once)")
             if not all(_COUNT.fullmatch(v) for v in row[5:]):
                 raise BadTranscripts(f"{name} line {n}: error counts must be non-negative integers")
             seen.add(uid)
@@ -133,17 +137,36 @@ def rescore(rows: list[tuple[str, str, str]]) -> dict:
     return {"wer": round(corpus_rate(we, w), 3), "cer": round(corpus_rate(ce, c), 3), "utterances": len(rows)}
 
 
-def recompute(local_work: Path, scheme: str) -> dict[str, dict]:
-    """{variant: rescore(...)} for the gate's three variants; raises BadTranscripts when a file is
-    missing or malformed, or when the files do not hold the same test utterances."""
-    read = {v: read_utterances(utterances_path(local_work, v)) for v in verified_variants(scheme)}
-    (first, ref_rows), *others = read.items()
-    expected = [(uid, ref) for uid, ref, _ in ref_rows]
-    for v, rows in others:
-        if [(uid, ref) for uid, ref, _ in rows] != expected:
-            raise BadTranscripts(f"evaluate/utterances_{v}.csv and evaluate/utterances_{first}.csv do not hold the "
-                                 f"same test utterances (ids and references, in order)")
-    return {v: rescore(rows) for v, rows in read.items()}
+def _shown(ids: list[str]) -> str:
+    return ", ".join(repr(i[:60]) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+
+
+def against_home(rows: list[tuple[str, str, str]], test: TestSet, name: str) -> list[tuple[str, str, str]]:
+    """[(id, home's reference, the machine's hypothesis)] in home's order; raises BadTranscripts naming
+    ids not in the test set, test ids missing, and references that are not the test split's."""
+    hyp = {uid: h for uid, _, h in rows}
+    problems = []
+    unknown = [uid for uid, _, _ in rows if uid not in test.refs]
+    if unknown:
+        problems.append(f"{len(unknown)} utterance id(s) not in the test set: {_shown(unknown)}")
+    missing = [uid for uid in test.refs if uid not in hyp]
+    if missing:
+        problems.append(f"{len(missing)} of the {len(test.refs)} test utterances missing: {_shown(missing)}")
+    forged = [uid for uid, ref, _ in rows
+              if uid in test.refs and normalize_french(ref) != normalize_french(test.refs[uid])]
+    if forged:
+        problems.append(f"{len(forged)} reference(s) that are not the test split's: {_shown(forged)}")
+    if problems:
+        raise BadTranscripts(f"{name} does not hold the test set home read from {test.source}: " + "; ".join(problems))
+    return [(uid, ref, hyp[uid]) for uid, ref in test.refs.items()]
+
+
+def recompute(local_work: Path, scheme: str, test: TestSet) -> dict[str, dict]:
+    """{variant: rescore(...)} for the gate's three variants, each variant's hypotheses scored against
+    home's references; raises BadTranscripts when a file is missing, malformed or not the test set."""
+    return {v: rescore(against_home(read_utterances(utterances_path(local_work, v)), test,
+                                    f"evaluate/utterances_{v}.csv"))
+            for v in verified_variants(scheme)}
 
 
 def _claim_mismatches(metrics: dict, claimed_gate: dict, rescored: dict[str, dict], ours: dict,
@@ -179,13 +202,15 @@ def _word(passed: Any) -> str:
     return "passed" if passed is True else "failed" if passed is False else f"{_num(passed)} (no verdict)"
 
 
-def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path) -> dict:
+def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path,
+                      test: Optional[TestSet] = None) -> dict:
     """The gate verdict that decides an upload: `gate_rule` over the WERs recomputed at home.
 
     Returns the gate's shape ({"passed", "scheme", "qat_wer", "qat_fp32_wer", "ptq_wer",
     "max_wer_degradation", "reasons"}) plus "reason" (the sentence the report and the card print),
     "verified" (True only when the machine's claims matched its transcripts), "recomputed"
-    ({variant: {"wer", "cer", "utterances"}}) and "claimed" (the machine's verdict, as it said it)."""
+    ({variant: {"wer", "cer", "utterances"}}) and "claimed" (the machine's verdict, as it said it).
+    `test` is the test set home holds (tasks/references.py `home_test_set(cfg)` when not given)."""
     scheme, max_deg = cfg.quant.scheme, cfg.eval.max_wer_degradation
     metrics = (evaluate or {}).get("metrics") if isinstance(evaluate, dict) else None
     metrics = metrics if isinstance(metrics, dict) else {}
@@ -194,8 +219,8 @@ def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path
         return {**gate_rule(scheme, max_deg, {}), "passed": False, "reasons": [NO_VERDICT], "reason": NO_VERDICT,
                 "verified": False, "recomputed": {}, "claimed": None}
     try:
-        rescored = recompute(local_work, scheme)
-    except BadTranscripts as e:
+        rescored = recompute(local_work, scheme, test or home_test_set(cfg))
+    except (BadTranscripts, TestSetUnavailable) as e:
         detail = f"its per-utterance transcripts cannot be checked: {e}"
         return {**gate_rule(scheme, max_deg, {}), "passed": False, "reasons": [detail],
                 "reason": f"{CLAIM_MISMATCH} ({detail})", "verified": False, "recomputed": {}, "claimed": claimed}

@@ -30,13 +30,13 @@ import stat
 from pathlib import Path
 from typing import Any, Optional
 
-from contract.catalogue import ptq_variant, quantized_variant
+from contract.catalogue import KNOWN_VARIANTS, ptq_variant, quantized_variant
 from contract.config import RunConfig
 from contract.normalize import normalize_french
 from contract.quality import corpus_rate, gate_rule, utterance_errors
 
 from .references import TestSet, TestSetUnavailable, home_test_set
-from .scorecard import gate_sentence, measured
+from .scorecard import gate_sentence, md_text, measured
 
 WER_TOLERANCE = 0.01          # points of WER a claim may differ from the recomputed value (the step rounds to 0.001)
 MAX_CSV_BYTES = 64 * 2**20    # one variant's transcripts; 500 test clips take ~100 kB
@@ -101,7 +101,7 @@ def read_utterances(path: Path) -> list[tuple[str, str, str]]:
     try:
         header = next(reader, None)
         if header is None or tuple(header) != COLUMNS:
-            shown = repr(header[:len(COLUMNS) + 1])[:300] if header is not None else "None"
+            shown = md_text(repr(header[:len(COLUMNS) + 1]), 300) if header is not None else "None"
             raise BadTranscripts(f"{name}: header {shown} is not {list(COLUMNS)}")
         for row in reader:
             n = reader.line_num
@@ -116,7 +116,7 @@ def read_utterances(path: Path) -> list[tuple[str, str, str]]:
             if not uid.strip():
                 raise BadTranscripts(f"{name} line {n}: empty utterance id")
             if uid in seen:
-                raise BadTranscripts(f"{name} line {n}: duplicate utterance id {uid[:80]!r}: it appears twice (each test utterance must appear once)")
+                raise BadTranscripts(f"{name} line {n}: duplicate utterance id {md_text(repr(uid[:80]))}: it appears twice (each test utterance must appear once)")
             if not all(_COUNT.fullmatch(v) for v in row[5:]):
                 raise BadTranscripts(f"{name} line {n}: error counts must be non-negative integers")
             seen.add(uid)
@@ -128,17 +128,25 @@ def read_utterances(path: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
-def rescore(rows: list[tuple[str, str, str]]) -> dict:
-    """{"wer", "cer" (percent, rounded to 0.001 as the step records them), "utterances"} of the rows."""
-    we = w = ce = c = 0
-    for _, ref, hyp in rows:
-        a, b, x, y = utterance_errors(normalize_french(ref), normalize_french(hyp))
-        we, w, ce, c = we + a, w + b, ce + x, c + y
-    return {"wer": round(corpus_rate(we, w), 3), "cer": round(corpus_rate(ce, c), 3), "utterances": len(rows)}
+def rescore(rows: list[tuple[str, str, str]], bootstrap_samples: int = 0) -> dict:
+    """{"wer", "cer" (percent, rounded to 0.001 as the step records them), "utterances"} of the rows,
+    plus "wer_ci" (the 95 % bootstrap interval steps/evaluate.py `Scores.bootstrap` draws, same seed)
+    when `bootstrap_samples` is given."""
+    counts = [utterance_errors(normalize_french(ref), normalize_french(hyp)) for _, ref, hyp in rows]
+    we, w, ce, c = (sum(x[i] for x in counts) for i in range(4))
+    out = {"wer": round(corpus_rate(we, w), 3), "cer": round(corpus_rate(ce, c), 3), "utterances": len(rows)}
+    if bootstrap_samples and rows:
+        import numpy as np
+
+        err, tot = np.array([x[0] for x in counts]), np.array([x[1] for x in counts])
+        idx = np.random.default_rng(0).integers(0, len(rows), size=(bootstrap_samples, len(rows)))
+        rates = 100.0 * err[idx].sum(axis=1) / np.maximum(tot[idx].sum(axis=1), 1)
+        out["wer_ci"] = [round(float(np.percentile(rates, 2.5)), 3), round(float(np.percentile(rates, 97.5)), 3)]
+    return out
 
 
 def _shown(ids: list[str]) -> str:
-    return ", ".join(repr(i[:60]) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    return ", ".join(md_text(repr(i[:60])) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
 
 
 def against_home(rows: list[tuple[str, str, str]], test: TestSet, name: str) -> list[tuple[str, str, str]]:
@@ -161,12 +169,21 @@ def against_home(rows: list[tuple[str, str, str]], test: TestSet, name: str) -> 
     return [(uid, ref, hyp[uid]) for uid, ref in test.refs.items()]
 
 
-def recompute(local_work: Path, scheme: str, test: TestSet) -> dict[str, dict]:
-    """{variant: rescore(...)} for the gate's three variants, each variant's hypotheses scored against
-    home's references; raises BadTranscripts when a file is missing, malformed or not the test set."""
-    return {v: rescore(against_home(read_utterances(utterances_path(local_work, v)), test,
-                                    f"evaluate/utterances_{v}.csv"))
-            for v in verified_variants(scheme)}
+def recompute(local_work: Path, scheme: str, test: TestSet, bootstrap_samples: int = 0) -> dict[str, dict]:
+    """{variant: rescore(...)}, each variant's hypotheses scored against home's references: the gate's
+    three variants (raises BadTranscripts when a file is missing, malformed or not the test set),
+    then any other known variant whose transcripts came home and hold the test set (others left out)."""
+    out = {v: rescore(against_home(read_utterances(utterances_path(local_work, v)), test,
+                                   f"evaluate/utterances_{v}.csv"), bootstrap_samples)
+           for v in verified_variants(scheme)}
+    for v in sorted(KNOWN_VARIANTS - set(out)):
+        if utterances_path(local_work, v).is_file():
+            try:
+                out[v] = rescore(against_home(read_utterances(utterances_path(local_work, v)), test,
+                                              f"evaluate/utterances_{v}.csv"), bootstrap_samples)
+            except BadTranscripts:
+                continue  # not a gate variant: its figures are simply not shown
+    return out
 
 
 def _claim_mismatches(metrics: dict, claimed_gate: dict, rescored: dict[str, dict], ours: dict,
@@ -195,7 +212,7 @@ def _claim_mismatches(metrics: dict, claimed_gate: dict, rescored: dict[str, dic
 
 def _num(x: Any) -> str:
     v = measured(x)
-    return f"{v:.3f}" if v is not None else "nothing" if x is None else repr(x)[:40]
+    return f"{v:.3f}" if v is not None else "nothing" if x is None else md_text(repr(x), 40)
 
 
 def _word(passed: Any) -> str:
@@ -219,7 +236,7 @@ def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path
         return {**gate_rule(scheme, max_deg, {}), "passed": False, "reasons": [NO_VERDICT], "reason": NO_VERDICT,
                 "verified": False, "recomputed": {}, "claimed": None}
     try:
-        rescored = recompute(local_work, scheme, test or home_test_set(cfg))
+        rescored = recompute(local_work, scheme, test or home_test_set(cfg), cfg.eval.bootstrap_samples)
     except (BadTranscripts, TestSetUnavailable) as e:
         detail = f"its per-utterance transcripts cannot be checked: {e}"
         return {**gate_rule(scheme, max_deg, {}), "passed": False, "reasons": [detail],
@@ -235,10 +252,15 @@ def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path
 
 
 def verified_metrics(metrics: dict, verdict: dict) -> dict:
-    """The steps' metrics with evaluate's gate replaced by the orchestrator's verdict and the
-    verified variants' WER/CER by the recomputed figures (what the model card may print)."""
-    ev = dict(metrics.get("evaluate") or {})
+    """The steps' metrics with evaluate's figures replaced by home's: the gate by the orchestrator's
+    verdict, WER/CER/WER interval and the utterance count by what home recomputed (the machine's own
+    quality figures are dropped: what the model card and the report may print)."""
+    ev = {k: v for k, v in (metrics.get("evaluate") or {}).items() if k not in ("wer", "cer", "wer_ci", "cer_ci",
+                                                                               "n_utterances")}
+    recomputed = verdict.get("recomputed") or {}
     ev["gate"] = verdict
-    for key in ("wer", "cer"):
-        ev[key] = {**(ev.get(key) or {}), **{v: r[key] for v, r in (verdict.get("recomputed") or {}).items()}}
+    for key in ("wer", "cer", "wer_ci"):
+        ev[key] = {v: r[key] for v, r in recomputed.items() if key in r}
+    if recomputed:
+        ev["n_utterances"] = next(iter(recomputed.values()))["utterances"]
     return {**metrics, "evaluate": ev}

@@ -101,7 +101,8 @@ def test_honest_passing_run_uploads_the_export_with_the_orchestrators_verdict(cf
     result = claim(cfg, HONEST)
     gate = quality_gate.fn(cfg, result, work)
     assert gate["passed"] is True and gate["verified"] is True
-    assert gate["recomputed"]["qat_int8"] == {"wer": 30.0, "cer": gate["recomputed"]["qat_int8"]["cer"], "utterances": 10}
+    r = gate["recomputed"]["qat_int8"]
+    assert r == {"wer": 30.0, "cer": r["cer"], "utterances": 10, "wer_ci": r["wer_ci"]} and r["wer_ci"][0] <= 30.0
     link = upload_to_hub.fn(cfg, {"evaluate": result}, gate, work)
     assert link["uploaded"] is True
     remote = set(hub.repo_files(REPO)) - {".gitattributes"}

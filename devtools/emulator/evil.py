@@ -21,7 +21,7 @@ default /tmp/qat-evil-target):
 | `bad_name` | a file named `evil name\\n\\x1b[31m.txt` (a space, a newline, an escape sequence) |
 | `forge_result` | in an `evaluate` directory: `result.json` claims a passing gate with WERs of 1.0, and the quantized variant's `utterances_qat_int*.csv` hypotheses are replaced by junk (so the transcripts fail the gate) |
 | `plant_py` | in a `convert` directory: `evil.py` and `weights.pkl` in every `qat_*` export folder |
-| `forge_refs` | in an `evaluate` directory: every `utterances_*.csv` reference rewritten to its hypothesis (WER 0), and `result.json` claims the figures those transcripts give (its config hash kept: what "already done" read) |
+| `forge_refs` | in an `evaluate` directory: every `utterances_*.csv` reference rewritten to the quantized variant's hypothesis (its WER 0), and `result.json` claims the figures those transcripts give (its config hash kept: what "already done" read) |
 | `forge_subset` | the same CSVs cut to the utterances where the quantized variant did no worse than the others, claims to match |
 | `unknown_ids` | that subset padded back to the full count with copies under ids that are not in the test split, claims to match |
 | `duplicates` | that subset padded back with the same good rows under their own ids again, claims to match |
@@ -162,8 +162,9 @@ def forge_evaluate(src: Path, mode: str) -> dict[str, bytes]:
         return {}
     header = next(iter(csvs.values()))[0]
     rows = {v: r[1:] for v, r in csvs.items()}
-    if mode == "forge_refs":
-        rows = {v: [[r[0], r[2], r[2], *r[3:]] for r in rs] for v, rs in rows.items()}
+    if mode == "forge_refs":  # every variant's references become the quantized model's output
+        said = {r[0]: r[2] for r in rows[quantized]}
+        rows = {v: [[r[0], said.get(r[0], r[1]), *r[2:]] for r in rs] for v, rs in rows.items()}
     else:
         errs = {v: {r[0]: errors(r[1], r[2])[0] for r in rs} for v, rs in rows.items()}
         others = [v for v in rows if v != quantized]

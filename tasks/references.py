@@ -34,13 +34,13 @@ CACHE = ".home-references"
 
 
 @dataclass(frozen=True)
-class TestSet:
+class HomeTestSet:
     """{utterance id: reference} of the test utterances, in prepare's order, and where it was read."""
     refs: dict[str, str]
     source: str
 
 
-class TestSetUnavailable(RuntimeError):
+class HomeTestSetUnreadable(RuntimeError):
     """Home could not read the test split; the message says which and how to fix it."""
 
 
@@ -89,7 +89,7 @@ def _hub_rows(d: DataConfig) -> Iterator[tuple[str, object, object]]:
     names = ds.column_names
     if names is not None:
         if d.text_column not in names:
-            raise TestSetUnavailable(f"dataset {d.dataset} split {d.test_split} has no column {d.text_column!r} "
+            raise HomeTestSetUnreadable(f"dataset {d.dataset} split {d.test_split} has no column {d.text_column!r} "
                                      f"(columns {names}): set data.text_column")
         ds = ds.select_columns([c for c in ("id", "path", d.text_column) if c in names])
     for i, row in enumerate(ds):
@@ -101,30 +101,30 @@ def _cache_file(d: DataConfig, root: Path) -> Path:
     return root / CACHE / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
-def home_test_set(cfg: RunConfig, cache_root: Optional[Path] = None) -> TestSet:
+def home_test_set(cfg: RunConfig, cache_root: Optional[Path] = None) -> HomeTestSet:
     """The test utterances the machine must have transcribed, read at home (never from the machine)."""
     d = cfg.data
     if d.source == "manifest":
-        return TestSet(_select(_manifest_rows(d), d), f"the manifest {d.manifest}")
+        return HomeTestSet(_select(_manifest_rows(d), d), f"the manifest {d.manifest}")
     source = f"the Hub dataset {d.dataset} ({d.config or 'default'}, split {d.test_split})"
     cache = _cache_file(d, Path(cache_root or runs_dir()))
     try:
         refs = json.loads(cache.read_text(encoding="utf-8"))["refs"]
-        return TestSet(dict(refs), source)
+        return HomeTestSet(dict(refs), source)
     except (OSError, ValueError, KeyError, TypeError):
         pass
     try:
         refs = _select(_hub_rows(d), d)
-    except TestSetUnavailable:
+    except HomeTestSetUnreadable:
         raise
     except Exception as e:  # noqa: BLE001 - no network, no such dataset: say what home could not read
-        raise TestSetUnavailable(f"home could not read {source} to check the machine's transcripts "
+        raise HomeTestSetUnreadable(f"home could not read {source} to check the machine's transcripts "
                                  f"({type(e).__name__}: {str(e)[:200]}); check the network and data.*") from None
     if not refs:
-        raise TestSetUnavailable(f"{source} has no test utterance with text at home")
+        raise HomeTestSetUnreadable(f"{source} has no test utterance with text at home")
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"dataset": d.dataset, "config": d.config, "split": d.test_split, "refs": refs}),
                    encoding="utf-8")
     os.replace(tmp, cache)
-    return TestSet(refs, source)
+    return HomeTestSet(refs, source)

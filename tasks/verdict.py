@@ -35,7 +35,7 @@ from contract.config import RunConfig
 from contract.normalize import normalize_french
 from contract.quality import corpus_rate, gate_rule, utterance_errors
 
-from .references import TestSet, TestSetUnavailable, home_test_set
+from .references import HomeTestSet, HomeTestSetUnreadable, home_test_set
 from .scorecard import gate_sentence, md_text, measured
 
 WER_TOLERANCE = 0.01          # points of WER a claim may differ from the recomputed value (the step rounds to 0.001)
@@ -149,7 +149,7 @@ def _shown(ids: list[str]) -> str:
     return ", ".join(md_text(repr(i[:60])) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
 
 
-def against_home(rows: list[tuple[str, str, str]], test: TestSet, name: str) -> list[tuple[str, str, str]]:
+def against_home(rows: list[tuple[str, str, str]], test: HomeTestSet, name: str) -> list[tuple[str, str, str]]:
     """[(id, home's reference, the machine's hypothesis)] in home's order; raises BadTranscripts naming
     ids not in the test set, test ids missing, and references that are not the test split's."""
     hyp = {uid: h for uid, _, h in rows}
@@ -169,7 +169,7 @@ def against_home(rows: list[tuple[str, str, str]], test: TestSet, name: str) -> 
     return [(uid, ref, hyp[uid]) for uid, ref in test.refs.items()]
 
 
-def recompute(local_work: Path, scheme: str, test: TestSet, bootstrap_samples: int = 0) -> dict[str, dict]:
+def recompute(local_work: Path, scheme: str, test: HomeTestSet, bootstrap_samples: int = 0) -> dict[str, dict]:
     """{variant: rescore(...)}, each variant's hypotheses scored against home's references: the gate's
     three variants (raises BadTranscripts when a file is missing, malformed or not the test set),
     then any other known variant whose transcripts came home and hold the test set (others left out)."""
@@ -220,7 +220,7 @@ def _word(passed: Any) -> str:
 
 
 def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path,
-                      test: Optional[TestSet] = None) -> dict:
+                      test: Optional[HomeTestSet] = None) -> dict:
     """The gate verdict that decides an upload: `gate_rule` over the WERs recomputed at home.
 
     Returns the gate's shape ({"passed", "scheme", "qat_wer", "qat_fp32_wer", "ptq_wer",
@@ -237,7 +237,7 @@ def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path
                 "verified": False, "recomputed": {}, "claimed": None}
     try:
         rescored = recompute(local_work, scheme, test or home_test_set(cfg), cfg.eval.bootstrap_samples)
-    except (BadTranscripts, TestSetUnavailable) as e:
+    except (BadTranscripts, HomeTestSetUnreadable) as e:
         detail = f"its per-utterance transcripts cannot be checked: {e}"
         return {**gate_rule(scheme, max_deg, {}), "passed": False, "reasons": [detail],
                 "reason": f"{CLAIM_MISMATCH} ({detail})", "verified": False, "recomputed": {}, "claimed": claimed}

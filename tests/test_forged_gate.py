@@ -148,3 +148,59 @@ def test_markdown_in_machine_strings_never_reaches_the_card_or_the_report(bad_mo
         assert "onerror" not in text or "<img" not in text
     assert "train loss 0.5" in card and "as the rented machine reported them" in card
     assert "measured on the rented machine" in card and "measured on the rented machine" in report
+
+
+# ------------------------------------------------------------------ the done-when: two whole runs
+
+FAST = {"train.max_steps": 2, "train.save_every": 2, "train.eval_every": 2, "data.max_eval_samples": 2,
+        "bench.max_clips": 1, "eval.bootstrap_samples": 20, "hub.repo_id": "evil/forged-gate"}
+
+
+@pytest.mark.slow
+def test_a_forged_passing_gate_uploads_nothing_and_the_next_run_evaluates_again(tmp_path, monkeypatch):
+    """Run 1 rents an evil machine whose evaluate outputs come home with references rewritten to the
+    model's output, claims to match and the step's own hash: the gate fails at home, nothing reaches
+    the Hub. Run 2 of the config (an honest machine) reuses prepare..bench from run 1 by home's
+    record, and rents a machine to run evaluate again instead of reusing the forged one."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from devtools.emulator.testing import EmulatorProcess
+    from flows.qat import qat
+    from hub_server import HubServer
+
+    require_sshd()
+    token = "hf_forgedgate" + "0" * 24
+    emu = EmulatorProcess(state_dir=tmp_path / "emulator").start()
+    runs = tmp_path / "runs"
+    try:
+        with HubServer(tmp_path / "hub", {token: ("evil", "write")}) as hub:
+            for k, v in {"VAST_API_KEY": emu.api_key, "VAST_URL": emu.url, "QAT_RUNS_DIR": str(runs),
+                         "HF_ENDPOINT": hub.url, "HF_TOKEN": token}.items():
+                monkeypatch.setenv(k, v)
+            with prefect_test_harness(server_startup_timeout=120):
+                emu.set_faults(label_prefix="qat-", evil="forge_refs")
+                first = qat(config="tiny", overrides=FAST, return_state=True)
+                assert first.is_completed(), first.message
+                out = first.result()
+                assert out["gate"]["passed"] is False and "not the test split's" in out["gate"]["reason"], out["gate"]
+                assert out["link"]["uploaded"] is False
+                assert hub.repo_files("evil/forged-gate") in ({}, None, []), "something reached the Hub"
+                (run1,) = [d for d in (runs / "tiny").iterdir() if d.is_dir()]
+                assert read_result(run1 / "work", "evaluate")["metrics"]["gate"]["passed"] is True  # the forged claim
+
+                emu.set_faults(label_prefix="qat-", evil=None)
+                second = qat(config="tiny", overrides=FAST, return_state=True)
+                assert second.is_completed(), second.message
+                assert second.result()["gate"]["verified"] is True, second.result()["gate"]
+        (run2,) = [d for d in (runs / "tiny").iterdir() if d.is_dir() and d != run1]
+        rented = [r for r in emu.ledger()["instances"] if (r["label"] or "").startswith("qat-")]
+        assert len(rented) == 2, "run 2 rented a machine: evaluate was not 'already done'"
+        ino = lambda d, s: (d / "work" / s / "result.json").stat().st_ino  # noqa: E731
+        for step in ("train", "convert", "bench"):
+            assert ino(run1, step) == ino(run2, step), f"{step} was reused from run 1 (home's record)"
+        assert ino(run1, "evaluate") != ino(run2, "evaluate")
+        assert "not the test split's" not in json.dumps(read_result(run2 / "work", "evaluate"))
+        assert emu.live_instances() == []
+    finally:
+        emu.cleanup()
+    assert emu.sshd_pids() == []

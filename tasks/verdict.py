@@ -116,7 +116,8 @@ def read_utterances(path: Path) -> list[tuple[str, str, str]]:
             if not uid.strip():
                 raise BadTranscripts(f"{name} line {n}: empty utterance id")
             if uid in seen:
-                raise BadTranscripts(f"{name} line {n}: duplicate utterance id {md_text(repr(uid[:80]))}: it appears twice (each test utterance must appear once)")
+                raise BadTranscripts(f"{name} line {n}: duplicate utterance id {md_text(repr(uid[:80]))}: it appears "
+                                     f"twice (each test utterance must appear once)")
             if not all(_COUNT.fullmatch(v) for v in row[5:]):
                 raise BadTranscripts(f"{name} line {n}: error counts must be non-negative integers")
             seen.add(uid)

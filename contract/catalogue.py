@@ -85,3 +85,11 @@ def quantized_variant(scheme: str) -> str:
 def ptq_variant(scheme: str) -> str:
     """The base model plainly quantized with `scheme` (post-training quantization, the comparison)."""
     return f"base_ptq_{scheme}"
+
+
+SCHEMES = ("int8", "int4")
+# Every variant name evaluate and bench record (steps/evaluate.py find_variants, steps/bench.py): the
+# orchestrator shows a machine-sent variant name only when it is one of these.
+KNOWN_VARIANTS = frozenset(
+    {"base_fp32", "qat_fp32", "base_onnx_fp32", "qat_onnx_fp32", "qat_fp16", "faster_whisper_int8"}
+    | {name for s in SCHEMES for name in (quantized_variant(s), ptq_variant(s), f"{quantized_variant(s)}_torchao")})

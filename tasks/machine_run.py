@@ -17,6 +17,7 @@ from contract.config import RunConfig
 from infra.machine import Lease
 
 from .billing import BudgetExceeded, budget_rows, forget, open_budget, register, watch_budget
+from .home_record import VERIFIED_STEP, write_record
 from .remote_step import MachineLost, run_remote_step
 from .rental import destroy_machine, forget_machine, gpu_slot, machine_alive, push_code, rent_machine, setup_environment
 from .report import publish_cost_table
@@ -34,6 +35,8 @@ def _on_machine(cfg: RunConfig, lease: Lease, local_work: Path, results: dict, m
     for step in STEPS:
         with meter.step(step):
             results[step] = run_remote_step(lease, cfg, step, local_work)
+        if step != VERIFIED_STEP:  # outputs landed through infra/archive.py; evaluate's: once the gate verified them
+            write_record(cfg, local_work, step)
 
 
 def run_on_machines(cfg: RunConfig, label: str, run_dir: Path, local_work: Path) -> tuple[dict, list[dict], Optional[Lease]]:

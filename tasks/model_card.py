@@ -1,8 +1,11 @@
 """The model card (README.md) uploaded with the model: metadata + results, all from measured metrics.
 
-Every figure comes from the `metrics` passed in (the steps' result.json) or from the run config;
-the results table and the gate verdict are tasks/scorecard.py's, the same as in the run report, and
-a figure that was not measured is written 'not measured', never guessed.
+Every figure comes from the `metrics` passed in (the steps' result.json, with WER, CER, their
+interval and the gate replaced by what home recomputed: tasks/verdict.py `verified_metrics`) or
+from the run config; the results table and the gate verdict are tasks/scorecard.py's, the same as
+in the run report, and a figure that was not measured is written 'not measured', never guessed.
+Figures home cannot check (sizes, speed, memory, training figures) are labelled as measured on the
+rented machine; no string the machine sent is rendered as markdown (tasks/scorecard.py `md_text`).
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import yaml
 from contract.catalogue import quantized_variant
 from contract.config import RunConfig
 
-from .scorecard import figure, gate_verdict, measured, results_markdown, results_table, serving_markdown, variants
+from .scorecard import (METRIC_KEY, figure, gate_verdict, measured, results_markdown, results_table, serving_markdown,
+                        variants)
 
 LANGUAGES = {"fr": "French", "en": "English", "de": "German", "es": "Spanish", "it": "Italian"}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -75,8 +79,11 @@ def _training_lines(cfg: RunConfig, train: dict) -> list[str]:
     lines = [f"- {t.length}, learning rate {t.learning_rate:g}, batch {t.per_device_batch_size} x {t.grad_accum} "
              f"accumulation, warm-up {t.warmup_steps} steps, weight decay {t.weight_decay:g}"
              + (", encoder frozen" if t.freeze_encoder else "")]
-    recorded = [(k, v) for k, v in sorted(train.items()) if measured(v) is not None]
-    lines += [f"- {k.replace('_', ' ')}: {figure(v, '.4g')}" for k, v in recorded]
+    recorded = [(k, v) for k, v in sorted(train.items())
+                if isinstance(k, str) and METRIC_KEY.fullmatch(k) and measured(v) is not None]
+    if recorded:
+        lines.append("- as the rented machine reported them (not checked at home): "
+                     + "; ".join(f"{k.replace('_', ' ')} {figure(v, '.4g')}" for k, v in recorded))
     return lines
 
 

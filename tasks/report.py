@@ -1,8 +1,10 @@
 """What the Prefect dashboard shows: the run report, tables, the chart and the model link.
 
 Keys are stable (per config name) so versions accumulate across runs. Every figure comes from the
-steps' result.json files and the measured timings of this run; the results table and the gate
-verdict are tasks/scorecard.py's, the same as in the model card."""
+steps' result.json files and the measured timings of this run, with WER, CER, their interval and
+the gate replaced by what home recomputed (tasks/verdict.py `verified_metrics`); the results table
+and the gate verdict are tasks/scorecard.py's, the same as in the model card, and no string the
+machine sent is rendered as markdown."""
 from __future__ import annotations
 
 import base64
@@ -18,7 +20,8 @@ from contract.config import RunConfig
 from infra.machine import Lease
 
 from .billing import estimate_rows
-from .scorecard import gate_verdict, results_markdown, results_table, serving_markdown, step_metrics
+from .scorecard import gate_verdict, md_text, results_markdown, results_table, serving_markdown, step_metrics
+from .verdict import verified_metrics
 
 
 def chart_png(rows: list[dict]) -> Optional[bytes]:
@@ -50,7 +53,8 @@ def chart_png(rows: list[dict]) -> Optional[bytes]:
 
 def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: list[dict],
                   estimate: dict, gate: dict, link: dict) -> str:
-    rows = results_table(cfg.quant.scheme, step_metrics(results))
+    metrics = verified_metrics(step_metrics(results), gate or {})
+    rows = results_table(cfg.quant.scheme, metrics)
     totals = [r for r in costs if r["step"].endswith("total")]
     total_s = sum(r["seconds"] for r in totals)
     total_usd = sum(r["usd"] for r in totals)
@@ -76,11 +80,11 @@ def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: 
     lines += [f"| **total ({what}, creation to confirmed destroy, bandwidth included)** | **{total_s:.1f}** | "
               f"**{total_usd:.4f}** |", ""]
     lines += ["## Results (test set)", "", *results_markdown(rows, name="variant"), ""]
-    lines += ["## Serving, per device", "", *serving_markdown(cfg.quant.scheme, step_metrics(results))]
+    lines += ["## Serving, per device", "", *serving_markdown(cfg.quant.scheme, metrics)]
     lines += ["## Quality gate", "", gate_verdict(gate, cfg.quant.scheme, cfg.eval.max_wer_degradation), ""]
     lines += ["## Links", "", f"- model: {link.get('url') or link.get('path')}", ""]
     if not link.get("uploaded"):
-        lines.append(f"- not uploaded: {link.get('reason', '')}")
+        lines.append(f"- not uploaded: {md_text(link.get('reason', ''), 2000)}")
     return "\n".join(lines)
 
 
@@ -106,7 +110,7 @@ def publish_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs:
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "report.md").write_text(md)
     create_markdown_artifact(md, key=f"{key}-report", description=f"QAT run report ({cfg.name})")
-    rows = results_table(cfg.quant.scheme, step_metrics(results))
+    rows = results_table(cfg.quant.scheme, verified_metrics(step_metrics(results), gate or {}))
     measured_rows = [r for r in rows if any(r[k] is not None for k in ("wer_pct", "cer_pct", "size_mb", "latency_s"))]
     if measured_rows:
         create_table_artifact(measured_rows, key=f"{key}-metrics", description="metrics per variant (test set)")

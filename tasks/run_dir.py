@@ -6,11 +6,14 @@
 
 <run id> is `<UTC time>-<flow run id>` (`<UTC time>-local-<random>` outside a flow run), so two runs
 of one config never share a folder; a retry of the same flow run finds its own folder again.
-Results of earlier runs are reused by hash, not by name: when the new run's work/ is opened, each
-step whose result.json in an earlier run of the config (newest first; the old `runs/<name>/work`
-layout included) holds the step's current hash (config sections, code, data, model:
-contract/result_file.py) is hard-linked into it (copied where links are impossible), bulk outputs
-left out. Only those steps are pushed to a machine, so a step of another config never reaches one.
+Results of earlier runs are reused by hash, not by name, and only on home's word: when the new
+run's work/ is opened, each step that an earlier run of the config (newest first; the old
+`runs/<name>/work` layout included) completed for the step's current hash (config sections, code,
+data, model: contract/result_file.py) AND whose files still match the record home wrote when they
+came home (tasks/home_record.py) is hard-linked into it (copied where links are impossible), bulk
+outputs left out. A result.json alone is the machine's word: a step without a matching record is
+run again (in a retry's own folder, its result.json is renamed `result.json.unverified`). Only
+reused steps are pushed to a machine, so a step of another config never reaches one.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ from prefect import get_run_logger, task
 from contract.catalogue import BULK_OUTPUTS, STEPS
 from contract.config import RunConfig, load_config
 from contract.layout import REPO_ROOT
-from contract.result_file import is_done, read_result
+from contract.result_file import RESULT_FILE, is_done, read_result
+
+from .home_record import done_at_home, write_record
 
 __all__ = ["STEPS", "all_steps_done", "open_run_dir", "results_at_home", "run_dirs", "runs_dir",
            "validate_config"]
@@ -97,14 +102,16 @@ def reuse_earlier_results(cfg: RunConfig, run_dir: Path, local_work: Path) -> di
     earlier = [d for d in reversed(run_dirs(cfg.name, run_dir.parent.parent)) if d.resolve() != run_dir.resolve()]
     reused: dict[str, str] = {}
     for step in STEPS:
-        if is_done(cfg, local_work, step):
+        if done_at_home(cfg, local_work, step):
             continue
         for d in earlier:
-            if is_done(cfg, d / WORK, step):
+            if done_at_home(cfg, d / WORK, step):
                 shutil.rmtree(local_work / step, ignore_errors=True)
                 _link_tree(d / WORK / step, local_work / step, BULK_OUTPUTS.get(step, ()))
-                reused[step] = d.name
-                break
+                if write_record(cfg, local_work, step, same_as=d / WORK):
+                    reused[step] = d.name
+                    break
+                shutil.rmtree(local_work / step, ignore_errors=True)  # changed while linked: not reused
     if reused:
         _log("reused results of earlier runs (same hash): %s", ", ".join(f"{s} from {d}" for s, d in reused.items()))
     return reused
@@ -125,12 +132,23 @@ def open_run_dir(cfg: RunConfig, run_id: Optional[str] = None) -> tuple[Path, Pa
     local_work.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.yaml").write_text(cfg.to_yaml())
     _log("run directory %s", run_dir)
+    _unverified_aside(cfg, local_work)
     reuse_earlier_results(cfg, run_dir, local_work)
     return run_dir, local_work
 
 
+def _unverified_aside(cfg: RunConfig, local_work: Path) -> None:
+    """A retry's own folder: a step whose result.json holds the hash without home's record (its
+    outputs never checked, or edited since) is not done: its result.json is renamed, and the step runs."""
+    for step in STEPS:
+        if is_done(cfg, local_work, step) and not done_at_home(cfg, local_work, step):
+            os.replace(local_work / step / RESULT_FILE, local_work / step / f"{RESULT_FILE}.unverified")
+            _log("%s: result.json holds the current hash but home holds no matching record of its outputs: "
+                 "it runs again", step)
+
+
 def all_steps_done(cfg: RunConfig, local_work: Path) -> bool:
-    return all(is_done(cfg, local_work, s) for s in STEPS)
+    return all(done_at_home(cfg, local_work, s) for s in STEPS)
 
 
 def results_at_home(local_work: Path) -> dict[str, dict]:

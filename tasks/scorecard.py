@@ -4,14 +4,24 @@ The report (tasks/report.py), the model card (tasks/model_card.py) and the gate 
 all read them from here, so a figure or a verdict can only be written one way. Pure functions of
 the steps' result.json `metrics` (see `step_metrics`); no Prefect, no I/O. A figure that was not
 measured stays None in the table and reads NOT_MEASURED, never guessed.
+
+Everything here comes from the rented machine, a stranger's computer: a variant name is shown only
+when it is a known one (contract/catalogue.py KNOWN_VARIANTS), a metric key only when it is plain
+lowercase words, and any other string it sent (execution provider, why a device was skipped, node
+placement, a reason) goes through `md_text`, which leaves no markdown, HTML, link or image in it.
+WER, CER and their intervals are the ones home recomputed (tasks/verdict.py `verified_metrics`);
+sizes, speeds, latency and memory cannot be checked at home and say so (ON_MACHINE).
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
-from contract.catalogue import ptq_variant, quantized_variant
+from contract.catalogue import KNOWN_VARIANTS, ptq_variant, quantized_variant
 
 NOT_MEASURED = "not measured"
+ON_MACHINE = ("¹ measured on the rented machine and not checked at home (size, latency, speed-up, memory); "
+              "WER, CER and the WER interval are recomputed at home from its transcripts against the test set home holds.")
 # The PyTorch fp32 model whose CPU latency the results table's speed-up is relative to, in order of preference.
 SPEED_REFERENCES = ("base_fp32", "qat_fp32")
 # Per device, the serving table's baseline (the guide's fp16 on a GPU; fp32 on a CPU, where fp16
@@ -23,6 +33,24 @@ DEVICE_LABELS = {"cpu": "CPU", "cuda": "GPU (CUDA)"}
 _CONVERT_TO_VARIANT = {"qat_fp32": "qat_onnx_fp32", "base_fp32": "base_onnx_fp32", "pytorch_fp32": "qat_fp32"}
 _OTHER_LABELS = {"base_onnx_fp32": "baseline, ONNX fp32 export", "qat_onnx_fp32": "QAT-trained model, ONNX fp32 export",
                  "faster_whisper_int8": "faster-whisper int8 (CTranslate2)"}
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]+")
+_URL = re.compile(r"(?i)\b(?:https?|ftp|file|javascript|vbscript|data|mailto):\S*|\bwww\.\S*")
+_TAG = re.compile(r"<[^>]*>?")
+_MD = re.compile(r"([\\`*_{}\[\]|~>])")
+_LEADING = re.compile(r"^([#+=-]|[0-9]+[.)])")
+METRIC_KEY = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def md_text(value: Any, limit: int = 160) -> str:
+    """A string the machine sent, safe as plain text in markdown: one line, no control characters,
+    no link or image (URLs become "(link removed)"), no HTML, markdown characters escaped."""
+    text = _CONTROL.sub(" ", str(value))
+    text = _TAG.sub("", _URL.sub("(link removed)", text))
+    text = " ".join(text.split())[:limit]
+    text = text.replace("&", "&amp;").replace("<", "&lt;")
+    return _LEADING.sub(lambda m: m.group(1)[:-1] + "\\" + m.group(1)[-1], _MD.sub(r"\\\1", text))
 
 
 def variants(scheme: str) -> list[tuple[str, str]]:
@@ -76,7 +104,7 @@ def results_table(scheme: str, metrics: dict) -> list[dict]:
     sizes = variant_sizes(metrics)
     ref = next((measured(lat.get(r)) for r in SPEED_REFERENCES if measured(lat.get(r))), None)
     shown = variants(scheme)
-    others = sorted((set(wer) | set(lat) | set(be.get("size_mb") or {})) - {name for name, _ in shown})
+    others = sorted((set(wer) | set(lat) | set(be.get("size_mb") or {})) & KNOWN_VARIANTS - {name for name, _ in shown})
     rows = []
     for name, label in shown + [(v, _OTHER_LABELS.get(v, v)) for v in others]:
         interval = ci.get(name)
@@ -94,7 +122,7 @@ def results_table(scheme: str, metrics: dict) -> list[dict]:
 
 def results_markdown(rows: list[dict], name: str = "label") -> list[str]:
     """The results table as Markdown lines; `name` picks the first column ("label" or "variant")."""
-    lines = ["| variant | WER % | WER 95 % CI | CER % | size MB | latency s/clip | speed-up |",
+    lines = ["| variant | WER % | WER 95 % CI | CER % | size MB ¹ | latency s/clip ¹ | speed-up ¹ |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         ci = r["wer_ci95"]
@@ -102,7 +130,7 @@ def results_markdown(rows: list[dict], name: str = "label") -> list[str]:
         cells = [r[name], figure(r["wer_pct"], ".2f"), interval, figure(r["cer_pct"], ".2f"), figure(r["size_mb"], ".1f"),
                  figure(r["latency_s"], ".3f"), figure(r["speedup"], ".2f", "x")]
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return lines + ["", ON_MACHINE]
 
 
 def gate_sentence(gate: dict, scheme: str, allowed: Any = None) -> str:
@@ -178,12 +206,14 @@ def serving_markdown(scheme: str, metrics: dict) -> list[str]:
     lines = []
     for device, rows in serving_rows(scheme, metrics).items():
         mem = "peak VRAM MiB" if device == "cuda" else "peak RSS MiB"
-        lines += [f"**{DEVICE_LABELS[device]}** (speed relative to {rows[0]['label']} on the same device):", "",
+        lines += [f"**{DEVICE_LABELS[device]}** (speed relative to {rows[0]['label']} on the same device; every "
+                  "figure but WER measured on the rented machine, not checked at home):", "",
                   f"| variant | execution provider | size MB | {mem} | speed | latency s/clip | RTF | decoder ms/token | WER % |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             quality = figure(r["wer_pct"], ".2f") + (f" ({r['wer_of']})" if r["wer_pct"] is not None else "")
-            lines.append("| " + " | ".join([r["label"], r["provider"] or NOT_MEASURED, figure(r["size_mb"], ".1f"),
+            lines.append("| " + " | ".join([r["label"], md_text(r["provider"]) if r["provider"] else NOT_MEASURED,
+                                             figure(r["size_mb"], ".1f"),
                                              figure(r["memory_mb"], ".0f"), figure(r["speed"], ".2f", "x"),
                                              figure(r["latency_s"], ".3f"), figure(r["rtf"], ".3f"),
                                              figure(r["decoder_ms_per_token"], ".2f"), quality]) + " |")
@@ -191,7 +221,7 @@ def serving_markdown(scheme: str, metrics: dict) -> list[str]:
         if device == "cuda":
             lines += placement_lines((metrics.get("bench") or {}).get("placement") or {})
     for device, why in ((metrics.get("bench") or {}).get("skipped") or {}).items():
-        lines += [f"**{DEVICE_LABELS.get(device, device)}**: not measured ({why}).", ""]
+        lines += [f"**{DEVICE_LABELS.get(device) or md_text(device, 40)}**: not measured ({md_text(why, 300)}).", ""]
     return lines
 
 
@@ -199,14 +229,21 @@ def placement_lines(placement: dict) -> list[str]:
     """Where ONNX Runtime ran each ONNX model's nodes on the GPU machine (a CUDA EP that lacks a
     kernel, e.g. int8 MatMulInteger, runs it on the CPU, copies included: its figures show that)."""
     lines = []
-    for variant, parts in placement.items():
+    for variant, parts in placement.items() if isinstance(placement, dict) else ():
+        if variant not in KNOWN_VARIANTS or not isinstance(parts, dict):
+            continue
         cells = []
         for part, p in parts.items():
-            if "error" in p:
-                cells.append(f"{part}: {p['error']}")
+            if not isinstance(p, dict):
                 continue
-            counts = ", ".join(f"{n} on {ep.replace('ExecutionProvider', '')}" for ep, n in p.items() if ep != "cpu_ops")
-            ops = ", ".join(f"{op} {n}" for op, n in sorted(p.get("cpu_ops", {}).items(), key=lambda x: -x[1]))
-            cells.append(f"{part}: {counts}" + (f" (on the CPU: {ops})" if ops else ""))
-        lines.append(f"- node placement of `{variant}`: " + "; ".join(cells))
+            if "error" in p:
+                cells.append(f"{md_text(part, 40)}: {md_text(p['error'], 300)}")
+                continue
+            counts = ", ".join(f"{md_text(n, 12)} on {md_text(ep.replace('ExecutionProvider', ''), 40)}"
+                               for ep, n in p.items() if ep != "cpu_ops")
+            cpu_ops = p.get("cpu_ops") if isinstance(p.get("cpu_ops"), dict) else {}
+            ops = ", ".join(f"{md_text(op, 40)} {md_text(n, 12)}" for op, n in
+                            sorted(cpu_ops.items(), key=lambda x: -(measured(x[1]) or 0)))
+            cells.append(f"{md_text(part, 40)}: {counts}" + (f" (on the CPU: {ops})" if ops else ""))
+        lines.append(f"- node placement of `{variant}` (on the rented machine): " + "; ".join(cells))
     return lines + ([""] if lines else [])

@@ -3,16 +3,19 @@
 The rented machine is a stranger's computer: its result.json is a claim, not a measurement. The
 evaluate step also sends back, per variant, every test utterance's reference and hypothesis
 (`evaluate/utterances_<variant>.csv`, written by steps/evaluate.py `write_utterances`). Here those
-CSVs are read (size, row and field caps; any bad row refuses the file), both texts are normalized
-with contract/normalize.py, corpus WER/CER are counted with contract/quality.py (jiwer, as the step
-counts them) and the gate rule (contract/quality.py `gate_rule`, the step's own) is applied to the
-recomputed WERs. The machine's numbers are only compared: a claimed WER more than
-`WER_TOLERANCE` points away from the recomputed one, a claimed verdict that differs, or transcripts
-missing or malformed, and the gate fails saying the machine's claim did not match.
+CSVs are read (size, row and field caps; any bad row refuses the file) and held against the test
+set home read itself (tasks/references.py: ids and references from the manifest or the Hub, never
+from the machine): every test id present exactly once, no other id, each reference the test split's.
+The hypotheses are then scored against home's references, normalized with contract/normalize.py,
+corpus WER/CER counted with contract/quality.py (jiwer, as the step counts them), and the gate
+rule (contract/quality.py `gate_rule`, the step's own) applied to the recomputed WERs. The
+machine's numbers are only compared: a claimed WER more than `WER_TOLERANCE` points away from the
+recomputed one, a claimed verdict or count that differs, or transcripts missing, malformed or not
+of the test set, and the gate fails saying the machine's claim did not match.
 
-The machine's normalized columns and error counts are ignored: only `reference` and `hypothesis`
-are read. What this cannot catch: a machine that forges the transcripts themselves consistently
-(references are the machine's copy of the test split, hypotheses its model's output).
+The machine's normalized columns and error counts are ignored. What this cannot catch: hypotheses
+the machine forged (home does not run the model), e.g. each hypothesis written equal to the
+true reference.
 
 Plain code, no Prefect: tasks/gate.py and tasks/upload.py call `verify_evaluation`.
 """
@@ -27,12 +30,13 @@ import stat
 from pathlib import Path
 from typing import Any, Optional
 
-from contract.catalogue import ptq_variant, quantized_variant
+from contract.catalogue import KNOWN_VARIANTS, ptq_variant, quantized_variant
 from contract.config import RunConfig
 from contract.normalize import normalize_french
 from contract.quality import corpus_rate, gate_rule, utterance_errors
 
-from .scorecard import gate_sentence, measured
+from .references import HomeTestSet, HomeTestSetUnreadable, home_test_set
+from .scorecard import gate_sentence, md_text, measured
 
 WER_TOLERANCE = 0.01          # points of WER a claim may differ from the recomputed value (the step rounds to 0.001)
 MAX_CSV_BYTES = 64 * 2**20    # one variant's transcripts; 500 test clips take ~100 kB
@@ -97,7 +101,7 @@ def read_utterances(path: Path) -> list[tuple[str, str, str]]:
     try:
         header = next(reader, None)
         if header is None or tuple(header) != COLUMNS:
-            shown = repr(header[:len(COLUMNS) + 1])[:300] if header is not None else "None"
+            shown = md_text(repr(header[:len(COLUMNS) + 1]), 300) if header is not None else "None"
             raise BadTranscripts(f"{name}: header {shown} is not {list(COLUMNS)}")
         for row in reader:
             n = reader.line_num
@@ -112,7 +116,8 @@ def read_utterances(path: Path) -> list[tuple[str, str, str]]:
             if not uid.strip():
                 raise BadTranscripts(f"{name} line {n}: empty utterance id")
             if uid in seen:
-                raise BadTranscripts(f"{name} line {n}: utterance id {uid[:80]!r} appears twice")
+                raise BadTranscripts(f"{name} line {n}: duplicate utterance id {md_text(repr(uid[:80]))}: it appears "
+                                     f"twice (each test utterance must appear once)")
             if not all(_COUNT.fullmatch(v) for v in row[5:]):
                 raise BadTranscripts(f"{name} line {n}: error counts must be non-negative integers")
             seen.add(uid)
@@ -124,26 +129,62 @@ def read_utterances(path: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
-def rescore(rows: list[tuple[str, str, str]]) -> dict:
-    """{"wer", "cer" (percent, rounded to 0.001 as the step records them), "utterances"} of the rows."""
-    we = w = ce = c = 0
-    for _, ref, hyp in rows:
-        a, b, x, y = utterance_errors(normalize_french(ref), normalize_french(hyp))
-        we, w, ce, c = we + a, w + b, ce + x, c + y
-    return {"wer": round(corpus_rate(we, w), 3), "cer": round(corpus_rate(ce, c), 3), "utterances": len(rows)}
+def rescore(rows: list[tuple[str, str, str]], bootstrap_samples: int = 0) -> dict:
+    """{"wer", "cer" (percent, rounded to 0.001 as the step records them), "utterances"} of the rows,
+    plus "wer_ci" (the 95 % bootstrap interval steps/evaluate.py `Scores.bootstrap` draws, same seed)
+    when `bootstrap_samples` is given."""
+    counts = [utterance_errors(normalize_french(ref), normalize_french(hyp)) for _, ref, hyp in rows]
+    we, w, ce, c = (sum(x[i] for x in counts) for i in range(4))
+    out = {"wer": round(corpus_rate(we, w), 3), "cer": round(corpus_rate(ce, c), 3), "utterances": len(rows)}
+    if bootstrap_samples and rows:
+        import numpy as np
+
+        err, tot = np.array([x[0] for x in counts]), np.array([x[1] for x in counts])
+        idx = np.random.default_rng(0).integers(0, len(rows), size=(bootstrap_samples, len(rows)))
+        rates = 100.0 * err[idx].sum(axis=1) / np.maximum(tot[idx].sum(axis=1), 1)
+        out["wer_ci"] = [round(float(np.percentile(rates, 2.5)), 3), round(float(np.percentile(rates, 97.5)), 3)]
+    return out
 
 
-def recompute(local_work: Path, scheme: str) -> dict[str, dict]:
-    """{variant: rescore(...)} for the gate's three variants; raises BadTranscripts when a file is
-    missing or malformed, or when the files do not hold the same test utterances."""
-    read = {v: read_utterances(utterances_path(local_work, v)) for v in verified_variants(scheme)}
-    (first, ref_rows), *others = read.items()
-    expected = [(uid, ref) for uid, ref, _ in ref_rows]
-    for v, rows in others:
-        if [(uid, ref) for uid, ref, _ in rows] != expected:
-            raise BadTranscripts(f"evaluate/utterances_{v}.csv and evaluate/utterances_{first}.csv do not hold the "
-                                 f"same test utterances (ids and references, in order)")
-    return {v: rescore(rows) for v, rows in read.items()}
+def _shown(ids: list[str]) -> str:
+    return ", ".join(md_text(repr(i[:60])) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+
+
+def against_home(rows: list[tuple[str, str, str]], test: HomeTestSet, name: str) -> list[tuple[str, str, str]]:
+    """[(id, home's reference, the machine's hypothesis)] in home's order; raises BadTranscripts naming
+    ids not in the test set, test ids missing, and references that are not the test split's."""
+    hyp = {uid: h for uid, _, h in rows}
+    problems = []
+    unknown = [uid for uid, _, _ in rows if uid not in test.refs]
+    if unknown:
+        problems.append(f"{len(unknown)} utterance id(s) not in the test set: {_shown(unknown)}")
+    missing = [uid for uid in test.refs if uid not in hyp]
+    if missing:
+        problems.append(f"{len(missing)} of the {len(test.refs)} test utterances missing: {_shown(missing)}")
+    forged = [uid for uid, ref, _ in rows
+              if uid in test.refs and normalize_french(ref) != normalize_french(test.refs[uid])]
+    if forged:
+        problems.append(f"{len(forged)} reference(s) that are not the test split's: {_shown(forged)}")
+    if problems:
+        raise BadTranscripts(f"{name} does not hold the test set home read from {test.source}: " + "; ".join(problems))
+    return [(uid, ref, hyp[uid]) for uid, ref in test.refs.items()]
+
+
+def recompute(local_work: Path, scheme: str, test: HomeTestSet, bootstrap_samples: int = 0) -> dict[str, dict]:
+    """{variant: rescore(...)}, each variant's hypotheses scored against home's references: the gate's
+    three variants (raises BadTranscripts when a file is missing, malformed or not the test set),
+    then any other known variant whose transcripts came home and hold the test set (others left out)."""
+    out = {v: rescore(against_home(read_utterances(utterances_path(local_work, v)), test,
+                                   f"evaluate/utterances_{v}.csv"), bootstrap_samples)
+           for v in verified_variants(scheme)}
+    for v in sorted(KNOWN_VARIANTS - set(out)):
+        if utterances_path(local_work, v).is_file():
+            try:
+                out[v] = rescore(against_home(read_utterances(utterances_path(local_work, v)), test,
+                                              f"evaluate/utterances_{v}.csv"), bootstrap_samples)
+            except BadTranscripts:
+                continue  # not a gate variant: its figures are simply not shown
+    return out
 
 
 def _claim_mismatches(metrics: dict, claimed_gate: dict, rescored: dict[str, dict], ours: dict,
@@ -172,20 +213,22 @@ def _claim_mismatches(metrics: dict, claimed_gate: dict, rescored: dict[str, dic
 
 def _num(x: Any) -> str:
     v = measured(x)
-    return f"{v:.3f}" if v is not None else "nothing" if x is None else repr(x)[:40]
+    return f"{v:.3f}" if v is not None else "nothing" if x is None else md_text(repr(x), 40)
 
 
 def _word(passed: Any) -> str:
     return "passed" if passed is True else "failed" if passed is False else f"{_num(passed)} (no verdict)"
 
 
-def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path) -> dict:
+def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path,
+                      test: Optional[HomeTestSet] = None) -> dict:
     """The gate verdict that decides an upload: `gate_rule` over the WERs recomputed at home.
 
     Returns the gate's shape ({"passed", "scheme", "qat_wer", "qat_fp32_wer", "ptq_wer",
     "max_wer_degradation", "reasons"}) plus "reason" (the sentence the report and the card print),
     "verified" (True only when the machine's claims matched its transcripts), "recomputed"
-    ({variant: {"wer", "cer", "utterances"}}) and "claimed" (the machine's verdict, as it said it)."""
+    ({variant: {"wer", "cer", "utterances"}}) and "claimed" (the machine's verdict, as it said it).
+    `test` is the test set home holds (tasks/references.py `home_test_set(cfg)` when not given)."""
     scheme, max_deg = cfg.quant.scheme, cfg.eval.max_wer_degradation
     metrics = (evaluate or {}).get("metrics") if isinstance(evaluate, dict) else None
     metrics = metrics if isinstance(metrics, dict) else {}
@@ -194,8 +237,8 @@ def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path
         return {**gate_rule(scheme, max_deg, {}), "passed": False, "reasons": [NO_VERDICT], "reason": NO_VERDICT,
                 "verified": False, "recomputed": {}, "claimed": None}
     try:
-        rescored = recompute(local_work, scheme)
-    except BadTranscripts as e:
+        rescored = recompute(local_work, scheme, test or home_test_set(cfg), cfg.eval.bootstrap_samples)
+    except (BadTranscripts, HomeTestSetUnreadable) as e:
         detail = f"its per-utterance transcripts cannot be checked: {e}"
         return {**gate_rule(scheme, max_deg, {}), "passed": False, "reasons": [detail],
                 "reason": f"{CLAIM_MISMATCH} ({detail})", "verified": False, "recomputed": {}, "claimed": claimed}
@@ -210,10 +253,15 @@ def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path
 
 
 def verified_metrics(metrics: dict, verdict: dict) -> dict:
-    """The steps' metrics with evaluate's gate replaced by the orchestrator's verdict and the
-    verified variants' WER/CER by the recomputed figures (what the model card may print)."""
-    ev = dict(metrics.get("evaluate") or {})
+    """The steps' metrics with evaluate's figures replaced by home's: the gate by the orchestrator's
+    verdict, WER/CER/WER interval and the utterance count by what home recomputed (the machine's own
+    quality figures are dropped: what the model card and the report may print)."""
+    ev = {k: v for k, v in (metrics.get("evaluate") or {}).items() if k not in ("wer", "cer", "wer_ci", "cer_ci",
+                                                                               "n_utterances")}
+    recomputed = verdict.get("recomputed") or {}
     ev["gate"] = verdict
-    for key in ("wer", "cer"):
-        ev[key] = {**(ev.get(key) or {}), **{v: r[key] for v, r in (verdict.get("recomputed") or {}).items()}}
+    for key in ("wer", "cer", "wer_ci"):
+        ev[key] = {v: r[key] for v, r in recomputed.items() if key in r}
+    if recomputed:
+        ev["n_utterances"] = next(iter(recomputed.values()))["utterances"]
     return {**metrics, "evaluate": ev}

@@ -43,9 +43,9 @@ def test_results_table_joins_evaluate_and_bench():
 
 
 def test_quality_gate_reads_the_measured_verdict(prefect_logger_off, tmp_path):
-    from utterance_csv import write_evaluation
+    from utterance_csv import home_manifest, write_evaluation
 
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", home_manifest(tmp_path / "home"))
     passing, failing = tmp_path / "passing", tmp_path / "failing"  # the transcripts the verdict is re-scored from
     write_evaluation(passing, {"qat_fp32": 29.8, "qat_int8": 30.0, "base_ptq_int8": 40.0})
     write_evaluation(failing, {"qat_fp32": 29.8, "qat_int8": 45.0, "base_ptq_int8": 40.0})

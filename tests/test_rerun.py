@@ -26,6 +26,7 @@ def test_learning_rate_change_after_a_successful_run_trains_anew(tmp_path, monke
     are set aside while train runs --resume and trains all steps anew."""
     from steps import prepare, train
     from steps.common import execute_step
+    from tasks.home_record import write_record
     from tasks.run_dir import all_steps_done, open_run_dir
 
     monkeypatch.setenv("QAT_RUNS_DIR", str(tmp_path / "runs"))
@@ -35,6 +36,8 @@ def test_learning_rate_change_after_a_successful_run_trains_anew(tmp_path, monke
     run1, work1 = open_run_dir(first, run_id="first")
     assert execute_step("prepare", first, work1, prepare.run) == 0
     assert execute_step("train", first, work1, train.run, resume=True) == 0
+    for step in ("prepare", "train"):  # as the orchestrator does once a step's outputs came home
+        assert write_record(first, work1, step)
     old_hash = read_result(work1, "train")["config_hash"]
     assert (work1 / "train" / "checkpoints" / "step-2").is_dir()
 
@@ -172,6 +175,7 @@ def test_two_runs_of_one_config_get_distinct_run_dirs(tmp_path, monkeypatch):
 
 def test_earlier_results_are_reused_by_hash_not_by_name(tmp_path, monkeypatch):
     from steps.common import execute_step
+    from tasks.home_record import write_record
     from tasks.run_dir import open_run_dir
 
     monkeypatch.setenv("QAT_RUNS_DIR", str(tmp_path / "runs"))
@@ -179,6 +183,7 @@ def test_earlier_results_are_reused_by_hash_not_by_name(tmp_path, monkeypatch):
     legacy = tmp_path / "runs" / cfg.name / "work"  # the old shared layout counts as an earlier run
     for step in ("prepare", "bench"):
         assert execute_step(step, cfg, legacy, lambda ctx: {"step": ctx.step}) == 0
+        assert write_record(cfg, legacy, step)
     (legacy / "train" / "checkpoints" / "step-2").mkdir(parents=True)
     _, work = open_run_dir(cfg)
     assert is_done(cfg, work, "prepare") and is_done(cfg, work, "bench")

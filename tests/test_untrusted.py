@@ -24,7 +24,7 @@ from steps import evaluate
 from tasks.gate import quality_gate
 from tasks.upload import upload_to_hub
 from tasks.verdict import CLAIM_MISMATCH, COLUMNS, read_utterances, utterances_path, verify_evaluation
-from utterance_csv import write_evaluation, write_variant
+from utterance_csv import home_manifest, write_evaluation, write_variant
 
 WRITE = f"hf_{secrets.token_hex(12)}"
 REPO = "alice/whisper-qat"
@@ -32,8 +32,8 @@ HONEST = {"base_fp32": 50.0, "qat_fp32": 29.8, "qat_int8": 30.0, "base_ptq_int8"
 
 
 @pytest.fixture
-def cfg():
-    return load_config("tiny", {"hub.repo_id": REPO, "eval.max_wer_degradation": 0.5})
+def cfg(tmp_path):
+    return load_config("tiny", {"hub.repo_id": REPO, "eval.max_wer_degradation": 0.5, **home_manifest(tmp_path / "home")})
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +101,8 @@ def test_honest_passing_run_uploads_the_export_with_the_orchestrators_verdict(cf
     result = claim(cfg, HONEST)
     gate = quality_gate.fn(cfg, result, work)
     assert gate["passed"] is True and gate["verified"] is True
-    assert gate["recomputed"]["qat_int8"] == {"wer": 30.0, "cer": gate["recomputed"]["qat_int8"]["cer"], "utterances": 10}
+    r = gate["recomputed"]["qat_int8"]
+    assert r == {"wer": 30.0, "cer": r["cer"], "utterances": 10, "wer_ci": r["wer_ci"]} and r["wer_ci"][0] <= 30.0
     link = upload_to_hub.fn(cfg, {"evaluate": result}, gate, work)
     assert link["uploaded"] is True
     remote = set(hub.repo_files(REPO)) - {".gitattributes"}
@@ -230,7 +231,8 @@ def test_variants_must_score_the_same_utterances(cfg, tmp_path):
     path = utterances_path(tmp_path, "qat_fp32")
     path.write_text(path.read_text(encoding="utf-8").replace("utt-003", "utt-999"), encoding="utf-8")
     gate = verify_evaluation(cfg, claim(cfg, HONEST), tmp_path)
-    assert gate["passed"] is False and "do not hold the same test utterances" in gate["reason"]
+    assert gate["passed"] is False and "utterances_qat_fp32.csv does not hold the test set" in gate["reason"]
+    assert "'utt-999'" in gate["reason"] and "'utt-003'" in gate["reason"]
 
 
 def test_no_claim_at_all_fails(cfg, tmp_path):

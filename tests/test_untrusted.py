@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 
 import pytest
@@ -59,15 +58,20 @@ def claim(cfg, wer: dict[str, float], **gate_overrides) -> dict:
 
 
 def export_dir(work):
-    """convert/qat_int8 as steps/convert.py leaves it (names only: the content is not read but JSON)."""
+    """convert/qat_int8 as steps/convert.py leaves it (names, JSON and two trivial ONNX graphs)."""
+    import onnx
+    from onnx import TensorProto, helper
+
     d = work / "convert" / "qat_int8"
     d.mkdir(parents=True)
     for name in ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json"):
         (d / name).write_text(json.dumps({"model_type": "whisper"}))
     (d / "merges.txt").write_text("#version: 0.2\nh e\n")
-    (d / "encoder_model.onnx").write_bytes(os.urandom(2048))
-    (d / "decoder_model_merged.onnx").write_bytes(os.urandom(2048))
+    for name in ("encoder_model.onnx", "decoder_model_merged.onnx"):  # real graphs: the upload parses each
+        io = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1]) for x in ("X", "Y")]
+        onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["X"], ["Y"])], "g", io[:1], io[1:])),
+                  str(d / name))
     return d
 
 

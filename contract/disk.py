@@ -8,7 +8,7 @@ before writing when the free disk is below what the run still writes. Sizes foll
 - prepare: rows (data.max_samples + 2 x data.max_eval_samples, at most what a manifest holds) x bytes per
   row: 16-bit PCM at 16 kHz (steps/audio_store.py) for the average clip (a Hub dataset: 15 s
   assumed, MLS French's 1,076.6 h over ~258k utterances; a manifest: data.max_seconds, a bound), plus
-  ROW_EXTRA_BYTES. While a split is written, datasets holds a second copy of it.
+  ROW_EXTRA_BYTES. Each split is written once, in place (no second copy while writing).
 - the model (the downloaded weights), the final fp32 model, and the checkpoints on disk at once:
   KEEP_CHECKPOINTS plus the one being written (fewer when training saves fewer), each fp32 weights
   plus optimizer moments.
@@ -95,13 +95,6 @@ def checkpoints_on_disk(cfg: "RunConfig", train_rows: int) -> int:
     return min(KEEP_CHECKPOINTS + 1, (total - 1) // t.save_every)
 
 
-def _writing_copy(split_bytes: list[int]) -> int:
-    """Bytes above the prepared splits while prepare writes them in order: datasets builds each split
-    in a cache, then saves it beside (two copies of the split being written)."""
-    peak = max((sum(split_bytes[:i]) + 2 * b for i, b in enumerate(split_bytes)), default=0)
-    return peak - sum(split_bytes)
-
-
 @dataclass(frozen=True)
 class DiskPlan:
     parts: dict[str, float]  # GB per part
@@ -109,26 +102,16 @@ class DiskPlan:
     clip_s: float
 
     @property
-    def during_prepare(self) -> float:
-        p = self.parts
-        return p["system"] + p["prepare"] + p["prepare_writing"]
-
-    @property
-    def after_prepare(self) -> float:
-        p = self.parts
-        return p["system"] + p["prepare"] + p["model"] + p["checkpoints"] + p["final_model"] + p["exports"]
-
-    @property
     def needed_gb(self) -> float:
-        """The peak, with HEADROOM."""
-        return round(max(self.during_prepare, self.after_prepare) * HEADROOM, 1)
+        """Every part on disk at once (after prepare; checkpoints, model and exports come later), with HEADROOM."""
+        return round(sum(self.parts.values()) * HEADROOM, 1)
 
     def describe(self) -> str:
         p = {k: f"{v:.1f}" for k, v in self.parts.items()}
-        return (f"{self.needed_gb:.1f} GB = {HEADROOM:g} x the peak of: system {p['system']} + prepare {p['prepare']} "
+        return (f"{self.needed_gb:.1f} GB = {HEADROOM:g} x (system {p['system']} + prepare {p['prepare']} "
                 f"({sum(self.rows.values()):,} rows x {row_bytes(self.clip_s) / 1e6:.2f} MB, {self.clip_s:g} s clips) + "
-                f"while writing {p['prepare_writing']}; or system + prepare + model {p['model']} + checkpoints "
-                f"{p['checkpoints']} + final model {p['final_model']} + exports {p['exports']}")
+                f"model {p['model']} + checkpoints {p['checkpoints']} + final model {p['final_model']} + exports "
+                f"{p['exports']})")
 
 
 def disk_plan(cfg: "RunConfig", rows: Optional[Mapping[str, int]] = None) -> DiskPlan:
@@ -141,7 +124,6 @@ def disk_plan(cfg: "RunConfig", rows: Optional[Mapping[str, int]] = None) -> Dis
     parts = {
         "system": SYSTEM_GB[cfg.machine.gpu],
         "prepare": sum(rows.values()) * per_row / GB,
-        "prepare_writing": _writing_copy([rows.get(s, 0) * per_row for s in ("train", "dev", "test")]) / GB,
         "model": model / GB,
         "checkpoints": checkpoints_on_disk(cfg, rows.get("train", 0)) * CHECKPOINT_RATIO[t.optimizer] * model / GB,
         "final_model": model / GB,
@@ -167,10 +149,10 @@ def free_disk_problem(cfg: "RunConfig", free_bytes: int, rows: Mapping[str, int]
     """On the machine, before prepare writes: why `free_bytes` cannot hold what the run still writes
     (everything but the system part, already installed), or None; and the plan."""
     plan = disk_plan(cfg, rows)
-    still = (max(plan.during_prepare, plan.after_prepare) - plan.parts["system"]) * HEADROOM
+    still = (sum(plan.parts.values()) - plan.parts["system"]) * HEADROOM
     free = free_bytes / GB
     if free >= still:
         return None, plan
-    return (f"not enough free disk: {free:.1f} GB free here, and this run still writes {still:.1f} GB (the disk plan: "
-            f"{plan.describe()}; here without the system part, already installed). Rent a machine with more disk (machine.vast.min_disk_gb) "
-            f"or lower data.max_samples"), plan
+    return (f"not enough free disk: {free:.1f} GB free here, and this run still writes {still:.1f} GB (the disk "
+            f"plan: {plan.describe()}; here without the system part, already installed). Rent a machine with more "
+            f"disk (machine.vast.min_disk_gb) or lower data.max_samples"), plan

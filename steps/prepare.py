@@ -13,10 +13,9 @@ token `<|startoftranscript|>`: the model prepends it when it shifts labels right
 from __future__ import annotations
 
 import io
-import itertools
 import json
+import os
 import shutil
-import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -205,22 +204,31 @@ def _features():
 
 
 def _save_split(rows: Iterator[dict], features, out: Path) -> None:
-    """Stream rows into an Arrow dataset saved at `out` (a temporary cache next to it is removed)."""
+    """Stream rows into a dataset at `out` that `load_from_disk` reads: one Arrow file written once,
+    in a temporary folder renamed into place (no cache copy beside it: the disk peak is the split)."""
     from datasets import Dataset
+    from datasets.arrow_writer import ArrowWriter
 
-    cache = out.with_name(f".cache-{out.name}")
+    tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
-        first = next(rows, None)
-        if first is None:  # datasets cannot build from an empty generator
-            ds = Dataset.from_dict({k: [] for k in features}, features=features)
-        else:
-            ds = Dataset.from_generator(lambda: itertools.chain([first], rows), features=features,
-                                        cache_dir=str(cache), fingerprint=uuid.uuid4().hex)
-        ds.save_to_disk(str(out))
+        data = tmp / "data-00000-of-00001.arrow"
+        with ArrowWriter(features=features, path=str(data), writer_batch_size=64) as writer:
+            for row in rows:
+                writer.write(row)
+            writer.finalize()
+        ds = Dataset.from_file(str(data))
+        # the two files Dataset.save_to_disk writes beside its Arrow files (it refuses to save a dataset in place)
+        state = {k: ds.__dict__[k] for k in ("_fingerprint", "_format_columns", "_format_kwargs", "_format_type",
+                                              "_output_all_columns")}
+        state.update(_split=None, _data_files=[{"filename": data.name}])
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        ds.info.write_to_directory(str(tmp))  # dataset_info.json
+        os.replace(tmp, out)
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(ctx: StepContext) -> dict:
@@ -236,7 +244,8 @@ def run(ctx: StepContext) -> dict:
         available = Counter(_split_of(line) for line in cfg.data.manifest_path().read_text(encoding="utf-8").splitlines())
         limits = {s: min(n, available[s]) for s, n in limits.items()}
     total = sum(limits.values())
-    problem, plan = free_disk_problem(cfg, shutil.disk_usage(ctx.workdir).free + _tree_bytes(ctx.out), limits)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    problem, plan = free_disk_problem(cfg, shutil.disk_usage(ctx.out).free + _tree_bytes(ctx.out), limits)
     if problem:
         raise StepError(problem)
     ctx.log(f"disk plan: {plan.describe()}")

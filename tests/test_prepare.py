@@ -59,7 +59,7 @@ def test_bad_inputs_are_dropped_and_counted(bad_manifest, tmp_path, capsys, tiny
     assert train.column_names == ["id", "text", "speaker", "duration", "audio", "labels"]  # features: computed by train
     stereo = train.filter(lambda r: r["text"] == "un son stéréo")[0]
     assert abs(len(stereo["audio"]) - 32000) < 200 and abs(stereo["duration"] - 2.0) < 0.02  # 44.1 kHz stereo -> 16 kHz mono
-    assert train.with_format("numpy")[0]["audio"].dtype == np.int16
+    assert train.features["audio"].feature.dtype == "int16"
 
 
 def test_labels_have_prefix_but_no_start_token(prepared_tiny):

@@ -2,8 +2,8 @@
 
 Sources: a Hugging Face dataset (streamed; audio decoded here, not by `datasets`) or a JSONL
 manifest. Train, dev and test stay separate. Bad inputs are dropped and counted per reason and
-per split, never fatal. Each split is saved with `Dataset.save_to_disk` to prepare/<split>/ with
-columns id, text, speaker, duration, audio (int16 PCM, 16 kHz: steps/audio_store.py) and labels;
+per split, never fatal. Each split is written once, in `Dataset.save_to_disk`'s layout
+(`load_from_disk` reads it), to prepare/<split>/ with columns id, text, speaker, duration, audio (int16 PCM, 16 kHz: steps/audio_store.py) and labels;
 log-mel features are computed from the audio by the train step's data loader, not stored. Before
 writing, the run's disk plan (contract/disk.py) is checked against the free disk here.
 

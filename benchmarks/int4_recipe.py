@@ -69,17 +69,17 @@ def gap_ci(a: dict, b: dict, samples: int = 1000, seed: int = 0) -> list[float] 
 
 
 def measure(cfg, workdir: Path, log=print) -> dict:
-    import numpy as np
     from datasets import load_from_disk
 
     from contract.normalize import normalize_french
     from steps import convert, fake_quant
+    from steps.audio_store import to_float
     from steps.convert import INT4_ACCURACY_LEVEL
     from steps.inference import load_variant
     from steps.models import resolve_model
 
     test = load_from_disk(str(workdir / "prepare" / "test"))
-    audios = [np.asarray(a, dtype=np.float32) for a in test.with_format("numpy", columns=["audio"])["audio"]]
+    audios = [to_float(a) for a in test.with_format("numpy", columns=["audio"])["audio"]]
     refs_n = [normalize_french(r) for r in test["text"]]
     model_dir = workdir / "train" / "model"
     work = workdir / "int4_recipe"

@@ -61,6 +61,9 @@ REDERIVED = ("prepare",)
 # The step that resumes from checkpoints: DIR/<RESUMING_STEP>/<CHECKPOINT_DIR>/step-<N>/.
 RESUMING_STEP = "train"
 CHECKPOINT_DIR = "checkpoints"
+# The save policy: the newest KEEP_CHECKPOINTS checkpoints stay; older ones are deleted once a new one is
+# complete, so KEEP_CHECKPOINTS + 1 are on disk while one is written (contract/disk.py counts them).
+KEEP_CHECKPOINTS = 2
 # Checkpoints written under another config hash: moved to DIR/<RESUMING_STEP>/<SET_ASIDE_DIR>/<hash>/step-<N>/,
 # kept and named, never resumed.
 SET_ASIDE_DIR = "checkpoints-set-aside"

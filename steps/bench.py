@@ -35,6 +35,7 @@ import numpy as np
 from contract.catalogue import ptq_variant, quantized_variant
 
 from . import serving
+from .audio_store import to_float
 from .common import StepContext, StepError
 
 # Variants share one process: OpenMP threads must sleep, not spin, between runs (before torch loads).
@@ -313,7 +314,7 @@ def load_clips(prepare_dir: Path, max_clips: int) -> list[tuple[str, np.ndarray]
 
     ds = load_from_disk(str(Path(prepare_dir) / "test")).select_columns(["id", "audio"])
     n = min(max_clips, len(ds))
-    return [(row["id"], np.asarray(row["audio"], dtype=np.float32)) for row in ds.select(range(n))]
+    return [(row["id"], to_float(row["audio"])) for row in ds.select(range(n))]
 
 
 def ct2_base_dir() -> Path:

@@ -20,6 +20,7 @@ import numpy as np
 from contract.normalize import normalize_french
 from contract.quality import gate_rule
 
+from .audio_store import to_float
 from .common import StepContext, StepError
 from .inference import load_variant
 
@@ -122,7 +123,7 @@ def run(ctx: StepContext) -> dict:
     if len(test) == 0:
         raise StepError("prepare/test is empty: nothing to evaluate; check data.* in the config")
     ids, refs = test["id"], test["text"]
-    audios = [np.asarray(a, dtype=np.float32) for a in test.with_format("numpy", columns=["audio"])["audio"]]
+    audios = [to_float(a) for a in test.with_format("numpy", columns=["audio"])["audio"]]
     refs_n = [normalize_french(r) for r in refs]
     variants, missing = find_variants(ctx)
     for m in missing:

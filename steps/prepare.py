@@ -2,9 +2,10 @@
 
 Sources: a Hugging Face dataset (streamed; audio decoded here, not by `datasets`) or a JSONL
 manifest. Train, dev and test stay separate. Bad inputs are dropped and counted per reason and
-per split, never fatal. Each split is saved with `Dataset.save_to_disk` to prepare/<split>/ with
-columns id, text, speaker, duration, audio (float32, 16 kHz), input_features (float32 log-mel,
-n_mels x 3000) and labels.
+per split, never fatal. Each split is written once, in `Dataset.save_to_disk`'s layout
+(`load_from_disk` reads it), to prepare/<split>/ with columns id, text, speaker, duration, audio (int16 PCM, 16 kHz: steps/audio_store.py) and labels;
+log-mel features are computed from the audio by the train step's data loader, not stored. Before
+writing, the run's disk plan (contract/disk.py) is checked against the free disk here.
 
 Labels are `<|fr|><|transcribe|><|notimestamps|> text <|endoftext|>`, WITHOUT the decoder start
 token `<|startoftranscript|>`: the model prepends it when it shifts labels right.
@@ -12,10 +13,9 @@ token `<|startoftranscript|>`: the model prepends it when it shifts labels right
 from __future__ import annotations
 
 import io
-import itertools
 import json
+import os
 import shutil
-import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,8 +23,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from contract.config import RunConfig
+from contract.disk import free_disk_problem
 from contract.fingerprint import manifest_audio_path
 
+from .audio_store import to_pcm16
 from .common import StepContext, StepError
 from .models import load_processor
 
@@ -148,7 +150,6 @@ class Preparer:
 
     def __init__(self, cfg: RunConfig, processor):
         self.cfg = cfg
-        self.fe = processor.feature_extractor
         self.tok = processor.tokenizer
         self.tok.set_prefix_tokens(language=cfg.model.language, task=cfg.model.task, predict_timestamps=False)
         self.start_id = self.tok.convert_tokens_to_ids("<|startoftranscript|>")
@@ -171,9 +172,8 @@ class Preparer:
         labels = self.labels(text)
         if len(labels) > self.max_label_len:
             raise Drop("labels_too_long")
-        feats = self.fe(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0].astype(np.float32)
         return {"id": ex["id"], "text": text, "speaker": ex.get("speaker", ""), "duration": float(duration),
-                "audio": audio, "input_features": feats, "labels": labels}
+                "audio": to_pcm16(audio), "labels": labels}
 
     def try_row(self, ex: dict, split: str, log) -> dict | None:
         """The row, or None after counting and logging why the example was dropped."""
@@ -196,31 +196,39 @@ class Preparer:
         return ids
 
 
-def _features(n_mels: int, n_frames: int):
-    from datasets import Array2D, Features, Sequence, Value
+def _features():
+    from datasets import Features, Sequence, Value
 
     return Features({"id": Value("string"), "text": Value("string"), "speaker": Value("string"), "duration": Value("float32"),
-                     "audio": Sequence(Value("float32")), "input_features": Array2D((n_mels, n_frames), "float32"),
-                     "labels": Sequence(Value("int32"))})
+                     "audio": Sequence(Value("int16")), "labels": Sequence(Value("int32"))})
 
 
 def _save_split(rows: Iterator[dict], features, out: Path) -> None:
-    """Stream rows into an Arrow dataset saved at `out` (a temporary cache next to it is removed)."""
+    """Stream rows into a dataset at `out` that `load_from_disk` reads: one Arrow file written once,
+    in a temporary folder renamed into place (no cache copy beside it: the disk peak is the split)."""
     from datasets import Dataset
+    from datasets.arrow_writer import ArrowWriter
 
-    cache = out.with_name(f".cache-{out.name}")
+    tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
-        first = next(rows, None)
-        if first is None:  # datasets cannot build from an empty generator
-            ds = Dataset.from_dict({k: [] for k in features}, features=features)
-        else:
-            ds = Dataset.from_generator(lambda: itertools.chain([first], rows), features=features,
-                                        cache_dir=str(cache), fingerprint=uuid.uuid4().hex)
-        ds.save_to_disk(str(out))
+        data = tmp / "data-00000-of-00001.arrow"
+        with ArrowWriter(features=features, path=str(data), writer_batch_size=64) as writer:
+            for row in rows:
+                writer.write(row)
+            writer.finalize()
+        ds = Dataset.from_file(str(data))
+        # the two files Dataset.save_to_disk writes beside its Arrow files (it refuses to save a dataset in place)
+        state = {k: ds.__dict__[k] for k in ("_fingerprint", "_format_columns", "_format_kwargs", "_format_type",
+                                              "_output_all_columns")}
+        state.update(_split=None, _data_files=[{"filename": data.name}])
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        ds.info.write_to_directory(str(tmp))  # dataset_info.json
+        os.replace(tmp, out)
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(ctx: StepContext) -> dict:
@@ -236,8 +244,13 @@ def run(ctx: StepContext) -> dict:
         available = Counter(_split_of(line) for line in cfg.data.manifest_path().read_text(encoding="utf-8").splitlines())
         limits = {s: min(n, available[s]) for s, n in limits.items()}
     total = sum(limits.values())
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    problem, plan = free_disk_problem(cfg, shutil.disk_usage(ctx.out).free + _tree_bytes(ctx.out), limits)
+    if problem:
+        raise StepError(problem)
+    ctx.log(f"disk plan: {plan.describe()}")
     counts, seconds, done = {}, {}, 0
-    features = _features(prep.fe.feature_size, prep.fe.nb_max_frames)
+    features = _features()
     for split in SPLITS:
         kept = {"n": 0, "s": 0.0}
 
@@ -266,6 +279,11 @@ def run(ctx: StepContext) -> dict:
                         f"(dropped: {_dropped(prep)}); check data.* in the config and the source")
     return {"counts": counts, "dropped": _dropped(prep), "dropped_by_split": {s: dict(c) for s, c in prep.dropped.items()},
             "seconds": seconds}
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (an earlier prepare's outputs: replaced, so their space is free to us)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 def _split_of(line: str) -> str | None:

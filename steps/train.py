@@ -29,15 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contract.catalogue import CHECKPOINT_DIR, SET_ASIDE_DIR, checkpoint_name, checkpoint_number
+from contract.catalogue import CHECKPOINT_DIR, KEEP_CHECKPOINTS, SET_ASIDE_DIR, checkpoint_name, checkpoint_number
 from contract.normalize import normalize_french
 from contract.result_file import config_hash
 
 from . import fake_quant
+from .audio_store import log_mel
 from .common import StepContext, StepError
 from .train_loop import Recipe, Trainer, autocast, eager, flops_per_sample
-
-KEEP_CHECKPOINTS = 2
 
 
 # ---------------------------------------------------------------- data
@@ -59,10 +58,12 @@ class MicroBatches:
 
 
 class _Rows(torch.utils.data.Dataset):
-    """dataset[list of row indices] -> one collated batch (rows fetched in a single Arrow take)."""
+    """dataset[list of row indices] -> one collated batch (rows fetched in a single Arrow take; their
+    log-mel features computed here, in the loader's workers, from the stored audio: steps/audio_store.py)."""
 
-    def __init__(self, ds, pad_id: int = -100, label_len: int | None = None):
-        self.ds = ds.select_columns(["input_features", "labels"]).with_format("numpy")
+    def __init__(self, ds, feature_extractor, pad_id: int = -100, label_len: int | None = None):
+        self.ds = ds.select_columns(["audio", "labels"]).with_format("numpy")
+        self.fe = feature_extractor
         self.pad_id, self.label_len = pad_id, label_len  # None: the batch's longest label
 
     def __len__(self) -> int:
@@ -70,7 +71,7 @@ class _Rows(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: list[int]) -> dict:
         rows = self.ds[idx]
-        feats = torch.from_numpy(np.stack([np.asarray(f, dtype=np.float32) for f in rows["input_features"]]))
+        feats = torch.from_numpy(log_mel(self.fe, rows["audio"]))
         labels = [np.asarray(l, dtype=np.int64) for l in rows["labels"]]
         out = torch.full((len(labels), self.label_len or max(len(l) for l in labels)), self.pad_id, dtype=torch.long)
         for i, l in enumerate(labels):
@@ -127,7 +128,7 @@ def _load_split(prep: Path, split: str):
     if not path.is_dir():
         raise StepError(f"prepared split {path} is missing; rerun the prepare step")
     ds = load_from_disk(str(path))
-    missing = {"input_features", "labels"} - set(ds.column_names)
+    missing = {"audio", "labels"} - set(ds.column_names)
     if missing:
         raise StepError(f"prepared split {path} lacks columns {sorted(missing)}; rerun prepare with --force")
     return ds
@@ -140,7 +141,7 @@ def evaluate(model, processor, dev, batch_size: int, device, amp_dtype, language
     """Teacher-forced dev loss (token-weighted) and greedy-decoding corpus WER in percent."""
     import jiwer
 
-    rows = _Rows(dev)
+    rows = _Rows(dev, processor.feature_extractor)
     normalize = normalize_french  # the same text normalization as the evaluate step
     max_label = max(len(l) for l in dev["labels"])
     max_new = min(max_label + 8, model.config.max_target_positions - 8)
@@ -342,7 +343,7 @@ def run(ctx: StepContext) -> dict:
 
     if not any("dev_wer" in r for r in history):
         run_eval(0)
-    rows = _Rows(train_ds, label_len=label_length(train_ds, model.config.max_target_positions))
+    rows = _Rows(train_ds, processor.feature_extractor, label_len=label_length(train_ds, model.config.max_target_positions))
     micro_per_step = tc.grad_accum
     stream = iter(_loader(rows, (batches.indices(m) for m in range(step * micro_per_step, total * micro_per_step)),
                           tc.num_workers, device.type == "cuda"))

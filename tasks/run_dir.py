@@ -28,6 +28,7 @@ from prefect import get_run_logger, task
 
 from contract.catalogue import BULK_OUTPUTS, STEPS
 from contract.config import RunConfig, load_config
+from contract.disk import require_disk
 from contract.layout import REPO_ROOT
 from contract.result_file import RESULT_FILE, is_done, read_result
 
@@ -47,8 +48,9 @@ def runs_dir() -> Path:
 def validate_config(config: str, overrides: dict) -> RunConfig:
     """Refuse bad input before a single cent is spent."""
     cfg = load_config(config, overrides)
-    get_run_logger().info("config %s valid: %s on %s, %s, backend %s", cfg.name, cfg.model.name_or_path,
-                          cfg.data.dataset or cfg.data.manifest, cfg.quant.scheme, cfg.machine.backend)
+    plan = require_disk(cfg)  # the disk rented must hold prepare + checkpoints + exports
+    get_run_logger().info("config %s valid: %s on %s, %s, backend %s; disk %s", cfg.name, cfg.model.name_or_path,
+                          cfg.data.dataset or cfg.data.manifest, cfg.quant.scheme, cfg.machine.backend, plan.describe())
     return cfg
 
 

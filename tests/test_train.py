@@ -19,7 +19,7 @@ TEXTS = ["bonjour tout le monde", "il fait beau aujourd'hui", "le chat dort sur 
 
 
 def make_prepared(workdir: Path, n_train: int = 6, n_dev: int = 3) -> None:
-    """A prepare/ output like steps/prepare.py writes (labels without the start token)."""
+    """A prepare/ output like steps/prepare.py writes (int16 audio, labels without the start token)."""
     from datasets import Dataset
 
     tok = load_processor("fixture:tiny-random").tokenizer
@@ -29,7 +29,7 @@ def make_prepared(workdir: Path, n_train: int = 6, n_dev: int = 3) -> None:
         Dataset.from_dict({
             "id": [f"{split}-{i}" for i in range(n)],
             "text": texts,
-            "input_features": [rng.standard_normal((80, 3000), dtype=np.float32) * 0.5 for _ in texts],
+            "audio": [(rng.standard_normal(16000) * 3000).astype(np.int16) for _ in texts],
             "labels": [tok(t).input_ids[1:] for t in texts],
         }).save_to_disk(str(workdir / "prepare" / split))
     (workdir / "prepare" / "result.json").write_text(json.dumps({"status": "ok"}))

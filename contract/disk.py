@@ -1,0 +1,158 @@
+"""The disk a run needs on its machine, computed from the config: per part, checked on both sides.
+
+`disk_plan(cfg)` gives GB per part (GB = 2**30 bytes, as `free_disk_gb` counts). At home
+(`require_disk`, from the flow's validate_config) the config is refused when `machine.vast.min_disk_gb`
+(the disk rented, and the offer filter's value) is below `needed_gb`; on the machine prepare refuses
+before writing when the free disk is below what the run still writes. Sizes follow from:
+
+- prepare: rows (data.max_samples + 2 x data.max_eval_samples, at most what a manifest holds) x bytes per
+  row: 16-bit PCM at 16 kHz (steps/audio_store.py) for the average clip (a Hub dataset: 15 s
+  assumed, MLS French's 1,076.6 h over ~258k utterances; a manifest: data.max_seconds, a bound), plus
+  ROW_EXTRA_BYTES. Each split is written once, in place (no second copy while writing).
+- the model (the downloaded weights), the final fp32 model, and the checkpoints on disk at once:
+  KEEP_CHECKPOINTS plus the one being written (fewer when training saves fewer), each fp32 weights
+  plus optimizer moments.
+- exports: convert's fp32 and quantized folders of the QAT model and of the base model.
+- system: an allowance (an assumption, not measured) for the image and the workload's venv.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Optional
+
+from .catalogue import KEEP_CHECKPOINTS
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+GB = 2**30
+PCM_BYTES_PER_SECOND = 2 * 16000  # int16 at 16 kHz: steps/audio_store.py
+# A row besides its audio: id, text, speaker, duration and at most 448 int32 labels (1,792 B), Arrow offsets.
+ROW_EXTRA_BYTES = 4096
+HUB_AVG_CLIP_S = 15.0  # MLS French: 1,076.6 h over ~258k utterances (paper figures; docs/REFERENCE.md)
+# fp32 weight bytes of the models we know (measured: the safetensors files; docs/REFERENCE.md 1d).
+MODEL_BYTES = {
+    "bofenghuang/whisper-large-v3-distil-fr-v0.2": 3_025_784_135,
+    "fixture:whisper-base": 290_403_936,
+    "fixture:tiny-random": 14_830_496,
+}
+# Another Hub id: assumed as large as Whisper large (~1.55 B parameters x 4 bytes), the largest Whisper.
+UNKNOWN_MODEL_BYTES = 1_550_000_000 * 4
+# Checkpoint bytes / fp32 weight bytes (benchmarks/checkpoint.json at the real shapes: 9.06 / 3.03 GB
+# with AdamW, 4.56 / 3.03 GB with AdamW8bit).
+CHECKPOINT_RATIO = {"adamw": 3.0, "adamw8bit": 1.51}
+# Quantized export / fp32 weight bytes (docs/REFERENCE.md 1d: int8 782.6 MB, int4 532.7 MB of 3,025.7 MB).
+EXPORT_RATIO = {"int8": 0.26, "int4": 0.18}
+# The image and the workload's venv (an allowance: a CUDA torch venv is several GB, the CPU one here 2.4 GB).
+SYSTEM_GB = {"required": 25.0, "none": 5.0}
+HEADROOM = 1.10  # logs, pip and tokenizer caches, quantizers' temporary files
+
+
+def model_bytes(name_or_path: str) -> int:
+    """fp32 weight bytes of the model: a known id, a local directory's weight files, else Whisper large's."""
+    if name_or_path in MODEL_BYTES:
+        return MODEL_BYTES[name_or_path]
+    p = Path(name_or_path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file())
+    return UNKNOWN_MODEL_BYTES
+
+
+def avg_clip_seconds(cfg: "RunConfig") -> float:
+    d = cfg.data
+    return min(HUB_AVG_CLIP_S, d.max_seconds) if d.source == "hf" else d.max_seconds
+
+
+def row_bytes(seconds: float) -> int:
+    """Bytes one prepared row takes for a clip of `seconds`."""
+    return int(PCM_BYTES_PER_SECOND * seconds) + ROW_EXTRA_BYTES
+
+
+def config_rows(cfg: "RunConfig") -> dict[str, int]:
+    """Rows per split prepare keeps at most: the config's caps, and for a manifest what it holds."""
+    d = cfg.data
+    caps = {"train": d.max_samples, "dev": d.max_eval_samples, "test": d.max_eval_samples}
+    if d.source != "manifest":
+        return caps
+    held = Counter()
+    for line in d.manifest_path().read_text(encoding="utf-8").splitlines():
+        try:
+            held[json.loads(line).get("split")] += 1
+        except (ValueError, AttributeError):
+            continue
+    return {s: min(n, held[s]) for s, n in caps.items()}
+
+
+def checkpoints_on_disk(cfg: "RunConfig", train_rows: int) -> int:
+    """Checkpoints on disk at once: the kept ones plus the one being written, fewer in a short run
+    (train saves every save_every optimizer steps, never at the last)."""
+    t = cfg.train
+    total = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(max(train_rows, 1) / t.per_device_batch_size) / t.grad_accum))
+    return min(KEEP_CHECKPOINTS + 1, (total - 1) // t.save_every)
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    parts: dict[str, float]  # GB per part
+    rows: dict[str, int]
+    clip_s: float
+
+    @property
+    def needed_gb(self) -> float:
+        """Every part on disk at once (after prepare; checkpoints, model and exports come later), with HEADROOM."""
+        return round(sum(self.parts.values()) * HEADROOM, 1)
+
+    def describe(self) -> str:
+        p = {k: f"{v:.1f}" for k, v in self.parts.items()}
+        return (f"{self.needed_gb:.1f} GB = {HEADROOM:g} x (system {p['system']} + prepare {p['prepare']} "
+                f"({sum(self.rows.values()):,} rows x {row_bytes(self.clip_s) / 1e6:.2f} MB, {self.clip_s:g} s clips) + "
+                f"model {p['model']} + checkpoints {p['checkpoints']} + final model {p['final_model']} + exports "
+                f"{p['exports']})")
+
+
+def disk_plan(cfg: "RunConfig", rows: Optional[Mapping[str, int]] = None) -> DiskPlan:
+    """GB per part of the disk the run uses on its machine; `rows` per split (default: the config's caps)."""
+    d, t = cfg.data, cfg.train
+    rows = dict(rows or config_rows(cfg))
+    clip_s = avg_clip_seconds(cfg)
+    per_row = row_bytes(clip_s)
+    model = model_bytes(cfg.model.name_or_path)
+    parts = {
+        "system": SYSTEM_GB[cfg.machine.gpu],
+        "prepare": sum(rows.values()) * per_row / GB,
+        "model": model / GB,
+        "checkpoints": checkpoints_on_disk(cfg, rows.get("train", 0)) * CHECKPOINT_RATIO[t.optimizer] * model / GB,
+        "final_model": model / GB,
+        "exports": 2 * (1 + EXPORT_RATIO[cfg.quant.scheme]) * model / GB,
+    }
+    return DiskPlan({k: round(v, 3) for k, v in parts.items()}, rows, clip_s)
+
+
+def require_disk(cfg: "RunConfig") -> DiskPlan:
+    """The plan, at home before renting; ConfigError with the numbers when machine.vast.min_disk_gb (the
+    disk rented and the offer filter's value) cannot hold it. Other backends: the plan, checked on the machine."""
+    from .config import ConfigError
+
+    plan = disk_plan(cfg)
+    if cfg.machine.backend == "vast" and cfg.machine.vast.min_disk_gb < plan.needed_gb:
+        raise ConfigError(f"invalid configuration:\n  machine.vast.min_disk_gb: {cfg.machine.vast.min_disk_gb:g} GB "
+                          f"cannot hold this run, which needs {plan.describe()}. Raise machine.vast.min_disk_gb to "
+                          f"{math.ceil(plan.needed_gb)} or more, or lower data.max_samples")
+    return plan
+
+
+def free_disk_problem(cfg: "RunConfig", free_bytes: int, rows: Mapping[str, int]) -> tuple[Optional[str], DiskPlan]:
+    """On the machine, before prepare writes: why `free_bytes` cannot hold what the run still writes
+    (everything but the system part, already installed), or None; and the plan."""
+    plan = disk_plan(cfg, rows)
+    still = (sum(plan.parts.values()) - plan.parts["system"]) * HEADROOM
+    free = free_bytes / GB
+    if free >= still:
+        return None, plan
+    return (f"not enough free disk: {free:.1f} GB free here, and this run still writes {still:.1f} GB (the disk "
+            f"plan: {plan.describe()}; here without the system part, already installed). Rent a machine with more "
+            f"disk (machine.vast.min_disk_gb) or lower data.max_samples"), plan

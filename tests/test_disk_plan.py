@@ -1,0 +1,128 @@
+"""Prepare sized for the real job: int16 rows, features computed by train's loader, the run's disk
+plan (contract/disk.py) refused at home before renting and on the machine before writing."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from contract import disk
+from contract.catalogue import EXIT_DETERMINISTIC, KEEP_CHECKPOINTS
+from contract.config import ConfigError, load_config
+from contract.layout import REPO_ROOT
+from steps import prepare, train
+from steps.audio_store import to_float, to_pcm16
+from steps.common import execute_step
+from steps.models import load_processor
+
+from conftest import tiny_config
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_a_prepared_row_takes_16_bit_audio_not_float_features(prepared_tiny):
+    """Bytes on disk per row: 2 bytes per sample plus a few hundred; a06f7da stored float32 audio and
+    80 x 3000 float32 features (> 960,000 bytes per row whatever the clip's length)."""
+    from datasets import load_from_disk
+
+    path = prepared_tiny / "prepare" / "train"
+    ds = load_from_disk(str(path))
+    assert set(ds.column_names) == {"id", "text", "speaker", "duration", "audio", "labels"}
+    seconds = sum(ds["duration"])
+    stored = _tree_bytes(path)
+    assert stored <= sum(disk.row_bytes(s) for s in ds["duration"])  # the disk plan's bound holds
+    assert stored / (seconds * disk.PCM_BYTES_PER_SECOND) < 1.1, (stored, seconds)
+
+
+def test_train_features_match_those_stored_before(tmp_path, prepared_tiny, french_manifest):
+    """Train's loader computes log-mel from the stored int16 clip; compared with the features a06f7da
+    stored (from float32 audio): mean |diff| <= 1e-3 and max <= 0.05 (16-bit quantization noise in
+    near-silent frames; the features span about -0.8..1.5). A 16-bit source (MLS French's FLAC) is lossless."""
+    from datasets import load_from_disk
+
+    fe = load_processor("fixture:tiny-random").feature_extractor
+    test = load_from_disk(str(prepared_tiny / "prepare" / "test"))
+    by_id = {r["id"]: r for r in french_manifest}
+    floats = [prepare.clean_audio(*prepare.decode_audio(REPO_ROOT / by_id[i]["audio"])) for i in test["id"]]
+    before = np.stack([fe(a, sampling_rate=16000, return_tensors="np").input_features[0] for a in floats])
+    now = train._Rows(test, fe)[list(range(len(test)))]["input_features"].numpy()
+    diff = np.abs(now - before)
+    assert now.shape == before.shape == (len(test), 80, 3000)
+    assert diff.mean() <= 1e-3 and diff.max() <= 0.05, (diff.mean(), diff.max())
+
+    pcm16 = tmp_path / "clip.flac"  # a 16-bit source: the int16 round trip is exact
+    sf.write(pcm16, floats[0], 16000, subtype="PCM_16")
+    decoded, _ = prepare.decode_audio(pcm16)
+    assert np.array_equal(to_float(to_pcm16(decoded)), decoded)
+
+
+def test_train_step_trains_on_prepared_int16_rows(tmp_path, prepared_tiny):
+    """The train step on what prepare wrote (real fixture speech), features computed by its loader."""
+    work = tmp_path / "w"
+    shutil.copytree(prepared_tiny / "prepare", work / "prepare")
+    cfg = tiny_config(**{"train.max_steps": 2, "train.eval_every": 2, "train.save_every": 10})
+    assert execute_step("train", cfg, work, train.run) == 0
+    m = json.loads((work / "train" / "result.json").read_text())["metrics"]
+    assert m["optimizer_steps"] == 2 and math.isfinite(m["train_loss"]) and math.isfinite(m["dev_loss"])
+    assert (work / "train" / "model" / "model.safetensors").is_file()
+
+
+def test_disk_plan_arithmetic_of_the_real_job():
+    cfg = load_config("int8")
+    plan = disk.disk_plan(cfg)
+    p, gb = plan.parts, disk.GB
+    row = 15 * 32000 + disk.ROW_EXTRA_BYTES
+    assert plan.rows == {"train": 60000, "dev": 500, "test": 500} and disk.row_bytes(15) == row
+    assert p["prepare"] == pytest.approx(61000 * row / gb, abs=1e-3)
+    model = disk.MODEL_BYTES[cfg.model.name_or_path]
+    assert p["model"] == p["final_model"] == pytest.approx(model / gb, abs=1e-3)
+    assert p["checkpoints"] == pytest.approx((KEEP_CHECKPOINTS + 1) * 3.0 * model / gb, abs=1e-3)  # adamw, saved every 3000
+    assert p["exports"] == pytest.approx(2 * 1.26 * model / gb, abs=1e-3)
+    assert set(p) == {"system", "prepare", "model", "checkpoints", "final_model", "exports"}
+    assert plan.needed_gb == round(sum(p.values()) * 1.1, 1)
+    assert plan.needed_gb <= cfg.machine.vast.min_disk_gb  # the real job fits its configured disk
+
+
+def test_disk_plan_follows_the_config():
+    small = disk.disk_plan(load_config("tiny"))
+    assert small.rows == {"train": 16, "dev": 4, "test": 4}  # what the manifest holds under the caps
+    assert disk.checkpoints_on_disk(load_config("tiny"), 16) == 1  # 4 steps, saved at step 2 only
+    assert disk.disk_plan(load_config("int8", {"train.optimizer": "adamw8bit"})).parts["checkpoints"] < \
+        disk.disk_plan(load_config("int8")).parts["checkpoints"] / 1.9
+    more = disk.disk_plan(load_config("int8", {"data.max_samples": 120000}))
+    assert more.parts["prepare"] > 1.9 * disk.disk_plan(load_config("int8")).parts["prepare"]
+
+
+def test_a_config_whose_disk_cannot_hold_the_run_is_refused_before_renting(monkeypatch):
+    import tasks.run_dir
+
+    monkeypatch.setattr(tasks.run_dir, "get_run_logger", lambda: logging.getLogger("test"))
+    with pytest.raises(ConfigError) as e:
+        tasks.run_dir.validate_config.fn("int8", {"data.max_samples": 200000})
+    msg = str(e.value)
+    need = disk.disk_plan(load_config("int8", {"data.max_samples": 200000})).needed_gb
+    assert "machine.vast.min_disk_gb: 150 GB cannot hold" in msg and f"{need:.1f} GB" in msg and need > 150
+    assert "201,000 rows x 0.48 MB, 15 s clips" in msg and f"to {math.ceil(need)} or more" in msg
+    assert tasks.run_dir.validate_config.fn("int8", {}).name == "int8"  # 150 GB holds the real job
+
+
+def test_prepare_refuses_before_writing_when_free_disk_is_short(tmp_path, monkeypatch, capsys):
+    """On the machine: free disk (shutil.disk_usage) below what the run writes -> a deterministic
+    failure (exit 3) naming the numbers, before any split is written."""
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage(10 * 2**20, 9 * 2**20, 2**20))
+    work = tmp_path / "w"
+    assert execute_step("prepare", tiny_config(), work, prepare.run) == EXIT_DETERMINISTIC
+    err = json.loads((work / "prepare" / "error.json").read_text())
+    assert err["retryable"] is False and "not enough free disk: 0.0 GB free here" in err["message"]
+    assert "machine.vast.min_disk_gb" in err["message"] and "24 rows" in err["message"]
+    assert not (work / "prepare" / "train").exists()

@@ -2,11 +2,13 @@
 
 Lifecycle: created -> loading (after boot/4) -> running (after boot). On `running` the onstart
 script starts (bash -c, cwd = HOME = disk) and the instance's sshd starts (unless delayed by a
-fault). Billing: dph_total per second from creation until destroy (storage-only while stopped).
+fault). Billing: dph_total per second from creation until destroy (storage-only while stopped), and
+the SSH bytes each way at the offer's inet_up_cost / inet_down_cost per GB (sshd's log, `bandwidth`).
 """
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -31,6 +33,7 @@ GLOBAL_KNOBS = {"malformed", "malformed_count", "malformed_status", "malformed_f
 GLOBAL_DEFAULTS = {"http_429_retry_after": 1, "lost_create_mode": "504", "list_lag_s": 0, "foreign_rows": 0,
                    "gone_404_after_s": 60}
 LOST_CREATE_MODES = ("504", "500", "drop")
+_TRANSFERRED = re.compile(rb"Transferred: sent (\d+), received (\d+) bytes")
 PREEMPT_MODES = ("exited", "offline", "vanish", "stopped")
 MALFORMED_MODES = ("html", "missing_fields", "wrong_types", "truncated", "empty")
 
@@ -206,6 +209,7 @@ class Cloud:
             inst["disk_mounted"] = False
 
     def _remove_disk(self, inst: dict) -> None:
+        inst["bytes_up"], inst["bytes_down"] = self.bandwidth(inst)  # its sshd log goes with the disk
         self._unmount(inst)
         shutil.rmtree(inst["root"], ignore_errors=True)
 
@@ -551,6 +555,22 @@ class Cloud:
             "time_remaining": "", "logo": "/static/logos/nvidia.png",
         }
 
+    @staticmethod
+    def bandwidth(inst: dict) -> tuple[int, int]:
+        """(bytes up, bytes down) of the instance's SSH traffic: the "Transferred: sent N, received M
+        bytes" line sshd logs (LogLevel VERBOSE) as each connection closes; sent leaves the instance
+        (billed at inet_up_cost), received reaches it (inet_down_cost). Kept once the disk is removed."""
+        if "bytes_up" in inst:
+            return int(inst["bytes_up"]), int(inst["bytes_down"])
+        up = down = 0
+        try:
+            with open(Path(inst["root"]) / "sshd.log", "rb") as f:
+                for m in _TRANSFERRED.finditer(f.read()):
+                    up, down = up + int(m[1]), down + int(m[2])
+        except OSError:
+            pass
+        return up, down
+
     def ledger(self) -> dict:
         now, rows = time.time(), []
         for inst in self.store.instances(include_ended=True):
@@ -559,12 +579,16 @@ class Cloud:
                                                             and not inst["ended_at"] else 0.0)
             seconds = max(0.0, end - inst["created_at"])
             cost = inst["dph_total"] * seconds / 3600 - (inst["dph_total"] - inst["storage_dph"]) * stopped / 3600
+            up, down = self.bandwidth(inst)
+            bandwidth = up / 1e9 * inst["offer"]["inet_up_cost"] + down / 1e9 * inst["offer"]["inet_down_cost"]
+            cost += bandwidth
             rows.append({"id": inst["id"], "label": inst.get("label"), "offer_id": inst["offer_id"],
                          "gpu_name": inst["offer"]["gpu_name"], "dph_total": inst["dph_total"],
                          "created_at": inst["created_at"], "running_at": inst.get("running_at"),
                          "ended_at": inst["ended_at"], "end_reason": inst.get("end_reason"),
                          "status": inst["status"], "seconds": round(seconds, 6),
-                         "stopped_seconds": round(stopped, 3), "cost": round(cost, 10)})
+                         "stopped_seconds": round(stopped, 3), "bytes_up": up, "bytes_down": down,
+                         "bandwidth_cost": round(bandwidth, 10), "cost": round(cost, 10)})
         total = sum(r["cost"] for r in rows)
         credit = float(self.store.get_meta("credit", 0.0))
         return {"instances": rows, "total_cost": round(total, 8), "credit": credit,

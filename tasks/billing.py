@@ -86,14 +86,16 @@ def budget_left_usd(lease: Lease, cfg: RunConfig) -> float:
     return max(0.0, cfg.machine.max_cost_usd - spent)
 
 
-def copy_home_cap(lease: Lease, cfg: RunConfig, what: str) -> tuple[int, str]:
+def copy_home_cap(lease: Optional[Lease], cfg: Optional[RunConfig], what: str) -> tuple[int, str]:
     """The most bytes one copy home of `what` (a step, or "checkpoint") may move, and why: the bytes
     the run's estimate expects for it (infra/run_estimate.py) x COPY_SLACK plus COPY_FLOOR, and no
     more than what the budget left pays at the machine's inet_up_cost; whichever is smaller."""
+    caps = [(MAX_BYTES, f"the {MAX_BYTES / 1e9:g} GB ceiling")]
+    if lease is None or cfg is None:
+        return caps[0]
     expected = expected_home_bytes(cfg.machine.vast.workload, what)
     per_gb = float((lease.extra or {}).get("inet_up_cost") or 0.0)
     left = budget_left_usd(lease, cfg)
-    caps = [(MAX_BYTES, f"the {MAX_BYTES / 1e9:g} GB ceiling")]
     if expected is not None:
         caps.append((int(expected * COPY_SLACK + COPY_FLOOR),
                      f"{COPY_SLACK:g}x the {expected / 1e9:.3g} GB expected + {COPY_FLOOR / 1e6:g} MB"))

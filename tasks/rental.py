@@ -59,7 +59,7 @@ def estimate_cost(cfg: RunConfig) -> dict:
     hours x $/h and bytes x $/GB (infra/run_estimate.py), or $/h x machine.planned_hours when the
     run's size or the GPU's speed is unknown. Refused, with the table, over machine.max_cost_usd."""
     est = provision.price_estimate(cfg.machine, api_key=secrets.vast_api_key(), server_url=secrets.vast_url())
-    log = get_run_logger()
+    log = _logger()
     log.info("estimate: %s", ", ".join(f"{k}={v}" for k, v in est.items() if not isinstance(v, (dict, list))))
     table = estimate_table(est)
     if table:

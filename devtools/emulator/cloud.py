@@ -3,12 +3,12 @@
 Lifecycle: created -> loading (after boot/4) -> running (after boot). On `running` the onstart
 script starts (bash -c, cwd = HOME = disk) and the instance's sshd starts (unless delayed by a
 fault). Billing: dph_total per second from creation until destroy (storage-only while stopped), and
-the SSH bytes each way at the offer's inet_up_cost / inet_down_cost per GB (sshd's log, `bandwidth`).
+the SSH bytes each way at the offer's inet_up_cost / inet_down_cost per GB (counted by a relay in front
+of each sshd: meter.py).
 """
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import threading
@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from devtools.emulator import offers as catalogue
 from devtools.emulator import evil, image
+from devtools.emulator.meter import Meter
 from devtools.emulator.sshd import ETC_VAR, ROOT_MARKER, Sshd, SshdError, free_port, kill_instance_processes
 from devtools.emulator.state import Store
 
@@ -33,7 +34,6 @@ GLOBAL_KNOBS = {"malformed", "malformed_count", "malformed_status", "malformed_f
 GLOBAL_DEFAULTS = {"http_429_retry_after": 1, "lost_create_mode": "504", "list_lag_s": 0, "foreign_rows": 0,
                    "gone_404_after_s": 60}
 LOST_CREATE_MODES = ("504", "500", "drop")
-_TRANSFERRED = re.compile(rb"Transferred: sent (\d+), received (\d+) bytes")
 PREEMPT_MODES = ("exited", "offline", "vanish", "stopped")
 MALFORMED_MODES = ("html", "missing_fields", "wrong_types", "truncated", "empty")
 
@@ -57,6 +57,7 @@ class Cloud:
             self.store.set_meta("credit", credit)
             self.store.set_meta("credit_at", time.time())
         self._procs: dict[int, subprocess.Popen] = {}
+        self._meters: dict[int, Meter] = {}  # instance id -> the relay counting its SSH bytes
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -96,13 +97,17 @@ class Cloud:
                     sshd.pid = inst.get("sshd_pid")
                     if not sshd.alive():
                         self._start_sshd(inst)
-                        self.store.put_instance(inst)
+                    elif inst["id"] not in self._meters:
+                        self._start_meter(inst)
+                    self.store.put_instance(inst)
 
     def tick(self) -> None:
         now = time.time()
         with self.lock:
             for inst in self.store.instances():
                 before = json.dumps(inst, sort_keys=True)
+                if inst["id"] in self._meters:  # kept in the store: a restarted emulator goes on counting
+                    inst["bytes_up"], inst["bytes_down"] = self._meters[inst["id"]].counts()
                 self._advance(inst, now)
                 if json.dumps(inst, sort_keys=True) != before:
                     self.store.put_instance(inst)
@@ -146,7 +151,24 @@ class Cloud:
 
     # ------------------------------------------------------------------- processes & disk --
     def _sshd(self, inst: dict) -> Sshd:
-        return Sshd(Path(inst["root"]), int(inst["ssh_port"]), inst.get("sshd_pid"))
+        """The instance's sshd, on its own port behind the byte-counting relay on `ssh_port`."""
+        return Sshd(Path(inst["root"]), int(inst.get("sshd_port") or inst["ssh_port"]), inst.get("sshd_pid"))
+
+    def _start_meter(self, inst: dict) -> None:
+        """The relay on the advertised ssh_port that counts the instance's bytes (meter.py)."""
+        self._stop_meter(inst)
+        try:
+            meter = Meter(int(inst["ssh_port"]), int(inst["sshd_port"]), inst.get("bytes_up", 0), inst.get("bytes_down", 0))
+        except OSError:  # port taken since creation (e.g. after a restart): take another
+            inst["ssh_port"] = free_port()
+            meter = Meter(int(inst["ssh_port"]), int(inst["sshd_port"]), inst.get("bytes_up", 0), inst.get("bytes_down", 0))
+        self._meters[inst["id"]] = meter
+
+    def _stop_meter(self, inst: dict) -> None:
+        meter = self._meters.pop(inst["id"], None)
+        if meter is not None:
+            meter.close()
+            inst["bytes_up"], inst["bytes_down"] = meter.counts()
 
     def _env(self, inst: dict) -> dict:
         return {k: str(v) for k, v in inst["env"].items() if k.isidentifier()} | {
@@ -161,16 +183,18 @@ class Cloud:
     def _start_sshd(self, inst: dict) -> None:
         self._sync_evil(inst)
         self._install_host(inst)
+        inst["sshd_port"] = free_port()
         sshd = self._sshd(inst)
         sshd.prepare(self._env(inst), instance=True)
         try:
             sshd.start()
-        except SshdError:  # port taken since creation (e.g. after a restart): take another
-            inst["ssh_port"] = free_port()
+        except SshdError:  # port taken since it was picked: take another
+            inst["sshd_port"] = free_port()
             sshd = self._sshd(inst)
             sshd.prepare(self._env(inst), instance=True)
             sshd.start()
         inst["sshd_pid"], inst["ssh_started"] = sshd.pid, True
+        self._start_meter(inst)
 
     def _start_onstart(self, inst: dict) -> None:
         disk = Path(inst["root"]) / "disk"
@@ -197,6 +221,7 @@ class Cloud:
         inst["onstart_pid"] = proc.pid
 
     def _kill(self, inst: dict) -> None:
+        self._stop_meter(inst)
         sshd = self._sshd(inst)
         sshd.pid = inst.get("sshd_pid")
         sshd.stop()
@@ -209,7 +234,6 @@ class Cloud:
             inst["disk_mounted"] = False
 
     def _remove_disk(self, inst: dict) -> None:
-        inst["bytes_up"], inst["bytes_down"] = self.bandwidth(inst)  # its sshd log goes with the disk
         self._unmount(inst)
         shutil.rmtree(inst["root"], ignore_errors=True)
 
@@ -555,21 +579,13 @@ class Cloud:
             "time_remaining": "", "logo": "/static/logos/nvidia.png",
         }
 
-    @staticmethod
-    def bandwidth(inst: dict) -> tuple[int, int]:
-        """(bytes up, bytes down) of the instance's SSH traffic: the "Transferred: sent N, received M
-        bytes" line sshd logs (LogLevel VERBOSE) as each connection closes; sent leaves the instance
-        (billed at inet_up_cost), received reaches it (inet_down_cost). Kept once the disk is removed."""
-        if "bytes_up" in inst:
-            return int(inst["bytes_up"]), int(inst["bytes_down"])
-        up = down = 0
-        try:
-            with open(Path(inst["root"]) / "sshd.log", "rb") as f:
-                for m in _TRANSFERRED.finditer(f.read()):
-                    up, down = up + int(m[1]), down + int(m[2])
-        except OSError:
-            pass
-        return up, down
+    def bandwidth(self, inst: dict) -> tuple[int, int]:
+        """(bytes up, bytes down) of the instance's SSH traffic, counted by its relay (meter.py): up
+        leaves the instance (billed at inet_up_cost), down reaches it (inet_down_cost)."""
+        meter = self._meters.get(inst["id"])
+        if meter is not None:
+            return meter.counts()
+        return int(inst.get("bytes_up", 0)), int(inst.get("bytes_down", 0))
 
     def ledger(self) -> dict:
         now, rows = time.time(), []

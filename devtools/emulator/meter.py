@@ -71,6 +71,10 @@ class Meter:
 
     def close(self) -> None:
         """Stop listening and drop every relayed connection."""
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked in its thread
+        except OSError:
+            pass
         self._listener.close()
         with self._lock:
             socks = list(self._socks)

@@ -18,7 +18,6 @@ from contract.machine_config import TrainWorkload, VastConfig
 from infra import gpu_speed, provision
 from infra.cost import RunBudget
 from infra.machine import Lease
-from infra.run_estimate import MAX_CHECKPOINT_AGE_S, TIMEOUT_MARGIN, ClockRefused, clock
 from infra.ssh import SSHMachine
 from infra.vast import NoOffersError, VastProvider
 from tasks import billing
@@ -84,6 +83,8 @@ def test_the_estimate_of_int8_lists_every_step_and_refuses_over_the_cap(emulator
 def test_the_clock_follows_the_expected_speed():
     """Issue 18 item 5: an RTX 4090 (~8.7 samples/s est.) needs ~9.6 h for 300k samples, past the 6 h
     step timeout; save_every 3000 left a checkpoint up to 3 h old."""
+    from infra.run_estimate import MAX_CHECKPOINT_AGE_S, TIMEOUT_MARGIN, ClockRefused, clock
+
     sps = gpu_speed.expected_speed("RTX 4090", INT8)["samples_per_s"]
     c = clock(INT8, sps, step_timeout_s=6 * 3600, gpu="RTX 4090")
     assert c["expected_s"] == pytest.approx(300_000 / sps, rel=1e-3)

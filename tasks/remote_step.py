@@ -20,8 +20,8 @@ from contract.layout import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK
 from contract.result_file import ERROR_FILE, config_hash, is_done, read_result
 from infra import provision
 from infra.gpu_speed import expected_speed
-from infra.run_estimate import clock
 from infra.machine import Lease, Machine, TransientMachineError
+from infra.run_estimate import clock
 
 from .billing import BudgetExceeded, CopyHomeRefused, charge_as_it_arrives, check_budget, copy_home_cap
 from .rental import forget_machine, machine_alive, machine_for, remote_python

@@ -208,11 +208,12 @@ class LocalMachine:
         return code
 
     def put(self, local_dir: Path, remote_dir: str, *, include: Sequence[str],
-            respect_gitignore: bool = True) -> None:
+            respect_gitignore: bool = True) -> int:
         files = collect_files(local_dir, include, respect_gitignore)
         with tempfile.TemporaryFile() as tmp:
-            make_tarball(local_dir, files, tmp)
+            size = make_tarball(local_dir, files, tmp)
             _unpack_own_tarball(tmp, self._path(remote_dir))
+        return size
 
     def get(self, remote_path: str, local_path: Path, *, max_bytes: int = MAX_BYTES,
             max_members: int = MAX_MEMBERS, allow: Optional[re.Pattern] = DEFAULT_ALLOW,

@@ -57,8 +57,9 @@ class Machine(Protocol):
         """Run argv, streaming stdout+stderr lines to on_line as they arrive. Returns the exit code;
         raises CommandFailed (with the output tail) on non-zero when check, CommandTimeout on timeout."""
 
-    def put(self, local_dir: Path, remote_dir: str, *, include: Sequence[str]) -> None:
-        """Send a directory tree (include list, .gitignore honoured) as one tar stream."""
+    def put(self, local_dir: Path, remote_dir: str, *, include: Sequence[str]) -> int:
+        """Send a directory tree (include list, .gitignore honoured) as one tar stream; returns its bytes
+        (what the machine's host bills at its inet_down_cost)."""
 
     def get(self, remote_path: str, local_path: Path, *, max_bytes: int = ..., max_members: int = ...,
             allow: Optional[re.Pattern] = ..., exclude: Sequence[str] = (),

@@ -368,9 +368,9 @@ class SSHMachine:
 
     # -- files ----------------------------------------------------------------------------------
     def put(self, local_dir: Path, remote_dir: str, *, include: Sequence[str],
-            respect_gitignore: bool = True) -> None:
+            respect_gitignore: bool = True) -> int:
         """One tar.gz of the selected files, uploaded over SFTP and unpacked into remote_dir
-        (merged over what is there)."""
+        (merged over what is there). Returns the archive's bytes."""
         files = collect_files(local_dir, include, respect_gitignore)
         with tempfile.TemporaryFile() as tmp:
             size = make_tarball(local_dir, files, tmp)
@@ -387,6 +387,7 @@ class SSHMachine:
 
             self._idempotent(f"put {local_dir} -> {remote_dir}", send)
         log.info("ssh %s: put %d files (%.1f MB) into %s", self.name, len(files), size / 1e6, remote_dir)
+        return size
 
     def get(self, remote_path: str, local_path: Path, *, max_bytes: int = MAX_BYTES,
             max_members: int = MAX_MEMBERS, allow: Optional[re.Pattern] = DEFAULT_ALLOW,

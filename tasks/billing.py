@@ -19,7 +19,7 @@ from infra.machine import Lease
 from infra.run_estimate import expected_home_bytes
 
 __all__ = ["BudgetExceeded", "CopyHomeRefused", "RunBudget", "open_budget", "open_meter", "check_budget",
-           "record_bytes_home", "copy_home_cap", "charge_as_it_arrives",
+           "record_bytes_home", "record_bytes_down", "copy_home_cap", "charge_as_it_arrives",
            "watch_budget", "budget_rows", "estimate_rows", "total_usd"]
 
 COPY_SLACK, COPY_FLOOR = 1.5, 256 * 10**6  # a copy home may exceed its expected bytes by this much
@@ -119,6 +119,13 @@ def charge_as_it_arrives(lease: Lease, cfg: RunConfig, cap: int, why: str, what:
         check_budget(lease, cfg)
 
     return on_bytes
+
+
+def record_bytes_down(lease: Optional[Lease], nbytes: int) -> None:
+    """Bytes pushed to the machine: billed at its inet_down_cost in the run's budget."""
+    budget = budget_for(lease)
+    if budget is not None and lease is not None and nbytes:
+        budget.add_bytes_down(lease, nbytes)
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from infra import provision
 from infra.machine import Lease, Machine
 
 from . import secrets
+from .billing import record_bytes_down
 from .retry import StepFailed, retry_transient
 
 GPU_LIMIT = "vast-gpus"  # the global concurrency limit that caps rented GPUs
@@ -157,16 +158,17 @@ def push_code(lease: Lease, cfg: RunConfig, local_work: Path) -> dict:
     log = get_run_logger()
     m = machine_for(lease, cfg)
     t0 = time.time()
-    m.put(REPO_ROOT, REMOTE_CODE, include=PUSHED_CODE)
+    sent = m.put(REPO_ROOT, REMOTE_CODE, include=PUSHED_CODE) or 0
     m.run(["mkdir", "-p", REMOTE_WORK])
     m.write_text(REMOTE_CONFIG, cfg.to_yaml())
     restored = [s for s in STEPS if s not in REDERIVED and is_done(cfg, local_work, s)]
     if RESUMING_STEP not in restored and (local_work / RESUMING_STEP / CHECKPOINT_DIR).is_dir():
         restored.append(f"{RESUMING_STEP}/{CHECKPOINT_DIR}")
     if restored:
-        m.put(local_work, REMOTE_WORK, include=restored, respect_gitignore=False)
+        sent += m.put(local_work, REMOTE_WORK, include=restored, respect_gitignore=False) or 0
         log.info("restored earlier outputs on the machine: %s", ", ".join(restored))
-    log.info("code pushed in %.1fs", time.time() - t0)
+    record_bytes_down(lease, sent)  # billed at the host's inet_down_cost
+    log.info("code pushed in %.1fs (%.1f MB)", time.time() - t0, sent / 1e6)
     return {"seconds": round(time.time() - t0, 2), "restored": restored}
 
 

@@ -169,3 +169,24 @@ def test_the_emulator_bills_the_ssh_bytes_at_the_offers_price(emulator, tmp_path
     assert row["bytes_up"] > 3 * 10**6 and row["bytes_down"] > 0
     up, down = lease.extra["inet_up_cost"], lease.extra["inet_down_cost"]
     assert row["bandwidth_cost"] == pytest.approx(row["bytes_up"] / 1e9 * up + row["bytes_down"] / 1e9 * down)
+
+
+def test_what_is_pushed_to_the_machine_is_billed_at_its_inet_down_cost(sshd_host, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "blob.bin").write_bytes(os.urandom(2 * 10**6))
+    lease = Lease(backend="ssh", label="qat-push-test", instance_id=2, host=sshd_host.host, port=sshd_host.port,
+                  key_path=str(sshd_host.key_path), host_key=sshd_host.host_key, created_at=time.time(),
+                  extra={"inet_up_cost": 0.0, "inet_down_cost": 0.5})
+    budget = RunBudget(1.0)
+    billing.register(budget, lease)
+    try:
+        with SSHMachine(lease).connect(timeout=20) as m:
+            sent = m.put(src, "pushed", include=["blob.bin"], respect_gitignore=False)
+        billing.record_bytes_down(lease, sent)
+    finally:
+        billing.forget(budget)
+    assert sent > 2 * 10**6 and (sshd_host.home / "pushed" / "blob.bin").stat().st_size == 2 * 10**6
+    meter = budget.machines[0]
+    assert meter.bandwidth_usd() == pytest.approx(sent / 1e9 * 0.5)
+    assert any("pushed to the machine at $0.5/GB" in r["step"] for r in meter.as_rows())

@@ -10,7 +10,7 @@ from contract.machine_config import MachineConfig
 from . import keys, run_estimate
 from .machine import Lease, LogFn
 from .ssh_backend import SSHBackend, pin_host_key
-from .vast import VastProvider
+from .vast import VastAPIError, VastProvider
 
 
 class VastBackend(SSHBackend):
@@ -58,10 +58,14 @@ class VastBackend(SSHBackend):
         filters (CUDA, bandwidth price) left out."""
         provider = self.provider(api_key, server_url)
         best, *rest = provider.search_offers(mc.vast, mc.vast.min_disk_gb)
-        return {"backend": self.name, "dph": float(best["dph_total"]),
-                **run_estimate.estimate(best, mc.vast.workload, mc.planned_hours, mc.setup_hours, mc.step_timeout_s),
-                "offers": 1 + len(rest), "gpu_name": best.get("gpu_name"), "offer_id": best.get("id"),
-                "left_out": provider.left_out(mc.vast, mc.vast.min_disk_gb)}
+        est = {"backend": self.name, "dph": float(best["dph_total"]),
+               **run_estimate.estimate(best, mc.vast.workload, mc.planned_hours, mc.setup_hours, mc.step_timeout_s),
+               "offers": 1 + len(rest), "gpu_name": best.get("gpu_name"), "offer_id": best.get("id")}
+        try:
+            est["left_out"] = provider.left_out(mc.vast, mc.vast.min_disk_gb)
+        except VastAPIError as e:  # only a count for the log: never what refuses a run
+            est["left_out"] = {"unknown": str(e)[:200]}
+        return est
 
     def lease_from_row(self, row: dict) -> Lease:
         host, port = VastProvider.ssh_endpoint(row)

@@ -291,7 +291,7 @@ class VastProvider:
             seen = f"{len(offers)} offer(s) returned" + (f", rejected by {rejected}" if rejected else "")
             raise NoOffersError(f"no Vast.ai offer matches: {self.describe_filters(v, disk_gb)} ({seen}). "
                                 "Loosen those machine.vast.* settings (or raise max_dph) and try again.")
-        ranked = rank_offers(good, v.workload)  # $ per training sample; short of memory: left out
+        ranked = rank_offers(good, v.workload)  # the whole run: hours x $/h + bytes x $/GB; short of memory: left out
         if not ranked:
             raise NoOffersError(f"no Vast.ai offer has the GPU memory machine.vast.workload needs ({v.workload}): "
                                 f"{len(good)} offer(s) matched the filters. Lower train.per_device_batch_size "

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from contract.config import load_config
-from contract.machine_config import TrainWorkload, VastConfig
+from contract.machine_config import VastConfig
 from infra import gpu_speed, provision
 from infra.cost import RunBudget
 from infra.machine import Lease

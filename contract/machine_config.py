@@ -23,9 +23,9 @@ MODEL_PARAMS = {"bofenghuang/whisper-large-v3-distil-fr-v0.2": 756_405_760}
 
 
 class TrainWorkload(Strict):
-    """What the train step will run, so offers are ranked by dollars per training sample
-    (infra/gpu_speed.py). Derived from the train and quant sections by contract/config.py: a value
-    written in a config file is replaced."""
+    """What the run will do, so offers are ranked by what the whole run would cost on them
+    (infra/gpu_speed.py, infra/run_estimate.py). Derived from the model, data, train, quant, bench and
+    machine sections by contract/config.py: a value written in a config file is replaced."""
 
     scheme: Literal["int8", "int4", "plain"] = "int8"
     micro_batch: int = Field(default=8, gt=0)
@@ -85,7 +85,7 @@ class MachineConfig(Strict):
     vast: VastConfig = Field(default_factory=VastConfig)
     ssh: Optional[SSHHostConfig] = None
     planned_hours: float = Field(default=6.0, gt=0, description="the cost estimate's hours when the training "
-                                 "size or the GPU's speed is unknown (infra/gpu_speed.py)")
+                                 "size or the GPU's speed is unknown (infra/run_estimate.py)")
     setup_hours: float = Field(default=0.5, ge=0, description="hours of set-up (boot, push, the venv) added to the "
                                "estimate; prepare, convert, bench and evaluate are estimated per step")
     max_cost_usd: float = Field(default=25.0, gt=0, description="budget cap: the machine is torn down when crossed")

@@ -104,7 +104,8 @@ def copy_home_cap(lease: Optional[Lease], cfg: Optional[RunConfig], what: str) -
     return min(caps)
 
 
-def charge_as_it_arrives(lease: Lease, cfg: RunConfig, cap: int, why: str, what: str) -> Callable[[int], None]:
+def charge_as_it_arrives(lease: Optional[Lease], cfg: Optional[RunConfig], cap: int, why: str,
+                         what: str) -> Callable[[int], None]:
     """An `on_bytes` for Machine.get: each chunk received is billed at once (the run's budget sees it
     while the transfer runs), the budget is checked, and the transfer is aborted past `cap`."""
     received = [0]
@@ -116,7 +117,8 @@ def charge_as_it_arrives(lease: Lease, cfg: RunConfig, cap: int, why: str, what:
             raise CopyHomeRefused(f"copy home of {what} aborted: {received[0]} bytes received, over its cap of "
                                   f"{cap} bytes ({why}); raise machine.max_cost_usd or rent a host with a lower "
                                   "inet_up_cost (machine.vast.max_inet_cost_per_gb)")
-        check_budget(lease, cfg)
+        if lease is not None and cfg is not None:
+            check_budget(lease, cfg)
 
     return on_bytes
 

@@ -384,6 +384,13 @@ SCENARIOS = [
              "setup reads nvidia-smi before installing anything, fails fast naming the driver's and torch's CUDA, "
              "not retried; the machine is destroyed", overrides={"machine.gpu": "required"},
              faults={"driver_cuda": 12.4}, message="CUDA 12.4", max_instances=1),
+    Scenario("bandwidth-price", "the cheapest offer (the emulator's $0.29/h RTX 4090) bills $2/GB of bandwidth each way; "
+             "the run lifts `machine.vast.max_inet_cost_per_gb` to $5 and has $0.04 to spend", ("FAILED",),
+             "rents it (its $/h is lowest: the tiny model's bytes are unknown before renting); every copy home is "
+             "capped by the budget left at $2/GB, checked on the machine's size report before the transfer and on "
+             "the bytes received during it, billed as they arrive: the run stops at the cap",
+             overrides={"machine.vast.max_inet_cost_per_gb": 5, "machine.max_cost_usd": 0.04}, message="budget",
+             max_instances=1),
     Scenario("image-torchvision", "the image's python carries a torchvision built for another torch, without "
              "`VideoReader` (`image_torchvision: no_video_reader`, what datasets 4.4.1 tripped on)", ("COMPLETED",),
              "the workload runs in its own venv: the image's packages never reach it",
@@ -522,7 +529,8 @@ def run_scenario(stack: Stack, sc: Scenario, baseline: Optional[dict]) -> dict:
     missing = expected_files(stack, run_id, cfg.name, state.type.value, state.message or "")
     row = {"scenario": sc.name, "fault": sc.fault, "run_id": run_id, "expected": list(sc.expect),
            "final_state": state.type.value, "message": (state.message or "")[:400], "seconds": round(time.time() - t0, 1),
-           "instances": [{k: i[k] for k in ("id", "end_reason", "seconds", "cost", "dph_total")} for i in instances],
+           "instances": [{k: i.get(k) for k in ("id", "end_reason", "seconds", "cost", "dph_total", "bytes_up", "bytes_down",
+                                                "bandwidth_cost")} for i in instances],
            "leaked": leaked, "lost_artifacts": missing, "cost_usd": cost,
            "max_cost_usd": cfg.machine.max_cost_usd, "budget_check_every_s": cfg.machine.budget_check_every_s,
            "bound_usd": bound, "within_bound": cost <= bound,

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from .fingerprint import FIXTURE_PREFIX
 from .layout import CONFIG_DIR, PUSHED_CODE, REPO_ROOT
-from .machine_config import MachineConfig, Strict, TrainWorkload
+from .machine_config import MODEL_PARAMS, MachineConfig, Strict, TrainWorkload
 from .whisper_languages import CODES as WHISPER_LANGUAGE_CODES, NAMES as WHISPER_LANGUAGE_NAMES
 
 
@@ -247,8 +247,20 @@ class RunConfig(Strict):
             samples = int(steps * bs * accum) if steps else (math.ceil(epochs * cap) if cap else None)
         except (TypeError, ValueError):
             return raw
+        model, bench = raw.get("model") or {}, raw.get("bench") or {}
+        evals = data.get("max_eval_samples", DataConfig.model_fields["max_eval_samples"].default)
+        hub = data.get("source") == "hf"
         workload = {"scheme": q.get("scheme"), "micro_batch": bs, "compile": get("compile") is not False,
-                    "gradient_checkpointing": get("gradient_checkpointing"), "samples": samples}
+                    "gradient_checkpointing": get("gradient_checkpointing"), "samples": samples,
+                    "params": MODEL_PARAMS.get(model.get("name_or_path")) if isinstance(model, dict) else None,
+                    "optimizer": get("optimizer"), "samples_per_step": bs * accum, "save_every": get("save_every"),
+                    "download_rows": (cap + 2 * evals) if hub and isinstance(cap, int) and isinstance(evals, int) else 0,
+                    "prepare_rows": _rows(data, cap, evals),
+                    "eval_clips": evals if isinstance(evals, int) else 0,
+                    "bench_clips": bench.get("max_clips", BenchConfig.model_fields["max_clips"].default)
+                    if isinstance(bench, dict) else 0,
+                    "sync_every_s": (raw.get("machine") or {}).get("checkpoint_sync_every_s",
+                                                                   MachineConfig.model_fields["checkpoint_sync_every_s"].default)}
         try:
             TrainWorkload(**workload)
         except ValidationError:
@@ -290,6 +302,21 @@ class RunConfig(Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _rows(data: dict, cap: Any, evals: Any) -> int:
+    """Rows prepare writes: train (at most data.max_samples) plus dev and test; a manifest holds no more than its lines."""
+    if not (isinstance(cap, int) and isinstance(evals, int)):
+        return 0
+    rows = cap + 2 * evals
+    if data.get("source") == "manifest" and isinstance(data.get("manifest"), str):
+        p = Path(data["manifest"]) if Path(data["manifest"]).is_absolute() else REPO_ROOT / data["manifest"]
+        try:
+            with open(p, "rb") as f:
+                rows = min(rows, sum(1 for _ in f))
+        except OSError:
+            pass
+    return rows
 
 
 class ConfigError(ValueError):

@@ -22,20 +22,37 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Parameters of the models whose size is known before anything is downloaded: bytes of the weights,
+# checkpoints and exports follow from them (infra/run_estimate.py). Source: benchmarks/checkpoint.json
+# (`python -m benchmarks.checkpoint_size`, the model built at the real shapes).
+MODEL_PARAMS = {"bofenghuang/whisper-large-v3-distil-fr-v0.2": 756_405_760}
+
+
 class TrainWorkload(Strict):
-    """What the train step will run, so offers are ranked by dollars per training sample
-    (infra/gpu_speed.py). Derived from the train and quant sections by contract/config.py: a value
-    written in a config file is replaced."""
+    """What the run will do, so offers are ranked by what the whole run would cost on them
+    (infra/gpu_speed.py, infra/run_estimate.py). Derived from the model, data, train, quant, bench and
+    machine sections by contract/config.py: a value written in a config file is replaced."""
 
     scheme: Literal["int8", "int4", "plain"] = "int8"
     micro_batch: int = Field(default=8, gt=0)
     compile: bool = True
     gradient_checkpointing: bool = True
     samples: Optional[int] = Field(default=None, gt=0, description="training samples of the run; None: unknown")
+    # What the pre-rent estimate prices besides training (infra/run_estimate.py): bytes and the other steps.
+    params: Optional[int] = Field(default=None, gt=0, description="model parameters (known models only; None: unknown)")
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    samples_per_step: int = Field(default=32, gt=0, description="micro-batch x gradient accumulation")
+    save_every: int = Field(default=500, gt=0, description="train.save_every (optimizer steps)")
+    download_rows: int = Field(default=0, ge=0, description="rows the machine downloads (a Hub dataset; 0: pushed)")
+    prepare_rows: int = Field(default=0, ge=0, description="rows prepare writes (train + dev + test)")
+    eval_clips: int = Field(default=0, ge=0, description="test clips evaluate transcribes, per variant")
+    bench_clips: int = Field(default=0, ge=0, description="clips bench times, per variant")
+    sync_every_s: float = Field(default=600, gt=0, description="machine.checkpoint_sync_every_s")
 
 
 class VastConfig(Strict):
-    gpu_names: list[str] = Field(default_factory=lambda: ["RTX 4090", "RTX A6000", "A100 PCIE", "A100 SXM4", "H100 PCIE", "H100 SXM", "L40S"])
+    gpu_names: list[str] = Field(default_factory=lambda: ["RTX 4090", "RTX 5090", "RTX A6000", "RTX 6000Ada", "L40S",
+                                                          "A100 PCIE", "A100 SXM4", "H100 PCIE", "H100 SXM", "H200"])
     min_gpu_ram_gb: float = Field(default=24, gt=0)
     num_gpus: int = Field(default=1, gt=0)
     min_disk_gb: float = Field(default=80, gt=0)
@@ -44,6 +61,9 @@ class VastConfig(Strict):
         "offers need cuda_max_good (the CUDA the host's driver supports) >= this; default: the CUDA the "
         "pinned torch build needs, the least allowed when machine.gpu is required"))
     min_inet_down_mbps: float = Field(default=200, ge=0)
+    max_inet_cost_per_gb: float = Field(default=0.05, ge=0, description=(
+        "offers need inet_up_cost and inet_down_cost (the host's $/GB for bytes leaving / reaching the machine) "
+        "<= this; the estimate and the copies home price the run's bytes at the rented offer's rates"))
     verified: bool = True
     interruptible: bool = False
     bid_dph: Optional[float] = Field(default=None, gt=0, description="bid price in $/h for interruptible instances")
@@ -71,9 +91,9 @@ class MachineConfig(Strict):
     vast: VastConfig = Field(default_factory=VastConfig)
     ssh: Optional[SSHHostConfig] = None
     planned_hours: float = Field(default=6.0, gt=0, description="the cost estimate's hours when the training "
-                                 "size or the GPU's speed is unknown (infra/gpu_speed.py)")
-    setup_hours: float = Field(default=1.0, ge=0, description="hours besides training (set-up, prepare, convert, "
-                               "bench, evaluate) added to the per-sample estimate")
+                                 "size or the GPU's speed is unknown (infra/run_estimate.py)")
+    setup_hours: float = Field(default=0.5, ge=0, description="hours of set-up (boot, push, the venv) added to the "
+                               "estimate; prepare, convert, bench and evaluate are estimated per step")
     max_cost_usd: float = Field(default=25.0, gt=0, description="budget cap: the machine is torn down when crossed")
     provision_timeout_s: float = Field(default=900, gt=0, le=86400)
     ssh_timeout_s: float = Field(default=300, gt=0, le=3600)

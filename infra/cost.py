@@ -1,5 +1,5 @@
 """What a rented machine costs: $/h (dph_total, GPU + storage) times its life, from creation
-until its destroy is confirmed, plus the bytes it sent home at its $/GB; split per step; checked
+until its destroy is confirmed, plus the bytes it sent home and was sent at its $/GB; split per step; checked
 against a budget cap. `RunBudget` is the run's one meter over every machine it paid for (failed
 start attempts included); `BudgetTimer` checks it on a timer while a command is silent."""
 from __future__ import annotations
@@ -29,13 +29,16 @@ class CostMeter:
     instance_id: Optional[int] = None
     usd_per_gb_home: float = 0.0  # the offer's inet_up_cost: bytes copied home leave the machine
     bytes_home: int = 0
+    usd_per_gb_down: float = 0.0  # the offer's inet_down_cost: bytes pushed to the machine reach it
+    bytes_down: int = 0
 
     @classmethod
     def from_lease(cls, lease: Lease, max_cost_usd: Optional[float] = None,
                    clock: Callable[[], float] = time.time) -> "CostMeter":
         return cls(dph=lease.dph_total, created_at=lease.created_at or clock(), max_cost_usd=max_cost_usd,
                    label=lease.label, clock=clock, instance_id=lease.instance_id,
-                   usd_per_gb_home=float((lease.extra or {}).get("inet_up_cost") or 0.0))
+                   usd_per_gb_home=float((lease.extra or {}).get("inet_up_cost") or 0.0),
+                   usd_per_gb_down=float((lease.extra or {}).get("inet_down_cost") or 0.0))
 
     def _usd(self, seconds: float) -> float:
         return self.dph * max(0.0, seconds) / 3600.0
@@ -44,8 +47,12 @@ class CostMeter:
         """Bytes copied home from this machine (its outputs, checkpoints): billed per GB."""
         self.bytes_home += max(0, int(nbytes))
 
+    def add_bytes_down(self, nbytes: int) -> None:
+        """Bytes pushed to this machine (code, earlier outputs, checkpoints to resume): billed per GB."""
+        self.bytes_down += max(0, int(nbytes))
+
     def bandwidth_usd(self) -> float:
-        return self.bytes_home / 1e9 * self.usd_per_gb_home
+        return self.bytes_home / 1e9 * self.usd_per_gb_home + self.bytes_down / 1e9 * self.usd_per_gb_down
 
     def elapsed_s(self) -> float:
         end = self.destroyed_at if self.destroyed_at is not None else self.clock()
@@ -89,7 +96,11 @@ class CostMeter:
                      "usd": round(self._usd(other), 6), "ok": True})
         if self.bytes_home:
             rows.append({"step": f"bandwidth: {self.bytes_home / 1e6:.1f} MB copied home at ${self.usd_per_gb_home:g}/GB",
-                         "seconds": 0.0, "usd": round(self.bandwidth_usd(), 6), "ok": True})
+                         "seconds": 0.0, "usd": round(self.bytes_home / 1e9 * self.usd_per_gb_home, 6), "ok": True})
+        if self.bytes_down:
+            rows.append({"step": f"bandwidth: {self.bytes_down / 1e6:.1f} MB pushed to the machine at "
+                                 f"${self.usd_per_gb_down:g}/GB", "seconds": 0.0,
+                         "usd": round(self.bytes_down / 1e9 * self.usd_per_gb_down, 6), "ok": True})
         rows.append({"step": "total", "seconds": round(self.elapsed_s(), 3), "usd": round(self.total_usd(), 6),
                      "ok": self.destroyed_at is not None})
         return rows
@@ -147,6 +158,12 @@ class RunBudget:
         if meter is not None:
             with self._lock:
                 meter.add_bytes_home(nbytes)
+
+    def add_bytes_down(self, lease: Lease, nbytes: int) -> None:
+        meter = self.meter_for(lease)
+        if meter is not None:
+            with self._lock:
+                meter.add_bytes_down(nbytes)
 
     def total_usd(self) -> float:
         with self._lock:

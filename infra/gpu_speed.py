@@ -14,7 +14,6 @@ Peak memory does not depend on the GPU; an offer whose memory is short of it (pl
 from __future__ import annotations
 
 import csv
-import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -82,10 +81,13 @@ def vram_needed_mb(w: TrainWorkload) -> Optional[float]:
 
 
 def rank_offers(offers: list[dict], w: Optional[TrainWorkload]) -> list[dict]:
-    """Offers cheapest per training sample first (`dph_total` / expected samples/s); GPUs of unknown
-    speed after them, by $/h; offers without the memory the micro-batch needs are left out.
-    Without a workload: by $/h alone. Each ranked offer gains `expected_samples_per_s`,
-    `usd_per_sample` and `speed_source` (None where unknown)."""
+    """Offers cheapest per run first: every step's hours at `dph_total` plus the run's expected bytes at
+    the offer's `inet_down_cost` / `inet_up_cost` (infra/run_estimate.py); GPUs of unknown speed after
+    them, by $/h; offers without the memory the micro-batch needs are left out. Without a workload: by
+    $/h alone. Each ranked offer gains `expected_samples_per_s`, `usd_per_sample` (the GPU's $ per
+    training sample), `expected_usd` (the run) and `speed_source` (None where unknown)."""
+    from .run_estimate import ClockRefused, step_rows
+
     if w is None:
         return sorted(offers, key=lambda o: float(o["dph_total"]))
     need = vram_needed_mb(w)
@@ -95,21 +97,12 @@ def rank_offers(offers: list[dict], w: Optional[TrainWorkload]) -> list[dict]:
             continue
         speed = expected_speed(o.get("gpu_name", ""), w)
         sps = speed["samples_per_s"] if speed else None
+        try:
+            rows = step_rows(o, w, setup_hours=0.0)
+        except ClockRefused:
+            rows = None
         ranked.append({**o, "expected_samples_per_s": sps, "speed_source": speed["source"] if speed else None,
-                       "usd_per_sample": float(o["dph_total"]) / 3600 / sps if sps else None})
-    return sorted(ranked, key=lambda o: (o["usd_per_sample"] is None, o["usd_per_sample"] or float(o["dph_total"])))
-
-
-def estimate(offer: dict, w: Optional[TrainWorkload], planned_hours: float, setup_hours: float) -> dict:
-    """Pre-rent estimate on `offer`: samples x $/sample + setup hours x $/h when the workload's size and
-    speed are known, else $/h x machine.planned_hours."""
-    dph = float(offer["dph_total"])
-    per_sample = offer.get("usd_per_sample")
-    if w is not None and w.samples and per_sample:
-        train_h = w.samples / offer["expected_samples_per_s"] / 3600
-        return {"basis": "samples x $/sample + setup", "samples": w.samples, "usd_per_sample": per_sample,
-                "expected_samples_per_s": offer["expected_samples_per_s"], "speed_source": offer["speed_source"],
-                "train_hours": round(train_h, 3), "setup_hours": setup_hours, "planned_hours": round(train_h + setup_hours, 3),
-                "estimated_usd": round(math.fsum([w.samples * per_sample, setup_hours * dph]), 4)}
-    return {"basis": "$/h x machine.planned_hours", "planned_hours": planned_hours,
-            "estimated_usd": round(dph * planned_hours, 4)}
+                       "usd_per_sample": float(o["dph_total"]) / 3600 / sps if sps else None,
+                       "expected_usd": round(sum(r["usd"] for r in rows), 4) if rows else None})
+    return sorted(ranked, key=lambda o: (0, o["expected_usd"]) if o["expected_usd"] is not None else
+                  (1, o["usd_per_sample"]) if o["usd_per_sample"] is not None else (2, float(o["dph_total"])))

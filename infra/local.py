@@ -13,7 +13,7 @@ import tarfile
 import tempfile
 import threading
 from pathlib import Path
-from typing import IO, Mapping, Optional, Sequence
+from typing import IO, Callable, Mapping, Optional, Sequence
 
 from .archive import (DEFAULT_ALLOW, MAX_BYTES, MAX_MEMBERS, UnsafeArchive, copy_capped,
                       extract_archive)
@@ -275,15 +275,16 @@ class LocalMachine:
         return code
 
     def put(self, local_dir: Path, remote_dir: str, *, include: Sequence[str],
-            respect_gitignore: bool = True) -> None:
+            respect_gitignore: bool = True) -> int:
         files = collect_files(local_dir, include, respect_gitignore)
         with tempfile.TemporaryFile() as tmp:
-            make_tarball(local_dir, files, tmp)
+            size = make_tarball(local_dir, files, tmp)
             _unpack_own_tarball(tmp, self._path(remote_dir))
+        return size
 
     def get(self, remote_path: str, local_path: Path, *, max_bytes: int = MAX_BYTES,
             max_members: int = MAX_MEMBERS, allow: Optional[re.Pattern] = DEFAULT_ALLOW,
-            exclude: Sequence[str] = ()) -> None:
+            exclude: Sequence[str] = (), on_bytes: Optional[Callable[[int], None]] = None) -> None:
         """As SSHMachine.get: a file is copied to local_path (at most max_bytes); a directory goes
         through the same checked archive as from a rented machine (infra.archive: no links, caps,
         names matching `allow`; top-level names in `exclude` stay behind) and replaces local_path."""
@@ -293,6 +294,8 @@ class LocalMachine:
         if src.is_dir():
             with tempfile.TemporaryFile() as tmp:
                 tar_tree(src, tmp, exclude)
+                if on_bytes is not None:  # nothing crosses a network here: the archive's size stands for it
+                    on_bytes(tmp.tell())
                 extract_archive(tmp, dest, allow=allow, max_bytes=max_bytes, max_members=max_members, exclude=exclude)
         elif src.is_file():
             with open(src, "rb") as f:

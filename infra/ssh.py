@@ -64,14 +64,29 @@ class SSHUnreachable(TransientMachineError):
 class _Capped:
     """A write-only file wrapper that refuses more than `cap` bytes (a machine could send forever)."""
 
-    def __init__(self, out, cap: int, label: str):
-        self.out, self.cap, self.label, self.n = out, cap, label, 0
+    def __init__(self, out, cap: int, label: str, on_bytes: Optional[Callable[[int], None]] = None):
+        self.out, self.cap, self.label, self.n, self.on_bytes = out, cap, label, 0, on_bytes
 
     def write(self, data: bytes) -> int:
         self.n += len(data)
+        if self.on_bytes is not None:  # billed as it arrives; it raises to abort the transfer
+            self.on_bytes(len(data))
         if self.n > self.cap:
             raise UnsafeArchive(self.label, f"the machine sent more than {self.cap} bytes for it")
         return self.out.write(data)
+
+
+class _Metered:
+    """A readable file whose reads are reported to `on_bytes` (which may raise to stop the copy)."""
+
+    def __init__(self, f, on_bytes: Callable[[int], None]):
+        self.f, self.on_bytes = f, on_bytes
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        if data:
+            self.on_bytes(len(data))
+        return data
 
 
 class HostKeyChanged(MachineError):
@@ -353,9 +368,9 @@ class SSHMachine:
 
     # -- files ----------------------------------------------------------------------------------
     def put(self, local_dir: Path, remote_dir: str, *, include: Sequence[str],
-            respect_gitignore: bool = True) -> None:
+            respect_gitignore: bool = True) -> int:
         """One tar.gz of the selected files, uploaded over SFTP and unpacked into remote_dir
-        (merged over what is there)."""
+        (merged over what is there). Returns the archive's bytes."""
         files = collect_files(local_dir, include, respect_gitignore)
         with tempfile.TemporaryFile() as tmp:
             size = make_tarball(local_dir, files, tmp)
@@ -372,16 +387,19 @@ class SSHMachine:
 
             self._idempotent(f"put {local_dir} -> {remote_dir}", send)
         log.info("ssh %s: put %d files (%.1f MB) into %s", self.name, len(files), size / 1e6, remote_dir)
+        return size
 
     def get(self, remote_path: str, local_path: Path, *, max_bytes: int = MAX_BYTES,
             max_members: int = MAX_MEMBERS, allow: Optional[re.Pattern] = DEFAULT_ALLOW,
-            exclude: Sequence[str] = ()) -> None:
+            exclude: Sequence[str] = (), on_bytes: Optional[Callable[[int], None]] = None) -> None:
         """A file is copied to local_path (at most max_bytes); a directory's contents (less the
         top-level names in `exclude`, which stay on the machine: the remote tar leaves them out and
         the archive check drops them if it did not) replace local_path. The machine is untrusted: a directory comes as a tar that infra.archive checks
         member by member (regular files and directories only, names inside local_path and matching
         `allow`, at most max_members members and max_bytes bytes) before anything lands; a refusal
-        raises UnsafeArchive (never retried) and leaves local_path as it was."""
+        raises UnsafeArchive (never retried) and leaves local_path as it was. `on_bytes(n)` is called
+        with each chunk's size as it arrives over the wire (what bandwidth bills); an exception it
+        raises aborts the transfer."""
         local_path = Path(local_path)
         q = shlex.quote(remote_path)
         # the compressed stream may exceed the content by its headers (and gzip's few bytes per block)
@@ -393,13 +411,13 @@ class SSHMachine:
             with self._sftp_client().open(remote_path, "rb") as f:
                 if st.st_size:
                     f.prefetch(st.st_size)
-                copy_capped(f, local_path, max_bytes, remote_path)
+                copy_capped(_Metered(f, on_bytes) if on_bytes else f, local_path, max_bytes, remote_path)
 
         def fetch_tar(tmp) -> None:
             tmp.seek(0)
             tmp.truncate()
             skip = "".join(f" --exclude={shlex.quote('./' + name)}" for name in exclude)
-            code, err = self._exec(f"tar -czf - -C {q} --anchored{skip} .", stdout_to=_Capped(tmp, stream_cap, remote_path))
+            code, err = self._exec(f"tar -czf - -C {q} --anchored{skip} .", stdout_to=_Capped(tmp, stream_cap, remote_path, on_bytes))
             if code != 0:
                 raise MachineError(f"ssh {self.name}: tar of {remote_path} failed (exit {code}): {err.strip()}")
 

@@ -227,6 +227,8 @@ class VastProvider:
             "reliability": {"gte": v.min_reliability},
             "cuda_max_good": {"gte": v.min_cuda},
             "inet_down": {"gte": v.min_inet_down_mbps},
+            "inet_down_cost": {"lte": v.max_inet_cost_per_gb},
+            "inet_up_cost": {"lte": v.max_inet_cost_per_gb},
             "rentable": {"eq": True},
             "rented": {"eq": False},
             "dph_total": {"lte": v.max_dph},
@@ -242,6 +244,7 @@ class VastProvider:
                 f"(min_gpu_ram_gb), num_gpus = {v.num_gpus}, disk_space >= {disk_gb:g} GB (min_disk_gb), "
                 f"reliability >= {v.min_reliability:g} (min_reliability), cuda_max_good >= {v.min_cuda:g} (min_cuda), "
                 f"inet_down >= {v.min_inet_down_mbps:g} Mb/s (min_inet_down_mbps), "
+                f"inet_down_cost and inet_up_cost <= ${v.max_inet_cost_per_gb:g}/GB (max_inet_cost_per_gb), "
                 f"{'verified, ' if v.verified else ''}rentable, {kind}, dph_total <= ${v.max_dph:g}/h (max_dph)")
 
     @staticmethod
@@ -257,6 +260,8 @@ class VastProvider:
             (_num(o, "reliability", what, o.get("reliability2")) >= v.min_reliability, "reliability"),
             (_num(o, "cuda_max_good", what) >= v.min_cuda, "cuda_max_good"),
             (_num(o, "inet_down", what) >= v.min_inet_down_mbps, "inet_down"),
+            (_num(o, "inet_down_cost", what, 0) <= v.max_inet_cost_per_gb, "inet_down_cost"),
+            (_num(o, "inet_up_cost", what, 0) <= v.max_inet_cost_per_gb, "inet_up_cost"),
             (o.get("rentable", True) is not False and not o.get("rented", False), "rentable"),
             (not v.verified or o.get("verified") in (True, 1, "true", "True"), "verified"),
             (_num(o, "dph_total", what) <= v.max_dph, "dph_total"),
@@ -295,12 +300,34 @@ class VastProvider:
             seen = f"{len(offers)} offer(s) returned" + (f", rejected by {rejected}" if rejected else "")
             raise NoOffersError(f"no Vast.ai offer matches: {self.describe_filters(v, disk_gb)} ({seen}). "
                                 "Loosen those machine.vast.* settings (or raise max_dph) and try again.")
-        ranked = rank_offers(good, v.workload)  # $ per training sample; short of memory: left out
+        ranked = rank_offers(good, v.workload)  # the whole run: hours x $/h + bytes x $/GB; short of memory: left out
         if not ranked:
             raise NoOffersError(f"no Vast.ai offer has the GPU memory machine.vast.workload needs ({v.workload}): "
                                 f"{len(good)} offer(s) matched the filters. Lower train.per_device_batch_size "
                                 "or raise machine.vast.min_gpu_ram_gb.")
         return ranked
+
+    # The market filters left_out counts: the CUDA the pinned torch needs, the host's bandwidth price.
+    MARKET_FILTERS = ("cuda_max_good", "inet_down_cost", "inet_up_cost")
+
+    def left_out(self, v: VastConfig, disk_gb: Optional[float] = None) -> dict:
+        """How many offers that pass every other filter the market filters leave out, per filter
+        (cuda_max_good: the host's driver is too old for the pinned torch's CUDA; inet_*_cost: the
+        host's bandwidth price is over machine.vast.max_inet_cost_per_gb). One more search."""
+        disk_gb = float(disk_gb or v.min_disk_gb)
+        query = {k: c for k, c in self._filters(v, disk_gb).items() if k not in self.MARKET_FILTERS}
+        offers = self._call("search offers", self._sdk.search_offers, query=query,
+                            type="bid" if v.interruptible else "on-demand", order="dph_total",
+                            limit=1000, storage=disk_gb, no_default=True)
+        counts = {f: 0 for f in self.MARKET_FILTERS}
+        for o in offers if isinstance(offers, list) else []:
+            try:
+                why = self._mismatch(o, v, disk_gb) if isinstance(o, dict) else None
+            except VastAPIError:
+                continue
+            if why in counts:
+                counts[why] += 1
+        return {"offers_seen": len(offers) if isinstance(offers, list) else 0, **counts}
 
     # -- instances ------------------------------------------------------------------------------
     def show(self, instance_id: int) -> Optional[dict]:

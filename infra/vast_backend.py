@@ -7,10 +7,10 @@ from typing import Optional
 
 from contract.machine_config import MachineConfig
 
-from . import gpu_speed, keys
+from . import keys, run_estimate
 from .machine import Lease, LogFn
 from .ssh_backend import SSHBackend, pin_host_key
-from .vast import VastProvider
+from .vast import VastAPIError, VastProvider
 
 
 class VastBackend(SSHBackend):
@@ -54,12 +54,19 @@ class VastBackend(SSHBackend):
         return [self.lease_from_row(r) for r in self.provider(api_key, server_url, log).find_instances(label_prefix)]
 
     def price_estimate(self, mc: MachineConfig, *, api_key=None, server_url=None) -> dict:
-        """Before renting, on the offer that would be rented (cheapest per training sample): samples x
-        $/sample + machine.setup_hours, or $/h x machine.planned_hours (infra/gpu_speed.py estimate)."""
-        best, *rest = self.provider(api_key, server_url).search_offers(mc.vast, mc.vast.min_disk_gb)
-        return {"backend": self.name, "dph": float(best["dph_total"]),
-                **gpu_speed.estimate(best, mc.vast.workload, mc.planned_hours, mc.setup_hours),
-                "offers": 1 + len(rest), "gpu_name": best.get("gpu_name"), "offer_id": best.get("id")}
+        """Before renting, on the offer that would be rented (the cheapest run): every step's hours and
+        bytes (infra/run_estimate.py), or $/h x machine.planned_hours; and how many offers the market
+        filters (CUDA, bandwidth price) left out."""
+        provider = self.provider(api_key, server_url)
+        best, *rest = provider.search_offers(mc.vast, mc.vast.min_disk_gb)
+        est = {"backend": self.name, "dph": float(best["dph_total"]),
+               **run_estimate.estimate(best, mc.vast.workload, mc.planned_hours, mc.setup_hours, mc.step_timeout_s),
+               "offers": 1 + len(rest), "gpu_name": best.get("gpu_name"), "offer_id": best.get("id")}
+        try:
+            est["left_out"] = provider.left_out(mc.vast, mc.vast.min_disk_gb)
+        except VastAPIError as e:  # only a count for the log: never what refuses a run
+            est["left_out"] = {"unknown": str(e)[:200]}
+        return est
 
     def lease_from_row(self, row: dict) -> Lease:
         """created_at 0.0 and dph_total 0.0: unknown (null while the instance is being created)."""

@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, type=Path, help="where every step reads and writes")
     parser.add_argument("--resume", action="store_true", help="train: continue from the latest checkpoint")
     parser.add_argument("--force", action="store_true", help="run even if outputs exist for this config")
+    parser.add_argument("--save-every", type=int, default=None, help="train: checkpoint at least this often "
+                        "(optimizer steps), below train.save_every; set by the orchestrator from the GPU's expected "
+                        "speed, not part of the config hash")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -27,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return EXIT_DETERMINISTIC
     module = importlib.import_module(f"steps.{args.step}")
-    return execute_step(args.step, cfg, args.workdir, module.run, resume=args.resume, force=args.force)
+    return execute_step(args.step, cfg, args.workdir, module.run, resume=args.resume, force=args.force,
+                        save_every=args.save_every)
 
 
 if __name__ == "__main__":

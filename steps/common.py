@@ -33,6 +33,7 @@ class StepContext:
     workdir: Path
     resume: bool = False
     outputs: list[str] = field(default_factory=list)
+    save_every: Optional[int] = None  # train: the orchestrator's cadence (below train.save_every), not hashed
 
     @property
     def out(self) -> Path:
@@ -108,13 +109,13 @@ def _classify(exc: BaseException) -> tuple[bool, str]:
 
 
 def execute_step(step: str, cfg: RunConfig, workdir: Path, body: Callable[[StepContext], dict],
-             resume: bool = False, force: bool = False) -> int:
+             resume: bool = False, force: bool = False, save_every: Optional[int] = None) -> int:
     """Run one step's body with skipping, result.json and error reporting. Returns the exit code.
 
     The step is skipped when its result.json holds the current hash: config sections plus the code,
     data and model fingerprints (contract/result_file.py config_hash), recorded as "inputs"."""
     workdir = Path(workdir)
-    ctx = StepContext(step=step, cfg=cfg, workdir=workdir, resume=resume)
+    ctx = StepContext(step=step, cfg=cfg, workdir=workdir, resume=resume, save_every=save_every)
     ctx.out.mkdir(parents=True, exist_ok=True)
     inputs = input_fingerprints(cfg, step)
     h = config_hash(cfg, step, inputs)

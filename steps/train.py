@@ -294,6 +294,7 @@ def run(ctx: StepContext) -> dict:
     from .models import load_model, load_processor
 
     cfg, tc = ctx.cfg, ctx.cfg.train
+    save_every = min(tc.save_every, ctx.save_every or tc.save_every)  # the orchestrator may ask for more often
     prep = ctx.dir_of("prepare")
     train_ds, dev_ds = _load_split(prep, "train"), _load_split(prep, "dev")
     if len(train_ds) == 0:
@@ -362,7 +363,7 @@ def run(ctx: StepContext) -> dict:
         ctx.progress(step, total, loss=round(last_loss, 5), lr=r["lr"], **trainer.speed())
         if step % tc.eval_every == 0 or step == total:
             run_eval(step)
-        if step % tc.save_every == 0 and step < total:
+        if step % save_every == 0 and step < total:
             t = time.perf_counter()
             path = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, step * micro_per_step, chash)
             ckpt_io.append((time.perf_counter() - t, tree_bytes(path)))

@@ -13,12 +13,16 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 from contract.config import RunConfig
+from infra.archive import MAX_BYTES
 from infra.cost import BudgetExceeded, BudgetTimer, CostMeter, RunBudget
 from infra.machine import Lease
+from infra.run_estimate import expected_home_bytes
 
-__all__ = ["BudgetExceeded", "RunBudget", "open_budget", "open_meter", "check_budget", "record_bytes_home",
+__all__ = ["BudgetExceeded", "CopyHomeRefused", "RunBudget", "open_budget", "open_meter", "check_budget",
+           "record_bytes_home", "record_bytes_down", "copy_home_cap", "charge_as_it_arrives",
            "watch_budget", "budget_rows", "estimate_rows", "total_usd"]
 
+COPY_SLACK, COPY_FLOOR = 1.5, 256 * 10**6  # a copy home may exceed its expected bytes by this much
 _budgets: dict[str, RunBudget] = {}  # lease label -> the run's budget, in this flow-run process
 _lock = threading.Lock()
 
@@ -67,6 +71,63 @@ def record_bytes_home(lease: Optional[Lease], nbytes: int) -> None:
     budget = budget_for(lease)
     if budget is not None and lease is not None and nbytes:
         budget.add_bytes_home(lease, nbytes)
+
+
+class CopyHomeRefused(BudgetExceeded):
+    """A copy home over its byte cap: refused before the transfer (the machine's own size report) or
+    aborted during it (the bytes received); never retried."""
+
+    retryable = False
+
+
+def budget_left_usd(lease: Lease, cfg: RunConfig) -> float:
+    budget = budget_for(lease)
+    spent = budget.total_usd() if budget is not None else open_meter(lease, cfg).total_usd()
+    return max(0.0, cfg.machine.max_cost_usd - spent)
+
+
+def copy_home_cap(lease: Optional[Lease], cfg: Optional[RunConfig], what: str) -> tuple[int, str]:
+    """The most bytes one copy home of `what` (a step, or "checkpoint") may move, and why: the bytes
+    the run's estimate expects for it (infra/run_estimate.py) x COPY_SLACK plus COPY_FLOOR, and no
+    more than what the budget left pays at the machine's inet_up_cost; whichever is smaller."""
+    caps = [(MAX_BYTES, f"the {MAX_BYTES / 1e9:g} GB ceiling")]
+    if lease is None or cfg is None:
+        return caps[0]
+    expected = expected_home_bytes(cfg.machine.vast.workload, what)
+    per_gb = float((lease.extra or {}).get("inet_up_cost") or 0.0)
+    left = budget_left_usd(lease, cfg)
+    if expected is not None:
+        caps.append((int(expected * COPY_SLACK + COPY_FLOOR),
+                     f"{COPY_SLACK:g}x the {expected / 1e9:.3g} GB expected + {COPY_FLOOR / 1e6:g} MB"))
+    if per_gb > 0:
+        caps.append((int(left / per_gb * 1e9), f"${left:.4f} of budget left at ${per_gb:g}/GB"))
+    return min(caps)
+
+
+def charge_as_it_arrives(lease: Optional[Lease], cfg: Optional[RunConfig], cap: int, why: str,
+                         what: str) -> Callable[[int], None]:
+    """An `on_bytes` for Machine.get: each chunk received is billed at once (the run's budget sees it
+    while the transfer runs), the budget is checked, and the transfer is aborted past `cap`."""
+    received = [0]
+
+    def on_bytes(n: int) -> None:
+        received[0] += n
+        record_bytes_home(lease, n)
+        if received[0] > cap:
+            raise CopyHomeRefused(f"copy home of {what} aborted: {received[0]} bytes received, over its cap of "
+                                  f"{cap} bytes ({why}); raise machine.max_cost_usd or rent a host with a lower "
+                                  "inet_up_cost (machine.vast.max_inet_cost_per_gb)")
+        if lease is not None and cfg is not None:
+            check_budget(lease, cfg)
+
+    return on_bytes
+
+
+def record_bytes_down(lease: Optional[Lease], nbytes: int) -> None:
+    """Bytes pushed to the machine: billed at its inet_down_cost in the run's budget."""
+    budget = budget_for(lease)
+    if budget is not None and lease is not None and nbytes:
+        budget.add_bytes_down(lease, nbytes)
 
 
 @contextmanager

@@ -21,10 +21,12 @@ from contract.layout import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK
 from contract.machine_config import STEP_ATTEMPTS
 from contract.result_file import ERROR_FILE, config_hash, is_done, read_result
 from infra import provision
+from infra.gpu_speed import expected_speed
 from infra.local import printable
 from infra.machine import Lease, Machine, TransientMachineError
+from infra.run_estimate import clock
 
-from .billing import check_budget, record_bytes_home
+from .billing import BudgetExceeded, CopyHomeRefused, charge_as_it_arrives, check_budget, copy_home_cap
 from .rental import forget_machine, machine_alive, machine_for, remote_python
 from .retry import StepFailed, exit_code_retryable, retry_transient
 
@@ -109,6 +111,9 @@ class CheckpointSync:
             try:
                 m = m or provision.connect(self.lease, timeout=self.cfg.machine.ssh_timeout_s)
                 self.sync(m)
+            except BudgetExceeded as e:  # over the cap or the budget: trying again would bill again
+                self.log.error("checkpoint copy-back stopped: %s", e)
+                break
             except Exception as e:  # never kill the step for a failed copy; try again later
                 self.log.warning("checkpoint copy-back failed (will retry): %s", e)
                 m = None
@@ -127,8 +132,13 @@ class CheckpointSync:
         dest = self.local / RESUMING_STEP / CHECKPOINT_DIR
         tmp = dest / f".{newest}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
-        m.get(f"{remote}/{newest}", tmp, allow=OUTPUT_NAME, max_bytes=OUTPUT_CAP_BYTES[RESUMING_STEP])
-        record_bytes_home(self.lease, tree_bytes(tmp))
+        cap, why = copy_home_cap(self.lease, self.cfg, "checkpoint")
+        reported = remote_sizes(m, remote).get(newest, 0)
+        if reported > cap:
+            raise CopyHomeRefused(f"checkpoint {newest} not copied home: the machine reports {reported} bytes, "
+                                  f"over its cap of {cap} bytes ({why})")
+        m.get(f"{remote}/{newest}", tmp, allow=OUTPUT_NAME, max_bytes=OUTPUT_CAP_BYTES[RESUMING_STEP],
+              on_bytes=charge_as_it_arrives(self.lease, self.cfg, cap, why, f"checkpoint {newest}"))
         shutil.rmtree(dest / newest, ignore_errors=True)
         tmp.rename(dest / newest)
         for old in dest.iterdir():
@@ -145,16 +155,57 @@ def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def fetch_outputs(m: Machine, step: str, local_work: Path, succeeded: bool) -> int:
+def train_clock(lease: Lease, cfg: RunConfig) -> Optional[dict]:
+    """The train step's timeout and checkpoint cadence on this machine's GPU (infra/run_estimate.py
+    clock), or None when its speed or the run's size is unknown (then the config's values stand)."""
+    w = cfg.machine.vast.workload
+    speed = expected_speed(lease.gpu_name, w) if w is not None and w.samples and lease.gpu_name else None
+    if speed is None:
+        return None
+    return clock(w, speed["samples_per_s"], cfg.machine.step_timeout_s, lease.gpu_name)
+
+
+def remote_sizes(m: Machine, remote_dir: str) -> dict[str, int]:
+    """The machine's own word on the bytes of each top-level entry of remote_dir (`du`): used to refuse
+    a copy home before it starts, never trusted alone (the transfer is capped as it runs)."""
+    sizes: dict[str, int] = {}
+
+    def on_line(line: str) -> None:
+        size, _, name = line.rstrip("\n").partition("\t")
+        if size.isdigit() and name and "/" not in name:
+            sizes[name] = sizes.get(name, 0) + int(size)
+
+    m.run(["sh", "-c", 'cd "$1" 2>/dev/null || exit 0; for f in * .[!.]*; do [ -e "$f" ] && '
+           'du -s -B1 --apparent-size -- "$f"; done; true', "sh", remote_dir], on_line=on_line, check=False)
+    return sizes
+
+
+def fetch_outputs(m: Machine, step: str, local_work: Path, succeeded: bool, cap: Optional[int] = None,
+                  on_bytes=None, why: str = "") -> int:
     """Bring a step's outputs home as one checked archive (infra/archive.py): everything after a
-    failure (nothing produced is lost), all but its bulk outputs after a success (dropped at home
-    if the machine sends them anyway), at most OUTPUT_CAP_BYTES[step] unpacked. The folder at
-    home is replaced only once every member passed. Returns the bytes that came home."""
+    failure (nothing produced is lost) unless its bulk outputs would pass `cap` (then they stay on
+    the machine), all but its bulk outputs after a success (dropped at home if the machine sends them
+    anyway), at most OUTPUT_CAP_BYTES[step] unpacked. With a `cap` (bytes; tasks/billing.py
+    copy_home_cap), the machine's size report is checked before anything moves and the transfer is
+    aborted once it receives more (`on_bytes` bills each chunk as it arrives): CopyHomeRefused.
+    The folder at home is replaced only once every member passed. Returns the bytes that came home."""
     skip = BULK_OUTPUTS.get(step, ()) if succeeded or step in REDERIVED else ()
+    if cap is not None:
+        sizes = remote_sizes(m, f"{REMOTE_WORK}/{step}")
+        reported = sum(v for k, v in sizes.items() if k not in skip)
+        if reported > cap and not succeeded:  # a failed step's bulk stays behind rather than break the cap
+            skip = tuple(BULK_OUTPUTS.get(step, ()))
+            reported = sum(v for k, v in sizes.items() if k not in skip)
+        if reported > cap:
+            raise CopyHomeRefused(f"copy home of {step} refused before the transfer: the machine reports "
+                                  f"{reported} bytes, over its cap of {cap} bytes ({why}); raise "
+                                  "machine.max_cost_usd or rent a host with a lower inet_up_cost "
+                                  "(machine.vast.max_inet_cost_per_gb)")
     dest = local_work / step
     tmp = local_work / f".{step}.incoming-{uuid.uuid4().hex[:8]}"
     try:
-        m.get(f"{REMOTE_WORK}/{step}", tmp, allow=OUTPUT_NAME, exclude=skip, max_bytes=OUTPUT_CAP_BYTES[step])
+        m.get(f"{REMOTE_WORK}/{step}", tmp, allow=OUTPUT_NAME, exclude=skip, max_bytes=OUTPUT_CAP_BYTES[step],
+              on_bytes=on_bytes)
         landed = tree_bytes(tmp)
         if (dest / CHECKPOINT_DIR).is_dir() and not (tmp / CHECKPOINT_DIR).exists():
             (dest / CHECKPOINT_DIR).rename(tmp / CHECKPOINT_DIR)  # keep what CheckpointSync brought home
@@ -176,8 +227,15 @@ def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -
     check_budget(lease, cfg)
     argv = [remote_python(lease, cfg), "-m", "steps", step, "--config", f"../{Path(REMOTE_CONFIG).name}",
             "--workdir", f"../{Path(REMOTE_WORK).name}"]
+    timeout = cfg.machine.step_timeout_s
     if step == RESUMING_STEP:
         argv.append("--resume")
+        clk = train_clock(lease, cfg)
+        if clk is not None:
+            timeout = clk["timeout_s"]
+            argv += ["--save-every", str(clk["save_every"])]
+            log.info("train on %s: expected %.0f s, timeout %.0f s, a checkpoint every %d steps (at most %.0f s of "
+                     "training old)", lease.gpu_name, clk["expected_s"], timeout, clk["save_every"], clk["checkpoint_age_s"])
     progress = _Progress(step)
     error: dict = {}
     tail: list[str] = []
@@ -204,11 +262,13 @@ def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -
         m = machine_for(lease, cfg)
         try:
             code = m.run(argv, cwd=REMOTE_CODE, env={"PYTHONUNBUFFERED": "1"}, on_line=on_line,
-                         timeout=cfg.machine.step_timeout_s, check=False)
+                         timeout=timeout, check=False)
         finally:
             if sync:
                 sync.stop()
-        record_bytes_home(lease, fetch_outputs(m, step, local_work, succeeded=code == 0))
+        cap, why = copy_home_cap(lease, cfg, step)
+        fetch_outputs(m, step, local_work, succeeded=code == 0, cap=cap, why=why,
+                      on_bytes=charge_as_it_arrives(lease, cfg, cap, why, step))
     except TransientMachineError as exc:
         forget_machine(lease)  # a retry starts from a fresh connection
         check_budget(lease, cfg)  # the budget timer closed the connection: a budget stop, not a lost machine

@@ -21,6 +21,7 @@ from infra.local import collect_files, printable
 from infra.machine import Lease, Machine
 
 from . import secrets
+from .billing import record_bytes_down
 from .retry import StepFailed, exit_code_retryable, retry_transient
 
 GPU_LIMIT = "vast-gpus"  # the global concurrency limit that caps rented GPUs
@@ -56,19 +57,42 @@ def forget_machine(lease: Lease) -> None:
 @task(name="estimate cost", retries=3, retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5,
       retry_condition_fn=retry_transient)
 def estimate_cost(cfg: RunConfig) -> dict:
-    """Before anything is rented, on the offer that would be rented (cheapest per training sample):
-    training samples x $/sample + machine.setup_hours, or $/h x machine.planned_hours when the
-    run's size or the GPU's speed is unknown (infra/gpu_speed.py)."""
+    """Before anything is rented, on the offer that would be rented (the cheapest run): every step's
+    hours x $/h and bytes x $/GB (infra/run_estimate.py), or $/h x machine.planned_hours when the
+    run's size or the GPU's speed is unknown. Refused, with the table, over machine.max_cost_usd."""
     est = provision.price_estimate(cfg.machine, api_key=secrets.vast_api_key(), server_url=secrets.vast_url())
-    get_run_logger().info(
-        "estimate: %s", ", ".join(f"{k}={v}" for k, v in est.items() if not isinstance(v, (dict, list))))
+    log = _logger()
+    log.info("estimate: %s", ", ".join(f"{k}={v}" for k, v in est.items() if not isinstance(v, (dict, list))))
+    table = estimate_table(est)
+    if table:
+        log.info("estimate per step on %s:\n%s", est.get("gpu_name"), table)
+    if est.get("left_out"):
+        log.info("offers the market filters left out: %s", est["left_out"])
     if est.get("estimated_usd", 0) > cfg.machine.max_cost_usd:
         raise ValueError(
             f"estimated cost ${est['estimated_usd']:.2f} exceeds machine.max_cost_usd ${cfg.machine.max_cost_usd:.2f}: "
-            f"({est.get('basis', '$/h x planned hours')}, {est.get('planned_hours')} h at ${est.get('dph', 0):.3f}/h): "
-            "raise the cap, train on fewer samples (train.epochs, data.max_samples), or lower machine.planned_hours "
-            "or machine.vast.max_dph")
+            f"({est.get('basis', '$/h x planned hours')}, {est.get('planned_hours')} h at ${est.get('dph', 0):.3f}/h"
+            + (f", {est.get('bytes_home', 0) / 1e9:.1f} GB home at ${est.get('inet_up_cost', 0):g}/GB and "
+               f"{est.get('bytes_down', 0) / 1e9:.1f} GB down at ${est.get('inet_down_cost', 0):g}/GB" if table else "")
+            + ")" + (f"\n{table}\n" if table else ": ")
+            + "raise the cap, train on fewer samples (train.epochs, data.max_samples), evaluate fewer clips "
+            "(data.max_eval_samples), or lower machine.planned_hours, machine.vast.max_dph or "
+            "machine.vast.max_inet_cost_per_gb")
     return est
+
+
+def estimate_table(est: dict) -> str:
+    """The estimate's step rows as a plain text table (empty when the estimate has none)."""
+    rows = est.get("rows") or []
+    if not rows:
+        return ""
+    lines = [f"{'step':<9} {'hours':>7} {'machine $':>10} {'GB down':>8} {'GB home':>8} {'bandwidth $':>11} {'$':>9}  basis"]
+    for r in rows:
+        lines.append(f"{r['step']:<9} {r['hours']:>7.3f} {r['machine_usd']:>10.4f} {r['bytes_down'] / 1e9:>8.2f} "
+                     f"{r['bytes_home'] / 1e9:>8.2f} {r['bandwidth_usd']:>11.4f} {r['usd']:>9.4f}  {r['basis']}")
+    lines.append(f"{'total':<9} {est['planned_hours']:>7.3f} {'':>10} {est['bytes_down'] / 1e9:>8.2f} "
+                 f"{est['bytes_home'] / 1e9:>8.2f} {est['bandwidth_usd']:>11.4f} {est['estimated_usd']:>9.4f}")
+    return "\n".join(lines)
 
 
 GPU_LIMIT_DEFAULT = 1  # slots of a GPU_LIMIT this code creates because none existed
@@ -136,16 +160,17 @@ def push_code(lease: Lease, cfg: RunConfig, local_work: Path) -> dict:
     log = get_run_logger()
     m = machine_for(lease, cfg)
     t0 = time.time()
-    m.put(REPO_ROOT, REMOTE_CODE, include=PUSHED_CODE)
+    sent = m.put(REPO_ROOT, REMOTE_CODE, include=PUSHED_CODE) or 0
     m.run(["mkdir", "-p", REMOTE_WORK])
     m.write_text(REMOTE_CONFIG, cfg.to_yaml())
     restored = [s for s in STEPS if s not in REDERIVED and is_done(cfg, local_work, s)]
     if RESUMING_STEP not in restored and (local_work / RESUMING_STEP / CHECKPOINT_DIR).is_dir():
         restored.append(f"{RESUMING_STEP}/{CHECKPOINT_DIR}")
     if restored:
-        m.put(local_work, REMOTE_WORK, include=restored, respect_gitignore=False)
+        sent += m.put(local_work, REMOTE_WORK, include=restored, respect_gitignore=False) or 0
         log.info("restored earlier outputs on the machine: %s", ", ".join(restored))
-    log.info("code pushed in %.1fs", time.time() - t0)
+    record_bytes_down(lease, sent)  # billed at the host's inet_down_cost
+    log.info("code pushed in %.1fs (%.1f MB)", time.time() - t0, sent / 1e6)
     return {"seconds": round(time.time() - t0, 2), "restored": restored}
 
 

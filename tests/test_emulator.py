@@ -177,7 +177,8 @@ def test_instance_lifecycle_ssh_sftp_logs_label_destroy_billing(emulator, sdk, c
     led = emulator.ledger()
     (entry,) = led["instances"]
     assert entry["ended_at"] is not None and entry["end_reason"] == "destroyed"
-    assert entry["cost"] == pytest.approx(entry["dph_total"] * entry["seconds"] / 3600, rel=1e-4)
+    assert entry["bandwidth_cost"] > 0 and entry["bytes_up"] > 0  # the SSH session above, at the offer's $/GB
+    assert entry["cost"] == pytest.approx(entry["dph_total"] * entry["seconds"] / 3600 + entry["bandwidth_cost"], rel=1e-4)
     after = sdk.show_user()["balance"]
     assert after == pytest.approx(50.0 - entry["cost"], abs=1e-7) and after < before
     with warnings.catch_warnings():

@@ -200,3 +200,14 @@ def test_frozen_encoder_outputs_are_cached_without_changing_the_training(tmp_pat
         assert sum(encoded) == 2 * 3 + (6 if cache_mb else 12)  # two dev evaluations of 3 clips + training
     for k in runs[0]:
         torch.testing.assert_close(runs[64][k], runs[0][k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_the_orchestrators_save_every_checkpoints_more_often_than_the_config(tmp_path):
+    """`python -m steps train --save-every N` (tasks/remote_step.py, from the GPU's expected speed: a
+    checkpoint at most 30 min old) saves more often than train.save_every, without changing the config."""
+    make_prepared(tmp_path)
+    ctx = context(tmp_path, max_steps=3, save_every=100, eval_every=10)
+    ctx.save_every = 1
+    train.run(ctx)
+    assert sorted(p.name for p in (ctx.out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert ctx.cfg.train.save_every == 100

@@ -2,7 +2,9 @@
 
 Lifecycle: created -> loading (after boot/4) -> running (after boot). On `running` the onstart
 script starts (bash -c, cwd = HOME = disk) and the instance's sshd starts (unless delayed by a
-fault). Billing: dph_total per second from creation until destroy (storage-only while stopped).
+fault). Billing: dph_total per second from creation until destroy (storage-only while stopped), and
+the SSH bytes each way at the offer's inet_up_cost / inet_down_cost per GB (counted by a relay in front
+of each sshd: meter.py).
 Rows of instances being created are half-filled (`half_filled_s`, default 1 s: start_date, dph_total
 and ports null). The log API serves the container's log (PID 1's stdout: `<root>/proc/1/fd/1`, the
 sshd log, a status line), not onstart's output, which goes to `<root>/var/log/onstart.log` as in
@@ -20,6 +22,7 @@ from typing import Any, Optional
 
 from devtools.emulator import offers as catalogue
 from devtools.emulator import evil, image
+from devtools.emulator.meter import Meter
 from devtools.emulator.sshd import ETC_VAR, PROC_VAR, ROOT_MARKER, Sshd, SshdError, free_port, kill_instance_processes
 from devtools.emulator.state import Store
 
@@ -62,6 +65,7 @@ class Cloud:
             self.store.set_meta("credit", credit)
             self.store.set_meta("credit_at", time.time())
         self._procs: dict[int, subprocess.Popen] = {}
+        self._meters: dict[int, Meter] = {}  # instance id -> the relay counting its SSH bytes
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -101,13 +105,17 @@ class Cloud:
                     sshd.pid = inst.get("sshd_pid")
                     if not sshd.alive():
                         self._start_sshd(inst)
-                        self.store.put_instance(inst)
+                    elif inst["id"] not in self._meters:
+                        self._start_meter(inst)
+                    self.store.put_instance(inst)
 
     def tick(self) -> None:
         now = time.time()
         with self.lock:
             for inst in self.store.instances():
                 before = json.dumps(inst, sort_keys=True)
+                if inst["id"] in self._meters:  # kept in the store: a restarted emulator goes on counting
+                    inst["bytes_up"], inst["bytes_down"] = self._meters[inst["id"]].counts()
                 self._advance(inst, now)
                 if json.dumps(inst, sort_keys=True) != before:
                     self.store.put_instance(inst)
@@ -151,7 +159,24 @@ class Cloud:
 
     # ------------------------------------------------------------------- processes & disk --
     def _sshd(self, inst: dict) -> Sshd:
-        return Sshd(Path(inst["root"]), int(inst["ssh_port"]), inst.get("sshd_pid"))
+        """The instance's sshd, on its own port behind the byte-counting relay on `ssh_port`."""
+        return Sshd(Path(inst["root"]), int(inst.get("sshd_port") or inst["ssh_port"]), inst.get("sshd_pid"))
+
+    def _start_meter(self, inst: dict) -> None:
+        """The relay on the advertised ssh_port that counts the instance's bytes (meter.py)."""
+        self._stop_meter(inst)
+        try:
+            meter = Meter(int(inst["ssh_port"]), int(inst["sshd_port"]), inst.get("bytes_up", 0), inst.get("bytes_down", 0))
+        except OSError:  # port taken since creation (e.g. after a restart): take another
+            inst["ssh_port"] = free_port()
+            meter = Meter(int(inst["ssh_port"]), int(inst["sshd_port"]), inst.get("bytes_up", 0), inst.get("bytes_down", 0))
+        self._meters[inst["id"]] = meter
+
+    def _stop_meter(self, inst: dict) -> None:
+        meter = self._meters.pop(inst["id"], None)
+        if meter is not None:
+            meter.close()
+            inst["bytes_up"], inst["bytes_down"] = meter.counts()
 
     def _env(self, inst: dict) -> dict:
         return {k: str(v) for k, v in inst["env"].items() if k.isidentifier()} | {
@@ -166,16 +191,18 @@ class Cloud:
     def _start_sshd(self, inst: dict) -> None:
         self._sync_evil(inst)
         self._install_host(inst)
+        inst["sshd_port"] = free_port()
         sshd = self._sshd(inst)
         sshd.prepare(self._env(inst), instance=True)
         try:
             sshd.start()
-        except SshdError:  # port taken since creation (e.g. after a restart): take another
-            inst["ssh_port"] = free_port()
+        except SshdError:  # port taken since it was picked: take another
+            inst["sshd_port"] = free_port()
             sshd = self._sshd(inst)
             sshd.prepare(self._env(inst), instance=True)
             sshd.start()
         inst["sshd_pid"], inst["ssh_started"] = sshd.pid, True
+        self._start_meter(inst)
 
     def _start_onstart(self, inst: dict) -> None:
         disk = Path(inst["root"]) / "disk"
@@ -215,6 +242,7 @@ class Cloud:
         return path
 
     def _kill(self, inst: dict) -> None:
+        self._stop_meter(inst)
         sshd = self._sshd(inst)
         sshd.pid = inst.get("sshd_pid")
         sshd.stop()
@@ -586,6 +614,14 @@ class Cloud:
             "time_remaining": "", "logo": "/static/logos/nvidia.png",
         }
 
+    def bandwidth(self, inst: dict) -> tuple[int, int]:
+        """(bytes up, bytes down) of the instance's SSH traffic, counted by its relay (meter.py): up
+        leaves the instance (billed at inet_up_cost), down reaches it (inet_down_cost)."""
+        meter = self._meters.get(inst["id"])
+        if meter is not None:
+            return meter.counts()
+        return int(inst.get("bytes_up", 0)), int(inst.get("bytes_down", 0))
+
     def ledger(self) -> dict:
         now, rows = time.time(), []
         for inst in self.store.instances(include_ended=True):
@@ -594,12 +630,16 @@ class Cloud:
                                                             and not inst["ended_at"] else 0.0)
             seconds = max(0.0, end - inst["created_at"])
             cost = inst["dph_total"] * seconds / 3600 - (inst["dph_total"] - inst["storage_dph"]) * stopped / 3600
+            up, down = self.bandwidth(inst)
+            bandwidth = up / 1e9 * inst["offer"]["inet_up_cost"] + down / 1e9 * inst["offer"]["inet_down_cost"]
+            cost += bandwidth
             rows.append({"id": inst["id"], "label": inst.get("label"), "offer_id": inst["offer_id"],
                          "gpu_name": inst["offer"]["gpu_name"], "dph_total": inst["dph_total"],
                          "created_at": inst["created_at"], "running_at": inst.get("running_at"),
                          "ended_at": inst["ended_at"], "end_reason": inst.get("end_reason"),
                          "status": inst["status"], "seconds": round(seconds, 6),
-                         "stopped_seconds": round(stopped, 3), "cost": round(cost, 10)})
+                         "stopped_seconds": round(stopped, 3), "bytes_up": up, "bytes_down": down,
+                         "bandwidth_cost": round(bandwidth, 10), "cost": round(cost, 10)})
         total = sum(r["cost"] for r in rows)
         credit = float(self.store.get_meta("credit", 0.0))
         return {"instances": rows, "total_cost": round(total, 8), "credit": credit,

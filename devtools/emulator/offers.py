@@ -1,7 +1,9 @@
 """The emulator's offer catalogue and the Vast search filter language (POST /bundles/).
 
 Prices and specs are plausible mid-2025 Vast.ai figures, not live data. Fields and units follow
-docs/REFERENCE.md section 1: gpu_ram/cpu_ram in MB, disk_space in GB, dph in $/h, inet in Mb/s.
+docs/REFERENCE.md section 1: gpu_ram/cpu_ram in MB, disk_space in GB, dph in $/h, inet in Mb/s,
+inet_up_cost/inet_down_cost in $/GB (hosts set their own: one row asks $2/GB, some hosts run drivers
+older than the pinned torch's CUDA).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def catalogue() -> list[dict]:
             "cpu_cores_effective": 16.0 * n, "cpu_name": "AMD EPYC 7543 32-Core Processor",
             "disk_space": float(disk), "disk_bw": 3200.0, "disk_name": "nvme",
             "dph_base": round(dph * n, 4), "storage_cost": STORAGE_COST,
-            "inet_up": round(down * 0.8, 1), "inet_down": down, "inet_up_cost": 0.004, "inet_down_cost": 0.004,
+            "inet_up": round(down * 0.8, 1), "inet_down": down, "inet_up_cost": float(r["inet_up_cost"]), "inet_down_cost": float(r["inet_down_cost"]),
             "min_bid": round(dph * n * 0.55, 4), "reliability": rel, "reliability2": rel,
             "cuda_max_good": cuda, "driver_version": r["driver_version"], "direct_port_count": 20,
             "verified": verified, "verification": "verified" if verified else "unverified",

@@ -116,7 +116,7 @@ class DiskPlan:
 
 def disk_plan(cfg: "RunConfig", rows: Optional[Mapping[str, int]] = None) -> DiskPlan:
     """GB per part of the disk the run uses on its machine; `rows` per split (default: the config's caps)."""
-    d, t = cfg.data, cfg.train
+    t = cfg.train
     rows = dict(rows or config_rows(cfg))
     clip_s = avg_clip_seconds(cfg)
     per_row = row_bytes(clip_s)

@@ -20,13 +20,12 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from contract.machine_config import TrainWorkload
+from contract.machine_config import REAPER_MAX_AGE_HOURS, TrainWorkload
 
 from .gpu_speed import expected_speed
 
 MAX_CHECKPOINT_AGE_S = 1800.0  # a retry never loses more than 30 min of training
 TIMEOUT_MARGIN = 1.5  # a healthy train step may run this much slower than expected
-REAPER_MAX_AGE_H = 24.0  # flows/reap.py's default age limit: a machine older than this is destroyed
 REAL_PARAMS = 756_405_760  # the shapes the per-step figures below were measured at
 # Bytes per parameter (measured: benchmarks/checkpoint.json at the real shapes): the fp32 model, a
 # checkpoint (weights + AdamW moments) per optimizer.
@@ -64,11 +63,11 @@ def clock(w: TrainWorkload, samples_per_s: float, step_timeout_s: float, gpu: st
     timeout_s = max(float(step_timeout_s), expected_s * TIMEOUT_MARGIN)
     per_step_s = w.samples_per_step / samples_per_s
     save_every = max(1, min(w.save_every, math.floor(MAX_CHECKPOINT_AGE_S / per_step_s)))
-    if timeout_s > REAPER_MAX_AGE_H * 3600:
+    if timeout_s > REAPER_MAX_AGE_HOURS * 3600:
         raise ClockRefused(
             f"training {w.samples} samples at {samples_per_s:g} samples/s on {gpu} is expected to take "
             f"{expected_s / 3600:.1f} h; with a {TIMEOUT_MARGIN:g}x margin the train step needs {timeout_s / 3600:.1f} h, "
-            f"past the reaper's {REAPER_MAX_AGE_H:g} h age limit: train on fewer samples (train.epochs, "
+            f"past the reaper's {REAPER_MAX_AGE_HOURS:g} h age limit: train on fewer samples (train.epochs, "
             "data.max_samples) or rent a faster GPU (machine.vast.gpu_names)")
     return {"expected_s": round(expected_s, 1), "timeout_s": round(timeout_s, 1), "save_every": save_every,
             "checkpoint_age_s": round(save_every * per_step_s, 1)}

@@ -154,7 +154,7 @@ def test_the_emulator_bills_the_ssh_bytes_at_the_offers_price(emulator, tmp_path
     p = provider(emulator)
     from infra import keys
 
-    pair = keys.load_or_generate(tmp_path / "key")
+    pair = keys.generate_keypair(tmp_path / "key")
     lease = p.launch(load_config("tiny", {"machine.provision_timeout_s": 20}).machine, "qat-bytes", pair.public_key,
                      key_path=str(pair.private_path))
     try:

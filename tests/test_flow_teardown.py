@@ -148,7 +148,8 @@ def test_gpu_run_on_a_machine_without_usable_cuda_fails_at_setup_and_destroys_it
     its offer said) or does not answer: setup fails deterministically (no retry, no step runs) and
     the machine is destroyed, instead of training on the CPU of a rented GPU until the budget cap."""
     vast.set_faults(**faults)
-    state, took = run_qat(**{"machine.gpu": "required"})
+    # a GPU run plans 25 GB for the image and its CUDA venv (contract/disk.py): rent a disk that holds it
+    state, took = run_qat(**{"machine.gpu": "required", "machine.vast.min_disk_gb": 30})
     assert state.is_failed()
     err = state.result(raise_on_failure=False)
     assert type(err).__name__ == "StepFailed" and "step setup failed (deterministic, not retried)" in str(err), err

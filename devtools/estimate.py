@@ -4,7 +4,7 @@
 
 Starts a throwaway Vast.ai emulator, asks the product for its estimate (infra/vast_backend.py
 price_estimate: the offer it would rent, every step's hours and bytes, the offers the market
-filters left out) and prints the table; says whether machine.max_cost_usd would refuse it.
+filters left out; the disk the run needs) and prints the table; says whether machine.max_cost_usd would refuse it.
 """
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import sys
 
 from contract.config import load_config
 from devtools.emulator.testing import EmulatorProcess
-from infra import provision
-from tasks.rental import estimate_table
+from tasks.rental import estimate_table, pre_rent_estimate
 
 
 def main(argv: list[str]) -> int:
@@ -22,7 +21,7 @@ def main(argv: list[str]) -> int:
     cfg = load_config(name, overrides)
     emu = EmulatorProcess().start()
     try:
-        est = provision.price_estimate(cfg.machine, api_key=emu.api_key, server_url=emu.url)
+        est = pre_rent_estimate(cfg, emu.api_key, emu.url)
     finally:
         emu.cleanup()
     print(f"{name} on offer {est['offer_id']} ({est['gpu_name']}, ${est['dph']:.4f}/h, "

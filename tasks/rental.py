@@ -6,6 +6,7 @@ import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Optional
 
 from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
@@ -13,6 +14,7 @@ from prefect.tasks import exponential_backoff
 
 from contract.catalogue import CHECKPOINT_DIR, ERROR_PREFIX, marked_json, REDERIVED, RESUMING_STEP, STEPS
 from contract.config import RunConfig
+from contract.disk import disk_plan
 from contract.layout import PUSHED_CODE, REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, REPO_ROOT, REQUIREMENTS
 from contract.remote_env import steps_python
 from contract.result_file import is_done
@@ -54,13 +56,23 @@ def forget_machine(lease: Lease) -> None:
             pass
 
 
+def pre_rent_estimate(cfg: RunConfig, api_key: Optional[str], server_url: Optional[str]) -> dict:
+    """The offer that would be rented, every step's hours and bytes on it (provision.price_estimate)
+    and the disk the run needs there (contract/disk.py; validate_config refused a smaller min_disk_gb)."""
+    est = provision.price_estimate(cfg.machine, api_key=api_key, server_url=server_url)
+    plan = disk_plan(cfg)
+    est["disk"] = {"needed_gb": plan.needed_gb, "parts": plan.parts, "plan": plan.describe(),
+                   "rented_gb": cfg.machine.vast.min_disk_gb if cfg.machine.backend == "vast" else None}
+    return est
+
+
 @task(name="estimate cost", retries=3, retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5,
       retry_condition_fn=retry_transient)
 def estimate_cost(cfg: RunConfig) -> dict:
     """Before anything is rented, on the offer that would be rented (the cheapest run): every step's
     hours x $/h and bytes x $/GB (infra/run_estimate.py), or $/h x machine.planned_hours when the
     run's size or the GPU's speed is unknown. Refused, with the table, over machine.max_cost_usd."""
-    est = provision.price_estimate(cfg.machine, api_key=secrets.vast_api_key(), server_url=secrets.vast_url())
+    est = pre_rent_estimate(cfg, secrets.vast_api_key(), secrets.vast_url())
     log = _logger()
     log.info("estimate: %s", ", ".join(f"{k}={v}" for k, v in est.items() if not isinstance(v, (dict, list))))
     table = estimate_table(est)
@@ -92,6 +104,11 @@ def estimate_table(est: dict) -> str:
                      f"{r['bytes_home'] / 1e9:>8.2f} {r['bandwidth_usd']:>11.4f} {r['usd']:>9.4f}  {r['basis']}")
     lines.append(f"{'total':<9} {est['planned_hours']:>7.3f} {'':>10} {est['bytes_down'] / 1e9:>8.2f} "
                  f"{est['bytes_home'] / 1e9:>8.2f} {est['bandwidth_usd']:>11.4f} {est['estimated_usd']:>9.4f}")
+    disk = est.get("disk")
+    if disk:
+        rented = (f"; rented {disk['rented_gb']:g} GB (machine.vast.min_disk_gb: offers with less disk_space are "
+                  "not rented)" if disk.get("rented_gb") else "")
+        lines.append(f"disk on the machine: {disk['plan']}{rented}")
     return "\n".join(lines)
 
 

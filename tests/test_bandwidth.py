@@ -59,7 +59,8 @@ def test_offers_are_ranked_by_the_whole_run_bytes_included():
 
 
 def test_the_estimate_of_int8_lists_every_step_and_refuses_over_the_cap(emulator, monkeypatch):
-    from tasks.rental import estimate_cost, estimate_table
+    from infra.vast import NoOffersError
+    from tasks.rental import estimate_cost, estimate_table, pre_rent_estimate
 
     cfg = load_config("int8")
     est = provision.price_estimate(cfg.machine, api_key=emulator.api_key, server_url=emulator.url)
@@ -73,6 +74,14 @@ def test_the_estimate_of_int8_lists_every_step_and_refuses_over_the_cap(emulator
     assert est["bandwidth_usd"] > 0 and est["inet_up_cost"] <= cfg.machine.vast.max_inet_cost_per_gb
     assert est["left_out"]["cuda_max_good"] >= 3 and est["left_out"]["inet_down_cost"] == 1
     assert "evaluate" in estimate_table(est)
+    # the disk it needs: planned from the config, rented, and only offers with that disk_space
+    est = pre_rent_estimate(cfg, emulator.api_key, emulator.url)
+    assert 50 < est["disk"]["needed_gb"] <= est["disk"]["rented_gb"] == cfg.machine.vast.min_disk_gb
+    assert est["disk_space"] >= cfg.machine.vast.min_disk_gb
+    assert "disk on the machine:" in estimate_table(est) and "checkpoints" in estimate_table(est)
+    with pytest.raises(NoOffersError, match="disk_space"):  # no emulated offer has this much disk
+        provision.price_estimate(load_config("int8", {"machine.vast.min_disk_gb": 100_000}).machine,
+                                 api_key=emulator.api_key, server_url=emulator.url)
     monkeypatch.setenv("VAST_API_KEY", emulator.api_key)
     monkeypatch.setenv("VAST_URL", emulator.url)
     with pytest.raises(ValueError, match=r"exceeds machine.max_cost_usd \$2.00") as e:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import yaml
 from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
 from contract.config import load_config
@@ -117,3 +118,13 @@ def test_uploaded_export_with_external_data_loads_by_repo_id(exported, hub, tmp_
     assert res.stdout.strip().startswith("['"), res.stdout[-500:]
     assert "encoder_model.onnx_data" in hub.repo_files(repo)
     assert ("GET", f"/{repo}/resolve/main/encoder_model.onnx_data") in hub.requests
+
+
+@pytest.mark.parametrize("config, warned", [("int8", True), ("int4", True), ("tiny", False)])
+def test_card_names_the_onnx_library_and_warns_when_the_base_model_saw_the_test_data(config, warned):
+    card = render_model_card(load_config(config), {})
+    meta = yaml.safe_load(re.match(r"^---\n(.*?)\n---", card, re.S).group(1))
+    assert meta["library_name"] == "onnx"  # ONNX files only: "transformers" would offer a snippet that fails
+    assert ("among its training data" in card) is warned
+    if warned:
+        assert "`facebook/multilingual_librispeech` among its training data" in card

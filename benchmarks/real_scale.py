@@ -163,14 +163,40 @@ def upload_and_load(model_dir: Path, cfg_path: Path, scheme: str, hub_root: Path
     return out
 
 
+def gpu_train_setup(work: Path, shapes: str, clips: int, steps: int, batch: int) -> Path:
+    """For scripts/gpu_real_scale.sh: the random model at these shapes and a run config that trains it
+    for `steps` QAT steps (compiled blocks on CUDA: train.compile unset). Returns the config's path."""
+    import yaml
+
+    model_dir = work / "model"
+    if not (model_dir / "config.json").is_file():
+        model_dir.mkdir(parents=True, exist_ok=True)
+        build_model(SHAPES[shapes], model_dir)
+    cfg_path = write_config(work / "gpu-train.yaml", model_dir, "int8", clips)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["train"].update(max_steps=steps, per_device_batch_size=batch, grad_accum=1, eval_every=10**6,
+                        save_every=10**6, gradient_checkpointing=True, num_workers=0)
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return cfg_path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu-train-setup", action="store_true",
+                   help="only build the model and write a few-step train config in --workdir (the GPU script)")
+    p.add_argument("--train-steps", type=int, default=6)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--shapes", choices=sorted(SHAPES), default="large-v3-distil")
     p.add_argument("--schemes", nargs="+", choices=("int8", "int4"), default=["int8"])
     p.add_argument("--clips", type=int, default=8, help="training rows prepare takes (dev and test get a quarter)")
     p.add_argument("--workdir", type=Path, help="kept when given; a temporary folder (removed) otherwise")
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
+    if args.gpu_train_setup:
+        if args.workdir is None:
+            p.error("--gpu-train-setup needs --workdir")
+        print(gpu_train_setup(args.workdir, args.shapes, args.clips, args.train_steps, args.batch))
+        return 0
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="real-scale-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,10 @@ exports: the plain model) is scored from that twin on the GPU, one clip per call
 export itself must give the same tokens on the first eval.onnx_check_clips clips (ONNX Runtime, CPU);
 where it does not, the variant is scored from the export as on a CPU machine, and the report says
 why. Not ONNX Runtime's CUDA EP: it has no kernel for the int8 export's DynamicQuantizeLinear and
-MatMulInteger(uint8, int8), so the int8 matmuls would still run on the CPU. Both sides are normalized (contract/normalize.py); WER and CER are corpus rates (errors
-summed over all utterances), in percent, with 95 % percentile bootstrap intervals over utterances.
+MatMulInteger(uint8, int8), so the int8 matmuls would still run on the CPU.
+
+Both sides are normalized (contract/normalize.py); WER and CER are corpus rates (errors summed
+over all utterances), in percent, with 95 % percentile bootstrap intervals over utterances.
 """
 from __future__ import annotations
 
@@ -200,7 +202,6 @@ def run(ctx: StepContext) -> dict:
                 info["why"] = (f"the export's tokens differ from its PyTorch twin's on clips {check['differ']} of the "
                                f"first {check['clips']}: scored from the export itself")
                 ctx.log(f"{name}: {info['why']}")
-                total += len(audios)
                 t, bs = export, BATCH_SIZE["onnx"]
             else:
                 del export

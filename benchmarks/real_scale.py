@@ -62,15 +62,25 @@ def dir_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6, 1)
 
 
+def _hwm_kb(pid: int) -> int:
+    """The process's peak RSS so far (VmHWM, kB), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
 def run_measured(cmd: list[str], env: dict | None = None, log: Path | None = None) -> dict:
-    """Run a command; its wall seconds, exit code and peak RSS (the process and the children it waited for)."""
-    t0 = time.time()
+    """Run a command; its wall seconds, exit code and peak RSS (its own VmHWM, read while it runs: the
+    rusage max RSS of a child would include this process's RSS at fork, e.g. the model just built)."""
+    t0, peak = time.time(), 0
     with open(log or os.devnull, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": round(time.time() - t0, 1), "exit_code": proc.returncode,
-            "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+        while proc.poll() is None:
+            peak = max(peak, _hwm_kb(proc.pid))
+            time.sleep(0.2)
+    return {"seconds": round(time.time() - t0, 1), "exit_code": proc.returncode, "peak_rss_mb": round(peak / 1024)}
 
 
 def build_model(shapes: dict, out: Path, seed: int = 0) -> dict:

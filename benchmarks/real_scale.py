@@ -40,7 +40,7 @@ from benchmarks.gpu_probe import SHAPES  # noqa: E402
 OUT = REPO / "benchmarks" / "real_scale.json"
 MANIFEST = "fixtures/french/manifest.jsonl"
 LOAD_SNIPPET = """
-import json, resource, sys, time
+import json, sys, time
 t0 = time.time()
 import soundfile as sf
 from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
@@ -53,8 +53,7 @@ audio, sr = sf.read(clip, dtype="float32")
 inputs = processor(audio, sampling_rate=sr, return_tensors="pt")
 ids = model.generate(inputs.input_features, language="fr", task="transcribe", max_new_tokens=4)
 print("LOAD_RESULT " + json.dumps({"load_s": round(loaded - t0, 1), "transcribe_s": round(time.time() - loaded, 1),
-      "text": processor.batch_decode(ids, skip_special_tokens=True)[0][:80],
-      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+      "text": processor.batch_decode(ids, skip_special_tokens=True)[0][:80]}))
 """
 
 

@@ -185,6 +185,11 @@ class EvalConfig(Strict):
     max_wer_degradation: float = Field(default=0.5, ge=0, description="points of WER the QAT model may lose to fp32")
     bootstrap_samples: int = Field(default=1000, gt=0, le=1_000_000)
     max_new_tokens: int = Field(default=128, gt=0, le=WHISPER_MAX_TOKENS)
+    # Where the quantized ONNX variants are scored: "fake_quant" = their PyTorch twin (the fake-quantized
+    # model the export is bit-true to) on the machine's device, the export itself confirmed token for token
+    # on onnx_check_clips clips; "onnx" = the exports on ONNX Runtime's CPU EP; "auto" = fake_quant on CUDA.
+    quantized_on: Literal["auto", "onnx", "fake_quant"] = "auto"
+    onnx_check_clips: int = Field(default=8, gt=0, le=500)
 
 
 # The Hub's naming rule for each half of a repo id: letters, digits, '-', '_', '.'; no '--' or '..';

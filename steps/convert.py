@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import _get_all_tensors, uses_external_data  # initializers + attributes, subgraphs too
 
 from contract.catalogue import ptq_variant, quantized_variant
 
@@ -362,8 +363,11 @@ def quantize_dir(fp32_dir: Path, dst: Path, scheme: str, group_size: int, vocab_
 
     q(fp32_dir / ENCODER, dst / ENCODER)
     tied = [q(fp32_dir / DECODER, tmp / DECODER), q(fp32_dir / DECODER_WITH_PAST, tmp / DECODER_WITH_PAST)]
-    merged = merge_decoders(onnx.load(str(tmp / DECODER)), onnx.load(str(tmp / DECODER_WITH_PAST)),
-                            save_path=str(tmp / MERGED), strict=False)
+    merge_decoders(onnx.load(str(tmp / DECODER)), onnx.load(str(tmp / DECODER_WITH_PAST)),
+                   save_path=str(tmp / MERGED), strict=False)
+    # read back what merge_decoders saved: when it wrote external data (FORCE_ONNX_EXTERNAL_DATA) the
+    # proto it returns points at a file in tmp and holds no weights
+    merged = onnx.load(str(tmp / MERGED))
     onnx.save(merged, str(dst / MERGED), save_as_external_data=(scheme == "int4"),
               all_tensors_to_one_file=True, location=MERGED + "_data", size_threshold=1024)
     shutil.rmtree(tmp)
@@ -376,6 +380,38 @@ def finish_fp32_dir(fp32_dir: Path) -> None:
     for name in (DECODER, DECODER_WITH_PAST):
         for f in fp32_dir.glob(name + "*"):
             f.unlink()
+
+
+def name_external_data(model_dir: Path) -> dict[str, str]:
+    """Give each graph's external data the name optimum's Hub loader downloads: `<file>_data`.
+
+    ORT's quantizers write `encoder_model.onnx.data`; `ORTModelForSpeechSeq2Seq.from_pretrained(<repo id>)`
+    fetches only `encoder_model.onnx_data` (optimum/onnxruntime/modeling.py `_cached_file`), so a model
+    uploaded with the other name loads from a folder but not from the Hub. The data file is renamed
+    and the graph's location fields rewritten (graph only: the weights are not read). Returns
+    {graph: new data file name} for the graphs that changed."""
+    renamed = {}
+    graphs = sorted(Path(model_dir).glob("*.onnx"))
+    models = {g: onnx.load(str(g), load_external_data=False) for g in graphs}
+    for g, model in models.items():
+        tensors = [t for t in _get_all_tensors(model) if uses_external_data(t)]
+        wanted = g.name + "_data"
+        locations = {e.value for t in tensors for e in t.external_data if e.key == "location"}
+        if not locations or locations == {wanted}:
+            continue
+        shared = any(e.value in locations for other, m in models.items() if other != g
+                     for t in _get_all_tensors(m) for e in t.external_data if e.key == "location")
+        if len(locations) > 1 or shared or (g.parent / wanted).exists():
+            raise StepError(f"{g}: external data in {sorted(locations)}; expected one file of its own, renamed to "
+                            f"{wanted} (the name optimum downloads from the Hub)")
+        (g.parent / locations.pop()).rename(g.parent / wanted)
+        for t in tensors:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = wanted
+        onnx.save(model, str(g))
+        renamed[g.name] = wanted
+    return renamed
 
 
 def check_loads(path: Path) -> None:
@@ -404,6 +440,9 @@ def convert_model(model_dir: Path, out_root: Path, fp32_name: str, q_name: str, 
     fused = {d.name: fuse_encoder_file(d / ENCODER, heads) for d in (fp32_dir, q_dir)}
     log(f"encoder self-attention fused into MultiHeadAttention: {fused}")
     for d in (fp32_dir, q_dir):
+        renamed = name_external_data(d)
+        if renamed:
+            log(f"{d.name}: external data renamed for the Hub loader: {renamed}")
         check_loads(d)
     return {
         "export_s": round(t1 - t0, 2),

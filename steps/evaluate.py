@@ -3,8 +3,18 @@
 Variants: base_fp32 (PyTorch, cfg.model), qat_fp32 (PyTorch, train/model) and every ONNX export
 directory in convert/ (qat_int8, base_ptq_int8, ...; an ONNX dir whose name clashes with a PyTorch
 variant gets "onnx_" before "fp32": convert/qat_fp32 -> qat_onnx_fp32). Missing ones are skipped
-and listed. Both sides are normalized (contract/normalize.py); WER and CER are corpus rates (errors
-summed over all utterances), in percent, with 95 % percentile bootstrap intervals over utterances.
+and listed.
+
+On a GPU (eval.quantized_on auto/fake_quant) an ONNX variant with a PyTorch twin (qat_<scheme> and
+base_ptq_<scheme>: the fake-quantized model the export is bit-true to, tests/test_parity.py; the fp32
+exports: the plain model) is scored from that twin on the GPU, one clip per call as served, and the
+export itself must give the same tokens on the first eval.onnx_check_clips clips (ONNX Runtime, CPU);
+where it does not, the variant is scored from the export as on a CPU machine, and the report says
+why. Not ONNX Runtime's CUDA EP: it has no kernel for the int8 export's DynamicQuantizeLinear and
+MatMulInteger(uint8, int8), so the int8 matmuls would still run on the CPU.
+
+Both sides are normalized (contract/normalize.py); WER and CER are corpus rates (errors summed
+over all utterances), in percent, with 95 % percentile bootstrap intervals over utterances.
 """
 from __future__ import annotations
 
@@ -17,9 +27,11 @@ from pathlib import Path
 import jiwer
 import numpy as np
 
+from contract.catalogue import ptq_variant, quantized_variant
 from contract.normalize import normalize_french
 from contract.quality import gate_rule
 
+from . import fake_quant
 from .audio_store import to_float
 from .common import StepContext, StepError
 from .inference import load_variant
@@ -99,6 +111,31 @@ def find_variants(ctx: StepContext) -> tuple[list[tuple[str, str, str]], list[st
     return variants, missing
 
 
+def quantized_on(setting: str, device: str) -> str:
+    """'fake_quant' or 'onnx': where the quantized ONNX variants are scored (eval.quantized_on)."""
+    if setting == "auto":
+        return "fake_quant" if device == "cuda" else "onnx"
+    return setting
+
+
+def pytorch_twin(name: str, cfg, workdir: Path) -> tuple[str, bool] | None:
+    """(PyTorch model, fake-quantized?) that an ONNX variant was exported from, None when unknown."""
+    qat, base, scheme = str(workdir / "train" / "model"), cfg.model.name_or_path, cfg.quant.scheme
+    return {quantized_variant(scheme): (qat, True), ptq_variant(scheme): (base, True),
+            "qat_onnx_fp32": (qat, False), "base_onnx_fp32": (base, False)}.get(name)
+
+
+def same_tokens(twin, export, audios, max_new_tokens: int) -> dict:
+    """Greedy token ids of the twin and of the ONNX export, clip by clip: {"clips", "identical", "differ"}."""
+    differ = []
+    for i, audio in enumerate(audios):
+        a = twin.generate_ids(twin.features([audio]), max_new_tokens)[0].tolist()
+        b = export.generate_ids(export.features([audio]), max_new_tokens)[0].tolist()
+        if a != b:
+            differ.append(i)
+    return {"clips": len(audios), "identical": len(audios) - len(differ), "differ": differ}
+
+
 def gate(cfg, wer: dict[str, float]) -> dict:
     """Passed iff qat_<scheme> <= qat_fp32 + max_wer_degradation and qat_<scheme> <= base_ptq_<scheme>
     (contract/quality.py `gate_rule`, the rule the orchestrator applies again at home)."""
@@ -129,21 +166,53 @@ def run(ctx: StepContext) -> dict:
     for m in missing:
         ctx.log(f"skipping {m}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    mode = quantized_on(cfg.eval.quantized_on, device)
+    if mode == "fake_quant" and device == "cuda":  # fp32 as the CPU computes it: no TF32 matmuls or convolutions
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     threads = max(1, os.cpu_count() or 1)
     metrics: dict = {"wer": {}, "cer": {}, "wer_ci": {}, "cer_ci": {}, "n_utterances": len(test),
-                     "variants": {}, "missing": missing}
+                     "variants": {}, "missing": missing, "quantized_on": mode}
     done, total = 0, len(variants) * len(audios)
-    for name, path, kind in variants:
-        ctx.log(f"{name}: transcribing {len(audios)} clips with {kind} model {path}")
-        t = load_variant(path, kind, threads=threads, device=device if kind == "pytorch" else "cpu",
-                         language=cfg.model.language, task=cfg.model.task)
+    opts = dict(threads=threads, language=cfg.model.language, task=cfg.model.task)
+
+    def transcribe(t, bs: int, name: str) -> list[str]:
+        nonlocal done
         hyps: list[str] = []
-        bs = BATCH_SIZE[kind]
         for start in range(0, len(audios), bs):
             chunk = audios[start:start + bs]
             hyps += t.transcribe(chunk, cfg.eval.max_new_tokens, bs)
             done += len(chunk)
             ctx.progress(done, total, variant=name)
+        return hyps
+
+    for name, path, kind in variants:
+        info: dict = {"path": path, "kind": kind}
+        twin = pytorch_twin(name, cfg, ctx.workdir) if kind == "onnx" and mode == "fake_quant" else None
+        if twin:
+            twin_path, fq = twin
+            ctx.log(f"{name}: transcribing {len(audios)} clips with its PyTorch twin {twin_path}"
+                    f"{' (fake-quantized)' if fq else ''} on {device}")
+            t = load_variant(twin_path, "pytorch", device=device, **opts)
+            if fq:
+                fake_quant.prepare(t.model, cfg.quant)
+            export = load_variant(path, "onnx", device="cpu", **opts)
+            check = same_tokens(t, export, audios[:cfg.eval.onnx_check_clips], cfg.eval.max_new_tokens)
+            info.update(scored_with=f"pytorch{' fake-quantized' if fq else ''} on {device}", onnx_check=check)
+            if check["differ"]:
+                info["scored_with"] = "onnx on cpu"
+                info["why"] = (f"the export's tokens differ from its PyTorch twin's on clips {check['differ']} of the "
+                               f"first {check['clips']}: scored from the export itself")
+                ctx.log(f"{name}: {info['why']}")
+                t, bs = export, BATCH_SIZE["onnx"]
+            else:
+                del export
+                ctx.log(f"{name}: the export gives the same tokens on all {check['clips']} sample clips")
+                bs = 1 if fq else BATCH_SIZE["pytorch"]  # fake-quantized: one activation range per clip, as served
+            hyps = transcribe(t, bs, name)
+        else:
+            ctx.log(f"{name}: transcribing {len(audios)} clips with {kind} model {path}")
+            t = load_variant(path, kind, device=device if kind == "pytorch" else "cpu", **opts)
+            hyps = transcribe(t, BATCH_SIZE[kind], name)
         del t
         gc.collect()
         hyps_n = [normalize_french(h) for h in hyps]
@@ -151,7 +220,7 @@ def run(ctx: StepContext) -> dict:
         ci = s.bootstrap(cfg.eval.bootstrap_samples)
         metrics["wer"][name], metrics["cer"][name] = round(s.wer, 3), round(s.cer, 3)
         metrics["wer_ci"][name], metrics["cer_ci"][name] = ci["wer"], ci["cer"]
-        metrics["variants"][name] = {"path": path, "kind": kind}
+        metrics["variants"][name] = info
         out = ctx.out / f"utterances_{name}.csv"
         write_utterances(out, ids, refs, hyps, refs_n, hyps_n, s)
         ctx.add_output(out)

@@ -31,6 +31,11 @@ SCHEMES = {
 }
 
 
+# Hub datasets a base model's own card lists among its training data: its score on their test split is
+# in-domain and possibly contaminated, and the card says so (docs/REFERENCE.md section 1d).
+BASE_TRAINING_DATA = {"bofenghuang/whisper-large-v3-distil-fr-v0.2": ("facebook/multilingual_librispeech",)}
+
+
 def is_hub_id(name_or_path: str) -> bool:
     """`owner/name` that is not a directory here: the Hub can link the card to it (`base_model`)."""
     return bool(HUB_ID.match(name_or_path)) and not Path(name_or_path).exists()
@@ -53,7 +58,8 @@ def _front_matter(cfg: RunConfig, metrics: dict) -> dict:
         meta["base_model"] = cfg.model.name_or_path
     if cfg.data.source == "hf":  # the Hub's link to the data
         meta["datasets"] = [cfg.data.dataset]
-    meta.update({"library_name": "transformers", "pipeline_tag": "automatic-speech-recognition",
+    # the repo holds ONNX only: the Hub's "onnx" library, not "transformers" (whose snippet would fail)
+    meta.update({"library_name": "onnx", "pipeline_tag": "automatic-speech-recognition",
                  "tags": ["whisper", "onnx", scheme, "qat", "quantization-aware-training", "optimum", "onnxruntime"]})
     results = []
     for key, label in (("wer", "WER"), ("cer", "CER")):
@@ -139,6 +145,11 @@ def render_model_card(cfg: RunConfig, metrics: dict) -> str:
               "```", ""]
     if cfg.hub.private:
         lines += ["The repository is private: log in first (`hf auth login`) or pass `token=...`.", ""]
+    if d.source == "hf" and d.dataset in BASE_TRAINING_DATA.get(base, ()):
+        lines += ["## Limitations", "",
+                  f"The base model's card lists `{d.dataset}` among its training data: its score on this test split "
+                  "is probably optimistic (not a held-out figure), and so may be the fine-tuned variants'. Compare "
+                  "the variants with each other, and measure on your own audio before relying on them.", ""]
     if d.source != "hf":
         lines += ["## Limitations", "",
                   "These figures come from a local test set, not from a public benchmark; measure on your own "

@@ -188,7 +188,7 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
 # What may go up: the export folder came from a rented machine, a stranger's computer
 
 CONVERT_INT4 = ["added_tokens.json", "config.json", "decoder_model_merged.onnx", "decoder_model_merged.onnx_data",
-                "encoder_model.onnx", "encoder_model.onnx.data", "generation_config.json", "merges.txt",
+                "encoder_model.onnx", "encoder_model.onnx_data", "generation_config.json", "merges.txt",
                 "normalizer.json", "preprocessor_config.json", "special_tokens_map.json", "tokenizer.json",
                 "tokenizer_config.json", "vocab.json"]
 
@@ -196,7 +196,7 @@ CONVERT_INT4 = ["added_tokens.json", "config.json", "decoder_model_merged.onnx",
 def test_every_file_convert_writes_is_allowed_and_uploaded(hub, tmp_path):
     d = tmp_path / "qat_int4"
     d.mkdir()
-    for name in CONVERT_INT4:  # what steps/convert.py leaves in convert/qat_int4 (int8: no *_data files)
+    for name in CONVERT_INT4:  # what steps/convert.py leaves in convert/qat_int4 (external data as <file>_data)
         if name.endswith(".onnx"):
             write_graph(d / name, next(n for n in CONVERT_INT4 if n.startswith(name) and n != name), 512)
         else:

@@ -429,6 +429,11 @@ class VastProvider:
                 text = text.replace(s, "***")
         return "\n".join(self.redact(text).splitlines()[-lines:])
 
+    # SHA256 fingerprint of an OpenSSH public key file (what `ssh-keygen -l -E sha256` prints), for
+    # images without ssh-keygen: base64 of the key blob's sha256, unpadded. No single quotes (shell).
+    _FINGERPRINT_PY = ("import base64,hashlib,sys; b=open(sys.argv[1]).read().split()[1]; "
+                       "print(\"SHA256:\"+base64.b64encode(hashlib.sha256(base64.b64decode(b)).digest()).decode().rstrip(\"=\"))")
+
     @staticmethod
     def onstart_script(public_key: str) -> str:
         """What a rented instance runs at start (docs/REFERENCE.md section 7), in this order:
@@ -439,7 +444,8 @@ class VastProvider:
            entrypoint, so they get a minimal PATH otherwise); names that look like secrets (KEY,
            TOKEN, SECRET, PASSW) and per-shell ones are left out;
         3. the host keys' fingerprints printed (one `QAT_HOSTKEY <type> SHA256:<fp>` line each, host
-           keys generated first if the image has none) to the container's log, PID 1's stdout
+           keys generated first if the image has none; computed by the image's python where it has no
+           ssh-keygen of its own, as `pytorch/pytorch`) to the container's log, PID 1's stdout
            (`/proc/1/fd/1`), which the log API serves, and to onstart's own output (Vast's
            /var/log/onstart.log, which it does not serve); the product connects only after reading
            them, so 1 and 2 are in place by its first command;
@@ -453,8 +459,11 @@ class VastProvider:
                  "| grep -viE '^[A-Za-z0-9_]*(KEY|TOKEN|SECRET|PASSW)[A-Za-z0-9_]*=' "
                  '> "$etc/environment.qat" && mv -f "$etc/environment.qat" "$etc/environment"; ')
         hostkeys = ('ls "$etc"/ssh/ssh_host_*_key.pub >/dev/null 2>&1 || ssh-keygen -A >/dev/null 2>&1; '
+                    f"fp() {{ if command -v ssh-keygen >/dev/null 2>&1; then ssh-keygen -l -E sha256 -f \"$1\" | cut -d' ' -f2; "
+                    f"else for py in python3 python /opt/conda/bin/python; do command -v $py >/dev/null 2>&1 && "
+                    f"{{ $py -c '{VastProvider._FINGERPRINT_PY}' \"$1\"; break; }}; done; fi; }}; "
                     'hk="$(for f in "$etc"/ssh/ssh_host_*_key.pub; do [ -f "$f" ] && '
-                    f'echo "{HOSTKEY_MARK} $(cut -d" " -f1 "$f") $(ssh-keygen -l -E sha256 -f "$f" | cut -d" " -f2)"; '
+                    f'echo "{HOSTKEY_MARK} $(cut -d" " -f1 "$f") $(fp "$f")"; '
                     'done)"; printf "%s\\n" "$hk"; '
                     'printf "%s\\n" "$hk" 2>/dev/null >> "${VAST_EMULATED_PROC:-/proc}/1/fd/1"; ')
         return (shell + hostkeys + "mkdir -p ~/.ssh && chmod 700 ~/.ssh && touch ~/.ssh/authorized_keys && "

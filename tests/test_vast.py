@@ -1,4 +1,5 @@
 """VastProvider over the real vastai SDK, against the emulator (real sshd instances)."""
+import os
 import time
 import traceback
 
@@ -407,3 +408,30 @@ def test_search_quota_429_is_not_retried(emulator):
         provider(emulator).launch(cfg(), "qat-quota", PUB)
     assert emulator.ledger()["instances"] == []
     emulator.clear_faults()
+
+
+def test_onstart_prints_the_host_key_fingerprints_with_or_without_ssh_keygen(tmp_path):
+    """pytorch/pytorch images have no ssh-keygen of their own: onstart computes the same SHA256
+    fingerprint with the image's python, and both reach PID 1's stdout (the log API's source)."""
+    import shutil
+    import subprocess
+    import sys
+
+    etc, proc = tmp_path / "etc", tmp_path / "proc"
+    (etc / "ssh").mkdir(parents=True)
+    (proc / "1" / "fd").mkdir(parents=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(etc / "ssh" / "ssh_host_ed25519_key")], check=True)
+    want = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(etc / "ssh" / "ssh_host_ed25519_key.pub")],
+                          check=True, capture_output=True, text=True).stdout.split()[1]
+    bare = tmp_path / "bin"  # a PATH with a shell, coreutils and python, but no ssh-keygen
+    bare.mkdir()
+    for tool in ("sh", "bash", "cut", "ls", "grep", "env", "mv", "mkdir", "chmod", "touch", "cat", "python3"):
+        os.symlink(sys.executable if tool == "python3" else shutil.which(tool), bare / tool)
+    script = VastProvider.onstart_script("ssh-ed25519 AAAAC3Nza test@qat")
+    for path in (os.environ["PATH"], str(bare)):
+        (proc / "1" / "fd" / "1").write_text("")
+        env = {"PATH": path, "HOME": str(tmp_path), "VAST_EMULATED_ETC": str(etc), "VAST_EMULATED_PROC": str(proc)}
+        out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        for text in (out.stdout, (proc / "1" / "fd" / "1").read_text()):
+            assert VastProvider.parse_host_keys(text) == [f"ssh-ed25519 {want}"], (path, text, out.stderr)

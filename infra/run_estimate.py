@@ -103,7 +103,9 @@ def step_rows(offer: dict, w: Optional[TrainWorkload], setup_hours: float,
         ("convert", 2 * CONVERT_S.get(w.scheme, 316.0) * scale, 0,
          2 * model * (1 + QUANT_RATIO.get(w.scheme, 0.26)), "2 models exported and quantized (measured on 2 cores)"),
         ("bench", w.bench_clips * onnx_clip, 0, SMALL_OUTPUTS, f"{w.bench_clips} clips x 4 ONNX variants on the CPU"),
-        ("evaluate", w.eval_clips * onnx_clip, 0, SMALL_OUTPUTS, f"{w.eval_clips} clips x 4 ONNX variants on the CPU"),
+        ("evaluate", w.eval_clips * onnx_clip, 0, SMALL_OUTPUTS,
+         f"{w.eval_clips} clips x 4 ONNX variants on the CPU (an upper bound: on a GPU, eval.quantized_on auto "
+         "scores the variants' PyTorch twins there and checks the exports on a few clips)"),
     ]
     out = []
     for step, seconds, nbytes_down, nbytes_home, basis in rows:

@@ -107,6 +107,7 @@ def write_config(path: Path, model_dir: Path, scheme: str, clips: int) -> Path:
     cfg["model"]["name_or_path"] = str(model_dir)
     cfg["data"].update(manifest=MANIFEST, max_samples=clips, max_eval_samples=max(1, clips // 4))
     cfg["quant"]["scheme"] = scheme
+    cfg["machine"]["backend"] = "local"  # the steps run here, on a model folder of this computer
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 

@@ -59,11 +59,13 @@ def test_twin_scores_are_the_exports_own(converted, tmp_path):
     twin, twin_hyps = _evaluate(converted, tmp_path / "twin", "fake_quant")
     onnx, onnx_hyps = _evaluate(converted, tmp_path / "onnx", "onnx")
     assert twin["quantized_on"] == "fake_quant" and onnx["quantized_on"] == "onnx"
+    # Every test clip is checked (4 <= onnx_check_clips), so either way the transcripts are the export's.
+    # The random tiny model has near-ties (a top-2 logit margin of 0.0014 seen on one clip) that fake
+    # quantization and ONNX Runtime may break differently: then the variant is scored from its export.
     for name in ("qat_int8", "base_ptq_int8"):
         v = twin["variants"][name]
-        assert v["scored_with"] == "pytorch fake-quantized on cpu"
-        assert v["onnx_check"] == {"clips": 4, "identical": 4, "differ": []}
-        assert "scored_with" not in onnx["variants"][name]
+        assert v["onnx_check"]["clips"] == 4 and "scored_with" not in onnx["variants"][name], v
+        assert v["scored_with"] == ("onnx on cpu" if v["onnx_check"]["differ"] else "pytorch fake-quantized on cpu"), v
     assert twin["variants"]["qat_onnx_fp32"]["scored_with"] == "pytorch on cpu"
     assert twin_hyps == onnx_hyps and twin["wer"] == onnx["wer"] and twin["gate"] == onnx["gate"]
 
@@ -84,4 +86,5 @@ def test_an_export_that_is_not_its_twin_is_scored_from_the_export(converted, tmp
     assert v["scored_with"] == "onnx on cpu" and v["onnx_check"]["differ"], v
     assert "scored from the export itself" in v["why"]
     assert twin_hyps["qat_int8"] == onnx_hyps["qat_int8"] and twin["wer"]["qat_int8"] == onnx["wer"]["qat_int8"]
-    assert twin["variants"]["base_ptq_int8"]["scored_with"] == "pytorch fake-quantized on cpu"
+    base = twin["variants"]["base_ptq_int8"]  # its own export: the twin, unless a near-tie (see above)
+    assert base["scored_with"] == ("onnx on cpu" if base["onnx_check"]["differ"] else "pytorch fake-quantized on cpu")

@@ -213,6 +213,17 @@ def _symlink(d):
     (d / "vocab.json").symlink_to("/etc/passwd")
 
 
+def _refused_whole(hub, tmp_path, plant, named: str, why: str):
+    """A model folder with `plant` applied: the upload is refused naming the file and why, nothing sent."""
+    model = make_model(tmp_path)
+    plant(model)
+    with pytest.raises(UnsafeModelFolder) as e:
+        push_model_folder(model, "alice/m", WRITE, card=CARD, endpoint=hub.url)
+    assert repr(named) in str(e.value) and why in str(e.value) and "nothing was sent" in str(e.value)
+    assert hub.requests == [] and hub.repo_files("alice/m") == {}
+    return model, e.value
+
+
 @pytest.mark.parametrize("plant, named, why", [
     (lambda d: (d / "modeling_whisper.py").write_text("import os; os.system('x')"), "modeling_whisper.py", "code"),
     (lambda d: (d / "kernel.so").write_bytes(b"\x7fELF"), "kernel.so", "code"),
@@ -235,13 +246,8 @@ def _symlink(d):
     (lambda d: os.mkfifo(d / "pipe.onnx"), "pipe.onnx", "not a regular file"),
 ])
 def test_unsafe_folders_are_refused_whole_naming_the_files(hub, tmp_path, plant, named, why):
-    model = make_model(tmp_path)
-    plant(model)
-    with pytest.raises(UnsafeModelFolder) as e:
-        push_model_folder(model, "alice/m", WRITE, card=CARD, endpoint=hub.url)
-    assert repr(named) in str(e.value) and why in str(e.value) and "nothing was sent" in str(e.value)
-    assert e.value.retryable is False and isinstance(e.value, HubUploadError)
-    assert hub.requests == [] and hub.repo_files("alice/m") == {}
+    model, err = _refused_whole(hub, tmp_path, plant, named, why)
+    assert err.retryable is False and isinstance(err, HubUploadError)
     assert not (model / "README.md").exists() or (model / "README.md").is_symlink()  # the card was not written either
 
 
@@ -271,12 +277,7 @@ def _graph_with_data(location: str, data_name: Optional[str] = None, size: int =
     (lambda d: (d / "decoder_model.onnx").write_bytes(b""), "decoder_model.onnx", "not an ONNX model"),
 ])
 def test_onnx_files_are_checked_by_content_not_by_name(hub, tmp_path, plant, named, why):
-    model = make_model(tmp_path)
-    plant(model)
-    with pytest.raises(UnsafeModelFolder) as e:
-        push_model_folder(model, "alice/m", WRITE, card=CARD, endpoint=hub.url)
-    assert repr(named) in str(e.value) and why in str(e.value) and "nothing was sent" in str(e.value)
-    assert hub.requests == [] and hub.repo_files("alice/m") == {}
+    _refused_whole(hub, tmp_path, plant, named, why)
 
 
 def test_both_external_data_names_pass_when_referenced(tmp_path):

@@ -136,10 +136,13 @@ def same_tokens(twin, export, audios, max_new_tokens: int) -> dict:
     return {"clips": len(audios), "identical": len(audios) - len(differ), "differ": differ}
 
 
-def gate(cfg, wer: dict[str, float]) -> dict:
-    """Passed iff qat_<scheme> <= qat_fp32 + max_wer_degradation and qat_<scheme> <= base_ptq_<scheme>
-    (contract/quality.py `gate_rule`, the rule the orchestrator applies again at home)."""
-    return gate_rule(cfg.quant.scheme, cfg.eval.max_wer_degradation, wer)
+def gate(cfg, counts: dict) -> dict:
+    """contract/quality.py `gate_rule` (the rule the orchestrator applies again at home) over
+    {variant: (per-utterance word errors, reference words)}: each difference the gate uses with its
+    paired bootstrap interval."""
+    e = cfg.eval
+    return gate_rule(cfg.quant.scheme, counts, max_wer_degradation=e.max_wer_degradation,
+                     references=e.gate_references, confidence=e.confidence, samples=e.bootstrap_samples)
 
 
 def write_utterances(path: Path, ids, refs, hyps, refs_n, hyps_n, s: Scores) -> None:
@@ -172,6 +175,7 @@ def run(ctx: StepContext) -> dict:
     threads = max(1, os.cpu_count() or 1)
     metrics: dict = {"wer": {}, "cer": {}, "wer_ci": {}, "cer_ci": {}, "n_utterances": len(test),
                      "variants": {}, "missing": missing, "quantized_on": mode}
+    counts: dict = {}
     done, total = 0, len(variants) * len(audios)
     opts = dict(threads=threads, language=cfg.model.language, task=cfg.model.task)
 
@@ -221,11 +225,12 @@ def run(ctx: StepContext) -> dict:
         metrics["wer"][name], metrics["cer"][name] = round(s.wer, 3), round(s.cer, 3)
         metrics["wer_ci"][name], metrics["cer_ci"][name] = ci["wer"], ci["cer"]
         metrics["variants"][name] = info
+        counts[name] = (s.word_errors, s.words)
         out = ctx.out / f"utterances_{name}.csv"
         write_utterances(out, ids, refs, hyps, refs_n, hyps_n, s)
         ctx.add_output(out)
         ctx.log(f"{name}: WER {s.wer:.2f} % {ci['wer']}, CER {s.cer:.2f} %")
-    metrics["gate"] = gate(cfg, metrics["wer"])
+    metrics["gate"] = gate(cfg, counts)
     verdict = "PASSED" if metrics["gate"]["passed"] else "FAILED: " + "; ".join(metrics["gate"]["reasons"])
     ctx.log(f"quality gate {verdict}")
     return metrics

@@ -133,17 +133,46 @@ def results_markdown(rows: list[dict], name: str = "label") -> list[str]:
     return lines + ["", ON_MACHINE]
 
 
+GATE_LABELS = {"qat_fp32": "QAT fp32", "base_fp32": "the baseline fp32"}
+
+
+def difference_text(d: Any, confidence: Any = None) -> str:
+    """One paired difference as the report and the card print it: `+0.20 points (95 % interval -0.10
+    to +0.50)`; NOT_MEASURED when it is not a measured difference."""
+    d = d if isinstance(d, dict) else {}
+    diff, low, high = (measured(d.get(k)) for k in ("diff", "low", "high"))
+    if diff is None:
+        return NOT_MEASURED
+    conf = measured(confidence)
+    interval = (f" ({f'{conf:.0%}'.replace('%', ' %')} interval {low:+.2f} to {high:+.2f})"
+                if low is not None and high is not None and conf is not None else "")
+    return f"{diff:+.2f} points{interval}"
+
+
 def gate_sentence(gate: dict, scheme: str, allowed: Any = None) -> str:
-    """What the gate compared, from the verdict evaluate recorded (steps/evaluate.py `gate`):
-    the QAT model quantized against the QAT model in fp32 PyTorch, and against plain PTQ.
-    `allowed` stands in for a verdict that does not record its max_wer_degradation."""
+    """What the gate compared, from its verdict (contract/quality.py `gate_rule`): the QAT model
+    quantized minus each reference, with the paired interval the gate decided on, and minus plain
+    PTQ. `allowed` stands in for a verdict that does not record its max_wer_degradation."""
     q, f, p = (measured(gate.get(k)) for k in ("qat_wer", "qat_fp32_wer", "ptq_wer"))
     allowed = gate.get("max_wer_degradation", allowed)
-    if q is None or f is None:
-        text = f"QAT {scheme} WER {figure(q, '.2f', '%')}, QAT fp32 WER {figure(f, '.2f', '%')}"
-    else:
-        text = f"QAT {scheme} WER {q:.2f}% vs QAT fp32 {f:.2f}% (allowed +{figure(allowed, 'g')} points)"
-    return text + (f"; plain PTQ {scheme} of the baseline {p:.2f}%" if p is not None else "")
+    diffs = gate.get("differences") if isinstance(gate.get("differences"), dict) else {}
+    if q is None:
+        return f"QAT {scheme} WER {figure(q, '.2f', '%')}, QAT fp32 WER {figure(f, '.2f', '%')}"
+    parts = [f"QAT {scheme} WER {q:.2f}%"]
+    for ref, label in (*GATE_LABELS.items(), (ptq_variant(scheme), f"plain PTQ {scheme} of the baseline")):
+        if ref not in diffs:
+            continue
+        rule = "must be <= 0" if ref == ptq_variant(scheme) else f"upper bound allowed up to +{figure(allowed, 'g')}"
+        parts.append(f"minus {label}: {difference_text(diffs[ref], gate.get('confidence'))}, {rule}")
+    if len(parts) == 1:  # a verdict without paired differences
+        parts.append(f"QAT fp32 WER {figure(f, '.2f', '%')} (allowed +{figure(allowed, 'g')} points)")
+        if p is not None:
+            parts.append(f"plain PTQ {scheme} of the baseline {p:.2f}%")
+    needed = measured(gate.get("needed_utterances"))
+    if gate.get("inconclusive"):
+        parts.append("inconclusive: the test set is too small to decide"
+                     + (f" (about {int(needed)} utterances would be needed)" if needed else ""))
+    return "; ".join(parts)
 
 
 def gate_verdict(gate: dict, scheme: str, allowed: Any = None) -> str:

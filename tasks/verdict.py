@@ -8,7 +8,8 @@ set home read itself (tasks/references.py: ids and references from the manifest 
 from the machine): every test id present exactly once, no other id, each reference the test split's.
 The hypotheses are then scored against home's references, normalized with contract/normalize.py,
 corpus WER/CER counted with contract/quality.py (jiwer, as the step counts them), and the gate
-rule (contract/quality.py `gate_rule`, the step's own) applied to the recomputed WERs. The
+rule (contract/quality.py `gate_rule`, the step's own) applied to the recomputed per-utterance
+errors (paired bootstrap intervals of each difference, the same seed as the step). The
 machine's numbers are only compared: a claimed WER more than `WER_TOLERANCE` points away from the
 recomputed one, a claimed verdict or count that differs, or transcripts missing, malformed or not
 of the test set, and the gate fails saying the machine's claim did not match.
@@ -59,9 +60,9 @@ def utterances_path(local_work: Path, variant: str) -> Path:
     return Path(local_work) / "evaluate" / f"utterances_{variant}.csv"
 
 
-def verified_variants(scheme: str) -> tuple[str, str, str]:
+def verified_variants(scheme: str, references=("qat_fp32",)) -> tuple[str, ...]:
     """The variants the gate compares, in the order the gate names them."""
-    return quantized_variant(scheme), "qat_fp32", ptq_variant(scheme)
+    return tuple(dict.fromkeys((quantized_variant(scheme), *references, ptq_variant(scheme))))
 
 
 def _read_capped(path: Path) -> bytes:
@@ -130,12 +131,14 @@ def read_utterances(path: Path) -> list[tuple[str, str, str]]:
 
 
 def rescore(rows: list[tuple[str, str, str]], bootstrap_samples: int = 0) -> dict:
-    """{"wer", "cer" (percent, rounded to 0.001 as the step records them), "utterances"} of the rows,
+    """{"wer", "cer" (percent, rounded to 0.001 as the step records them), "utterances", "counts"
+    (per-utterance word errors and reference words, for the gate's paired intervals)} of the rows,
     plus "wer_ci" (the 95 % bootstrap interval steps/evaluate.py `Scores.bootstrap` draws, same seed)
     when `bootstrap_samples` is given."""
     counts = [utterance_errors(normalize_french(ref), normalize_french(hyp)) for _, ref, hyp in rows]
     we, w, ce, c = (sum(x[i] for x in counts) for i in range(4))
-    out = {"wer": round(corpus_rate(we, w), 3), "cer": round(corpus_rate(ce, c), 3), "utterances": len(rows)}
+    out = {"wer": round(corpus_rate(we, w), 3), "cer": round(corpus_rate(ce, c), 3), "utterances": len(rows),
+           "counts": ([x[0] for x in counts], [x[1] for x in counts])}
     if bootstrap_samples and rows:
         import numpy as np
 
@@ -170,13 +173,14 @@ def against_home(rows: list[tuple[str, str, str]], test: HomeTestSet, name: str)
     return [(uid, ref, hyp[uid]) for uid, ref in test.refs.items()]
 
 
-def recompute(local_work: Path, scheme: str, test: HomeTestSet, bootstrap_samples: int = 0) -> dict[str, dict]:
+def recompute(local_work: Path, scheme: str, test: HomeTestSet, bootstrap_samples: int = 0,
+              references=("qat_fp32",)) -> dict[str, dict]:
     """{variant: rescore(...)}, each variant's hypotheses scored against home's references: the gate's
-    three variants (raises BadTranscripts when a file is missing, malformed or not the test set),
+    variants (raises BadTranscripts when a file is missing, malformed or not the test set),
     then any other known variant whose transcripts came home and hold the test set (others left out)."""
     out = {v: rescore(against_home(read_utterances(utterances_path(local_work, v)), test,
                                    f"evaluate/utterances_{v}.csv"), bootstrap_samples)
-           for v in verified_variants(scheme)}
+           for v in verified_variants(scheme, references)}
     for v in sorted(KNOWN_VARIANTS - set(out)):
         if utterances_path(local_work, v).is_file():
             try:
@@ -220,29 +224,41 @@ def _word(passed: Any) -> str:
     return "passed" if passed is True else "failed" if passed is False else f"{_num(passed)} (no verdict)"
 
 
-def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path,
-                      test: Optional[HomeTestSet] = None) -> dict:
-    """The gate verdict that decides an upload: `gate_rule` over the WERs recomputed at home.
+def home_gate(cfg: RunConfig, counts: dict) -> dict:
+    """contract/quality.py `gate_rule` with the config's eval settings, as steps/evaluate.py `gate`."""
+    e = cfg.eval
+    return gate_rule(cfg.quant.scheme, counts, max_wer_degradation=e.max_wer_degradation,
+                     references=e.gate_references, confidence=e.confidence, samples=e.bootstrap_samples)
 
-    Returns the gate's shape ({"passed", "scheme", "qat_wer", "qat_fp32_wer", "ptq_wer",
-    "max_wer_degradation", "reasons"}) plus "reason" (the sentence the report and the card print),
-    "verified" (True only when the machine's claims matched its transcripts), "recomputed"
-    ({variant: {"wer", "cer", "utterances"}}) and "claimed" (the machine's verdict, as it said it).
+
+def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path,
+                      test: Optional[HomeTestSet] = None, keep_counts: bool = False) -> dict:
+    """The gate verdict that decides an upload: `gate_rule` over the per-utterance errors recomputed
+    at home (each difference with its paired interval).
+
+    Returns the gate's shape ({"passed", "inconclusive", "scheme", "qat_wer", "qat_fp32_wer",
+    "ptq_wer", "differences", "needed_utterances", "max_wer_degradation", "reasons", ...}) plus
+    "reason" (the sentence the report and the card print), "verified" (True only when the machine's
+    claims matched its transcripts), "recomputed" ({variant: {"wer", "cer", "utterances"}}, plus
+    "counts" when `keep_counts`) and "claimed" (the machine's verdict, as it said it).
     `test` is the test set home holds (tasks/references.py `home_test_set(cfg)` when not given)."""
     scheme, max_deg = cfg.quant.scheme, cfg.eval.max_wer_degradation
     metrics = (evaluate or {}).get("metrics") if isinstance(evaluate, dict) else None
     metrics = metrics if isinstance(metrics, dict) else {}
     claimed = metrics.get("gate")
     if not isinstance(claimed, dict) or not claimed:
-        return {**gate_rule(scheme, max_deg, {}), "passed": False, "reasons": [NO_VERDICT], "reason": NO_VERDICT,
+        return {**home_gate(cfg, {}), "passed": False, "reasons": [NO_VERDICT], "reason": NO_VERDICT,
                 "verified": False, "recomputed": {}, "claimed": None}
     try:
-        rescored = recompute(local_work, scheme, test or home_test_set(cfg), cfg.eval.bootstrap_samples)
+        rescored = recompute(local_work, scheme, test or home_test_set(cfg), cfg.eval.bootstrap_samples,
+                             cfg.eval.gate_references)
     except (BadTranscripts, HomeTestSetUnreadable) as e:
         detail = f"its per-utterance transcripts cannot be checked: {e}"
-        return {**gate_rule(scheme, max_deg, {}), "passed": False, "reasons": [detail],
+        return {**home_gate(cfg, {}), "passed": False, "reasons": [detail],
                 "reason": f"{CLAIM_MISMATCH} ({detail})", "verified": False, "recomputed": {}, "claimed": claimed}
-    ours = gate_rule(scheme, max_deg, {v: r["wer"] for v, r in rescored.items()})
+    ours = home_gate(cfg, {v: r["counts"] for v, r in rescored.items()})
+    if not keep_counts:
+        rescored = {v: {k: x for k, x in r.items() if k != "counts"} for v, r in rescored.items()}
     mismatches = _claim_mismatches(metrics, claimed, rescored, ours, scheme)
     if mismatches:
         return {**ours, "passed": False, "reasons": mismatches,

@@ -42,21 +42,34 @@ def _cfg(scheme="int8", max_deg=0.5):
                          "eval": {"max_wer_degradation": max_deg}})
 
 
+def spread(wer: dict[str, float], n: int = 5000, words: int = 10) -> dict:
+    """{variant: per-utterance (errors, words)} with those corpus WERs: n utterances of `words` words,
+    the errors spread one at a time over them (a model differs from another by one error on a few)."""
+    out = {}
+    for v, pct in wer.items():
+        total = round(pct * n * words / 100)
+        out[v] = ([total // n + (i < total % n) for i in range(n)], [words] * n)
+    return out
+
+
 @pytest.mark.parametrize("wer,passed", [
-    ({"qat_fp32": 20.0, "qat_int8": 20.4, "base_ptq_int8": 25.0}, True),
-    ({"qat_fp32": 20.0, "qat_int8": 20.6, "base_ptq_int8": 25.0}, False),  # lost more than 0.5 points
-    ({"qat_fp32": 20.0, "qat_int8": 20.4, "base_ptq_int8": 20.1}, False),  # no better than plain PTQ
-    ({"qat_fp32": 20.0, "qat_int8": 20.4}, True),  # no PTQ baseline: only the degradation rule
-    ({"qat_fp32": 20.0, "base_ptq_int8": 25.0}, False),  # the quantized QAT model is missing
-    ({"qat_fp32": 20.0, "qat_int4": 19.0, "qat_int8": 30.0}, False),  # scheme int8 is what counts
+    ({"qat_fp32": 20.0, "base_fp32": 20.0, "qat_int8": 20.4, "base_ptq_int8": 25.0}, True),
+    ({"qat_fp32": 20.0, "base_fp32": 20.0, "qat_int8": 20.6, "base_ptq_int8": 25.0}, False),  # lost > 0.5 points
+    ({"qat_fp32": 20.0, "base_fp32": 19.0, "qat_int8": 20.4, "base_ptq_int8": 25.0}, False),  # worse than the baseline
+    ({"qat_fp32": 20.0, "base_fp32": 20.0, "qat_int8": 20.4, "base_ptq_int8": 20.1}, False),  # no better than PTQ
+    ({"qat_fp32": 20.0, "base_fp32": 20.0, "qat_int8": 20.4}, True),  # no PTQ baseline: only the degradation rule
+    ({"qat_fp32": 20.0, "qat_int8": 20.4}, False),  # the baseline was not evaluated
+    ({"qat_fp32": 20.0, "base_fp32": 20.0, "base_ptq_int8": 25.0}, False),  # the quantized QAT model is missing
+    ({"qat_fp32": 20.0, "base_fp32": 20.0, "qat_int4": 19.0, "qat_int8": 30.0}, False),  # int8 is what counts
 ])
 def test_gate(wer, passed):
-    g = evaluate.gate(_cfg(), wer)
+    g = evaluate.gate(_cfg(), spread(wer))
     assert g["passed"] is passed and (g["reasons"] == []) is passed
 
 
 def test_gate_uses_the_configured_scheme():
-    g = evaluate.gate(_cfg("int4", 1.0), {"qat_fp32": 20.0, "qat_int4": 20.9, "base_ptq_int4": 22.0})
+    g = evaluate.gate(_cfg("int4", 1.0), spread({"qat_fp32": 20.0, "base_fp32": 20.0, "qat_int4": 20.9,
+                                                 "base_ptq_int4": 22.0}))
     assert g["passed"] and g["scheme"] == "int4" and g["ptq_wer"] == 22.0
 
 

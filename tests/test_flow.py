@@ -47,8 +47,8 @@ def test_quality_gate_reads_the_measured_verdict(prefect_logger_off, tmp_path):
 
     cfg = load_config("tiny", home_manifest(tmp_path / "home"))
     passing, failing = tmp_path / "passing", tmp_path / "failing"  # the transcripts the verdict is re-scored from
-    write_evaluation(passing, {"qat_fp32": 29.8, "qat_int8": 30.0, "base_ptq_int8": 40.0})
-    write_evaluation(failing, {"qat_fp32": 29.8, "qat_int8": 45.0, "base_ptq_int8": 40.0})
+    write_evaluation(passing, {"base_fp32": 50.0, "qat_fp32": 29.8, "qat_int8": 30.0, "base_ptq_int8": 40.0})
+    write_evaluation(failing, {"base_fp32": 50.0, "qat_fp32": 29.8, "qat_int8": 45.0, "base_ptq_int8": 40.0})
     assert quality_gate.fn(cfg, _results()["evaluate"], passing)["passed"] is True
     failed = quality_gate.fn(cfg, _results(wer_qat=45.0)["evaluate"], failing)
     assert failed["passed"] is False and "45.00%" in failed["reason"]

@@ -54,12 +54,13 @@ def bad_model_on_machine(evil_machine, tmp_path, monkeypatch):  # noqa: F811
     cfg = load_config("tiny", {"eval.max_wer_degradation": 0.5, **home_manifest(tmp_path / "home")})
     honest = tmp_path / "machine"
     write_evaluation(honest, BAD_MODEL)
-    from contract.quality import gate_rule
+    from steps.evaluate import gate
+    from utterance_csv import counts
 
     write_json_atomic(honest / "evaluate" / "result.json", {
         "step": "evaluate", "status": "ok", "config_hash": config_hash(cfg, "evaluate"),
         "metrics": {"wer": BAD_MODEL, "cer": {v: 1.0 for v in BAD_MODEL}, "n_utterances": 10,
-                    "gate": gate_rule("int8", 0.5, BAD_MODEL)}})
+                    "gate": gate(cfg, counts(BAD_MODEL))}})
     m.run(["sh", "-c", "rm -rf qat/work && mkdir -p qat/work"])
     m.put(honest, "qat/work", include=["evaluate"], respect_gitignore=False)
     yield emu, lease, m, cfg

@@ -23,7 +23,7 @@ from steps import evaluate
 from tasks.gate import quality_gate
 from tasks.upload import upload_to_hub
 from tasks.verdict import CLAIM_MISMATCH, COLUMNS, read_utterances, utterances_path, verify_evaluation
-from utterance_csv import home_manifest, write_evaluation, write_variant
+from utterance_csv import counts, home_manifest, write_evaluation, write_variant
 
 WRITE = f"hf_{secrets.token_hex(12)}"
 REPO = "alice/whisper-qat"
@@ -32,7 +32,7 @@ HONEST = {"base_fp32": 50.0, "qat_fp32": 29.8, "qat_int8": 30.0, "base_ptq_int8"
 
 @pytest.fixture
 def cfg(tmp_path):
-    return load_config("tiny", {"hub.repo_id": REPO, "eval.max_wer_degradation": 0.5, **home_manifest(tmp_path / "home")})
+    return load_config("tiny", {"hub.repo_id": REPO, "eval.max_wer_degradation": 1.0, **home_manifest(tmp_path / "home")})
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +52,7 @@ def hub(tmp_path, monkeypatch):
 
 def claim(cfg, wer: dict[str, float], **gate_overrides) -> dict:
     """An evaluate result.json as the step writes it, for these claimed WERs."""
-    gate = evaluate.gate(cfg, wer)
+    gate = evaluate.gate(cfg, counts(wer))
     return {"step": "evaluate", "status": "ok", "metrics": {
         "wer": dict(wer), "cer": {v: 1.0 for v in wer}, "n_utterances": 10, "gate": {**gate, **gate_overrides}}}
 
@@ -80,7 +80,7 @@ def export_dir(work):
 def test_forged_passing_gate_over_failing_transcripts_fails_and_uploads_nothing(cfg, hub, tmp_path):
     work = tmp_path / "work"
     export_dir(work)
-    write_evaluation(work, {"qat_fp32": 29.8, "qat_int8": 60.0, "base_ptq_int8": 40.0})  # what the model said
+    write_evaluation(work, {"base_fp32": 50.0, "qat_fp32": 29.8, "qat_int8": 60.0, "base_ptq_int8": 40.0})  # what the model said
     forged = claim(cfg, HONEST)  # what the machine claims: a pass, with WERs its transcripts do not give
     assert forged["metrics"]["gate"]["passed"] is True
 
@@ -118,7 +118,7 @@ def test_honest_passing_run_uploads_the_export_with_the_orchestrators_verdict(cf
 def test_a_failed_gate_uploads_nothing(cfg, hub, tmp_path):
     work = tmp_path / "work"
     export_dir(work)
-    wer = {"qat_fp32": 20.0, "qat_int8": 25.0, "base_ptq_int8": 40.0}  # 5 points worse than fp32: an honest fail
+    wer = {"base_fp32": 50.0, "qat_fp32": 20.0, "qat_int8": 25.0, "base_ptq_int8": 40.0}  # 5 points worse than fp32: an honest fail
     write_evaluation(work, wer)
     result = claim(cfg, wer)
     gate = quality_gate.fn(cfg, result, work)
@@ -152,7 +152,7 @@ def test_claims_within_a_hundredth_of_a_point_match(cfg, tmp_path):
 
 
 def test_an_honest_failing_claim_that_says_passed_fails_as_a_mismatch(cfg, tmp_path):
-    wer = {"qat_fp32": 20.0, "qat_int8": 25.0, "base_ptq_int8": 40.0}
+    wer = {"base_fp32": 50.0, "qat_fp32": 20.0, "qat_int8": 25.0, "base_ptq_int8": 40.0}
     write_evaluation(tmp_path, wer)
     gate = verify_evaluation(cfg, claim(cfg, wer, passed=True, reasons=[]), tmp_path)
     assert gate["passed"] is False and "claimed the gate passed; on its own transcripts it fails" in gate["reason"]
@@ -249,14 +249,22 @@ def test_no_claim_at_all_fails(cfg, tmp_path):
 # ----------------------------------------------------------------------------- one rule, both sides
 
 @pytest.mark.parametrize("wer", [
-    {"qat_fp32": 10.0, "qat_int8": 10.5, "base_ptq_int8": 12.0},
-    {"qat_fp32": 10.0, "qat_int8": 10.6, "base_ptq_int8": 12.0},
-    {"qat_fp32": 10.0, "qat_int8": 10.2, "base_ptq_int8": 10.1},
+    {"qat_fp32": 10.0, "base_fp32": 10.0, "qat_int8": 10.5, "base_ptq_int8": 12.0},
+    {"qat_fp32": 10.0, "base_fp32": 10.0, "qat_int8": 10.6, "base_ptq_int8": 12.0},
+    {"qat_fp32": 10.0, "base_fp32": 10.0, "qat_int8": 10.2, "base_ptq_int8": 10.1},
     {"qat_fp32": 10.0},
     {},
 ])
-def test_the_step_and_the_orchestrator_apply_the_same_gate_rule(cfg, wer):
-    assert evaluate.gate(cfg, wer) == gate_rule("int8", 0.5, wer)
+def test_the_step_and_the_orchestrator_apply_the_same_gate_rule(cfg, wer, tmp_path):
+    write_evaluation(tmp_path, wer)
+    verdict = verify_evaluation(cfg, claim(cfg, wer), tmp_path, keep_counts=True)
+    counts = {v: r["counts"] for v, r in verdict["recomputed"].items()}
+    machine = evaluate.gate(cfg, counts)
+    assert machine == gate_rule("int8", counts, max_wer_degradation=cfg.eval.max_wer_degradation,
+                                references=cfg.eval.gate_references, confidence=cfg.eval.confidence,
+                                samples=cfg.eval.bootstrap_samples)
+    if len(wer) == 4:
+        assert {k: v for k, v in verdict.items() if k in machine} == machine
 
 
 @settings(max_examples=60, deadline=None)

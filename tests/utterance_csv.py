@@ -46,6 +46,17 @@ def write_variant(work: Path, variant: str, wer_pct: float) -> Path:
     return out
 
 
+def counts(wer: dict[str, float]) -> dict:
+    """{variant: (per-utterance word errors, reference words)} the evaluate step counts on these
+    transcripts: what its gate (steps/evaluate.py `gate`) is given."""
+    out = {}
+    for variant, value in wer.items():
+        _, refs, hyps = transcripts(value)
+        s = score([normalize_french(r) for r in refs], [normalize_french(h) for h in hyps])
+        out[variant] = (s.word_errors, s.words)
+    return out
+
+
 def write_evaluation(work: Path, wer: dict[str, float]) -> None:
     """One CSV per variant of {variant: WER %}."""
     for variant, value in wer.items():

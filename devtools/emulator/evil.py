@@ -206,9 +206,10 @@ def forge_evaluate(src: Path, mode: str) -> dict[str, bytes]:
                     r[0] = f"easy-{i:04d}"
             rows[v] = kept + pad
     out: dict[str, bytes] = {}
-    wer, cer = {}, {}
+    wer, cer, per_utterance = {}, {}, {}
     for v, rs in rows.items():
         counts = [errors(r[1], r[2]) for r in rs]
+        per_utterance[v] = ([c[0] for c in counts], [c[1] for c in counts])
         for r, c in zip(rs, counts):
             r[3:9] = [norm(r[1]), norm(r[2]), *map(str, c)]
         wer[v] = round(rate(sum(c[0] for c in counts), sum(c[1] for c in counts)), 3)
@@ -225,7 +226,9 @@ def forge_evaluate(src: Path, mode: str) -> dict[str, bytes]:
     old_gate = metrics.get("gate") if isinstance(metrics.get("gate"), dict) else {}
     metrics.update(wer={**(metrics.get("wer") or {}), **wer}, cer={**(metrics.get("cer") or {}), **cer},
                    n_utterances=len(rows[quantized]),
-                   gate=gate_rule(quantized[len("qat_"):], old_gate.get("max_wer_degradation", 1.0), wer))
+                   gate=gate_rule(quantized[len("qat_"):], per_utterance,
+                                  max_wer_degradation=old_gate.get("max_wer_degradation", 1.0),
+                                  references=old_gate.get("references") or ("qat_fp32", "base_fp32")))
     out["result.json"] = json.dumps(result, indent=2).encode()
     return out
 

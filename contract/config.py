@@ -189,7 +189,7 @@ class EvalConfig(Strict):
         default=["qat_fp32", "base_fp32"], min_length=1,
         description="what the quantized QAT model is compared with: its own fp32 weights, the baseline model")
     confidence: float = Field(default=0.95, ge=0.5, lt=1, description="of the paired bootstrap intervals")
-    bootstrap_samples: int = Field(default=1000, gt=0, le=1_000_000)
+    bootstrap_samples: int = Field(default=2000, gt=0, le=1_000_000)
     max_new_tokens: int = Field(default=128, gt=0, le=WHISPER_MAX_TOKENS)
     # Where the quantized ONNX variants are scored: "fake_quant" = their PyTorch twin (the fake-quantized
     # model the export is bit-true to) on the machine's device, the export itself confirmed token for token

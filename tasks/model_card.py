@@ -93,11 +93,12 @@ def _training_lines(cfg: RunConfig, train: dict) -> list[str]:
     return lines
 
 
-def render_model_card(cfg: RunConfig, metrics: dict) -> str:
+def render_model_card(cfg: RunConfig, metrics: dict, history: list[str] = ()) -> str:
     """README.md text: YAML metadata (model-index with the measured test WER/CER) + the body.
 
     `metrics`: {"evaluate": {...}, "bench": {...}, "train": {...}, "convert": {...}} (each a step's
-    result.json `metrics`; any may be missing)."""
+    result.json `metrics`; any may be missing). `history`: markdown lines placed after the usage
+    (tasks/champion.py `card_lines`: the comparison with the published model, the previous commits)."""
     scheme, d = cfg.quant.scheme, cfg.data
     ev, train = metrics.get("evaluate") or {}, metrics.get("train") or {}
     repo = cfg.hub.repo_id or f"<owner>/{cfg.name}"
@@ -143,6 +144,7 @@ def render_model_card(cfg: RunConfig, metrics: dict) -> str:
               f'ids = model.generate(inputs.input_features, language="{cfg.model.language}", task="{cfg.model.task}")',
               "print(processor.batch_decode(ids, skip_special_tokens=True))",
               "```", ""]
+    lines += list(history)
     if cfg.hub.private:
         lines += ["The repository is private: log in first (`hf auth login`) or pass `token=...`.", ""]
     if d.source == "hf" and d.dataset in BASE_TRAINING_DATA.get(base, ()):

@@ -85,6 +85,8 @@ def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: 
     lines += ["## Links", "", f"- model: {link.get('url') or link.get('path')}", ""]
     if not link.get("uploaded"):
         lines.append(f"- not uploaded: {md_text(link.get('reason', ''), 2000)}")
+    elif isinstance(link.get("champion"), dict):
+        lines.append(f"- published: {md_text(link['champion'].get('reason', ''), 2000)}")
     return "\n".join(lines)
 
 

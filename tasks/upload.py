@@ -28,16 +28,19 @@ import requests
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from prefect import get_run_logger, task
+from prefect.runtime import flow_run
 
 from contract.catalogue import quantized_variant
 from contract.config import RunConfig
 
 from . import secrets
+from .champion import (EVAL_FILE, card_lines, commit_message, compare, describe, history, read_champion,
+                       revisions_of, utterance_record)
 from .model_card import render_model_card
 from .onnx_check import onnx_problems
 from .retry import retry_transient
 from .scorecard import step_metrics
-from .verdict import verified_metrics, verify_evaluation
+from .verdict import verified_metrics, verify_evaluation, without_counts
 
 log = logging.getLogger(__name__)
 _ENDPOINT_LOCK = threading.Lock()
@@ -214,9 +217,11 @@ def _explain(err: Exception, repo_id: str, endpoint: str, token: str) -> HubUplo
 
 
 def push_model_folder(model_dir: Path, repo_id: str, token: Optional[str], private: bool = True, *, card: str,
-                 endpoint: Optional[str] = None) -> dict:
+                      endpoint: Optional[str] = None, commit_title: Optional[str] = None,
+                      commit_description: str = "", extra_files: Optional[dict[str, bytes]] = None) -> dict:
     """Create (or reuse) `repo_id`, write `card` as README.md into `model_dir` and upload the
-    allowlisted files (`check_model_folder`) with it, in one commit.
+    allowlisted files (`check_model_folder`) with it, plus `extra_files` ({path in the repo: bytes}
+    written at home, e.g. tasks/champion.py's per-utterance errors), in one commit.
 
     Without a token nothing is sent: {"uploaded": False, "reason", "path"}. Otherwise returns
     {"uploaded": True, "url", "commit", "files", "bytes", "private", "path"}; raises HubUploadError
@@ -252,10 +257,12 @@ def push_model_folder(model_dir: Path, repo_id: str, token: Optional[str], priva
         log.info("uploading %d files (%.1f MB) from %s to %s/%s", len(files),
                  sum((model_dir / f).stat().st_size for f in files) / 1e6, model_dir, endpoint, repo_id)
         operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(model_dir / f)) for f in files]
+        operations += [CommitOperationAdd(path_in_repo=p, path_or_fileobj=data) for p, data in (extra_files or {}).items()]
         with _client_endpoint(endpoint):
             commit = api.create_commit(repo_id=repo_id, operations=operations, repo_type="model",
-                                       commit_message=f"Upload {model_dir.name} with its model card")
-        missing = sorted(set(files) - set(api.list_repo_files(repo_id, repo_type="model")))
+                                       commit_message=commit_title or f"Upload {model_dir.name} with its model card",
+                                       commit_description=commit_description)
+        missing = sorted((set(files) | set(extra_files or {})) - set(api.list_repo_files(repo_id, repo_type="model")))
         if missing:
             raise HubUploadError(f"after the commit {repo_id} lacks {len(missing)} files: {missing[:5]}", retryable=True)
     except HubUploadError as e:
@@ -274,7 +281,10 @@ def upload_to_hub(cfg: RunConfig, results: dict, gate: dict, local_work: Path) -
     """Push convert/qat_<scheme> with its card if the gate passed and hub.repo_id is set; else say why not.
 
     The gate is checked again here from the files at home (tasks/verdict.py), so a verdict that
-    is only the machine's word never uploads; the card prints the orchestrator's verdict and figures."""
+    is only the machine's word never uploads; the card prints the orchestrator's verdict and figures.
+    A model already published in the repository is kept when this one is worse on the same test
+    utterances (tasks/champion.py); each upload is its own commit with the run id, the revisions,
+    the figures and that comparison in its message, and `eval/utterances.json` beside the model."""
     run_log = get_run_logger()
     local_work = Path(local_work)
     model_dir = local_work / "convert" / quantized_variant(cfg.quant.scheme)
@@ -283,13 +293,42 @@ def upload_to_hub(cfg: RunConfig, results: dict, gate: dict, local_work: Path) -
         return {"uploaded": False, "reason": "quality gate failed", "path": str(model_dir)}
     if not cfg.hub.repo_id:
         return {"uploaded": False, "reason": "hub.repo_id is not set in the config", "path": str(model_dir)}
-    verdict = verify_evaluation(cfg, results.get("evaluate"), local_work)
+    verdict = verify_evaluation(cfg, results.get("evaluate"), local_work, keep_counts=True)
     if not verdict["passed"]:
         run_log.warning("quality gate failed when checked at home (%s): not uploading; the model stays in %s",
                         verdict["reason"], model_dir)
         return {"uploaded": False, "reason": f"quality gate failed: {verdict['reason']}", "path": str(model_dir)}
-    card = render_model_card(cfg, verified_metrics(step_metrics(results), verdict))
-    out = push_model_folder(model_dir, cfg.hub.repo_id, secrets.hf_token(), private=cfg.hub.private, card=card)
+    mine = verdict["recomputed"][quantized_variant(cfg.quant.scheme)]
+    verdict = {**verdict, "recomputed": without_counts(verdict["recomputed"])}
+    token, run_id, repo = secrets.hf_token(), flow_run.get_id(), cfg.hub.repo_id
+    decision, past, extra, title, description = None, [], None, None, ""
+    if token:  # without one push_model_folder says why nothing is sent
+        decision, past = _champion(cfg, repo, token, mine)
+        if not decision["publish"]:
+            run_log.warning("not uploading: %s", decision["reason"])
+            return {"uploaded": False, "reason": decision["reason"], "path": str(model_dir), "champion": describe(decision)}
+        extra = {EVAL_FILE: utterance_record(cfg, mine["ids"], *mine["counts"], run_id)}
+        title, description = commit_message(cfg, verdict, decision, run_id, revisions_of(cfg, results))
+    card = render_model_card(cfg, verified_metrics(step_metrics(results), verdict), card_lines(decision, past))
+    out = push_model_folder(model_dir, repo, token, private=cfg.hub.private, card=card, commit_title=title,
+                            commit_description=description, extra_files=extra)
     run_log.info("upload: %s", out.get("url") or out.get("reason"))
     out.setdefault("path", str(model_dir))
+    if decision is not None:
+        out["champion"] = describe(decision)
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+
+
+def _champion(cfg: RunConfig, repo: str, token: str, mine: dict) -> tuple[dict, list[str]]:
+    """tasks/champion.py's decision for this run's model and the repository's history; a Hub error
+    becomes a HubUploadError (token-free, retryable when it may pass)."""
+    endpoint = resolve_endpoint(None)
+    api = HfApi(endpoint=endpoint, token=token)
+    failure: Optional[HubUploadError] = None
+    try:
+        found, past = read_champion(api, repo, cfg), history(api, repo)
+    except (HfHubHTTPError, requests.RequestException, OSError) as e:
+        failure = _explain(e, repo, endpoint, token)
+    if failure is not None:  # raised outside the except block: no chained context holding the request
+        raise failure
+    return compare(cfg, found, mine["ids"], *mine["counts"]), past

@@ -132,13 +132,13 @@ def read_utterances(path: Path) -> list[tuple[str, str, str]]:
 
 def rescore(rows: list[tuple[str, str, str]], bootstrap_samples: int = 0) -> dict:
     """{"wer", "cer" (percent, rounded to 0.001 as the step records them), "utterances", "counts"
-    (per-utterance word errors and reference words, for the gate's paired intervals)} of the rows,
+    (per-utterance word errors and reference words, for the gate's paired intervals), "ids"} of the rows,
     plus "wer_ci" (the 95 % bootstrap interval steps/evaluate.py `Scores.bootstrap` draws, same seed)
     when `bootstrap_samples` is given."""
     counts = [utterance_errors(normalize_french(ref), normalize_french(hyp)) for _, ref, hyp in rows]
     we, w, ce, c = (sum(x[i] for x in counts) for i in range(4))
     out = {"wer": round(corpus_rate(we, w), 3), "cer": round(corpus_rate(ce, c), 3), "utterances": len(rows),
-           "counts": ([x[0] for x in counts], [x[1] for x in counts])}
+           "counts": ([x[0] for x in counts], [x[1] for x in counts]), "ids": [uid for uid, _, _ in rows]}
     if bootstrap_samples and rows:
         import numpy as np
 
@@ -240,7 +240,7 @@ def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path
     "ptq_wer", "differences", "needed_utterances", "max_wer_degradation", "reasons", ...}) plus
     "reason" (the sentence the report and the card print), "verified" (True only when the machine's
     claims matched its transcripts), "recomputed" ({variant: {"wer", "cer", "utterances"}}, plus
-    "counts" when `keep_counts`) and "claimed" (the machine's verdict, as it said it).
+    "counts" and "ids" when `keep_counts`) and "claimed" (the machine's verdict, as it said it).
     `test` is the test set home holds (tasks/references.py `home_test_set(cfg)` when not given)."""
     scheme, max_deg = cfg.quant.scheme, cfg.eval.max_wer_degradation
     metrics = (evaluate or {}).get("metrics") if isinstance(evaluate, dict) else None
@@ -258,7 +258,7 @@ def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path
                 "reason": f"{CLAIM_MISMATCH} ({detail})", "verified": False, "recomputed": {}, "claimed": claimed}
     ours = home_gate(cfg, {v: r["counts"] for v, r in rescored.items()})
     if not keep_counts:
-        rescored = {v: {k: x for k, x in r.items() if k != "counts"} for v, r in rescored.items()}
+        rescored = without_counts(rescored)
     mismatches = _claim_mismatches(metrics, claimed, rescored, ours, scheme)
     if mismatches:
         return {**ours, "passed": False, "reasons": mismatches,
@@ -266,6 +266,11 @@ def verify_evaluation(cfg: RunConfig, evaluate: Optional[dict], local_work: Path
                 "verified": False, "recomputed": rescored, "claimed": claimed}
     return {**ours, "reason": gate_sentence(ours, scheme, max_deg), "verified": True, "recomputed": rescored,
             "claimed": claimed}
+
+
+def without_counts(recomputed: dict[str, dict]) -> dict[str, dict]:
+    """`recomputed` without the per-utterance "counts" and "ids" (what the report and the card keep)."""
+    return {v: {k: x for k, x in r.items() if k not in ("counts", "ids")} for v, r in recomputed.items()}
 
 
 def verified_metrics(metrics: dict, verdict: dict) -> dict:

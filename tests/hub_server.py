@@ -1,6 +1,6 @@
 """An offline stand-in for the Hugging Face Hub: the HTTP endpoints `huggingface_hub` calls to upload.
 
-Serves whoami, repo create / settings / info / tree, README metadata validation, preupload,
+Serves whoami, repo create / settings / info / tree / commit list, README metadata validation, preupload,
 the git-LFS batch API with basic transfer (a one-time upload URL it serves, like a pre-signed S3
 URL) + verify, the NDJSON commit endpoint and file download (resolve). Repositories live on disk
 under `root/repos/<owner>/<name>/` (`meta.json` + `files/`), LFS objects under `root/lfs/`.
@@ -243,7 +243,8 @@ class HubState:
             listing = json.dumps(sorted(files.items()), sort_keys=True)
             oid = hashlib.sha1(f"{meta['sha']}\n{header.get('summary')}\n{time.time_ns()}\n{listing}".encode()).hexdigest()
             meta.update(sha=oid, files=files, lastModified=_now())
-            meta["commits"].append({"oid": oid, "summary": header.get("summary", ""), "date": meta["lastModified"]})
+            meta["commits"].append({"oid": oid, "summary": header.get("summary", ""),
+                                    "description": header.get("description", ""), "date": meta["lastModified"]})
             self.save_meta(repo_id, meta)
             return oid
 
@@ -430,6 +431,16 @@ def _info(h: _Handler, g, q, body, method):
     if g.get("rev"):
         _check_rev(g["rev"], meta)
     h._send(200, h.state.info(g["repo"], meta))
+
+
+@_route("GET", rf"/api/models/{REPO}/commits/{REV}")
+def _commits(h: _Handler, g, q, body, method):
+    """The commit list, newest first, as the Hub pages it (one page here)."""
+    meta = h.state.need_read(h.who(), g["repo"])
+    _check_rev(g["rev"], meta)
+    h._send(200, [{"id": c["oid"], "title": c["summary"], "message": c.get("description", ""),
+                   "authors": [{"user": g["repo"].split("/")[0]}], "date": c["date"]}
+                  for c in reversed(meta["commits"])])
 
 
 @_route("GET", rf"/api/models/{REPO}/tree/{REV}(?:/(?P<path>.+))?")

@@ -101,7 +101,8 @@ def gate_rule(scheme: str, counts: Mapping[str, Counts], *, max_wer_degradation:
             reasons.append(f"{qname} and {other}: {e}")
             continue
         differences[other] = d
-        shown = f"{qname} - {other} = {d['diff']:+.2f} points ({confidence:.0%} interval {d['low']:+.2f} to {d['high']:+.2f})"
+        shown = (f"{qname} - {other} = {d['diff']:+.2f} points ({confidence * 100:g} % interval "
+                 f"{d['low']:+.2f} to {d['high']:+.2f})")
         if other == pname:
             if d["diff"] > 0:
                 reasons.append(f"{qname} WER {wer[qname]:.2f} > {pname} WER {wer[pname]:.2f}: {shown}")

@@ -97,7 +97,8 @@ def test_the_honest_failing_run_verifies_and_is_recorded(bad_model_on_machine):
     _, local_work = open_run_dir(cfg, run_id="honest")
     fetch_outputs(m, "evaluate", local_work, succeeded=True)
     gate = quality_gate.fn(cfg, read_result(local_work, "evaluate"), local_work)
-    assert gate["verified"] is True and gate["passed"] is False and "60.00 > qat_fp32" in " ".join(gate["reasons"])
+    assert gate["verified"] is True and gate["passed"] is False \
+        and "qat_int8 - qat_fp32 = +30.20 points" in " ".join(gate["reasons"])
     assert done_at_home(cfg, local_work, "evaluate")
     _, reused = open_run_dir(cfg, run_id="honest-next")
     assert done_at_home(cfg, reused, "evaluate")

@@ -20,6 +20,7 @@ from contract.normalize import normalize_french
 from contract.quality import gate_rule, utterance_errors
 from hub_server import HubServer
 from steps import evaluate
+from tasks.champion import EVAL_FILE
 from tasks.gate import quality_gate
 from tasks.upload import upload_to_hub
 from tasks.verdict import CLAIM_MISMATCH, COLUMNS, read_utterances, utterances_path, verify_evaluation
@@ -110,7 +111,7 @@ def test_honest_passing_run_uploads_the_export_with_the_orchestrators_verdict(cf
     link = upload_to_hub.fn(cfg, {"evaluate": result}, gate, work)
     assert link["uploaded"] is True
     remote = set(hub.repo_files(REPO)) - {".gitattributes"}
-    assert remote == {p.name for p in model.iterdir()}
+    assert remote == {p.name for p in model.iterdir()} | {EVAL_FILE}  # the per-utterance errors beside it
     card = hub.file_bytes(REPO, "README.md").decode()
     assert "evil" not in card and "Quality gate **passed**" in card and "30.00" in card
 

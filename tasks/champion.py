@@ -21,6 +21,7 @@ repository's history from the Hub's commit list (`history`).
 from __future__ import annotations
 
 import json
+import tempfile
 from typing import Any, Optional, Sequence
 
 from huggingface_hub import HfApi
@@ -58,17 +59,22 @@ def read_champion(api: HfApi, repo_id: str, cfg: RunConfig) -> dict:
         why = (f"the published model has no {EVAL_FILE} to compare with (uploaded before these files or by hand)"
                if model else None)
         return {"champion": None, "why": why, "run_id": None}
+    with tempfile.TemporaryDirectory() as tmp:  # not kept in the user's Hub cache
+        try:  # a network error propagates: no comparison is no reason to publish
+            path = api.hf_hub_download(repo_id, EVAL_FILE, repo_type="model", cache_dir=tmp)
+        except EntryNotFoundError:
+            return {"champion": None, "why": f"{EVAL_FILE} vanished while read", "run_id": None}
+        try:
+            data = load_file(path, MAX_EVAL_BYTES)
+        except (UnsafeJSON, OSError) as e:
+            return {"champion": None, "why": f"the published {EVAL_FILE} is not readable ({md_text(e, 120)})",
+                    "run_id": None}
     try:
-        path = api.hf_hub_download(repo_id, EVAL_FILE, repo_type="model")
-    except EntryNotFoundError:
-        return {"champion": None, "why": f"{EVAL_FILE} vanished while read", "run_id": None}
-    try:
-        data = load_file(path, MAX_EVAL_BYTES)
         rows = data["utterances"]
         champion = {str(i): (int(e), int(w)) for i, e, w in rows}
         if len(champion) != len(rows) or any(e < 0 or w < 0 for e, w in champion.values()):
             raise ValueError("duplicate ids or negative counts")
-    except (UnsafeJSON, ValueError, TypeError, KeyError, OSError) as e:
+    except (ValueError, TypeError, KeyError) as e:
         return {"champion": None, "why": f"the published {EVAL_FILE} is not readable ({md_text(e, 120)})",
                 "run_id": None}
     if data.get("config") != cfg.name or data.get("scheme") != cfg.quant.scheme:

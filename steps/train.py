@@ -9,7 +9,9 @@ Reads DIR/prepare/{train,dev}/, writes DIR/train/:
 
 Data order is a pure function of (seed, epoch), and a checkpoint stores how many micro-batches
 were consumed, so `--resume` continues exactly where the run stopped (compiled blocks too: labels
-are padded to one length, so each compiled kernel depends on its batch shape alone).
+are padded to one length, so each compiled kernel depends on its batch shape alone). On N GPUs (or
+train.nproc CPU processes) each rank takes its share of that order and rank 0 alone writes:
+steps/distributed.py.
 
 The model, QAT, checkpointing, compilation, optimizer and the optimizer step itself are
 steps/train_loop.py's Trainer, the code benchmarks/gpu_probe.py times on a GPU. Metrics keep the

@@ -106,7 +106,7 @@ def off_course(a: dict, b: dict) -> float:
 
 # The same samples in every optimizer step, summed in another order (per rank, then the all-reduce):
 # float32 rounding, which AdamW's normalized update can turn into a fraction of a step on weights
-# whose gradient is near zero; a different data order or a rank reading the wrong shard ends ~100 % apart.
+# whose gradient is near zero; a different data order or a rank reading the wrong shard ends far outside it.
 TOLERANCE = 0.01
 
 
@@ -174,3 +174,17 @@ def test_ddp_wraps_the_prepared_model_with_compiled_blocks(two_processes, tmp_pa
     m = json.loads((tmp_path / "train/result.json").read_text())["metrics"]
     assert m["compiled"] is True and m["world_size"] == 2
     assert off_course(weights(d2), weights(tmp_path)) < TOLERANCE
+
+
+def test_a_process_count_that_does_not_divide_grad_accum_is_refused_before_renting():
+    from contract.config import ConfigError
+    from contract.result_file import config_hash
+
+    base = {"name": "t", "model": {"name_or_path": "fixture:tiny-random"}, "data": {"source": "hf", "dataset": "none"},
+            "quant": {"scheme": "int8"}}
+    with pytest.raises(ConfigError, match=r"train.grad_accum 4 is not a multiple of train.nproc 3"):
+        parse_config({**base, "train": {"grad_accum": 4, "nproc": 3}, "machine": {"gpu": "none"}})
+    with pytest.raises(ConfigError, match=r"train.grad_accum 4 is not a multiple of machine.vast.num_gpus 8"):
+        parse_config({**base, "train": {"grad_accum": 4}, "machine": {"vast": {"num_gpus": 8}}})
+    two, one = (parse_config({**base, "train": {"grad_accum": 4, "nproc": n}, "machine": {"gpu": "none"}}) for n in (2, 1))
+    assert config_hash(two, "train") == config_hash(one, "train")  # how many processes train is not what is trained

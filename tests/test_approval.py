@@ -1,0 +1,134 @@
+"""A person's approval before the upload (hub.approval: required), under the real stack: Prefect
+server, a Runner serving the qat deployment, the Vast.ai emulator with real sshd, the local Hub.
+
+Each run is suspended after the machine is destroyed and the gate passed: no machine, no process.
+The form is answered through Prefect's API (`resume_flow_run` with `run_input`), as a user or the
+dashboard's Resume button does; the answered run re-runs from the top and rents nothing."""
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+
+from devtools.services import wait_for
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "hf_approval" + secrets.token_hex(8)
+FAST = {"train.max_steps": 2, "train.save_every": 2, "train.eval_every": 2, "data.max_eval_samples": 2,
+        "bench.max_clips": 1, "eval.bootstrap_samples": 20, "name": "approval", "hub.approval": "required"}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    from hub_server import HubServer
+
+    with HubServer(tmp_path_factory.mktemp("hub"), tokens={TOKEN: ("reviewer", "write")}) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def stack_options(hub) -> dict:
+    return {"env": {"HF_TOKEN": TOKEN, "HF_ENDPOINT": hub.url}, "reaper": False}
+
+
+def _suspended(stack, run_id: str, timeout: float = 1200):
+    """Wait until the run is suspended and its process has exited; returns the state."""
+    state = wait_for(lambda: (s := stack.state(run_id)) is not None and (s.is_paused() or s.is_final()) and s,
+                     timeout, 1, f"flow run {run_id} to ask for approval")
+    assert state.is_paused() and state.name == "Suspended", (state.type, state.name, state.message)
+    wait_for(lambda: stack.flow_pid(run_id) is None, 120, 1, "the suspended run's process to exit")
+    return state
+
+
+def _answer(stack, run_id: str, **run_input) -> None:
+    from prefect.flow_runs import resume_flow_run
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        resume_flow_run(UUID(run_id), run_input=run_input)
+
+
+def _report(stack, run_id: str) -> str:
+    """The newest version of the run's report artifact."""
+    reports = [a for a in stack.artifacts(run_id) if a.key == "qat-approval-report"]
+    return max(reports, key=lambda a: a.created).data
+
+
+def _form(stack, run_id: str) -> str:
+    with stack.client() as c:
+        return c.read_flow_run_input(UUID(run_id), "suspended-approval-description")
+
+
+def _nothing_rented_while_waiting(stack, run_id: str) -> None:
+    """The machine was destroyed before the wait: no live instance, every one ended."""
+    assert stack.instances(run_id) and not stack.live(run_id), stack.instances(run_id)
+
+
+def _rents(stack, run_id: str) -> int:
+    return sum(1 for name, _ in stack.task_states(run_id) if name.startswith("rent machine"))
+
+
+def _run_dir(stack, run_id: str) -> Path:
+    dirs = sorted((stack.runs_dir / "approval").glob(f"*-{run_id}"))
+    assert len(dirs) == 1, dirs  # the re-run after the answer found its own run directory again
+    return dirs[0]
+
+
+def test_reject_uploads_nothing_and_the_report_says_who(stack, hub):
+    repo = "reviewer/approval-reject"
+    run_id = stack.submit(overrides={**FAST, "hub.repo_id": repo})
+    _suspended(stack, run_id)
+    _nothing_rented_while_waiting(stack, run_id)
+    form = _form(stack, run_id)
+    assert "Quality gate **passed**" in form and "qat_int8" in form and "qat-approval-report" in form, form
+    assert "file://" in form and repo in form, form
+    waiting = _report(stack, run_id)
+    assert "waiting since" in waiting and "nothing is uploaded" in waiting, waiting
+
+    with pytest.raises(RuntimeError, match="by"):  # the form needs a name: refused, still suspended
+        _answer(stack, run_id, decision="reject", note="no name")
+    assert stack.state(run_id).is_paused()
+
+    _answer(stack, run_id, decision="reject", by="Alice", note="WER too close to the limit")
+    state = stack.wait_final(run_id, 900)
+    assert state.is_completed(), state.message
+    assert hub.repo_files(repo) == {}
+    report = _report(stack, run_id)
+    assert "approval: rejected by Alice on " in report and "WER too close to the limit" in report, report
+    assert "nothing was uploaded" in report
+    assert "## Machine" in report  # the bill of the first pass came back from the run directory
+    # The re-run rented nothing: one machine in all, one rent task, the same run directory.
+    assert len(stack.instances(run_id)) == 1 and _rents(stack, run_id) == 1
+    record = json.loads((_run_dir(stack, run_id) / "approval.json").read_text())
+    assert record["answer"]["decision"] == "reject" and record["answer"]["by"] == "Alice"
+
+
+def test_approve_uploads_with_the_note_in_the_report(stack, hub):
+    repo = "reviewer/approval-approve"
+    run_id = stack.submit(overrides={**FAST, "hub.repo_id": repo})
+    _suspended(stack, run_id)
+    assert hub.repo_files(repo) == {}  # nothing before the answer
+    _answer(stack, run_id, decision="approve", by="Bob", note="checked the scorecard")
+    state = stack.wait_final(run_id, 900)
+    assert state.is_completed(), state.message
+    assert any(name.endswith(".onnx") for name in hub.repo_files(repo)), hub.repo_files(repo)
+    report = _report(stack, run_id)
+    assert "approval: approved by Bob on " in report and "checked the scorecard" in report, report
+    assert _rents(stack, run_id) <= 1
+    _run_dir(stack, run_id)
+
+
+def test_no_answer_by_the_timeout_uploads_nothing(stack, hub):
+    repo = "reviewer/approval-timeout"
+    run_id = stack.submit(overrides={**FAST, "hub.repo_id": repo, "hub.approval_timeout_hours": 0.01})
+    _suspended(stack, run_id)
+    assert not stack.live(run_id)
+    state = stack.wait_final(run_id, 300)
+    assert state.is_failed() and "never resumed" in (state.message or ""), state.message
+    assert hub.repo_files(repo) == {}
+    report = _report(stack, run_id)
+    assert "no answer by" in report and "nothing is uploaded" in report, report

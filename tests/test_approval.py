@@ -15,12 +15,44 @@ import pytest
 
 from devtools.services import wait_for
 
-pytestmark = pytest.mark.slow
-
 TOKEN = "hf_approval" + secrets.token_hex(8)
 FAST = {"train.max_steps": 2, "train.save_every": 2, "train.eval_every": 2, "data.max_eval_samples": 2,
         "bench.max_clips": 1, "eval.bootstrap_samples": 20, "name": "approval", "hub.approval": "required"}
 
+
+# ------------------------------------------------------------------ the config and the report line
+
+def test_scheduled_configs_require_approval_and_the_unattended_ones_do_not():
+    import yaml
+
+    from contract.config import ConfigError, HubConfig, load_config
+    from contract.layout import REPO_ROOT
+
+    assert HubConfig().approval == "required"  # a config that says nothing asks a person
+    deployed = {d["parameters"]["config"] for d in yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())["deployments"]
+                if d["entrypoint"] == "flows/qat.py:qat"}
+    assert deployed == {"int8", "int4", "demo"}
+    for name in ("int8", "int4"):
+        assert load_config(name).hub.approval == "required"
+    for name in ("demo", "tiny"):  # make demo and the tests run without anyone answering
+        assert load_config(name).hub.approval == "none"
+    for bad in ({"hub.approval": "yes"}, {"hub.approval_timeout_hours": 0}, {"hub.approval_timeout_hours": 10**6}):
+        with pytest.raises(ConfigError, match="hub.approval"):
+            load_config("tiny", bad)
+
+
+def test_the_report_says_who_answered_with_the_note_escaped():
+    from contract.config import load_config
+    from tasks.report import render_report
+
+    md = render_report(load_config("tiny"), None, {}, [], {}, {"passed": True, "reason": "ok"},
+                       {"uploaded": False, "path": "/x", "reason": "approval: rejected"},
+                       {"line": "rejected by Eve on 2026-12-06 10:00 UTC: see <img src=x> | [link](http://e)"})
+    line = next(x for x in md.splitlines() if x.startswith("- approval: "))
+    assert "rejected by Eve on 2026-12-06 10:00 UTC" in line and "<img" not in line and "](http" not in line, line
+
+
+# ------------------------------------------------------------------ end to end (real everything)
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
@@ -78,6 +110,7 @@ def _run_dir(stack, run_id: str) -> Path:
     return dirs[0]
 
 
+@pytest.mark.slow
 def test_reject_uploads_nothing_and_the_report_says_who(stack, hub):
     repo = "reviewer/approval-reject"
     run_id = stack.submit(overrides={**FAST, "hub.repo_id": repo})
@@ -107,6 +140,7 @@ def test_reject_uploads_nothing_and_the_report_says_who(stack, hub):
     assert record["answer"]["decision"] == "reject" and record["answer"]["by"] == "Alice"
 
 
+@pytest.mark.slow
 def test_approve_uploads_with_the_note_in_the_report(stack, hub):
     repo = "reviewer/approval-approve"
     run_id = stack.submit(overrides={**FAST, "hub.repo_id": repo})
@@ -122,6 +156,7 @@ def test_approve_uploads_with_the_note_in_the_report(stack, hub):
     _run_dir(stack, run_id)
 
 
+@pytest.mark.slow
 def test_no_answer_by_the_timeout_uploads_nothing(stack, hub):
     repo = "reviewer/approval-timeout"
     run_id = stack.submit(overrides={**FAST, "hub.repo_id": repo, "hub.approval_timeout_hours": 0.01})

@@ -11,7 +11,8 @@ again and it re-runs from the top: its run directory is found by the flow run id
 at home (nothing is rented), the gate is recomputed, and here the answer is read and the bill of the
 first pass comes back from approval.json. Unanswered by `hub.approval_timeout_hours`, the Prefect
 server fails the run: nothing is uploaded, as the report published before the wait says. A flow
-called directly (no deployment, nothing to reschedule it) waits in its own process (`pause_flow_run`).
+called directly (no deployment, nothing to reschedule it) waits in its own process (`pause_flow_run`),
+and fails the same way at the deadline.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from typing import Literal, Optional
 
 from prefect import get_client, get_run_logger
 from prefect.context import FlowRunContext
-from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
@@ -121,7 +121,8 @@ def await_approval(cfg: RunConfig, gate: dict, run_dir: Path, lease: Optional[Le
         waiting = (f"waiting since {_when(asked)} for a person to approve or reject the upload (the run's "
                    f"\"Resume\" form in Prefect); no answer by {_when(deadline)}: nothing is uploaded and the run fails")
         publish_report(cfg, lease, results, costs, estimate, gate,
-                       {"uploaded": False, "reason": waiting, "path": _model_dir(cfg, run_dir)}, run_dir,
+                       {"uploaded": False, "reason": "waiting for a person's approval", "path": _model_dir(cfg, run_dir)},
+                       run_dir,
                        approval={"line": waiting})
     else:
         lease, costs, estimate = _bill(record)
@@ -129,15 +130,11 @@ def await_approval(cfg: RunConfig, gate: dict, run_dir: Path, lease: Optional[Le
     form = ApprovalForm.with_initial_data(description=describe(cfg, gate, results, run_dir, deadline))
     seconds = max(1, round((deadline - _now()).total_seconds()))
     log.info("waiting for approval of the upload to %s until %s", cfg.hub.repo_id, _when(deadline))
-    try:
-        if FlowRunContext.get().flow_run.deployment_id:
-            answer = suspend_flow_run(wait_for_input=form, key=KEY, timeout=seconds)
-        else:
-            answer = pause_flow_run(wait_for_input=form, key=KEY, timeout=seconds)
-    except FlowPauseTimeout:
-        line = f"no answer by {_when(deadline)}: nothing was uploaded"
-        return ({"upload": False, "line": line, "link": {"uploaded": False, "reason": f"approval: {line}",
-                                                         "path": _model_dir(cfg, run_dir)}}, lease, costs, estimate)
+    # Unanswered by the deadline: the server fails a suspended run; pause_flow_run raises FlowPauseTimeout.
+    if FlowRunContext.get().flow_run.deployment_id:
+        answer = suspend_flow_run(wait_for_input=form, key=KEY, timeout=seconds)
+    else:
+        answer = pause_flow_run(wait_for_input=form, key=KEY, timeout=seconds)
     at = _answered_at(answer)
     approved = answer.decision == "approve"
     line = (f"{'approved' if approved else 'rejected'} by {answer.by} on {_when(at)}"

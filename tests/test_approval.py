@@ -167,3 +167,40 @@ def test_no_answer_by_the_timeout_uploads_nothing(stack, hub):
     assert hub.repo_files(repo) == {}
     report = _report(stack, run_id)
     assert "no answer by" in report and "nothing is uploaded" in report, report
+
+
+@pytest.mark.slow
+def test_a_direct_call_waits_in_its_own_process(stack, hub, monkeypatch):
+    """Called from Python, no deployment can reschedule the run: it waits paused in the caller's
+    process, and an answer through the API lets it go on."""
+    import threading
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.qat import qat
+
+    for key, value in (("QAT_RUNS_DIR", str(stack.runs_dir)), ("VAST_API_KEY", stack.api_key), ("VAST_URL", stack.emu.url)):
+        monkeypatch.setenv(key, value)
+    repo = "reviewer/approval-direct"
+    answered: list[str] = []
+
+    def answer():
+        paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["PAUSED"])))
+        def find():
+            with stack.client() as c:
+                return [r for r in c.read_flow_runs(flow_run_filter=paused) if r.deployment_id is None]
+
+        run = wait_for(find, 1200, 2, "the direct call to pause")[0]
+        assert run.state.name == "Paused"
+        _answer(stack, str(run.id), decision="reject", by="Carol", note="direct")
+        answered.append(str(run.id))
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        state = qat(config="tiny", overrides={**FAST, "hub.repo_id": repo}, return_state=True)
+    thread.join(timeout=60)
+    assert answered and state.is_completed(), state.message
+    assert state.result()["approval"].startswith("rejected by Carol on ")
+    assert hub.repo_files(repo) == {}

@@ -225,6 +225,11 @@ class HubConfig(Strict):
     private: bool = True
     license: str = Field(default="mit", pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]{0,63}$",
                          description="a Hub license id (mit, apache-2.0, cc-by-4.0, other): letters, digits, '.+-'")
+    approval: Literal["required", "none"] = Field(default="required", description=(
+        "required: once the gate passed, nothing is uploaded until a person approves the run in Prefect's "
+        "input form (the run waits suspended, no machine rented); none: a passing run uploads at once"))
+    approval_timeout_hours: float = Field(default=72, gt=0, le=24 * 30, description=(
+        "how long an approval request waits for an answer; none by then: nothing is uploaded and the run fails"))
 
     @field_validator("repo_id")
     @classmethod

@@ -1,11 +1,12 @@
 """The `qat` flow: rent a GPU, train a quantization-aware French Whisper, ship it, give the GPU back.
 
     validate -> estimate -> rent -> push -> set up -> prepare -> train -> convert -> bench
-             -> evaluate -> destroy -> quality gate -> upload -> report
+             -> evaluate -> destroy -> quality gate -> approval -> upload -> report
 
-The machine is destroyed in a `finally` as soon as the remote work is over (gate, upload and the
-report run from the outputs already copied home); `on_crashed` / `on_cancellation` hooks and the
-`reap` flow find it by its label if this process dies.
+The machine is destroyed in a `finally` as soon as the remote work is over (gate, approval, upload
+and the report run from the outputs already copied home); `on_crashed` / `on_cancellation` hooks and
+the `reap` flow find it by its label if this process dies. With `hub.approval: required` the run is
+suspended until a person answers, then re-runs from the top and finds every step done at home.
 """
 # No `from __future__ import annotations` here: Prefect validates the flow's parameters from
 # its real annotations (a served flow fails on string annotations).
@@ -14,6 +15,7 @@ from typing import Any, Literal, Optional
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from tasks.approval import await_approval
 from tasks.billing import total_usd
 from tasks.gate import quality_gate
 from tasks.labels import run_label
@@ -60,13 +62,15 @@ def qat(config: str = "int8",
         results = results_at_home(local_work)
 
     gate = quality_gate(cfg, results.get("evaluate"), local_work)
+    # May suspend this run until a person answers; on the re-run the bill comes back from the run dir.
+    approval, lease, costs, estimate = await_approval(cfg, gate, run_dir, lease, results, costs, estimate)
     link: dict = {"uploaded": False, "reason": "the upload failed: see the flow's error"}
     try:
-        link = upload_to_hub(cfg, results, gate, local_work)
+        link = upload_to_hub(cfg, results, gate, local_work) if approval["upload"] else approval["link"]
     finally:  # a refused or failed upload still gets its report
-        publish_report(cfg, lease, results, costs, estimate, gate, link, run_dir)
+        publish_report(cfg, lease, results, costs, estimate, gate, link, run_dir, approval)
     total = total_usd(costs)
     log.info("done: gate %s, total cost $%.4f, model %s", "passed" if gate.get("passed") else "FAILED", total,
              link.get("url") or link.get("path"))
-    return {"config": cfg.name, "gate": gate, "link": link, "cost_usd": total,
+    return {"config": cfg.name, "gate": gate, "approval": approval["line"], "link": link, "cost_usd": total,
             "metrics": {s: (results.get(s) or {}).get("metrics", {}) for s in STEPS}}

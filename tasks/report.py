@@ -52,7 +52,7 @@ def chart_png(rows: list[dict]) -> Optional[bytes]:
 
 
 def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: list[dict],
-                  estimate: dict, gate: dict, link: dict) -> str:
+                  estimate: dict, gate: dict, link: dict, approval: Optional[dict] = None) -> str:
     metrics = verified_metrics(step_metrics(results), gate or {})
     rows = results_table(cfg.quant.scheme, metrics)
     totals = [r for r in costs if r["step"].endswith("total")]
@@ -87,6 +87,8 @@ def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: 
         lines.append(f"- not uploaded: {md_text(link.get('reason', ''), 2000)}")
     elif isinstance(link.get("champion"), dict):
         lines.append(f"- published: {md_text(link['champion'].get('reason', ''), 2000)}")
+    if approval:  # tasks/approval.py: who approved or rejected the upload, when, their note
+        lines.append(f"- approval: {md_text(approval['line'], 2400)}")
     return "\n".join(lines)
 
 
@@ -105,9 +107,9 @@ def publish_cost_table(cfg: RunConfig, costs: list[dict]) -> None:
 
 @task(name="publish report")
 def publish_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: list[dict], estimate: dict,
-                   gate: dict, link: dict, run_dir: Path) -> dict:
+                   gate: dict, link: dict, run_dir: Path, approval: Optional[dict] = None) -> dict:
     key = f"qat-{cfg.name}"
-    md = render_report(cfg, lease, results, costs, estimate, gate, link)
+    md = render_report(cfg, lease, results, costs, estimate, gate, link, approval)
     report_dir = run_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "report.md").write_text(md)

@@ -173,7 +173,7 @@ def run(ctx: StepContext) -> dict:
     metrics: dict = {"wer": {}, "cer": {}, "wer_ci": {}, "cer_ci": {}, "n_utterances": len(test),
                      "variants": {}, "missing": missing, "quantized_on": mode}
     done, total = 0, len(variants) * len(audios)
-    opts = dict(threads=threads, language=cfg.model.language, task=cfg.model.task)
+    opts = dict(threads=threads, language=cfg.model.language, task=cfg.model.task, revision=cfg.model.revision)
 
     def transcribe(t, bs: int, name: str) -> list[str]:
         nonlocal done

@@ -134,3 +134,19 @@ def step_inputs(cfg, sections: tuple[str, ...]) -> dict[str, str]:
     if "model" in sections:
         inputs["model"] = model_fingerprint(cfg.model.name_or_path, cfg.model.revision)
     return inputs
+
+
+def inputs_in_words(cfg) -> dict[str, str]:
+    """What the model and the data are, as the step hash records them, in words (report and card)."""
+    m, d = cfg.model, cfg.data
+    if m.name_or_path.startswith(FIXTURE_PREFIX):
+        model = f"{m.name_or_path}, built by the pushed code (its hash covers it)"
+    elif Path(m.name_or_path).is_absolute():
+        model = f"local folder {m.name_or_path}, content hash {model_fingerprint(m.name_or_path).split(':')[-1]}"
+    else:
+        model = f"Hub model {m.name_or_path} at commit {m.revision or 'unresolved'}"
+    if d.source == "hf":
+        data = f"Hub dataset {d.dataset}" + (f" ({d.config})" if d.config else "") + f" at commit {d.revision or 'unresolved'}"
+    else:
+        data = f"manifest {d.manifest}, content hash {data_fingerprint(d).split(':')[-1]} (manifest and audio bytes)"
+    return {"model": model, "data": data}

@@ -7,7 +7,7 @@ is the one written to run.yaml, hashed (contract/fingerprint.py records the comm
 so every download on the machine uses exactly that commit, and a new commit of the model or the
 dataset on the Hub changes the steps' hash: they run again. A fixture model or a manifest dataset
 has no Hub revision: the step hash records the fixture's name (its builder is in the code hash) or
-the files' content (`input_revisions` says which).
+the files' content (`contract.fingerprint.inputs_in_words` says which).
 
 A repository or revision the Hub does not know, or a Hub that cannot be reached, is refused here,
 before any cost, naming the field and what to do.
@@ -24,7 +24,7 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNo
 from prefect import get_run_logger, task
 
 from contract.config import ConfigError, RunConfig, hub_model_id
-from contract.fingerprint import COMMIT, data_fingerprint, model_fingerprint
+from contract.fingerprint import COMMIT, inputs_in_words
 
 from . import secrets
 from .upload import redact, resolve_endpoint
@@ -77,22 +77,6 @@ def pinned(cfg: RunConfig, *, endpoint: Optional[str] = None, token: Optional[st
     return cfg.model_copy(update={"model": model, "data": data})
 
 
-def input_revisions(cfg: RunConfig) -> dict[str, str]:
-    """What the model and the data are, as the step hash records them, in words (report and card)."""
-    m, d = cfg.model, cfg.data
-    if hub_model_id(m.name_or_path):
-        model = f"Hub model {m.name_or_path} at commit {m.revision or 'unresolved'}"
-    elif m.name_or_path.startswith("fixture:"):
-        model = f"{m.name_or_path}, built by the pushed code (its hash covers it)"
-    else:
-        model = f"local folder {m.name_or_path}, content hash {model_fingerprint(m.name_or_path).split(':')[-1]}"
-    if d.source == "hf":
-        data = f"Hub dataset {d.dataset}" + (f" ({d.config})" if d.config else "") + f" at commit {d.revision or 'unresolved'}"
-    else:
-        data = f"manifest {d.manifest}, content hash {data_fingerprint(d).split(':')[-1]} (manifest and audio bytes)"
-    return {"model": model, "data": data}
-
-
 def hub_endpoint_env() -> dict[str, str]:
     """{"HF_ENDPOINT": ...} when home uses another Hub than the public one: the machine downloads the
     commits from the Hub they were resolved on (an endpoint is no secret; the token never goes there)."""
@@ -104,6 +88,6 @@ def hub_endpoint_env() -> dict[str, str]:
 def pin_revisions(cfg: RunConfig) -> RunConfig:
     """The config with the Hub commits of its model and dataset (refused before renting when unknown)."""
     out = pinned(cfg, token=secrets.hf_token())
-    for what, text in input_revisions(out).items():
+    for what, text in inputs_in_words(out).items():
         get_run_logger().info("%s: %s", what, text)
     return out

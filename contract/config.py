@@ -18,7 +18,7 @@ from typing import Any, Iterator, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from .fingerprint import FIXTURE_PREFIX
+from .fingerprint import FIXTURE_PREFIX, check_revision, hub_model_id
 from .layout import CONFIG_DIR, PUSHED_CODE, REPO_ROOT
 from .machine_config import MODEL_PARAMS, MachineConfig, Strict, TrainWorkload
 from .whisper_languages import CODES as WHISPER_LANGUAGE_CODES, NAMES as WHISPER_LANGUAGE_NAMES
@@ -38,7 +38,7 @@ class ModelConfig(Strict):
     @field_validator("revision")
     @classmethod
     def _revision(cls, v: Optional[str]) -> Optional[str]:
-        return _check_revision(v)
+        return check_revision(v)
 
     @model_validator(mode="after")
     def _revision_of_a_hub_id(self) -> "ModelConfig":
@@ -98,7 +98,7 @@ class DataConfig(Strict):
     @field_validator("revision")
     @classmethod
     def _revision(cls, v: Optional[str]) -> Optional[str]:
-        return _check_revision(v)
+        return check_revision(v)
 
     @model_validator(mode="after")
     def _source_fields(self) -> "DataConfig":
@@ -127,22 +127,6 @@ class DataConfig(Strict):
     def manifest_path(self) -> Path:
         p = Path(self.manifest or "")
         return p if p.is_absolute() else REPO_ROOT / p
-
-
-REVISION = re.compile(r"[0-9a-f]{40}|(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
-
-
-def _check_revision(v: Optional[str]) -> Optional[str]:
-    """v when it is a commit id or a branch/tag name, else ValueError saying what is accepted."""
-    if v is not None and not REVISION.fullmatch(v):
-        raise ValueError("must be a Hub commit id (40 hex digits) or a branch or tag name (letters, digits, "
-                         "'._/-', no '..'), e.g. main")
-    return v
-
-
-def hub_model_id(name_or_path: str) -> bool:
-    """Whether model.name_or_path names a Hub repository (not a fixture, not an absolute folder)."""
-    return not name_or_path.startswith(FIXTURE_PREFIX) and not Path(name_or_path).is_absolute()
 
 
 def _manifest_problem(given: str, path: Path) -> Optional[str]:

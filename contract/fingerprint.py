@@ -37,6 +37,7 @@ CODE_FILES = (layout.REQUIREMENTS,)
 FIXTURE_PREFIX = "fixture:"  # same as steps/models.py (steps import contract, never the reverse)
 UNRESOLVED = "revision unresolved"
 COMMIT = re.compile(r"[0-9a-f]{40}")
+REVISION = re.compile(r"[0-9a-f]{40}|(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")  # a commit, branch or tag
 _WHOLE_FILE_BYTES = 16 << 20
 _EDGE_BYTES = 1 << 20
 
@@ -83,6 +84,19 @@ def manifest_audio_path(manifest: Path, audio: str) -> Path:
     if p.is_absolute():
         return p
     return layout.REPO_ROOT / p if (layout.REPO_ROOT / p).exists() else Path(manifest).parent / p
+
+
+def check_revision(v: Optional[str]) -> Optional[str]:
+    """v when it is a commit id or a branch/tag name, else ValueError saying what is accepted."""
+    if v is not None and not REVISION.fullmatch(v):
+        raise ValueError("must be a Hub commit id (40 hex digits) or a branch or tag name (letters, digits, "
+                         "'._/-', no '..'), e.g. main")
+    return v
+
+
+def hub_model_id(name_or_path: str) -> bool:
+    """Whether model.name_or_path names a Hub repository (not a fixture, not an absolute folder)."""
+    return not name_or_path.startswith(FIXTURE_PREFIX) and not Path(name_or_path).is_absolute()
 
 
 def hub_revision(revision: Optional[str]) -> str:

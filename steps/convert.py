@@ -268,12 +268,12 @@ def export(model_dir: Path, out_dir: Path, revision: Optional[str] = None) -> No
     (encoder, decoder, with-past, merged)."""
     from optimum.exporters.onnx import main_export
 
-    from .models import hub_revision
+    from .models import revision_kwargs
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     main_export(str(model_dir), output=str(out_dir), task=TASK, device="cpu", do_validation=False,
-                **hub_revision(str(model_dir), revision))
+                **revision_kwargs(str(model_dir), revision))
     missing = [f for f in (ENCODER, DECODER, DECODER_WITH_PAST, MERGED) if not (out_dir / f).is_file()]
     if missing:
         raise StepError(f"ONNX export of {model_dir} did not write {missing}; check optimum-onnx and transformers < 4.58")

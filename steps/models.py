@@ -113,7 +113,7 @@ def _offline() -> bool:
                for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def hub_revision(path: str, revision: Optional[str]) -> dict:
+def revision_kwargs(path: str, revision: Optional[str]) -> dict:
     """{"revision": revision} for a Hub id, {} for a local folder (or no revision): the kwargs of a loader."""
     looks_local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1  # a Hub id has one "/" at most
     return {"revision": revision} if revision and not looks_local and not Path(path).is_dir() else {}
@@ -128,7 +128,7 @@ def _from_pretrained(load: Callable, name_or_path: str, revision: Optional[str] 
     if looks_local and not Path(path).expanduser().is_dir():
         raise ModelNotFound(f"model {name_or_path!r} not found: the directory {path} does not exist "
                             "(model.name_or_path must be a Hub id, an existing directory or a fixture:)")
-    kw.update(hub_revision(path, revision))
+    kw.update(revision_kwargs(path, revision))
     try:
         return load(path, **kw)
     except OSError as e:

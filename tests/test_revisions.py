@@ -160,3 +160,23 @@ def test_a_scheduled_run_with_nothing_new_rents_nothing_and_commits_nothing_and_
     (run3,) = sorted((runs / "tiny").glob(f"*-{third.state_details.flow_run_id}"))
     assert read_result(run3 / "work", "train")["inputs"]["model"] == f"hub:{BASE}@{new_sha}"
     assert yaml.safe_load((run3 / "run.yaml").read_text())["model"]["revision"] == new_sha  # what the machine read
+
+
+@pytest.mark.slow
+def test_an_unknown_pinned_revision_fails_the_flow_before_anything_is_rented(hub, tmp_path, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.qat import qat
+
+    for k, v in {"QAT_RUNS_DIR": str(tmp_path / "runs"), "HF_ENDPOINT": hub.url, "HF_TOKEN": WRITE}.items():
+        monkeypatch.setenv(k, v)
+    hub.publish(BASE, {"config.json": b"{}"})
+    with prefect_test_harness(server_startup_timeout=120):
+        state = qat(config="tiny", overrides={**FAST, "model.revision": "v9"}, return_state=True)
+        assert state.is_failed()
+        with pytest.raises(RevisionError, match="revision 'v9'.*no such revision"):
+            state.result()
+        tasks = asyncio.run(_task_names(state.state_details.flow_run_id))
+    assert tasks.get("pin revisions") == "FAILED", tasks
+    assert not {"estimate cost", "rent machine", "prepare"} & set(tasks), tasks
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("result.json"))

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from .fingerprint import FIXTURE_PREFIX
+from .fingerprint import FIXTURE_PREFIX, check_revision, hub_model_id
 from .layout import CONFIG_DIR, PUSHED_CODE, REPO_ROOT
 from .machine_config import MODEL_PARAMS, MachineConfig, Strict, TrainWorkload
 from .whisper_languages import CODES as WHISPER_LANGUAGE_CODES, NAMES as WHISPER_LANGUAGE_NAMES
@@ -29,8 +29,23 @@ class ModelConfig(Strict):
     # offline fixture: "fixture:whisper-base" (real multilingual base, converted from the
     # CTranslate2 files on PyPI) or "fixture:tiny-random" (for unit tests).
     name_or_path: str = Field(min_length=1)
+    revision: Optional[str] = Field(default=None, description=(
+        "Hub id only: the commit (40 hex) or branch/tag to start from; unset: main. Resolved to its commit "
+        "at home before renting, and that commit is what the machine downloads"))
     language: str = "fr"
     task: Literal["transcribe", "translate"] = "transcribe"
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: Optional[str]) -> Optional[str]:
+        return check_revision(v)
+
+    @model_validator(mode="after")
+    def _revision_of_a_hub_id(self) -> "ModelConfig":
+        if self.revision is not None and not hub_model_id(self.name_or_path):
+            raise ValueError(f"model.revision applies to a Hub id only; {self.name_or_path!r} is a fixture or a "
+                             "local folder (its content is what the step hash records): remove model.revision")
+        return self
 
     @field_validator("name_or_path")
     @classmethod
@@ -62,6 +77,9 @@ class DataConfig(Strict):
     # Hugging Face datasets source (MLS French by default; Common Voice style via the same fields).
     dataset: Optional[str] = None
     config: Optional[str] = None
+    revision: Optional[str] = Field(default=None, description=(
+        "source hf only: the dataset's commit (40 hex) or branch/tag; unset: main. Resolved to its commit at "
+        "home before renting, and that commit is what the machine streams"))
     train_split: str = "train"
     dev_split: str = "dev"
     test_split: str = "test"
@@ -77,8 +95,16 @@ class DataConfig(Strict):
     max_seconds: float = Field(default=30.0, gt=0, le=30)
     sampling_rate: Literal[16000] = 16000
 
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: Optional[str]) -> Optional[str]:
+        return check_revision(v)
+
     @model_validator(mode="after")
     def _source_fields(self) -> "DataConfig":
+        if self.source == "manifest" and self.revision is not None:
+            raise ValueError("data.revision applies to data.source 'hf' only; a manifest's revision is the content "
+                             "of it and its audio files (the step hash records it): remove data.revision")
         if self.source == "hf" and not self.dataset:
             raise ValueError("data.dataset is required when data.source is 'hf' (e.g. facebook/multilingual_librispeech)")
         if self.source == "manifest":

@@ -1,6 +1,6 @@
 """The `qat` flow: rent a GPU, train a quantization-aware French Whisper, ship it, give the GPU back.
 
-    validate -> estimate -> rent -> push -> set up -> prepare -> train -> convert -> bench
+    validate -> pin revisions -> estimate -> rent -> push -> set up -> prepare -> train -> convert -> bench
              -> evaluate -> destroy -> quality gate -> approval -> upload -> report
 
 The machine is destroyed in a `finally` as soon as the remote work is over (gate, approval, upload
@@ -22,6 +22,7 @@ from tasks.labels import run_label
 from tasks.machine_run import run_on_machines
 from tasks.rental import estimate_cost
 from tasks.report import publish_report
+from tasks.revisions import pin_revisions
 from tasks.run_dir import STEPS, all_steps_done, open_run_dir, results_at_home, validate_config
 from tasks.teardown import destroy_by_label
 from tasks.upload import upload_to_hub
@@ -48,7 +49,7 @@ def qat(config: str = "int8",
     for key, value in (("quant.scheme", quantization), ("data.max_samples", max_samples), ("machine.backend", backend)):
         if value is not None:
             merged[key] = value
-    cfg = validate_config(config, merged)
+    cfg = pin_revisions(validate_config(config, merged))  # the Hub commits it starts from, before any cost
     run_dir, local_work = open_run_dir(cfg)
 
     estimate: dict = {}

@@ -20,6 +20,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -262,13 +263,17 @@ def share_tied_embedding_nbits(model: onnx.ModelProto) -> bool:
     return False
 
 
-def export(model_dir: Path, out_dir: Path) -> None:
-    """Export a transformers Whisper to ONNX with KV cache (encoder, decoder, with-past, merged)."""
+def export(model_dir: Path, out_dir: Path, revision: Optional[str] = None) -> None:
+    """Export a transformers Whisper (a folder, or a Hub id at `revision`) to ONNX with KV cache
+    (encoder, decoder, with-past, merged)."""
     from optimum.exporters.onnx import main_export
+
+    from .models import revision_kwargs
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    main_export(str(model_dir), output=str(out_dir), task=TASK, device="cpu", do_validation=False)
+    main_export(str(model_dir), output=str(out_dir), task=TASK, device="cpu", do_validation=False,
+                **revision_kwargs(str(model_dir), revision))
     missing = [f for f in (ENCODER, DECODER, DECODER_WITH_PAST, MERGED) if not (out_dir / f).is_file()]
     if missing:
         raise StepError(f"ONNX export of {model_dir} did not write {missing}; check optimum-onnx and transformers < 4.58")
@@ -425,11 +430,11 @@ def check_loads(path: Path) -> None:
 
 
 def convert_model(model_dir: Path, out_root: Path, fp32_name: str, q_name: str, scheme: str,
-                  group_size: int, vocab_bits: int = 8, log=print) -> dict:
+                  group_size: int, vocab_bits: int = 8, log=print, revision: Optional[str] = None) -> dict:
     """Export model_dir to out_root/fp32_name and quantize it into out_root/q_name; returns metrics."""
     fp32_dir, q_dir = out_root / fp32_name, out_root / q_name
     t0 = time.time()
-    export(Path(model_dir), fp32_dir)
+    export(Path(model_dir), fp32_dir, revision)
     t1 = time.time()
     log(f"exported {model_dir} -> {fp32_dir} in {t1 - t0:.1f}s")
     info = quantize_dir(fp32_dir, q_dir, scheme, group_size, vocab_bits)
@@ -473,12 +478,13 @@ def run(ctx: StepContext) -> dict:
     qat_model = ctx.dir_of("train") / "model"
     if not (qat_model / "config.json").is_file():
         raise StepError(f"{qat_model} holds no trained model (config.json missing); rerun the train step")
-    jobs = [(qat_model, "qat_fp32", quantized_variant(scheme)),
-            (Path(resolve_model(cfg.model.name_or_path)), "base_fp32", ptq_variant(scheme))]
+    jobs = [(qat_model, "qat_fp32", quantized_variant(scheme), None),
+            (Path(resolve_model(cfg.model.name_or_path)), "base_fp32", ptq_variant(scheme), cfg.model.revision)]
     metrics: dict = {"scheme": scheme, "seconds": {}, "ops": {}, "sizes_mb": {}}
-    for i, (src, fp32_name, q_name) in enumerate(jobs):
+    for i, (src, fp32_name, q_name, revision) in enumerate(jobs):
         ctx.progress(i, len(jobs), model=fp32_name)
-        m = convert_model(src, ctx.out, fp32_name, q_name, scheme, group, cfg.quant.vocab_bits, log=ctx.log)
+        m = convert_model(src, ctx.out, fp32_name, q_name, scheme, group, cfg.quant.vocab_bits, log=ctx.log,
+                          revision=revision)
         check_quantized(ctx.out / q_name, scheme)
         metrics["seconds"][fp32_name] = m["export_s"]
         metrics["seconds"][q_name] = m["quantize_s"]

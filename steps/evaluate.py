@@ -177,7 +177,7 @@ def run(ctx: StepContext) -> dict:
                      "variants": {}, "missing": missing, "quantized_on": mode}
     counts: dict = {}
     done, total = 0, len(variants) * len(audios)
-    opts = dict(threads=threads, language=cfg.model.language, task=cfg.model.task)
+    opts = dict(threads=threads, language=cfg.model.language, task=cfg.model.task, revision=cfg.model.revision)
 
     def transcribe(t, bs: int, name: str) -> list[str]:
         nonlocal done

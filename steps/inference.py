@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -99,14 +99,14 @@ class Transcriber:
 
 
 def load_variant(path: str, kind: Kind, threads: int, device: str = "cpu", language: str = "fr",
-                 task: str = "transcribe") -> Transcriber:
-    """A PyTorch model directory (or Hub id / fixture) or an ONNX export directory, ready to transcribe."""
+                 task: str = "transcribe", revision: Optional[str] = None) -> Transcriber:
+    """A PyTorch model directory (or Hub id at `revision` / fixture) or an ONNX export directory, ready to transcribe."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     if kind == "pytorch":
         torch.set_num_threads(threads)
-        model = load_model(path).to(device).eval()
-        return Transcriber("pytorch", path, model, load_processor(path), device, language, task)
+        model = load_model(path, revision=revision).to(device).eval()
+        return Transcriber("pytorch", path, model, load_processor(path, revision), device, language, task)
     if kind == "onnx":
         import onnxruntime as ort
         from optimum.onnxruntime import ORTModelForSpeechSeq2Seq

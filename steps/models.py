@@ -113,14 +113,22 @@ def _offline() -> bool:
                for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _from_pretrained(load: Callable, name_or_path: str, **kw):
-    """load(resolved, **kw), with a missing model raised as ModelNotFound (naming it) instead of the
-    OSError transformers raises for it and for a dropped connection alike."""
+def revision_kwargs(path: str, revision: Optional[str]) -> dict:
+    """{"revision": revision} for a Hub id, {} for a local folder (or no revision): the kwargs of a loader."""
+    looks_local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1  # a Hub id has one "/" at most
+    return {"revision": revision} if revision and not looks_local and not Path(path).is_dir() else {}
+
+
+def _from_pretrained(load: Callable, name_or_path: str, revision: Optional[str] = None, **kw):
+    """load(resolved, **kw) (a Hub id at `revision`: the commit the orchestrator resolved), with a missing
+    model raised as ModelNotFound (naming it) instead of the OSError transformers raises for it and for a
+    dropped connection alike."""
     path = resolve_model(name_or_path)
     looks_local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1  # a Hub id has one "/" at most
     if looks_local and not Path(path).expanduser().is_dir():
         raise ModelNotFound(f"model {name_or_path!r} not found: the directory {path} does not exist "
                             "(model.name_or_path must be a Hub id, an existing directory or a fixture:)")
+    kw.update(revision_kwargs(path, revision))
     try:
         return load(path, **kw)
     except OSError as e:
@@ -133,16 +141,16 @@ def _from_pretrained(load: Callable, name_or_path: str, **kw):
                             "token's access for a gated or private repository)") from e
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, revision: Optional[str] = None):
     from transformers import WhisperForConditionalGeneration
 
-    return _from_pretrained(WhisperForConditionalGeneration.from_pretrained, name_or_path, dtype=dtype)
+    return _from_pretrained(WhisperForConditionalGeneration.from_pretrained, name_or_path, revision, dtype=dtype)
 
 
-def load_processor(name_or_path: str):
+def load_processor(name_or_path: str, revision: Optional[str] = None):
     from transformers import WhisperProcessor
 
-    return _from_pretrained(WhisperProcessor.from_pretrained, name_or_path)
+    return _from_pretrained(WhisperProcessor.from_pretrained, name_or_path, revision)
 
 
 # ---------------------------------------------------------------- CTranslate2 model.bin reader

@@ -116,7 +116,7 @@ def hf_examples(cfg: RunConfig, split: str) -> Iterator[dict]:
 
     d = cfg.data
     name = {"train": d.train_split, "dev": d.dev_split, "test": d.test_split}[split]
-    ds = datasets.load_dataset(d.dataset, d.config, split=name, streaming=d.streaming)
+    ds = datasets.load_dataset(d.dataset, d.config, split=name, streaming=d.streaming, revision=d.revision)
     if d.audio_column not in (ds.column_names or [d.audio_column]) or d.text_column not in (ds.column_names or [d.text_column]):
         raise StepError(f"dataset {d.dataset} split {name} has columns {ds.column_names}: "
                         f"set data.audio_column / data.text_column (MLS French uses 'audio' and 'transcript')")
@@ -236,7 +236,7 @@ def run(ctx: StepContext) -> dict:
 
     datasets.disable_progress_bars()
     cfg = ctx.cfg
-    processor = load_processor(cfg.model.name_or_path)
+    processor = load_processor(cfg.model.name_or_path, revision=cfg.model.revision)
     prep = Preparer(cfg, processor)
     source = manifest_examples if cfg.data.source == "manifest" else hf_examples
     limits = {"train": cfg.data.max_samples, "dev": cfg.data.max_eval_samples, "test": cfg.data.max_eval_samples}

@@ -314,8 +314,8 @@ def run(ctx: StepContext) -> dict:
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-    model = load_model(cfg.model.name_or_path)
-    processor = load_processor(cfg.model.name_or_path)
+    model = load_model(cfg.model.name_or_path, revision=cfg.model.revision)
+    processor = load_processor(cfg.model.name_or_path, revision=cfg.model.revision)
     batches = MicroBatches(len(train_ds), tc.per_device_batch_size, tc.seed)
     total = tc.max_steps or max(1, math.ceil(tc.epochs * batches.per_epoch / tc.grad_accum))
     trainer = Trainer(model, Recipe.of(cfg), total_steps=total)

@@ -16,9 +16,10 @@ import yaml
 
 from contract.catalogue import quantized_variant
 from contract.config import RunConfig
+from contract.fingerprint import inputs_in_words
 
-from .scorecard import (METRIC_KEY, figure, gate_verdict, measured, results_markdown, results_table, serving_markdown,
-                        variants)
+from .scorecard import (METRIC_KEY, figure, gate_verdict, md_text, measured, results_markdown, results_table,
+                        serving_markdown, variants)
 
 LANGUAGES = {"fr": "French", "en": "English", "de": "German", "es": "Spanish", "it": "Italian"}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -118,7 +119,8 @@ def render_model_card(cfg: RunConfig, metrics: dict, history: list[str] = ()) ->
              "applies the same quantization for real.",
              f"- Training data: {source}, split `{d.train_split}`, up to {d.max_samples} examples; dev split "
              f"`{d.dev_split}`; test split `{d.test_split}`, up to {d.max_eval_samples} examples, never used in training.",
-             *_training_lines(cfg, train), "",
+             *_training_lines(cfg, train),
+             *(f"- {what.capitalize()}: {md_text(text, 300)}" for what, text in inputs_in_words(cfg).items()), "",
              "## Results", "",
              f"Test split `{d.test_split}` of {source}. WER and CER in percent after text normalization (corpus level, "
              "95 % bootstrap interval on WER); size on disk is the weights (safetensors for PyTorch, ONNX files with "

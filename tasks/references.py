@@ -9,7 +9,8 @@ without text left out, the first `data.max_eval_samples` kept.
   against `data.min_seconds` / `data.max_seconds` as prepare holds the decoded clip's.
 - Hub dataset (configs/int8.yaml: MLS French): the test split's id and text columns streamed at
   home with `datasets` (the audio is never decoded), cached under `runs/.home-references/` by
-  dataset id, config, split and selection; the Hub revision is not pinned (as contract/fingerprint.py).
+  dataset id, commit (the `data.revision` tasks/revisions.py pinned, as the machine reads), config,
+  split and selection.
 
 What home cannot see: a clip prepare drops for its audio (unreadable, silent, too long once
 decoded). Such a clip is missing from the machine's transcripts and fails the gate, naming it.
@@ -85,7 +86,7 @@ def _hub_rows(d: DataConfig) -> Iterator[tuple[str, object, object]]:
     import datasets
 
     datasets.disable_progress_bars()
-    ds = datasets.load_dataset(d.dataset, d.config, split=d.test_split, streaming=True)
+    ds = datasets.load_dataset(d.dataset, d.config, split=d.test_split, streaming=True, revision=d.revision)
     names = ds.column_names
     if names is not None:
         if d.text_column not in names:
@@ -97,7 +98,8 @@ def _hub_rows(d: DataConfig) -> Iterator[tuple[str, object, object]]:
 
 
 def _cache_file(d: DataConfig, root: Path) -> Path:
-    key = json.dumps([d.dataset, d.config, d.test_split, d.text_column, d.max_eval_samples], sort_keys=True)
+    key = json.dumps([d.dataset, d.config, d.test_split, d.text_column, d.max_eval_samples]
+                     + ([d.revision] if d.revision else []), sort_keys=True)
     return root / CACHE / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 

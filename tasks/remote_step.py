@@ -29,6 +29,7 @@ from infra.run_estimate import clock
 from .billing import BudgetExceeded, CopyHomeRefused, charge_as_it_arrives, check_budget, copy_home_cap
 from .rental import forget_machine, machine_alive, machine_for, remote_python
 from .retry import StepFailed, exit_code_retryable, retry_transient
+from .revisions import hub_endpoint_env
 
 
 class MachineLost(RuntimeError):
@@ -261,7 +262,7 @@ def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -
     try:
         m = machine_for(lease, cfg)
         try:
-            code = m.run(argv, cwd=REMOTE_CODE, env={"PYTHONUNBUFFERED": "1"}, on_line=on_line,
+            code = m.run(argv, cwd=REMOTE_CODE, env={"PYTHONUNBUFFERED": "1", **hub_endpoint_env()}, on_line=on_line,
                          timeout=timeout, check=False)
         finally:
             if sync:

@@ -17,6 +17,7 @@ from prefect.artifacts import (create_image_artifact, create_link_artifact, crea
                                create_table_artifact)
 
 from contract.config import RunConfig
+from contract.fingerprint import inputs_in_words
 from infra.machine import Lease
 
 from .billing import estimate_rows
@@ -63,6 +64,7 @@ def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: 
              "## Configuration", "",
              f"- model: `{cfg.model.name_or_path}` ({cfg.model.language}, {cfg.model.task})",
              f"- data: {cfg.data.source} `{cfg.data.dataset or cfg.data.manifest}`, max_samples {cfg.data.max_samples}",
+             *(f"- {what} input: {md_text(text, 300)}" for what, text in inputs_in_words(cfg).items()),
              f"- quantization: **{cfg.quant.scheme}**" + (f" (group {cfg.quant.group_size}, vocabulary {cfg.quant.vocab_bits}-bit)" if cfg.quant.scheme == "int4" else ""),
              f"- training: {cfg.train.length}, lr {cfg.train.learning_rate}, "
              f"batch {cfg.train.per_device_batch_size} x accumulation {cfg.train.grad_accum}, freeze_encoder {cfg.train.freeze_encoder}",

@@ -36,6 +36,7 @@ from contract.config import RunConfig
 from . import secrets
 from .champion import (EVAL_FILE, card_lines, commit_message, compare, describe, history, read_champion,
                        revisions_of, utterance_record)
+from .hub_unchanged import hub_holds, produced_by
 from .model_card import render_model_card
 from .onnx_check import onnx_problems
 from .retry import retry_transient
@@ -157,22 +158,6 @@ def check_model_folder(model_dir: Path) -> list[str]:
     return ok
 
 
-def _write_card(model_dir: Path, card: str) -> None:
-    """README.md in the folder, replacing whatever was there, without following a link."""
-    path = model_dir / CARD_NAME
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        mode = None
-    if mode is not None:
-        if not stat.S_ISREG(mode):
-            raise UnsafeModelFolder(f"refusing to upload {model_dir}: {CARD_NAME} is a symlink or not a regular file")
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(card)
-
-
 def resolve_endpoint(endpoint: Optional[str]) -> str:
     """The argument, else $HF_ENDPOINT read now (not at import), else the public Hub."""
     return (endpoint or os.environ.get("HF_ENDPOINT") or constants._HF_DEFAULT_ENDPOINT).rstrip("/")
@@ -219,11 +204,14 @@ def _explain(err: Exception, repo_id: str, endpoint: str, token: str) -> HubUplo
 def push_model_folder(model_dir: Path, repo_id: str, token: Optional[str], private: bool = True, *, card: str,
                       endpoint: Optional[str] = None, commit_title: Optional[str] = None,
                       commit_description: str = "", extra_files: Optional[dict[str, bytes]] = None) -> dict:
-    """Create (or reuse) `repo_id`, write `card` as README.md into `model_dir` and upload the
-    allowlisted files (`check_model_folder`) with it, plus `extra_files` ({path in the repo: bytes}
-    written at home, e.g. tasks/champion.py's per-utterance errors), in one commit.
+    """Create (or reuse) `repo_id` and upload the allowlisted files (`check_model_folder`) with `card`
+    as README.md, plus `extra_files` ({path in the repo: bytes} written at home, e.g. tasks/champion.py's
+    per-utterance errors), in one commit; the folder is left as it is (it is a step's output, recorded
+    at home).
 
-    Without a token nothing is sent: {"uploaded": False, "reason", "path"}. Otherwise returns
+    Without a token nothing is sent: {"uploaded": False, "reason", "path"}. When the repo already
+    holds these files byte for byte (tasks/hub_unchanged.py) no commit is made: {"uploaded": False,
+    "unchanged": True, "commit", "reason", ...}. Otherwise returns
     {"uploaded": True, "url", "commit", "files", "bytes", "private", "path"}; raises HubUploadError
     (UnsafeModelFolder, before anything is sent, for a folder that is not a clean export)."""
     model_dir = Path(model_dir)
@@ -252,17 +240,26 @@ def push_model_folder(model_dir: Path, repo_id: str, token: Optional[str], priva
             is_private = True
         elif not private and is_private:
             log.warning("repository %s exists and is private; it stays private (change it on the Hub)", repo_id)
-        _write_card(model_dir, card)
-        files = sorted(model_files + [CARD_NAME])
-        log.info("uploading %d files (%.1f MB) from %s to %s/%s", len(files),
-                 sum((model_dir / f).stat().st_size for f in files) / 1e6, model_dir, endpoint, repo_id)
-        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(model_dir / f)) for f in files]
-        operations += [CommitOperationAdd(path_in_repo=p, path_or_fileobj=data) for p, data in (extra_files or {}).items()]
+        contents = {**{f: model_dir / f for f in model_files}, CARD_NAME: card.encode("utf-8"), **(extra_files or {})}
+        files = sorted(contents)
+        size = sum(len(c) if isinstance(c, bytes) else c.stat().st_size for c in contents.values())
+        # the model's own files decide "nothing new": the card's history and the eval file's run id change every run
+        same = hub_holds(api, repo_id, {f: model_dir / f for f in model_files})
+        if same:
+            log.info("%s already holds these %d model files (commit %s): nothing to upload", repo_id, len(model_files),
+                     same["commit"])
+            return {"uploaded": False, "unchanged": True, "url": f"{endpoint}/{repo_id}", "commit": same["commit"],
+                    "reason": f"nothing new since the Hub commit {same['commit'][:12]} of {same['date']}: "
+                              f"{repo_id} already holds these {len(model_files)} model files byte for byte",
+                    "private": is_private, "path": model_dir}
+        log.info("uploading %d files (%.1f MB) from %s to %s/%s", len(files), size / 1e6, model_dir, endpoint, repo_id)
+        operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=c if isinstance(c, bytes) else str(c))
+                      for f, c in sorted(contents.items())]
         with _client_endpoint(endpoint):
             commit = api.create_commit(repo_id=repo_id, operations=operations, repo_type="model",
                                        commit_message=commit_title or f"Upload {model_dir.name} with its model card",
                                        commit_description=commit_description)
-        missing = sorted((set(files) | set(extra_files or {})) - set(api.list_repo_files(repo_id, repo_type="model")))
+        missing = sorted(set(files) - set(api.list_repo_files(repo_id, repo_type="model")))
         if missing:
             raise HubUploadError(f"after the commit {repo_id} lacks {len(missing)} files: {missing[:5]}", retryable=True)
     except HubUploadError as e:
@@ -272,7 +269,7 @@ def push_model_folder(model_dir: Path, repo_id: str, token: Optional[str], priva
     if failure is not None:  # raised outside the except block: no chained context holding the request
         raise failure
     return {"uploaded": True, "url": f"{endpoint}/{repo_id}", "commit": commit.oid, "files": len(files),
-            "bytes": sum((model_dir / f).stat().st_size for f in files), "private": is_private, "path": model_dir}
+            "bytes": size, "private": is_private, "path": model_dir}
 
 
 @task(name="upload to hub", retries=2, retry_delay_seconds=[10, 60], retry_jitter_factor=0.5,
@@ -312,6 +309,8 @@ def upload_to_hub(cfg: RunConfig, results: dict, gate: dict, local_work: Path) -
     card = render_model_card(cfg, verified_metrics(step_metrics(results), verdict), card_lines(decision, past))
     out = push_model_folder(model_dir, repo, token, private=cfg.hub.private, card=card, commit_title=title,
                             commit_description=description, extra_files=extra)
+    if out.get("unchanged"):
+        out["reason"] = f"nothing new since run {produced_by(local_work) or '(not found at home)'}; {out['reason']}"
     run_log.info("upload: %s", out.get("url") or out.get("reason"))
     out.setdefault("path", str(model_dir))
     if decision is not None:

@@ -4,6 +4,10 @@ Serves whoami, repo create / settings / info / tree / commit list, README metada
 the git-LFS batch API with basic transfer (a one-time upload URL it serves, like a pre-signed S3
 URL) + verify, the NDJSON commit endpoint and file download (resolve). Repositories live on disk
 under `root/repos/<owner>/<name>/` (`meta.json` + `files/`), LFS objects under `root/lfs/`.
+Model and dataset info answer for a revision too: "main", any commit id of the repo's history or a
+tag (`HubServer.tag`), with that commit's sha and file list, as the Hub does; file contents are
+served for the head commit only. `HubServer.publish` commits files straight into a model or
+dataset repo (a dataset's stand-in: its info and revisions, not its rows).
 Like the Hub, a new repo starts with a `.gitattributes` whose patterns (and files of 10 MB or
 more) go through LFS. Tokens never appear in what it stores or logs.
 
@@ -39,6 +43,7 @@ DEFAULT_GITATTRIBUTES = "".join(
 BAD_TOKEN = "Invalid credentials in Authorization header"
 REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
 REV = r"(?P<rev>[^/]+)"
+DATASETS = "datasets/"  # a dataset repo's key in HubState: "datasets/<owner>/<name>"
 # The Hub answers with its public URLs whatever endpoint was asked; the client maps them back
 # onto its endpoint (and CommitInfo only parses URLs of the public Hub or of HF_ENDPOINT).
 PUBLIC_URL = "https://huggingface.co"
@@ -138,12 +143,14 @@ class HubState:
 
     def need_read(self, user: Optional[tuple[str, str]], repo_id: str) -> dict:
         meta = self.meta(repo_id)
-        if meta is None or (meta["private"] and (user is None or user[0] != repo_id.split("/")[0])):
+        if meta is None or (meta["private"] and (user is None or user[0] != repo_id.split("/")[-2])):
             raise HubError(404 if user else 401, "Repository not found", "RepoNotFound")
         return meta
 
     # -- storage ----------------------------------------------------------------------------------
     def repo_dir(self, repo_id: str) -> Path:
+        if repo_id.startswith(DATASETS):
+            return self.root / "dataset-repos" / repo_id.removeprefix(DATASETS)
         return self.root / "repos" / repo_id
 
     def meta(self, repo_id: str) -> Optional[dict]:
@@ -244,22 +251,35 @@ class HubState:
             oid = hashlib.sha1(f"{meta['sha']}\n{header.get('summary')}\n{time.time_ns()}\n{listing}".encode()).hexdigest()
             meta.update(sha=oid, files=files, lastModified=_now())
             meta["commits"].append({"oid": oid, "summary": header.get("summary", ""),
-                                    "description": header.get("description", ""), "date": meta["lastModified"]})
+                                    "description": header.get("description", ""), "date": meta["lastModified"],
+                                    "files": files})
             self.save_meta(repo_id, meta)
             return oid
 
-    def info(self, repo_id: str, meta: dict) -> dict:
+    def commit_at(self, meta: dict, rev: str) -> dict:
+        """The commit a revision names: "main", a commit id of the history or a tag; else 404."""
+        rev = unquote(rev)
+        oid = meta["sha"] if rev == "main" else meta.get("tags", {}).get(rev, rev)
+        found = next((c for c in meta["commits"] if c["oid"] == oid), None)
+        if found is None:
+            raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+        return found
+
+    def info(self, repo_id: str, meta: dict, rev: str = "main") -> dict:
+        at = self.commit_at(meta, rev)
+        files = at.get("files", meta["files"])
         siblings = [{"rfilename": p, "size": f["size"], "blobId": f["blob"],
                      **({"lfs": {"size": f["size"], "sha256": f["lfs"], "pointerSize": len(lfs_pointer(f["lfs"], f["size"]))}}
-                        if f["lfs"] else {})} for p, f in sorted(meta["files"].items())]
+                        if f["lfs"] else {})} for p, f in sorted(files.items())]
         card = {}
         readme = self.file_path(repo_id, "README.md")
         if readme.is_file():
             m = re.match(r"^---\s*\n(.*?)\n---", readme.read_text(), re.S)
             card = (yaml.safe_load(m.group(1)) or {}) if m else {}
-        out = {"id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0], "sha": meta["sha"],
-               "private": meta["private"], "disabled": False, "gated": False, "createdAt": meta["createdAt"],
-               "lastModified": meta.get("lastModified", meta["createdAt"]), "siblings": siblings,
+        name = repo_id.removeprefix(DATASETS)
+        out = {"id": name, **({} if name != repo_id else {"modelId": name}), "author": name.split("/")[0],
+               "sha": at["oid"], "private": meta["private"], "disabled": False, "gated": False,
+               "createdAt": meta["createdAt"], "lastModified": at["date"], "siblings": siblings,
                "tags": card.get("tags", []), "pipeline_tag": card.get("pipeline_tag"), "downloads": 0, "likes": 0}
         if card:
             out["cardData"] = card
@@ -428,9 +448,15 @@ def _validate_yaml(h: _Handler, g, q, body, method):
 @_route("GET", rf"/api/models/{REPO}")
 def _info(h: _Handler, g, q, body, method):
     meta = h.state.need_read(h.who(), g["repo"])
-    if g.get("rev"):
-        _check_rev(g["rev"], meta)
-    h._send(200, h.state.info(g["repo"], meta))
+    h._send(200, h.state.info(g["repo"], meta, g.get("rev") or "main"))
+
+
+@_route("GET", rf"/api/datasets/{REPO}/revision/{REV}")
+@_route("GET", rf"/api/datasets/{REPO}")
+def _dataset_info(h: _Handler, g, q, body, method):
+    key = DATASETS + g["repo"]
+    meta = h.state.need_read(h.who(), key)
+    h._send(200, h.state.info(key, meta, g.get("rev") or "main"))
 
 
 @_route("GET", rf"/api/models/{REPO}/commits/{REV}")
@@ -584,6 +610,32 @@ class HubServer:
 
     def file_bytes(self, repo_id: str, path: str) -> bytes:
         return self.state.file_path(repo_id, path).read_bytes()
+
+    def commits(self, repo_id: str) -> list[dict]:
+        """The repo's commits, oldest first: {"oid", "summary", "date", "files"}."""
+        meta = self.state.meta(repo_id)
+        return list(meta["commits"]) if meta else []
+
+    def publish(self, repo_id: str, files: dict[str, bytes], *, repo_type: str = "model",
+                summary: str = "new revision") -> str:
+        """Commit `files` into a public model or dataset repo (created when missing): its new commit id."""
+        key = DATASETS + repo_id if repo_type == "dataset" else repo_id
+        with self.state.lock:
+            if self.state.meta(key) is None:
+                self.state.repo_dir(key).mkdir(parents=True)
+                self.state.save_meta(key, {"id": repo_id, "private": False, "createdAt": _now(), "sha": None,
+                                           "commits": [], "files": {}})
+            return self.state.commit(key, [{"key": "header", "value": {"summary": summary}}] + [
+                {"key": "file", "value": {"path": p, "encoding": "base64", "content": base64.b64encode(b).decode()}}
+                for p, b in files.items()])
+
+    def tag(self, repo_id: str, name: str, oid: str, *, repo_type: str = "model") -> None:
+        """A tag `name` on commit `oid` (a revision info answers for)."""
+        key = DATASETS + repo_id if repo_type == "dataset" else repo_id
+        with self.state.lock:
+            meta = self.state.meta(key)
+            meta.setdefault("tags", {})[name] = oid
+            self.state.save_meta(key, meta)
 
 
 if __name__ == "__main__":  # a hub to point HF_ENDPOINT at by hand: python tests/hub_server.py DIR TOKEN USER

@@ -78,10 +78,11 @@ def test_upload_sends_every_file_and_large_ones_through_lfs(hub, tmp_path):
 
     remote = hub.repo_files("alice/whisper-qat")
     local = sorted(p.name for p in model.iterdir())
-    assert out["uploaded"] is True and out["files"] == len(local) == 6
+    assert "README.md" not in local  # the card goes to the Hub, not into the step's recorded output folder
+    assert out["uploaded"] is True and out["files"] == len(local) + 1 == 6
     assert out["url"] == f"{hub.url}/alice/whisper-qat"
     assert out["commit"] == hub.state.meta("alice/whisper-qat")["sha"]
-    assert sorted(remote) == sorted(local + [".gitattributes"])
+    assert sorted(remote) == sorted(local + ["README.md", ".gitattributes"])
     for name in local:
         assert hub.file_bytes("alice/whisper-qat", name) == (model / name).read_bytes(), name
     lfs = {p for p, f in remote.items() if f["lfs"]}
@@ -117,9 +118,11 @@ def test_reupload_to_an_existing_repo(hub, tmp_path):
     assert second["uploaded"] and second["commit"] != first["commit"]
     assert hub.file_bytes("alice/m", "encoder_model.onnx") == (model / "encoder_model.onnx").read_bytes()
     assert hub.file_bytes("alice/m", "README.md").decode().endswith("v2\n")
-    # nothing changed: the client skips the empty commit and reports the current head
+    # nothing changed: no commit, and it says since which commit
     third = push_model_folder(model, "alice/m", WRITE, card=CARD + "\nv2\n", endpoint=hub.url)
-    assert third["uploaded"] and third["commit"] == second["commit"] == hub.state.meta("alice/m")["sha"]
+    assert third["uploaded"] is False and third["unchanged"] is True
+    assert third["commit"] == second["commit"] == hub.state.meta("alice/m")["sha"]
+    assert third["reason"].startswith(f"nothing new since the Hub commit {second['commit'][:12]}")
     assert [c["summary"] for c in hub.state.meta("alice/m")["commits"]][1:] == ["Upload qat_int8 with its model card"] * 2
 
 

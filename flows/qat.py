@@ -25,7 +25,7 @@ from tasks.report import publish_report
 from tasks.revisions import pin_revisions
 from tasks.run_dir import STEPS, all_steps_done, open_run_dir, results_at_home, validate_config
 from tasks.teardown import destroy_by_label
-from tasks.upload import upload_to_hub
+from tasks.upload import upload_held, upload_to_hub
 
 
 @flow(name="qat", log_prints=True,
@@ -63,9 +63,14 @@ def qat(config: str = "int8",
         results = results_at_home(local_work)
 
     gate = quality_gate(cfg, results.get("evaluate"), local_work)
-    # May suspend this run until a person answers; on the re-run the bill comes back from the run dir.
-    approval, lease, costs, estimate = await_approval(cfg, gate, run_dir, lease, results, costs, estimate)
     link: dict = {"uploaded": False, "reason": "the upload failed: see the flow's error"}
+    try:  # why nothing would be published (gate, champion, nothing new): nobody is asked then
+        held = upload_held(cfg, results, gate, local_work)
+    except Exception:  # the Hub could not be asked: the report still lands
+        publish_report(cfg, lease, results, costs, estimate, gate, link, run_dir)
+        raise
+    # May suspend this run until a person answers; on the re-run the bill comes back from the run dir.
+    approval, lease, costs, estimate = await_approval(cfg, gate, held, run_dir, lease, results, costs, estimate)
     try:
         link = upload_to_hub(cfg, results, gate, local_work) if approval["upload"] else approval["link"]
     finally:  # a refused or failed upload still gets its report

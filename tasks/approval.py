@@ -1,7 +1,8 @@
 """A person's approval before a model is published (`hub.approval: required`).
 
-Asked only when there is something to publish: the gate passed and `hub.repo_id` is set, after the
-machine was destroyed. `await_approval` then records the run's bill in `<run dir>/approval.json`,
+Asked only when there is something to publish (tasks/upload.py `upload_held` found no reason not to:
+the gate passed, `hub.repo_id` is set, the published model is not better, the files are new), after
+the machine was destroyed. `await_approval` then records the run's bill in `<run dir>/approval.json`,
 publishes the report (it says what is awaited, until when) and waits for Prefect's input form
 (`ApprovalForm`: approve or reject, a name, a note), whose description holds the scorecard and the links.
 
@@ -99,16 +100,18 @@ def _answered_at(answer: ApprovalForm) -> dt.datetime:
         return _now()
 
 
-def await_approval(cfg: RunConfig, gate: dict, run_dir: Path, lease: Optional[Lease], results: dict,
-                   costs: list[dict], estimate: dict) -> tuple[dict, Optional[Lease], list[dict], dict]:
+def await_approval(cfg: RunConfig, gate: dict, held: Optional[dict], run_dir: Path, lease: Optional[Lease],
+                   results: dict, costs: list[dict], estimate: dict) -> tuple[dict, Optional[Lease], list[dict], dict]:
     """(approval, lease, costs, estimate). `approval["upload"]` says whether the upload may go on;
     when it may not, `approval["link"]` is the report's model link and why nothing was uploaded.
     `approval["line"]` is the report's approval line. The bill is this run's, read back from the
-    run directory on the re-run after a suspension."""
+    run directory on the re-run after a suspension. `held` (tasks/upload.py `upload_held`) is the model
+    link when this run would publish nothing (gate failed, no repo, the published model is better,
+    nothing new): nobody is asked then."""
+    if held is not None:
+        return {"upload": False, "line": "not asked: nothing to publish", "link": held}, lease, costs, estimate
     if cfg.hub.approval == "none":
         return {"upload": True, "line": "not required (hub.approval: none)"}, lease, costs, estimate
-    if not gate.get("passed") or not cfg.hub.repo_id:
-        return {"upload": True, "line": "not asked: nothing to publish"}, lease, costs, estimate
     log = get_run_logger()
     path = run_dir / RECORD
     record = json.loads(path.read_text()) if path.is_file() else None

@@ -272,6 +272,72 @@ def push_model_folder(model_dir: Path, repo_id: str, token: Optional[str], priva
             "bytes": size, "private": is_private, "path": model_dir}
 
 
+def _plan(cfg: RunConfig, results: dict, gate: dict, local_work: Path) -> dict:
+    """What an upload of this run would do: {"link"} (the report's model link and why nothing is sent)
+    when the gate failed (or fails when checked again at home), hub.repo_id is unset, or the model
+    published there is better on the same test utterances; else what to send: {"model_dir", "token",
+    "card", "title", "description", "extra", "decision"}."""
+    run_log = get_run_logger()
+    model_dir = Path(local_work) / "convert" / quantized_variant(cfg.quant.scheme)
+    if not gate.get("passed"):
+        run_log.warning("quality gate failed: not uploading; the model stays in %s", model_dir)
+        return {"link": {"uploaded": False, "reason": "quality gate failed", "path": str(model_dir)}}
+    if not cfg.hub.repo_id:
+        return {"link": {"uploaded": False, "reason": "hub.repo_id is not set in the config", "path": str(model_dir)}}
+    verdict = verify_evaluation(cfg, results.get("evaluate"), local_work, keep_counts=True)
+    if not verdict["passed"]:
+        run_log.warning("quality gate failed when checked at home (%s): not uploading; the model stays in %s",
+                        verdict["reason"], model_dir)
+        return {"link": {"uploaded": False, "reason": f"quality gate failed: {verdict['reason']}", "path": str(model_dir)}}
+    mine = verdict["recomputed"][quantized_variant(cfg.quant.scheme)]
+    verdict = {**verdict, "recomputed": without_counts(verdict["recomputed"])}
+    token, run_id, repo = secrets.hf_token(), flow_run.get_id(), cfg.hub.repo_id
+    decision, past, extra, title, description = None, [], None, None, ""
+    if token:  # without one push_model_folder says why nothing is sent
+        decision, past = _champion(cfg, repo, token, mine)
+        if not decision["publish"]:
+            run_log.warning("not uploading: %s", decision["reason"])
+            return {"link": {"uploaded": False, "reason": decision["reason"], "path": str(model_dir),
+                             "champion": describe(decision)}}
+        extra = {EVAL_FILE: utterance_record(cfg, mine["ids"], *mine["counts"], run_id)}
+        title, description = commit_message(cfg, verdict, decision, run_id, revisions_of(cfg, results))
+    card = render_model_card(cfg, verified_metrics(step_metrics(results), verdict), card_lines(decision, past))
+    return {"model_dir": model_dir, "token": token, "card": card, "title": title, "description": description,
+            "extra": extra, "decision": decision}
+
+
+@task(name="what would be published", retries=2, retry_delay_seconds=[10, 60], retry_jitter_factor=0.5,
+      retry_condition_fn=retry_transient)
+def upload_held(cfg: RunConfig, results: dict, gate: dict, local_work: Path) -> Optional[dict]:
+    """The report's model link when this run would publish nothing (see `_plan`; also: no token, or
+    the repo already holds these model files byte for byte: "nothing new since <run>"), else None.
+    Asked before a person is asked to approve an upload (tasks/approval.py)."""
+    plan = _plan(cfg, results, gate, local_work)
+    if "link" in plan:
+        return plan["link"]
+    model_dir, token = plan["model_dir"], plan["token"]
+    if not token:
+        return {"uploaded": False, "reason": NO_TOKEN_REASON, "path": str(model_dir)}
+    endpoint = resolve_endpoint(None)
+    failure: Optional[HubUploadError] = None
+    try:
+        api = HfApi(endpoint=endpoint, token=token)
+        same = hub_holds(api, cfg.hub.repo_id, {f: model_dir / f for f in check_model_folder(model_dir)})
+    except RepositoryNotFoundError:
+        return None  # nothing published yet
+    except (HfHubHTTPError, requests.RequestException, OSError) as e:
+        failure = _explain(e, cfg.hub.repo_id, endpoint, token)
+    if failure is not None:  # raised outside the except block: no chained context holding the request
+        raise failure
+    if not same:
+        return None
+    return {"uploaded": False, "unchanged": True, "url": f"{endpoint}/{cfg.hub.repo_id}", "commit": same["commit"],
+            "path": str(model_dir),
+            "reason": f"nothing new since run {produced_by(Path(local_work)) or '(not found at home)'}; "
+                      f"{cfg.hub.repo_id} already holds these model files byte for byte (Hub commit "
+                      f"{same['commit'][:12]} of {same['date']})"}
+
+
 @task(name="upload to hub", retries=2, retry_delay_seconds=[10, 60], retry_jitter_factor=0.5,
       retry_condition_fn=retry_transient)
 def upload_to_hub(cfg: RunConfig, results: dict, gate: dict, local_work: Path) -> dict:
@@ -282,36 +348,15 @@ def upload_to_hub(cfg: RunConfig, results: dict, gate: dict, local_work: Path) -
     A model already published in the repository is kept when this one is worse on the same test
     utterances (tasks/champion.py); each upload is its own commit with the run id, the revisions,
     the figures and that comparison in its message, and `eval/utterances.json` beside the model."""
-    run_log = get_run_logger()
-    local_work = Path(local_work)
-    model_dir = local_work / "convert" / quantized_variant(cfg.quant.scheme)
-    if not gate.get("passed"):
-        run_log.warning("quality gate failed: not uploading; the model stays in %s", model_dir)
-        return {"uploaded": False, "reason": "quality gate failed", "path": str(model_dir)}
-    if not cfg.hub.repo_id:
-        return {"uploaded": False, "reason": "hub.repo_id is not set in the config", "path": str(model_dir)}
-    verdict = verify_evaluation(cfg, results.get("evaluate"), local_work, keep_counts=True)
-    if not verdict["passed"]:
-        run_log.warning("quality gate failed when checked at home (%s): not uploading; the model stays in %s",
-                        verdict["reason"], model_dir)
-        return {"uploaded": False, "reason": f"quality gate failed: {verdict['reason']}", "path": str(model_dir)}
-    mine = verdict["recomputed"][quantized_variant(cfg.quant.scheme)]
-    verdict = {**verdict, "recomputed": without_counts(verdict["recomputed"])}
-    token, run_id, repo = secrets.hf_token(), flow_run.get_id(), cfg.hub.repo_id
-    decision, past, extra, title, description = None, [], None, None, ""
-    if token:  # without one push_model_folder says why nothing is sent
-        decision, past = _champion(cfg, repo, token, mine)
-        if not decision["publish"]:
-            run_log.warning("not uploading: %s", decision["reason"])
-            return {"uploaded": False, "reason": decision["reason"], "path": str(model_dir), "champion": describe(decision)}
-        extra = {EVAL_FILE: utterance_record(cfg, mine["ids"], *mine["counts"], run_id)}
-        title, description = commit_message(cfg, verdict, decision, run_id, revisions_of(cfg, results))
-    card = render_model_card(cfg, verified_metrics(step_metrics(results), verdict), card_lines(decision, past))
-    out = push_model_folder(model_dir, repo, token, private=cfg.hub.private, card=card, commit_title=title,
-                            commit_description=description, extra_files=extra)
+    plan = _plan(cfg, results, gate, Path(local_work))
+    if "link" in plan:
+        return plan["link"]
+    model_dir, decision = plan["model_dir"], plan["decision"]
+    out = push_model_folder(model_dir, cfg.hub.repo_id, plan["token"], private=cfg.hub.private, card=plan["card"],
+                            commit_title=plan["title"], commit_description=plan["description"], extra_files=plan["extra"])
     if out.get("unchanged"):
-        out["reason"] = f"nothing new since run {produced_by(local_work) or '(not found at home)'}; {out['reason']}"
-    run_log.info("upload: %s", out.get("url") or out.get("reason"))
+        out["reason"] = f"nothing new since run {produced_by(Path(local_work)) or '(not found at home)'}; {out['reason']}"
+    get_run_logger().info("upload: %s", out.get("url") or out.get("reason"))
     out.setdefault("path", str(model_dir))
     if decision is not None:
         out["champion"] = describe(decision)

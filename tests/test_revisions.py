@@ -139,8 +139,10 @@ def test_a_scheduled_run_with_nothing_new_rents_nothing_and_commits_nothing_and_
         assert read_result(run1 / "work", "train")["inputs"]["model"] == f"hub:{BASE}@{first_sha}"
         published = hub.commits(REPO)
 
-        # the schedule fires again, nothing changed: every step done at home, nothing rented, no commit
-        second = qat(config="tiny", overrides=FAST, return_state=True)
+        # the schedule fires again, nothing changed: every step done at home, nothing rented, no commit,
+        # and nobody is asked to approve (a question would time out in seconds and fail the run)
+        second = qat(config="tiny", overrides={**FAST, "hub.approval": "required", "hub.approval_timeout_hours": 0.002},
+                     return_state=True)
         assert second.is_completed(), second.message
         tasks = asyncio.run(_task_names(second.state_details.flow_run_id))
         assert "rent machine" not in tasks and "estimate cost" not in tasks, tasks
@@ -148,7 +150,8 @@ def test_a_scheduled_run_with_nothing_new_rents_nothing_and_commits_nothing_and_
         assert link["uploaded"] is False and link.get("unchanged") is True, link
         assert link["reason"].startswith(f"nothing new since run {run1.name}"), link["reason"]
         assert hub.commits(REPO) == published, "the unchanged run made a Hub commit"
-        assert f"nothing new since run {run1.name}" in asyncio.run(_report(second.state_details.flow_run_id))
+        report = asyncio.run(_report(second.state_details.flow_run_id))
+        assert f"nothing new since run {run1.name}" in report and "not asked: nothing to publish" in report, report
 
         # the base model gets a new revision on the Hub: the steps run again, from that commit
         new_sha = hub.publish(BASE, {"README.md": b"# a new revision\n"})

@@ -7,9 +7,10 @@ CFG is configs/demo.yaml with quant.scheme int4 (and whatever the option changes
 trained weights (W/train/model) it measures, on W/prepare/test with evaluate's own scoring:
 - qat_fp32: the weights in PyTorch, no quantization ("its fp32", what the gate compares with);
 - qat_fake_quant: PyTorch with steps/fake_quant.py's quantizers (what training saw), and
-  fake_quant_vocab: the same with the vocabulary matrix (proj_out + tied embedding) float, 4- or 8-bit;
-- qat_int4 / qat_int4_acc4: the ONNX int4 export through steps/convert.py, with the shipped
-  MatMulNBits accuracy_level (0) and with accuracy_level 4 (int8 block activations);
+  fake_quant_vocab: the same with the vocabulary matrix (proj_out + tied embedding) float, in 4-bit
+  blocks, or 8-bit (the int8 scheme's layout: per-channel weights, activations per token);
+- qat_int4 / qat_int4_acc4: the ONNX int4 export through steps/convert.py, with the run's
+  contract.quant_spec accuracy_level (0) and with accuracy_level 4 (int8 block activations);
 - base_ptq_int4: the untrained base model exported and quantized the same way (the gate's PTQ side);
 - size_mb: the shipped ONNX int4 directory and the trained PyTorch fp32 weights.
 Writes benchmarks/int4_recipe.json (one entry per option, with the commands) and INT4_RECIPE.md.
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "int4_recipe.json"
 
 
-def _export(model_dir: Path, out: Path, quant, levels: dict[str, int], log) -> dict[str, Path]:
+def _export(model_dir: Path, out: Path, spec, levels: dict[str, int], log) -> dict[str, Path]:
     """ONNX fp32 export of model_dir, quantized to int4 once per accuracy level (cached in out)."""
     from steps import convert
     from steps.fuse_attention import fuse_encoder_file
@@ -38,7 +39,7 @@ def _export(model_dir: Path, out: Path, quant, levels: dict[str, int], log) -> d
     convert.export(model_dir, fp32)
     heads = json.loads((fp32 / "config.json").read_text())["encoder_attention_heads"]
     for name, level in levels.items():
-        convert.quantize_dir(fp32, dirs[name], "int4", quant.group_size, quant.vocab_bits, int4_accuracy_level=level)
+        convert.quantize_dir(fp32, dirs[name], spec, int4_accuracy_level=level)
         fuse_encoder_file(dirs[name] / convert.ENCODER, heads)
         log(f"{name}: accuracy_level {level} -> {dirs[name]}")
     return dirs
@@ -72,9 +73,9 @@ def measure(cfg, workdir: Path, log=print) -> dict:
     from datasets import load_from_disk
 
     from contract.normalize import normalize_french
+    from contract.quant_spec import quant_spec
     from steps import convert, fake_quant
     from steps.audio_store import to_float
-    from steps.convert import INT4_ACCURACY_LEVEL
     from steps.inference import load_variant
     from steps.models import resolve_model
 
@@ -83,27 +84,28 @@ def measure(cfg, workdir: Path, log=print) -> dict:
     refs_n = [normalize_french(r) for r in test["text"]]
     model_dir = workdir / "train" / "model"
     work = workdir / "int4_recipe"
-    levels = {"qat_int4": INT4_ACCURACY_LEVEL, "qat_int4_acc4": 4}
-    qat = _export(model_dir, work / "qat", cfg.quant, levels, log)
-    base = _export(Path(resolve_model(cfg.model.name_or_path)), work / "base", cfg.quant,
-                   {"base_ptq_int4": INT4_ACCURACY_LEVEL}, log)
+    spec = quant_spec(cfg.quant)
+    levels = {"qat_int4": spec.accuracy_level, "qat_int4_acc4": 4}
+    qat = _export(model_dir, work / "qat", spec, levels, log)
+    base = _export(Path(resolve_model(cfg.model.name_or_path)), work / "base", spec,
+                   {"base_ptq_int4": spec.accuracy_level}, log)
     n, lang, task = cfg.eval.max_new_tokens, cfg.model.language, cfg.model.task
     out = {}
     t = load_variant(str(model_dir), "pytorch", 2, "cpu", lang, task)
     out["qat_fp32"] = _wer(t, audios, refs_n, 8, n)
-    fake_quant.prepare(t.model, cfg.quant)
+    fake_quant.prepare(t.model, spec)
     out["qat_fake_quant"] = _wer(t, audios, refs_n, 8, n)
     # where the int4 loss sits: the same weights with the blocks int4 and the vocabulary matrix
-    # (proj_out + tied embedding) float, 4-bit or 8-bit (the option's own setting is qat_fake_quant)
+    # (proj_out + tied embedding) float, 4-bit blocks or 8-bit int8 layout (the option's own is qat_fake_quant)
     vocab = [m for m in (t.model.proj_out, t.model.model.decoder.embed_tokens)
              if isinstance(m, (fake_quant.FakeQuantLinear, fake_quant.FakeQuantEmbedding))]
-    out["fake_quant_vocab"] = {str(cfg.quant.vocab_bits): out["qat_fake_quant"]}
+    out["fake_quant_vocab"] = {str(spec.vocab_bits): out["qat_fake_quant"]}
     for setting in ("float", "4", "8"):
         if setting not in out["fake_quant_vocab"]:
             for m in vocab:
                 m.enabled = setting != "float"
                 if m.enabled:
-                    m.bits = int(setting)
+                    m.scheme, m.bits = ("int8", 8) if setting == "8" else ("int4", 4)
             out["fake_quant_vocab"][setting] = _wer(t, audios, refs_n, 8, n)
             log(f"fake-quant, vocabulary {setting}: {out['fake_quant_vocab'][setting]}")
     for name, d in {**qat, **base}.items():

@@ -239,3 +239,18 @@ def test_int4_vocabulary_at_8_bits_is_the_int8_schemes_layout(tmp_path):
     fake_quant.prepare(tw, QuantSpec.of("int4", 32, 8))
     assert (tw.proj_out.scheme, tw.proj_out.per_token) == ("int8", True)
     assert tw.model.decoder.embed_tokens.scheme == "int8"
+
+
+def test_one_spec_sets_the_grid_training_sees_and_the_export_writes(tmp_path):
+    """contract/quant_spec.py is the one owner: a group size set there reaches both QAT and the export."""
+    spec = QuantSpec.of("int4", group_size=64)
+    model = tiny_whisper()
+    fake_quant.prepare(model, spec)
+    assert {m.group_size for m in model.modules() if isinstance(m, fake_quant.FakeQuantLinear) and m.scheme == "int4"} == {64}
+    onnx.save(_matmul_model(_weights(128, 48, 0)), tmp_path / "m.onnx")
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", spec)
+    (node,) = onnx.load(str(tmp_path / "q.onnx")).graph.node
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert (attrs["block_size"], attrs["bits"], attrs.get("accuracy_level", 0)) == (64, spec.bits, spec.accuracy_level)
+    with pytest.raises(ValueError, match="vocab_bits"):
+        QuantSpec.of("int8", vocab_bits=4)

@@ -9,8 +9,10 @@ decoder run in sessions with `SessionOptions.enable_profiling`, with the options
 with (steps/inference.py: intra-op threads, no spinning): one 30 s window through the encoder, then
 decoder steps with a KV cache of --past tokens. Warm-up runs are dropped from the profile; node times
 are summed per operator type (If excluded: its time is its subgraph's nodes'). The memory-bandwidth
-floor of a decoder step is the bytes of the decoder's weights (each is read once per token) over the
-read bandwidth numpy measures on this machine. Writes benchmarks/int4_profile.json.
+floor of a decoder step is what it must read once per token, the decoder's weights and its KV cache
+(the cross-attention keys and values of 1500 encoder frames included), over the read bandwidth numpy
+measures on this machine. Also one MatMul of each kind, as each layout writes it (kernels_ms).
+Writes benchmarks/int4_profile.json.
 """
 from __future__ import annotations
 
@@ -41,11 +43,11 @@ def session(path: Path, threads: int, profile_prefix: str | None):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def summarize(profile_file: str, warmup: int) -> dict:
-    """Node times of the runs after the first `warmup`, per op type, in ms per run."""
+def summarize(profile_file: str, warmup: int, runs_wanted: int) -> dict:
+    """Node times of runs warmup..runs_wanted-1, per op type, in ms per run."""
     events = json.loads(Path(profile_file).read_text())
     runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
-    kept = runs[warmup:]
+    kept = runs[warmup:runs_wanted]
     windows = [(e["ts"], e["ts"] + e["dur"]) for e in kept]
     ops: dict = collections.defaultdict(lambda: [0.0, 0])
     nodes: dict = collections.defaultdict(float)
@@ -86,20 +88,32 @@ def _feeds_decoder(sess, enc_states: np.ndarray, past: int, rng) -> dict:
     return feeds
 
 
-def profile_variant(model_dir: Path, threads: int, steps: int, past: int, warmup: int) -> dict:
+def _interleaved(sessions: dict, feeds: dict, rounds: int) -> None:
+    """Run every session once per round, in turn: load on the shared machine falls on all variants alike."""
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            sess.run(None, feeds[name])
+
+
+def profile_variants(dirs: dict[str, Path], threads: int, steps: int, past: int, warmup: int) -> dict:
+    """{variant: {"encoder", "decoder_step", "decoder_kv_cache_mb"}}, the variants' runs interleaved."""
     rng = np.random.default_rng(0)
-    out = {}
+    feats = rng.standard_normal((1, 80, 3000)).astype(np.float32)
+    out: dict = {name: {} for name in dirs}
     with tempfile.TemporaryDirectory() as tmp:
-        enc = session(model_dir / ENCODER, threads, f"{tmp}/enc")
-        feats = rng.standard_normal((1, 80, 3000)).astype(np.float32)
-        for _ in range(warmup + 2):
-            states = enc.run(None, {enc.get_inputs()[0].name: feats})[0]
-        out["encoder"] = summarize(enc.end_profiling(), warmup)
-        dec = session(model_dir / MERGED, threads, f"{tmp}/dec")
-        feeds = _feeds_decoder(dec, states, past, rng)
-        for _ in range(warmup + steps):
-            dec.run(None, feeds)
-        out["decoder_step"] = summarize(dec.end_profiling(), warmup)
+        enc = {name: session(d / ENCODER, threads, f"{tmp}/{name}_enc") for name, d in dirs.items()}
+        enc_feeds = {name: {sess.get_inputs()[0].name: feats} for name, sess in enc.items()}
+        _interleaved(enc, enc_feeds, warmup + 2)
+        states = {name: sess.run(None, enc_feeds[name])[0] for name, sess in enc.items()}  # not counted
+        for name, sess in enc.items():
+            out[name]["encoder"] = summarize(sess.end_profiling(), warmup, warmup + 2)
+        dec = {name: session(d / MERGED, threads, f"{tmp}/{name}_dec") for name, d in dirs.items()}
+        dec_feeds = {name: _feeds_decoder(sess, states[name], past, np.random.default_rng(0)) for name, sess in dec.items()}
+        _interleaved(dec, dec_feeds, warmup + steps)
+        for name, sess in dec.items():
+            out[name]["decoder_step"] = summarize(sess.end_profiling(), warmup, warmup + steps)
+            out[name]["decoder_kv_cache_mb"] = round(
+                sum(v.nbytes for k, v in dec_feeds[name].items() if k.startswith("past_")) / 1e6, 2)
     return out
 
 
@@ -130,25 +144,24 @@ def _timed_sum(a: np.ndarray) -> float:
 
 
 def default_variants(work: Path) -> dict[str, Path]:
-    """whisper-base exported and quantized as the convert step does (configs/demo.yaml's quant section),
-    plus the int4 alternatives: the 4-bit vocabulary, and MatMulNBits at accuracy_level 4."""
+    """whisper-base exported and quantized as the convert step does (configs/demo.yaml's quant section);
+    the int4 alternatives (4-bit vocabulary, accuracy_level 4) are timed per MatMul in kernels()."""
     from contract.config import load_config
     from contract.quant_spec import QuantSpec
     from steps import convert
     from steps.models import resolve_model
 
     q = load_config("demo").quant
-    specs = {"onnx_int8": (QuantSpec.of("int8"), None), "onnx_int4": (QuantSpec.of("int4", q.group_size, q.vocab_bits), None),
-             "onnx_int4_vocab4": (QuantSpec.of("int4", q.group_size, 4), None),
-             "onnx_int4_acc4": (QuantSpec.of("int4", q.group_size, q.vocab_bits), 4)}
+    specs = {"onnx_int8": QuantSpec.of("int8"), "onnx_int4": QuantSpec.of("int4", q.group_size, q.vocab_bits)}
     dirs = {name: work / name for name in specs}
-    if not all((d / MERGED).is_file() for d in dirs.values()):
-        fp32 = work / "fp32"
-        convert.export(Path(resolve_model(load_config("demo").model.name_or_path)), fp32)
-        heads = json.loads((fp32 / "config.json").read_text())["encoder_attention_heads"]
-        for name, (spec, level) in specs.items():
-            convert.quantize_dir(fp32, dirs[name], spec, level)
-            convert.fuse_encoder_file(dirs[name] / ENCODER, heads)
+    fp32 = work / "fp32"
+    for name, spec in specs.items():
+        if (dirs[name] / MERGED).is_file():
+            continue
+        if not (fp32 / convert.DECODER).is_file():
+            convert.export(Path(resolve_model(load_config("demo").model.name_or_path)), fp32)
+        convert.quantize_dir(fp32, dirs[name], spec)
+        convert.fuse_encoder_file(dirs[name] / ENCODER, json.loads((fp32 / "config.json").read_text())["encoder_attention_heads"])
     return dirs
 
 
@@ -208,12 +221,11 @@ def main(argv=None) -> int:
     variants = dict(v.split("=", 1) for v in a.variant) if a.variant else default_variants(a.work)
     bw = read_bandwidth_gbs()
     results = {}
+    profiled = profile_variants({name: Path(d) for name, d in variants.items()}, a.threads, a.steps, a.past, a.warmup)
     for name, d in variants.items():
-        d = Path(d)
-        r = profile_variant(d, a.threads, a.steps, a.past, a.warmup)
-        wb = weight_bytes(d / MERGED)
-        r["decoder_weights_mb"] = round(wb / 1e6, 2)
-        r["decoder_floor_ms"] = round(wb / (bw * 1e9) * 1000, 3)
+        r = profiled[name]
+        r["decoder_weights_mb"] = round(weight_bytes(Path(d) / MERGED) / 1e6, 2)
+        r["decoder_floor_ms"] = round((r["decoder_weights_mb"] + r["decoder_kv_cache_mb"]) / (bw * 1e3) * 1000, 3)
         r["decoder_step_vs_floor"] = round(r["decoder_step"]["run_ms"] / r["decoder_floor_ms"], 2)
         results[name] = r
         print(f"{name}: encoder {r['encoder']['run_ms']:.1f} ms, decoder step {r['decoder_step']['run_ms']:.2f} ms "

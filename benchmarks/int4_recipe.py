@@ -129,7 +129,7 @@ def profile_section(profiles: dict[str, dict]) -> list[str]:
     lines = ["", "## Where the time goes (ONNX Runtime profiler, whisper-base)", ""]
     for label, prof in profiles.items():
         lines += [f"{label}: `{prof['command']}`, {prof['threads']} threads, {prof['decoder_past_tokens']} tokens in the "
-                  f"KV cache, load average {prof['load_avg_1m']}; the floor reads the decoder's weights once at the "
+                  f"KV cache, load average {prof['load_avg_1m']}; the floor reads the decoder's weights and KV cache once at the "
                   f"{prof['read_bandwidth_gbs']} GB/s numpy measured.", "",
                   "| variant | encoder ms | top encoder ops | decoder step ms | top decoder ops | floor ms (step / floor) |",
                   "|---|---:|---|---:|---|---:|"]

@@ -353,13 +353,14 @@ def floor_section() -> list[str]:
     if not f.is_file():
         return ["Decoder step vs memory-bandwidth floor: not measured (run `python -m benchmarks.int4_profile`)."]
     prof = json.loads(f.read_text())
-    rows = [[name, v["encoder"]["run_ms"], v["decoder_step"]["run_ms"], v["decoder_weights_mb"], v["decoder_floor_ms"],
-             v["decoder_step_vs_floor"]] for name, v in prof["variants"].items()]
+    rows = [[name, v["encoder"]["run_ms"], v["decoder_step"]["run_ms"], v["decoder_weights_mb"], v["decoder_kv_cache_mb"],
+             v["decoder_floor_ms"], v["decoder_step_vs_floor"]] for name, v in prof["variants"].items()]
     return ["### One decoder step against its memory-bandwidth floor (benchmarks/int4_profile.json)", "",
             f"`{prof['command']}`: ONNX Runtime's profiler, {prof['threads']} threads, {prof['decoder_past_tokens']} "
-            f"tokens in the KV cache; the floor reads the decoder's weights once at the {prof['read_bandwidth_gbs']} GB/s "
+            f"tokens in the KV cache; the floor reads the decoder's weights and KV cache once at the {prof['read_bandwidth_gbs']} GB/s "
             f"numpy measured (load average {prof['load_avg_1m']}).", "",
-            _table(["variant", "encoder ms", "decoder step ms", "decoder weights MB", "floor ms", "step / floor"], rows)]
+            _table(["variant", "encoder ms", "decoder step ms", "decoder weights MB", "KV cache MB", "floor ms",
+                    "step / floor"], rows)]
 
 
 def render_bench_report(r: dict, gpu: dict | None, serve: dict | None = None) -> str:

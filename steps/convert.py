@@ -5,9 +5,9 @@ encoder_model.onnx + decoder_model_merged.onnx (KV cache, one file for both deco
 processor files and generation_config.json, and loads with ORTModelForSpeechSeq2Seq.from_pretrained.
 Every encoder's self-attention runs as one fused MultiHeadAttention node per layer (fuse_attention.py).
 
-The grid is the run's contract.quant_spec.QuantSpec (what QAT trained). int8: dynamic quantization
-of MatMul weights (per channel, int8; activations uint8 per tensor at run time), never Conv
-(ConvInteger has no CPU kernel). int4: steps/int4_export.py (MatMulNBits blocks, float activations,
+The grid is the run's contract.quant_spec.QuantSpec (what QAT trained). int8: steps/int8_export.py
+(dynamic quantization of MatMul weights: per channel, int8; activations uint8 per tensor at run time;
+never Conv: ConvInteger has no CPU kernel). int4: steps/int4_export.py (MatMulNBits blocks, float activations,
 the vocabulary int8 as here unless quant.vocab_bits is 4), saved with external data. Either way the
 tied token embedding reads the quantized output projection (steps/tied_embedding.py).
 The decoder and decoder-with-past graphs are quantized separately and merged afterwards: the
@@ -31,7 +31,7 @@ from contract.quant_spec import QuantSpec, quant_spec
 from .common import StepContext, StepError
 from .fuse_attention import fuse_encoder_file
 from .int4_export import quantize_int4
-from .tied_embedding import load_folded, share_tied_embedding_int8
+from .int8_export import quantize_int8
 
 ENCODER = "encoder_model.onnx"
 DECODER = "decoder_model.onnx"
@@ -113,32 +113,6 @@ def export(model_dir: Path, out_dir: Path) -> None:
     missing = [f for f in (ENCODER, DECODER, DECODER_WITH_PAST, MERGED) if not (out_dir / f).is_file()]
     if missing:
         raise StepError(f"ONNX export of {model_dir} did not write {missing}; check optimum-onnx and transformers < 4.58")
-
-
-def _has_external_data(path: Path) -> bool:
-    model = onnx.load(str(path), load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
-def quantize_int8(src: Path, dst: Path) -> bool:
-    """Dynamic int8: MatMul weights per channel QInt8, activations uint8 per tensor at run time.
-
-    Returns whether the tied token embedding now reads the int8 output projection.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # a graph with external data (large encoders) may exceed protobuf's 2 GB: let ORT load it by path
-    big = _has_external_data(src)
-    quantize_dynamic(str(src) if big else load_folded(src), str(dst), op_types_to_quantize=["MatMul"],
-                     per_channel=True, reduce_range=False, weight_type=QuantType.QInt8,
-                     use_external_data_format=big, extra_options={"MatMulConstBOnly": True})
-    if big:
-        return False
-    model = onnx.load(str(dst))
-    shared = share_tied_embedding_int8(model)
-    if shared:
-        onnx.save(model, str(dst))
-    return shared
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:

@@ -4,13 +4,12 @@ Block Linears: MatMulNBits, 4-bit symmetric blocks of spec.group_size along the 
 spec.accuracy_level (0: float activations, what QAT trains). The vocabulary (the MatMul producing
 the logits, tied to the token embedding) follows spec.vocab_layout (contract/quant_spec.py):
 "int8_dynamic" quantizes it as the int8 scheme does (per-channel int8 weights, uint8 activations per
-call: DynamicQuantizeMatMul at run time) and the embedding reads its int8 rows; "nbits" makes it a
+call: DynamicQuantizeMatMul at run time; steps/int8_export.py) and the embedding reads its int8 rows; "nbits" makes it a
 4-bit MatMulNBits whose blocks the embedding reads through GatherBlockQuantized.
 """
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -18,6 +17,7 @@ import onnx
 from contract.quant_spec import QuantSpec
 
 from .common import StepError
+from .int8_export import int8_nodes
 from .tied_embedding import load_folded, share_tied_embedding_int8, share_tied_embedding_nbits
 
 
@@ -33,18 +33,6 @@ def _nbits(model: onnx.ModelProto, spec: QuantSpec, bits: int, accuracy_level: i
     return quantizer.model.model
 
 
-def _int8_vocab(model: onnx.ModelProto, vocab: list[str]) -> onnx.ModelProto:
-    """The vocabulary MatMul quantized exactly as the int8 scheme quantizes it (steps/convert.py quantize_int8)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "vocab_int8.onnx"
-        quantize_dynamic(model, str(out), op_types_to_quantize=["MatMul"], nodes_to_quantize=vocab,
-                         per_channel=True, reduce_range=False, weight_type=QuantType.QInt8,
-                         extra_options={"MatMulConstBOnly": True})
-        return onnx.load(str(out))
-
-
 def quantize_int4(src: Path, dst: Path, spec: QuantSpec, accuracy_level: int | None = None) -> bool:
     """Write src as int4 into dst (external data). Returns whether the tied token embedding reads the
     quantized vocabulary matrix. accuracy_level overrides spec.accuracy_level (benchmarks only)."""
@@ -57,7 +45,7 @@ def quantize_int4(src: Path, dst: Path, spec: QuantSpec, accuracy_level: int | N
     if vocab and not vocab[0]:
         raise StepError(f"{src}: the MatMul producing the logits has no name; the int4 export cannot select it")
     if vocab and spec.vocab_layout == "int8_dynamic":
-        model = _nbits(_int8_vocab(model, vocab), spec, spec.bits, level)
+        model = _nbits(int8_nodes(model, vocab), spec, spec.bits, level)
         shared = share_tied_embedding_int8(model)
     else:  # "nbits": the vocabulary in 4-bit blocks like the rest
         model = _nbits(model, spec, spec.bits, level)

@@ -408,7 +408,8 @@ def render_bench_report(r: dict, gpu: dict | None, serve: dict | None = None) ->
         "(base_ptq_int4 quantizes that same start).",
         "",
         _table(["WER difference", "points", "paired 95% CI"],
-               [[k, v["gap"], _ci(v["ci95"])] for k, v in r.get("wer_paired_ci", {}).items()]),
+               [[k, v["gap"], _ci(v["ci95"])] for k, v in r["wer_paired_ci"].items()])
+        if r.get("wer_paired_ci") else "No paired WER differences (no evaluation results).",
         "",
         *floor_section(),
         "",

@@ -50,11 +50,10 @@ class QuantSpec:
         vocab = ("int8 per output channel with uint8 activations per token"
                  if self.vocab_layout == "int8_dynamic" else f"{self.vocab_bits}-bit blocks of {self.group_size}")
         if self.scheme == "int8":
-            return ("int8 weights per output channel (symmetric, max|w|/127) and uint8 activations quantized "
-                    "per call, as ONNX Runtime's dynamic quantization runs them; vocabulary the same")
-        return (f"int4 weights, symmetric, in blocks of {self.group_size} inputs, float activations "
-                f"(ONNX Runtime MatMulNBits, accuracy_level {self.accuracy_level}); vocabulary (output projection "
-                f"and tied token embedding) {vocab}")
+            return ("int8 weights per output channel, symmetric, with dynamic uint8 activations: the grid of "
+                    "ONNX Runtime's quantize_dynamic; vocabulary the same")
+        return (f"int4 weights, symmetric, in blocks of {self.group_size} inputs, float activations: the grid of "
+                f"ONNX Runtime's MatMulNBits; the vocabulary matrix (output projection and tied token embedding) {vocab}")
 
 
 def quant_spec(quant) -> QuantSpec:

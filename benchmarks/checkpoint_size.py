@@ -45,12 +45,13 @@ def measure(optimizer_name: str, scheme: str, root: Path) -> dict:
 
     from benchmarks.gpu_probe import SHAPES
     from steps.train import save_checkpoint, tree_bytes
+    from contract.quant_spec import QuantSpec
     from steps.train_loop import Recipe, make_optimizer
     from steps import fake_quant
 
     model = WhisperForConditionalGeneration(WhisperConfig(**SHAPES["large-v3-distil"]))
-    fake_quant.prepare(model, Recipe(scheme=scheme))
-    opt = make_optimizer(model, Recipe(scheme=scheme, optimizer=optimizer_name), torch.device("cpu"))
+    fake_quant.prepare(model, QuantSpec.of(scheme))
+    opt = make_optimizer(model, Recipe(quant=QuantSpec.of(scheme), optimizer=optimizer_name), torch.device("cpu"))
     fill_state(opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     t = time.perf_counter()

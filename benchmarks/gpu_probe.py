@@ -73,13 +73,14 @@ def probe_mode(mode: str, shapes: dict, batch: int, steps: int, warmup: int, lab
     import torch
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
+    from contract.quant_spec import QuantSpec
     from steps.train_loop import Recipe, Trainer, flops_per_sample
 
     scheme, how = mode.rsplit("_", 1)
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = WhisperForConditionalGeneration(WhisperConfig(**shapes))
-    recipe = Recipe(scheme=SCHEMES[scheme], group_size=32, gradient_checkpointing=checkpointing,
+    recipe = Recipe(quant=QuantSpec.of(SCHEMES[scheme]) if SCHEMES[scheme] else None, gradient_checkpointing=checkpointing,
                     compile=how == "compiled", optimizer=optimizer, learning_rate=1e-5, grad_accum=1)
     trainer = Trainer(model, recipe, total_steps=1 + warmup + steps)
     cuda = trainer.device.type == "cuda"

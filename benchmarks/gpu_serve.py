@@ -33,6 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.gpu_probe import SHAPES  # noqa: E402
+from contract.quant_spec import QuantSpec  # noqa: E402
 from steps import serving  # noqa: E402
 
 PROMPT = (50258, 50265, 50359, 50363)  # <|startoftranscript|><|fr|><|transcribe|><|notimestamps|>
@@ -156,7 +157,7 @@ def export_onnx(shapes: dict, work: Path, log=print) -> dict:
     convert.export(src, fp32)
     log(f"exported in {time.time() - t:.0f}s")
     for scheme in ("int8", "int4"):
-        convert.quantize_dir(fp32, dirs[f"onnx_{scheme}"], scheme, 32)
+        convert.quantize_dir(fp32, dirs[f"onnx_{scheme}"], QuantSpec.of(scheme))
     to_fp16_dir(fp32, dirs["onnx_fp16"])
     convert.finish_fp32_dir(fp32)
     for d in dirs.values():

@@ -7,9 +7,10 @@ CFG is configs/demo.yaml with quant.scheme int4 (and whatever the option changes
 trained weights (W/train/model) it measures, on W/prepare/test with evaluate's own scoring:
 - qat_fp32: the weights in PyTorch, no quantization ("its fp32", what the gate compares with);
 - qat_fake_quant: PyTorch with steps/fake_quant.py's quantizers (what training saw), and
-  fake_quant_vocab: the same with the vocabulary matrix (proj_out + tied embedding) float, 4- or 8-bit;
-- qat_int4 / qat_int4_acc4: the ONNX int4 export through steps/convert.py, with the shipped
-  MatMulNBits accuracy_level (0) and with accuracy_level 4 (int8 block activations);
+  fake_quant_vocab: the same with the vocabulary matrix (proj_out + tied embedding) float, in 4-bit
+  blocks, or 8-bit (the int8 scheme's layout: per-channel weights, activations per token);
+- qat_int4 / qat_int4_acc4: the ONNX int4 export through steps/convert.py, with the run's
+  contract.quant_spec accuracy_level (0) and with accuracy_level 4 (int8 block activations);
 - base_ptq_int4: the untrained base model exported and quantized the same way (the gate's PTQ side);
 - size_mb: the shipped ONNX int4 directory and the trained PyTorch fp32 weights.
 Writes benchmarks/int4_recipe.json (one entry per option, with the commands) and INT4_RECIPE.md.
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "int4_recipe.json"
 
 
-def _export(model_dir: Path, out: Path, quant, levels: dict[str, int], log) -> dict[str, Path]:
+def _export(model_dir: Path, out: Path, spec, levels: dict[str, int], log) -> dict[str, Path]:
     """ONNX fp32 export of model_dir, quantized to int4 once per accuracy level (cached in out)."""
     from steps import convert
     from steps.fuse_attention import fuse_encoder_file
@@ -38,7 +39,7 @@ def _export(model_dir: Path, out: Path, quant, levels: dict[str, int], log) -> d
     convert.export(model_dir, fp32)
     heads = json.loads((fp32 / "config.json").read_text())["encoder_attention_heads"]
     for name, level in levels.items():
-        convert.quantize_dir(fp32, dirs[name], "int4", quant.group_size, quant.vocab_bits, int4_accuracy_level=level)
+        convert.quantize_dir(fp32, dirs[name], spec, int4_accuracy_level=level)
         fuse_encoder_file(dirs[name] / convert.ENCODER, heads)
         log(f"{name}: accuracy_level {level} -> {dirs[name]}")
     return dirs
@@ -72,9 +73,9 @@ def measure(cfg, workdir: Path, log=print) -> dict:
     from datasets import load_from_disk
 
     from contract.normalize import normalize_french
+    from contract.quant_spec import quant_spec
     from steps import convert, fake_quant
     from steps.audio_store import to_float
-    from steps.convert import INT4_ACCURACY_LEVEL
     from steps.inference import load_variant
     from steps.models import resolve_model
 
@@ -83,27 +84,28 @@ def measure(cfg, workdir: Path, log=print) -> dict:
     refs_n = [normalize_french(r) for r in test["text"]]
     model_dir = workdir / "train" / "model"
     work = workdir / "int4_recipe"
-    levels = {"qat_int4": INT4_ACCURACY_LEVEL, "qat_int4_acc4": 4}
-    qat = _export(model_dir, work / "qat", cfg.quant, levels, log)
-    base = _export(Path(resolve_model(cfg.model.name_or_path)), work / "base", cfg.quant,
-                   {"base_ptq_int4": INT4_ACCURACY_LEVEL}, log)
+    spec = quant_spec(cfg.quant)
+    levels = {"qat_int4": spec.accuracy_level, "qat_int4_acc4": 4}
+    qat = _export(model_dir, work / "qat", spec, levels, log)
+    base = _export(Path(resolve_model(cfg.model.name_or_path)), work / "base", spec,
+                   {"base_ptq_int4": spec.accuracy_level}, log)
     n, lang, task = cfg.eval.max_new_tokens, cfg.model.language, cfg.model.task
     out = {}
     t = load_variant(str(model_dir), "pytorch", 2, "cpu", lang, task)
     out["qat_fp32"] = _wer(t, audios, refs_n, 8, n)
-    fake_quant.prepare(t.model, cfg.quant)
+    fake_quant.prepare(t.model, spec)
     out["qat_fake_quant"] = _wer(t, audios, refs_n, 8, n)
     # where the int4 loss sits: the same weights with the blocks int4 and the vocabulary matrix
-    # (proj_out + tied embedding) float, 4-bit or 8-bit (the option's own setting is qat_fake_quant)
+    # (proj_out + tied embedding) float, 4-bit blocks or 8-bit int8 layout (the option's own is qat_fake_quant)
     vocab = [m for m in (t.model.proj_out, t.model.model.decoder.embed_tokens)
              if isinstance(m, (fake_quant.FakeQuantLinear, fake_quant.FakeQuantEmbedding))]
-    out["fake_quant_vocab"] = {str(cfg.quant.vocab_bits): out["qat_fake_quant"]}
+    out["fake_quant_vocab"] = {str(spec.vocab_bits): out["qat_fake_quant"]}
     for setting in ("float", "4", "8"):
         if setting not in out["fake_quant_vocab"]:
             for m in vocab:
                 m.enabled = setting != "float"
                 if m.enabled:
-                    m.bits = int(setting)
+                    m.scheme, m.bits = ("int8", 8) if setting == "8" else ("int4", 4)
             out["fake_quant_vocab"][setting] = _wer(t, audios, refs_n, 8, n)
             log(f"fake-quant, vocabulary {setting}: {out['fake_quant_vocab'][setting]}")
     for name, d in {**qat, **base}.items():
@@ -118,8 +120,36 @@ def _size(mb: dict | None) -> str:
     return f"{mb['qat_int4']:.1f} ({mb['qat_int4'] / mb['pytorch_fp32']:.3f})" if mb else "not measured"
 
 
-def render(data: dict) -> str:
-    """INT4_RECIPE.md: one row per option, the targets computed from the same figures."""
+def _top_ops(part: dict, n: int = 3) -> str:
+    return ", ".join(f"{op} {v['ms']:.2f} ms ({100 * v['share']:.0f} %)" for op, v in list(part["by_op"].items())[:n])
+
+
+def profile_section(profiles: dict[str, dict]) -> list[str]:
+    """Where the time goes (benchmarks/int4_profile*.json, written by benchmarks/int4_profile.py)."""
+    lines = ["", "## Where the time goes (ONNX Runtime profiler, whisper-base)", ""]
+    for label, prof in profiles.items():
+        lines += [f"{label}: `{prof['command']}`, {prof['threads']} threads, {prof['decoder_past_tokens']} tokens in the "
+                  f"KV cache, load average {prof['load_avg_1m']}; the floor reads the decoder's weights and KV cache once at the "
+                  f"{prof['read_bandwidth_gbs']} GB/s numpy measured.", "",
+                  "| variant | encoder ms | top encoder ops | decoder step ms | top decoder ops | floor ms (step / floor) |",
+                  "|---|---:|---|---:|---|---:|"]
+        for name, v in prof["variants"].items():
+            lines.append(f"| {name} | {v['encoder']['run_ms']:.1f} | {_top_ops(v['encoder'])} | "
+                         f"{v['decoder_step']['run_ms']:.2f} | {_top_ops(v['decoder_step'])} | "
+                         f"{v['decoder_floor_ms']:.2f} ({v['decoder_step_vs_floor']:.1f}x) |")
+        kernels = prof.get("kernels_ms", {})
+        if kernels:
+            labels = list(next(iter(kernels.values())))
+            lines += ["", "One MatMul as each layout writes it (median ms, interleaved):", "",
+                      "| shape | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+            lines += [f"| {shape} | " + " | ".join(f"{k[label]:.2f}" for label in labels) + " |"
+                      for shape, k in kernels.items()]
+        lines.append("")
+    return lines
+
+
+def render(data: dict, profiles: dict[str, dict] | None = None) -> str:
+    """INT4_RECIPE.md: one row per option, the targets computed from the same figures; then the profiles."""
     lines = ["# int4 recipe (generated by benchmarks/int4_recipe.py from int4_recipe.json)", "",
              "WER % on the demo test set (espeak French, greedy, normalized text; 95 % bootstrap CI of the "
              "shipped ONNX int4 in brackets). Targets: ONNX int4 <= its own fp32 + 1.0 point, and <= PTQ int4.", "",
@@ -152,18 +182,33 @@ def render(data: dict) -> str:
               "Options:", ""]
     lines += [f"- `{name}` ({e['wer']['clips']} clips): {e['description']} Commands: "
               + "; ".join(f"`{c}`" for c in e["commands"]) for name, e in data.items()]
+    lines += profile_section(profiles or {})
     return "\n".join(lines) + "\n"
+
+
+def profiles() -> dict[str, dict]:
+    """The committed profiles: the shipped layouts, and the exports of the code before the int8-layout vocabulary."""
+    files = {"Now": OUT.with_name("int4_profile.json"),
+             "Before (exports written by commit c7eb2c9: vocabulary as MatMulNBits bits=8)": OUT.with_name(
+                 "int4_profile_c7eb2c9.json")}
+    return {label: json.loads(f.read_text()) for label, f in files.items() if f.is_file()}
 
 
 def main(argv=None) -> int:
     from contract.config import load_config
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="the int4 run's config (quant.scheme int4)")
-    p.add_argument("--workdir", type=Path, required=True, help="the run's workdir: prepare/ and train/ done")
-    p.add_argument("--option", required=True, help="name of the recipe option this run trained")
+    p.add_argument("--config", help="the int4 run's config (quant.scheme int4)")
+    p.add_argument("--workdir", type=Path, help="the run's workdir: prepare/ and train/ done")
+    p.add_argument("--render-only", action="store_true", help="re-render INT4_RECIPE.md from the committed JSON")
+    p.add_argument("--option", help="name of the recipe option this run trained")
     p.add_argument("--description", default="", help="what the option changes")
     a = p.parse_args(argv)
+    if a.render_only:
+        OUT.with_name("INT4_RECIPE.md").write_text(render(json.loads(OUT.read_text()), profiles()))
+        return 0
+    if not (a.config and a.workdir and a.option):
+        p.error("--config, --workdir and --option are required (or --render-only)")
     cfg = load_config(a.config)
     if cfg.quant.scheme != "int4":
         raise SystemExit(f"{a.config}: quant.scheme is {cfg.quant.scheme}, this compares int4 recipes")
@@ -179,7 +224,7 @@ def main(argv=None) -> int:
     data = json.loads(OUT.read_text()) if OUT.is_file() else {}
     data[a.option] = entry
     OUT.write_text(json.dumps(data, indent=2))
-    OUT.with_name("INT4_RECIPE.md").write_text(render(data))
+    OUT.with_name("INT4_RECIPE.md").write_text(render(data, profiles()))
     w = figures
     print(f"{a.option}: fp32 {w['qat_fp32']['wer']} | fake-quant {w['qat_fake_quant']['wer']} | ONNX int4 "
           f"{w['qat_int4']['wer']} (acc4 {w['qat_int4_acc4']['wer']}) | PTQ int4 {w['base_ptq_int4']['wer']}; wrote {OUT}")

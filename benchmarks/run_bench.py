@@ -4,8 +4,9 @@
     .venv/bin/python -m benchmarks.run_bench --max-clips 8 --set train.max_steps=4   # a quicker pass
     .venv/bin/python -m benchmarks.run_bench --report-only   # re-render REPORT.md from results.json
 
-1. prepare once (benchmarks/work/int8), shared with benchmarks/work/int4 (same data, same config hash);
-   train (QAT), convert, evaluate for each scheme via `python -m steps ...` (steps skip
+1. prepare once (benchmarks/work/int8), shared with benchmarks/work/int4 (same data); train (QAT),
+   convert, evaluate for int8, then for int4 started from the int8 QAT run's weights (the recipe
+   that met its targets, benchmarks/INT4_RECIPE.md), via `python -m steps ...` (steps skip
    themselves when their outputs exist for the same config).
 2. one speed pass on the CPU over PyTorch fp32, ONNX fp32 / int8 / int4 and faster-whisper int8,
    measured round-robin per clip (steps/bench.py), on the test clips. GPU serving figures come from
@@ -33,12 +34,22 @@ TARGETS = {  # name: (description, limit)
     # 0.20 while the vocabulary was 4-bit too; at 8 bits (quant.vocab_bits, benchmarks/INT4_RECIPE.md:
     # 0.227 measured) it costs whisper-base 14 MB, as its vocabulary is 37 % of its weights (large-v3: 9 %)
     "int4_size_ratio": ("ONNX int4 size / PyTorch fp32 size", 0.23),
-    "int8_speedup_vs_pytorch": ("PyTorch fp32 latency / ONNX int8 latency", 2.5),
-    "int8_speedup_vs_faster_whisper": ("faster-whisper int8 latency / ONNX int8 latency", 1.3),
+    "int8_speedup_vs_pytorch": ("PyTorch fp32 latency / ONNX int8 latency", 4.0),
+    "int8_speedup_vs_faster_whisper": ("faster-whisper int8 latency / ONNX int8 latency", 2.5),
+    "int4_latency_vs_int8": ("ONNX int4 latency / ONNX int8 latency", 1.0),
+    "int4_decoder_vs_int8": ("ONNX int4 decoder ms/token / ONNX int8 decoder ms/token", 1.0),
     "qat_int8_wer_loss": ("WER(QAT int8) - WER(QAT fp32), points", 0.5),
     "qat_int8_minus_ptq_int8_wer": ("WER(QAT int8) - WER(PTQ int8), points", 0.0),
+    "qat_int4_wer_loss": ("WER(QAT int4) - WER(its QAT fp32), points", 1.0),
+    "qat_int4_minus_ptq_int4_wer": ("WER(QAT int4) - WER(PTQ int4 of the same start), points", 0.0),
 }
-LOWER_IS_BETTER = {"int8_size_ratio", "int4_size_ratio", "qat_int8_wer_loss", "qat_int8_minus_ptq_int8_wer"}
+LOWER_IS_BETTER = {"int8_size_ratio", "int4_size_ratio", "int4_latency_vs_int8", "int4_decoder_vs_int8",
+                   "qat_int8_wer_loss", "qat_int8_minus_ptq_int8_wer", "qat_int4_wer_loss", "qat_int4_minus_ptq_int4_wer"}
+# WER differences with a paired 95 % interval (the same clips resampled for both): (name, run, variant, minus)
+PAIRED = (("qat_int8_minus_qat_fp32", "int8", "qat_int8", "qat_fp32"),
+          ("qat_int8_minus_base_ptq_int8", "int8", "qat_int8", "base_ptq_int8"),
+          ("qat_int4_minus_its_qat_fp32", "int4", "qat_int4", "qat_fp32"),
+          ("qat_int4_minus_base_ptq_int4", "int4", "qat_int4", "base_ptq_int4"))
 
 
 # ---------------------------------------------------------------- pipeline
@@ -75,16 +86,22 @@ def share_prepare(src: Path, dst: Path) -> None:
         link.symlink_to(os.path.relpath(src / "prepare", dst))
 
 
+def int4_overrides(work: Path, overrides: dict) -> dict:
+    """The int4 run starts from the int8 QAT run's weights (a local folder: the local backend)."""
+    return {**overrides, "model.name_or_path": str((work / "int8" / "train" / "model").resolve()),
+            "machine.backend": "local"}
+
+
 def pipeline(work: Path, base: str, overrides: dict) -> dict:
-    configs = {}
-    for scheme in SCHEMES:
-        configs[scheme] = work / f"{scheme}.yaml"
-        write_config(base, scheme, overrides, configs[scheme])
+    configs = {scheme: work / f"{scheme}.yaml" for scheme in SCHEMES}
+    write_config(base, "int8", overrides, configs["int8"])
     run_step_subprocess("prepare", configs["int8"], work / "int8")
+    for step in ("train", "convert", "evaluate"):
+        run_step_subprocess(step, configs["int8"], work / "int8")
+    write_config(base, "int4", int4_overrides(work, overrides), configs["int4"])
     share_prepare(work / "int8", work / "int4")
-    for scheme in SCHEMES:
-        for step in ("train", "convert", "evaluate"):
-            run_step_subprocess(step, configs[scheme], work / scheme)
+    for step in ("train", "convert", "evaluate"):
+        run_step_subprocess(step, configs["int4"], work / "int4")
     return configs
 
 
@@ -96,6 +113,7 @@ def speed_only_models(work: Path, config: Path) -> dict[str, str]:
     """
     from steps import convert
     from contract.config import load_config
+    from contract.quant_spec import QuantSpec
     from steps.models import resolve_model
 
     cfg = load_config(str(config))
@@ -106,8 +124,8 @@ def speed_only_models(work: Path, config: Path) -> dict[str, str]:
     if not all((Path(p) / "encoder_model.onnx").is_file() for k, p in paths.items() if k != "pytorch_fp32"):
         convert.export(base, out / "base_fp32")
         for scheme in SCHEMES:
-            convert.quantize_dir(out / "base_fp32", out / f"base_ptq_{scheme}", scheme, cfg.quant.group_size,
-                                 cfg.quant.vocab_bits)
+            convert.quantize_dir(out / "base_fp32", out / f"base_ptq_{scheme}",
+                                 QuantSpec.of(scheme, cfg.quant.group_size, cfg.quant.vocab_bits))
             convert.check_quantized(out / f"base_ptq_{scheme}", scheme)
         convert.finish_fp32_dir(out / "base_fp32")
     return paths
@@ -170,6 +188,7 @@ def collect(work: Path, speed: dict) -> dict:
         if key in src.get("wer", {}):
             out["wer"][name], out["cer"][name] = src["wer"][key], src["cer"][key]
             out["wer_ci"][name] = src.get("wer_ci", {}).get(key)
+    out["wer_paired_ci"] = paired_gaps(work)
     out["gates"] = {"int8": e8.get("gate"), "int4": e4.get("gate")}
     out["eval_clips"] = e8.get("n_utterances")
     out["tensor_mb_by_dtype"] = {k: tensor_mb_by_dtype(Path(v[k]["path"])) for k in ("onnx_fp32", "onnx_int8", "onnx_int4") if k in v}
@@ -179,21 +198,47 @@ def collect(work: Path, speed: dict) -> dict:
     return out
 
 
+def _utterances(path: Path) -> dict | None:
+    import csv
+
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return {"word_errors": [int(r["errors"]) for r in rows], "words": [int(r["words"]) for r in rows]}
+
+
+def paired_gaps(work: Path) -> dict:
+    """WER(a) - WER(b) in points with its paired 95 % bootstrap interval, from evaluate's per-clip counts."""
+    from benchmarks.int4_recipe import gap_ci
+
+    out = {}
+    for name, run, a, b in PAIRED:
+        ua, ub = (_utterances(work / run / "evaluate" / f"utterances_{v}.csv") for v in (a, b))
+        if ua and ub:
+            rate = lambda u: 100.0 * sum(u["word_errors"]) / max(sum(u["words"]), 1)  # noqa: E731
+            out[name] = {"gap": round(rate(ua) - rate(ub), 2), "ci95": gap_ci(ua, ub)}
+    return out
+
+
 def _ratio(a, b):
     return round(a / b, 3) if a is not None and b else None
 
 
 def targets(r: dict) -> dict:
-    s, lat, wer = r["sizes_mb"], r["latency_s"], r["wer"]
+    s, lat, wer, dec = r["sizes_mb"], r["latency_s"], r["wer"], r["decoder_ms_per_token"]
+    gap = lambda a, b: round(wer[a] - wer[b], 3) if a in wer and b in wer else None  # noqa: E731
     values = {
         "int8_size_ratio": _ratio(s.get("onnx_int8"), s.get("pytorch_fp32")),
         "int4_size_ratio": _ratio(s.get("onnx_int4"), s.get("pytorch_fp32")),
         "int8_speedup_vs_pytorch": _ratio(lat.get("pytorch_fp32"), lat.get("onnx_int8")),
         "int8_speedup_vs_faster_whisper": _ratio(lat.get("faster_whisper_int8"), lat.get("onnx_int8")),
-        "qat_int8_wer_loss": (round(wer["qat_int8"] - wer["qat_fp32"], 3)
-                              if "qat_int8" in wer and "qat_fp32" in wer else None),
-        "qat_int8_minus_ptq_int8_wer": (round(wer["qat_int8"] - wer["base_ptq_int8"], 3)
-                                        if "qat_int8" in wer and "base_ptq_int8" in wer else None),
+        "int4_latency_vs_int8": _ratio(lat.get("onnx_int4"), lat.get("onnx_int8")),
+        "int4_decoder_vs_int8": _ratio(dec.get("onnx_int4"), dec.get("onnx_int8")),
+        "qat_int8_wer_loss": gap("qat_int8", "qat_fp32"),
+        "qat_int8_minus_ptq_int8_wer": gap("qat_int8", "base_ptq_int8"),
+        "qat_int4_wer_loss": gap("qat_int4", "qat_fp32_int4_run"),
+        "qat_int4_minus_ptq_int4_wer": gap("qat_int4", "base_ptq_int4"),
     }
     out = {}
     for name, (desc, limit) in TARGETS.items():
@@ -284,13 +329,38 @@ def explain(r: dict) -> list[str]:
                 f"the encoder's attention over 1500 frames (two activations multiplied, fused MultiHeadAttention), "
                 f"its two convolutions, GELU and layer norms stay fp32; {cpu}. Load average "
                 f"{m['load_avg_1m']} on {m['cores']} cores at report time.")
+        elif name.startswith("int4_"):
+            lines.append(
+                f"- `{name}` = {tt['value']} > {tt['limit']}: onnx_int4 encoder {_fmt(enc.get('onnx_int4'))} ms and "
+                f"{_fmt(dec.get('onnx_int4'), 2)} ms/token, onnx_int8 {_fmt(enc.get('onnx_int8'))} ms and "
+                f"{_fmt(dec.get('onnx_int8'), 2)} ms/token, onnx_fp32 {_fmt(enc.get('onnx_fp32'))} ms and "
+                f"{_fmt(dec.get('onnx_fp32'), 2)} ms/token. int4's block Linears are MatMulNBits with float activations: "
+                "they save memory and bandwidth, not arithmetic, where int8 multiplies integers; the op-by-op split "
+                "is in benchmarks/int4_profile.json (INT4_RECIPE.md).")
         else:
-            ci = r.get("wer_ci", {})
-            lines.append(f"- `{name}` = {tt['value']} points (limit {tt['rule']} {tt['limit']}): WER qat_fp32 "
-                         f"{_fmt(r['wer'].get('qat_fp32'), 2)} {_ci(ci.get('qat_fp32'))}, qat_int8 {_fmt(r['wer'].get('qat_int8'), 2)} "
-                         f"{_ci(ci.get('qat_int8'))}, base_ptq_int8 {_fmt(r['wer'].get('base_ptq_int8'), 2)} "
-                         f"{_ci(ci.get('base_ptq_int8'))} (95% bootstrap CIs): differences inside the intervals are noise.")
+            run = "int4" if "int4" in name else "int8"
+            pair = next((v for k, v in r.get("wer_paired_ci", {}).items()
+                         if k.startswith(f"qat_{run}_minus_") and ("ptq" in k) == ("ptq" in name)), None)
+            lines.append(f"- `{name}` = {tt['value']} points (limit {tt['rule']} {tt['limit']}): paired 95 % interval "
+                         f"{_ci(pair and pair['ci95'])} over the same {r.get('eval_clips')} clips: a limit inside the "
+                         "interval is not resolved by this test set.")
     return lines
+
+
+def floor_section() -> list[str]:
+    """The decoder step against its memory-bandwidth floor, from benchmarks/int4_profile.json."""
+    f = BENCH / "int4_profile.json"
+    if not f.is_file():
+        return ["Decoder step vs memory-bandwidth floor: not measured (run `python -m benchmarks.int4_profile`)."]
+    prof = json.loads(f.read_text())
+    rows = [[name, v["encoder"]["run_ms"], v["decoder_step"]["run_ms"], v["decoder_weights_mb"], v["decoder_kv_cache_mb"],
+             v["decoder_floor_ms"], v["decoder_step_vs_floor"]] for name, v in prof["variants"].items()]
+    return ["### One decoder step against its memory-bandwidth floor (benchmarks/int4_profile.json)", "",
+            f"`{prof['command']}`: ONNX Runtime's profiler, {prof['threads']} threads, {prof['decoder_past_tokens']} "
+            f"tokens in the KV cache; the floor reads the decoder's weights and KV cache once at the {prof['read_bandwidth_gbs']} GB/s "
+            f"numpy measured (load average {prof['load_avg_1m']}).", "",
+            _table(["variant", "encoder ms", "decoder step ms", "decoder weights MB", "KV cache MB", "floor ms",
+                    "step / floor"], rows)]
 
 
 def render_bench_report(r: dict, gpu: dict | None, serve: dict | None = None) -> str:
@@ -334,7 +404,14 @@ def render_bench_report(r: dict, gpu: dict | None, serve: dict | None = None) ->
         "",
         f"{r.get('eval_clips') or 'n/a'} test clips, greedy; ONNX variants transcribe one clip per call, as served "
         "(int8 activation ranges are per call), PyTorch variants in batches of 8. qat_fp32 is the int8 QAT run's "
-        "model without quantization; qat_fp32_int4_run the int4 run's.",
+        "model without quantization; qat_fp32_int4_run the int4 run's, which started from the int8 QAT weights "
+        "(base_ptq_int4 quantizes that same start).",
+        "",
+        _table(["WER difference", "points", "paired 95% CI"],
+               [[k, v["gap"], _ci(v["ci95"])] for k, v in r["wer_paired_ci"].items()])
+        if r.get("wer_paired_ci") else "No paired WER differences (no evaluation results).",
+        "",
+        *floor_section(),
         "",
         "## Targets",
         "",

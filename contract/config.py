@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from .fingerprint import FIXTURE_PREFIX, check_revision, hub_model_id
 from .layout import CONFIG_DIR, PUSHED_CODE, REPO_ROOT
+from .quant_spec import QuantSpec
 from .machine_config import MODEL_PARAMS, MachineConfig, Strict, TrainWorkload
 from .whisper_languages import CODES as WHISPER_LANGUAGE_CODES, NAMES as WHISPER_LANGUAGE_NAMES
 
@@ -151,15 +152,13 @@ class QuantConfig(Strict):
     scheme: Literal["int8", "int4"]
     group_size: int = Field(default=32, gt=0)
     vocab_bits: Literal[4, 8] = Field(default=8, description=(
-        "int4 only: bits of the vocabulary matrix (proj_out and the tied token embedding), weight-only. "
-        "8 holds the WER (4 cost 2 to 2.5 points in each of three demo runs, benchmarks/INT4_RECIPE.md); "
-        "4 is the smaller file"))
+        "int4 only: bits of the vocabulary matrix (proj_out and the tied token embedding). 8 stores it as "
+        "the int8 scheme does (per-channel weights, activations per token) and holds the WER; 4 (4-bit blocks "
+        "like the other weights) is the smaller file and costs WER (benchmarks/INT4_RECIPE.md)"))
 
     @model_validator(mode="after")
-    def _vocab_bits_int4_only(self):
-        if self.scheme == "int8" and self.vocab_bits != 8:
-            raise ValueError("quant.vocab_bits 4 applies to quant.scheme int4 only "
-                             "(int8 quantizes the vocabulary like its other weights)")
+    def _a_valid_spec(self):
+        QuantSpec.of(self.scheme, self.group_size, self.vocab_bits)  # contract/quant_spec.py owns the rules
         return self
 
 

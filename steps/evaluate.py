@@ -30,6 +30,7 @@ import numpy as np
 from contract.catalogue import ptq_variant, quantized_variant
 from contract.normalize import normalize_french
 from contract.quality import gate_rule
+from contract.quant_spec import quant_spec
 
 from . import fake_quant
 from .audio_store import to_float
@@ -198,7 +199,7 @@ def run(ctx: StepContext) -> dict:
                     f"{' (fake-quantized)' if fq else ''} on {device}")
             t = load_variant(twin_path, "pytorch", device=device, **opts)
             if fq:
-                fake_quant.prepare(t.model, cfg.quant)
+                fake_quant.prepare(t.model, quant_spec(cfg.quant))
             export = load_variant(path, "onnx", device="cpu", **opts)
             check = same_tokens(t, export, audios[:cfg.eval.onnx_check_clips], cfg.eval.max_new_tokens)
             info.update(scored_with=f"pytorch{' fake-quantized' if fq else ''} on {device}", onnx_check=check)

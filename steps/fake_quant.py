@@ -2,12 +2,13 @@
 
 Two steps, like torchao's prepare/convert:
 
-    n = prepare(model, quant)   # encoder/decoder block Linears -> FakeQuantLinear (same Parameters)
+    n = prepare(model, spec)    # encoder/decoder block Linears -> FakeQuantLinear (same Parameters)
     ... train ...
     model = convert(model)      # FakeQuantLinear -> nn.Linear holding the trained float weights
 
-Why not torchao's QATConfig as is: the export (steps/convert) quantizes with ONNX Runtime, whose
-grids differ from torchao's recipes (docs/REFERENCE.md section 3):
+`spec` is the run's contract.quant_spec.QuantSpec, which the export reads too. Why not torchao's
+QATConfig as is: the export (steps/convert) quantizes with ONNX Runtime, whose grids differ from
+torchao's recipes (docs/REFERENCE.md section 3):
 
 * int8 = ORT `quantize_dynamic`: weights per output channel, symmetric, scale max|w|/127
   (torchao: /127.5); activations `DynamicQuantizeLinear`: one asymmetric uint8 range per tensor,
@@ -18,8 +19,8 @@ grids differ from torchao's recipes (docs/REFERENCE.md section 3):
 * int4 = ORT `MatMulNBits` (symmetric, blocks of `group_size` along the input dimension): the
   element of largest magnitude m in a block maps to -8 with scale m / -8, the rest round into
   [-8, 7] (torchao: max|w|/7.5, symmetric). The vocabulary matrix (proj_out and the tied token
-  embedding) is 8-bit on the same kind of grid (m -> -128, same blocks) unless quant.vocab_bits
-  is 4: at 4 bits it cost the demo several WER points (benchmarks/INT4_RECIPE.md).
+  embedding) is int8 exactly as in the int8 scheme (per-channel weights, activations per token)
+  unless quant.vocab_bits is 4 (4-bit blocks like the rest): spec.vocab_layout.
 
 tests/test_qat.py checks these grids bit for bit against what ORT itself produces, and
 benchmarks/train_speed.py measures how far torchao's grids are from ORT's on the real weights.
@@ -36,7 +37,7 @@ from torch.nn import functional as F
 from .errors import StepError  # not .common: the GPU probe runs this without pydantic
 
 if TYPE_CHECKING:
-    from contract.config import QuantConfig
+    from contract.quant_spec import QuantSpec
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -136,7 +137,7 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
                         f"got {type(model).__name__}") from None
 
 
-def prepare(model: nn.Module, quant: QuantConfig) -> int:
+def prepare(model: nn.Module, spec: QuantSpec) -> int:
     """Swap the Linears of the encoder and decoder blocks for FakeQuantLinear; return how many."""
     if count_fake_quant(model):
         raise StepError("QAT prepare: the model is already prepared (it holds FakeQuantLinear layers)")
@@ -148,12 +149,12 @@ def prepare(model: nn.Module, quant: QuantConfig) -> int:
                 if type(child) is nn.Linear:
                     per_token = layers is decoder_layers and not (
                         parent_name.endswith("encoder_attn") and name in ("k_proj", "v_proj"))
-                    setattr(parent, name, FakeQuantLinear(child, quant.scheme, quant.group_size, per_token))
+                    setattr(parent, name, FakeQuantLinear(child, spec.scheme, spec.group_size, per_token, spec.bits))
                     n += 1
     if n == 0:
         raise StepError("QAT prepare found no nn.Linear in model.model.encoder/decoder.layers: refusing "
                         "to fall back to plain fine-tuning; check the model architecture")
-    return n + _prepare_tied_output(model, quant)
+    return n + _prepare_tied_output(model, spec)
 
 
 def convert(model: nn.Module) -> nn.Module:
@@ -180,10 +181,10 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
 
 # --- coverage beyond the blocks: the tied output projection and token embedding (issue 13) ---------
 # The export quantizes proj_out and, through it, the tied token embedding (steps/convert.py
-# share_tied_embedding_int8 / _int4): int8 proj_out is W8A8 like the decoder's other Linears (one
-# activation range per generated token) and its embedding rows are the same int8 weights; int4
-# proj_out is MatMulNBits (8-bit unless quant.vocab_bits is 4) and the embedding
-# reads the same blocks (GatherBlockQuantized).
+# share_tied_embedding_int8, steps/int4_export.py share_tied_embedding_nbits): at 8 bits (both
+# schemes) proj_out is W8A8 like the int8 decoder's Linears (one activation range per generated
+# token) and its embedding rows are the same int8 weights; at 4 bits (int4 only) proj_out is
+# MatMulNBits and the embedding reads the same blocks (GatherBlockQuantized).
 # Training sees exactly that, so what is trained is what ships (tests/test_parity.py).
 
 class FakeQuantEmbedding(nn.Embedding):
@@ -210,14 +211,15 @@ class FakeQuantEmbedding(nn.Embedding):
         return emb
 
 
-def _prepare_tied_output(model: nn.Module, quant: QuantConfig) -> int:
+def _prepare_tied_output(model: nn.Module, spec: QuantSpec) -> int:
     """Wrap proj_out (and the token embedding when tied to it); returns how many modules were wrapped."""
     proj = getattr(model, "proj_out", None)
     if type(proj) is not nn.Linear:
         return 0
-    model.proj_out = FakeQuantLinear(proj, quant.scheme, quant.group_size, per_token=True, bits=quant.vocab_bits)
+    scheme = "int8" if spec.vocab_layout == "int8_dynamic" else "int4"
+    model.proj_out = FakeQuantLinear(proj, scheme, spec.group_size, per_token=True, bits=spec.vocab_bits)
     emb = model.model.decoder.embed_tokens
     if type(emb) is nn.Embedding and emb.weight is proj.weight:
-        model.model.decoder.embed_tokens = FakeQuantEmbedding(emb, quant.scheme, quant.group_size, quant.vocab_bits)
+        model.model.decoder.embed_tokens = FakeQuantEmbedding(emb, scheme, spec.group_size, spec.vocab_bits)
         return 2
     return 1

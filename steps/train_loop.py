@@ -25,6 +25,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from contract.quant_spec import QuantSpec, quant_spec
+
 from . import distributed, fake_quant
 from .errors import StepError
 
@@ -33,9 +35,7 @@ from .errors import StepError
 class Recipe:
     """How a model is trained: the train and quant config sections' fields that the core reads."""
 
-    scheme: Optional[str] = None  # "int8" / "int4" QAT, None: plain fine-tuning
-    group_size: int = 32
-    vocab_bits: int = 8  # int4: bits of proj_out and the tied embedding (quant.vocab_bits)
+    quant: Optional[QuantSpec] = None  # the QAT grid (contract/quant_spec.py); None: plain fine-tuning
     gradient_checkpointing: bool = True
     compile: Optional[bool] = None  # None: on with CUDA, off on CPU
     precision: str = "auto"
@@ -51,8 +51,7 @@ class Recipe:
     def of(cls, cfg) -> "Recipe":
         """From a run config (contract.config.RunConfig): its train and quant sections."""
         tc = cfg.train
-        return cls(scheme=cfg.quant.scheme, group_size=cfg.quant.group_size, vocab_bits=cfg.quant.vocab_bits,
-                   gradient_checkpointing=tc.gradient_checkpointing, compile=tc.compile, precision=tc.precision,
+        return cls(quant=quant_spec(cfg.quant), gradient_checkpointing=tc.gradient_checkpointing, compile=tc.compile, precision=tc.precision,
                    optimizer=tc.optimizer, learning_rate=tc.learning_rate, weight_decay=tc.weight_decay,
                    max_grad_norm=tc.max_grad_norm, grad_accum=tc.grad_accum, freeze_encoder=tc.freeze_encoder,
                    warmup_steps=tc.warmup_steps)
@@ -119,7 +118,7 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device) 
     Returns (fake-quantized Linears, compiled)."""
     if recipe.freeze_encoder:
         model.model.encoder.requires_grad_(False)
-    n_fq = fake_quant.prepare(model, recipe) if recipe.scheme else 0
+    n_fq = fake_quant.prepare(model, recipe.quant) if recipe.quant else 0
     if recipe.gradient_checkpointing:
         # non-reentrant: works with compiled blocks and with inputs that need no grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -17,19 +17,13 @@ import yaml
 from contract.catalogue import quantized_variant
 from contract.config import RunConfig
 from contract.fingerprint import inputs_in_words
+from contract.quant_spec import quant_spec
 
 from .scorecard import (METRIC_KEY, figure, gate_verdict, md_text, measured, results_markdown, results_table,
                         serving_markdown, variants)
 
 LANGUAGES = {"fr": "French", "en": "English", "de": "German", "es": "Spanish", "it": "Italian"}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-SCHEMES = {
-    "int8": ("int8 weights per output channel, symmetric, with dynamic uint8 activations: the grid of "
-             "ONNX Runtime's quantize_dynamic"),
-    "int4": ("int4 weights, symmetric, in blocks of {group_size} inputs, float activations: the grid of "
-             "ONNX Runtime's MatMulNBits; the vocabulary matrix (output projection and tied token embedding) "
-             "in {vocab_bits}-bit blocks"),
-}
 
 
 # Hub datasets a base model's own card lists among its training data: its score on their test split is
@@ -105,7 +99,7 @@ def render_model_card(cfg: RunConfig, metrics: dict, history: list[str] = ()) ->
     repo = cfg.hub.repo_id or f"<owner>/{cfg.name}"
     base = cfg.model.name_or_path
     base_link = f"[`{base}`](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}`"
-    scheme_text = SCHEMES[scheme].format(group_size=cfg.quant.group_size, vocab_bits=cfg.quant.vocab_bits)
+    scheme_text = quant_spec(cfg.quant).describe()
     source = (f"`{d.dataset}`" + (f" (config `{d.config}`)" if d.config else "")) if d.source == "hf" else f"the local manifest `{d.manifest}`"
 
     lines = ["---", yaml.safe_dump(_front_matter(cfg, metrics), sort_keys=False, allow_unicode=True).strip(), "---", "",

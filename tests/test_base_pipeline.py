@@ -14,6 +14,7 @@ from onnx import helper
 from steps import convert, evaluate, prepare, train
 from steps.common import execute_step
 from contract.config import load_config
+from contract.quant_spec import QuantSpec
 
 # Measured on this configuration (2 CPU threads, 12 test clips): base_fp32 77.8 %, base_ptq_int8
 # 86.1 %, qat_fp32 30.6 %, qat_int8 30.6 % (dev WER 95 -> 39 % over the 6 steps). The bound leaves
@@ -52,7 +53,7 @@ def test_qat_int8_transcribes_french_below_the_measured_bound(base_run):
 
 def test_int4_export_holds_4bit_matmulnbits_weights(base_run, tmp_path):
     cfg, work = base_run
-    convert.convert_model(work / "train" / "model", tmp_path, "qat_fp32", "qat_int4", "int4", cfg.quant.group_size)
+    convert.convert_model(work / "train" / "model", tmp_path, "qat_fp32", "qat_int4", QuantSpec.of("int4", cfg.quant.group_size))
     dst = tmp_path / "qat_int4"
     convert.check_quantized(dst, "int4")
     model = onnx.load(str(dst / "encoder_model.onnx"))  # external data read from beside the file

@@ -233,6 +233,27 @@ def test_targets_compare_the_right_figures():
     assert missing["int8_speedup_vs_pytorch"]["met"] is None
 
 
+def test_int4_targets_compare_with_int8_in_the_same_run_and_with_its_own_fp32(tmp_path):
+    rb = _load_script("run_bench")
+    t = rb.targets(_fake_results(wer={"qat_fp32_int4_run": 32.5, "qat_int4": 33.0, "base_ptq_int4": 35.0}))
+    assert t["int4_latency_vs_int8"]["value"] == pytest.approx(1.2 / 0.9, abs=1e-3) and t["int4_latency_vs_int8"]["met"] is False
+    assert t["int4_decoder_vs_int8"]["value"] == pytest.approx(16 / 15, abs=1e-3) and t["int4_decoder_vs_int8"]["met"] is False
+    assert t["qat_int4_wer_loss"]["value"] == pytest.approx(0.5) and t["qat_int4_wer_loss"]["met"] is True
+    assert t["qat_int4_minus_ptq_int4_wer"]["met"] is True
+    # the paired interval comes from evaluate's per-clip counts of both variants
+    for name, errors in (("qat_int4", [3, 2, 2, 2]), ("qat_fp32", [2, 2, 2, 2])):
+        d = tmp_path / "int4" / "evaluate"
+        d.mkdir(parents=True, exist_ok=True)
+        rows = ["id,reference,hypothesis,reference_normalized,hypothesis_normalized,errors,words,char_errors,chars"]
+        rows += [f"c{i},r,h,r,h,{e},10,0,1" for i, e in enumerate(errors)]
+        (d / f"utterances_{name}.csv").write_text("\n".join(rows) + "\n")
+    gaps = rb.paired_gaps(tmp_path)
+    assert list(gaps) == ["qat_int4_minus_its_qat_fp32"]
+    assert gaps["qat_int4_minus_its_qat_fp32"]["gap"] == 2.5
+    lo, hi = gaps["qat_int4_minus_its_qat_fp32"]["ci95"]
+    assert lo == 0.0 and 5.0 <= hi <= 10.0  # all of the gap on one clip of four
+
+
 def test_report_explains_misses_with_figures_and_says_gpu_not_measured():
     rb = _load_script("run_bench")
     r = _fake_results()

@@ -11,7 +11,8 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from steps import convert
+from contract.quant_spec import QuantSpec
+from steps import convert, tied_embedding
 from steps.common import StepError, execute_step
 from tests.conftest import tiny_config
 
@@ -60,7 +61,7 @@ def converted_int8(tmp_path_factory, tiny_model_dir):
 @pytest.fixture(scope="module")
 def converted_int4(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("convert-int4")
-    convert.convert_model(Path(tiny_model_dir), out, "qat_fp32", "qat_int4", "int4", 32)
+    convert.convert_model(Path(tiny_model_dir), out, "qat_fp32", "qat_int4", QuantSpec.of("int4"))
     return out
 
 
@@ -130,20 +131,24 @@ def test_int4_has_4bit_weights_in_external_data(converted_int4):
         model = onnx.load(str(d / part), load_external_data=False)
         nbits = [n for n in _walk(model.graph) if n.op_type == "MatMulNBits"]
         assert nbits, f"{part} holds no MatMulNBits"
-        for n in nbits:  # 4-bit blocks; proj_out (the vocabulary, producing the logits) at 8 bits
+        for n in nbits:  # 4-bit blocks at float activations; proj_out (the vocabulary) is not among them
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            assert attrs["bits"] == (8 if "logits" in n.output else 4), (n.name, attrs)
-            assert attrs["block_size"] == 32 and attrs.get("accuracy_level", 0) == convert.INT4_ACCURACY_LEVEL == 0
+            assert attrs["bits"] == 4 and "logits" not in n.output, (n.name, attrs)
+            assert attrs["block_size"] == 32 and attrs.get("accuracy_level", 0) == QuantSpec.of("int4").accuracy_level == 0
         assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer), part
     assert list(d.glob("*.onnx_data")) or list(d.glob("*.onnx.data"))
-    # tied embedding: GatherBlockQuantized reads proj_out's packed 8-bit blocks, no table of its own
+    # the 8-bit vocabulary is the int8 scheme's layout (MatMulInteger, int8 [d, vocab] weights), which the
+    # tied embedding reads: no fp32 table of its own
     merged = onnx.load(str(d / "decoder_model_merged.onnx"), load_external_data=False)
     config = json.loads((d / "config.json").read_text())
     tables = [i.name for i in _walk_initializers(merged.graph) if list(i.dims) == [config["vocab_size"], config["d_model"]]]
     assert not tables, tables
-    gbq = [helper.get_attribute_value(a) for n in _walk(merged.graph) if n.op_type == "GatherBlockQuantized"
-           for a in n.attribute if a.name == "bits"]
-    assert gbq == [8, 8]  # one per decoder branch
+    int8 = {i.name for i in _walk_initializers(merged.graph) if i.data_type == onnx.TensorProto.INT8
+            and list(i.dims) == [config["d_model"], config["vocab_size"]]}
+    assert len(int8) == 1, int8
+    readers = collections.Counter(n.op_type for n in _walk(merged.graph) if set(n.input) & int8)
+    assert readers == {"MatMulInteger": 2, "Transpose": 2}, readers  # one of each per decoder branch
+    assert not any(n.op_type == "GatherBlockQuantized" for n in _walk(merged.graph))
     sizes = {n: convert.onnx_size_mb(converted_int4 / n) for n in ("qat_fp32", "qat_int4")}
     assert sizes["qat_int4"] < 0.3 * sizes["qat_fp32"], sizes
     convert.check_quantized(d, "int4")
@@ -208,7 +213,7 @@ def test_fold_transposed_weights_keeps_the_math():
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 6])], [numpy_helper.from_array(w, "W")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
-    assert convert.fold_transposed_weights(model) == 1
+    assert tied_embedding.fold_transposed_weights(model) == 1
     matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
     assert matmul.input[1] in {i.name for i in model.graph.initializer}
     x = rng.standard_normal((2, 4)).astype(np.float32)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from contract.quant_spec import QuantSpec
 from steps import convert, evaluate
 from steps.common import execute_step
 from steps.models import build_tiny_random
@@ -75,7 +76,7 @@ def test_an_export_that_is_not_its_twin_is_scored_from_the_export(converted, tmp
     scored from the export itself, and the metrics say why."""
     other = tmp_path / "other-model"
     build_tiny_random(other, seed=1)
-    convert.convert_model(other, tmp_path / "other", "fp32", "qat_int8", "int8", 32, log=lambda _: None)
+    convert.convert_model(other, tmp_path / "other", "fp32", "qat_int8", QuantSpec.of("int8"), log=lambda _: None)
     work = tmp_path / "src"
     shutil.copytree(converted, work)
     shutil.rmtree(work / "convert" / "qat_int8")

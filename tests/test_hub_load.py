@@ -24,6 +24,7 @@ import yaml
 from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
 from contract.config import load_config
+from contract.quant_spec import QuantSpec
 from steps import convert
 from tasks.model_card import render_model_card
 from tasks.upload import push_model_folder
@@ -59,7 +60,7 @@ def exported(request, tmp_path_factory, tiny_model_dir):
     if force:
         mp.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")
     try:
-        convert.convert_model(Path(tiny_model_dir), out, "qat_fp32", f"qat_{scheme}", scheme, 32)
+        convert.convert_model(Path(tiny_model_dir), out, "qat_fp32", f"qat_{scheme}", QuantSpec.of(scheme))
     finally:
         mp.undo()
     model = out / f"qat_{scheme}"

@@ -36,3 +36,16 @@ def test_render_states_the_targets_from_the_same_figures():
     assert "+0.50 [+0.0, +1.5] | met | 65.8 (0.227)" in rows["close"]
     assert "+10.00 [+10.0, +10.0] | **missed**" in rows["far"]
     assert "Smallest int4 - fp32 gap: `close` (+0.50 points); it meets" in text
+
+
+def test_profile_section_says_where_the_time_goes():
+    part = lambda ms, ops: {"run_ms": ms, "by_op": {op: {"ms": m, "share": m / ms} for op, m in ops}}  # noqa: E731
+    prof = {"command": "python -m benchmarks.int4_profile", "threads": 2, "decoder_past_tokens": 32, "load_avg_1m": 1.0,
+            "read_bandwidth_gbs": 20.0, "kernels_ms": {"vocabulary_1x512x51865": {"int8": 1.3, "int4_shipped": 1.4}},
+            "variants": {"onnx_int4": {"encoder": part(300.0, [("MatMulNBits", 200.0)]),
+                                       "decoder_step": part(10.0, [("DynamicQuantizeMatMul", 2.0), ("MatMulNBits", 1.5)]),
+                                       "decoder_floor_ms": 4.0, "decoder_step_vs_floor": 2.5}}}
+    text = "\n".join(int4_recipe.profile_section({"Now": prof}))
+    assert "| onnx_int4 | 300.0 | MatMulNBits 200.00 ms (67 %) | 10.00 | DynamicQuantizeMatMul 2.00 ms (20 %), " \
+           "MatMulNBits 1.50 ms (15 %) | 4.00 (2.5x) |" in text
+    assert "| vocabulary_1x512x51865 | 1.30 | 1.40 |" in text

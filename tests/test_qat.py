@@ -11,9 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from steps import convert, fake_quant
+from steps import convert, fake_quant, int4_export
 from steps.common import StepError
-from contract.config import QuantConfig
+from contract.quant_spec import QuantSpec
 
 ENC_LAYERS, DEC_LAYERS = 2, 2
 # Per encoder block: q, k, v, out, fc1, fc2; per decoder block: self q/k/v/out, cross q/k/v/out, fc1, fc2.
@@ -43,7 +43,7 @@ def batch(seed: int = 1):
 def test_prepare_wraps_what_the_export_quantizes_and_keeps_parameters(scheme):
     model = tiny_whisper()
     params_before = {n: p for n, p in model.named_parameters()}
-    n = fake_quant.prepare(model, QuantConfig(scheme=scheme))
+    n = fake_quant.prepare(model, QuantSpec.of(scheme=scheme))
     assert n == EXPECTED + TIED == fake_quant.count_fake_quant(model)
     # convs and positional embeddings stay float; the tied output projection and token embedding
     # are quantized (steps/convert.py quantizes both), still sharing one Parameter
@@ -65,7 +65,7 @@ def test_fake_quant_changes_outputs_but_stays_close(scheme):
     feats, labels = batch()
     with torch.no_grad():
         ref = model(input_features=feats, labels=labels).logits
-        fake_quant.prepare(model, QuantConfig(scheme=scheme, group_size=32))
+        fake_quant.prepare(model, QuantSpec.of(scheme=scheme, group_size=32))
         fq = model(input_features=feats, labels=labels).logits
         fake_quant.set_enabled(model, False)
         off = model(input_features=feats, labels=labels).logits
@@ -78,7 +78,7 @@ def test_fake_quant_changes_outputs_but_stays_close(scheme):
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_gradients_flow_straight_through(scheme):
     model = tiny_whisper()
-    fake_quant.prepare(model, QuantConfig(scheme=scheme))
+    fake_quant.prepare(model, QuantSpec.of(scheme=scheme))
     model.train()
     feats, labels = batch()
     model(input_features=feats, labels=labels).loss.backward()
@@ -94,7 +94,7 @@ def test_gradients_flow_straight_through(scheme):
 def test_convert_gives_plain_linears_that_save_and_reload(tmp_path):
     model = tiny_whisper()
     keys = set(model.state_dict())
-    fake_quant.prepare(model, QuantConfig(scheme="int8"))
+    fake_quant.prepare(model, QuantSpec.of(scheme="int8"))
     with torch.no_grad():
         model.model.decoder.layers[0].fc1.weight.add_(0.01)  # "training" changed a weight
     feats, labels = batch()
@@ -114,15 +114,15 @@ def test_convert_gives_plain_linears_that_save_and_reload(tmp_path):
 
 def test_prepare_refuses_to_silently_do_nothing():
     with pytest.raises(StepError, match="Whisper"):
-        fake_quant.prepare(nn.Linear(4, 4), QuantConfig(scheme="int8"))
+        fake_quant.prepare(nn.Linear(4, 4), QuantSpec.of(scheme="int8"))
     model = tiny_whisper()
-    fake_quant.prepare(model, QuantConfig(scheme="int8"))
+    fake_quant.prepare(model, QuantSpec.of(scheme="int8"))
     with pytest.raises(StepError, match="already"):
-        fake_quant.prepare(model, QuantConfig(scheme="int8"))
+        fake_quant.prepare(model, QuantSpec.of(scheme="int8"))
     empty = tiny_whisper()
     empty.model.encoder.layers, empty.model.decoder.layers = nn.ModuleList(), nn.ModuleList()
     with pytest.raises(StepError, match="no nn.Linear"):
-        fake_quant.prepare(empty, QuantConfig(scheme="int4"))
+        fake_quant.prepare(empty, QuantSpec.of(scheme="int4"))
 
 
 # --- the grids are what ONNX Runtime runs -------------------------------------------------------
@@ -168,7 +168,7 @@ def test_int8_activation_grid_matches_ort_dynamic_quantize_linear():
 
 def test_decoder_self_side_ranges_are_per_token_like_cached_generation():
     model = tiny_whisper()
-    fake_quant.prepare(model, QuantConfig(scheme="int8"))
+    fake_quant.prepare(model, QuantSpec.of(scheme="int8"))
     layer = lambda m: {n: l.per_token for n, l in m.named_modules() if isinstance(l, fake_quant.FakeQuantLinear)}
     assert not any(layer(model.model.encoder).values())
     dec = layer(model.model.decoder)
@@ -188,7 +188,7 @@ def _tie_weights(k: int, n: int) -> np.ndarray:
 def test_int4_weight_grid_matches_ort_matmul_nbits(tmp_path, k, ties):
     w = _tie_weights(k, 48) if ties else _weights(k, 48, k)
     onnx.save(_matmul_model(w), tmp_path / "m.onnx")
-    convert.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", 32)  # what the convert step runs
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32))  # what the convert step runs
     model = onnx.load(str(tmp_path / "q.onnx"))
     assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
     sess = ort.InferenceSession(str(tmp_path / "q.onnx"))
@@ -201,22 +201,56 @@ def test_int4_weight_grid_matches_ort_matmul_nbits(tmp_path, k, ties):
     np.testing.assert_allclose(sess.run(None, {"X": x})[0], x @ ours, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("vocab_bits", [8, 4])
-def test_vocabulary_grid_matches_ort_matmul_nbits(tmp_path, vocab_bits):
-    """The MatMul producing the logits (proj_out) is quantized at quant.vocab_bits, on the grid QAT trains."""
+def test_int4_vocabulary_at_4_bits_matches_ort_matmul_nbits(tmp_path):
+    """With quant.vocab_bits 4 the MatMul producing the logits (proj_out) is 4-bit MatMulNBits, on the grid QAT trains."""
     k = 96
     w = _weights(k, 48, 3)
     low = int(np.abs(w[:32, 7]).argmax())
     w[(low + 1) % 32, 7] = -w[low, 7] * 1.0001  # the block's largest magnitude, of the other sign: w[low] clamps
     onnx.save(_matmul_model(w, out="logits"), tmp_path / "m.onnx")
-    convert.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", 32, vocab_bits)
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32, 4))
     model = onnx.load(str(tmp_path / "q.onnx"))
     bits = [helper.get_attribute_value(a) for n in model.graph.node for a in n.attribute if a.name == "bits"]
-    assert bits == [vocab_bits]
+    assert bits == [4]
     ort_w = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"X": np.eye(k, dtype=np.float32)})[0]
-    ours = fake_quant.fake_quant_weight_blocks(torch.from_numpy(w.T.copy()), 32, vocab_bits).numpy().T
+    ours = fake_quant.fake_quant_weight_blocks(torch.from_numpy(w.T.copy()), 32, 4).numpy().T
     np.testing.assert_allclose(ours, ort_w, rtol=0, atol=1e-9)
-    step = np.repeat(np.abs(w).reshape(-1, 32, 48).max(axis=1), 32, axis=0) / 2 ** (vocab_bits - 1)
+    step = np.repeat(np.abs(w).reshape(-1, 32, 48).max(axis=1), 32, axis=0) / 8
     err = np.abs(ours - w)
     assert err.max() > 1e-7 and np.all(err <= step * 1.0001)  # really quantized, at most one step (the clamp)
     assert err[low, 7] > 0.5 * step[low, 7]  # the clamped weight
+
+
+def test_int4_vocabulary_at_8_bits_is_the_int8_schemes_layout(tmp_path):
+    """quant.vocab_bits 8 (the default): proj_out is quantized as the int8 scheme does it (per-channel int8
+    weights, uint8 activations per call: a fast CPU kernel), on the grid QAT trains; nothing is MatMulNBits."""
+    w = _weights(96, 48, 3)
+    onnx.save(_matmul_model(w, out="logits"), tmp_path / "m.onnx")
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32, 8))
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert {n.op_type for n in model.graph.node} >= {"DynamicQuantizeLinear", "MatMulInteger"}
+    assert "MatMulNBits" not in {n.op_type for n in model.graph.node}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    ort_w = inits["W_quantized"].astype(np.float32) * inits["W_scale"][None, :]
+    ours = fake_quant.fake_quant_weight_int8(torch.from_numpy(w.T.copy())).numpy().T
+    np.testing.assert_array_equal(ours, ort_w)
+    # and what QAT puts in front of it: the int8 scheme's proj_out, activations per token
+    tw = tiny_whisper()
+    fake_quant.prepare(tw, QuantSpec.of("int4", 32, 8))
+    assert (tw.proj_out.scheme, tw.proj_out.per_token) == ("int8", True)
+    assert tw.model.decoder.embed_tokens.scheme == "int8"
+
+
+def test_one_spec_sets_the_grid_training_sees_and_the_export_writes(tmp_path):
+    """contract/quant_spec.py is the one owner: a group size set there reaches both QAT and the export."""
+    spec = QuantSpec.of("int4", group_size=64)
+    model = tiny_whisper()
+    fake_quant.prepare(model, spec)
+    assert {m.group_size for m in model.modules() if isinstance(m, fake_quant.FakeQuantLinear) and m.scheme == "int4"} == {64}
+    onnx.save(_matmul_model(_weights(128, 48, 0)), tmp_path / "m.onnx")
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", spec)
+    (node,) = onnx.load(str(tmp_path / "q.onnx")).graph.node
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert (attrs["block_size"], attrs["bits"], attrs.get("accuracy_level", 0)) == (64, spec.bits, spec.accuracy_level)
+    with pytest.raises(ValueError, match="vocab_bits"):
+        QuantSpec.of("int8", vocab_bits=4)

@@ -13,6 +13,7 @@ import torch
 from transformers import WhisperConfig
 
 from benchmarks.gpu_probe import SHAPES
+from contract.quant_spec import QuantSpec
 from steps import fake_quant, train_loop
 from steps.train_loop import Recipe, Trainer
 from test_qat import tiny_whisper
@@ -24,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_fake_quantized_blocks_compile_without_graph_breaks(scheme):
     model = tiny_whisper().train()
     if scheme:
-        fake_quant.prepare(model, Recipe(scheme=scheme))
+        fake_quant.prepare(model, QuantSpec.of(scheme))
     enc, dec = model.model.encoder.layers[0], model.model.decoder.layers[0]
     x = torch.randn(2, 50, 64, requires_grad=True)
     for fn in (lambda a: enc(a, None, None)[0].sum(),
@@ -43,7 +44,7 @@ def test_flops_per_sample_at_the_real_shapes():
 
 
 def test_first_step_is_timed_apart_from_the_steady_state():
-    trainer = Trainer(tiny_whisper(), Recipe(scheme="int8", gradient_checkpointing=True, compile=False,
+    trainer = Trainer(tiny_whisper(), Recipe(quant=QuantSpec.of("int8"), gradient_checkpointing=True, compile=False,
                                             learning_rate=1e-3), total_steps=3)
     feats, labels = torch.randn(2, 80, 100), torch.randint(3, 120, (2, 6))
     assert trainer.speed()["samples_per_s"] is None
@@ -75,7 +76,7 @@ def test_the_gpu_probe_needs_neither_pydantic_nor_datasets_torchvision_or_torcha
 def test_8bit_optimizer_states_resume_exactly(tmp_path):
     """AdamW8bit (torchao): a checkpoint of model + optimizer + scheduler continues bit for bit."""
     pytest.importorskip("torchao")
-    recipe = Recipe(scheme="int8", optimizer="adamw8bit", compile=False, learning_rate=1e-3, warmup_steps=1)
+    recipe = Recipe(quant=QuantSpec.of("int8"), optimizer="adamw8bit", compile=False, learning_rate=1e-3, warmup_steps=1)
     batches = [{"input_features": torch.randn(2, 80, 100, generator=torch.Generator().manual_seed(i)),
                 "labels": torch.randint(3, 120, (2, 6), generator=torch.Generator().manual_seed(i))} for i in range(3)]
     straight = Trainer(tiny_whisper(), recipe, total_steps=3)
@@ -114,7 +115,7 @@ def test_every_block_of_a_kind_shares_one_compiled_graph():
     cfg = WhisperConfig(**{**SHAPES["tiny"], "encoder_layers": 10, "max_source_positions": 50})
     torch._dynamo.reset()
     counters.clear()
-    trainer = Trainer(WhisperForConditionalGeneration(cfg), Recipe(scheme="int8", compile=True), total_steps=2)
+    trainer = Trainer(WhisperForConditionalGeneration(cfg), Recipe(quant=QuantSpec.of("int8"), compile=True), total_steps=2)
     batch = {"input_features": torch.randn(2, 80, 100), "labels": torch.randint(3, 900, (2, 8))}
     for _ in range(2):
         trainer.step([batch])

@@ -1,0 +1,244 @@
+"""Where the time of one encoder pass and one decoder step goes, op by op (ONNX Runtime's profiler).
+
+    .venv/bin/python -m benchmarks.int4_profile                      # whisper-base: int8, int4 as shipped
+    .venv/bin/python -m benchmarks.int4_profile --variant x=DIR ...  # any ONNX export directories
+
+By default the untrained whisper-base fixture is exported and quantized as the convert step does
+(speed does not depend on the trained values), into --work. Each variant's encoder and merged
+decoder run in sessions with `SessionOptions.enable_profiling`, with the options the product serves
+with (steps/inference.py: intra-op threads, no spinning): one 30 s window through the encoder, then
+decoder steps with a KV cache of --past tokens. Warm-up runs are dropped from the profile; node times
+are summed per operator type (If excluded: its time is its subgraph's nodes'). The memory-bandwidth
+floor of a decoder step is what it must read once per token, the decoder's weights and its KV cache
+(the cross-attention keys and values of 1500 encoder frames included), over the read bandwidth numpy
+measures on this machine. Also one MatMul of each kind, as each layout writes it (kernels_ms).
+Writes benchmarks/int4_profile.json.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+ENCODER, MERGED = "encoder_model.onnx", "decoder_model_merged.onnx"
+
+
+def session(path: Path, threads: int, profile_prefix: str | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as steps/inference.py serves
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def summarize(profile_file: str, warmup: int, runs_wanted: int) -> dict:
+    """Node times of runs warmup..runs_wanted-1, per op type, in ms per run."""
+    events = json.loads(Path(profile_file).read_text())
+    runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+    kept = runs[warmup:runs_wanted]
+    windows = [(e["ts"], e["ts"] + e["dur"]) for e in kept]
+    ops: dict = collections.defaultdict(lambda: [0.0, 0])
+    nodes: dict = collections.defaultdict(float)
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        op = e.get("args", {}).get("op_name", "?")
+        if op == "If" or not any(a <= e["ts"] <= b for a, b in windows):
+            continue
+        ops[op][0] += e["dur"]
+        ops[op][1] += 1
+        nodes[(op, e["name"][:-len("_kernel_time")])] += e["dur"]
+    n = len(kept)
+    run_ms = sum(e["dur"] for e in kept) / n / 1000
+    node_ms = sum(v[0] for v in ops.values()) / n / 1000
+    by_op = {op: {"ms": round(us / n / 1000, 3), "share": round(us / n / 1000 / node_ms, 3), "nodes": c // n}
+             for op, (us, c) in sorted(ops.items(), key=lambda kv: -kv[1][0])}
+    top = [{"op": op, "node": name, "ms": round(us / n / 1000, 3)}
+           for (op, name), us in sorted(nodes.items(), key=lambda kv: -kv[1])[:8]]
+    return {"runs": n, "run_ms": round(run_ms, 3), "node_ms": round(node_ms, 3), "by_op": by_op, "top_nodes": top}
+
+
+def _feeds_decoder(sess, enc_states: np.ndarray, past: int, rng) -> dict:
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name == "input_ids":
+            feeds[i.name] = np.array([[50258]], dtype=np.int64)
+        elif i.name == "encoder_hidden_states":
+            feeds[i.name] = enc_states
+        elif i.name == "use_cache_branch":
+            feeds[i.name] = np.array([True])
+        elif i.name.startswith("past_key_values"):
+            _, heads, _, dim = i.shape
+            length = enc_states.shape[1] if ".encoder." in i.name else past
+            feeds[i.name] = rng.standard_normal((1, heads, length, dim)).astype(np.float32)
+        else:
+            raise SystemExit(f"decoder input {i.name} not understood by this profiler")
+    return feeds
+
+
+def _interleaved(sessions: dict, feeds: dict, rounds: int) -> None:
+    """Run every session once per round, in turn: load on the shared machine falls on all variants alike."""
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            sess.run(None, feeds[name])
+
+
+def profile_variants(dirs: dict[str, Path], threads: int, steps: int, past: int, warmup: int) -> dict:
+    """{variant: {"encoder", "decoder_step", "decoder_kv_cache_mb"}}, the variants' runs interleaved."""
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((1, 80, 3000)).astype(np.float32)
+    out: dict = {name: {} for name in dirs}
+    with tempfile.TemporaryDirectory() as tmp:
+        enc = {name: session(d / ENCODER, threads, f"{tmp}/{name}_enc") for name, d in dirs.items()}
+        enc_feeds = {name: {sess.get_inputs()[0].name: feats} for name, sess in enc.items()}
+        _interleaved(enc, enc_feeds, warmup + 2)
+        states = {name: sess.run(None, enc_feeds[name])[0] for name, sess in enc.items()}  # not counted
+        for name, sess in enc.items():
+            out[name]["encoder"] = summarize(sess.end_profiling(), warmup, warmup + 2)
+        dec = {name: session(d / MERGED, threads, f"{tmp}/{name}_dec") for name, d in dirs.items()}
+        dec_feeds = {name: _feeds_decoder(sess, states[name], past, np.random.default_rng(0)) for name, sess in dec.items()}
+        _interleaved(dec, dec_feeds, warmup + steps)
+        for name, sess in dec.items():
+            out[name]["decoder_step"] = summarize(sess.end_profiling(), warmup, warmup + steps)
+            out[name]["decoder_kv_cache_mb"] = round(
+                sum(v.nbytes for k, v in dec_feeds[name].items() if k.startswith("past_")) / 1e6, 2)
+    return out
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of a graph's initializers (external data included), each counted once."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in _get_all_tensors(model):
+        ext = {e.key: e.value for e in t.external_data}
+        total += int(ext["length"]) if "length" in ext else len(t.raw_data) or 4 * len(t.float_data)
+    return total
+
+
+def read_bandwidth_gbs(mb: int = 512, repeats: int = 15) -> float:
+    """Best of `repeats` sums over an array far larger than the caches: bytes read per second."""
+    a = np.ones(mb * 2**20 // 4, dtype=np.float32)
+    best = min(_timed_sum(a) for _ in range(repeats))
+    return round(a.nbytes / best / 1e9, 2)
+
+
+def _timed_sum(a: np.ndarray) -> float:
+    t = time.perf_counter()
+    a.sum()
+    return time.perf_counter() - t
+
+
+def default_variants(work: Path) -> dict[str, Path]:
+    """whisper-base exported and quantized as the convert step does (configs/demo.yaml's quant section);
+    the int4 alternatives (4-bit vocabulary, accuracy_level 4) are timed per MatMul in kernels()."""
+    from contract.config import load_config
+    from contract.quant_spec import QuantSpec
+    from steps import convert
+    from steps.models import resolve_model
+
+    q = load_config("demo").quant
+    specs = {"onnx_int8": QuantSpec.of("int8"), "onnx_int4": QuantSpec.of("int4", q.group_size, q.vocab_bits)}
+    dirs = {name: work / name for name in specs}
+    fp32 = work / "fp32"
+    for name, spec in specs.items():
+        if (dirs[name] / MERGED).is_file():
+            continue
+        if not (fp32 / convert.DECODER).is_file():
+            convert.export(Path(resolve_model(load_config("demo").model.name_or_path)), fp32)
+        convert.quantize_dir(fp32, dirs[name], spec)
+        convert.fuse_encoder_file(dirs[name] / ENCODER, json.loads((fp32 / "config.json").read_text())["encoder_attention_heads"])
+    return dirs
+
+
+def _matmul(path: Path, k: int, n: int, out: str) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (np.random.default_rng(0).standard_normal((k, n)) * 0.05).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], [out], name="mm")], "mm",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["m", n])],
+                              [numpy_helper.from_array(w, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def kernels(threads: int) -> dict:
+    """One MatMul of whisper-base's shapes, as each layout writes it, timed interleaved (median ms):
+    an encoder MLP projection (1500 frames x 512 -> 2048) and the vocabulary (1 token x 512 -> 51865)."""
+    from contract.quant_spec import QuantSpec
+    from steps import convert, int4_export
+
+    shapes = {"encoder_fc1_1500x512x2048": (1500, 512, 2048, "Y"), "vocabulary_1x512x51865": (1, 512, 51865, "logits")}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape, (m, k, n, name) in shapes.items():
+            src = Path(tmp) / f"{shape}.onnx"
+            _matmul(src, k, n, name)
+            files = {"fp32": src, "int8": Path(tmp) / f"{shape}_int8.onnx"}
+            convert.quantize_int8(src, files["int8"])
+            for label, spec, level in (("int4_shipped", QuantSpec.of("int4"), None),
+                                       ("int4_vocab4", QuantSpec.of("int4", 32, 4), None),
+                                       ("int4_vocab4_acc4", QuantSpec.of("int4", 32, 4), 4)):
+                files[label] = Path(tmp) / f"{shape}_{label}.onnx"
+                int4_export.quantize_int4(src, files[label], spec, level)
+            sessions = {label: session(f, threads, None) for label, f in files.items()}
+            x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+            times: dict = collections.defaultdict(list)
+            for _ in range(9 if m > 1 else 41):  # the short call needs more runs to see through the noise
+                for label, sess in sessions.items():
+                    t = time.perf_counter()
+                    sess.run(None, {"X": x})
+                    times[label].append(time.perf_counter() - t)
+            out[shape] = {label: round(1000 * float(np.median(v[1:])), 3) for label, v in times.items()}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=BENCH / "work" / "profile")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=DIR")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=40, help="decoder steps profiled")
+    p.add_argument("--past", type=int, default=32, help="tokens already in the decoder's KV cache")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", type=Path, default=BENCH / "int4_profile.json")
+    p.add_argument("--no-kernels", action="store_true", help="skip the per-MatMul timings")
+    a = p.parse_args(argv)
+    variants = dict(v.split("=", 1) for v in a.variant) if a.variant else default_variants(a.work)
+    bw = read_bandwidth_gbs()
+    results = {}
+    profiled = profile_variants({name: Path(d) for name, d in variants.items()}, a.threads, a.steps, a.past, a.warmup)
+    for name, d in variants.items():
+        r = profiled[name]
+        r["decoder_weights_mb"] = round(weight_bytes(Path(d) / MERGED) / 1e6, 2)
+        r["decoder_floor_ms"] = round((r["decoder_weights_mb"] + r["decoder_kv_cache_mb"]) / (bw * 1e3) * 1000, 3)
+        r["decoder_step_vs_floor"] = round(r["decoder_step"]["run_ms"] / r["decoder_floor_ms"], 2)
+        results[name] = r
+        print(f"{name}: encoder {r['encoder']['run_ms']:.1f} ms, decoder step {r['decoder_step']['run_ms']:.2f} ms "
+              f"(floor {r['decoder_floor_ms']:.2f} ms); top ops: "
+              f"{ {k: v['ms'] for k, v in list(r['decoder_step']['by_op'].items())[:4]} }", flush=True)
+    doc = {"kernels_ms": {} if a.no_kernels else kernels(a.threads), "command": "python -m benchmarks.int4_profile " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+           "threads": a.threads, "decoder_past_tokens": a.past, "decoder_steps": a.steps, "read_bandwidth_gbs": bw,
+           "load_avg_1m": round(os.getloadavg()[0], 2), "variants": results}
+    a.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""The quantization recipe, one object: the grid QAT simulates and the export writes.
+
+steps/fake_quant.py (what training sees), steps/convert.py and steps/int4_export.py (what ships),
+steps/train_loop.py's Recipe, the model card and benchmarks/int4_recipe.py all read a QuantSpec
+derived from the config's quant section; none of them holds a grid constant of its own.
+
+- Block Linears (the encoder's and decoder's attention and MLP projections):
+  int8: ORT dynamic quantization, weights per output channel (symmetric, max|w|/127), activations
+  uint8 per call (DynamicQuantizeLinear: per utterance in the encoder, per token in the decoder).
+  int4: ORT MatMulNBits, weight-only, symmetric blocks of `group_size` inputs (the element of largest
+  magnitude maps to -8), at `accuracy_level` 0: activations stay float, so the export computes what
+  QAT trained.
+- Vocabulary matrix (proj_out and the tied token embedding, one matrix):
+  8 bits ("int8_dynamic"): the int8 scheme's layout in both schemes: per-channel int8 weights and
+  uint8 activations per token (DynamicQuantizeMatMul, a fast CPU kernel; MatMulNBits at 8 bits and
+  accuracy_level 0 has none), the embedding reading the same int8 rows.
+  4 bits ("nbits", int4 only): MatMulNBits 4-bit blocks, the embedding a GatherBlockQuantized of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Scheme = Literal["int8", "int4"]
+VocabLayout = Literal["int8_dynamic", "nbits"]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    scheme: Scheme
+    bits: int  # weight bits of the block Linears
+    group_size: int  # int4: inputs per weight block
+    vocab_bits: int  # proj_out and the tied embedding
+    vocab_layout: VocabLayout
+    symmetric: bool = True  # weights: zero point fixed (mid-range), as ORT's quantizers write them
+    block_axis: int = 1  # int4 blocks run along nn.Linear's input dimension (weight [out, in])
+    accuracy_level: int = 0  # MatMulNBits: 0 = float activations (what QAT simulates)
+
+    @classmethod
+    def of(cls, scheme: Scheme, group_size: int = 32, vocab_bits: int = 8) -> "QuantSpec":
+        if scheme not in ("int8", "int4"):
+            raise ValueError(f"quant.scheme must be 'int8' or 'int4', got {scheme!r}")
+        if vocab_bits not in (4, 8) or (scheme == "int8" and vocab_bits != 8):
+            raise ValueError(f"quant.vocab_bits {vocab_bits!r}: 8, or 4 with quant.scheme int4")
+        return cls(scheme=scheme, bits=8 if scheme == "int8" else 4, group_size=group_size, vocab_bits=vocab_bits,
+                   vocab_layout="int8_dynamic" if vocab_bits == 8 else "nbits")
+
+    def describe(self) -> str:
+        """One line for the model card and reports."""
+        vocab = ("int8 per output channel with uint8 activations per token"
+                 if self.vocab_layout == "int8_dynamic" else f"{self.vocab_bits}-bit blocks of {self.group_size}")
+        if self.scheme == "int8":
+            return ("int8 weights per output channel, symmetric, with dynamic uint8 activations: the grid of "
+                    "ONNX Runtime's quantize_dynamic; vocabulary the same")
+        return (f"int4 weights, symmetric, in blocks of {self.group_size} inputs, float activations: the grid of "
+                f"ONNX Runtime's MatMulNBits; the vocabulary matrix (output projection and tied token embedding) {vocab}")
+
+
+def quant_spec(quant) -> QuantSpec:
+    """From a config's quant section (contract.config.QuantConfig)."""
+    return QuantSpec.of(quant.scheme, quant.group_size, quant.vocab_bits)

@@ -5,7 +5,7 @@ never the whole run config.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -50,11 +50,27 @@ class TrainWorkload(Strict):
     sync_every_s: float = Field(default=600, gt=0, description="machine.checkpoint_sync_every_s")
 
 
+class GpuCount(Strict):
+    """A range of GPU counts per machine: offers with min..max GPUs are compared by their whole run's cost."""
+
+    min: int = Field(default=1, gt=0)
+    max: Optional[int] = Field(default=None, gt=0, description="most GPUs per machine; None: no upper bound")
+
+    @model_validator(mode="after")
+    def _order(self) -> "GpuCount":
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"machine.vast.num_gpus: max {self.max} is below min {self.min}; write "
+                             "{min: 1, max: 8} for a range or a plain number for exactly that many GPUs")
+        return self
+
+
 class VastConfig(Strict):
     gpu_names: list[str] = Field(default_factory=lambda: ["RTX 4090", "RTX 5090", "RTX A6000", "RTX 6000Ada", "L40S",
                                                           "A100 PCIE", "A100 SXM4", "H100 PCIE", "H100 SXM", "H200"])
     min_gpu_ram_gb: float = Field(default=24, gt=0)
-    num_gpus: int = Field(default=1, gt=0)
+    num_gpus: Union[int, GpuCount] = Field(default=1, description=(
+        "GPUs per machine: a number means exactly that many; {min: 1, max: 8} (max optional) rents any count in "
+        "the range, the offers ranked by their whole run's cost with N GPUs (min_gpu_ram_gb is per GPU)"))
     min_disk_gb: float = Field(default=80, gt=0)
     min_reliability: float = Field(default=0.95, ge=0, le=1)
     min_cuda: float = Field(default=PINNED_TORCH_CUDA, ge=0, description=(
@@ -71,6 +87,17 @@ class VastConfig(Strict):
     image: str = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
     create_attempts: int = Field(default=3, gt=0, le=20)
     workload: Optional[TrainWorkload] = None  # set from train/quant; None: offers ranked by $/h alone
+
+    @model_validator(mode="after")
+    def _gpu_count(self) -> "VastConfig":
+        if isinstance(self.num_gpus, int) and self.num_gpus < 1:
+            raise ValueError(f"machine.vast.num_gpus must be at least 1, got {self.num_gpus}")
+        return self
+
+    def gpu_range(self) -> tuple[int, Optional[int]]:
+        """(least, most) GPUs per machine; most None: no upper bound."""
+        n = self.num_gpus
+        return (n, n) if isinstance(n, int) else (n.min, n.max)
 
     @model_validator(mode="after")
     def _bid(self) -> "VastConfig":

@@ -159,7 +159,8 @@ def train_clock(lease: Lease, cfg: RunConfig) -> Optional[dict]:
     """The train step's timeout and checkpoint cadence on this machine's GPU (infra/run_estimate.py
     clock), or None when its speed or the run's size is unknown (then the config's values stand)."""
     w = cfg.machine.vast.workload
-    speed = expected_speed(lease.gpu_name, w) if w is not None and w.samples and lease.gpu_name else None
+    speed = (expected_speed(lease.gpu_name, w, lease.num_gpus or 1) if w is not None and w.samples and lease.gpu_name
+             else None)
     if speed is None:
         return None
     return clock(w, speed["samples_per_s"], cfg.machine.step_timeout_s, lease.gpu_name)

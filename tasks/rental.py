@@ -12,7 +12,7 @@ from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
-from contract.catalogue import CHECKPOINT_DIR, ERROR_PREFIX, marked_json, REDERIVED, RESUMING_STEP, STEPS
+from contract.catalogue import CHECKPOINT_DIR, ERROR_PREFIX, GPUS_PREFIX, marked_json, REDERIVED, RESUMING_STEP, STEPS
 from contract.config import RunConfig
 from contract.disk import disk_plan
 from contract.layout import PUSHED_CODE, REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, REPO_ROOT, REQUIREMENTS
@@ -213,6 +213,7 @@ def setup_environment(lease: Lease, cfg: RunConfig) -> dict:
     m = machine_for(lease, cfg)
     t0 = time.time()
     error: dict = {}
+    gpus: dict = {}
     tail: list[str] = []
 
     def on_line(line: str) -> None:
@@ -221,15 +222,25 @@ def setup_environment(lease: Lease, cfg: RunConfig) -> dict:
         log.info(line)
         try:
             error.update(marked_json(line, ERROR_PREFIX) or {})
+            gpus.update(marked_json(line, GPUS_PREFIX) or {})
         except ValueError as e:
-            log.warning("a STEP_ERROR line from the machine was ignored: %s", e)
+            log.warning("a marker line from the machine was ignored: %s", e)
 
     code = m.run([provision.python(lease, cfg.machine), "-m", "steps.bootstrap", "--gpu", cfg.machine.gpu],
                  cwd=REMOTE_CODE, env={"PYTHONUNBUFFERED": "1"}, on_line=on_line, timeout=3600, check=False)
     if code != 0:
         raise StepFailed("setup", printable(str(error.get("message", f"exit code {code}"))), exit_code_retryable(code),
                          "\n".join(tail))
-    return {"venv": remote_python(lease, cfg), "seconds": round(time.time() - t0, 1)}
+    return {"venv": remote_python(lease, cfg), "seconds": round(time.time() - t0, 1), "gpus": counted_gpus(gpus)}
+
+
+def counted_gpus(line: dict) -> dict:
+    """The GPU counts of the setup's GPUS line as small integers (nvidia-smi's, torch's); 0 when absent
+    or not a count (the machine's word: never trusted to be sane)."""
+    def count(key: str) -> int:
+        v = line.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64 else 0
+    return {"nvidia_smi": count("nvidia_smi"), "torch": count("torch")}
 
 
 @task(name="destroy machine", retries=5, retry_delay_seconds=exponential_backoff(5), retry_jitter_factor=0.5)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .remote_env import PINNED_TORCH, PINNED_TORCH_CUDA
 
@@ -59,7 +59,7 @@ class GpuCount(Strict):
     @model_validator(mode="after")
     def _order(self) -> "GpuCount":
         if self.max is not None and self.max < self.min:
-            raise ValueError(f"machine.vast.num_gpus: max {self.max} is below min {self.min}; write "
+            raise ValueError(f"max {self.max} is below min {self.min}; write "
                              "{min: 1, max: 8} for a range or a plain number for exactly that many GPUs")
         return self
 
@@ -88,11 +88,21 @@ class VastConfig(Strict):
     create_attempts: int = Field(default=3, gt=0, le=20)
     workload: Optional[TrainWorkload] = None  # set from train/quant; None: offers ranked by $/h alone
 
-    @model_validator(mode="after")
-    def _gpu_count(self) -> "VastConfig":
-        if isinstance(self.num_gpus, int) and self.num_gpus < 1:
-            raise ValueError(f"machine.vast.num_gpus must be at least 1, got {self.num_gpus}")
-        return self
+    @field_validator("num_gpus", mode="before")
+    @classmethod
+    def _gpu_count(cls, v: object) -> object:
+        if isinstance(v, dict):
+            try:
+                return GpuCount(**v)
+            except ValidationError as e:
+                raise ValueError("; ".join(("{}: ".format(".".join(map(str, x["loc"]))) if x["loc"] else "")
+                                           + x["msg"].removeprefix("Value error, ") for x in e.errors())) from None
+        if isinstance(v, GpuCount):
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError("machine.vast.num_gpus must be a number of GPUs (at least 1) or a range like "
+                             "{min: 1, max: 8}")
+        return v
 
     def gpu_range(self) -> tuple[int, Optional[int]]:
         """(least, most) GPUs per machine; most None: no upper bound."""

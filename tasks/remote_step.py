@@ -27,6 +27,7 @@ from infra.machine import Lease, Machine, TransientMachineError
 from infra.run_estimate import clock
 
 from .billing import BudgetExceeded, CopyHomeRefused, charge_as_it_arrives, check_budget, copy_home_cap
+from .gpu_ranks import cpu_ranks
 from .rental import forget_machine, machine_alive, machine_for, remote_python
 from .retry import StepFailed, exit_code_retryable, retry_transient
 
@@ -237,6 +238,10 @@ def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -
             argv += ["--save-every", str(clk["save_every"])]
             log.info("train on %s: expected %.0f s, timeout %.0f s, a checkpoint every %d steps (at most %.0f s of "
                      "training old)", lease.gpu_name, clk["expected_s"], timeout, clk["save_every"], clk["checkpoint_age_s"])
+        ranks = cpu_ranks(lease, cfg)
+        if ranks is not None:
+            argv += ["--nproc", str(ranks)]
+            log.info("train with %d CPU processes: this machine lists %d GPUs and machine.gpu is none", ranks, ranks)
     progress = _Progress(step)
     error: dict = {}
     tail: list[str] = []

@@ -24,6 +24,7 @@ from infra.machine import Lease, Machine
 
 from . import secrets
 from .billing import record_bytes_down
+from .gpu_ranks import counted_gpus
 from .retry import StepFailed, exit_code_retryable, retry_transient
 
 GPU_LIMIT = "vast-gpus"  # the global concurrency limit that caps rented GPUs
@@ -232,15 +233,6 @@ def setup_environment(lease: Lease, cfg: RunConfig) -> dict:
         raise StepFailed("setup", printable(str(error.get("message", f"exit code {code}"))), exit_code_retryable(code),
                          "\n".join(tail))
     return {"venv": remote_python(lease, cfg), "seconds": round(time.time() - t0, 1), "gpus": counted_gpus(gpus)}
-
-
-def counted_gpus(line: dict) -> dict:
-    """The GPU counts of the setup's GPUS line as small integers (nvidia-smi's, torch's); 0 when absent
-    or not a count (the machine's word: never trusted to be sane)."""
-    def count(key: str) -> int:
-        v = line.get(key)
-        return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64 else 0
-    return {"nvidia_smi": count("nvidia_smi"), "torch": count("torch")}
 
 
 @task(name="destroy machine", retries=5, retry_delay_seconds=exponential_backoff(5), retry_jitter_factor=0.5)

@@ -28,3 +28,9 @@ def describe_gpu_count(v: VastConfig) -> str:
     if lo == hi:
         return f"= {lo} (machine.vast.num_gpus)"
     return f">= {lo} (machine.vast.num_gpus.min)" if hi is None else f"in {lo}..{hi} (machine.vast.num_gpus)"
+
+
+def ranks_used(num_gpus: int, grad_accum: int) -> int:
+    """The GPUs the train step trains on: each rank accumulates grad_accum / N micro-batches of the global
+    batch, so it uses the largest N <= num_gpus that divides train.grad_accum (the others bill idle)."""
+    return max((d for d in range(1, max(1, int(num_gpus)) + 1) if grad_accum % d == 0), default=1)

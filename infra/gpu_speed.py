@@ -14,7 +14,9 @@ Peak memory does not depend on the GPU; an offer whose memory is short of it (pl
 On an offer with N GPUs the train step runs N ranks (torchrun + DDP), each with the whole model and its
 own micro-batch: memory is checked per GPU (`gpu_ram`), and the expected samples/s is N x the per-GPU
 figure x a scaling efficiency from gpu_scaling.csv (the row of the largest count <= N; estimates are
-marked as such there until `python -m benchmarks.gpu_probe --nproc N` measured them).
+marked as such there until `python -m benchmarks.gpu_probe --nproc N` measured them). N is the GPUs the
+train step uses: the largest count <= the offer's that divides train.grad_accum (infra/gpu_count.py
+ranks_used); an 8-GPU offer with grad_accum 4 trains on 4 and bills 8.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 from contract.machine_config import TrainWorkload
+
+from .gpu_count import ranks_used
 
 HERE = Path(__file__).resolve().parent
 VRAM_MARGIN = 1.10  # allocator fragmentation, CUDA context
@@ -125,7 +129,7 @@ def rank_offers(offers: list[dict], w: Optional[TrainWorkload]) -> list[dict]:
     for o in offers:
         if need is not None and float(o.get("gpu_ram") or 0) < need:
             continue
-        speed = expected_speed(o.get("gpu_name", ""), w, int(o.get("num_gpus") or 1))
+        speed = expected_speed(o.get("gpu_name", ""), w, ranks_used(int(o.get("num_gpus") or 1), w.grad_accum))
         sps = speed["samples_per_s"] if speed else None
         try:
             rows = step_rows(o, w, setup_hours=0.0)

@@ -4,8 +4,8 @@
 those counts and the flow keeps them on the lease (`extra["gpus"]`) for the rest of that machine's
 steps. On a GPU run (`machine.gpu: required`) the train step counts the GPUs torch sees itself and
 starts one rank per GPU. On a CPU run (`machine.gpu: none`: the emulator, the demo) a machine whose
-nvidia-smi lists N > 1 GPUs (the emulator's N-GPU offers) trains with N CPU processes: home passes
-`--nproc N` to the train step, so the whole flow, its budget, copies home and replacements run with
+nvidia-smi lists N > 1 GPUs (the emulator's N-GPU offers) trains with N CPU processes (as many as
+divide train.grad_accum, the GPU rule): home passes `--nproc N` to the train step, so the whole flow, its budget, copies home and replacements run with
 N ranks offline; elsewhere `train.nproc` stands. The count is never part of a step's config hash: a
 replacement machine with another count resumes the same run.
 """
@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Optional
 
 from contract.config import RunConfig
+from infra.gpu_count import ranks_used
 from infra.machine import Lease
 
 MAX_GPUS = 64  # a count above this from a machine is not believed
@@ -37,6 +38,9 @@ def with_counted_gpus(lease: Lease, setup: Optional[dict]) -> Lease:
 
 def cpu_ranks(lease: Lease, cfg: RunConfig) -> Optional[int]:
     """The CPU processes the train step runs on this machine when home decides it (see the module
-    docstring), else None."""
+    docstring): one per listed GPU, as many as divide train.grad_accum (as on GPUs); else None."""
     listed = int(((lease.extra or {}).get("gpus") or {}).get("nvidia_smi") or 0)
-    return listed if cfg.machine.gpu == "none" and listed > 1 else None
+    if cfg.machine.gpu != "none" or listed < 2:
+        return None
+    n = ranks_used(listed, cfg.train.grad_accum)
+    return n if n > 1 else None

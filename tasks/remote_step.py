@@ -21,6 +21,7 @@ from contract.layout import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK
 from contract.machine_config import STEP_ATTEMPTS
 from contract.result_file import ERROR_FILE, config_hash, is_done, read_result
 from infra import provision
+from infra.gpu_count import ranks_used
 from infra.gpu_speed import expected_speed
 from infra.local import printable
 from infra.machine import Lease, Machine, TransientMachineError
@@ -160,8 +161,8 @@ def train_clock(lease: Lease, cfg: RunConfig) -> Optional[dict]:
     """The train step's timeout and checkpoint cadence on this machine's GPU (infra/run_estimate.py
     clock), or None when its speed or the run's size is unknown (then the config's values stand)."""
     w = cfg.machine.vast.workload
-    speed = (expected_speed(lease.gpu_name, w, lease.num_gpus or 1) if w is not None and w.samples and lease.gpu_name
-             else None)
+    speed = (expected_speed(lease.gpu_name, w, ranks_used(lease.num_gpus or 1, w.grad_accum))
+             if w is not None and w.samples and lease.gpu_name else None)
     if speed is None:
         return None
     return clock(w, speed["samples_per_s"], cfg.machine.step_timeout_s, lease.gpu_name)

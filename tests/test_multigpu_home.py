@@ -23,10 +23,12 @@ def test_the_counts_setup_printed_are_kept_and_insane_ones_read_as_none():
 
 
 def test_a_cpu_run_trains_one_process_per_listed_gpu_a_gpu_run_lets_the_step_count():
-    cpu, gpu = load_config("tiny"), load_config("tiny", {"machine.gpu": "required"})
+    cpu, gpu = load_config("tiny", {"train.grad_accum": 2}), load_config("tiny", {"machine.gpu": "required"})
     two = with_counted_gpus(lease(2), {"gpus": {"nvidia_smi": 2, "torch": 0}})
     one = with_counted_gpus(lease(1), {"gpus": {"nvidia_smi": 1, "torch": 0}})
-    assert cpu_ranks(two, cpu) == 2
+    eight = with_counted_gpus(lease(8), {"gpus": {"nvidia_smi": 8, "torch": 0}})
+    assert cpu_ranks(two, cpu) == 2 and cpu_ranks(eight, cpu) == 2  # grad_accum 2: 2 ranks, one micro-batch each
+    assert cpu_ranks(two, load_config("tiny")) is None  # grad_accum 1 cannot be shared
     assert cpu_ranks(one, cpu) is None and cpu_ranks(lease(2), cpu) is None  # train.nproc stands
     assert cpu_ranks(two, gpu) is None  # on GPUs the train step starts one rank per GPU torch sees
 

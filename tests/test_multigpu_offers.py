@@ -11,8 +11,9 @@ from infra import gpu_speed, run_estimate
 from infra.vast import VastProvider
 
 INT8 = TrainWorkload(scheme="int8", micro_batch=8, compile=True, gradient_checkpointing=True, samples=300_000)
-# Too long for one RTX 4090 (or two) within the reaper's age limit; an 8 x RTX 4090 machine trains it in hours.
-BIG = INT8.model_copy(update={"samples": 2_000_000})
+# Too long for one RTX 4090 (or two) within the reaper's age limit; an 8 x RTX 4090 machine trains it in
+# hours, its 8 ranks each accumulating one of the 8 micro-batches of the global batch.
+BIG = INT8.model_copy(update={"samples": 2_000_000, "samples_per_step": 64})
 
 
 def offer(i, gpu, dph, ram_mb, n=1):
@@ -60,6 +61,15 @@ def test_an_8_gpu_offer_wins_when_it_is_the_cheapest_run(emulator):
     assert best["speed_source"].startswith("estimate") and "x 8 GPUs x scaling 0.8" in best["speed_source"]
     narrow = search(emulator, max_dph=3.0, workload=BIG)
     assert narrow[0]["num_gpus"] == 1 and narrow[0]["expected_usd"] > best["expected_usd"]
+
+
+def test_an_offer_is_priced_on_the_gpus_that_divide_grad_accum():
+    """grad_accum 4: an 8-GPU machine trains on 4 of them (the others bill idle), a 3-GPU one on 2."""
+    four = INT8  # 32 samples per step of micro-batch 8
+    eight = run_estimate.estimate(offer(1, "H200", 20.0, 143771, n=8), four, planned_hours=1, setup_hours=0)
+    three = run_estimate.estimate(offer(2, "H200", 7.5, 143771, n=3), four, planned_hours=1, setup_hours=0)
+    assert (eight["num_gpus"], three["num_gpus"]) == (4, 2)
+    assert eight["expected_samples_per_s"] == pytest.approx(52.2 * 4 * gpu_speed.scaling(4)["efficiency"], abs=0.01)
 
 
 def test_memory_is_checked_per_gpu_not_over_the_machines_total():

@@ -634,8 +634,8 @@ class Cloud:
             bandwidth = up / 1e9 * inst["offer"]["inet_up_cost"] + down / 1e9 * inst["offer"]["inet_down_cost"]
             cost += bandwidth
             rows.append({"id": inst["id"], "label": inst.get("label"), "offer_id": inst["offer_id"],
-                         "gpu_name": inst["offer"]["gpu_name"], "dph_total": inst["dph_total"],
-                         "created_at": inst["created_at"], "running_at": inst.get("running_at"),
+                         "gpu_name": inst["offer"]["gpu_name"], "num_gpus": inst["offer"]["num_gpus"],
+                         "dph_total": inst["dph_total"], "created_at": inst["created_at"], "running_at": inst.get("running_at"),
                          "ended_at": inst["ended_at"], "end_reason": inst.get("end_reason"),
                          "status": inst["status"], "seconds": round(seconds, 6),
                          "stopped_seconds": round(stopped, 3), "bytes_up": up, "bytes_down": down,

@@ -42,16 +42,17 @@ class TrainWorkload(Strict):
     params: Optional[int] = Field(default=None, gt=0, description="model parameters (known models only; None: unknown)")
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     samples_per_step: int = Field(default=32, gt=0, description="micro-batch x gradient accumulation")
-
-    @property
-    def grad_accum(self) -> int:
-        return max(1, self.samples_per_step // self.micro_batch)
     save_every: int = Field(default=500, gt=0, description="train.save_every (optimizer steps)")
     download_rows: int = Field(default=0, ge=0, description="rows the machine downloads (a Hub dataset; 0: pushed)")
     prepare_rows: int = Field(default=0, ge=0, description="rows prepare writes (train + dev + test)")
     eval_clips: int = Field(default=0, ge=0, description="test clips evaluate transcribes, per variant")
     bench_clips: int = Field(default=0, ge=0, description="clips bench times, per variant")
     sync_every_s: float = Field(default=600, gt=0, description="machine.checkpoint_sync_every_s")
+
+    @property
+    def grad_accum(self) -> int:
+        """train.grad_accum: micro-batches per optimizer step."""
+        return max(1, self.samples_per_step // self.micro_batch)
 
 
 class GpuCount(Strict):

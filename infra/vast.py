@@ -28,7 +28,7 @@ from vastai import VastAI
 
 from contract.machine_config import MachineConfig, VastConfig
 
-from .gpu_count import describe_gpu_count, gpu_count_fits, gpu_filter as _gpu_filter
+from .gpu_count import describe_gpu_count, gpu_count_fits, gpu_filter
 from .gpu_speed import rank_offers
 from .machine import Lease
 
@@ -223,7 +223,7 @@ class VastProvider:
         q: dict = {
             "gpu_name": {"in": list(v.gpu_names)},
             "gpu_ram": {"gte": v.min_gpu_ram_gb * 1000},  # MB on the wire
-            "num_gpus": _gpu_filter(v),
+            "num_gpus": gpu_filter(v),
             "disk_space": {"gte": disk_gb},
             "reliability": {"gte": v.min_reliability},
             "cuda_max_good": {"gte": v.min_cuda},

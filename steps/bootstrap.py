@@ -15,9 +15,10 @@ never installs anything into that python (its packages are built for the image's
 
 Exit 0 when usable, after a `GPUS {"nvidia_smi": N, "torch": M}` line: the GPUs nvidia-smi lists (also
 with `--gpu none`, where a host lists them: the emulator's N-GPU offers) and those torch sees.
-Otherwise a `STEP_ERROR {...}` line naming what was wrong (the driver's and torch's CUDA versions when CUDA is the problem) and EXIT_DETERMINISTIC (3: a machine or config that
-will not get better; the flow fails fast and destroys the machine) or EXIT_RETRYABLE (1: an install
-that may pass on a retry, e.g. a network error). Facts in docs/REFERENCE.md section 7.
+Otherwise a `STEP_ERROR {...}` line naming what was wrong (the driver's and torch's CUDA versions when
+CUDA is the problem) and EXIT_DETERMINISTIC (3: a machine or config that will not get better; the flow
+fails fast and destroys the machine) or EXIT_RETRYABLE (1: an install that may pass on a retry, e.g. a
+network error). Facts in docs/REFERENCE.md section 7.
 """
 from __future__ import annotations
 

@@ -142,7 +142,10 @@ class TrainConfig(Strict):
     max_steps: Optional[int] = Field(default=None, gt=0, le=10_000_000, description="overrides epochs when set")
     learning_rate: float = Field(default=5e-6, gt=0, lt=1)
     per_device_batch_size: int = Field(default=8, gt=0)
-    grad_accum: int = Field(default=4, gt=0)
+    grad_accum: int = Field(default=4, gt=0, description="micro-batches per optimizer step, over all training "
+                            "processes together: the global batch is per_device_batch_size x grad_accum whatever the "
+                            "number N of GPUs (or train.nproc), each process accumulating grad_accum / N of them, so "
+                            "learning_rate is per that global batch and never rescaled; N must divide grad_accum")
     warmup_steps: int = Field(default=50, ge=0)
     weight_decay: float = Field(default=0.01, ge=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
@@ -156,6 +159,8 @@ class TrainConfig(Strict):
     # "auto": bf16 on CUDA, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     num_workers: int = Field(default=2, ge=0)
+    nproc: int = Field(default=1, ge=1, le=64, description="training processes when machine.gpu is none (CPU, gloo; "
+                       "with a GPU: one per GPU); like the GPU count it changes how, not what, is trained: not hashed")
     compile: Optional[bool] = Field(default=None, description="torch.compile each encoder/decoder block; "
                                     "unset: on with CUDA, off on CPU (compiling costs more than it saves there)")
     optimizer: Literal["adamw", "adamw8bit"] = Field(
@@ -222,6 +227,10 @@ class HubConfig(Strict):
         if problem:
             raise ValueError(f"hub.repo_id {problem}")
         return v
+
+
+# Fields that change how a section's work is done, not its outputs: left out of the config hash.
+UNHASHED = {"train": {"nproc"}}
 
 
 class RunConfig(Strict):
@@ -293,6 +302,21 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _processes_divide_the_batch(self) -> "RunConfig":
+        """Each of the N training processes accumulates train.grad_accum / N micro-batches (steps/distributed.py)."""
+        accum = self.train.grad_accum
+        if self.machine.gpu == "none" and accum % self.train.nproc:
+            raise ValueError(f"train.grad_accum {accum} is not a multiple of train.nproc {self.train.nproc}: each "
+                             f"process accumulates grad_accum / nproc micro-batches of the global batch; set grad_accum "
+                             f"to a multiple of {self.train.nproc} or change nproc")
+        gpus = self.machine.vast.num_gpus
+        if self.machine.gpu == "required" and self.machine.backend == "vast" and accum % gpus:
+            raise ValueError(f"train.grad_accum {accum} is not a multiple of machine.vast.num_gpus {gpus}: each GPU "
+                             f"accumulates grad_accum / num_gpus micro-batches of the global batch; set grad_accum to a "
+                             f"multiple of {gpus} (per_device_batch_size x grad_accum is the global batch)")
+        return self
+
+    @model_validator(mode="after")
     def _finite(self) -> "RunConfig":
         """No float field may be inf or nan (a budget of inf is no budget); see also `parse_config`."""
         bad = [f"{path} must be a finite number (got {value!r})" for path, value in _floats(self) if not math.isfinite(value)]
@@ -302,7 +326,7 @@ class RunConfig(Strict):
 
     def section_hash(self, *sections: str) -> str:
         """A short stable hash of the named sections (what a step's outputs depend on)."""
-        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        payload = {s: getattr(self, s).model_dump(mode="json", exclude=UNHASHED.get(s)) for s in sections}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from contract.catalogue import EXIT_DETERMINISTIC, STEPS
 from contract.config import ConfigError, load_config
 
+from . import distributed
 from .common import execute_step
 
 
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"STEP_ERROR {{\"step\": \"{args.step}\", \"type\": \"ConfigError\", \"retryable\": false}}", flush=True)
         print(str(e), file=sys.stderr)
         return EXIT_DETERMINISTIC
+    if args.step == "train" and not distributed.under_torchrun():
+        n = distributed.world_size_for(cfg)
+        if n > 1:  # torchrun runs this same command line in n processes (steps/distributed.py)
+            return distributed.launch(sys.argv[1:] if argv is None else argv, n, args.workdir / args.step)
     module = importlib.import_module(f"steps.{args.step}")
     return execute_step(args.step, cfg, args.workdir, module.run, resume=args.resume, force=args.force,
                         save_every=args.save_every)

@@ -21,6 +21,7 @@ from contract.catalogue import ERROR_PREFIX, EXIT_DETERMINISTIC, EXIT_OK, EXIT_R
 from contract.config import RunConfig
 from contract.result_file import ERROR_FILE, RESULT_FILE, config_hash, input_fingerprints, read_result, write_json_atomic
 
+from . import distributed
 from .errors import StepError
 
 __all__ = ["StepContext", "StepError", "execute_step"]
@@ -57,6 +58,10 @@ class StepContext:
 
     def add_output(self, path: Path) -> None:
         self.outputs.append(str(Path(path).relative_to(self.workdir)))
+
+
+def _silent(*_args: Any, **_kw: Any) -> None:
+    pass
 
 
 def _device() -> str:
@@ -117,6 +122,9 @@ def execute_step(step: str, cfg: RunConfig, workdir: Path, body: Callable[[StepC
     workdir = Path(workdir)
     ctx = StepContext(step=step, cfg=cfg, workdir=workdir, resume=resume, save_every=save_every)
     ctx.out.mkdir(parents=True, exist_ok=True)
+    ranks, lead = distributed.world_size(), distributed.rank() == 0  # torchrun's ranks: rank 0 alone speaks
+    if not lead:
+        ctx.log = ctx.progress = _silent  # type: ignore[method-assign]
     inputs = input_fingerprints(cfg, step)
     h = config_hash(cfg, step, inputs)
     previous = read_result(workdir, step)
@@ -126,8 +134,9 @@ def execute_step(step: str, cfg: RunConfig, workdir: Path, body: Callable[[StepC
             return EXIT_OK
         ctx.log(f"outputs present for hash {previous.get('config_hash')}, now {h} (config, code, data or model "
                 "changed): running again")
-    (ctx.out / RESULT_FILE).unlink(missing_ok=True)
-    (ctx.out / ERROR_FILE).unlink(missing_ok=True)
+    if lead:
+        (ctx.out / RESULT_FILE).unlink(missing_ok=True)
+        (ctx.out / ERROR_FILE).unlink(missing_ok=True)
     started = time.time()
     ctx.log(f"starting (config {cfg.name}, hash {h}, workdir {workdir})")
     try:
@@ -138,6 +147,9 @@ def execute_step(step: str, cfg: RunConfig, workdir: Path, body: Callable[[StepC
         retryable, message = _classify(exc)
         traceback.print_exc(file=sys.stderr)
         err = {"step": step, "type": type(exc).__name__, "message": message, "retryable": retryable}
+        if ranks > 1:  # steps/distributed.py launch reports the first rank's failure
+            distributed.record_failure(ctx.out, err)
+            return EXIT_RETRYABLE if retryable else EXIT_DETERMINISTIC
         try:
             write_json_atomic(ctx.out / ERROR_FILE, err)
         except OSError:
@@ -145,6 +157,8 @@ def execute_step(step: str, cfg: RunConfig, workdir: Path, body: Callable[[StepC
         print(ERROR_PREFIX + json.dumps(err), flush=True)
         return EXIT_RETRYABLE if retryable else EXIT_DETERMINISTIC
     finished = time.time()
+    if not lead:
+        return EXIT_OK
     result = {
         "step": step,
         "config": cfg.name,

@@ -33,7 +33,7 @@ from contract.catalogue import CHECKPOINT_DIR, KEEP_CHECKPOINTS, SET_ASIDE_DIR, 
 from contract.normalize import normalize_french
 from contract.result_file import config_hash
 
-from . import fake_quant
+from . import distributed, fake_quant
 from .audio_store import log_mel
 from .common import StepContext, StepError
 from .train_loop import Recipe, Trainer, autocast, eager, flops_per_sample
@@ -193,8 +193,12 @@ def _checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, micro: int, chash: str) -> Path:
-    """Write checkpoints/step-N/ through a temporary directory and a rename; keep the last 2."""
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, micro: int, chash: str) -> Path | None:
+    """Write checkpoints/step-N/ through a temporary directory and a rename; keep the last 2.
+    Every rank calls it (their RNG states are gathered); rank 0 writes, the others get None."""
+    rngs = distributed.gather(_rng_state())
+    if distributed.rank():
+        return None
     root.mkdir(parents=True, exist_ok=True)
     tmp, final = root / f".{checkpoint_name(step)}.tmp", root / checkpoint_name(step)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -203,7 +207,8 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, micro: i
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     # state.pt last: a directory holding it is complete
-    torch.save({"step": step, "micro_batches": micro, "config_hash": chash, "rng": _rng_state()}, tmp / "state.pt")
+    torch.save({"step": step, "micro_batches": micro, "config_hash": chash, "rng": rngs[0], "rng_ranks": rngs,
+                "world_size": len(rngs)}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for _, old in _checkpoints(root)[:-KEEP_CHECKPOINTS]:
@@ -248,7 +253,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, chash: str) -> dict
     model.load_state_dict(torch.load(path / "model.pt", map_location="cpu"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt"))
-    _set_rng_state(state["rng"])
+    rngs = state.get("rng_ranks", [state["rng"]])
+    if distributed.rank() < len(rngs):  # a rank the writing run did not have keeps its fresh seed
+        _set_rng_state(rngs[distributed.rank()])
     return state
 
 
@@ -299,9 +306,11 @@ def run(ctx: StepContext) -> dict:
     train_ds, dev_ds = _load_split(prep, "train"), _load_split(prep, "dev")
     if len(train_ds) == 0:
         raise StepError(f"the prepared train split in {prep} is empty; check data.* and rerun prepare")
-    random.seed(tc.seed)
-    np.random.seed(tc.seed)
-    torch.manual_seed(tc.seed)
+    distributed.init()
+    lead, seed = distributed.rank() == 0, tc.seed + distributed.rank()  # each rank its own random stream
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
     model = load_model(cfg.model.name_or_path)
     processor = load_processor(cfg.model.name_or_path)
@@ -316,25 +325,31 @@ def run(ctx: StepContext) -> dict:
     trainer.encode = cache
 
     ckpt_root, hist_path, chash = ctx.out / CHECKPOINT_DIR, ctx.out / "history.jsonl", config_hash(cfg, "train")
-    step, history = 0, []
-    ckpts = set_aside_foreign(ctx, ckpt_root, chash)
-    if ctx.resume and ckpts:
-        state = load_checkpoint(ckpts[-1][1], model, optimizer, scheduler, chash)
-        step, history = state["step"], _read_history(hist_path, state["step"])
-        ctx.log(f"resumed from {ckpts[-1][1]} (step {step}/{total})")
-    else:
-        if ctx.resume:
-            ctx.log("--resume: no checkpoint found, starting from scratch")
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-    hist_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    step, history, resumed = 0, [], None
+    if lead:  # rank 0 chooses; every rank loads what it chose
+        ckpts = set_aside_foreign(ctx, ckpt_root, chash)
+        resumed = ckpts[-1] if ctx.resume and ckpts else None
+        if resumed is None:
+            if ctx.resume:
+                ctx.log("--resume: no checkpoint found, starting from scratch")
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+    resumed = distributed.from_rank0(resumed)
+    if resumed:
+        state = load_checkpoint(resumed[1], model, optimizer, scheduler, chash)
+        step, history = state["step"], _read_history(hist_path, state["step"]) if lead else []
+        ctx.log(f"resumed from {resumed[1]} (step {step}/{total}, written by {state.get('world_size', 1)} "
+                f"process(es), now {distributed.world_size()}: the same global batch and data order)")
+    if lead:
+        hist_path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
     def record(row: dict) -> None:
         history.append(row)
-        with hist_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if lead:
+            with hist_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
-    def run_eval(at: int) -> None:
-        if len(dev_ds) == 0:
+    def run_eval(at: int) -> None:  # rank 0 only; the others wait for it in their next collective
+        if len(dev_ds) == 0 or not lead:
             return
         t = time.time()
         r = evaluate(model, processor, dev_ds, tc.per_device_batch_size, device, amp_dtype,
@@ -345,15 +360,15 @@ def run(ctx: StepContext) -> dict:
     if not any("dev_wer" in r for r in history):
         run_eval(0)
     rows = _Rows(train_ds, processor.feature_extractor, label_len=label_length(train_ds, model.config.max_target_positions))
-    micro_per_step = tc.grad_accum
-    stream = iter(_loader(rows, (batches.indices(m) for m in range(step * micro_per_step, total * micro_per_step)),
+    micro_per_step = tc.grad_accum  # of the global batch; this rank takes trainer.accum of them
+    stream = iter(_loader(rows, (batches.indices(m) for m in distributed.rank_micro_batches(step, total, micro_per_step)),
                           tc.num_workers, device.type == "cuda"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     train_seconds, samples, last_loss, ckpt_io = 0.0, 0, None, []
     while step < total:
         try:
-            r = trainer.step(next(stream) for _ in range(micro_per_step))
+            r = trainer.step(next(stream) for _ in range(trainer.accum))
         except StepError as e:
             raise StepError(f"step {step + 1}: {e}") from None
         step += 1
@@ -366,10 +381,13 @@ def run(ctx: StepContext) -> dict:
         if step % save_every == 0 and step < total:
             t = time.perf_counter()
             path = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, step * micro_per_step, chash)
-            ckpt_io.append((time.perf_counter() - t, tree_bytes(path)))
+            if path:
+                ckpt_io.append((time.perf_counter() - t, tree_bytes(path)))
 
-    ctx.add_output(save_final(ctx.out / "model", model, processor))
-    ctx.add_output(hist_path)
+    distributed.finish()
+    if lead:
+        ctx.add_output(save_final(ctx.out / "model", model, processor))
+        ctx.add_output(hist_path)
 
     evals = [r for r in history if "dev_wer" in r]
     train_rows = [r for r in history if "loss" in r]
@@ -402,7 +420,8 @@ def run(ctx: StepContext) -> dict:
         "device": str(device),
         "trainable_params": sum(p.numel() for p in trainer.trainable),
         "freeze_encoder": tc.freeze_encoder,
-        "resumed_from_step": (ckpts[-1][0] if ctx.resume and ckpts else None),
+        "resumed_from_step": resumed[0] if resumed else None,
+        "world_size": distributed.world_size(),
     }
 
 

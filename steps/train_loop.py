@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from . import fake_quant
+from . import distributed, fake_quant
 from .errors import StepError
 
 
@@ -172,6 +172,12 @@ class Trainer:
         self.model, self.recipe = model, recipe
         self.device, self.amp_dtype, self.precision = device_precision(recipe.precision)
         self.fake_quant_modules, self.compiled = prepare_model(model, recipe, self.device)
+        ranks = distributed.world_size()
+        if recipe.grad_accum % ranks:
+            raise StepError(f"train.grad_accum {recipe.grad_accum} is not a multiple of the {ranks} training "
+                            f"processes; set it to a multiple of {ranks}")
+        self.accum = recipe.grad_accum // ranks  # micro-batches per process and optimizer step
+        self.net = distributed.wrap(model, self.device)  # DDP around the prepared model when N > 1
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(model, recipe, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -185,20 +191,25 @@ class Trainer:
         labels = batch["labels"].to(self.device, non_blocking=True)
         with autocast(self.device, self.amp_dtype):
             if self.encode is not None:
-                return self.model(encoder_outputs=(self.encode(batch["rows"], feats),), labels=labels).loss
-            return self.model(input_features=feats, labels=labels).loss
+                return self.net(encoder_outputs=(self.encode(batch["rows"], feats),), labels=labels).loss
+            return self.net(input_features=feats, labels=labels).loss
 
     def step(self, micro_batches: Iterable[dict]) -> dict:
-        """Forward and backward over `recipe.grad_accum` micro-batches, clip, optimizer and schedule step."""
+        """Forward and backward over this process's `self.accum` micro-batches, clip, optimizer and schedule
+        step. With N processes, DDP averages the gradients on the last micro-batch only (no_sync before);
+        the loss and sample count returned are the whole global batch's."""
         t0 = time.perf_counter()
-        accum = self.recipe.grad_accum
+        accum = self.accum
         loss_sum, samples = 0.0, 0
-        for batch in micro_batches:
-            loss = self._loss(batch)
-            (loss / accum).backward()
+        for i, batch in enumerate(micro_batches):
+            with self.net.no_sync() if self.net is not self.model and i < accum - 1 else contextlib.nullcontext():
+                loss = self._loss(batch)
+                (loss / accum).backward()
             loss_sum += float(loss.detach())
             samples += len(batch["labels"])
-        loss = loss_sum / accum
+        loss_sum, samples = distributed.sum_over_ranks(loss_sum, samples)
+        samples = int(samples)
+        loss = loss_sum / self.recipe.grad_accum
         if not math.isfinite(loss):
             raise StepError(f"training diverged: loss {loss}; lower train.learning_rate")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.recipe.max_grad_norm))

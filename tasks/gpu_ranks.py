@@ -5,7 +5,7 @@ those counts and the flow keeps them on the lease (`extra["gpus"]`) for the rest
 steps. On a GPU run (`machine.gpu: required`) the train step counts the GPUs torch sees itself and
 starts one rank per GPU. On a CPU run (`machine.gpu: none`: the emulator, the demo) a machine whose
 nvidia-smi lists N > 1 GPUs (the emulator's N-GPU offers) trains with N CPU processes (as many as
-divide train.grad_accum, the GPU rule): home passes `--nproc N` to the train step, so the whole flow,
+divide train.grad_accum, the GPU rule): home passes `--cpu-ranks N` to the train step, so the whole flow,
 its budget, copies home and replacements run with N ranks offline; elsewhere `train.nproc` stands. The count is never part of a step's config hash: a
 replacement machine with another count resumes the same run.
 """

@@ -241,7 +241,7 @@ def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -
                      "training old)", lease.gpu_name, clk["expected_s"], timeout, clk["save_every"], clk["checkpoint_age_s"])
         ranks = cpu_ranks(lease, cfg)
         if ranks is not None:
-            argv += ["--nproc", str(ranks)]
+            argv += ["--cpu-ranks", str(ranks)]
             log.info("train with %d CPU processes: this machine lists %d GPUs and machine.gpu is none", ranks, ranks)
     progress = _Progress(step)
     error: dict = {}

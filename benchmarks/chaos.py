@@ -136,17 +136,22 @@ def run_dir_of(stack, name: str, run_id: str) -> Path:
     return mine[-1] if mine else stack.runs_dir / name / f"missing-run-dir-{run_id}"
 
 
-def _preempt(stack, run_id, notes, mode: str) -> None:
+def _preempt(stack, run_id, notes, mode: str, **knobs) -> None:
     """Preempt the instance (emulator preempt_mode `mode`) once a checkpoint has been copied home."""
     inst = _remote_train_started(stack, run_id)
     ckpt = wait_for(lambda: sorted(p.name for p in stack.runs_dir.glob(f"*/*-{run_id}/work/train/checkpoints/step-*")),
                     600, 0.5, "a checkpoint copied home")
-    stack.emu.set_faults(id=inst["id"], preempt_after_s=0, preempt_mode=mode)
+    stack.emu.set_faults(id=inst["id"], preempt_after_s=0, preempt_mode=mode, **knobs)
     notes.update(preempted_instance=inst["id"], checkpoint_home_at_preemption=ckpt[-1], preempted_at=time.time())
 
 
 def act_preempt(stack, run_id, notes):
     _preempt(stack, run_id, notes, "exited")
+
+
+def act_preempt_reclaimed(stack, run_id, notes):
+    """Preempted, and the host gives the machine to another tenant: the replacement is another machine."""
+    _preempt(stack, run_id, notes, "exited", host_reclaims=True)
 
 
 def act_outbid(stack, run_id, notes):
@@ -334,10 +339,10 @@ SCENARIOS = [
     Scenario("2gpu-preempt-same", "a 2-GPU machine preempted mid-training; the replacement has 2 GPUs", ("COMPLETED",),
              "rents another 2-GPU machine, resumes from the checkpoint copied home with 2 ranks",
              overrides=TWO_GPUS, action=act_preempt, resumes=True, reference="2gpu-baseline", gpus=(2, 2)),
-    Scenario("2gpu-preempt-fewer", "a 2-GPU machine preempted mid-training; the replacement has 1 GPU "
-             "(`num_gpus: {min: 1, max: 2}`)", ("COMPLETED",),
-             "rents the cheapest machine in the range (1 GPU), resumes with 1 rank and the same global batch",
-             overrides={**TWO_GPUS, "machine.vast.num_gpus": {"min": 1, "max": 2}}, action=act_preempt, resumes=True,
+    Scenario("2gpu-preempt-fewer", "a 2-GPU machine preempted mid-training and given to another tenant "
+             "(`host_reclaims`); `num_gpus: {min: 1, max: 2}`", ("COMPLETED",),
+             "rents the cheapest machine left in the range (1 GPU), resumes with 1 rank and the same global batch",
+             overrides={**TWO_GPUS, "machine.vast.num_gpus": {"min": 1, "max": 2}}, action=act_preempt_reclaimed, resumes=True,
              reference="2gpu-baseline", gpus=(2, 1), resharded=True),
     Scenario("outbid-stopped", "outbid mid-training: Vast stops the instance (`preempt_mode: stopped`, storage still bills)",
              ("COMPLETED",), "sees the machine is no longer running, destroys it (a stopped one bills storage), "

@@ -45,10 +45,18 @@ STEP_NAMES = ("prepare", "train", "convert", "bench", "evaluate")
 COMMON = {"train.max_steps": 6, "train.save_every": 2, "train.eval_every": 6, "data.max_eval_samples": 2,
           "bench.max_clips": 1, "eval.bootstrap_samples": 20}
 LONG_TRAIN = {"train.max_steps": 400}  # for runs interrupted mid-training
+# A 2-GPU offer of the emulator (machine.gpu none: 2 CPU ranks, gloo). The global batch stays 2 samples (1 x 2
+# micro-batches, one per rank); a replacement with 1 GPU accumulates both micro-batches itself.
+TWO_GPUS = {"machine.vast.gpu_names": ["RTX 4090"], "machine.vast.num_gpus": 2, "train.per_device_batch_size": 1,
+            "train.grad_accum": 2, "machine.checkpoint_sync_every_s": 2, "machine.ssh_timeout_s": 30}
 # Weights of the preempted-and-resumed model vs the baseline's: same seed, data order and restored
 # RNG/optimizer state on the same CPU kernels. Any real resume bug (a skipped or repeated batch, a
 # reset optimizer) moves weights by ~learning rate (1e-3); float noise stays below 1e-6.
 WEIGHT_ATOL = 1e-5
+# A run resumed on another number of ranks sums the same samples in another order: float rounding that
+# AdamW's normalized update turns into a few % of a step (tests/test_ddp.py); its weights are compared by
+# how far apart the two runs ended relative to how far training moved them from the start.
+RESHARDED_TOLERANCE = 0.05
 
 
 @dataclass
@@ -62,7 +70,10 @@ class Scenario:
     action: Optional[Callable] = None     # (stack, run_id, notes) -> None, runs while the flow does
     message: str = ""                     # the final state's message must contain this (failures)
     final: bool = True                    # False: the run is never finalised (its process was killed)
-    resumes: bool = False                 # a machine is lost mid-training: >= 2 instances, weights == the baseline's
+    resumes: bool = False                 # a machine is lost mid-training: >= 2 instances, weights == the reference's
+    reference: str = "baseline"           # the scenario whose uninterrupted model a resumed run must equal
+    gpus: tuple[int, ...] = ()            # the GPU counts of the machines rented, in order (empty: not checked)
+    resharded: bool = False               # resumed on another number of ranks: weights within RESHARDED_TOLERANCE
     max_instances: Optional[int] = None   # at most this many instances may be rented (0: refused before renting)
     prepare: Optional[Callable] = None    # (stack) -> overrides computed when the scenario starts
     start: Optional[Callable] = None      # (stack, sc, notes, errors) -> run id: replaces submit + action + wait
@@ -125,17 +136,22 @@ def run_dir_of(stack, name: str, run_id: str) -> Path:
     return mine[-1] if mine else stack.runs_dir / name / f"missing-run-dir-{run_id}"
 
 
-def _preempt(stack, run_id, notes, mode: str) -> None:
+def _preempt(stack, run_id, notes, mode: str, **knobs) -> None:
     """Preempt the instance (emulator preempt_mode `mode`) once a checkpoint has been copied home."""
     inst = _remote_train_started(stack, run_id)
     ckpt = wait_for(lambda: sorted(p.name for p in stack.runs_dir.glob(f"*/*-{run_id}/work/train/checkpoints/step-*")),
                     600, 0.5, "a checkpoint copied home")
-    stack.emu.set_faults(id=inst["id"], preempt_after_s=0, preempt_mode=mode)
+    stack.emu.set_faults(id=inst["id"], preempt_after_s=0, preempt_mode=mode, **knobs)
     notes.update(preempted_instance=inst["id"], checkpoint_home_at_preemption=ckpt[-1], preempted_at=time.time())
 
 
 def act_preempt(stack, run_id, notes):
     _preempt(stack, run_id, notes, "exited")
+
+
+def act_preempt_reclaimed(stack, run_id, notes):
+    """Preempted, and the host gives the machine to another tenant: the replacement is another machine."""
+    _preempt(stack, run_id, notes, "exited", host_reclaims=True)
 
 
 def act_outbid(stack, run_id, notes):
@@ -318,6 +334,16 @@ SCENARIOS = [
              "rents a new machine, resumes from the checkpoint copied home",
              overrides={"machine.checkpoint_sync_every_s": 2, "machine.ssh_timeout_s": 30}, action=act_preempt,
              resumes=True),
+    Scenario("2gpu-baseline", "none, on a 2-GPU offer (2 CPU ranks)", ("COMPLETED",),
+             "trains with 2 ranks, rank 0's checkpoints come home, destroys the machine", overrides=TWO_GPUS, gpus=(2,)),
+    Scenario("2gpu-preempt-same", "a 2-GPU machine preempted mid-training; the replacement has 2 GPUs", ("COMPLETED",),
+             "rents another 2-GPU machine, resumes from the checkpoint copied home with 2 ranks",
+             overrides=TWO_GPUS, action=act_preempt, resumes=True, reference="2gpu-baseline", gpus=(2, 2)),
+    Scenario("2gpu-preempt-fewer", "a 2-GPU machine preempted mid-training and given to another tenant "
+             "(`host_reclaims`); `num_gpus: {min: 1, max: 2}`", ("COMPLETED",),
+             "rents the cheapest machine left in the range (1 GPU), resumes with 1 rank and the same global batch",
+             overrides={**TWO_GPUS, "machine.vast.num_gpus": {"min": 1, "max": 2}}, action=act_preempt_reclaimed, resumes=True,
+             reference="2gpu-baseline", gpus=(2, 1), resharded=True),
     Scenario("outbid-stopped", "outbid mid-training: Vast stops the instance (`preempt_mode: stopped`, storage still bills)",
              ("COMPLETED",), "sees the machine is no longer running, destroys it (a stopped one bills storage), "
              "rents another and resumes from the checkpoint copied home",
@@ -456,7 +482,9 @@ def billing_bound(instances: list[dict], max_cost_usd: float, check_every_s: flo
     return round(max_cost_usd + sum(i["dph_total"] for i in instances) * check_every_s / 3600, 6)
 
 
-def compare_weights(a: Path, b: Path) -> dict:
+def compare_weights(a: Path, b: Path, resharded: bool = False) -> dict:
+    """Max abs difference of two trained models' weights (equal: within WEIGHT_ATOL); `resharded`: also
+    |a - b| / |a - start| over every weight (equal: within RESHARDED_TOLERANCE), start = the tiny fixture."""
     from safetensors.numpy import load_file
 
     fa, fb = sorted(a.glob("*.safetensors")), sorted(b.glob("*.safetensors"))
@@ -470,7 +498,28 @@ def compare_weights(a: Path, b: Path) -> dict:
         for k in ta:
             worst = max(worst, float(abs(ta[k].astype("float64") - tb[k].astype("float64")).max()) if ta[k].size else 0.0)
             n += 1
-    return {"compared": True, "tensors": n, "max_abs_diff": worst, "atol": WEIGHT_ATOL, "equal": worst <= WEIGHT_ATOL}
+    out = {"compared": True, "tensors": n, "max_abs_diff": worst, "atol": WEIGHT_ATOL, "equal": worst <= WEIGHT_ATOL}
+    if resharded:
+        ratio = _off_course(fa, fb)
+        out.update(apart_over_moved=ratio, tolerance=RESHARDED_TOLERANCE, equal=ratio <= RESHARDED_TOLERANCE)
+    return out
+
+
+def _off_course(fa: list[Path], fb: list[Path]) -> float:
+    """How far two runs ended apart relative to how far training moved the first from the start."""
+    from safetensors.numpy import load_file
+
+    from steps.models import load_model
+
+    start = {k: v.detach().double().numpy() for k, v in load_model("fixture:tiny-random").state_dict().items()}
+    apart = moved = 0.0
+    for x, y in zip(fa, fb):
+        ta, tb = load_file(str(x)), load_file(str(y))
+        for k in ta:
+            a, b = ta[k].astype("float64"), tb[k].astype("float64")
+            apart += float(((a - b) ** 2).sum())
+            moved += float(((a - start[k]) ** 2).sum())
+    return round((apart ** 0.5) / (moved ** 0.5), 6) if moved else float("inf")
 
 
 def _submit_and_wait(stack: Stack, sc: Scenario, overrides: dict, notes: dict, errors: list[str]) -> str:
@@ -494,8 +543,9 @@ def _submit_and_wait(stack: Stack, sc: Scenario, overrides: dict, notes: dict, e
     return run_id
 
 
-def run_scenario(stack: Stack, sc: Scenario, baseline: Optional[dict]) -> dict:
-    """One run of the scenario, measured: a row of chaos.json."""
+def run_scenario(stack: Stack, sc: Scenario, baseline: Optional[dict], reference: Optional[dict] = None) -> dict:
+    """One run of the scenario, measured: a row of chaos.json (`reference`: the run a resumed model must
+    equal, the baseline's when None)."""
     from contract.config import load_config
 
     stack.emu.clear_faults()
@@ -547,18 +597,24 @@ def run_scenario(stack: Stack, sc: Scenario, baseline: Optional[dict]) -> dict:
     why += [f"the fault never fired: {unfired} unspent"] if unfired else []
     why += [f"{len(instances)} instances rented, at most {sc.max_instances} allowed"] \
         if sc.max_instances is not None and len(instances) > sc.max_instances else []
+    got_gpus = tuple(int(i.get("num_gpus") or 0) for i in sorted(instances, key=lambda i: i["id"]))
+    why += [f"machines with {list(got_gpus)} GPUs, expected {list(sc.gpus)}"] if sc.gpus and got_gpus != sc.gpus else []
+    if sc.gpus:
+        row["gpus"], row["train_world_size"] = list(got_gpus), _train_world_size(stack, name, run_id)
     if sc.resumes:
         why += [f"only {len(instances)} instance(s): the machine was not replaced"] if len(instances) < 2 else []
-        if baseline and baseline.get("model_dir"):
+        ref = reference or baseline
+        if ref and ref.get("model_dir"):
             row["weights_vs_baseline"] = compare_weights(run_dir_of(stack, name, run_id) / "work/train/model",
-                                                         Path(baseline["model_dir"]))
+                                                         Path(ref["model_dir"]), sc.resharded)
+            row["weights_reference"] = sc.reference
             if not row["weights_vs_baseline"].get("equal"):
-                why.append(f"resumed weights differ from the baseline: {row['weights_vs_baseline']}")
+                why.append(f"resumed weights differ from {sc.reference}'s: {row['weights_vs_baseline']}")
         else:
-            why.append("no baseline model to compare the resumed weights with")
+            why.append(f"no {sc.reference} model to compare the resumed weights with")
     if sc.name == "silent-budget" and notes.get("billed_at_freeze_usd", 0) >= cfg.machine.max_cost_usd:
         why.append("the step was frozen after the cap was crossed: the timer was not what stopped it")
-    if sc.name == "baseline" and state.type.value == "COMPLETED":
+    if any(s.resumes and s.reference == sc.name for s in SCENARIOS) and state.type.value == "COMPLETED":
         keep = Path(tempfile.mkdtemp(prefix="chaos-baseline-model-"))
         shutil.copytree(run_dir_of(stack, name, run_id) / "work/train/model", keep, dirs_exist_ok=True)
         row["model_dir"] = str(keep)
@@ -566,6 +622,15 @@ def run_scenario(stack: Stack, sc: Scenario, baseline: Optional[dict]) -> dict:
     row["ended_correctly"] = not why
     row["reason"] = "; ".join(why)
     return row
+
+
+def _train_world_size(stack: Stack, name: str, run_id: str) -> Optional[int]:
+    """The ranks the train step's result.json (at home) says trained last."""
+    result = run_dir_of(stack, name, run_id) / "work/train/result.json"
+    try:
+        return json.loads(result.read_text()).get("metrics", {}).get("world_size")
+    except (OSError, ValueError):
+        return None
 
 
 RUN_FIELDS = ("run_id", "final_state", "ended_correctly", "cost_usd", "bound_usd", "within_bound", "seconds", "reason")
@@ -649,6 +714,9 @@ def _measured(entry: dict) -> str:
     text += f" (bound ${max(bounds):.4f})" if bounds else " (bound not recorded)"
     weights = entry.get("weights_vs_baseline") or {}
     text += f"; resumed weights vs the clean run: max abs diff {weights['max_abs_diff']}" if weights.get("compared") else ""
+    text += (f" (apart / moved {weights['apart_over_moved']:g}, tolerance {weights['tolerance']:g})"
+             if weights.get("apart_over_moved") is not None else "")
+    text += f"; GPUs per machine {entry['gpus']}, trained last on {entry['train_world_size']} rank(s)" if entry.get("gpus") else ""
     notes = entry.get("notes", {})
     if "emulator_api_requests" in notes:
         text += (f"; {notes['emulator_api_requests']} emulator API requests, "
@@ -746,9 +814,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "baseline" not in rows and main_json.is_file():
         rows["baseline"] = next((r for r in json.loads(main_json.read_text())["scenarios"] if r["scenario"] == "baseline"), {})
     baseline = rows.get("baseline") or None
-    needs_model = any(s.resumes for s in SCENARIOS if s.name in names)
-    if "baseline" not in names and needs_model and not Path((baseline or {}).get("model_dir") or "/nonexistent").is_dir():
-        names.insert(0, "baseline")
+    for ref in {s.reference for s in SCENARIOS if s.name in names and s.resumes}:  # run first when its model is gone
+        if ref not in names and not Path((rows.get(ref) or {}).get("model_dir") or "/nonexistent").is_dir():
+            names.insert(0, ref)
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="qat-chaos-"))
     print(f"chaos: stack in {root}", flush=True)
     with Stack(root) as stack:
@@ -757,7 +825,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for i in range(args.repeat):
                 print(f"chaos: {sc.name} ({i + 1}/{args.repeat}): {sc.fault} ...", flush=True)
                 try:
-                    row = run_scenario(stack, sc, baseline)
+                    row = run_scenario(stack, sc, baseline, rows.get(sc.reference))
                 except Exception as e:  # the harness itself broke: say so in the table
                     row = harness_error(stack, sc, e)
                 runs.append(row)

@@ -14,6 +14,10 @@ steps: samples/s, s/step, peak GPU memory, model TFLOP/s and MFU (FLOPs per samp
 steps/train_loop.py flops_per_sample; peak dense bf16 TFLOP/s of the GPU from infra/gpu_speed.csv
 or --peak-tflops). A mode that runs out of memory is recorded as such; the others still run.
 
+`--nproc N` (N > 1) then runs the same modes on N ranks under torchrun with DistributedDataParallel and
+adds each mode's samples/s on N ranks and scaling efficiency (benchmarks/gpu_probe_ddp.py);
+`--record` writes that efficiency into infra/gpu_scaling.csv (one mode, GPU runs only).
+
 What it needs on the machine: torch and transformers only (no pydantic, datasets, torchvision or
 torchao; `--optimizer adamw8bit` needs torchao). `--shapes tiny` runs in seconds on a CPU (the test).
 """
@@ -23,11 +27,14 @@ import argparse
 import csv
 import gc
 import json
+import os
 import platform
 import sys
 import time
 import traceback
 from pathlib import Path
+
+from benchmarks import gpu_probe_ddp as ddp
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_TABLE = REPO / "infra" / "gpu_speed.csv"
@@ -84,6 +91,11 @@ def probe_mode(mode: str, shapes: dict, batch: int, steps: int, warmup: int, lab
                     compile=how == "compiled", optimizer=optimizer, learning_rate=1e-5, grad_accum=1)
     trainer = Trainer(model, recipe, total_steps=1 + warmup + steps)
     cuda = trainer.device.type == "cuda"
+    world = 1
+    if ddp.in_torchrun():  # every rank trains its own micro-batch; gradients all-reduced each step
+        import torch.distributed as dist
+
+        trainer.model, world = ddp.wrap(trainer.model, cuda), dist.get_world_size()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     data = synthetic_batch(shapes, batch, label_tokens)
@@ -92,7 +104,7 @@ def probe_mode(mode: str, shapes: dict, batch: int, steps: int, warmup: int, lab
         trainer.step([data])
     timed = [trainer.step([data]) for _ in range(steps)]
     dt = sum(r["seconds"] for r in timed)
-    sps = batch * steps / dt
+    sps = batch * steps * world / dt
     flops = flops_per_sample(model.config, label_tokens)["train_flops"]
     out = {"samples_per_s": round(sps, 3), "s_per_step": round(dt / steps, 4),
            "first_step_s": round(first["seconds"], 2), "compiled": trainer.compiled,
@@ -136,7 +148,8 @@ def run_probe(shapes_name: str, batch: int, steps: int, warmup: int, label_token
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-        print(mode, json.dumps(results[mode]), flush=True)
+        if not ddp.in_torchrun() or int(os.environ["RANK"]) == 0:
+            print(mode, json.dumps(results[mode]), flush=True)
         base = results.get("plain_eager", {}).get("samples_per_s")
         for r in results.values():
             if base and "samples_per_s" in r:
@@ -179,11 +192,28 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this GPU (default: infra/gpu_speed.csv)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "gpu.json")
+    p.add_argument("--nproc", type=int, default=1, help="also run the modes on N ranks (torchrun + DDP) and report "
+                   "the scaling efficiency")
+    p.add_argument("--record", action="store_true", help="write the measured efficiency into infra/gpu_scaling.csv "
+                   "(one mode, a GPU machine)")
     a = p.parse_args(argv)
     modes = [m for m in a.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
     if bad:
         p.error(f"unknown modes {bad}: use {MODES}")
+    if a.nproc < 1 or (a.record and (a.nproc < 2 or len(modes) != 1)):
+        p.error("--nproc must be at least 1; --record needs --nproc 2 or more and exactly one of --modes")
+    if ddp.in_torchrun():
+        rank, world = ddp.init_rank()
+        report = run_probe(a.shapes, a.batch, a.steps, a.warmup, a.label_tokens, a.checkpointing, modes,
+                           a.optimizer, a.peak_tflops)
+        report["world_size"] = world
+        if rank == 0:
+            a.out.write_text(json.dumps(report, indent=2) + "\n")
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        return 0
     t = time.time()
     command = " ".join(["python -m benchmarks.gpu_probe", *(argv if argv is not None else sys.argv[1:])])
 
@@ -191,8 +221,26 @@ def main(argv=None) -> int:
         report.update(wall_s=round(time.time() - t, 1), command=command)
         a.out.write_text(json.dumps(report, indent=2) + "\n")
 
+    if a.nproc > 1:
+        ddp.same_threads_as_ranks()
     report = run_probe(a.shapes, a.batch, a.steps, a.warmup, a.label_tokens, a.checkpointing, modes,
                        a.optimizer, a.peak_tflops, on_result=write)
+    if a.nproc > 1:
+        child = ["--shapes", a.shapes, "--batch", str(a.batch), "--steps", str(a.steps), "--warmup", str(a.warmup),
+                 "--label-tokens", str(a.label_tokens), "--optimizer", a.optimizer, "--modes", ",".join(modes),
+                 *([] if a.checkpointing else ["--no-checkpointing"]),
+                 *(["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else [])]
+        report.update(ddp.run_scaling(child, a.nproc, report))
+        write(report)
+        print("scaling", json.dumps(report["scaling"]), flush=True)
+        if a.record:
+            got = report["scaling"][modes[0]]
+            if not report["is_gpu"] or not got["efficiency"]:
+                print("not recorded: --record needs a GPU run with a measured efficiency", file=sys.stderr)
+                return 1
+            ddp.record(ddp.SCALING_TABLE, a.nproc, got["efficiency"],
+                       f"measured: {command} on {a.nproc} x {report['device']} ({modes[0]})")
+            print(f"recorded {a.nproc} GPUs: efficiency {got['efficiency']:g} in {ddp.SCALING_TABLE}")
     if not report["is_gpu"] and a.shapes != "tiny":
         print("warning: no CUDA device; these are CPU figures", file=sys.stderr)
     print(f"wrote {a.out}")

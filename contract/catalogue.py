@@ -27,6 +27,7 @@ EXIT_OK, EXIT_RETRYABLE, EXIT_DETERMINISTIC = 0, 1, 3
 
 PROGRESS_PREFIX = "PROGRESS "
 ERROR_PREFIX = "STEP_ERROR "
+GPUS_PREFIX = "GPUS "  # steps/bootstrap.py: the GPUs the machine has, counted at setup (nvidia-smi and torch)
 
 
 def marked_json(line: str, prefix: str) -> Optional[dict]:

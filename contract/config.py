@@ -345,8 +345,8 @@ class RunConfig(Strict):
             raise ValueError(f"train.grad_accum {accum} is not a multiple of train.nproc {self.train.nproc}: each "
                              f"process accumulates grad_accum / nproc micro-batches of the global batch; set grad_accum "
                              f"to a multiple of {self.train.nproc} or change nproc")
-        gpus = self.machine.vast.num_gpus
-        if self.machine.gpu == "required" and self.machine.backend == "vast" and accum % gpus:
+        gpus, most = self.machine.vast.gpu_range()  # a range: each machine trains on the GPUs that divide grad_accum
+        if self.machine.gpu == "required" and self.machine.backend == "vast" and gpus == most and accum % gpus:
             raise ValueError(f"train.grad_accum {accum} is not a multiple of machine.vast.num_gpus {gpus}: each GPU "
                              f"accumulates grad_accum / num_gpus micro-batches of the global batch; set grad_accum to a "
                              f"multiple of {gpus} (per_device_batch_size x grad_accum is the global batch)")

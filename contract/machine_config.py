@@ -5,9 +5,9 @@ never the whole run config.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .remote_env import PINNED_TORCH, PINNED_TORCH_CUDA
 
@@ -49,12 +49,33 @@ class TrainWorkload(Strict):
     bench_clips: int = Field(default=0, ge=0, description="clips bench times, per variant")
     sync_every_s: float = Field(default=600, gt=0, description="machine.checkpoint_sync_every_s")
 
+    @property
+    def grad_accum(self) -> int:
+        """train.grad_accum: micro-batches per optimizer step."""
+        return max(1, self.samples_per_step // self.micro_batch)
+
+
+class GpuCount(Strict):
+    """A range of GPU counts per machine: offers with min..max GPUs are compared by their whole run's cost."""
+
+    min: int = Field(default=1, gt=0)
+    max: Optional[int] = Field(default=None, gt=0, description="most GPUs per machine; None: no upper bound")
+
+    @model_validator(mode="after")
+    def _order(self) -> "GpuCount":
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max {self.max} is below min {self.min}; write "
+                             "{min: 1, max: 8} for a range or a plain number for exactly that many GPUs")
+        return self
+
 
 class VastConfig(Strict):
     gpu_names: list[str] = Field(default_factory=lambda: ["RTX 4090", "RTX 5090", "RTX A6000", "RTX 6000Ada", "L40S",
                                                           "A100 PCIE", "A100 SXM4", "H100 PCIE", "H100 SXM", "H200"])
     min_gpu_ram_gb: float = Field(default=24, gt=0)
-    num_gpus: int = Field(default=1, gt=0)
+    num_gpus: Union[int, GpuCount] = Field(default=1, description=(
+        "GPUs per machine: a number means exactly that many; {min: 1, max: 8} (max optional) rents any count in "
+        "the range, the offers ranked by their whole run's cost with N GPUs (min_gpu_ram_gb is per GPU)"))
     min_disk_gb: float = Field(default=80, gt=0)
     min_reliability: float = Field(default=0.95, ge=0, le=1)
     min_cuda: float = Field(default=PINNED_TORCH_CUDA, ge=0, description=(
@@ -71,6 +92,27 @@ class VastConfig(Strict):
     image: str = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
     create_attempts: int = Field(default=3, gt=0, le=20)
     workload: Optional[TrainWorkload] = None  # set from train/quant; None: offers ranked by $/h alone
+
+    @field_validator("num_gpus", mode="before")
+    @classmethod
+    def _gpu_count(cls, v: object) -> object:
+        if isinstance(v, dict):
+            try:
+                return GpuCount(**v)
+            except ValidationError as e:
+                raise ValueError("; ".join(("{}: ".format(".".join(map(str, x["loc"]))) if x["loc"] else "")
+                                           + x["msg"].removeprefix("Value error, ") for x in e.errors())) from None
+        if isinstance(v, GpuCount):
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError("machine.vast.num_gpus must be a number of GPUs (at least 1) or a range like "
+                             "{min: 1, max: 8}")
+        return v
+
+    def gpu_range(self) -> tuple[int, Optional[int]]:
+        """(least, most) GPUs per machine; most None: no upper bound."""
+        n = self.num_gpus
+        return (n, n) if isinstance(n, int) else (n.min, n.max)
 
     @model_validator(mode="after")
     def _bid(self) -> "VastConfig":

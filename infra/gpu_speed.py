@@ -10,6 +10,13 @@ Expected samples/s of a workload on GPU X: the measured figure when X is the GPU
 on, else that figure times X's bf16 peak over the reference's (a FLOP-scaled estimate, marked as
 such: training here is ~98 % dense matmuls, but memory bandwidth and kernel efficiency differ).
 Peak memory does not depend on the GPU; an offer whose memory is short of it (plus 10 %) is left out.
+
+On an offer with N GPUs the train step runs N ranks (torchrun + DDP), each with the whole model and its
+own micro-batch: memory is checked per GPU (`gpu_ram`), and the expected samples/s is N x the per-GPU
+figure x a scaling efficiency from gpu_scaling.csv (the row of the largest count <= N; estimates are
+marked as such there until `python -m benchmarks.gpu_probe --nproc N` measured them). N is the GPUs the
+train step uses: the largest count <= the offer's that divides train.grad_accum (infra/gpu_count.py
+ranks_used); an 8-GPU offer with grad_accum 4 trains on 4 and bills 8.
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 from contract.machine_config import TrainWorkload
+
+from .gpu_count import ranks_used
 
 HERE = Path(__file__).resolve().parent
 VRAM_MARGIN = 1.10  # allocator fragmentation, CUDA context
@@ -61,18 +70,43 @@ def reference_speed(scheme: str, micro_batch: int, compile: bool, gradient_check
             "source": best["source"] + note}
 
 
-def expected_speed(gpu_name: str, w: TrainWorkload) -> Optional[dict]:
-    """Expected samples/s of workload `w` on `gpu_name`, with its source; None when unknown."""
+@lru_cache(maxsize=None)
+def _scaling() -> tuple[dict, ...]:
+    rows = [{**r, "num_gpus": int(r["num_gpus"]), "efficiency": float(r["efficiency"])}
+            for r in csv.DictReader((HERE / "gpu_scaling.csv").open())]
+    return tuple(sorted(rows, key=lambda r: r["num_gpus"]))
+
+
+def scaling(num_gpus: int) -> dict:
+    """The scaling efficiency of `num_gpus` ranks (the table's row of the largest count <= num_gpus)."""
+    rows = [r for r in _scaling() if r["num_gpus"] <= max(1, int(num_gpus))]
+    return rows[-1]
+
+
+def expected_speed(gpu_name: str, w: TrainWorkload, num_gpus: int = 1) -> Optional[dict]:
+    """Expected samples/s of workload `w` on `num_gpus` x `gpu_name`, with its source; None when unknown.
+    `per_gpu_samples_per_s` is one GPU's figure; `samples_per_s` = it x num_gpus x the scaling efficiency."""
     ref = reference_speed(w.scheme, w.micro_batch, w.compile, w.gradient_checkpointing)
     gpu = gpus().get(str(gpu_name).upper())
     if ref is None or gpu is None:
         return None
     if gpu["gpu_name"].upper() == ref["gpu_name"].upper():
-        return {"samples_per_s": ref["samples_per_s"], "peak_gib": ref["peak_gib"], "source": ref["source"]}
-    base = gpus()[ref["gpu_name"].upper()]
-    sps = ref["samples_per_s"] * gpu["bf16_tflops"] / base["bf16_tflops"]
-    return {"samples_per_s": round(sps, 2), "peak_gib": ref["peak_gib"],
-            "source": f"estimate: {ref['gpu_name']} measured x bf16 peak {gpu['bf16_tflops']:g}/{base['bf16_tflops']:g}"}
+        one = {"samples_per_s": ref["samples_per_s"], "peak_gib": ref["peak_gib"], "source": ref["source"]}
+    else:
+        base = gpus()[ref["gpu_name"].upper()]
+        sps = ref["samples_per_s"] * gpu["bf16_tflops"] / base["bf16_tflops"]
+        one = {"samples_per_s": round(sps, 2), "peak_gib": ref["peak_gib"],
+               "source": f"estimate: {ref['gpu_name']} measured x bf16 peak {gpu['bf16_tflops']:g}/{base['bf16_tflops']:g}"}
+    n = max(1, int(num_gpus or 1))
+    out = {**one, "per_gpu_samples_per_s": one["samples_per_s"], "num_gpus": n, "scaling": 1.0}
+    if n == 1:
+        return out
+    eff = scaling(n)
+    out.update(samples_per_s=round(one["samples_per_s"] * n * eff["efficiency"], 2), scaling=eff["efficiency"])
+    marked = eff["source"].startswith("estimate") and not one["source"].startswith("estimate")
+    out["source"] = (("estimate: " if marked else "") + f"{one['source']}; x {n} GPUs x scaling "
+                     f"{eff['efficiency']:g} ({eff['source']})")
+    return out
 
 
 def vram_needed_mb(w: TrainWorkload) -> Optional[float]:
@@ -83,7 +117,7 @@ def vram_needed_mb(w: TrainWorkload) -> Optional[float]:
 def rank_offers(offers: list[dict], w: Optional[TrainWorkload]) -> list[dict]:
     """Offers cheapest per run first: every step's hours at `dph_total` plus the run's expected bytes at
     the offer's `inet_down_cost` / `inet_up_cost` (infra/run_estimate.py); GPUs of unknown speed after
-    them, by $/h; offers without the memory the micro-batch needs are left out. Without a workload: by
+    them, by $/h; offers without the memory the micro-batch needs (per GPU) are left out. Without a workload: by
     $/h alone. Each ranked offer gains `expected_samples_per_s`, `usd_per_sample` (the GPU's $ per
     training sample), `expected_usd` (the run) and `speed_source` (None where unknown)."""
     from .run_estimate import ClockRefused, step_rows
@@ -95,7 +129,7 @@ def rank_offers(offers: list[dict], w: Optional[TrainWorkload]) -> list[dict]:
     for o in offers:
         if need is not None and float(o.get("gpu_ram") or 0) < need:
             continue
-        speed = expected_speed(o.get("gpu_name", ""), w)
+        speed = expected_speed(o.get("gpu_name", ""), w, ranks_used(int(o.get("num_gpus") or 1), w.grad_accum))
         sps = speed["samples_per_s"] if speed else None
         try:
             rows = step_rows(o, w, setup_hours=0.0)

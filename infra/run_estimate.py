@@ -22,6 +22,7 @@ from typing import Optional
 
 from contract.machine_config import REAPER_MAX_AGE_HOURS, TrainWorkload
 
+from .gpu_count import ranks_used
 from .gpu_speed import expected_speed
 
 MAX_CHECKPOINT_AGE_S = 1800.0  # a retry never loses more than 30 min of training
@@ -73,6 +74,10 @@ def clock(w: TrainWorkload, samples_per_s: float, step_timeout_s: float, gpu: st
             "checkpoint_age_s": round(save_every * per_step_s, 1)}
 
 
+def _gpus(offer: dict, w: TrainWorkload) -> int:
+    return ranks_used(int(offer.get("num_gpus") or 1), w.grad_accum)
+
+
 def _per_gb(offer: dict, field: str) -> float:
     return float(offer.get(field) or 0.0)
 
@@ -81,7 +86,7 @@ def step_rows(offer: dict, w: Optional[TrainWorkload], setup_hours: float,
               step_timeout_s: float = 6 * 3600) -> Optional[list[dict]]:
     """The estimate's rows on `offer` (see the module docstring); None when the training speed or the
     run's size is unknown (then only $/h x planned hours can be said)."""
-    speed = expected_speed(offer.get("gpu_name", ""), w) if w is not None else None
+    speed = expected_speed(offer.get("gpu_name", ""), w, _gpus(offer, w)) if w is not None else None
     if w is None or not w.samples or speed is None:
         return None
     sps, dph = speed["samples_per_s"], float(offer["dph_total"])
@@ -130,7 +135,7 @@ def estimate(offer: dict, w: Optional[TrainWorkload], planned_hours: float, setu
     if rows is None:
         return {"basis": "$/h x machine.planned_hours", "planned_hours": planned_hours,
                 "estimated_usd": round(dph * planned_hours, 4)}
-    speed = expected_speed(offer.get("gpu_name", ""), w)
+    speed = expected_speed(offer.get("gpu_name", ""), w, _gpus(offer, w))
     return {"basis": "every step's hours x $/h + bytes x $/GB", "rows": rows,
             "planned_hours": round(sum(r["hours"] for r in rows), 3),
             "train_hours": next(r["hours"] for r in rows if r["step"] == "train"),
@@ -138,6 +143,8 @@ def estimate(offer: dict, w: Optional[TrainWorkload], planned_hours: float, setu
             "bandwidth_usd": round(sum(r["bandwidth_usd"] for r in rows), 4),
             "inet_down_cost": _per_gb(offer, "inet_down_cost"), "inet_up_cost": _per_gb(offer, "inet_up_cost"),
             "expected_samples_per_s": speed["samples_per_s"], "speed_source": speed["source"],
+            "num_gpus": speed["num_gpus"], "per_gpu_samples_per_s": speed["per_gpu_samples_per_s"],
+            "scaling": speed["scaling"],
             "clock": clock(w, speed["samples_per_s"], step_timeout_s, str(offer.get("gpu_name"))),
             "estimated_usd": round(sum(r["usd"] for r in rows), 4)}
 

@@ -28,6 +28,7 @@ from vastai import VastAI
 
 from contract.machine_config import MachineConfig, VastConfig
 
+from .gpu_count import describe_gpu_count, gpu_count_fits, gpu_filter
 from .gpu_speed import rank_offers
 from .machine import Lease
 
@@ -222,7 +223,7 @@ class VastProvider:
         q: dict = {
             "gpu_name": {"in": list(v.gpu_names)},
             "gpu_ram": {"gte": v.min_gpu_ram_gb * 1000},  # MB on the wire
-            "num_gpus": {"eq": v.num_gpus},
+            "num_gpus": gpu_filter(v),
             "disk_space": {"gte": disk_gb},
             "reliability": {"gte": v.min_reliability},
             "cuda_max_good": {"gte": v.min_cuda},
@@ -241,7 +242,7 @@ class VastProvider:
     def describe_filters(v: VastConfig, disk_gb: float) -> str:
         kind = f"interruptible (bid ${v.bid_dph}/h)" if v.interruptible else "on-demand"
         return (f"gpu_name in {list(v.gpu_names)} (machine.vast.gpu_names), gpu_ram >= {v.min_gpu_ram_gb:g} GB "
-                f"(min_gpu_ram_gb), num_gpus = {v.num_gpus}, disk_space >= {disk_gb:g} GB (min_disk_gb), "
+                f"(min_gpu_ram_gb, per GPU), num_gpus {describe_gpu_count(v)}, disk_space >= {disk_gb:g} GB (min_disk_gb), "
                 f"reliability >= {v.min_reliability:g} (min_reliability), cuda_max_good >= {v.min_cuda:g} (min_cuda), "
                 f"inet_down >= {v.min_inet_down_mbps:g} Mb/s (min_inet_down_mbps), "
                 f"inet_down_cost and inet_up_cost <= ${v.max_inet_cost_per_gb:g}/GB (max_inet_cost_per_gb), "
@@ -255,7 +256,7 @@ class VastProvider:
         checks = [
             (_norm_gpu(o.get("gpu_name", "")) in names, "gpu_name"),
             (_num(o, "gpu_ram", what) >= v.min_gpu_ram_gb * 1000 * 0.97, "gpu_ram"),  # MB vs GB*1000 rounding
-            (int(_num(o, "num_gpus", what)) == v.num_gpus, "num_gpus"),
+            (gpu_count_fits(int(_num(o, "num_gpus", what)), v), "num_gpus"),
             (_num(o, "disk_space", what) >= disk_gb, "disk_space"),
             (_num(o, "reliability", what, o.get("reliability2")) >= v.min_reliability, "reliability"),
             (_num(o, "cuda_max_good", what) >= v.min_cuda, "cuda_max_good"),

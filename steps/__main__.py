@@ -23,9 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-every", type=int, default=None, help="train: checkpoint at least this often "
                         "(optimizer steps), below train.save_every; set by the orchestrator from the GPU's expected "
                         "speed, not part of the config hash")
+    # Not --nproc: torchrun, which gets these arguments after `-m steps`, would read it as its own --nproc-per-node.
+    parser.add_argument("--cpu-ranks", type=int, default=None, help="train with machine.gpu none: this many CPU "
+                        "processes instead of train.nproc; set by the orchestrator to the GPUs the machine lists (the "
+                        "emulator's N-GPU offers), not part of the config hash")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, {"train.nproc": args.cpu_ranks} if args.cpu_ranks is not None else None)
     except ConfigError as e:
         print(f"STEP_ERROR {{\"step\": \"{args.step}\", \"type\": \"ConfigError\", \"retryable\": false}}", flush=True)
         print(str(e), file=sys.stderr)

@@ -13,10 +13,12 @@ never installs anything into that python (its packages are built for the image's
 3. Inside the venv: torch and onnxruntime import, the image's torchvision is not visible, and with
    `--gpu required` CUDA is usable from torch (`torch.cuda.is_available()`, at least one device).
 
-Exit 0 when usable. Otherwise a `STEP_ERROR {...}` line naming what was wrong (the driver's and
-torch's CUDA versions when CUDA is the problem) and EXIT_DETERMINISTIC (3: a machine or config that
-will not get better; the flow fails fast and destroys the machine) or EXIT_RETRYABLE (1: an install
-that may pass on a retry, e.g. a network error). Facts in docs/REFERENCE.md section 7.
+Exit 0 when usable, after a `GPUS {"nvidia_smi": N, "torch": M}` line: the GPUs nvidia-smi lists (also
+with `--gpu none`, where a host lists them: the emulator's N-GPU offers) and those torch sees.
+Otherwise a `STEP_ERROR {...}` line naming what was wrong (the driver's and torch's CUDA versions when
+CUDA is the problem) and EXIT_DETERMINISTIC (3: a machine or config that will not get better; the flow
+fails fast and destroys the machine) or EXIT_RETRYABLE (1: an install that may pass on a retry, e.g. a
+network error). Facts in docs/REFERENCE.md section 7.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from contract.catalogue import ERROR_PREFIX, EXIT_DETERMINISTIC, EXIT_OK, EXIT_RETRYABLE
+from contract.catalogue import ERROR_PREFIX, EXIT_DETERMINISTIC, EXIT_OK, EXIT_RETRYABLE, GPUS_PREFIX
 from contract.layout import REMOTE_CODE, REQUIREMENTS
 from contract.remote_env import (GPU_MODES, READY, TORCH_CUDA, build, pinned_torch, resolved_requirements,
                                  venv_dir)
@@ -84,6 +86,16 @@ def read_gpu() -> dict:
     driver, cuda = parse_nvidia_smi(header.stdout)
     gpus = [line for line in _run([exe, "-L"]).stdout.splitlines() if line.startswith("GPU ")]
     return {"driver": driver, "driver_cuda": cuda, "gpus": gpus}
+
+
+def listed_gpus() -> dict:
+    """The GPUs nvidia-smi lists when it runs (no GPU, no driver: none); never fails the setup."""
+    exe = shutil.which("nvidia-smi")
+    try:
+        out = _run([exe, "-L"]).stdout if exe else ""
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return {"gpus": [line for line in out.splitlines() if line.startswith("GPU ")]}
 
 
 def check_driver(gpu: dict, torch_version: str) -> None:
@@ -176,8 +188,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             log(f"{venv} is already set up for these requirements")
         else:
             install(venv, text.decode(), args.gpu)
-        check(venv, args.gpu, gpu_info)
+        got = check(venv, args.gpu, gpu_info)
         (venv / READY).write_text(torch_version + "\n")
+        print(GPUS_PREFIX + json.dumps({"nvidia_smi": len((gpu_info or listed_gpus())["gpus"]),
+                                        "torch": int(got["devices"])}), flush=True)
         return EXIT_OK
     except EnvError as e:
         print(ERROR_PREFIX + json.dumps({"step": "setup", "type": "EnvError", "message": str(e),

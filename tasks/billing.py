@@ -179,7 +179,8 @@ def estimate_rows(estimate: dict, costs: list[dict], train: Optional[dict] = Non
              "usd": round(total_usd(costs) - estimate["estimated_usd"], 6), "usd_per_hour": None, "instance": None}]
     expected, measured = estimate.get("expected_samples_per_s"), (train or {}).get("samples_per_s")
     if expected and measured:
-        rows.append({"step": f"training samples/s: expected {expected:g} ({estimate.get('speed_source')}), "
-                             f"measured {measured:g} (steady state)", "seconds": (train or {}).get("first_step_s"),
-                     "usd": None, "usd_per_hour": None, "instance": None})
+        n, ranks = int(estimate.get("num_gpus") or 1), int((train or {}).get("world_size") or 1)
+        rows.append({"step": f"training samples/s: expected {expected:g} with {n} GPU(s) ({estimate.get('speed_source')}), "
+                             f"measured {measured:g} with {ranks} rank(s) (steady state; {measured / ranks:g} per rank)",
+                     "seconds": (train or {}).get("first_step_s"), "usd": None, "usd_per_hour": None, "instance": None})
     return rows

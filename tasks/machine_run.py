@@ -17,6 +17,7 @@ from contract.config import RunConfig
 from infra.machine import Lease
 
 from .billing import BudgetExceeded, budget_rows, forget, open_budget, register, watch_budget
+from .gpu_ranks import with_counted_gpus
 from .home_record import VERIFIED_STEP, write_record
 from .remote_step import MachineLost, run_remote_step
 from .rental import destroy_machine, forget_machine, gpu_slot, machine_alive, push_code, rent_machine, setup_environment
@@ -31,7 +32,7 @@ def _on_machine(cfg: RunConfig, lease: Lease, local_work: Path, results: dict, m
     with meter.step("push code"):
         push_code(lease, cfg, local_work)
     with meter.step("set up environment"):
-        setup_environment(lease, cfg)
+        lease = with_counted_gpus(lease, setup_environment(lease, cfg))
     for step in STEPS:
         with meter.step(step):
             results[step] = run_remote_step(lease, cfg, step, local_work)

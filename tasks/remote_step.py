@@ -21,12 +21,14 @@ from contract.layout import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK
 from contract.machine_config import STEP_ATTEMPTS
 from contract.result_file import ERROR_FILE, config_hash, is_done, read_result
 from infra import provision
+from infra.gpu_count import ranks_used
 from infra.gpu_speed import expected_speed
 from infra.local import printable
 from infra.machine import Lease, Machine, TransientMachineError
 from infra.run_estimate import clock
 
 from .billing import BudgetExceeded, CopyHomeRefused, charge_as_it_arrives, check_budget, copy_home_cap
+from .gpu_ranks import cpu_ranks
 from .rental import forget_machine, machine_alive, machine_for, remote_python
 from .retry import StepFailed, exit_code_retryable, retry_transient
 from .revisions import hub_endpoint_env
@@ -160,7 +162,8 @@ def train_clock(lease: Lease, cfg: RunConfig) -> Optional[dict]:
     """The train step's timeout and checkpoint cadence on this machine's GPU (infra/run_estimate.py
     clock), or None when its speed or the run's size is unknown (then the config's values stand)."""
     w = cfg.machine.vast.workload
-    speed = expected_speed(lease.gpu_name, w) if w is not None and w.samples and lease.gpu_name else None
+    speed = (expected_speed(lease.gpu_name, w, ranks_used(lease.num_gpus or 1, w.grad_accum))
+             if w is not None and w.samples and lease.gpu_name else None)
     if speed is None:
         return None
     return clock(w, speed["samples_per_s"], cfg.machine.step_timeout_s, lease.gpu_name)
@@ -237,6 +240,10 @@ def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -
             argv += ["--save-every", str(clk["save_every"])]
             log.info("train on %s: expected %.0f s, timeout %.0f s, a checkpoint every %d steps (at most %.0f s of "
                      "training old)", lease.gpu_name, clk["expected_s"], timeout, clk["save_every"], clk["checkpoint_age_s"])
+        ranks = cpu_ranks(lease, cfg)
+        if ranks is not None:
+            argv += ["--cpu-ranks", str(ranks)]
+            log.info("train with %d CPU processes: this machine lists %d GPUs and machine.gpu is none", ranks, ranks)
     progress = _Progress(step)
     error: dict = {}
     tail: list[str] = []

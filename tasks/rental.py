@@ -12,7 +12,7 @@ from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
-from contract.catalogue import CHECKPOINT_DIR, ERROR_PREFIX, marked_json, REDERIVED, RESUMING_STEP, STEPS
+from contract.catalogue import CHECKPOINT_DIR, ERROR_PREFIX, GPUS_PREFIX, marked_json, REDERIVED, RESUMING_STEP, STEPS
 from contract.config import RunConfig
 from contract.disk import disk_plan
 from contract.layout import PUSHED_CODE, REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, REPO_ROOT, REQUIREMENTS
@@ -24,6 +24,7 @@ from infra.machine import Lease, Machine
 
 from . import secrets
 from .billing import record_bytes_down
+from .gpu_ranks import counted_gpus
 from .retry import StepFailed, exit_code_retryable, retry_transient
 
 GPU_LIMIT = "vast-gpus"  # the global concurrency limit that caps rented GPUs
@@ -213,6 +214,7 @@ def setup_environment(lease: Lease, cfg: RunConfig) -> dict:
     m = machine_for(lease, cfg)
     t0 = time.time()
     error: dict = {}
+    gpus: dict = {}
     tail: list[str] = []
 
     def on_line(line: str) -> None:
@@ -221,15 +223,16 @@ def setup_environment(lease: Lease, cfg: RunConfig) -> dict:
         log.info(line)
         try:
             error.update(marked_json(line, ERROR_PREFIX) or {})
+            gpus.update(marked_json(line, GPUS_PREFIX) or {})
         except ValueError as e:
-            log.warning("a STEP_ERROR line from the machine was ignored: %s", e)
+            log.warning("a marker line from the machine was ignored: %s", e)
 
     code = m.run([provision.python(lease, cfg.machine), "-m", "steps.bootstrap", "--gpu", cfg.machine.gpu],
                  cwd=REMOTE_CODE, env={"PYTHONUNBUFFERED": "1"}, on_line=on_line, timeout=3600, check=False)
     if code != 0:
         raise StepFailed("setup", printable(str(error.get("message", f"exit code {code}"))), exit_code_retryable(code),
                          "\n".join(tail))
-    return {"venv": remote_python(lease, cfg), "seconds": round(time.time() - t0, 1)}
+    return {"venv": remote_python(lease, cfg), "seconds": round(time.time() - t0, 1), "gpus": counted_gpus(gpus)}
 
 
 @task(name="destroy machine", retries=5, retry_delay_seconds=exponential_backoff(5), retry_jitter_factor=0.5)

@@ -30,7 +30,7 @@ from devtools.emulator.state import Store
 INSTANCE_KNOBS = {"stuck_loading", "ssh_refuse_s", "preempt_after_s", "preempt_mode",
                   "destroy_fail_once", "disk_full_mb", "boot_seconds", "evil", "evil_target",
                   "null_after_create_s", "destroy_lag_s", "nvidia_smi", "driver_cuda", "image_torchvision",
-                  "half_filled_s", "garbled_fields"}
+                  "half_filled_s", "garbled_fields", "host_reclaims"}
 # What an instance knob is when no rule sets it: rows of instances being created are half-filled for
 # a while, as Vast's are (docs/REFERENCE.md section 1b); a few of the product's poll intervals in tests.
 INSTANCE_DEFAULTS = {"half_filled_s": 1.0}
@@ -142,6 +142,9 @@ class Cloud:
         preempt = f.get("preempt_after_s")
         if preempt is not None and now >= inst["running_at"] + float(preempt):
             self._preempt(inst, f.get("preempt_mode", "exited"), now)
+            if f.get("host_reclaims"):  # the host gave the machine to another tenant: its offer is gone
+                self.store.set_meta("reclaimed_offers", sorted({*self.store.get_meta("reclaimed_offers", []),
+                                                                inst["offer_id"]}))
 
     def _preempt(self, inst: dict, mode: str, now: float) -> None:
         self._kill(inst)
@@ -297,6 +300,7 @@ class Cloud:
                     self.store.set_meta(key, 0)
                 for key, value in GLOBAL_DEFAULTS.items():
                     self.store.set_meta(key, value)
+                self.store.set_meta("reclaimed_offers", [])
             target_id, prefix = body.pop("id", None), body.pop("label_prefix", None)
             unknown = set(body) - INSTANCE_KNOBS - GLOBAL_KNOBS
             if unknown:
@@ -376,7 +380,7 @@ class Cloud:
 
     # ------------------------------------------------------------------------ operations --
     def rented_offer_ids(self) -> set[int]:
-        return {i["offer_id"] for i in self.store.instances()}
+        return {i["offer_id"] for i in self.store.instances()} | set(self.store.get_meta("reclaimed_offers", []))
 
     def search(self, query: dict) -> list[dict]:
         try:
@@ -634,8 +638,8 @@ class Cloud:
             bandwidth = up / 1e9 * inst["offer"]["inet_up_cost"] + down / 1e9 * inst["offer"]["inet_down_cost"]
             cost += bandwidth
             rows.append({"id": inst["id"], "label": inst.get("label"), "offer_id": inst["offer_id"],
-                         "gpu_name": inst["offer"]["gpu_name"], "dph_total": inst["dph_total"],
-                         "created_at": inst["created_at"], "running_at": inst.get("running_at"),
+                         "gpu_name": inst["offer"]["gpu_name"], "num_gpus": inst["offer"]["num_gpus"],
+                         "dph_total": inst["dph_total"], "created_at": inst["created_at"], "running_at": inst.get("running_at"),
                          "ended_at": inst["ended_at"], "end_reason": inst.get("end_reason"),
                          "status": inst["status"], "seconds": round(seconds, 6),
                          "stopped_seconds": round(stopped, 3), "bytes_up": up, "bytes_down": down,

@@ -30,7 +30,7 @@ def deep_archive(members: int = 200, depth: int = 900) -> io.BytesIO:
 
 
 def archive_case(depth: int) -> str:
-    from infra.archive import extract_archive
+    from infra.machines.archive import extract_archive
 
     src = deep_archive(200, depth)
     with tempfile.TemporaryDirectory() as d:
@@ -46,7 +46,7 @@ def archive_case(depth: int) -> str:
 
 
 def splitter_case(megabytes: int = 32) -> str:
-    from infra.local import LineSplitter
+    from infra.machines.local import LineSplitter
 
     calls: list[int] = []
     s = LineSplitter(lambda line: calls.append(len(line)))

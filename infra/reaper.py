@@ -23,9 +23,9 @@ import sys
 import time
 from typing import Callable, Optional
 
-from . import provision
-from .vast import VastAPIError
-from .vast_endpoint import VastCredentialsRefused, check_vast_credentials
+from .backends import registry as provision
+from .backends.vast.api import VastAPIError
+from .backends.vast.endpoint import VastCredentialsRefused, check_vast_credentials
 
 LIVE, ACTIVE, GONE, FOREIGN, UNKNOWN = "live", "active", "gone", "foreign", "unknown"
 CONFIRMATIONS = 2  # consecutive GONE verdicts before an instance is destroyed for its run

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 from contract.config import RunConfig
-from infra.archive import MAX_BYTES
+from infra.machines.archive import MAX_BYTES
 from infra.cost import BudgetExceeded, BudgetTimer, CostMeter, RunBudget
-from infra.machine import Lease
+from infra.machines.machine import Lease
 from infra.run_estimate import expected_home_bytes
 
 __all__ = ["BudgetExceeded", "CopyHomeRefused", "RunBudget", "open_budget", "open_meter", "check_budget",

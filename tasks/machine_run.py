@@ -14,7 +14,7 @@ from prefect import get_run_logger
 
 from contract.catalogue import STEPS
 from contract.config import RunConfig
-from infra.machine import Lease
+from infra.machines.machine import Lease
 
 from .billing import BudgetExceeded, budget_rows, forget, open_budget, register, watch_budget
 from .home_record import VERIFIED_STEP, write_record

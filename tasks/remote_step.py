@@ -20,10 +20,10 @@ from contract.config import RunConfig
 from contract.layout import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK
 from contract.machine_config import STEP_ATTEMPTS
 from contract.result_file import ERROR_FILE, config_hash, is_done, read_result
-from infra import provision
+from infra.backends import registry as provision
 from infra.gpu_speed import expected_speed
-from infra.local import printable
-from infra.machine import Lease, Machine, TransientMachineError
+from infra.machines.local import printable
+from infra.machines.machine import Lease, Machine, TransientMachineError
 from infra.run_estimate import clock
 
 from .billing import BudgetExceeded, CopyHomeRefused, charge_as_it_arrives, check_budget, copy_home_cap

@@ -18,9 +18,9 @@ from contract.disk import disk_plan
 from contract.layout import PUSHED_CODE, REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, REPO_ROOT, REQUIREMENTS
 from contract.remote_env import steps_python
 from contract.result_file import is_done
-from infra import provision
-from infra.local import collect_files, printable
-from infra.machine import Lease, Machine
+from infra.backends import registry as provision
+from infra.machines.local import collect_files, printable
+from infra.machines.machine import Lease, Machine
 
 from . import secrets
 from .billing import record_bytes_down

@@ -17,7 +17,7 @@ from prefect.artifacts import (create_image_artifact, create_link_artifact, crea
                                create_table_artifact)
 
 from contract.config import RunConfig
-from infra.machine import Lease
+from infra.machines.machine import Lease
 
 from .billing import estimate_rows
 from .scorecard import gate_verdict, md_text, results_markdown, results_table, serving_markdown, step_metrics

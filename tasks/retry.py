@@ -58,7 +58,7 @@ def is_transient(exc: BaseException) -> bool:
         return exc.retryable
     if type(exc).__name__ in DETERMINISTIC:
         return False
-    from infra.machine import CommandFailed, TransientMachineError
+    from infra.machines.machine import CommandFailed, TransientMachineError
 
     if isinstance(exc, TransientMachineError):
         return True

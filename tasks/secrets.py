@@ -13,7 +13,7 @@ import os
 from typing import Optional
 
 # The check itself lives in infra/ (the reaper CLI uses it too); re-exported here for the flow's callers.
-from infra.vast_endpoint import (DEMO_VAST_SECRET_BLOCK, EMULATOR_KEY_PREFIX, VAST_SECRET_BLOCK,  # noqa: F401
+from infra.backends.vast.endpoint import (DEMO_VAST_SECRET_BLOCK, EMULATOR_KEY_PREFIX, VAST_SECRET_BLOCK,  # noqa: F401
                                  VastCredentialsRefused, check_vast_credentials, is_real_endpoint)
 
 HF_SECRET_BLOCK = "hf-token"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from infra import provision
+from infra.backends import registry as provision
 
 from . import labels, secrets
 

@@ -15,11 +15,12 @@ import pytest
 
 from contract.config import load_config
 from contract.machine_config import VastConfig
-from infra import gpu_speed, provision
+from infra import gpu_speed
+from infra.backends import registry as provision
 from infra.cost import RunBudget
-from infra.machine import Lease
-from infra.ssh import SSHMachine
-from infra.vast import NoOffersError, VastProvider
+from infra.machines.machine import Lease
+from infra.machines.ssh import SSHMachine
+from infra.backends.vast.api import NoOffersError, VastProvider
 from tasks import billing
 from tasks.remote_step import fetch_outputs
 
@@ -59,7 +60,7 @@ def test_offers_are_ranked_by_the_whole_run_bytes_included():
 
 
 def test_the_estimate_of_int8_lists_every_step_and_refuses_over_the_cap(emulator, monkeypatch):
-    from infra.vast import NoOffersError
+    from infra.backends.vast.api import NoOffersError
     from tasks.rental import estimate_cost, estimate_table, pre_rent_estimate
 
     cfg = load_config("int8")
@@ -161,7 +162,7 @@ def test_a_copy_home_over_its_cap_is_refused_before_or_aborted_during_the_transf
 
 def test_the_emulator_bills_the_ssh_bytes_at_the_offers_price(emulator, tmp_path):
     p = provider(emulator)
-    from infra import keys
+    from infra.backends import keys
 
     pair = keys.generate_keypair(tmp_path / "key")
     lease = p.launch(load_config("tiny", {"machine.provision_timeout_s": 20}).machine, "qat-bytes", pair.public_key,

@@ -2,7 +2,7 @@
 import pytest
 
 from infra.cost import BudgetExceeded, CostMeter
-from infra.machine import Lease
+from infra.machines.machine import Lease
 
 
 class Clock:
@@ -172,7 +172,7 @@ def test_report_lists_failed_starts_and_bandwidth():
 def test_launch_reports_failed_starts_and_the_budget_matches_the_bill(emulator):
     from contract.config import load_config
     from infra.cost import RunBudget
-    from infra.vast import ProvisionError, VastProvider
+    from infra.backends.vast.api import ProvisionError, VastProvider
 
     emulator.set_faults(stuck_loading=True)
     seen: list[dict] = []

@@ -65,7 +65,7 @@ def test_report_has_every_section():
 
 
 def test_retry_policy_separates_transient_from_deterministic():
-    from infra.machine import CommandFailed, TransientMachineError
+    from infra.machines.machine import CommandFailed, TransientMachineError
     from contract.config import ConfigError
 
     assert is_transient(TransientMachineError("connection dropped"))

@@ -7,7 +7,7 @@ import pytest
 from contract.config import load_config
 from contract.machine_config import TrainWorkload, VastConfig
 from infra import gpu_speed, run_estimate
-from infra.vast import NoOffersError
+from infra.backends.vast.api import NoOffersError
 
 INT8 = TrainWorkload(scheme="int8", micro_batch=8, compile=True, gradient_checkpointing=True, samples=300_000)
 
@@ -65,7 +65,7 @@ def test_the_workload_comes_from_the_train_and_quant_sections():
 
 
 def test_search_offers_ranks_the_emulators_offers_per_sample(emulator):
-    from infra.vast import VastProvider
+    from infra.backends.vast.api import VastProvider
 
     p = VastProvider(api_key=emulator.api_key, server_url=emulator.url, poll_s=0.2, backoff_s=0.02)
     ranked = p.search_offers(VastConfig(workload=INT8, max_dph=50))

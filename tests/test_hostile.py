@@ -18,8 +18,8 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from infra.machine import Lease, build_command
-from infra.vast import VastAPIError, VastProvider
+from infra.machines.machine import Lease, build_command
+from infra.backends.vast.api import VastAPIError, VastProvider
 from contract.config import load_config, parse_config
 
 MODES = ("html", "empty", "truncated", "missing_fields", "wrong_types")
@@ -183,7 +183,7 @@ def test_build_command_passes_any_text_verbatim(tmp_path, args, value):
 
 @pytest.fixture
 def ssh_machine(sshd_host):
-    from infra.ssh import SSHMachine
+    from infra.machines.ssh import SSHMachine
 
     lease = Lease(backend="ssh", label="qat-$(touch pwned-label);`id`", host=sshd_host.host, port=sshd_host.port,
                   user=sshd_host.user, key_path=str(sshd_host.key_path))
@@ -256,7 +256,7 @@ def test_is_transient_by_type_and_status_not_by_text():
 
     import requests
 
-    from infra.vast import SearchQuotaExceeded, VastAPIError
+    from infra.backends.vast.api import SearchQuotaExceeded, VastAPIError
     from tasks.retry import is_transient
 
     table = [

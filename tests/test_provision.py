@@ -6,9 +6,10 @@ import time
 
 import pytest
 
-from infra import provision, reaper
-from infra.machine import Lease
-from infra.ssh import SSHMachine
+from infra import reaper
+from infra.backends import registry as provision
+from infra.machines.machine import Lease
+from infra.machines.ssh import SSHMachine
 from contract.config import load_config
 from contract.layout import REPO_ROOT
 
@@ -72,7 +73,7 @@ def test_ssh_backend_pins_host_key(sshd_host, tmp_path, monkeypatch):
 
 
 def _create(emulator, label: str) -> int:
-    from infra.vast import VastProvider
+    from infra.backends.vast.api import VastProvider
 
     p = VastProvider(api_key=emulator.api_key, server_url=emulator.url)
     offer = p._sdk.search_offers(query={"rented": {"eq": False}, "disk_space": {"gte": 10}}, no_default=True)[0]
@@ -135,7 +136,7 @@ def test_reaper_cli(emulator, monkeypatch, capsys):
 def test_vast_acquire_makes_a_fresh_private_key_pair_whatever_the_umask(emulator, tmp_path):
     """A pair already in the run's key folder (planted, or left by an earlier rental) is replaced, and
     under umask 000 the folder is still 0700 and both files 0600 (issue 19, finding 17)."""
-    from infra import keys
+    from infra.backends import keys
 
     planted = keys.generate_keypair(tmp_path / "ssh" / "qat-run2")
     old = os.umask(0)
@@ -158,8 +159,8 @@ def test_vast_acquire_makes_a_fresh_private_key_pair_whatever_the_umask(emulator
 def test_ssh_backend_keeps_the_host_key_for_later_runs_and_refuses_a_changed_one(sshd_host, tmp_path, monkeypatch):
     """First contact records host:port's key in the runs folder's known_hosts; a later run accepts that
     key only, and a changed key is refused, saying how to accept it (issue 19, finding 9)."""
-    from infra import keys
-    from infra.ssh import HostKeyChanged
+    from infra.backends import keys
+    from infra.machines.ssh import HostKeyChanged
 
     monkeypatch.setenv("QAT_RUNS_DIR", str(tmp_path / "runs"))
     store = tmp_path / "runs" / "known_hosts"

@@ -11,8 +11,8 @@ from contract.config import load_config
 from contract.layout import PUSHED_CODE, REMOTE_CODE, REPO_ROOT, REQUIREMENTS
 from contract.remote_env import steps_python
 from devtools.emulator.image import IMAGE_DIR
-from infra import provision
-from infra.vast import VastProvider
+from infra.backends import registry as provision
+from infra.backends.vast.api import VastProvider
 
 
 @pytest.fixture(autouse=True)

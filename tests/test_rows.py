@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from infra import provision, reaper
-from infra.machine import Lease
-from infra.vast import ProvisionError, VastProvider
+from infra import reaper
+from infra.backends import registry as provision
+from infra.machines.machine import Lease
+from infra.backends.vast.api import ProvisionError, VastProvider
 from contract.config import ConfigError, load_config
 
 
@@ -31,8 +32,8 @@ def _create(p: VastProvider, label: str) -> int:
 
 
 def _ready(tmp_path):
-    from infra import keys
-    from infra.ssh_backend import pin_host_key
+    from infra.backends import keys
+    from infra.backends.ssh import pin_host_key
 
     pair = keys.generate_keypair(tmp_path / "key")
     return pair, pin_host_key(20, lambda m: None)
@@ -76,7 +77,7 @@ def test_launch_with_the_emulator_defaults(emulator, tmp_path):
 def test_host_keys_reach_the_log_api_through_pid1_stdout(emulator, tmp_path):
     """onstart's own output goes to /var/log/onstart.log (not served); the QAT_HOSTKEY lines are read
     from the container's log (PID 1's stdout), where the product's onstart writes them too."""
-    from infra.ssh import _parse_host_key, host_key_fingerprint
+    from infra.machines.ssh import _parse_host_key, host_key_fingerprint
 
     pair, ready = _ready(tmp_path)
     p = provider(emulator)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from infra import keys
-from infra.machine import CommandFailed, CommandTimeout, Lease, TransientMachineError
-from infra.ssh import HostKeyChanged, SSHMachine
+from infra.backends import keys
+from infra.machines.machine import CommandFailed, CommandTimeout, Lease, TransientMachineError
+from infra.machines.ssh import HostKeyChanged, SSHMachine
 from test_local import NASTY, make_tree
 
 

@@ -15,8 +15,8 @@ import tasks.remote_step
 import tasks.rental
 from contract.config import load_config
 from contract.layout import REMOTE_CODE, REMOTE_WORK
-from infra.machine import Lease
-from infra.ssh import SSHMachine
+from infra.machines.machine import Lease
+from infra.machines.ssh import SSHMachine
 from tasks.billing import BudgetExceeded
 from tasks.remote_step import run_remote_step
 from tasks.rental import forget_machine, remote_python, setup_environment

@@ -18,8 +18,8 @@ import pytest
 
 from conftest import require_sshd
 from contract.config import load_config
-from infra import provision
-from infra.archive import UnsafeArchive
+from infra.backends import registry as provision
+from infra.machines.archive import UnsafeArchive
 from tasks.remote_step import CheckpointSync, fetch_outputs
 
 # mode -> what the refusal must say (infra/archive.py's rule)

@@ -5,7 +5,7 @@ import traceback
 
 import pytest
 
-from infra.vast import NoOffersError, ProvisionError, VastAPIError, VastProvider
+from infra.backends.vast.api import NoOffersError, ProvisionError, VastAPIError, VastProvider
 from contract.config import load_config
 from contract.machine_config import VastConfig
 
@@ -189,15 +189,15 @@ def test_malformed_responses_are_clear_errors(emulator):
 # ---------------------------------------------------------------- host key from the provider's channel
 
 def _ready(tmp_path):
-    from infra import keys
-    from infra.ssh_backend import pin_host_key
+    from infra.backends import keys
+    from infra.backends.ssh import pin_host_key
 
     pair = keys.generate_keypair(tmp_path / "key")
     return pair, pin_host_key(20, lambda m: None)
 
 
 def test_host_key_is_pinned_from_the_instance_log_before_ssh(emulator, tmp_path):
-    from infra.ssh import host_key_fingerprint, _parse_host_key
+    from infra.machines.ssh import host_key_fingerprint, _parse_host_key
 
     pair, ready = _ready(tmp_path)
     p = provider(emulator)
@@ -249,8 +249,8 @@ def test_parse_host_keys_takes_whole_lines_only():
 
 
 def test_the_run_key_pair_is_deleted_once_its_machine_is_destroyed(emulator, tmp_path, monkeypatch):
-    from infra import provision
-    from infra.machine import Lease
+    from infra.backends import registry as provision
+    from infra.machines.machine import Lease
     from tasks.rental import delete_run_key
 
     monkeypatch.setattr(provision.backend("vast"), "provider_options", {"poll_s": 0.2, "backoff_s": 0.02})
@@ -375,8 +375,8 @@ def test_outbid_running_instance_is_not_alive_and_bills_storage(emulator):
 
 
 def test_foreign_rows_with_null_fields_do_not_blind_us(emulator):
-    from infra.provision import find_instances
-    from infra.vast_backend import VastBackend
+    from infra.backends.registry import find_instances
+    from infra.backends.vast.backend import VastBackend
 
     emulator.set_faults(foreign_rows=30)  # > one page of 25: paging too
     p = provider(emulator)
@@ -396,7 +396,7 @@ def test_retry_after_is_honoured(emulator):
 
 
 def test_search_quota_429_is_not_retried(emulator):
-    from infra.vast import SearchQuotaExceeded
+    from infra.backends.vast.api import SearchQuotaExceeded
     from tasks.retry import is_transient
 
     emulator.set_faults(quota_429=5)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from contract.machine_config import MachineConfig
 
-from .local import LocalMachine
-from .machine import Lease, LogFn, Machine
+from ..machines.local import LocalMachine
+from ..machines.machine import Lease, LogFn, Machine
 
 
 class LocalBackend:

@@ -28,8 +28,8 @@ from vastai import VastAI
 
 from contract.machine_config import MachineConfig, VastConfig
 
-from .gpu_speed import rank_offers
-from .machine import Lease
+from ...gpu_speed import rank_offers
+from ...machines.machine import Lease
 
 log = logging.getLogger("qat.vast")
 

@@ -7,10 +7,11 @@ from typing import Optional
 
 from contract.machine_config import MachineConfig
 
-from . import keys, run_estimate
-from .machine import Lease, LogFn
-from .ssh_backend import SSHBackend, pin_host_key
-from .vast import VastAPIError, VastProvider
+from ... import run_estimate
+from .. import keys
+from ...machines.machine import Lease, LogFn
+from ..ssh import SSHBackend, pin_host_key
+from .api import VastAPIError, VastProvider
 
 
 class VastBackend(SSHBackend):

@@ -11,8 +11,8 @@ from pathlib import Path
 from contract.machine_config import MachineConfig
 
 from . import known_hosts
-from .machine import Lease, LogFn, Machine
-from .ssh import HostKeyChanged, SSHMachine
+from ..machines.machine import Lease, LogFn, Machine
+from ..machines.ssh import HostKeyChanged, SSHMachine
 
 
 def pin_host_key(timeout: float, log: LogFn):

@@ -14,10 +14,10 @@ from typing import Optional
 
 from contract.machine_config import MachineConfig
 
-from .local_backend import LocalBackend
-from .machine import Lease, LogFn, Machine
-from .ssh_backend import SSHBackend
-from .vast_backend import VastBackend
+from .local import LocalBackend
+from ..machines.machine import Lease, LogFn, Machine
+from .ssh import SSHBackend
+from .vast.backend import VastBackend
 
 BACKENDS = {b.name: b for b in (VastBackend(), SSHBackend(), LocalBackend())}
 

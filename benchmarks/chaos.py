@@ -167,7 +167,7 @@ def silent_budget_overrides(stack, life_s: float = 150, check_s: float = 10) -> 
     """A cap that buys `life_s` of the cheapest matching machine: renting, setup and the start of
     training fit, then the frozen step sits silent until the timer finds the cap crossed."""
     from contract.config import load_config
-    from infra.backends.vast.api import VastProvider
+    from infra.backends.vast.instances import VastProvider
 
     mc = load_config("tiny").machine
     dph = float(VastProvider(api_key=stack.api_key, server_url=stack.emu.url).search_offers(mc.vast)[0]["dph_total"])
@@ -702,7 +702,7 @@ def save(rows_by_name: dict) -> None:
 
 def harness_error(stack: Stack, sc: Scenario, e: Exception) -> dict:
     """A row saying the harness itself broke; any live instance is destroyed (it would bill the next scenario)."""
-    from infra.backends.vast.api import VastProvider
+    from infra.backends.vast.instances import VastProvider
 
     live = [i["id"] for i in stack.emu.live_instances()]
     for i in live:

@@ -16,6 +16,8 @@ from .machines.machine import Lease
 class BudgetExceeded(RuntimeError):
     """Spending crossed machine.max_cost_usd: the caller tears the machine down."""
 
+    retryable = False
+
 
 @dataclass
 class CostMeter:
@@ -88,7 +90,8 @@ class CostMeter:
                                  f"${self.max_cost_usd:.4f}; tear the machine down")
 
     def as_rows(self) -> list[dict]:
-        """Plain rows for a table artifact: each step, the time outside steps, and the total."""
+        """Plain rows for a table artifact: each step, the time outside steps, and the total (the one
+        row with "total" true: the machine's whole bill)."""
         rows = [{"step": s["step"], "seconds": s["seconds"], "usd": s["usd"], "ok": s["ok"]} for s in self.steps]
         in_steps = sum(s["seconds"] for s in self.steps)
         other = max(0.0, self.elapsed_s() - in_steps)
@@ -101,8 +104,9 @@ class CostMeter:
             rows.append({"step": f"bandwidth: {self.bytes_down / 1e6:.1f} MB pushed to the machine at "
                                  f"${self.usd_per_gb_down:g}/GB", "seconds": 0.0,
                          "usd": round(self.bytes_down / 1e9 * self.usd_per_gb_down, 6), "ok": True})
+        rows = [{**r, "total": False} for r in rows]
         rows.append({"step": "total", "seconds": round(self.elapsed_s(), 3), "usd": round(self.total_usd(), 6),
-                     "ok": self.destroyed_at is not None})
+                     "ok": self.destroyed_at is not None, "total": True})
         return rows
 
 

@@ -20,7 +20,7 @@ from infra.run_estimate import expected_home_bytes
 
 __all__ = ["BudgetExceeded", "CopyHomeRefused", "RunBudget", "open_budget", "open_meter", "check_budget",
            "record_bytes_home", "record_bytes_down", "copy_home_cap", "charge_as_it_arrives",
-           "watch_budget", "budget_rows", "estimate_rows", "total_usd"]
+           "watch_budget", "budget_rows", "estimate_rows", "total_usd", "total_seconds"]
 
 COPY_SLACK, COPY_FLOOR = 1.5, 256 * 10**6  # a copy home may exceed its expected bytes by this much
 _budgets: dict[str, RunBudget] = {}  # lease label -> the run's budget, in this flow-run process
@@ -93,7 +93,7 @@ def copy_home_cap(lease: Optional[Lease], cfg: Optional[RunConfig], what: str) -
     caps = [(MAX_BYTES, f"the {MAX_BYTES / 1e9:g} GB ceiling")]
     if lease is None or cfg is None:
         return caps[0]
-    expected = expected_home_bytes(cfg.machine.vast.workload, what)
+    expected = expected_home_bytes(cfg.workload, what)
     per_gb = float((lease.extra or {}).get("inet_up_cost") or 0.0)
     left = budget_left_usd(lease, cfg)
     if expected is not None:
@@ -141,12 +141,13 @@ def watch_budget(budget: RunBudget, cfg: RunConfig, on_exceeded: Callable[[], No
 
 def _meter_rows(meter: CostMeter, prefix: str, instance: Optional[int]) -> list[dict]:
     return [{"step": prefix + r["step"], "seconds": r["seconds"], "usd": r["usd"], "usd_per_hour": meter.dph,
-             "instance": instance} for r in meter.as_rows()]
+             "instance": instance, "total": r["total"]} for r in meter.as_rows()]
 
 
 def budget_rows(budget: RunBudget) -> list[dict]:
     """The cost table of the whole run: each machine's steps, idle time, bandwidth and total, then one
-    row per failed start attempt (its life, creation to destroy). `total_usd(rows)` is the run's bill."""
+    row per failed start attempt (its life, creation to destroy). The rows with "total" true are the
+    whole bills of the machines and attempts: `total_usd(rows)` is the run's."""
     rows: list[dict] = []
     several = len(budget.machines) > 1
     for no, meter in enumerate(budget.machines, start=1):
@@ -155,31 +156,38 @@ def budget_rows(budget: RunBudget) -> list[dict]:
         state = "destroyed" if meter.destroyed_at is not None else "destroy NOT confirmed, still billing"
         rows.append({"step": f"failed start attempt, instance {meter.instance_id} ({state}): total",
                      "seconds": round(meter.elapsed_s(), 3), "usd": round(meter.total_usd(), 6),
-                     "usd_per_hour": meter.dph, "instance": meter.instance_id})
+                     "usd_per_hour": meter.dph, "instance": meter.instance_id, "total": True})
     return rows
 
 
 def total_usd(rows: list[dict]) -> float:
-    return sum(r["usd"] for r in rows if r["step"].endswith("total"))
+    """The run's bill: the sum of the rows that are a machine's (or a failed start's) whole bill."""
+    return sum(r["usd"] for r in rows if r.get("total"))
+
+
+def total_seconds(rows: list[dict]) -> float:
+    """The machines' lives (and the failed starts'), added up."""
+    return sum(r["seconds"] for r in rows if r.get("total"))
 
 
 def estimate_rows(estimate: dict, costs: list[dict], train: Optional[dict] = None) -> list[dict]:
     """The pre-rent estimate beside what the run cost, for the cost table (after the run): the estimate,
     and actual minus estimate (hours and dollars). With the train step's metrics, the training speed the
-    estimate assumed beside the one measured. Their names do not end in "total": `total_usd` skips them."""
+    estimate assumed beside the one measured. None of them is a "total" row: `total_usd` skips them."""
     if not estimate or "estimated_usd" not in estimate:
         return []
     hours = float(estimate.get("planned_hours") or 0)
-    actual_s = sum(r["seconds"] for r in costs if r["step"].endswith("total"))
+    actual_s = total_seconds(costs)
     basis = estimate.get("basis", "$/h x planned hours")
     where = f" on {estimate['gpu_name']}" if estimate.get("gpu_name") else ""
     rows = [{"step": f"estimate before renting{where} ({basis})", "seconds": round(hours * 3600, 1),
-             "usd": estimate["estimated_usd"], "usd_per_hour": estimate.get("dph"), "instance": None},
+             "usd": estimate["estimated_usd"], "usd_per_hour": estimate.get("dph"), "instance": None, "total": False},
             {"step": "actual minus estimate", "seconds": round(actual_s - hours * 3600, 1),
-             "usd": round(total_usd(costs) - estimate["estimated_usd"], 6), "usd_per_hour": None, "instance": None}]
+             "usd": round(total_usd(costs) - estimate["estimated_usd"], 6), "usd_per_hour": None, "instance": None,
+             "total": False}]
     expected, measured = estimate.get("expected_samples_per_s"), (train or {}).get("samples_per_s")
     if expected and measured:
         rows.append({"step": f"training samples/s: expected {expected:g} ({estimate.get('speed_source')}), "
                              f"measured {measured:g} (steady state)", "seconds": (train or {}).get("first_step_s"),
-                     "usd": None, "usd_per_hour": None, "instance": None})
+                     "usd": None, "usd_per_hour": None, "instance": None, "total": False})
     return rows

@@ -35,7 +35,7 @@ def _on_machine(cfg: RunConfig, lease: Lease, local_work: Path, results: dict, m
     for step in STEPS:
         with meter.step(step):
             results[step] = run_remote_step(lease, cfg, step, local_work)
-        if step != VERIFIED_STEP:  # outputs landed through infra/archive.py; evaluate's: once the gate verified them
+        if step != VERIFIED_STEP:  # outputs landed through infra/machines/archive.py; evaluate's: once the gate verified them
             write_record(cfg, local_work, step)
 
 

@@ -1,4 +1,4 @@
-"""infra.archive: the one way files come home from an (untrusted) machine. Crafted hostile tars are
+"""infra/machines/archive.py: the one way files come home from an (untrusted) machine. Crafted hostile tars are
 refused member by member, before anything is written; nothing outside dest changes; dest is
 replaced only by a fully checked archive."""
 import hashlib

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.backends.vast.credentials import VastCredentials
 from contract.config import load_config
 from contract.machine_config import VastConfig
 from infra import gpu_speed
@@ -20,12 +21,13 @@ from infra.backends import registry as provision
 from infra.cost import RunBudget
 from infra.machines.machine import Lease
 from infra.machines.ssh import SSHMachine
-from infra.backends.vast.api import NoOffersError, VastProvider
+from infra.backends.vast.api import NoOffersError
+from infra.backends.vast.instances import VastProvider
 from tasks import billing
 from tasks.remote_step import fetch_outputs
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPk9nJ8k0u2e1k7b5n0s0n3f0c0a0b0c0d0e0f0a0b0c test"
-INT8 = load_config("int8").machine.vast.workload
+INT8 = load_config("int8").workload
 
 
 def provider(emulator) -> VastProvider:
@@ -46,7 +48,7 @@ def test_an_offer_with_a_high_bandwidth_price_is_not_rented_and_the_market_filte
     with pytest.raises(NoOffersError, match=r"inet_down_cost and inet_up_cost <= \$0.001/GB \(max_inet_cost_per_gb\)"):
         p.search_offers(VastConfig(min_disk_gb=10, max_inet_cost_per_gb=0.001))
     # a user who lifts the filter gets the offer, and the run's bytes still rank it behind a dearer $/h
-    lifted = p.search_offers(VastConfig(min_disk_gb=10, max_inet_cost_per_gb=5, workload=INT8))
+    lifted = p.search_offers(VastConfig(min_disk_gb=10, max_inet_cost_per_gb=5), workload=INT8)
     assert any(o["inet_up_cost"] == 2.0 for o in lifted) and lifted[0]["inet_up_cost"] < 2.0
 
 
@@ -64,7 +66,7 @@ def test_the_estimate_of_int8_lists_every_step_and_refuses_over_the_cap(emulator
     from tasks.rental import estimate_cost, estimate_table, pre_rent_estimate
 
     cfg = load_config("int8")
-    est = provision.price_estimate(cfg.machine, api_key=emulator.api_key, server_url=emulator.url)
+    est = provision.price_estimate(cfg.machine, VastCredentials(emulator.api_key, emulator.url), workload=cfg.workload)
     rows = {r["step"]: r for r in est["rows"]}
     assert list(rows) == ["set-up", "prepare", "train", "convert", "bench", "evaluate"]
     for step in ("prepare", "train", "convert", "bench", "evaluate"):
@@ -76,13 +78,13 @@ def test_the_estimate_of_int8_lists_every_step_and_refuses_over_the_cap(emulator
     assert est["left_out"]["cuda_max_good"] >= 3 and est["left_out"]["inet_down_cost"] == 1
     assert "evaluate" in estimate_table(est)
     # the disk it needs: planned from the config, rented, and only offers with that disk_space
-    est = pre_rent_estimate(cfg, emulator.api_key, emulator.url)
+    est = pre_rent_estimate(cfg, VastCredentials(emulator.api_key, emulator.url))
     assert 50 < est["disk"]["needed_gb"] <= est["disk"]["rented_gb"] == cfg.machine.vast.min_disk_gb
     assert est["disk_space"] >= cfg.machine.vast.min_disk_gb
     assert "disk on the machine:" in estimate_table(est) and "checkpoints" in estimate_table(est)
     with pytest.raises(NoOffersError, match="disk_space"):  # no emulated offer has this much disk
         provision.price_estimate(load_config("int8", {"machine.vast.min_disk_gb": 100_000}).machine,
-                                 api_key=emulator.api_key, server_url=emulator.url)
+                                 VastCredentials(emulator.api_key, emulator.url))
     monkeypatch.setenv("VAST_API_KEY", emulator.api_key)
     monkeypatch.setenv("VAST_URL", emulator.url)
     with pytest.raises(ValueError, match=r"exceeds machine.max_cost_usd \$2.00") as e:

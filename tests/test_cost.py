@@ -71,7 +71,7 @@ def test_run_budget_counts_every_machine_failed_starts_and_bandwidth():
     first.add_bytes_home(2_000_000_000)  # 2 GB at $0.01/GB
     first.destroyed()
     second = budget.add_machine(Lease(backend="vast", label="qat-r", instance_id=2, dph_total=0.36, created_at=clock.t))
-    # the same failed start reported again (e.g. by the launch callback and the lease) is counted once
+    # the same failed start reported again (by the lease, then by a later report) is counted once
     budget.add_failed_starts([{"instance_id": 7, "dph_total": 0.72, "created_at": 0.0, "destroyed_at": 500.0}])
     clock.t += 1800
     assert first.total_usd() == pytest.approx(0.36 + 0.02)
@@ -90,6 +90,28 @@ def test_run_budget_counts_every_machine_failed_starts_and_bandwidth():
     assert sum(1 for s in steps if s.startswith("failed start attempt")) == 2
     assert any("destroy NOT confirmed" in s for s in steps)
     assert total_usd(rows) == pytest.approx(budget.total_usd(), abs=1e-4)
+    # the totals are the rows marked so, not those whose name happens to end in "total"
+    named = rows + [{"step": "a step named subtotal", "seconds": 9.0, "usd": 9.0, "usd_per_hour": 1.0,
+                     "instance": 3, "total": False}]
+    assert total_usd(named) == pytest.approx(budget.total_usd(), abs=1e-4)
+
+
+def test_the_reports_total_is_the_bill():
+    from contract.config import load_config
+    from infra.cost import RunBudget
+    from tasks.billing import budget_rows, estimate_rows, total_usd
+    from tasks.report import render_report
+
+    clock = Clock()
+    budget = RunBudget(max_cost_usd=5.0, clock=clock)
+    for iid in (1, 2):
+        budget.add_machine(Lease(backend="vast", label="qat-r", instance_id=iid, dph_total=0.36, created_at=clock.t))
+        clock.t += 1800
+    rows = budget_rows(budget)
+    rows += estimate_rows({"estimated_usd": 0.5, "planned_hours": 1, "dph": 0.36}, rows)
+    report = render_report(load_config("tiny"), None, {}, rows, {}, {}, {})
+    total = next(line for line in report.splitlines() if line.startswith("| **total"))
+    assert f"**{total_usd(rows):.4f}**" in total and total_usd(rows) == pytest.approx(budget.total_usd())
 
 
 def test_run_budget_cap_over_all_machines_and_stays_crossed():
@@ -172,10 +194,10 @@ def test_report_lists_failed_starts_and_bandwidth():
 def test_launch_reports_failed_starts_and_the_budget_matches_the_bill(emulator):
     from contract.config import load_config
     from infra.cost import RunBudget
-    from infra.backends.vast.api import ProvisionError, VastProvider
+    from infra.backends.vast.api import ProvisionError
+    from infra.backends.vast.instances import VastProvider
 
     emulator.set_faults(stuck_loading=True)
-    seen: list[dict] = []
 
     def log(msg: str) -> None:
         if "attempt 2/" in msg:
@@ -183,13 +205,13 @@ def test_launch_reports_failed_starts_and_the_budget_matches_the_bill(emulator):
 
     p = VastProvider(api_key=emulator.api_key, server_url=emulator.url, poll_s=0.2, backoff_s=0.02, log_fn=log)
     mc = load_config("tiny", {"machine.provision_timeout_s": 2}).machine
-    lease = p.launch(mc, "qat-budget", "ssh-ed25519 AAAA test", on_failed_start=seen.append)
-    assert [r["instance_id"] for r in seen] == [r["instance_id"] for r in lease.extra["failed_starts"]]
+    lease = p.launch(mc, "qat-budget", "ssh-ed25519 AAAA test")
+    seen = lease.extra["failed_starts"]
     assert len(seen) == 1 and seen[0]["destroyed_at"] is not None and seen[0]["instance_id"] != lease.instance_id
     assert lease.extra["inet_up_cost"] > 0
     budget = RunBudget(max_cost_usd=10)
     meter = budget.add_machine(lease)
-    budget.add_failed_starts(seen)  # reported twice (callback and lease): counted once
+    budget.add_failed_starts(seen)  # reported twice (the lease, then again): counted once
     p.destroy(lease.instance_id)
     meter.destroyed()
     rows = emulator.ledger()["instances"]

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.machines.local import LocalMachine, collect_files
+from infra.machines.local import LocalMachine
+from infra.machines.streams import collect_files
 from infra.machines.machine import CommandFailed, CommandTimeout, MachineError
 
 NASTY = "  it's \"quoted\" $HOME; `touch pwned` $(touch pwned2) & | > < back\\slash\\n *"

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from infra.backends.vast.credentials import VastCredentials
 from infra.reaper import ACTIVE, FOREIGN, GONE, LIVE, UNKNOWN
 from tasks import labels
 
@@ -255,7 +256,7 @@ def test_refused_connection_is_unknown(server):
 # ---------------------------------------------------------------- the reaper, pass after pass
 
 def _create(emulator, label: str) -> int:
-    from infra.backends.vast.api import VastProvider
+    from infra.backends.vast.instances import VastProvider
 
     p = VastProvider(api_key=emulator.api_key, server_url=emulator.url)
     offer = p._sdk.search_offers(query={"rented": {"eq": False}, "disk_space": {"gte": 10}}, no_default=True)[0]
@@ -413,4 +414,4 @@ def test_reap_flow_never_destroys_a_live_or_foreign_machine_by_age_and_ages_rows
         from infra.machines.machine import Lease
 
         for r in emulator.live_instances():
-            provision.release(Lease(backend="vast", label="", instance_id=r["id"]), emulator.api_key, emulator.url)
+            provision.release(Lease(backend="vast", label="", instance_id=r["id"]), VastCredentials(emulator.api_key, emulator.url))

@@ -51,7 +51,7 @@ def _fake_program(home: Path, rel: str, script: str) -> None:
 
 
 def test_an_endless_line_is_cut_noted_and_stripped_of_escapes(sshd_host):
-    """3 MiB without a newline: on_line runs while it streams (a note every MiB: infra/local.py
+    """3 MiB without a newline: on_line runs while it streams (a note every MiB: infra/machines/streams.py
     CUT_NOTE_BYTES), the line shown is at most 16 KiB (MAX_LINE_BYTES), and a clear-screen / retitle /
     colour never reaches the console."""
     seen: list[tuple[float, str]] = []

@@ -1,38 +1,34 @@
-"""Every backend behind the same verbs, registered once (SkyPilot's sky/provision routing):
-
-    acquire -> Lease, connect -> Machine, python (local: the interpreter steps run with; ssh, vast:
-    the machine's python that builds the workload's venv, `sets_up_environment`), release
-    (idempotent, confirmed), is_alive, find_instances (rented instances by label prefix), price_estimate
-
-A backend gets the machine section of the config, never the whole run config. Adding a cloud is
-one module with these verbs and one line in BACKENDS.
+"""Every backend, registered once, and the verbs routed to the one a machine section or lease names
+(the Protocol: infra/backends/base.py). Adding a cloud is one folder (or module) under
+infra/backends/ and one line in BACKENDS.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from contract.machine_config import MachineConfig
+from contract.machine_config import MachineConfig, TrainWorkload
 
-from .local import LocalBackend
 from ..machines.machine import Lease, LogFn, Machine
+from .base import Backend
+from .local import LocalBackend
 from .ssh import SSHBackend
 from .vast.backend import VastBackend
 
-BACKENDS = {b.name: b for b in (VastBackend(), SSHBackend(), LocalBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (VastBackend(), SSHBackend(), LocalBackend())}
 
 
-def backend(name: str):
+def backend(name: str) -> Backend:
     try:
         return BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}: expected one of {sorted(BACKENDS)}") from None
 
 
-def acquire(mc: MachineConfig, label: str, workdir: Path, api_key: Optional[str] = None,
-            server_url: Optional[str] = None, log: LogFn = print) -> Lease:
+def acquire(mc: MachineConfig, label: str, workdir: Path, creds: Any = None, log: LogFn = print,
+            workload: Optional[TrainWorkload] = None) -> Lease:
     """Rent (vast) or attach (ssh, local) a machine; a rented one is returned once SSH answers."""
-    return backend(mc.backend).acquire(mc, label, Path(workdir), api_key=api_key, server_url=server_url, log=log)
+    return backend(mc.backend).acquire(mc, label, Path(workdir), creds, log=log, workload=workload)
 
 
 def connect(lease: Lease, timeout: float = 300.0) -> Machine:
@@ -52,24 +48,16 @@ def sets_up_environment(lease: Lease) -> bool:
     return backend(lease.backend).sets_up_environment
 
 
-def release(lease: Lease, api_key: Optional[str] = None, server_url: Optional[str] = None) -> bool:
+def release(lease: Lease, creds: Any = None) -> bool:
     """Destroy what was rented and confirm it is gone (True). Idempotent; hosts we do not own are left alone."""
-    return backend(lease.backend).release(lease, api_key=api_key, server_url=server_url)
+    return backend(lease.backend).release(lease, creds)
 
 
-def is_alive(lease: Lease, api_key: Optional[str] = None, server_url: Optional[str] = None) -> bool:
+def is_alive(lease: Lease, creds: Any = None) -> bool:
     """Whether the machine is still there to be used (vast: the instance runs; ssh: it answers)."""
-    return backend(lease.backend).is_alive(lease, api_key=api_key, server_url=server_url)
+    return backend(lease.backend).is_alive(lease, creds)
 
 
-def find_instances(label_prefix: str, api_key: Optional[str] = None, server_url: Optional[str] = None,
-                   log: LogFn = print) -> list[Lease]:
-    """Rented instances, on every backend, whose label starts with label_prefix (for teardown); a
-    malformed row is skipped and said through `log`."""
-    return [lease for b in BACKENDS.values()
-            for lease in b.find_instances(label_prefix, api_key=api_key, server_url=server_url, log=log)]
-
-
-def price_estimate(mc: MachineConfig, api_key: Optional[str] = None, server_url: Optional[str] = None) -> dict:
-    """Before renting: what the machine would cost for machine.planned_hours."""
-    return backend(mc.backend).price_estimate(mc, api_key=api_key, server_url=server_url)
+def price_estimate(mc: MachineConfig, creds: Any = None, workload: Optional[TrainWorkload] = None) -> dict:
+    """Before renting: what the run (`workload`) would cost on the machine that would be rented."""
+    return backend(mc.backend).price_estimate(mc, creds, workload=workload)

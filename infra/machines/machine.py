@@ -57,15 +57,16 @@ class Machine(Protocol):
         """Run argv, streaming stdout+stderr lines to on_line as they arrive. Returns the exit code;
         raises CommandFailed (with the output tail) on non-zero when check, CommandTimeout on timeout."""
 
-    def put(self, local_dir: Path, remote_dir: str, *, include: Sequence[str]) -> int:
-        """Send a directory tree (include list, .gitignore honoured) as one tar stream; returns its bytes
+    def put(self, local_dir: Path, remote_dir: str, *, include: Sequence[str], respect_gitignore: bool = True) -> int:
+        """Send a directory tree as one tar stream: the files git tracks under `include` (untracked ones
+        stay home), or with respect_gitignore=False every file there (run outputs); returns its bytes
         (what the machine's host bills at its inet_down_cost)."""
 
     def get(self, remote_path: str, local_path: Path, *, max_bytes: int = ..., max_members: int = ...,
             allow: Optional[re.Pattern] = ..., exclude: Sequence[str] = (),
             on_bytes: Optional[Callable[[int], None]] = None) -> None:
         """Fetch a file, or a directory tree less the top-level names in `exclude`, as one checked
-        archive (infra/archive.py: regular files and directories only, names matching `allow`,
+        archive (infra/machines/archive.py: regular files and directories only, names matching `allow`,
         caps on bytes and members); it replaces local_path only once every member passed.
         `on_bytes(n)`: each chunk's size as it arrives (billed bandwidth); raising aborts the copy."""
 

@@ -1,7 +1,7 @@
 """What the run spends: one budget over every machine the run paid for, the budget check (per
 output line and on a timer), the bytes copied home, the cost table's rows.
 
-The meters (infra/cost.py) bill each machine's whole life, from creation until its destroy is
+The meters (tasks/budget.py) bill each machine's whole life, from creation until its destroy is
 confirmed; `RunBudget` adds them up with the instances of failed start attempts and the bandwidth.
 The flow opens one per run (`open_budget`) and registers each machine it rents; the tasks of the
 same flow-run process find it by the lease's label (`check_budget`, `record_bytes_home`).
@@ -14,9 +14,10 @@ from typing import Callable, Iterator, Optional
 
 from contract.config import RunConfig
 from infra.machines.archive import MAX_BYTES
-from infra.cost import BudgetExceeded, BudgetTimer, CostMeter, RunBudget
 from infra.machines.machine import Lease
 from infra.run_estimate import expected_home_bytes
+
+from .budget import BudgetExceeded, BudgetTimer, CostMeter, RunBudget
 
 __all__ = ["BudgetExceeded", "CopyHomeRefused", "RunBudget", "open_budget", "open_meter", "check_budget",
            "record_bytes_home", "record_bytes_down", "copy_home_cap", "charge_as_it_arrives",

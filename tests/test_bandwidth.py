@@ -18,7 +18,7 @@ from contract.config import load_config
 from contract.machine_config import VastConfig
 from infra import gpu_speed
 from infra.backends import registry as provision
-from infra.cost import RunBudget
+from tasks.budget import RunBudget
 from infra.machines.machine import Lease
 from infra.machines.ssh import SSHMachine
 from infra.backends.vast.api import NoOffersError

@@ -1,7 +1,7 @@
 """CostMeter: per-step and total dollars from $/h and the machine's life; the budget cap."""
 import pytest
 
-from infra.cost import BudgetExceeded, CostMeter
+from tasks.budget import BudgetExceeded, CostMeter
 from infra.machines.machine import Lease
 
 
@@ -58,7 +58,7 @@ def test_no_cap():
 # ---------------------------------------------------------------- the run's budget (every machine)
 
 def test_run_budget_counts_every_machine_failed_starts_and_bandwidth():
-    from infra.cost import RunBudget
+    from tasks.budget import RunBudget
     from tasks.billing import budget_rows, total_usd
 
     clock = Clock()
@@ -98,7 +98,7 @@ def test_run_budget_counts_every_machine_failed_starts_and_bandwidth():
 
 def test_the_reports_total_is_the_bill():
     from contract.config import load_config
-    from infra.cost import RunBudget
+    from tasks.budget import RunBudget
     from tasks.billing import budget_rows, estimate_rows, total_usd
     from tasks.report import render_report
 
@@ -115,7 +115,7 @@ def test_the_reports_total_is_the_bill():
 
 
 def test_run_budget_cap_over_all_machines_and_stays_crossed():
-    from infra.cost import RunBudget
+    from tasks.budget import RunBudget
 
     clock = Clock()
     budget = RunBudget(max_cost_usd=1.0, clock=clock)
@@ -136,7 +136,7 @@ def test_budget_timer_stops_a_silent_command():
     """No output line comes: the timer alone finds the crossing and stops the command (again on each tick)."""
     import threading
 
-    from infra.cost import BudgetTimer, RunBudget
+    from tasks.budget import BudgetTimer, RunBudget
 
     clock = Clock()
     budget = RunBudget(max_cost_usd=0.01, clock=clock)
@@ -156,7 +156,7 @@ def test_budget_timer_stops_a_silent_command():
 
 def test_check_budget_uses_the_run_budget_of_the_lease(monkeypatch):
     from contract.config import load_config
-    from infra.cost import RunBudget
+    from tasks.budget import RunBudget
     from tasks import billing
 
     cfg = load_config("tiny", {"machine.max_cost_usd": 0.5})
@@ -193,7 +193,7 @@ def test_report_lists_failed_starts_and_bandwidth():
 
 def test_launch_reports_failed_starts_and_the_budget_matches_the_bill(emulator):
     from contract.config import load_config
-    from infra.cost import RunBudget
+    from tasks.budget import RunBudget
     from infra.backends.vast.api import ProvisionError
     from infra.backends.vast.instances import VastProvider
 

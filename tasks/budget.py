@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
-from .machines.machine import Lease
+from infra.machines.machine import Lease
 
 
 class BudgetExceeded(RuntimeError):

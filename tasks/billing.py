@@ -19,7 +19,7 @@ from infra.run_estimate import expected_home_bytes
 
 from .budget import BudgetExceeded, BudgetTimer, CostMeter, RunBudget
 
-__all__ = ["BudgetExceeded", "CopyHomeRefused", "RunBudget", "open_budget", "open_meter", "check_budget",
+__all__ = ["BudgetExceeded", "CopyHomeRefused", "RunBudget", "open_budget", "check_budget",
            "record_bytes_home", "record_bytes_down", "copy_home_cap", "charge_as_it_arrives",
            "watch_budget", "budget_rows", "estimate_rows", "total_usd", "total_seconds"]
 
@@ -53,18 +53,19 @@ def budget_for(lease: Optional[Lease]) -> Optional[RunBudget]:
         return _budgets.get(lease.label)
 
 
-def open_meter(lease: Lease, cfg: RunConfig) -> CostMeter:
-    return CostMeter.from_lease(lease, cfg.machine.max_cost_usd)
+def _run_budget(lease: Lease, cfg: RunConfig) -> RunBudget:
+    """The run's budget; without one (a task run alone), a budget of this machine alone."""
+    budget = budget_for(lease)
+    if budget is None:
+        budget = open_budget(cfg)
+        budget.add_machine(lease)
+    return budget
 
 
 def check_budget(lease: Lease, cfg: RunConfig) -> None:
     """Raise BudgetExceeded once the run's spending (every machine, failed starts, bandwidth)
     crosses machine.max_cost_usd; without a run budget (a task run alone), this machine's life."""
-    budget = budget_for(lease)
-    if budget is not None:
-        budget.check()
-    else:
-        open_meter(lease, cfg).check_budget()
+    _run_budget(lease, cfg).check()
 
 
 def record_bytes_home(lease: Optional[Lease], nbytes: int) -> None:
@@ -82,9 +83,7 @@ class CopyHomeRefused(BudgetExceeded):
 
 
 def budget_left_usd(lease: Lease, cfg: RunConfig) -> float:
-    budget = budget_for(lease)
-    spent = budget.total_usd() if budget is not None else open_meter(lease, cfg).total_usd()
-    return max(0.0, cfg.machine.max_cost_usd - spent)
+    return max(0.0, cfg.machine.max_cost_usd - _run_budget(lease, cfg).total_usd())
 
 
 def copy_home_cap(lease: Optional[Lease], cfg: Optional[RunConfig], what: str) -> tuple[int, str]:

@@ -1,7 +1,8 @@
-"""What a rented machine costs: $/h (dph_total, GPU + storage) times its life, from creation
-until its destroy is confirmed, plus the bytes it sent home and was sent at its $/GB; split per step; checked
-against a budget cap. `RunBudget` is the run's one meter over every machine it paid for (failed
-start attempts included); `BudgetTimer` checks it on a timer while a command is silent."""
+"""What a rented machine costs (`CostMeter`): $/h (dph_total, GPU + storage) times its life, from
+creation until its destroy is confirmed, plus the bytes it sent home and was sent at its $/GB; split
+per step. `RunBudget` is the run's one meter over every machine it paid for (failed start attempts
+included) and the only place the cap (machine.max_cost_usd) is checked; `BudgetTimer` checks it on a
+timer while a command is silent."""
 from __future__ import annotations
 
 import threading
@@ -23,7 +24,6 @@ class BudgetExceeded(RuntimeError):
 class CostMeter:
     dph: float
     created_at: float
-    max_cost_usd: Optional[float] = None
     label: str = ""
     destroyed_at: Optional[float] = None
     steps: list[dict] = field(default_factory=list)
@@ -35,10 +35,8 @@ class CostMeter:
     bytes_down: int = 0
 
     @classmethod
-    def from_lease(cls, lease: Lease, max_cost_usd: Optional[float] = None,
-                   clock: Callable[[], float] = time.time) -> "CostMeter":
-        return cls(dph=lease.dph_total, created_at=lease.created_at or clock(), max_cost_usd=max_cost_usd,
-                   label=lease.label, clock=clock, instance_id=lease.instance_id,
+    def from_lease(cls, lease: Lease, clock: Callable[[], float] = time.time) -> "CostMeter":
+        return cls(dph=lease.dph_total, created_at=lease.created_at or clock(), label=lease.label, clock=clock, instance_id=lease.instance_id,
                    usd_per_gb_home=float((lease.extra or {}).get("inet_up_cost") or 0.0),
                    usd_per_gb_down=float((lease.extra or {}).get("inet_down_cost") or 0.0))
 
@@ -79,15 +77,6 @@ class CostMeter:
     def destroyed(self, at: Optional[float] = None) -> None:
         """The destroy was confirmed: billing stops here."""
         self.destroyed_at = at if at is not None else self.clock()
-
-    def over_budget(self) -> bool:
-        return self.max_cost_usd is not None and self.total_usd() > self.max_cost_usd
-
-    def check_budget(self) -> None:
-        if self.over_budget():
-            raise BudgetExceeded(f"budget cap crossed: ${self.total_usd():.4f} spent on {self.label or 'the machine'} "
-                                 f"(${self.dph:.3f}/h for {self.elapsed_s() / 3600:.2f} h), machine.max_cost_usd is "
-                                 f"${self.max_cost_usd:.4f}; tear the machine down")
 
     def as_rows(self) -> list[dict]:
         """Plain rows for a table artifact: each step, the time outside steps, and the total (the one

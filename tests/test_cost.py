@@ -16,7 +16,7 @@ class Clock:
 def test_steps_total_and_rows():
     clock = Clock()
     lease = Lease(backend="vast", label="qat-x", dph_total=0.36, created_at=1000.0)
-    meter = CostMeter.from_lease(lease, max_cost_usd=10, clock=clock)
+    meter = CostMeter.from_lease(lease, clock=clock)
     clock.t += 600  # boot
     with meter.step("train"):
         clock.t += 3600
@@ -39,20 +39,26 @@ def test_steps_total_and_rows():
 
 
 def test_budget_cap():
+    from tasks.budget import RunBudget
+
     clock = Clock()
-    meter = CostMeter(dph=2.0, created_at=clock(), max_cost_usd=1.0, label="qat-y", clock=clock)
+    budget = RunBudget(max_cost_usd=1.0, clock=clock)
+    budget.add_machine(Lease(backend="vast", label="qat-y", dph_total=2.0, created_at=clock()))
     clock.t += 1799
-    assert not meter.over_budget()
-    meter.check_budget()
+    assert not budget.over_budget()
+    budget.check()
     clock.t += 2
-    assert meter.over_budget()
-    with pytest.raises(BudgetExceeded, match=r"\$1.0006 spent on qat-y.*max_cost_usd is \$1.0000"):
-        meter.check_budget()
+    assert budget.over_budget()
+    with pytest.raises(BudgetExceeded, match=r"\$1.0006 spent by this run \(1 machine.*max_cost_usd is \$1.0000"):
+        budget.check()
 
 
 def test_no_cap():
-    meter = CostMeter(dph=100.0, created_at=0.0, clock=lambda: 1e6)
-    assert not meter.over_budget()
+    from tasks.budget import RunBudget
+
+    budget = RunBudget(max_cost_usd=None, clock=lambda: 1e6)
+    budget.add_machine(Lease(backend="vast", label="qat-z", dph_total=100.0, created_at=0.0))
+    assert not budget.over_budget()
 
 
 # ---------------------------------------------------------------- the run's budget (every machine)
@@ -179,10 +185,10 @@ def test_report_lists_failed_starts_and_bandwidth():
     from contract.config import load_config
     from tasks.report import render_report
 
-    costs = [{"step": "train", "seconds": 10.0, "usd": 0.01}, {"step": "bandwidth: 5.0 MB copied home at $0.004/GB",
-                                                               "seconds": 0.0, "usd": 0.00002},
-             {"step": "total", "seconds": 12.0, "usd": 0.012},
-             {"step": "failed start attempt, instance 4 (destroyed): total", "seconds": 30.0, "usd": 0.003}]
+    costs = [{"step": "train", "seconds": 10.0, "usd": 0.01, "total": False},
+             {"step": "bandwidth: 5.0 MB copied home at $0.004/GB", "seconds": 0.0, "usd": 0.00002, "total": False},
+             {"step": "total", "seconds": 12.0, "usd": 0.012, "total": True},
+             {"step": "failed start attempt, instance 4 (destroyed): total", "seconds": 30.0, "usd": 0.003, "total": True}]
     md = render_report(load_config("tiny"), None, {}, costs, {}, {"passed": False, "reason": "x"},
                        {"uploaded": False, "path": "/x", "reason": "no"})
     assert "| failed start attempt, instance 4 (destroyed): total | 30.0 | 0.0030 |" in md
@@ -232,8 +238,8 @@ def test_launch_reports_failed_starts_and_the_budget_matches_the_bill(emulator):
 def test_cost_table_shows_the_estimate_beside_the_actual_cost():
     from tasks.billing import estimate_rows, total_usd
 
-    costs = [{"step": "train", "seconds": 7000.0, "usd": 4.9, "usd_per_hour": 2.52, "instance": 7},
-             {"step": "total", "seconds": 9000.0, "usd": 6.3, "usd_per_hour": 2.52, "instance": 7}]
+    costs = [{"step": "train", "seconds": 7000.0, "usd": 4.9, "usd_per_hour": 2.52, "instance": 7, "total": False},
+             {"step": "total", "seconds": 9000.0, "usd": 6.3, "usd_per_hour": 2.52, "instance": 7, "total": True}]
     est = {"basis": "samples x $/sample + setup", "estimated_usd": 5.5, "planned_hours": 2.0, "dph": 2.52,
            "gpu_name": "H200", "expected_samples_per_s": 52.2, "speed_source": "measured"}
     rows = estimate_rows(est, costs, {"samples_per_s": 50.0, "first_step_s": 42.0})

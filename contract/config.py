@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from .fingerprint import FIXTURE_PREFIX
 from .layout import CONFIG_DIR, PUSHED_CODE, REPO_ROOT
-from .machine_config import MODEL_PARAMS, MachineConfig, Strict, TrainWorkload
+from .machine_config import MachineConfig, Strict
 from .whisper_languages import CODES as WHISPER_LANGUAGE_CODES, NAMES as WHISPER_LANGUAGE_NAMES
 
 
@@ -239,8 +239,8 @@ class RunConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _no_derived_fields(cls, raw: Any) -> Any:
-        """machine.vast.workload is derived (`workload`), never read from a file: a value there is
-        ignored, with a warning that says so."""
+        """machine.vast.workload is derived (contract/workload.py), never read from a file: a value
+        there is ignored, with a warning that says so."""
         vast = ((raw.get("machine") if isinstance(raw, dict) else None) or {})
         vast = vast.get("vast") if isinstance(vast, dict) else None
         if isinstance(vast, dict) and "workload" in vast:
@@ -249,24 +249,6 @@ class RunConfig(Strict):
             machine = {**raw["machine"], "vast": {k: v for k, v in vast.items() if k != "workload"}}
             return {**raw, "machine": machine}
         return raw
-
-    @property
-    def workload(self) -> Optional[TrainWorkload]:
-        """What the run will do, so offers are ranked by what the whole run would cost on them
-        (infra/gpu_speed.py, infra/run_estimate.py); None when it cannot be told (offers by $/h alone)."""
-        t, d = self.train, self.data
-        bs, accum = t.per_device_batch_size, t.grad_accum
-        samples = int(t.max_steps * bs * accum) if t.max_steps else math.ceil(t.epochs * d.max_samples)
-        try:
-            return TrainWorkload(
-                scheme=self.quant.scheme, micro_batch=bs, compile=t.compile is not False,
-                gradient_checkpointing=t.gradient_checkpointing, samples=samples,
-                params=MODEL_PARAMS.get(self.model.name_or_path), optimizer=t.optimizer, samples_per_step=bs * accum,
-                save_every=t.save_every, download_rows=d.max_samples + 2 * d.max_eval_samples if d.source == "hf" else 0,
-                prepare_rows=_rows(d, d.max_samples, d.max_eval_samples), eval_clips=d.max_eval_samples,
-                bench_clips=self.bench.max_clips, sync_every_s=self.machine.checkpoint_sync_every_s)
-        except ValidationError:
-            return None
 
     @model_validator(mode="after")
     def _reaches_the_machine(self) -> "RunConfig":
@@ -299,19 +281,6 @@ class RunConfig(Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def _rows(data: DataConfig, cap: int, evals: int) -> int:
-    """Rows prepare writes: train (at most data.max_samples) plus dev and test; a manifest holds no more than its lines."""
-    rows = cap + 2 * evals
-    if data.source == "manifest" and data.manifest:
-        p = data.manifest_path()
-        try:
-            with open(p, "rb") as f:
-                rows = min(rows, sum(1 for _ in f))
-        except OSError:
-            pass
-    return rows
 
 
 class ConfigError(ValueError):

@@ -31,7 +31,7 @@ MODEL_PARAMS = {"bofenghuang/whisper-large-v3-distil-fr-v0.2": 756_405_760}
 class TrainWorkload(Strict):
     """What the run will do, so offers are ranked by what the whole run would cost on them
     (infra/gpu_speed.py, infra/run_estimate.py). Derived from the model, data, train, quant, bench and
-    machine sections (contract/config.py RunConfig.workload), never written into the config."""
+    machine sections (contract/workload.py), never written into the config."""
 
     scheme: Literal["int8", "int4", "plain"] = "int8"
     micro_batch: int = Field(default=8, gt=0)

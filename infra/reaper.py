@@ -123,19 +123,31 @@ def reap_instances(credentials: Mapping[str, Any], max_age_hours: float = 24.0,
     return out
 
 
+def _credentials(url: Optional[str]) -> dict[str, Any]:
+    """Every backend's own credentials from the environment; `url` stands for VAST_URL while they are read."""
+    saved = os.environ.get("VAST_URL")
+    if url:
+        os.environ["VAST_URL"] = url
+    try:
+        return {b.name: b.credentials(no_secret_blocks) for b in registry.BACKENDS.values()}
+    finally:
+        if saved is None:
+            os.environ.pop("VAST_URL", None)
+        else:
+            os.environ["VAST_URL"] = saved
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m infra.reaper", description=__doc__.split("\n\n")[0])
     p.add_argument("--max-age-hours", type=float, required=True, help="destroy labelled instances older than this")
     p.add_argument("--label-prefix", default="qat-", help="only instances whose label starts with this (default qat-)")
     p.add_argument("--dry-run", action="store_true", help="list what would be destroyed, destroy nothing")
-    p.add_argument("--url", help="Vast.ai API endpoint (sets VAST_URL for this process; default: env VAST_URL or the console)")
+    p.add_argument("--url", help="Vast.ai API endpoint (default: env VAST_URL, else the console)")
     args = p.parse_args(argv)
     if not args.label_prefix:
         p.error("--label-prefix must not be empty: the reaper only touches instances it labelled")
-    if args.url:
-        os.environ["VAST_URL"] = args.url
     try:  # each backend reads and checks its own credentials before any request, as for the flow
-        credentials = {b.name: b.credentials(no_secret_blocks) for b in registry.BACKENDS.values()}
+        credentials = _credentials(args.url)
         rows = reap_instances(credentials, max_age_hours=args.max_age_hours, label_prefix=args.label_prefix,
                               dry_run=args.dry_run)
     except ProviderError as e:

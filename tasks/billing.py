@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 from contract.config import RunConfig
+from contract.workload import run_workload
 from infra.machines.archive import MAX_BYTES
 from infra.machines.machine import Lease
 from infra.run_estimate import expected_home_bytes
@@ -93,7 +94,7 @@ def copy_home_cap(lease: Optional[Lease], cfg: Optional[RunConfig], what: str) -
     caps = [(MAX_BYTES, f"the {MAX_BYTES / 1e9:g} GB ceiling")]
     if lease is None or cfg is None:
         return caps[0]
-    expected = expected_home_bytes(cfg.workload, what)
+    expected = expected_home_bytes(run_workload(cfg), what)
     per_gb = float((lease.extra or {}).get("inet_up_cost") or 0.0)
     left = budget_left_usd(lease, cfg)
     if expected is not None:

@@ -20,6 +20,7 @@ from contract.config import RunConfig
 from contract.layout import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK
 from contract.machine_config import STEP_ATTEMPTS
 from contract.result_file import ERROR_FILE, config_hash, is_done, read_result
+from contract.workload import run_workload
 from infra.backends import registry
 from infra.gpu_speed import expected_speed
 from infra.machines.machine import Lease, Machine, TransientMachineError
@@ -158,7 +159,7 @@ def tree_bytes(path: Path) -> int:
 def train_clock(lease: Lease, cfg: RunConfig) -> Optional[dict]:
     """The train step's timeout and checkpoint cadence on this machine's GPU (infra/run_estimate.py
     clock), or None when its speed or the run's size is unknown (then the config's values stand)."""
-    w = cfg.workload
+    w = run_workload(cfg)
     speed = expected_speed(lease.gpu_name, w) if w is not None and w.samples and lease.gpu_name else None
     if speed is None:
         return None

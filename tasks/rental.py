@@ -18,6 +18,7 @@ from contract.disk import disk_plan
 from contract.layout import PUSHED_CODE, REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, REPO_ROOT, REQUIREMENTS
 from contract.remote_env import steps_python
 from contract.result_file import is_done
+from contract.workload import run_workload
 from infra.backends import registry
 from infra.machines.machine import Lease, Machine
 from infra.machines.streams import collect_files
@@ -60,7 +61,7 @@ def forget_machine(lease: Lease) -> None:
 def pre_rent_estimate(cfg: RunConfig, creds: Any) -> dict:
     """The offer that would be rented, every step's hours and bytes on it (registry.price_estimate)
     and the disk the run needs there (contract/disk.py; validate_config refused a smaller min_disk_gb)."""
-    est = registry.price_estimate(cfg.machine, creds, workload=cfg.workload)
+    est = registry.price_estimate(cfg.machine, creds, workload=run_workload(cfg))
     plan = disk_plan(cfg)
     est["disk"] = {"needed_gb": plan.needed_gb, "parts": plan.parts, "plan": plan.describe(),
                    "rented_gb": cfg.machine.vast.min_disk_gb if cfg.machine.backend == "vast" else None}
@@ -162,7 +163,7 @@ def rent_machine(cfg: RunConfig, label: str, run_dir: Path) -> Lease:
     log = get_run_logger()
     collect_files(REPO_ROOT, PUSHED_CODE)  # what push_code sends is known (a git checkout) before anything is rented
     lease = registry.acquire(cfg.machine, label, run_dir, secrets.credentials(cfg.machine.backend), log=log.info,
-                             workload=cfg.workload)
+                             workload=run_workload(cfg))
     log.info("machine %s: %s x%s at $%.3f/h (%s)", lease.label, lease.gpu_name or "cpu", lease.num_gpus,
              lease.dph_total, lease.location or lease.backend)
     return lease

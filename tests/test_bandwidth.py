@@ -16,6 +16,7 @@ import pytest
 from infra.backends.vast.credentials import VastCredentials
 from contract.config import load_config
 from contract.machine_config import VastConfig
+from contract.workload import run_workload
 from infra import gpu_speed
 from infra.backends import registry as provision
 from tasks.budget import RunBudget
@@ -27,7 +28,7 @@ from tasks import billing
 from tasks.remote_step import fetch_outputs
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPk9nJ8k0u2e1k7b5n0s0n3f0c0a0b0c0d0e0f0a0b0c test"
-INT8 = load_config("int8").workload
+INT8 = run_workload(load_config("int8"))
 
 
 def provider(emulator) -> VastProvider:
@@ -66,7 +67,7 @@ def test_the_estimate_of_int8_lists_every_step_and_refuses_over_the_cap(emulator
     from tasks.rental import estimate_cost, estimate_table, pre_rent_estimate
 
     cfg = load_config("int8")
-    est = provision.price_estimate(cfg.machine, VastCredentials(emulator.api_key, emulator.url), workload=cfg.workload)
+    est = provision.price_estimate(cfg.machine, VastCredentials(emulator.api_key, emulator.url), workload=run_workload(cfg))
     rows = {r["step"]: r for r in est["rows"]}
     assert list(rows) == ["set-up", "prepare", "train", "convert", "bench", "evaluate"]
     for step in ("prepare", "train", "convert", "bench", "evaluate"):

@@ -6,6 +6,7 @@ import pytest
 
 from contract.config import load_config
 from contract.machine_config import TrainWorkload, VastConfig
+from contract.workload import run_workload
 from infra import gpu_speed, run_estimate
 from infra.backends.vast.api import NoOffersError
 
@@ -57,10 +58,10 @@ def test_estimate_is_every_steps_hours_plus_bytes_or_planned_hours():
 
 
 def test_the_workload_comes_from_the_train_and_quant_sections():
-    w = load_config("int8").workload
+    w = run_workload(load_config("int8"))
     assert (w.scheme, w.micro_batch, w.compile, w.gradient_checkpointing, w.samples) == ("int8", 8, True, True, 300_000)
     assert (w.params, w.samples_per_step, w.save_every, w.download_rows, w.eval_clips) == (756_405_760, 32, 3000, 61_000, 500)
-    w = load_config("int4", {"train.max_steps": 100, "train.compile": False}).workload
+    w = run_workload(load_config("int4", {"train.max_steps": 100, "train.compile": False}))
     assert (w.scheme, w.compile, w.samples) == ("int4", False, 100 * 8 * 4)
 
 
@@ -69,7 +70,7 @@ def test_a_workload_written_in_a_config_file_is_ignored_with_a_warning():
     and its run is ranked by what the train and quant sections say."""
     with pytest.warns(UserWarning, match="machine.vast.workload is ignored"):
         c = load_config("int8", {"machine.vast.workload": {"scheme": "int4", "micro_batch": 64}})
-    assert (c.workload.scheme, c.workload.micro_batch) == ("int8", 8)
+    assert (run_workload(c).scheme, run_workload(c).micro_batch) == ("int8", 8)
     assert "workload" not in c.to_yaml()
 
 

@@ -305,8 +305,8 @@ def test_reaper_destroys_only_dead_runs_of_ours_and_only_on_the_second_check(ser
         _passes(rpass, alive, everyone, doomed, spec, state, log)
     finally:
         for name in alive():
-            provision.release(Lease(backend="vast", label=spec[name], instance_id=ids[name]), emulator.api_key,
-                              emulator.url)
+            provision.release(Lease(backend="vast", label=spec[name], instance_id=ids[name]),
+                              VastCredentials(emulator.api_key, emulator.url))
 
 
 def _passes(rpass, alive, everyone, doomed, spec, state, log):

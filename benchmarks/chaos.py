@@ -167,10 +167,12 @@ def silent_budget_overrides(stack, life_s: float = 150, check_s: float = 10) -> 
     """A cap that buys `life_s` of the cheapest matching machine: renting, setup and the start of
     training fit, then the frozen step sits silent until the timer finds the cap crossed."""
     from contract.config import load_config
+    from contract.workload import run_workload
     from infra.backends.vast.instances import VastProvider
 
-    mc = load_config("tiny").machine
-    dph = float(VastProvider(api_key=stack.api_key, server_url=stack.emu.url).search_offers(mc.vast)[0]["dph_total"])
+    cfg = load_config("tiny")
+    dph = float(VastProvider(api_key=stack.api_key, server_url=stack.emu.url).search_offers(
+        cfg.machine.vast, workload=run_workload(cfg))[0]["dph_total"])
     return {**LONG_TRAIN, "machine.max_cost_usd": round(dph * life_s / 3600, 6), "machine.planned_hours": 0.001,
             "machine.budget_check_every_s": check_s}
 

@@ -95,7 +95,7 @@ def copy_home_cap(lease: Optional[Lease], cfg: Optional[RunConfig], what: str) -
     if lease is None or cfg is None:
         return caps[0]
     expected = expected_home_bytes(run_workload(cfg), what)
-    per_gb = float((lease.extra or {}).get("inet_up_cost") or 0.0)
+    per_gb = lease.inet_up_cost
     left = budget_left_usd(lease, cfg)
     if expected is not None:
         caps.append((int(expected * COPY_SLACK + COPY_FLOOR),

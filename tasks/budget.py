@@ -9,9 +9,9 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
-from infra.machines.machine import Lease
+from infra.machines.machine import FailedStart, Lease
 
 
 class BudgetExceeded(RuntimeError):
@@ -37,8 +37,7 @@ class CostMeter:
     @classmethod
     def from_lease(cls, lease: Lease, clock: Callable[[], float] = time.time) -> "CostMeter":
         return cls(dph=lease.dph_total, created_at=lease.created_at or clock(), label=lease.label, clock=clock, instance_id=lease.instance_id,
-                   usd_per_gb_home=float((lease.extra or {}).get("inet_up_cost") or 0.0),
-                   usd_per_gb_down=float((lease.extra or {}).get("inet_down_cost") or 0.0))
+                   usd_per_gb_home=lease.inet_up_cost, usd_per_gb_down=lease.inet_down_cost)
 
     def _usd(self, seconds: float) -> float:
         return self.dph * max(0.0, seconds) / 3600.0
@@ -117,27 +116,26 @@ class RunBudget:
         meter = CostMeter.from_lease(lease, clock=self.clock)
         with self._lock:
             self.machines.append(meter)
-        self.add_failed_starts((lease.extra or {}).get("failed_starts") or ())
+        self.add_failed_starts(lease.failed_starts)
         return meter
 
-    def add_failed_starts(self, records) -> None:
-        """Instances a launch created and gave up on: {instance_id, dph_total, created_at,
-        destroyed_at (None: not confirmed, still billing), label}. Each instance is counted once."""
+    def add_failed_starts(self, starts: Iterable[FailedStart]) -> None:
+        """Instances a launch created and gave up on (destroyed_at None: not confirmed, still
+        billing). Each instance is counted once; a later report of it brings its destroy time."""
         with self._lock:
             known = {m.instance_id for m in self.failed_starts if m.instance_id is not None}
-            for r in records or ():
-                iid = r.get("instance_id")
-                if iid is not None and iid in known:
-                    for m in self.failed_starts:  # a later report of the same instance: its destroy time
-                        if m.instance_id == iid and r.get("destroyed_at") is not None:
-                            m.destroyed_at = float(r["destroyed_at"])
+            for r in starts or ():
+                if r.instance_id is not None and r.instance_id in known:
+                    for m in self.failed_starts:
+                        if m.instance_id == r.instance_id and r.destroyed_at is not None:
+                            m.destroyed_at = float(r.destroyed_at)
                     continue
-                if iid is not None:
-                    known.add(iid)
+                if r.instance_id is not None:
+                    known.add(r.instance_id)
                 self.failed_starts.append(CostMeter(
-                    dph=float(r.get("dph_total") or 0.0), created_at=float(self.clock() if r.get("created_at") is None else r["created_at"]),
-                    label=str(r.get("label") or ""), clock=self.clock, instance_id=iid,
-                    destroyed_at=None if r.get("destroyed_at") is None else float(r["destroyed_at"])))
+                    dph=float(r.dph_total or 0.0), created_at=float(self.clock() if r.created_at is None else r.created_at),
+                    label=r.label, clock=self.clock, instance_id=r.instance_id,
+                    destroyed_at=None if r.destroyed_at is None else float(r.destroyed_at)))
 
     def meter_for(self, lease: Lease) -> Optional[CostMeter]:
         with self._lock:

@@ -243,12 +243,12 @@ def destroy_machine(lease: Lease) -> dict:
 def delete_run_key(lease: Lease) -> bool:
     """Delete the per-run SSH key pair of a destroyed machine (True if one was deleted).
 
-    Only a key the backend made for this run (`lease.extra["run_key_dir"]`, vast) and only once the
+    Only a key the backend made for this run (`lease.run_key_dir`, vast) and only once the
     machine is confirmed gone: nothing can use it any more. A machine rented again within the run
     (a lost machine replaced) gets a fresh pair from infra/backends/keys.py, so deleting here costs nothing.
     A key the user owns (backend ssh) is never touched. If the flow process dies before this, the
     key stays in the run directory (runs/<name>/ssh/<label>/) until deleted by hand."""
-    key_dir = lease.extra.get("run_key_dir") if isinstance(lease.extra, dict) else None
+    key_dir = lease.run_key_dir
     if not key_dir or not lease.key_path:
         return False
     key_dir, private = Path(key_dir), Path(lease.key_path)

@@ -139,7 +139,7 @@ def test_a_copy_home_over_its_cap_is_refused_before_or_aborted_during_the_transf
     cfg = load_config("tiny", {"machine.max_cost_usd": 0.001})
     lease = Lease(backend="ssh", label="qat-bw-test", instance_id=1, host=sshd_host.host, port=sshd_host.port,
                   key_path=str(sshd_host.key_path), host_key=sshd_host.host_key, created_at=time.time(),
-                  extra={"inet_up_cost": 1.0})
+                  inet_up_cost=1.0)
     budget = RunBudget(cfg.machine.max_cost_usd)
     billing.register(budget, lease)
     local_work = tmp_path / "work"
@@ -180,7 +180,7 @@ def test_the_emulator_bills_the_ssh_bytes_at_the_offers_price(emulator, tmp_path
         p.destroy(lease.instance_id)
     row = next(r for r in emulator.ledger()["instances"] if r["id"] == lease.instance_id)
     assert row["bytes_up"] > 3 * 10**6 and row["bytes_down"] > 0
-    up, down = lease.extra["inet_up_cost"], lease.extra["inet_down_cost"]
+    up, down = lease.inet_up_cost, lease.inet_down_cost
     assert row["bandwidth_cost"] == pytest.approx(row["bytes_up"] / 1e9 * up + row["bytes_down"] / 1e9 * down, abs=1e-9)
 
 
@@ -190,7 +190,7 @@ def test_what_is_pushed_to_the_machine_is_billed_at_its_inet_down_cost(sshd_host
     (src / "blob.bin").write_bytes(os.urandom(2 * 10**6))
     lease = Lease(backend="ssh", label="qat-push-test", instance_id=2, host=sshd_host.host, port=sshd_host.port,
                   key_path=str(sshd_host.key_path), host_key=sshd_host.host_key, created_at=time.time(),
-                  extra={"inet_up_cost": 0.0, "inet_down_cost": 0.5})
+                  inet_up_cost=0.0, inet_down_cost=0.5)
     budget = RunBudget(1.0)
     billing.register(budget, lease)
     try:

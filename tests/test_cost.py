@@ -2,7 +2,7 @@
 import pytest
 
 from tasks.budget import BudgetExceeded, CostMeter
-from infra.machines.machine import Lease
+from infra.machines.machine import FailedStart, Lease
 
 
 class Clock:
@@ -70,15 +70,14 @@ def test_run_budget_counts_every_machine_failed_starts_and_bandwidth():
     clock = Clock()
     budget = RunBudget(max_cost_usd=1.0, clock=clock)
     first = budget.add_machine(Lease(backend="vast", label="qat-r", instance_id=1, dph_total=0.36, created_at=1000.0,
-                                     extra={"inet_up_cost": 0.01, "failed_starts": [
-                                         {"instance_id": 7, "dph_total": 0.72, "created_at": 0.0, "destroyed_at": 500.0},
-                                         {"instance_id": 8, "dph_total": 0.36, "created_at": 500.0, "destroyed_at": None}]}))
+                                     inet_up_cost=0.01, failed_starts=[FailedStart(7, 0.72, 0.0, 500.0),
+                                                                       FailedStart(8, 0.36, 500.0, None)]))
     clock.t += 3600
     first.add_bytes_home(2_000_000_000)  # 2 GB at $0.01/GB
     first.destroyed()
     second = budget.add_machine(Lease(backend="vast", label="qat-r", instance_id=2, dph_total=0.36, created_at=clock.t))
     # the same failed start reported again (by the lease, then by a later report) is counted once
-    budget.add_failed_starts([{"instance_id": 7, "dph_total": 0.72, "created_at": 0.0, "destroyed_at": 500.0}])
+    budget.add_failed_starts([FailedStart(7, 0.72, 0.0, 500.0)])
     clock.t += 1800
     assert first.total_usd() == pytest.approx(0.36 + 0.02)
     assert second.total_usd() == pytest.approx(0.18)
@@ -125,7 +124,7 @@ def test_run_budget_cap_over_all_machines_and_stays_crossed():
 
     clock = Clock()
     budget = RunBudget(max_cost_usd=1.0, clock=clock)
-    budget.add_failed_starts([{"instance_id": 5, "dph_total": 2.0, "created_at": clock.t, "destroyed_at": clock.t + 1200}])
+    budget.add_failed_starts([FailedStart(5, 2.0, clock.t, clock.t + 1200)])
     budget.add_machine(Lease(backend="vast", label="qat-c", instance_id=6, dph_total=2.0, created_at=clock.t))
     clock.t += 599  # one machine alone is under the cap ($0.33); with the failed start's $0.67 it is not yet over
     budget.check()
@@ -171,7 +170,7 @@ def test_check_budget_uses_the_run_budget_of_the_lease(monkeypatch):
     budget = RunBudget(0.5)
     billing.register(budget, lease)
     try:
-        budget.add_failed_starts([{"instance_id": 99, "dph_total": 100.0, "created_at": 0.0, "destroyed_at": 3600.0}])
+        budget.add_failed_starts([FailedStart(99, 100.0, 0.0, 3600.0)])
         with pytest.raises(BudgetExceeded):
             billing.check_budget(lease, cfg)
         billing.record_bytes_home(lease, 1234)
@@ -212,9 +211,9 @@ def test_launch_reports_failed_starts_and_the_budget_matches_the_bill(emulator):
     p = VastProvider(api_key=emulator.api_key, server_url=emulator.url, poll_s=0.2, backoff_s=0.02, log_fn=log)
     mc = load_config("tiny", {"machine.provision_timeout_s": 2}).machine
     lease = p.launch(mc, "qat-budget", "ssh-ed25519 AAAA test")
-    seen = lease.extra["failed_starts"]
-    assert len(seen) == 1 and seen[0]["destroyed_at"] is not None and seen[0]["instance_id"] != lease.instance_id
-    assert lease.extra["inet_up_cost"] > 0
+    seen = lease.failed_starts
+    assert len(seen) == 1 and seen[0].destroyed_at is not None and seen[0].instance_id != lease.instance_id
+    assert lease.inet_up_cost > 0
     budget = RunBudget(max_cost_usd=10)
     meter = budget.add_machine(lease)
     budget.add_failed_starts(seen)  # reported twice (the lease, then again): counted once
@@ -232,7 +231,7 @@ def test_launch_reports_failed_starts_and_the_budget_matches_the_bill(emulator):
         p.launch(load_config("tiny", {"machine.provision_timeout_s": 1, "machine.vast.create_attempts": 2}).machine,
                  "qat-never", "ssh-ed25519 AAAA test")
     assert len(err.value.failed_starts) == 2
-    assert all(r["destroyed_at"] is not None for r in err.value.failed_starts)
+    assert all(r.destroyed_at is not None for r in err.value.failed_starts)
 
 
 def test_cost_table_shows_the_estimate_beside_the_actual_cost():

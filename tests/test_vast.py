@@ -95,7 +95,7 @@ def test_stuck_loading_moves_to_the_next_offer(emulator):
     assert len(rows) == 2
     first = next(r for r in rows if r["id"] != lease.instance_id)
     assert first["ended_at"] is not None and first["end_reason"] == "destroyed"
-    assert first["offer_id"] != lease.extra["offer_id"]
+    assert first["offer_id"] != lease.offer_id
     assert any("failed" in m and "log tail" in m for m in messages)
     p.destroy(lease.instance_id)
 
@@ -261,7 +261,7 @@ def test_the_run_key_pair_is_deleted_once_its_machine_is_destroyed(emulator, tmp
     lease = provision.acquire(cfg(), "qat-keys", tmp_path, VastCredentials(emulator.api_key, emulator.url),
                               log=lambda m: None)
     key = tmp_path / "ssh" / "qat-keys" / "id_ed25519"
-    assert lease.key_path == str(key) and key.is_file() and lease.extra["run_key_dir"] == str(key.parent)
+    assert lease.key_path == str(key) and key.is_file() and lease.run_key_dir == str(key.parent)
     assert lease.host_key_source == "provider log"
     assert provision.release(lease, VastCredentials(emulator.api_key, emulator.url)) is True
     assert delete_run_key(lease) is True
@@ -272,7 +272,7 @@ def test_the_run_key_pair_is_deleted_once_its_machine_is_destroyed(emulator, tmp
     own.write_text("private")
     assert delete_run_key(Lease(backend="ssh", label="x", key_path=str(own))) is False and own.exists()
     assert delete_run_key(Lease(backend="vast", label="x", key_path=str(own),
-                                extra={"run_key_dir": str(tmp_path / "ssh" / "elsewhere")})) is False and own.exists()
+                                run_key_dir=str(tmp_path / "ssh" / "elsewhere"))) is False and own.exists()
 
 
 # ---------------------------------------------------------------- first contact: orphans, duplicates, status, 429s

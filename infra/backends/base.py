@@ -9,11 +9,11 @@ that rents nothing needs none (`credentials` returns None and every verb accepts
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 from contract.machine_config import MachineConfig, TrainWorkload
 
-from ..machines.machine import Lease, LogFn, Machine
+from ..machines.machine import FailedStart, Lease, LogFn, Machine
 
 SecretBlock = Callable[[str], Optional[str]]  # a stored secret's name -> its value (None: not there)
 
@@ -24,9 +24,11 @@ def no_secret_blocks(name: str) -> Optional[str]:
 
 
 class ProviderError(RuntimeError):
-    """A backend's provider failed or refused. `retryable`: whether a later try may fix it (tasks/retry.py)."""
+    """A backend's provider failed or refused. `retryable`: whether a later try may fix it (tasks/retry.py).
+    `failed_starts`: the instances a launch created and gave up on before it failed (billed all the same)."""
 
     retryable = False
+    failed_starts: Sequence[FailedStart] = ()
 
 
 @runtime_checkable

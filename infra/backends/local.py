@@ -29,10 +29,10 @@ class LocalBackend:
         home = Path(workdir) / "machine"
         home.mkdir(parents=True, exist_ok=True)
         return Lease(backend=self.name, label=label, host="localhost", created_at=time.time(),
-                     extra={"home": str(home.resolve())})
+                     home=str(home.resolve()))
 
     def connect(self, lease: Lease, timeout: float) -> Machine:
-        return LocalMachine(Path(lease.extra["home"]), name=f"local:{lease.label}")
+        return LocalMachine(Path(lease.home or "."), name=f"local:{lease.label}")
 
     def python(self, mc: MachineConfig) -> str:
         return sys.executable  # this very interpreter: the steps need no other

@@ -81,6 +81,18 @@ class Machine(Protocol):
 
 
 @dataclass
+class FailedStart:
+    """An instance a launch created and gave up on: billed from its creation until its destroy
+    (destroyed_at None: not confirmed, still billing)."""
+
+    instance_id: Optional[int]
+    dph_total: float
+    created_at: float
+    destroyed_at: Optional[float] = None
+    label: str = ""
+
+
+@dataclass
 class Lease:
     """What was rented (or attached), enough to find it again and bill it: plain data, picklable."""
 
@@ -101,4 +113,11 @@ class Lease:
     num_gpus: int = 0
     location: str = ""
     created_at: float = 0.0
-    extra: dict = field(default_factory=dict)
+    machine_id: Optional[int] = None  # the provider's host (vast): excluded after a failed start
+    offer_id: Optional[int] = None
+    ssh_alternatives: list = field(default_factory=list)  # [[host, port], ...]: the same machine's other SSH endpoints
+    inet_up_cost: float = 0.0  # the host's $/GB for bytes leaving the machine (copies home)
+    inet_down_cost: float = 0.0  # the host's $/GB for bytes reaching it (pushes)
+    failed_starts: list[FailedStart] = field(default_factory=list)  # what the launch created and gave up on
+    run_key_dir: Optional[str] = None  # the per-run key pair's folder (vast), deleted once the machine is gone
+    home: Optional[str] = None  # the local backend's folder the steps run in

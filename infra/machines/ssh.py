@@ -82,7 +82,7 @@ class SSHMachine:
         pkey = self._load_key()
         # Vast offers a direct port and a proxy: alternate between them until one answers.
         endpoints = [(self.lease.host, self.lease.port)] + [
-            (str(h), int(p)) for h, p in self.lease.extra.get("ssh_alternatives", []) if (h, p) != (self.lease.host, self.lease.port)]
+            (str(h), int(p)) for h, p in self.lease.ssh_alternatives if (h, p) != (self.lease.host, self.lease.port)]
         while True:
             attempt += 1
             host, port = endpoints[(attempt - 1) % len(endpoints)]

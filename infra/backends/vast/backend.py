@@ -44,12 +44,12 @@ class VastBackend:
         from the fingerprints the instance printed in its log (read over the API before the first
         SSH connection: hostkeys.py), `lease.host_key_source == "provider log"`."""
         # a fresh key pair per rental (label = qat-<installation id>-<flow run id>), never one found in the folder;
-        # the lease names its folder (extra["run_key_dir"]) so tasks/rental.py deletes it once the machine is destroyed
+        # the lease names its folder (run_key_dir) so tasks/rental.py deletes it once the machine is destroyed
         key_dir = Path(workdir) / "ssh" / re.sub(r"[^A-Za-z0-9._-]", "_", label)
         pair = keys.generate_keypair(key_dir)
         lease = self.provider(creds, log).launch(mc, label, pair.public_key, key_path=str(pair.private_path),
                                                  ready_check=pin_host_key(mc.ssh_timeout_s, log), workload=workload)
-        lease.extra["run_key_dir"] = str(key_dir)
+        lease.run_key_dir = str(key_dir)
         return lease
 
     def connect(self, lease: Lease, timeout: float) -> Machine:
@@ -98,4 +98,4 @@ class VastBackend:
         return Lease(backend=self.name, label=str(row.get("label") or ""), instance_id=int(row["id"]), host=host,
                      port=port, dph_total=float(row.get("dph_total") or 0.0), gpu_name=str(row.get("gpu_name") or ""),
                      num_gpus=int(row.get("num_gpus") or 0), created_at=float(row.get("start_date") or 0.0),
-                     extra={"machine_id": row.get("machine_id"), "actual_status": row.get("actual_status")})
+                     machine_id=row.get("machine_id"))

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 from contract.machine_config import MachineConfig, TrainWorkload
 
-from ...machines.machine import Lease
+from ...machines.machine import FailedStart, Lease
 from .api import NoOffersError, ProvisionError, SearchQuotaExceeded, VastAPIError
 from . import hostkeys
 from .hostkeys import HOSTKEY_MARK, HOSTKEY_WAIT_S, parse_host_keys, ssh_endpoint, ssh_endpoints
@@ -126,18 +126,17 @@ class VastProvider(VastOffers):
         """Rent the matching offer on which `workload` costs least, wait for it to run (and pass ready_check, e.g. SSH).
         A failed start is logged (log tail), destroyed, its machine excluded, and the next offer tried,
         up to machine.vast.create_attempts times. Each failed start's instance billed from creation to
-        its destroy: it is listed as {instance_id, dph_total, created_at, destroyed_at (None when not
-        confirmed), label} in the lease's extra["failed_starts"] (or the ProvisionError's
-        `failed_starts`) so the run's budget counts it."""
+        its destroy: it is listed as a FailedStart in the lease's `failed_starts` (or the error's)
+        so the run's budget counts it."""
         v = m.vast
         known: set[int] = set()  # every instance id of this launch (used, failed, destroyed)
         excluded: set[int] = set()
         reasons: list[str] = []
-        failed_starts: list[dict] = []
+        failed_starts: list[FailedStart] = []
 
         def provision_error(message: str) -> ProvisionError:
             err = ProvisionError(message)
-            err.failed_starts = failed_starts  # type: ignore[attr-defined]
+            err.failed_starts = failed_starts
             return err
 
         for attempt in range(1, v.create_attempts + 1):
@@ -192,11 +191,11 @@ class VastProvider(VastOffers):
                               gpu_name=str(row.get("gpu_name") or offer.get("gpu_name") or ""),
                               num_gpus=int(row.get("num_gpus") or offer.get("num_gpus") or 0),
                               location=str(offer.get("geolocation") or ""), created_at=created_at,
-                              extra={"machine_id": machine_id, "offer_id": offer["id"],
-                                     "ssh_alternatives": [list(e) for e in ssh_endpoints(row)[1:]],
-                                     "inet_up_cost": float(row.get("inet_up_cost") or offer.get("inet_up_cost") or 0),
-                                     "inet_down_cost": float(row.get("inet_down_cost") or offer.get("inet_down_cost") or 0),
-                                     "failed_starts": failed_starts})
+                              machine_id=machine_id, offer_id=offer["id"],
+                              ssh_alternatives=[list(e) for e in ssh_endpoints(row)[1:]],
+                              inet_up_cost=float(row.get("inet_up_cost") or offer.get("inet_up_cost") or 0),
+                              inet_down_cost=float(row.get("inet_down_cost") or offer.get("inet_down_cost") or 0),
+                              failed_starts=failed_starts)
                 if ready_check is not None:
                     ready_check(lease)
                 self._destroy_strays(label, iid, known)
@@ -210,10 +209,9 @@ class VastProvider(VastOffers):
                     destroyed_at = time.time()
                 except Exception as d:
                     self.log(f"instance {iid}: destroy after failed start failed too: {d}; the reaper will retry")
-                failed_starts.append({"instance_id": iid, "dph_total": float(offer["dph_total"]), "created_at": created_at,
-                                      "destroyed_at": destroyed_at, "label": label})
+                failed_starts.append(FailedStart(iid, float(offer["dph_total"]), created_at, destroyed_at, label))
                 if not isinstance(e, Exception) or isinstance(e, VastAPIError) and not isinstance(e, ProvisionError):
-                    e.failed_starts = failed_starts  # type: ignore[attr-defined]
+                    e.failed_starts = failed_starts  # a ProviderError declares it; a cancel carries it too
                     raise
                 reason = self.redact(f"{type(e).__name__}: {e}")
                 self.log(f"instance {iid} on machine {machine_id} failed: {reason}\n--- log tail ---\n{tail}")

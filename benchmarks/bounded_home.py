@@ -1,8 +1,8 @@
 """CPU time of the home side on two hostile inputs (issue 19 findings 4 and 7):
 
-- the archive check (infra/archive.py extract_archive) on 200 files at depth 900 (one deep
-  directory chain, a file per member at its bottom), and at depth 32 (infra/archive.py MAX_DEPTH);
-- the line splitter (infra/local.py LineSplitter) on 32 MB without a newline, fed in 64 KiB chunks
+- the archive check (infra/machines/archive.py extract_archive) on 200 files at depth 900 (one deep
+  directory chain, a file per member at its bottom), and at depth 32 (infra/machines/archive.py MAX_DEPTH);
+- the line splitter (infra/machines/streams.py LineSplitter) on 32 MB without a newline, fed in 64 KiB chunks
   as SSHMachine.run receives them.
 
     python -m benchmarks.bounded_home
@@ -30,7 +30,7 @@ def deep_archive(members: int = 200, depth: int = 900) -> io.BytesIO:
 
 
 def archive_case(depth: int) -> str:
-    from infra.archive import extract_archive
+    from infra.machines.archive import extract_archive
 
     src = deep_archive(200, depth)
     with tempfile.TemporaryDirectory() as d:
@@ -46,7 +46,7 @@ def archive_case(depth: int) -> str:
 
 
 def splitter_case(megabytes: int = 32) -> str:
-    from infra.local import LineSplitter
+    from infra.machines.streams import LineSplitter
 
     calls: list[int] = []
     s = LineSplitter(lambda line: calls.append(len(line)))

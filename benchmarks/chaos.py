@@ -183,10 +183,12 @@ def silent_budget_overrides(stack, life_s: float = 150, check_s: float = 10) -> 
     """A cap that buys `life_s` of the cheapest matching machine: renting, setup and the start of
     training fit, then the frozen step sits silent until the timer finds the cap crossed."""
     from contract.config import load_config
-    from infra.vast import VastProvider
+    from contract.workload import run_workload
+    from infra.backends.vast.instances import VastProvider
 
-    mc = load_config("tiny").machine
-    dph = float(VastProvider(api_key=stack.api_key, server_url=stack.emu.url).search_offers(mc.vast)[0]["dph_total"])
+    cfg = load_config("tiny")
+    dph = float(VastProvider(api_key=stack.api_key, server_url=stack.emu.url).search_offers(
+        cfg.machine.vast, workload=run_workload(cfg))[0]["dph_total"])
     return {**LONG_TRAIN, "machine.max_cost_usd": round(dph * life_s / 3600, 6), "machine.planned_hours": 0.001,
             "machine.budget_check_every_s": check_s}
 
@@ -770,7 +772,7 @@ def save(rows_by_name: dict) -> None:
 
 def harness_error(stack: Stack, sc: Scenario, e: Exception) -> dict:
     """A row saying the harness itself broke; any live instance is destroyed (it would bill the next scenario)."""
-    from infra.vast import VastProvider
+    from infra.backends.vast.instances import VastProvider
 
     live = [i["id"] for i in stack.emu.live_instances()]
     for i in live:

@@ -47,9 +47,9 @@ def marked_json(line: str, prefix: str) -> Optional[dict]:
 BULK_OUTPUTS: dict[str, tuple[str, ...]] = {"prepare": ("train", "dev", "test"),
                                             "train": ("checkpoints", "checkpoints-set-aside")}
 # What a step may send home: path components of letters, digits and ._+=,@- (no links, no `..`:
-# infra/archive.py checks every member of the one archive a step's outputs come home in).
+# infra/machines/archive.py checks every member of the one archive a step's outputs come home in).
 OUTPUT_NAME = re.compile(r"[A-Za-z0-9._+=,@-]+(/[A-Za-z0-9._+=,@-]+)*")
-# The most a step's outputs may unpack to at home (infra/archive.py max_bytes, decompressed), from
+# The most a step's outputs may unpack to at home (infra/machines/archive.py max_bytes, decompressed), from
 # what each step writes at the real model's shapes (docs/REFERENCE.md 1d, benchmarks/checkpoint.json):
 # train's fp32 model is 3.0 GB and, after a failure, its last 2 checkpoints come too (9.1 GB each with
 # AdamW); convert writes two fp32 ONNX exports (3 GB of weights each, more with the decoder copies) and

@@ -12,6 +12,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Union
 
@@ -20,8 +21,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from .fingerprint import FIXTURE_PREFIX, check_revision, hub_model_id
 from .layout import CONFIG_DIR, PUSHED_CODE, REPO_ROOT
+from .machine_config import MachineConfig, Strict
 from .quant_spec import QuantSpec
-from .machine_config import MODEL_PARAMS, MachineConfig, Strict, TrainWorkload
 from .whisper_languages import CODES as WHISPER_LANGUAGE_CODES, NAMES as WHISPER_LANGUAGE_NAMES
 
 
@@ -282,44 +283,17 @@ class RunConfig(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _workload(cls, raw: Any) -> Any:
-        """machine.vast.workload from the train and quant sections (offers are ranked by $ per sample)."""
-        if not isinstance(raw, dict):
-            return raw
-        tr, q, data = raw.get("train") or {}, raw.get("quant") or {}, raw.get("data") or {}
-        if not all(isinstance(x, dict) for x in (tr, q, data)) or not isinstance(raw.get("machine", {}), dict):
-            return raw  # the section's own validation names what is wrong
-        t = TrainConfig.model_fields
-        get = lambda k: tr.get(k, t[k].default)  # noqa: E731
-        bs, accum = get("per_device_batch_size"), get("grad_accum")
-        epochs, steps, cap = get("epochs"), get("max_steps"), data.get("max_samples", DataConfig.model_fields["max_samples"].default)
-        try:
-            samples = int(steps * bs * accum) if steps else (math.ceil(epochs * cap) if cap else None)
-        except (TypeError, ValueError):
-            return raw
-        model, bench = raw.get("model") or {}, raw.get("bench") or {}
-        evals = data.get("max_eval_samples", DataConfig.model_fields["max_eval_samples"].default)
-        hub = data.get("source") == "hf"
-        workload = {"scheme": q.get("scheme"), "micro_batch": bs, "compile": get("compile") is not False,
-                    "gradient_checkpointing": get("gradient_checkpointing"), "samples": samples,
-                    "params": MODEL_PARAMS.get(model.get("name_or_path")) if isinstance(model, dict) else None,
-                    "optimizer": get("optimizer"), "samples_per_step": bs * accum, "save_every": get("save_every"),
-                    "download_rows": (cap + 2 * evals) if hub and isinstance(cap, int) and isinstance(evals, int) else 0,
-                    "prepare_rows": _rows(data, cap, evals),
-                    "eval_clips": evals if isinstance(evals, int) else 0,
-                    "bench_clips": bench.get("max_clips", BenchConfig.model_fields["max_clips"].default)
-                    if isinstance(bench, dict) else 0,
-                    "sync_every_s": (raw.get("machine") or {}).get("checkpoint_sync_every_s",
-                                                                   MachineConfig.model_fields["checkpoint_sync_every_s"].default)}
-        try:
-            TrainWorkload(**workload)
-        except ValidationError:
-            return raw  # an invalid train/quant value: its own section's error names it
-        machine = dict(raw.get("machine") or {})
-        vast = machine.get("vast") or {}
-        if isinstance(vast, dict):
-            machine["vast"] = {**vast, "workload": workload}
-        return {**raw, "machine": machine}
+    def _no_derived_fields(cls, raw: Any) -> Any:
+        """machine.vast.workload is derived (contract/workload.py), never read from a file: a value
+        there is ignored, with a warning that says so."""
+        vast = ((raw.get("machine") if isinstance(raw, dict) else None) or {})
+        vast = vast.get("vast") if isinstance(vast, dict) else None
+        if isinstance(vast, dict) and "workload" in vast:
+            warnings.warn("machine.vast.workload is ignored: it is derived from the model, data, train, quant, "
+                          "bench and machine sections; delete it from the config", stacklevel=2)
+            machine = {**raw["machine"], "vast": {k: v for k, v in vast.items() if k != "workload"}}
+            return {**raw, "machine": machine}
+        return raw
 
     @model_validator(mode="after")
     def _reaches_the_machine(self) -> "RunConfig":
@@ -367,21 +341,6 @@ class RunConfig(Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def _rows(data: dict, cap: Any, evals: Any) -> int:
-    """Rows prepare writes: train (at most data.max_samples) plus dev and test; a manifest holds no more than its lines."""
-    if not (isinstance(cap, int) and isinstance(evals, int)):
-        return 0
-    rows = cap + 2 * evals
-    if data.get("source") == "manifest" and isinstance(data.get("manifest"), str):
-        p = Path(data["manifest"]) if Path(data["manifest"]).is_absolute() else REPO_ROOT / data["manifest"]
-        try:
-            with open(p, "rb") as f:
-                rows = min(rows, sum(1 for _ in f))
-        except OSError:
-            pass
-    return rows
 
 
 class ConfigError(ValueError):

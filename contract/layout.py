@@ -6,7 +6,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
-# What the orchestrator sends to a machine: the files git tracks in these (infra/local.py collect_files),
+# What the orchestrator sends to a machine: the files git tracks in these (infra/machines/streams.py collect_files),
 # never untracked files, data, venvs or caches.
 PUSHED_CODE = ("contract", "steps", "configs", "fixtures", "requirements-remote.txt", "pyproject.toml")
 REQUIREMENTS = "requirements-remote.txt"

@@ -31,7 +31,7 @@ MODEL_PARAMS = {"bofenghuang/whisper-large-v3-distil-fr-v0.2": 756_405_760}
 class TrainWorkload(Strict):
     """What the run will do, so offers are ranked by what the whole run would cost on them
     (infra/gpu_speed.py, infra/run_estimate.py). Derived from the model, data, train, quant, bench and
-    machine sections by contract/config.py: a value written in a config file is replaced."""
+    machine sections (contract/workload.py), never written into the config."""
 
     scheme: Literal["int8", "int4", "plain"] = "int8"
     micro_batch: int = Field(default=8, gt=0)
@@ -91,7 +91,6 @@ class VastConfig(Strict):
     max_dph: float = Field(default=1.5, gt=0, description="most $/h a rented machine may cost")
     image: str = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime"
     create_attempts: int = Field(default=3, gt=0, le=20)
-    workload: Optional[TrainWorkload] = None  # set from train/quant; None: offers ranked by $/h alone
 
     @field_validator("num_gpus", mode="before")
     @classmethod

@@ -2,7 +2,7 @@
 
     python -m devtools.estimate [CONFIG] [key=value ...]     (default: int8)
 
-Starts a throwaway Vast.ai emulator, asks the product for its estimate (infra/vast_backend.py
+Starts a throwaway Vast.ai emulator, asks the product for its estimate (infra/backends/vast/backend.py
 price_estimate: the offer it would rent, every step's hours and bytes, the offers the market
 filters left out; the disk the run needs) and prints the table; says whether machine.max_cost_usd would refuse it.
 """

@@ -2,8 +2,9 @@
 
     python -m infra.reaper --max-age-hours 24 [--label-prefix qat-] [--dry-run] [--url URL]
 
-The API key comes from env VAST_API_KEY (never printed). Without Prefect (this CLI), age alone
-decides. The Prefect reap flow passes `run_status`, which asks the Prefect API and answers LIVE,
+Every registered backend is asked for its labelled instances with its own credentials (this CLI:
+read from the environment by the backend itself, VAST_API_KEY for Vast.ai, checked against its
+endpoint before any request, never printed). Without Prefect (this CLI), age alone decides. The Prefect reap flow passes `run_status`, which asks the Prefect API and answers LIVE,
 ACTIVE, GONE, FOREIGN or UNKNOWN (tasks/reaping.py), and `suspects`, the labels judged GONE by the
 previous pass: an instance is destroyed for its run only on the second GONE verdict in a row.
 ACTIVE, UNKNOWN or an exception clears the count; it is kept, and age decides in the end.
@@ -13,7 +14,7 @@ Age never overrides what is known: a LIVE run (heartbeats) or another installati
 Age is never guessed: a row without a start date (an instance being created) is aged from the
 reaper's first sighting of it (`first_seen`, instance id -> time, kept by the caller between passes;
 this CLI keeps none, so it ages such a row 0 h and keeps it).
-A malformed row is skipped and logged (infra/vast.py find_instances), never the end of the pass.
+A malformed row is skipped and logged (the backend's find_instances), never the end of the pass.
 """
 from __future__ import annotations
 
@@ -21,22 +22,22 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
-from . import provision
-from .vast import VastAPIError
-from .vast_endpoint import VastCredentialsRefused, check_vast_credentials
+from .backends import registry
+from .backends.base import ProviderError, no_secret_blocks
 
 LIVE, ACTIVE, GONE, FOREIGN, UNKNOWN = "live", "active", "gone", "foreign", "unknown"
 CONFIRMATIONS = 2  # consecutive GONE verdicts before an instance is destroyed for its run
 
 
-def reap_instances(api_key: Optional[str] = None, server_url: Optional[str] = None, max_age_hours: float = 24.0,
+def reap_instances(credentials: Mapping[str, Any], max_age_hours: float = 24.0,
                    label_prefix: str = "qat-", run_status: Optional[Callable[[str], str]] = None,
                    suspects: Optional[dict] = None, dry_run: bool = False, log: Callable[[str], None] = print,
                    now: Optional[float] = None, first_seen: Optional[dict] = None,
                    alarm: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Returns one row per instance to destroy: id, label, age_h, reason, destroyed (confirmed), error.
+    `credentials`: backend name -> that backend's credentials (what its `credentials` returned).
 
     `suspects` (label -> consecutive GONE verdicts so far) is updated in place to what the next pass
     needs: the labels judged GONE now and still alive. `first_seen` (str(instance id) -> epoch s) is
@@ -50,7 +51,9 @@ def reap_instances(api_key: Optional[str] = None, server_url: Optional[str] = No
     judged: dict[str, int] = {}
     seen_now: dict[str, float] = {}
     out = []
-    for lease in provision.find_instances(label_prefix, api_key=api_key, server_url=server_url, log=log):
+    found = [(b, lease) for b in registry.BACKENDS.values()
+             for lease in b.find_instances(label_prefix, credentials.get(b.name), log=log)]
+    for backend, lease in found:
         label = lease.label
         if lease.created_at:
             age_h = (now - lease.created_at) / 3600.0
@@ -102,9 +105,9 @@ def reap_instances(api_key: Optional[str] = None, server_url: Optional[str] = No
             log(f"[dry run] would destroy instance {entry['instance_id']} ({label}): {reason}")
         else:
             try:
-                entry["destroyed"] = provision.release(lease, api_key=api_key, server_url=server_url)
+                entry["destroyed"] = backend.release(lease, credentials.get(backend.name))
                 log(f"destroyed instance {entry['instance_id']} ({label}): {reason}")
-            except VastAPIError as e:
+            except ProviderError as e:
                 entry["error"] = str(e)
                 log(f"could not destroy instance {entry['instance_id']} ({label}): {e}")
         if entry["destroyed"]:
@@ -120,22 +123,34 @@ def reap_instances(api_key: Optional[str] = None, server_url: Optional[str] = No
     return out
 
 
+def _credentials(url: Optional[str]) -> dict[str, Any]:
+    """Every backend's own credentials from the environment; `url` stands for VAST_URL while they are read."""
+    saved = os.environ.get("VAST_URL")
+    if url:
+        os.environ["VAST_URL"] = url
+    try:
+        return {b.name: b.credentials(no_secret_blocks) for b in registry.BACKENDS.values()}
+    finally:
+        if saved is None:
+            os.environ.pop("VAST_URL", None)
+        else:
+            os.environ["VAST_URL"] = saved
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m infra.reaper", description=__doc__.split("\n\n")[0])
     p.add_argument("--max-age-hours", type=float, required=True, help="destroy labelled instances older than this")
     p.add_argument("--label-prefix", default="qat-", help="only instances whose label starts with this (default qat-)")
     p.add_argument("--dry-run", action="store_true", help="list what would be destroyed, destroy nothing")
-    p.add_argument("--url", default=os.environ.get("VAST_URL") or None, help="Vast.ai API endpoint (default: env VAST_URL or the console)")
+    p.add_argument("--url", help="Vast.ai API endpoint (default: env VAST_URL, else the console)")
     args = p.parse_args(argv)
     if not args.label_prefix:
         p.error("--label-prefix must not be empty: the reaper only touches instances it labelled")
-    key = os.environ.get("VAST_API_KEY")
-    try:
-        if key:  # before any request, as the flow does (tasks/secrets.py)
-            check_vast_credentials(key, args.url, "the environment variable VAST_API_KEY")
-        rows = reap_instances(api_key=key, server_url=args.url, max_age_hours=args.max_age_hours,
-                    label_prefix=args.label_prefix, dry_run=args.dry_run)
-    except (VastAPIError, VastCredentialsRefused) as e:
+    try:  # each backend reads and checks its own credentials before any request, as for the flow
+        credentials = _credentials(args.url)
+        rows = reap_instances(credentials, max_age_hours=args.max_age_hours, label_prefix=args.label_prefix,
+                              dry_run=args.dry_run)
+    except ProviderError as e:
         print(f"reaper: {e}", file=sys.stderr)
         return 2
     failed = [r for r in rows if r["error"]]

@@ -33,7 +33,7 @@ from pydantic import Field
 
 from contract.catalogue import quantized_variant
 from contract.config import RunConfig
-from infra.machine import Lease
+from infra.machines.machine import Lease
 
 from .report import publish_report
 from .scorecard import gate_verdict, results_markdown, results_table, step_metrics

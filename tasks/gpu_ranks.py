@@ -1,7 +1,7 @@
 """How many training ranks a machine runs, from the GPUs its setup counted.
 
 `python -m steps.bootstrap` prints `GPUS {"nvidia_smi": N, "torch": M}`; `setup_environment` returns
-those counts and the flow keeps them on the lease (`extra["gpus"]`) for the rest of that machine's
+those counts and the flow keeps them on the lease (`Lease.gpus_counted`) for the rest of that machine's
 steps. On a GPU run (`machine.gpu: required`) the train step counts the GPUs torch sees itself and
 starts one rank per GPU. On a CPU run (`machine.gpu: none`: the emulator, the demo) a machine whose
 nvidia-smi lists N > 1 GPUs (the emulator's N-GPU offers) trains with N CPU processes (as many as
@@ -16,7 +16,7 @@ from typing import Optional
 
 from contract.config import RunConfig
 from infra.gpu_count import ranks_used
-from infra.machine import Lease
+from infra.machines.machine import Lease
 
 MAX_GPUS = 64  # a count above this from a machine is not believed
 
@@ -33,13 +33,13 @@ def counted_gpus(line: dict) -> dict:
 def with_counted_gpus(lease: Lease, setup: Optional[dict]) -> Lease:
     """The lease with the GPUs its setup counted (nothing counted: unchanged)."""
     gpus = (setup or {}).get("gpus")
-    return replace(lease, extra={**(lease.extra or {}), "gpus": gpus}) if gpus else lease
+    return replace(lease, gpus_counted=dict(gpus)) if gpus else lease
 
 
 def cpu_ranks(lease: Lease, cfg: RunConfig) -> Optional[int]:
     """The CPU processes the train step runs on this machine when home decides it (see the module
     docstring): one per listed GPU, as many as divide train.grad_accum (as on GPUs); else None."""
-    listed = int(((lease.extra or {}).get("gpus") or {}).get("nvidia_smi") or 0)
+    listed = int((lease.gpus_counted or {}).get("nvidia_smi") or 0)
     if cfg.machine.gpu != "none" or listed < 2:
         return None
     n = ranks_used(listed, cfg.train.grad_accum)

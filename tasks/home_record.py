@@ -8,7 +8,7 @@ for evaluate, only when its transcripts verified against home's test set):
     runs/<config>/<run id>/.home-records/<step>.json   {"step", "config_hash", "files": {path: sha256}}
 
 It sits beside work/, never inside it: the one archive a step's outputs come home in is unpacked
-under work/<step>/ (infra/archive.py: relative names, no `..`, no links), so no machine can write
+under work/<step>/ (infra/machines/archive.py: relative names, no `..`, no links), so no machine can write
 it. A step is done at home only when its result.json holds the current hash, its record exists
 with that hash, and the files under work/<step>/ (bulk outputs left out) are exactly the recorded
 ones, byte for byte: a forged or edited output, or one without a record, is run again.

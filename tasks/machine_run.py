@@ -14,7 +14,7 @@ from prefect import get_run_logger
 
 from contract.catalogue import STEPS
 from contract.config import RunConfig
-from infra.machine import Lease
+from infra.machines.machine import Lease
 
 from .billing import BudgetExceeded, budget_rows, forget, open_budget, register, watch_budget
 from .gpu_ranks import with_counted_gpus
@@ -36,7 +36,7 @@ def _on_machine(cfg: RunConfig, lease: Lease, local_work: Path, results: dict, m
     for step in STEPS:
         with meter.step(step):
             results[step] = run_remote_step(lease, cfg, step, local_work)
-        if step != VERIFIED_STEP:  # outputs landed through infra/archive.py; evaluate's: once the gate verified them
+        if step != VERIFIED_STEP:  # outputs landed through infra/machines/archive.py; evaluate's: once the gate verified them
             write_record(cfg, local_work, step)
 
 

@@ -147,13 +147,10 @@ def reap_labelled(max_age_hours: float, dry_run: bool, log, state_path: Path | N
                   log_error=None) -> list[dict]:
     """Destroy labelled instances older than max_age_hours or whose run was judged GONE twice in a row
     (never by age a LIVE or FOREIGN one: `log_error` says so, default `log`, and an event is emitted)."""
-    key = secrets.vast_api_key()
-    if not key:
-        log("no Vast.ai API key (env VAST_API_KEY or Secret block 'vast-api-key'): nothing to reap")
-        return []
+    credentials = secrets.all_credentials()  # each backend's own, checked before any request
     path = state_path or state_file()
     suspects, first_seen = load_suspects(path), load_first_seen(path)
-    rows = reap_instances(api_key=key, server_url=secrets.vast_url(), max_age_hours=max_age_hours,
+    rows = reap_instances(credentials, max_age_hours=max_age_hours,
                           run_status=run_is_active, suspects=suspects, dry_run=dry_run, log=log,
                           first_seen=first_seen, alarm=kept_past_age(log_error or log))
     if not dry_run:

@@ -14,24 +14,25 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
-from contract.catalogue import (BULK_OUTPUTS, CHECKPOINT_DIR, ERROR_PREFIX, OUTPUT_CAP_BYTES, OUTPUT_NAME,
+from contract.catalogue import (BULK_OUTPUTS, CHECKPOINT_DIR, OUTPUT_CAP_BYTES, OUTPUT_NAME,
                                 PROGRESS_PREFIX, REDERIVED, RESUMING_STEP, checkpoint_number, marked_json)
 from contract.config import RunConfig
 from contract.layout import REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK
 from contract.machine_config import STEP_ATTEMPTS
 from contract.result_file import ERROR_FILE, config_hash, is_done, read_result
-from infra import provision
+from contract.workload import run_workload
+from infra.backends import registry
 from infra.gpu_count import ranks_used
 from infra.gpu_speed import expected_speed
-from infra.local import printable
-from infra.machine import Lease, Machine, TransientMachineError
+from infra.machines.machine import Lease, Machine, TransientMachineError
 from infra.run_estimate import clock
 
 from .billing import BudgetExceeded, CopyHomeRefused, charge_as_it_arrives, check_budget, copy_home_cap
 from .gpu_ranks import cpu_ranks
 from .rental import forget_machine, machine_alive, machine_for, remote_python
-from .retry import StepFailed, exit_code_retryable, retry_transient
+from .retry import StepFailed, retry_transient
 from .revisions import hub_endpoint_env
+from .step_output import StepOutput
 
 
 class MachineLost(RuntimeError):
@@ -112,7 +113,7 @@ class CheckpointSync:
         m: Optional[Machine] = None
         while not self.stopping.wait(self.every):
             try:
-                m = m or provision.connect(self.lease, timeout=self.cfg.machine.ssh_timeout_s)
+                m = m or registry.connect(self.lease, timeout=self.cfg.machine.ssh_timeout_s)
                 self.sync(m)
             except BudgetExceeded as e:  # over the cap or the budget: trying again would bill again
                 self.log.error("checkpoint copy-back stopped: %s", e)
@@ -161,7 +162,7 @@ def tree_bytes(path: Path) -> int:
 def train_clock(lease: Lease, cfg: RunConfig) -> Optional[dict]:
     """The train step's timeout and checkpoint cadence on this machine's GPU (infra/run_estimate.py
     clock), or None when its speed or the run's size is unknown (then the config's values stand)."""
-    w = cfg.machine.vast.workload
+    w = run_workload(cfg)
     speed = (expected_speed(lease.gpu_name, w, ranks_used(lease.num_gpus or 1, w.grad_accum))
              if w is not None and w.samples and lease.gpu_name else None)
     if speed is None:
@@ -186,7 +187,7 @@ def remote_sizes(m: Machine, remote_dir: str) -> dict[str, int]:
 
 def fetch_outputs(m: Machine, step: str, local_work: Path, succeeded: bool, cap: Optional[int] = None,
                   on_bytes=None, why: str = "") -> int:
-    """Bring a step's outputs home as one checked archive (infra/archive.py): everything after a
+    """Bring a step's outputs home as one checked archive (infra/machines/archive.py): everything after a
     failure (nothing produced is lost) unless its bulk outputs would pass `cap` (then they stay on
     the machine), all but its bulk outputs after a success (dropped at home if the machine sends them
     anyway), at most OUTPUT_CAP_BYTES[step] unpacked. With a `cap` (bytes; tasks/billing.py
@@ -245,19 +246,16 @@ def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -
             argv += ["--cpu-ranks", str(ranks)]
             log.info("train with %d CPU processes: this machine lists %d GPUs and machine.gpu is none", ranks, ranks)
     progress = _Progress(step)
-    error: dict = {}
-    tail: list[str] = []
+    output = StepOutput(step, log)
 
     def on_line(line: str) -> None:
         line = line.rstrip("\n")
-        tail.append(line)
-        del tail[:-40]
+        output.line(line)
         log.info(line)
         try:  # a marker line home cannot use is the machine's problem: logged, never fatal here
             event = marked_json(line, PROGRESS_PREFIX)
             if event is not None:
                 progress.update(event)
-            error.update(marked_json(line, ERROR_PREFIX) or {})
         except ValueError as e:
             log.warning("a marker line from the machine was ignored: %s", e)
         check_budget(lease, cfg)
@@ -285,11 +283,10 @@ def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -
         raise
     if code != 0:
         home_err = local_work / step / ERROR_FILE
-        if error and not home_err.is_file():  # e.g. a full disk could not hold it: keep the STEP_ERROR report
+        if output.error and not home_err.is_file():  # e.g. a full disk could not hold it: keep the STEP_ERROR report
             home_err.parent.mkdir(parents=True, exist_ok=True)
-            home_err.write_text(json.dumps(error, indent=2))
-        raise StepFailed(step, printable(str(error.get("message", f"exit code {code}"))), exit_code_retryable(code),
-                         "\n".join(tail[-15:]))
+            home_err.write_text(json.dumps(output.error, indent=2))
+        raise output.failed(code)
     result = read_result(local_work, step)
     if not result:
         raise StepFailed(step, "the step exited 0 but wrote no result.json", False)

@@ -6,26 +6,28 @@ import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from prefect.tasks import exponential_backoff
 
-from contract.catalogue import CHECKPOINT_DIR, ERROR_PREFIX, GPUS_PREFIX, marked_json, REDERIVED, RESUMING_STEP, STEPS
+from contract.catalogue import CHECKPOINT_DIR, GPUS_PREFIX, marked_json, REDERIVED, RESUMING_STEP, STEPS
 from contract.config import RunConfig
 from contract.disk import disk_plan
 from contract.layout import PUSHED_CODE, REMOTE_CODE, REMOTE_CONFIG, REMOTE_WORK, REPO_ROOT, REQUIREMENTS
 from contract.remote_env import steps_python
 from contract.result_file import is_done
-from infra import provision
-from infra.local import collect_files, printable
-from infra.machine import Lease, Machine
+from contract.workload import run_workload
+from infra.backends import registry
+from infra.machines.machine import Lease, Machine
+from infra.machines.streams import collect_files
 
 from . import secrets
 from .billing import record_bytes_down
 from .gpu_ranks import counted_gpus
-from .retry import StepFailed, exit_code_retryable, retry_transient
+from .retry import retry_transient
+from .step_output import StepOutput
 
 GPU_LIMIT = "vast-gpus"  # the global concurrency limit that caps rented GPUs
 
@@ -41,7 +43,7 @@ def machine_for(lease: Lease, cfg: RunConfig, fresh: bool = False) -> Machine:
         if m is None or fresh:
             if m is not None:
                 m.close()
-            m = provision.connect(lease, timeout=cfg.machine.ssh_timeout_s)
+            m = registry.connect(lease, timeout=cfg.machine.ssh_timeout_s)
             _connections[key] = m
         return m
 
@@ -57,10 +59,10 @@ def forget_machine(lease: Lease) -> None:
             pass
 
 
-def pre_rent_estimate(cfg: RunConfig, api_key: Optional[str], server_url: Optional[str]) -> dict:
-    """The offer that would be rented, every step's hours and bytes on it (provision.price_estimate)
+def pre_rent_estimate(cfg: RunConfig, creds: Any) -> dict:
+    """The offer that would be rented, every step's hours and bytes on it (registry.price_estimate)
     and the disk the run needs there (contract/disk.py; validate_config refused a smaller min_disk_gb)."""
-    est = provision.price_estimate(cfg.machine, api_key=api_key, server_url=server_url)
+    est = registry.price_estimate(cfg.machine, creds, workload=run_workload(cfg))
     plan = disk_plan(cfg)
     est["disk"] = {"needed_gb": plan.needed_gb, "parts": plan.parts, "plan": plan.describe(),
                    "rented_gb": cfg.machine.vast.min_disk_gb if cfg.machine.backend == "vast" else None}
@@ -73,7 +75,7 @@ def estimate_cost(cfg: RunConfig) -> dict:
     """Before anything is rented, on the offer that would be rented (the cheapest run): every step's
     hours x $/h and bytes x $/GB (infra/run_estimate.py), or $/h x machine.planned_hours when the
     run's size or the GPU's speed is unknown. Refused, with the table, over machine.max_cost_usd."""
-    est = pre_rent_estimate(cfg, secrets.vast_api_key(), secrets.vast_url())
+    est = pre_rent_estimate(cfg, secrets.credentials(cfg.machine.backend))
     log = _logger()
     log.info("estimate: %s", ", ".join(f"{k}={v}" for k, v in est.items() if not isinstance(v, (dict, list))))
     table = estimate_table(est)
@@ -150,7 +152,7 @@ def _logger():
 def gpu_slot(cfg: RunConfig) -> AbstractContextManager:
     """Holds one slot of the GPU_LIMIT while a rented machine is in use (hosts we own need none).
     The limit is created when missing and taken strictly: without it nothing would be limited."""
-    if cfg.machine.backend != "vast":
+    if not registry.backend(cfg.machine.backend).needs_gpu_slot:
         return nullcontext()
     ensure_gpu_limit()
     return concurrency(GPU_LIMIT, occupy=1, strict=True)
@@ -161,8 +163,8 @@ def gpu_slot(cfg: RunConfig) -> AbstractContextManager:
 def rent_machine(cfg: RunConfig, label: str, run_dir: Path) -> Lease:
     log = get_run_logger()
     collect_files(REPO_ROOT, PUSHED_CODE)  # what push_code sends is known (a git checkout) before anything is rented
-    lease = provision.acquire(cfg.machine, label, run_dir, api_key=secrets.vast_api_key(), server_url=secrets.vast_url(),
-                              log=log.info)
+    lease = registry.acquire(cfg.machine, label, run_dir, secrets.credentials(cfg.machine.backend), log=log.info,
+                             workload=run_workload(cfg))
     log.info("machine %s: %s x%s at $%.3f/h (%s)", lease.label, lease.gpu_name or "cpu", lease.num_gpus,
              lease.dph_total, lease.location or lease.backend)
     return lease
@@ -195,8 +197,8 @@ def push_code(lease: Lease, cfg: RunConfig, local_work: Path) -> dict:
 def remote_python(lease: Lease, cfg: RunConfig) -> str:
     """The interpreter steps run with on this machine: the venv setup_environment made (named relative
     to REMOTE_CODE, where steps run), or, where the backend sets up nothing (local), its own."""
-    if not provision.sets_up_environment(lease):
-        return provision.python(lease, cfg.machine)
+    if not registry.sets_up_environment(lease):
+        return registry.python(lease, cfg.machine)
     return steps_python((REPO_ROOT / REQUIREMENTS).read_bytes(), cfg.machine.gpu)
 
 
@@ -208,30 +210,26 @@ def setup_environment(lease: Lease, cfg: RunConfig) -> dict:
     checked: CUDA usable when the run needs a GPU). A machine that cannot be made usable fails here,
     deterministically (StepFailed "setup", not retried), and the flow's `finally` destroys it."""
     log = get_run_logger()
-    if not provision.sets_up_environment(lease):
+    if not registry.sets_up_environment(lease):
         log.info("backend %s: steps run with %s, nothing to set up", lease.backend, remote_python(lease, cfg))
         return {"venv": None}
     m = machine_for(lease, cfg)
     t0 = time.time()
-    error: dict = {}
+    output = StepOutput("setup", log)
     gpus: dict = {}
-    tail: list[str] = []
 
     def on_line(line: str) -> None:
-        tail.append(line)
-        del tail[:-15]
+        output.line(line)
         log.info(line)
         try:
-            error.update(marked_json(line, ERROR_PREFIX) or {})
             gpus.update(marked_json(line, GPUS_PREFIX) or {})
         except ValueError as e:
-            log.warning("a marker line from the machine was ignored: %s", e)
+            log.warning("a GPUS line from the machine was ignored: %s", e)
 
-    code = m.run([provision.python(lease, cfg.machine), "-m", "steps.bootstrap", "--gpu", cfg.machine.gpu],
+    code = m.run([registry.python(lease, cfg.machine), "-m", "steps.bootstrap", "--gpu", cfg.machine.gpu],
                  cwd=REMOTE_CODE, env={"PYTHONUNBUFFERED": "1"}, on_line=on_line, timeout=3600, check=False)
     if code != 0:
-        raise StepFailed("setup", printable(str(error.get("message", f"exit code {code}"))), exit_code_retryable(code),
-                         "\n".join(tail))
+        raise output.failed(code)
     return {"venv": remote_python(lease, cfg), "seconds": round(time.time() - t0, 1), "gpus": counted_gpus(gpus)}
 
 
@@ -241,7 +239,7 @@ def destroy_machine(lease: Lease) -> dict:
     log = get_run_logger()
     forget_machine(lease)
     t0 = time.time()
-    gone = provision.release(lease, api_key=secrets.vast_api_key(), server_url=secrets.vast_url())
+    gone = registry.release(lease, secrets.credentials(lease.backend))
     log.info("machine %s released (confirmed gone: %s)", lease.label, gone)
     if gone and delete_run_key(lease):
         log.info("machine %s: its per-run SSH key pair was deleted", lease.label)
@@ -251,12 +249,12 @@ def destroy_machine(lease: Lease) -> dict:
 def delete_run_key(lease: Lease) -> bool:
     """Delete the per-run SSH key pair of a destroyed machine (True if one was deleted).
 
-    Only a key the backend made for this run (`lease.extra["run_key_dir"]`, vast) and only once the
+    Only a key the backend made for this run (`lease.run_key_dir`, vast) and only once the
     machine is confirmed gone: nothing can use it any more. A machine rented again within the run
-    (a lost machine replaced) gets a fresh pair from infra/keys.py, so deleting here costs nothing.
+    (a lost machine replaced) gets a fresh pair from infra/backends/keys.py, so deleting here costs nothing.
     A key the user owns (backend ssh) is never touched. If the flow process dies before this, the
     key stays in the run directory (runs/<name>/ssh/<label>/) until deleted by hand."""
-    key_dir = lease.extra.get("run_key_dir") if isinstance(lease.extra, dict) else None
+    key_dir = lease.run_key_dir
     if not key_dir or not lease.key_path:
         return False
     key_dir, private = Path(key_dir), Path(lease.key_path)
@@ -279,6 +277,6 @@ def delete_run_key(lease: Lease) -> bool:
 def machine_alive(lease: Lease) -> bool:
     """Whether the provider still runs the machine (False also when it cannot tell)."""
     try:
-        return provision.is_alive(lease, api_key=secrets.vast_api_key(), server_url=secrets.vast_url())
+        return registry.is_alive(lease, secrets.credentials(lease.backend))
     except Exception:
         return False

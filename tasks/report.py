@@ -18,9 +18,9 @@ from prefect.artifacts import (create_image_artifact, create_link_artifact, crea
 
 from contract.config import RunConfig
 from contract.fingerprint import inputs_in_words
-from infra.machine import Lease
+from infra.machines.machine import Lease
 
-from .billing import estimate_rows
+from .billing import estimate_rows, total_seconds, total_usd
 from .scorecard import gate_verdict, md_text, results_markdown, results_table, serving_markdown, step_metrics
 from .verdict import verified_metrics
 
@@ -56,9 +56,7 @@ def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: 
                   estimate: dict, gate: dict, link: dict, approval: Optional[dict] = None) -> str:
     metrics = verified_metrics(step_metrics(results), gate or {})
     rows = results_table(cfg.quant.scheme, metrics)
-    totals = [r for r in costs if r["step"].endswith("total")]
-    total_s = sum(r["seconds"] for r in totals)
-    total_usd = sum(r["usd"] for r in totals)
+    totals = [r for r in costs if r.get("total")]
     several = len(totals) > 1  # several machines, or failed start attempts: each one's total is a line
     lines = [f"# QAT run `{cfg.name}`", "",
              "## Configuration", "",
@@ -79,8 +77,8 @@ def render_report(cfg: RunConfig, lease: Optional[Lease], results: dict, costs: 
     lines += ["## Timings and cost", "", "| step | seconds | $ |", "|---|---:|---:|"]
     lines += [f"| {r['step']} | {r['seconds']:.1f} | {r['usd']:.4f} |" for r in costs if several or r not in totals]
     what = "every machine and failed start attempt" if several else "machine life"
-    lines += [f"| **total ({what}, creation to confirmed destroy, bandwidth included)** | **{total_s:.1f}** | "
-              f"**{total_usd:.4f}** |", ""]
+    lines += [f"| **total ({what}, creation to confirmed destroy, bandwidth included)** | **{total_seconds(costs):.1f}** | "
+              f"**{total_usd(costs):.4f}** |", ""]
     lines += ["## Results (test set)", "", *results_markdown(rows, name="variant"), ""]
     lines += ["## Serving, per device", "", *serving_markdown(cfg.quant.scheme, metrics)]
     lines += ["## Quality gate", "", gate_verdict(gate, cfg.quant.scheme, cfg.eval.max_wer_degradation), ""]

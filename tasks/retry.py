@@ -27,8 +27,6 @@ def exit_code_retryable(code: int) -> bool:
     return code == EXIT_RETRYABLE
 
 
-DETERMINISTIC = ("ConfigError", "BudgetExceeded", "NoOffersError", "SearchQuotaExceeded", "HostKeyChanged",
-                 "ValueError", "ValidationError")
 # errno values of a network drop; any other OSError (ENOSPC, EACCES, ENOENT, EROFS ...) is local and deterministic
 NETWORK_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
                   errno.ENETUNREACH, errno.ENETDOWN, errno.ENETRESET, errno.EPIPE, errno.EHOSTDOWN, errno.ENOTCONN,
@@ -52,13 +50,12 @@ def _network_error(exc: BaseException) -> bool:
 
 def is_transient(exc: BaseException) -> bool:
     """By type and status code, never by the message text: an exception's own `retryable` flag
-    (StepFailed, HubUploadError, VastAPIError), a deterministic type, the machine layer's
-    TransientMachineError, an HTTP status worth a retry, a network error; everything else is not."""
-    if isinstance(getattr(exc, "retryable", None), bool):  # StepFailed, HubUploadError, VastAPIError: they know
+    (StepFailed, HubUploadError, a backend's ProviderError, BudgetExceeded, HostKeyChanged), the
+    machine layer's TransientMachineError, an HTTP status worth a retry, a network error; everything
+    else (a bad config's ValueError among them) is not."""
+    if isinstance(getattr(exc, "retryable", None), bool):  # they know
         return exc.retryable
-    if type(exc).__name__ in DETERMINISTIC:
-        return False
-    from infra.machine import CommandFailed, TransientMachineError
+    from infra.machines.machine import CommandFailed, TransientMachineError
 
     if isinstance(exc, TransientMachineError):
         return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from infra import provision
+from infra.backends import registry
 
 from . import labels, secrets
 
@@ -13,16 +13,22 @@ log = logging.getLogger("qat.teardown")
 
 def destroy_label(label: str, prefix: str | None = None, match=None) -> list[int]:
     """Destroy (and confirm) every instance carrying this label (or, with `prefix` and `match`, every
-    instance under prefix whose label satisfies match). Idempotent."""
-    key, url = secrets.vast_api_key(), secrets.vast_url()
-    if not key:
-        return []
+    instance under prefix whose label satisfies match), on every backend, each asked with its own
+    credentials (one without any has rented nothing to find). Idempotent. Every backend is tried;
+    the first failure is raised after."""
     match = match or (lambda lbl: lbl == label)
-    destroyed = []
-    for inst in provision.find_instances(prefix or label, api_key=key, server_url=url):
-        if match(inst.label):
-            provision.release(inst, api_key=key, server_url=url)
-            destroyed.append(inst.instance_id)
+    destroyed, failures = [], []
+    for backend in registry.BACKENDS.values():
+        try:
+            creds = secrets.credentials(backend.name)
+            for inst in backend.find_instances(prefix or label, creds, log=log.info):
+                if match(inst.label):
+                    backend.release(inst, creds)
+                    destroyed.append(inst.instance_id)
+        except Exception as e:
+            failures.append(e)
+    if failures:
+        raise failures[0]
     return destroyed
 
 

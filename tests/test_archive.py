@@ -1,4 +1,4 @@
-"""infra.archive: the one way files come home from an (untrusted) machine. Crafted hostile tars are
+"""infra/machines/archive.py: the one way files come home from an (untrusted) machine. Crafted hostile tars are
 refused member by member, before anything is written; nothing outside dest changes; dest is
 replaced only by a fully checked archive."""
 import hashlib
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from infra.archive import UnsafeArchive, extract_archive, safe_member_name
-from infra.local import LocalMachine
-from infra.machine import MachineError
+from infra.machines.archive import UnsafeArchive, extract_archive, safe_member_name
+from infra.machines.local import LocalMachine
+from infra.machines.machine import MachineError
 
 
 def _file(name: str, data: bytes = b"x", mode: int = 0o644) -> tuple[tarfile.TarInfo, bytes]:
@@ -245,8 +245,8 @@ def test_local_get_caps_and_special_files(tmp_path):
 def test_ssh_get_refuses_links_and_caps(sshd_host, tmp_path):
     """The real path home: a rented machine's directory holding a symlink (or too much) is refused,
     and nothing lands; a clean directory replaces dest."""
-    from infra.machine import Lease
-    from infra.ssh import SSHMachine
+    from infra.machines.machine import Lease
+    from infra.machines.ssh import SSHMachine
 
     lease = Lease(backend="ssh", label="t", host=sshd_host.host, port=sshd_host.port, user=sshd_host.user,
                   key_path=str(sshd_host.key_path))

@@ -13,18 +13,22 @@ from pathlib import Path
 
 import pytest
 
+from infra.backends.vast.credentials import VastCredentials
 from contract.config import load_config
 from contract.machine_config import VastConfig
-from infra import gpu_speed, provision
-from infra.cost import RunBudget
-from infra.machine import Lease
-from infra.ssh import SSHMachine
-from infra.vast import NoOffersError, VastProvider
+from contract.workload import run_workload
+from infra import gpu_speed
+from infra.backends import registry as provision
+from tasks.budget import RunBudget
+from infra.machines.machine import Lease
+from infra.machines.ssh import SSHMachine
+from infra.backends.vast.api import NoOffersError
+from infra.backends.vast.instances import VastProvider
 from tasks import billing
 from tasks.remote_step import fetch_outputs
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPk9nJ8k0u2e1k7b5n0s0n3f0c0a0b0c0d0e0f0a0b0c test"
-INT8 = load_config("int8").machine.vast.workload
+INT8 = run_workload(load_config("int8"))
 
 
 def provider(emulator) -> VastProvider:
@@ -42,10 +46,10 @@ def test_an_offer_with_a_high_bandwidth_price_is_not_rented_and_the_market_filte
     assert offers and all(o["inet_up_cost"] <= 0.05 and o["inet_down_cost"] <= 0.05 for o in offers)
     left = p.left_out(v)
     assert left["inet_down_cost"] + left["inet_up_cost"] == 1 and left["cuda_max_good"] >= 3
-    with pytest.raises(NoOffersError, match=r"inet_down_cost and inet_up_cost <= \$0.001/GB \(max_inet_cost_per_gb\)"):
+    with pytest.raises(NoOffersError, match=r"inet_down_cost <= \$0.001/GB \(max_inet_cost_per_gb\), inet_up_cost <= \$0.001/GB"):
         p.search_offers(VastConfig(min_disk_gb=10, max_inet_cost_per_gb=0.001))
     # a user who lifts the filter gets the offer, and the run's bytes still rank it behind a dearer $/h
-    lifted = p.search_offers(VastConfig(min_disk_gb=10, max_inet_cost_per_gb=5, workload=INT8))
+    lifted = p.search_offers(VastConfig(min_disk_gb=10, max_inet_cost_per_gb=5), workload=INT8)
     assert any(o["inet_up_cost"] == 2.0 for o in lifted) and lifted[0]["inet_up_cost"] < 2.0
 
 
@@ -59,11 +63,11 @@ def test_offers_are_ranked_by_the_whole_run_bytes_included():
 
 
 def test_the_estimate_of_int8_lists_every_step_and_refuses_over_the_cap(emulator, monkeypatch):
-    from infra.vast import NoOffersError
+    from infra.backends.vast.api import NoOffersError
     from tasks.rental import estimate_cost, estimate_table, pre_rent_estimate
 
     cfg = load_config("int8")
-    est = provision.price_estimate(cfg.machine, api_key=emulator.api_key, server_url=emulator.url)
+    est = provision.price_estimate(cfg.machine, VastCredentials(emulator.api_key, emulator.url), workload=run_workload(cfg))
     rows = {r["step"]: r for r in est["rows"]}
     assert list(rows) == ["set-up", "prepare", "train", "convert", "bench", "evaluate"]
     for step in ("prepare", "train", "convert", "bench", "evaluate"):
@@ -75,13 +79,13 @@ def test_the_estimate_of_int8_lists_every_step_and_refuses_over_the_cap(emulator
     assert est["left_out"]["cuda_max_good"] >= 3 and est["left_out"]["inet_down_cost"] == 1
     assert "evaluate" in estimate_table(est)
     # the disk it needs: planned from the config, rented, and only offers with that disk_space
-    est = pre_rent_estimate(cfg, emulator.api_key, emulator.url)
+    est = pre_rent_estimate(cfg, VastCredentials(emulator.api_key, emulator.url))
     assert 50 < est["disk"]["needed_gb"] <= est["disk"]["rented_gb"] == cfg.machine.vast.min_disk_gb
     assert est["disk_space"] >= cfg.machine.vast.min_disk_gb
     assert "disk on the machine:" in estimate_table(est) and "checkpoints" in estimate_table(est)
     with pytest.raises(NoOffersError, match="disk_space"):  # no emulated offer has this much disk
         provision.price_estimate(load_config("int8", {"machine.vast.min_disk_gb": 100_000}).machine,
-                                 api_key=emulator.api_key, server_url=emulator.url)
+                                 VastCredentials(emulator.api_key, emulator.url))
     monkeypatch.setenv("VAST_API_KEY", emulator.api_key)
     monkeypatch.setenv("VAST_URL", emulator.url)
     with pytest.raises(ValueError, match=r"exceeds machine.max_cost_usd \$2.00") as e:
@@ -135,7 +139,7 @@ def test_a_copy_home_over_its_cap_is_refused_before_or_aborted_during_the_transf
     cfg = load_config("tiny", {"machine.max_cost_usd": 0.001})
     lease = Lease(backend="ssh", label="qat-bw-test", instance_id=1, host=sshd_host.host, port=sshd_host.port,
                   key_path=str(sshd_host.key_path), host_key=sshd_host.host_key, created_at=time.time(),
-                  extra={"inet_up_cost": 1.0})
+                  inet_up_cost=1.0)
     budget = RunBudget(cfg.machine.max_cost_usd)
     billing.register(budget, lease)
     local_work = tmp_path / "work"
@@ -161,7 +165,7 @@ def test_a_copy_home_over_its_cap_is_refused_before_or_aborted_during_the_transf
 
 def test_the_emulator_bills_the_ssh_bytes_at_the_offers_price(emulator, tmp_path):
     p = provider(emulator)
-    from infra import keys
+    from infra.backends import keys
 
     pair = keys.generate_keypair(tmp_path / "key")
     lease = p.launch(load_config("tiny", {"machine.provision_timeout_s": 20}).machine, "qat-bytes", pair.public_key,
@@ -176,7 +180,7 @@ def test_the_emulator_bills_the_ssh_bytes_at_the_offers_price(emulator, tmp_path
         p.destroy(lease.instance_id)
     row = next(r for r in emulator.ledger()["instances"] if r["id"] == lease.instance_id)
     assert row["bytes_up"] > 3 * 10**6 and row["bytes_down"] > 0
-    up, down = lease.extra["inet_up_cost"], lease.extra["inet_down_cost"]
+    up, down = lease.inet_up_cost, lease.inet_down_cost
     assert row["bandwidth_cost"] == pytest.approx(row["bytes_up"] / 1e9 * up + row["bytes_down"] / 1e9 * down, abs=1e-9)
 
 
@@ -186,7 +190,7 @@ def test_what_is_pushed_to_the_machine_is_billed_at_its_inet_down_cost(sshd_host
     (src / "blob.bin").write_bytes(os.urandom(2 * 10**6))
     lease = Lease(backend="ssh", label="qat-push-test", instance_id=2, host=sshd_host.host, port=sshd_host.port,
                   key_path=str(sshd_host.key_path), host_key=sshd_host.host_key, created_at=time.time(),
-                  extra={"inet_up_cost": 0.0, "inet_down_cost": 0.5})
+                  inet_up_cost=0.0, inet_down_cost=0.5)
     budget = RunBudget(1.0)
     billing.register(budget, lease)
     try:

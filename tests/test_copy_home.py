@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from contract.catalogue import BULK_OUTPUTS
-from infra.archive import UnsafeArchive
-from infra.local import LocalMachine
+from infra.machines.archive import UnsafeArchive
+from infra.machines.local import LocalMachine
 from tasks.remote_step import CheckpointSync, fetch_outputs
 
 

@@ -1,8 +1,8 @@
 """CostMeter: per-step and total dollars from $/h and the machine's life; the budget cap."""
 import pytest
 
-from infra.cost import BudgetExceeded, CostMeter
-from infra.machine import Lease
+from tasks.budget import BudgetExceeded, CostMeter
+from infra.machines.machine import FailedStart, Lease
 
 
 class Clock:
@@ -16,7 +16,7 @@ class Clock:
 def test_steps_total_and_rows():
     clock = Clock()
     lease = Lease(backend="vast", label="qat-x", dph_total=0.36, created_at=1000.0)
-    meter = CostMeter.from_lease(lease, max_cost_usd=10, clock=clock)
+    meter = CostMeter.from_lease(lease, clock=clock)
     clock.t += 600  # boot
     with meter.step("train"):
         clock.t += 3600
@@ -39,40 +39,45 @@ def test_steps_total_and_rows():
 
 
 def test_budget_cap():
+    from tasks.budget import RunBudget
+
     clock = Clock()
-    meter = CostMeter(dph=2.0, created_at=clock(), max_cost_usd=1.0, label="qat-y", clock=clock)
+    budget = RunBudget(max_cost_usd=1.0, clock=clock)
+    budget.add_machine(Lease(backend="vast", label="qat-y", dph_total=2.0, created_at=clock()))
     clock.t += 1799
-    assert not meter.over_budget()
-    meter.check_budget()
+    assert not budget.over_budget()
+    budget.check()
     clock.t += 2
-    assert meter.over_budget()
-    with pytest.raises(BudgetExceeded, match=r"\$1.0006 spent on qat-y.*max_cost_usd is \$1.0000"):
-        meter.check_budget()
+    assert budget.over_budget()
+    with pytest.raises(BudgetExceeded, match=r"\$1.0006 spent by this run \(1 machine.*max_cost_usd is \$1.0000"):
+        budget.check()
 
 
 def test_no_cap():
-    meter = CostMeter(dph=100.0, created_at=0.0, clock=lambda: 1e6)
-    assert not meter.over_budget()
+    from tasks.budget import RunBudget
+
+    budget = RunBudget(max_cost_usd=None, clock=lambda: 1e6)
+    budget.add_machine(Lease(backend="vast", label="qat-z", dph_total=100.0, created_at=0.0))
+    assert not budget.over_budget()
 
 
 # ---------------------------------------------------------------- the run's budget (every machine)
 
 def test_run_budget_counts_every_machine_failed_starts_and_bandwidth():
-    from infra.cost import RunBudget
+    from tasks.budget import RunBudget
     from tasks.billing import budget_rows, total_usd
 
     clock = Clock()
     budget = RunBudget(max_cost_usd=1.0, clock=clock)
     first = budget.add_machine(Lease(backend="vast", label="qat-r", instance_id=1, dph_total=0.36, created_at=1000.0,
-                                     extra={"inet_up_cost": 0.01, "failed_starts": [
-                                         {"instance_id": 7, "dph_total": 0.72, "created_at": 0.0, "destroyed_at": 500.0},
-                                         {"instance_id": 8, "dph_total": 0.36, "created_at": 500.0, "destroyed_at": None}]}))
+                                     inet_up_cost=0.01, failed_starts=[FailedStart(7, 0.72, 0.0, 500.0),
+                                                                       FailedStart(8, 0.36, 500.0, None)]))
     clock.t += 3600
     first.add_bytes_home(2_000_000_000)  # 2 GB at $0.01/GB
     first.destroyed()
     second = budget.add_machine(Lease(backend="vast", label="qat-r", instance_id=2, dph_total=0.36, created_at=clock.t))
-    # the same failed start reported again (e.g. by the launch callback and the lease) is counted once
-    budget.add_failed_starts([{"instance_id": 7, "dph_total": 0.72, "created_at": 0.0, "destroyed_at": 500.0}])
+    # the same failed start reported again (by the lease, then by a later report) is counted once
+    budget.add_failed_starts([FailedStart(7, 0.72, 0.0, 500.0)])
     clock.t += 1800
     assert first.total_usd() == pytest.approx(0.36 + 0.02)
     assert second.total_usd() == pytest.approx(0.18)
@@ -90,14 +95,36 @@ def test_run_budget_counts_every_machine_failed_starts_and_bandwidth():
     assert sum(1 for s in steps if s.startswith("failed start attempt")) == 2
     assert any("destroy NOT confirmed" in s for s in steps)
     assert total_usd(rows) == pytest.approx(budget.total_usd(), abs=1e-4)
+    # the totals are the rows marked so, not those whose name happens to end in "total"
+    named = rows + [{"step": "a step named subtotal", "seconds": 9.0, "usd": 9.0, "usd_per_hour": 1.0,
+                     "instance": 3, "total": False}]
+    assert total_usd(named) == pytest.approx(budget.total_usd(), abs=1e-4)
+
+
+def test_the_reports_total_is_the_bill():
+    from contract.config import load_config
+    from tasks.budget import RunBudget
+    from tasks.billing import budget_rows, estimate_rows, total_usd
+    from tasks.report import render_report
+
+    clock = Clock()
+    budget = RunBudget(max_cost_usd=5.0, clock=clock)
+    for iid in (1, 2):
+        budget.add_machine(Lease(backend="vast", label="qat-r", instance_id=iid, dph_total=0.36, created_at=clock.t))
+        clock.t += 1800
+    rows = budget_rows(budget)
+    rows += estimate_rows({"estimated_usd": 0.5, "planned_hours": 1, "dph": 0.36}, rows)
+    report = render_report(load_config("tiny"), None, {}, rows, {}, {}, {})
+    total = next(line for line in report.splitlines() if line.startswith("| **total"))
+    assert f"**{total_usd(rows):.4f}**" in total and total_usd(rows) == pytest.approx(budget.total_usd())
 
 
 def test_run_budget_cap_over_all_machines_and_stays_crossed():
-    from infra.cost import RunBudget
+    from tasks.budget import RunBudget
 
     clock = Clock()
     budget = RunBudget(max_cost_usd=1.0, clock=clock)
-    budget.add_failed_starts([{"instance_id": 5, "dph_total": 2.0, "created_at": clock.t, "destroyed_at": clock.t + 1200}])
+    budget.add_failed_starts([FailedStart(5, 2.0, clock.t, clock.t + 1200)])
     budget.add_machine(Lease(backend="vast", label="qat-c", instance_id=6, dph_total=2.0, created_at=clock.t))
     clock.t += 599  # one machine alone is under the cap ($0.33); with the failed start's $0.67 it is not yet over
     budget.check()
@@ -114,7 +141,7 @@ def test_budget_timer_stops_a_silent_command():
     """No output line comes: the timer alone finds the crossing and stops the command (again on each tick)."""
     import threading
 
-    from infra.cost import BudgetTimer, RunBudget
+    from tasks.budget import BudgetTimer, RunBudget
 
     clock = Clock()
     budget = RunBudget(max_cost_usd=0.01, clock=clock)
@@ -134,7 +161,7 @@ def test_budget_timer_stops_a_silent_command():
 
 def test_check_budget_uses_the_run_budget_of_the_lease(monkeypatch):
     from contract.config import load_config
-    from infra.cost import RunBudget
+    from tasks.budget import RunBudget
     from tasks import billing
 
     cfg = load_config("tiny", {"machine.max_cost_usd": 0.5})
@@ -143,7 +170,7 @@ def test_check_budget_uses_the_run_budget_of_the_lease(monkeypatch):
     budget = RunBudget(0.5)
     billing.register(budget, lease)
     try:
-        budget.add_failed_starts([{"instance_id": 99, "dph_total": 100.0, "created_at": 0.0, "destroyed_at": 3600.0}])
+        budget.add_failed_starts([FailedStart(99, 100.0, 0.0, 3600.0)])
         with pytest.raises(BudgetExceeded):
             billing.check_budget(lease, cfg)
         billing.record_bytes_home(lease, 1234)
@@ -157,10 +184,10 @@ def test_report_lists_failed_starts_and_bandwidth():
     from contract.config import load_config
     from tasks.report import render_report
 
-    costs = [{"step": "train", "seconds": 10.0, "usd": 0.01}, {"step": "bandwidth: 5.0 MB copied home at $0.004/GB",
-                                                               "seconds": 0.0, "usd": 0.00002},
-             {"step": "total", "seconds": 12.0, "usd": 0.012},
-             {"step": "failed start attempt, instance 4 (destroyed): total", "seconds": 30.0, "usd": 0.003}]
+    costs = [{"step": "train", "seconds": 10.0, "usd": 0.01, "total": False},
+             {"step": "bandwidth: 5.0 MB copied home at $0.004/GB", "seconds": 0.0, "usd": 0.00002, "total": False},
+             {"step": "total", "seconds": 12.0, "usd": 0.012, "total": True},
+             {"step": "failed start attempt, instance 4 (destroyed): total", "seconds": 30.0, "usd": 0.003, "total": True}]
     md = render_report(load_config("tiny"), None, {}, costs, {}, {"passed": False, "reason": "x"},
                        {"uploaded": False, "path": "/x", "reason": "no"})
     assert "| failed start attempt, instance 4 (destroyed): total | 30.0 | 0.0030 |" in md
@@ -171,11 +198,11 @@ def test_report_lists_failed_starts_and_bandwidth():
 
 def test_launch_reports_failed_starts_and_the_budget_matches_the_bill(emulator):
     from contract.config import load_config
-    from infra.cost import RunBudget
-    from infra.vast import ProvisionError, VastProvider
+    from tasks.budget import RunBudget
+    from infra.backends.vast.api import ProvisionError
+    from infra.backends.vast.instances import VastProvider
 
     emulator.set_faults(stuck_loading=True)
-    seen: list[dict] = []
 
     def log(msg: str) -> None:
         if "attempt 2/" in msg:
@@ -183,13 +210,13 @@ def test_launch_reports_failed_starts_and_the_budget_matches_the_bill(emulator):
 
     p = VastProvider(api_key=emulator.api_key, server_url=emulator.url, poll_s=0.2, backoff_s=0.02, log_fn=log)
     mc = load_config("tiny", {"machine.provision_timeout_s": 2}).machine
-    lease = p.launch(mc, "qat-budget", "ssh-ed25519 AAAA test", on_failed_start=seen.append)
-    assert [r["instance_id"] for r in seen] == [r["instance_id"] for r in lease.extra["failed_starts"]]
-    assert len(seen) == 1 and seen[0]["destroyed_at"] is not None and seen[0]["instance_id"] != lease.instance_id
-    assert lease.extra["inet_up_cost"] > 0
+    lease = p.launch(mc, "qat-budget", "ssh-ed25519 AAAA test")
+    seen = lease.failed_starts
+    assert len(seen) == 1 and seen[0].destroyed_at is not None and seen[0].instance_id != lease.instance_id
+    assert lease.inet_up_cost > 0
     budget = RunBudget(max_cost_usd=10)
     meter = budget.add_machine(lease)
-    budget.add_failed_starts(seen)  # reported twice (callback and lease): counted once
+    budget.add_failed_starts(seen)  # reported twice (the lease, then again): counted once
     p.destroy(lease.instance_id)
     meter.destroyed()
     rows = emulator.ledger()["instances"]
@@ -204,14 +231,14 @@ def test_launch_reports_failed_starts_and_the_budget_matches_the_bill(emulator):
         p.launch(load_config("tiny", {"machine.provision_timeout_s": 1, "machine.vast.create_attempts": 2}).machine,
                  "qat-never", "ssh-ed25519 AAAA test")
     assert len(err.value.failed_starts) == 2
-    assert all(r["destroyed_at"] is not None for r in err.value.failed_starts)
+    assert all(r.destroyed_at is not None for r in err.value.failed_starts)
 
 
 def test_cost_table_shows_the_estimate_beside_the_actual_cost():
     from tasks.billing import estimate_rows, total_usd
 
-    costs = [{"step": "train", "seconds": 7000.0, "usd": 4.9, "usd_per_hour": 2.52, "instance": 7},
-             {"step": "total", "seconds": 9000.0, "usd": 6.3, "usd_per_hour": 2.52, "instance": 7}]
+    costs = [{"step": "train", "seconds": 7000.0, "usd": 4.9, "usd_per_hour": 2.52, "instance": 7, "total": False},
+             {"step": "total", "seconds": 9000.0, "usd": 6.3, "usd_per_hour": 2.52, "instance": 7, "total": True}]
     est = {"basis": "samples x $/sample + setup", "estimated_usd": 5.5, "planned_hours": 2.0, "dph": 2.52,
            "gpu_name": "H200", "expected_samples_per_s": 52.2, "speed_source": "measured"}
     rows = estimate_rows(est, costs, {"samples_per_s": 50.0, "first_step_s": 42.0})

@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from devtools.stack import DEMO_DEPLOYMENTS, REPO, LocalStack, deployment, deployment_env
+from infra.backends.vast.credentials import endpoint_url, secret_block_name
 from tasks import secrets
 
 REAL_DEPLOYMENTS = ("qat/int8", "qat/int4", "reap/reap")
@@ -88,7 +89,7 @@ def test_demo_and_real_deployments_differ_in_pool_endpoint_and_secret(monkeypatc
     seen = {}
     for name in REAL_DEPLOYMENTS + DEMO_DEPLOYMENTS:
         use_env(monkeypatch, deployment_env(name))
-        seen[name] = (deployment(name)["work_pool"]["name"], secrets.vast_url(), secrets.vast_secret_block())
+        seen[name] = (deployment(name)["work_pool"]["name"], endpoint_url(), secret_block_name())
     for name in REAL_DEPLOYMENTS:
         pool, url, block = seen[name]
         assert secrets.is_real_endpoint(url) and url is None and block == secrets.VAST_SECRET_BLOCK, seen[name]

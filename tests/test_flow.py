@@ -57,7 +57,8 @@ def test_quality_gate_reads_the_measured_verdict(prefect_logger_off, tmp_path):
 
 def test_report_has_every_section():
     md = render_report(load_config("tiny"), None, _results(),
-                       [{"step": "train", "seconds": 10.0, "usd": 0.01}, {"step": "total", "seconds": 12.0, "usd": 0.012}],
+                       [{"step": "train", "seconds": 10.0, "usd": 0.01, "total": False},
+                        {"step": "total", "seconds": 12.0, "usd": 0.012, "total": True}],
                        {}, {"passed": True, "reason": "ok"}, {"uploaded": False, "path": "/x", "reason": "no token"})
     for part in ("## Configuration", "## Timings and cost", "## Results", "## Quality gate", "Quality gate **passed**: ok",
                  "0.0120", "qat_int8"):
@@ -65,7 +66,7 @@ def test_report_has_every_section():
 
 
 def test_retry_policy_separates_transient_from_deterministic():
-    from infra.machine import CommandFailed, TransientMachineError
+    from infra.machines.machine import CommandFailed, TransientMachineError
     from contract.config import ConfigError
 
     assert is_transient(TransientMachineError("connection dropped"))

@@ -64,12 +64,13 @@ def prefect_server():
 @pytest.fixture
 def vast(emulator, tmp_path, monkeypatch):
     """The emulator as the flow's Vast.ai, with fast polling; yields it."""
-    from infra import provision
+    from infra.backends.vast.instances import VastProvider
 
     monkeypatch.setenv("VAST_API_KEY", emulator.api_key)
     monkeypatch.setenv("VAST_URL", emulator.url)
     monkeypatch.setenv("QAT_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setattr(provision.BACKENDS["vast"], "provider_options", {"poll_s": 0.3, "backoff_s": 0.05})
+    monkeypatch.setattr(VastProvider, "poll_s", 0.3)  # the emulator boots in seconds: look often
+    monkeypatch.setattr(VastProvider, "backoff_s", 0.05)
     return emulator
 
 
@@ -161,10 +162,12 @@ def test_gpu_run_on_a_machine_without_usable_cuda_fails_at_setup_and_destroys_it
 def test_budget_stop_by_timer_destroys_the_machine(prefect_server, vast, tmp_path, monkeypatch):
     """A step that prints nothing for ten minutes: the timer finds the cap crossed and stops it."""
     from contract.config import load_config
-    from infra.vast import VastProvider
+    from contract.workload import run_workload
+    from infra.backends.vast.instances import VastProvider
 
-    mc = load_config("tiny").machine
-    dph = float(VastProvider(api_key=vast.api_key, server_url=vast.url).search_offers(mc.vast)[0]["dph_total"])
+    cfg = load_config("tiny")
+    dph = float(VastProvider(api_key=vast.api_key, server_url=vast.url).search_offers(
+        cfg.machine.vast, workload=run_workload(cfg))[0]["dph_total"])
     life_s = 40  # the cap buys this much machine life: rent, push and set up fit, the silent step does not
     inject(monkeypatch, tmp_path, prepare="silent")
     state, took = run_qat(**{"machine.max_cost_usd": dph * life_s / 3600, "machine.planned_hours": 1e-6,

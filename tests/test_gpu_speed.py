@@ -6,8 +6,9 @@ import pytest
 
 from contract.config import load_config
 from contract.machine_config import TrainWorkload, VastConfig
+from contract.workload import run_workload
 from infra import gpu_speed, run_estimate
-from infra.vast import NoOffersError
+from infra.backends.vast.api import NoOffersError
 
 INT8 = TrainWorkload(scheme="int8", micro_batch=8, compile=True, gradient_checkpointing=True, samples=300_000)
 
@@ -57,20 +58,29 @@ def test_estimate_is_every_steps_hours_plus_bytes_or_planned_hours():
 
 
 def test_the_workload_comes_from_the_train_and_quant_sections():
-    w = load_config("int8").machine.vast.workload
+    w = run_workload(load_config("int8"))
     assert (w.scheme, w.micro_batch, w.compile, w.gradient_checkpointing, w.samples) == ("int8", 8, True, True, 300_000)
     assert (w.params, w.samples_per_step, w.save_every, w.download_rows, w.eval_clips) == (756_405_760, 32, 3000, 61_000, 500)
-    w = load_config("int4", {"train.max_steps": 100, "train.compile": False}).machine.vast.workload
+    w = run_workload(load_config("int4", {"train.max_steps": 100, "train.compile": False}))
     assert (w.scheme, w.compile, w.samples) == ("int4", False, 100 * 8 * 4)
 
 
+def test_a_workload_written_in_a_config_file_is_ignored_with_a_warning():
+    """Derived, never read: an older config that still carries machine.vast.workload loads, says so,
+    and its run is ranked by what the train and quant sections say."""
+    with pytest.warns(UserWarning, match="machine.vast.workload is ignored"):
+        c = load_config("int8", {"machine.vast.workload": {"scheme": "int4", "micro_batch": 64}})
+    assert (run_workload(c).scheme, run_workload(c).micro_batch) == ("int8", 8)
+    assert "workload" not in c.to_yaml()
+
+
 def test_search_offers_ranks_the_emulators_offers_per_sample(emulator):
-    from infra.vast import VastProvider
+    from infra.backends.vast.instances import VastProvider
 
     p = VastProvider(api_key=emulator.api_key, server_url=emulator.url, poll_s=0.2, backoff_s=0.02)
-    ranked = p.search_offers(VastConfig(workload=INT8, max_dph=50))
+    ranked = p.search_offers(VastConfig(max_dph=50), workload=INT8)
     known = [o for o in ranked if o["usd_per_sample"] is not None]
     assert known and [o["usd_per_sample"] for o in known] == sorted(o["usd_per_sample"] for o in known)
     assert ranked[:len(known)] == known
     with pytest.raises(NoOffersError, match="GPU memory"):
-        p.search_offers(VastConfig(workload=INT8.model_copy(update={"micro_batch": 512}), max_dph=50))
+        p.search_offers(VastConfig(max_dph=50), workload=INT8.model_copy(update={"micro_batch": 512}))

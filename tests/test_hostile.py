@@ -18,8 +18,10 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from infra.machine import Lease, build_command
-from infra.vast import VastAPIError, VastProvider
+from infra.backends.vast import hostkeys
+from infra.machines.machine import Lease, build_command
+from infra.backends.vast.api import VastAPIError
+from infra.backends.vast.instances import VastProvider
 from contract.config import load_config, parse_config
 
 MODES = ("html", "empty", "truncated", "missing_fields", "wrong_types")
@@ -183,7 +185,7 @@ def test_build_command_passes_any_text_verbatim(tmp_path, args, value):
 
 @pytest.fixture
 def ssh_machine(sshd_host):
-    from infra.ssh import SSHMachine
+    from infra.machines.ssh import SSHMachine
 
     lease = Lease(backend="ssh", label="qat-$(touch pwned-label);`id`", host=sshd_host.host, port=sshd_host.port,
                   user=sshd_host.user, key_path=str(sshd_host.key_path))
@@ -218,7 +220,7 @@ def test_ssh_paths_and_arguments_with_metacharacters(ssh_machine, sshd_host, tmp
 def test_onstart_script_quotes_the_key(tmp_path):
     """A public key carrying shell syntax is written verbatim into authorized_keys, never run."""
     key = "ssh-ed25519 AAAA $(touch pwned1) `touch pwned2`; touch pwned3 'x'"
-    script = VastProvider.onstart_script(key)
+    script = hostkeys.onstart_script(key)
     r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
@@ -256,7 +258,7 @@ def test_is_transient_by_type_and_status_not_by_text():
 
     import requests
 
-    from infra.vast import SearchQuotaExceeded, VastAPIError
+    from infra.backends.vast.api import SearchQuotaExceeded, VastAPIError
     from tasks.retry import is_transient
 
     table = [

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from infra.local import LocalMachine, collect_files
-from infra.machine import CommandFailed, CommandTimeout, MachineError
+from infra.machines.local import LocalMachine
+from infra.machines.streams import collect_files
+from infra.machines.machine import CommandFailed, CommandTimeout, MachineError
 
 NASTY = "  it's \"quoted\" $HOME; `touch pwned` $(touch pwned2) & | > < back\\slash\\n *"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contract.config import load_config
 from infra import run_estimate
-from infra.machine import Lease
+from infra.machines.machine import Lease
 from tasks.billing import estimate_rows
 from tasks.gpu_ranks import counted_gpus, cpu_ranks, with_counted_gpus
 
@@ -18,7 +18,7 @@ def test_the_counts_setup_printed_are_kept_and_insane_ones_read_as_none():
     assert counted_gpus({"nvidia_smi": 10**9, "torch": "8", "x": 1}) == {"nvidia_smi": 0, "torch": 0}
     assert counted_gpus({"nvidia_smi": True, "torch": -1}) == {"nvidia_smi": 0, "torch": 0}
     kept = with_counted_gpus(lease(2), {"venv": "v", "gpus": {"nvidia_smi": 2, "torch": 0}})
-    assert kept.extra["gpus"] == {"nvidia_smi": 2, "torch": 0} and kept.label == "qat-x"
+    assert kept.gpus_counted == {"nvidia_smi": 2, "torch": 0} and kept.label == "qat-x"
     assert with_counted_gpus(lease(2), {"venv": None}) == lease(2)  # the local backend sets nothing up
 
 

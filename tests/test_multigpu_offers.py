@@ -8,7 +8,8 @@ import pytest
 from contract.config import ConfigError, load_config
 from contract.machine_config import TrainWorkload, VastConfig
 from infra import gpu_speed, run_estimate
-from infra.vast import VastProvider
+from infra.backends.vast import offers
+from infra.backends.vast.instances import VastProvider
 
 INT8 = TrainWorkload(scheme="int8", micro_batch=8, compile=True, gradient_checkpointing=True, samples=300_000)
 # Too long for one RTX 4090 (or two) within the reaper's age limit; an 8 x RTX 4090 machine trains it in
@@ -46,7 +47,7 @@ def test_a_range_searches_every_count_in_it_an_exact_count_only_that_one(emulato
     assert {o["num_gpus"] for o in search(emulator, gpu_names=["RTX 4090"], max_dph=3.0,
                                           num_gpus={"min": 2, "max": 4})} == {2}
     assert {o["num_gpus"] for o in search(emulator, gpu_names=["RTX 4090"], max_dph=3.0, num_gpus={"min": 3})} == {8}
-    assert "num_gpus in 1..8 (machine.vast.num_gpus)" in VastProvider.describe_filters(
+    assert "num_gpus in 1..8 (machine.vast.num_gpus)" in offers.describe(
         VastConfig(num_gpus={"min": 1, "max": 8}), 80)
 
 

@@ -6,16 +6,20 @@ import time
 
 import pytest
 
-from infra import provision, reaper
-from infra.machine import Lease
-from infra.ssh import SSHMachine
+from infra.backends.vast.credentials import VastCredentials
+from infra.backends.vast.instances import VastProvider
+from infra import reaper
+from infra.backends import registry as provision
+from infra.machines.machine import Lease
+from infra.machines.ssh import SSHMachine
 from contract.config import load_config
 from contract.layout import REPO_ROOT
 
 
 @pytest.fixture(autouse=True)
 def fast_polling(monkeypatch):
-    monkeypatch.setattr(provision.backend("vast"), "provider_options", {"poll_s": 0.2, "backoff_s": 0.02})
+    monkeypatch.setattr(VastProvider, "poll_s", 0.2)  # the emulator boots in seconds: look often
+    monkeypatch.setattr(VastProvider, "backoff_s", 0.02)
 
 
 def cfg(**overrides):
@@ -24,11 +28,11 @@ def cfg(**overrides):
 
 def test_vast_acquire_connect_release(emulator, tmp_path):
     c = cfg()
-    est = provision.price_estimate(c.machine, api_key=emulator.api_key, server_url=emulator.url)
+    est = provision.price_estimate(c.machine, VastCredentials(emulator.api_key, emulator.url))
     assert est["dph"] > 0 and est["estimated_usd"] == pytest.approx(est["dph"] * c.machine.planned_hours, abs=1e-4)
     # the ssh key arrives 1.5 s after the instance runs: acquire keeps trying until it answers
     emulator.set_faults(ssh_refuse_s=1.5)
-    lease = provision.acquire(c.machine, "qat-run1", tmp_path, api_key=emulator.api_key, server_url=emulator.url,
+    lease = provision.acquire(c.machine, "qat-run1", tmp_path, VastCredentials(emulator.api_key, emulator.url),
                               log=lambda m: None)
     key = tmp_path / "ssh" / "qat-run1" / "id_ed25519"
     assert oct(key.stat().st_mode & 0o777) == "0o600" and lease.key_path == str(key)
@@ -40,13 +44,13 @@ def test_vast_acquire_connect_release(emulator, tmp_path):
     m.run(["sh", "-c", "echo $VAST_EMULATED"], on_line=lines.append)
     assert lines == ["1"]
     m.close()
-    assert provision.is_alive(lease, api_key=emulator.api_key, server_url=emulator.url)
-    found = provision.find_instances("qat-", api_key=emulator.api_key, server_url=emulator.url)
+    assert provision.is_alive(lease, VastCredentials(emulator.api_key, emulator.url))
+    found = provision.backend("vast").find_instances("qat-", VastCredentials(emulator.api_key, emulator.url))
     assert [(f.label, f.instance_id) for f in found] == [("qat-run1", lease.instance_id)]
     assert found[0].created_at > 0 and found[0].port == lease.port
-    assert provision.release(lease, api_key=emulator.api_key, server_url=emulator.url) is True
-    assert provision.release(lease, api_key=emulator.api_key, server_url=emulator.url) is True  # idempotent
-    assert not provision.is_alive(lease, api_key=emulator.api_key, server_url=emulator.url)
+    assert provision.release(lease, VastCredentials(emulator.api_key, emulator.url)) is True
+    assert provision.release(lease, VastCredentials(emulator.api_key, emulator.url)) is True  # idempotent
+    assert not provision.is_alive(lease, VastCredentials(emulator.api_key, emulator.url))
     assert emulator.live_instances() == []
 
 
@@ -72,7 +76,7 @@ def test_ssh_backend_pins_host_key(sshd_host, tmp_path, monkeypatch):
 
 
 def _create(emulator, label: str) -> int:
-    from infra.vast import VastProvider
+    from infra.backends.vast.instances import VastProvider
 
     p = VastProvider(api_key=emulator.api_key, server_url=emulator.url)
     offer = p._sdk.search_offers(query={"rented": {"eq": False}, "disk_space": {"gte": 10}}, no_default=True)[0]
@@ -82,7 +86,7 @@ def _create(emulator, label: str) -> int:
 def test_reaper_age_and_finished_runs(emulator):
     emulator.set_faults(half_filled_s=0)  # rows with a start date at once (tests/test_rows.py: without)
     old, finished, active, foreign = (_create(emulator, lbl) for lbl in ("qat-old", "qat-done", "qat-live", "mine"))
-    kw = dict(api_key=emulator.api_key, server_url=emulator.url, log=lambda m: None)
+    kw = dict(credentials={"vast": VastCredentials(emulator.api_key, emulator.url)}, log=lambda m: None)
     status = lambda label: reaper.GONE if label == "qat-done" else reaper.ACTIVE  # noqa: E731
     suspects: dict = {}
     # one "gone" verdict is not enough: remembered, nothing destroyed
@@ -95,12 +99,12 @@ def test_reaper_age_and_finished_runs(emulator):
     assert sorted(r["instance_id"] for r in rows) == sorted([old, finished, active])
     assert all(r["destroyed"] and r["reason"] == "older than 1 h" for r in rows)
     assert [r["id"] for r in emulator.live_instances()] == [foreign]  # other labels are never touched
-    provision.release(Lease(backend="vast", label="mine", instance_id=foreign), emulator.api_key, emulator.url)
+    provision.release(Lease(backend="vast", label="mine", instance_id=foreign), VastCredentials(emulator.api_key, emulator.url))
 
 
 def test_reaper_keeps_on_unknown_and_errors_and_resets_the_count(emulator):
     iid = _create(emulator, "qat-x")
-    kw = dict(api_key=emulator.api_key, server_url=emulator.url, log=lambda m: None, max_age_hours=1)
+    kw = dict(credentials={"vast": VastCredentials(emulator.api_key, emulator.url)}, log=lambda m: None, max_age_hours=1)
 
     def boom(label):
         raise TimeoutError("the API timed out")
@@ -135,13 +139,12 @@ def test_reaper_cli(emulator, monkeypatch, capsys):
 def test_vast_acquire_makes_a_fresh_private_key_pair_whatever_the_umask(emulator, tmp_path):
     """A pair already in the run's key folder (planted, or left by an earlier rental) is replaced, and
     under umask 000 the folder is still 0700 and both files 0600 (issue 19, finding 17)."""
-    from infra import keys
+    from infra.backends import keys
 
     planted = keys.generate_keypair(tmp_path / "ssh" / "qat-run2")
     old = os.umask(0)
     try:
-        lease = provision.acquire(cfg().machine, "qat-run2", tmp_path, api_key=emulator.api_key,
-                                  server_url=emulator.url, log=lambda m: None)
+        lease = provision.acquire(cfg().machine, "qat-run2", tmp_path, VastCredentials(emulator.api_key, emulator.url), log=lambda m: None)
     finally:
         os.umask(old)
     try:
@@ -152,14 +155,14 @@ def test_vast_acquire_makes_a_fresh_private_key_pair_whatever_the_umask(emulator
         assert {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {
             "id_ed25519": "0o600", "id_ed25519.pub": "0o600"}
     finally:
-        provision.release(lease, api_key=emulator.api_key, server_url=emulator.url)
+        provision.release(lease, VastCredentials(emulator.api_key, emulator.url))
 
 
 def test_ssh_backend_keeps_the_host_key_for_later_runs_and_refuses_a_changed_one(sshd_host, tmp_path, monkeypatch):
     """First contact records host:port's key in the runs folder's known_hosts; a later run accepts that
     key only, and a changed key is refused, saying how to accept it (issue 19, finding 9)."""
-    from infra import keys
-    from infra.ssh import HostKeyChanged
+    from infra.backends import keys
+    from infra.machines.ssh import HostKeyChanged
 
     monkeypatch.setenv("QAT_RUNS_DIR", str(tmp_path / "runs"))
     store = tmp_path / "runs" / "known_hosts"

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from infra.backends.vast.credentials import VastCredentials
 from infra.reaper import ACTIVE, FOREIGN, GONE, LIVE, UNKNOWN
 from tasks import labels
 
@@ -255,7 +256,7 @@ def test_refused_connection_is_unknown(server):
 # ---------------------------------------------------------------- the reaper, pass after pass
 
 def _create(emulator, label: str) -> int:
-    from infra.vast import VastProvider
+    from infra.backends.vast.instances import VastProvider
 
     p = VastProvider(api_key=emulator.api_key, server_url=emulator.url)
     offer = p._sdk.search_offers(query={"rented": {"eq": False}, "disk_space": {"gte": 10}}, no_default=True)[0]
@@ -264,8 +265,8 @@ def _create(emulator, label: str) -> int:
 
 def test_reaper_destroys_only_dead_runs_of_ours_and_only_on_the_second_check(server, via_proxy, emulator, tmp_path,
                                                                              monkeypatch):
-    from infra import provision
-    from infra.machine import Lease
+    from infra.backends import registry as provision
+    from infra.machines.machine import Lease
     from tasks.reaping import reap_labelled
 
     monkeypatch.setenv("VAST_API_KEY", emulator.api_key)
@@ -304,8 +305,8 @@ def test_reaper_destroys_only_dead_runs_of_ours_and_only_on_the_second_check(ser
         _passes(rpass, alive, everyone, doomed, spec, state, log)
     finally:
         for name in alive():
-            provision.release(Lease(backend="vast", label=spec[name], instance_id=ids[name]), emulator.api_key,
-                              emulator.url)
+            provision.release(Lease(backend="vast", label=spec[name], instance_id=ids[name]),
+                              VastCredentials(emulator.api_key, emulator.url))
 
 
 def _passes(rpass, alive, everyone, doomed, spec, state, log):
@@ -409,8 +410,8 @@ def test_reap_flow_never_destroys_a_live_or_foreign_machine_by_age_and_ages_rows
                 time.sleep(0.5)
         assert {e.resource.id for e in events} == {f"vast.instance.{ids[n]}" for n in ("live", "foreign")}
     finally:
-        from infra import provision
-        from infra.machine import Lease
+        from infra.backends import registry as provision
+        from infra.machines.machine import Lease
 
         for r in emulator.live_instances():
-            provision.release(Lease(backend="vast", label="", instance_id=r["id"]), emulator.api_key, emulator.url)
+            provision.release(Lease(backend="vast", label="", instance_id=r["id"]), VastCredentials(emulator.api_key, emulator.url))

@@ -7,22 +7,25 @@ import subprocess
 
 import pytest
 
+from infra.backends.vast import hostkeys
+from infra.backends.vast.credentials import VastCredentials
 from contract.config import load_config
 from contract.layout import PUSHED_CODE, REMOTE_CODE, REPO_ROOT, REQUIREMENTS
 from contract.remote_env import steps_python
 from devtools.emulator.image import IMAGE_DIR
-from infra import provision
-from infra.vast import VastProvider
+from infra.backends import registry as provision
+from infra.backends.vast.instances import VastProvider
 
 
 @pytest.fixture(autouse=True)
 def fast_polling(monkeypatch):
-    monkeypatch.setattr(provision.backend("vast"), "provider_options", {"poll_s": 0.2, "backoff_s": 0.02})
+    monkeypatch.setattr(VastProvider, "poll_s", 0.2)  # the emulator boots in seconds: look often
+    monkeypatch.setattr(VastProvider, "backoff_s", 0.02)
 
 
 def rent(emulator, tmp_path, label="qat-env"):
     c = load_config("tiny", {"machine.provision_timeout_s": 30, "machine.ssh_timeout_s": 30})
-    lease = provision.acquire(c.machine, label, tmp_path, api_key=emulator.api_key, server_url=emulator.url,
+    lease = provision.acquire(c.machine, label, tmp_path, VastCredentials(emulator.api_key, emulator.url),
                               log=lambda m: None)
     return c, lease, provision.connect(lease, timeout=10)
 
@@ -42,7 +45,7 @@ def test_onstart_makes_ssh_commands_run_with_the_image_environment(emulator, tmp
         assert code == 0 and out.splitlines()[0] == str(IMAGE_DIR / "venv" / "bin" / "python3")
     finally:
         m.close()
-        provision.release(lease, api_key=emulator.api_key, server_url=emulator.url)
+        provision.release(lease, VastCredentials(emulator.api_key, emulator.url))
 
 
 def test_onstart_writes_the_environment_without_secrets(tmp_path):
@@ -54,7 +57,7 @@ def test_onstart_writes_the_environment_without_secrets(tmp_path):
     env = {"HOME": str(home), "PATH": f"/opt/conda/bin:{os.environ['PATH']}", "VAST_EMULATED_ETC": str(etc),
            "CUDA_HOME": "/usr/local/cuda", "CONTAINER_API_KEY": "k1", "HF_TOKEN": "t1", "DB_PASSWORD": "p1",
            "AWS_SECRET_ACCESS_KEY": "s1"}
-    script = VastProvider.onstart_script("ssh-ed25519 AAAAC3Nza test@qat")
+    script = hostkeys.onstart_script("ssh-ed25519 AAAAC3Nza test@qat")
     subprocess.run(["bash", "-c", script], env=env, check=False, capture_output=True, timeout=30)
     written = (etc / "environment").read_text()
     assert (home / ".no_auto_tmux").exists()
@@ -88,5 +91,5 @@ def test_setup_builds_a_venv_the_image_does_not_leak_into(emulator, tmp_path):
         assert code == 0 and "is already set up" in out
     finally:
         m.close()
-        provision.release(lease, api_key=emulator.api_key, server_url=emulator.url)
+        provision.release(lease, VastCredentials(emulator.api_key, emulator.url))
     assert image_files() == before  # nothing installed into the image's python

@@ -11,9 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from infra import provision, reaper
-from infra.machine import Lease
-from infra.vast import ProvisionError, VastProvider
+from infra.backends.vast import hostkeys
+from infra.backends.vast.credentials import VastCredentials
+from infra import reaper
+from infra.backends import registry as provision
+from infra.machines.machine import Lease
+from infra.backends.vast.api import ProvisionError
+from infra.backends.vast.instances import VastProvider
 from contract.config import ConfigError, load_config
 
 
@@ -31,8 +35,8 @@ def _create(p: VastProvider, label: str) -> int:
 
 
 def _ready(tmp_path):
-    from infra import keys
-    from infra.ssh_backend import pin_host_key
+    from infra.backends import keys
+    from infra.backends.ssh import pin_host_key
 
     pair = keys.generate_keypair(tmp_path / "key")
     return pair, pin_host_key(20, lambda m: None)
@@ -76,14 +80,14 @@ def test_launch_with_the_emulator_defaults(emulator, tmp_path):
 def test_host_keys_reach_the_log_api_through_pid1_stdout(emulator, tmp_path):
     """onstart's own output goes to /var/log/onstart.log (not served); the QAT_HOSTKEY lines are read
     from the container's log (PID 1's stdout), where the product's onstart writes them too."""
-    from infra.ssh import _parse_host_key, host_key_fingerprint
+    from infra.machines.ssh_host_keys import host_key_fingerprint, parse_host_key
 
     pair, ready = _ready(tmp_path)
     p = provider(emulator)
     lease = p.launch(cfg(), "qat-pid1", pair.public_key, key_path=str(pair.private_path), ready_check=ready)
     try:
         info = emulator.instance_info(lease.instance_id)
-        line = f"QAT_HOSTKEY ssh-ed25519 {host_key_fingerprint(_parse_host_key(info['host_key']))}"
+        line = f"QAT_HOSTKEY ssh-ed25519 {host_key_fingerprint(parse_host_key(info['host_key']))}"
         assert line in p.logs_tail(lease.instance_id, lines=200)
         assert line in (Path(info["root"]) / "var" / "log" / "onstart.log").read_text()
     finally:
@@ -94,10 +98,10 @@ def test_an_onstart_that_prints_only_to_its_own_output_is_not_trusted(emulator, 
     """The old onstart (host keys echoed to its own stdout): the lines never reach the log API, and
     the attempt fails after `hostkey_wait_s`, not at the end of machine.provision_timeout_s."""
     pair, ready = _ready(tmp_path)
-    own = VastProvider.onstart_script(pair.public_key).replace(
+    own = hostkeys.onstart_script(pair.public_key).replace(
         '"$hk" 2>/dev/null >> "${VAST_EMULATED_PROC:-/proc}/1/fd/1"', '"$hk" >> /dev/null')
-    assert own != VastProvider.onstart_script(pair.public_key)
-    monkeypatch.setattr(VastProvider, "onstart_script", staticmethod(lambda key: own))
+    assert own != hostkeys.onstart_script(pair.public_key)
+    monkeypatch.setattr(hostkeys, "onstart_script", lambda key: own)
     t0 = time.monotonic()
     with pytest.raises(ProvisionError, match="never printed the SSH host key fingerprints") as e:
         provider(emulator, hostkey_wait_s=2).launch(
@@ -122,7 +126,7 @@ def test_reaper_ages_a_row_without_start_date_from_its_first_sighting(emulator):
     log: list[str] = []
     first_seen: dict = {}
     t = time.time() + 30 * 3600
-    kw = dict(api_key=emulator.api_key, server_url=emulator.url, log=log.append, max_age_hours=24,
+    kw = dict(credentials={"vast": VastCredentials(emulator.api_key, emulator.url)}, log=log.append, max_age_hours=24,
               run_status=lambda label: reaper.ACTIVE, first_seen=first_seen)
     rows = reaper.reap_instances(now=t, **kw)
     assert [(r["instance_id"], r["reason"], r["destroyed"]) for r in rows] == [(leak, "older than 24 h", True)], log
@@ -144,7 +148,7 @@ def test_reaper_never_destroys_a_live_run_or_a_foreign_machine_by_age(emulator):
                 "qat-unknown": reaper.UNKNOWN}
     ids = {label: _create(p, label) for label in verdicts}
     alarms: list[dict] = []
-    rows = reaper.reap_instances(api_key=emulator.api_key, server_url=emulator.url, max_age_hours=24,
+    rows = reaper.reap_instances({"vast": VastCredentials(emulator.api_key, emulator.url)}, max_age_hours=24,
                                  now=time.time() + 30 * 3600, run_status=verdicts.__getitem__,
                                  log=lambda m: None, alarm=alarms.append)
     assert sorted(r["label"] for r in rows) == ["qat-active", "qat-unknown"] and all(r["destroyed"] for r in rows)
@@ -152,7 +156,7 @@ def test_reaper_never_destroys_a_live_run_or_a_foreign_machine_by_age(emulator):
     assert all("not destroyed by age" in a["message"] and "step_timeout_s" in a["message"] for a in alarms)
     assert sorted(r["id"] for r in emulator.live_instances()) == sorted([ids["qat-live"], ids["qat-foreign"]])
     for label in ("qat-live", "qat-foreign"):
-        provision.release(Lease(backend="vast", label=label, instance_id=ids[label]), emulator.api_key, emulator.url)
+        provision.release(Lease(backend="vast", label=label, instance_id=ids[label]), VastCredentials(emulator.api_key, emulator.url))
 
 
 # ---------------------------------------------------------------- configuration

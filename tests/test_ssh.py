@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from infra import keys
-from infra.machine import CommandFailed, CommandTimeout, Lease, TransientMachineError
-from infra.ssh import HostKeyChanged, SSHMachine
+from infra.backends import keys
+from infra.machines.machine import CommandFailed, CommandTimeout, Lease, TransientMachineError
+from infra.machines.ssh import HostKeyChanged, SSHMachine
 from test_local import NASTY, make_tree
 
 
@@ -127,7 +127,7 @@ def test_falls_back_to_the_other_endpoint(sshd_host):
 
     dead = free_port()  # nothing listens there
     lease = lease_for(sshd_host)
-    lease.port, lease.extra["ssh_alternatives"] = dead, [[sshd_host.host, sshd_host.port]]
+    lease.port, lease.ssh_alternatives = dead, [[sshd_host.host, sshd_host.port]]
     with SSHMachine(lease, connect_timeout=15).connect() as m:
         assert m.run(["true"]) == 0
     assert lease.port == sshd_host.port and lease.host_key == sshd_host.host_key

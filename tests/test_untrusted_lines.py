@@ -15,8 +15,8 @@ import tasks.remote_step
 import tasks.rental
 from contract.config import load_config
 from contract.layout import REMOTE_CODE, REMOTE_WORK
-from infra.machine import Lease
-from infra.ssh import SSHMachine
+from infra.machines.machine import Lease
+from infra.machines.ssh import SSHMachine
 from tasks.billing import BudgetExceeded
 from tasks.remote_step import run_remote_step
 from tasks.rental import forget_machine, remote_python, setup_environment
@@ -51,7 +51,7 @@ def _fake_program(home: Path, rel: str, script: str) -> None:
 
 
 def test_an_endless_line_is_cut_noted_and_stripped_of_escapes(sshd_host):
-    """3 MiB without a newline: on_line runs while it streams (a note every MiB: infra/local.py
+    """3 MiB without a newline: on_line runs while it streams (a note every MiB: infra/machines/streams.py
     CUT_NOTE_BYTES), the line shown is at most 16 KiB (MAX_LINE_BYTES), and a clear-screen / retitle /
     colour never reaches the console."""
     seen: list[tuple[float, str]] = []

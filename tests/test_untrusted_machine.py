@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 
 from conftest import require_sshd
+from infra.backends.vast.credentials import VastCredentials
+from infra.backends.vast.instances import VastProvider
 from contract.config import load_config
-from infra import provision
-from infra.archive import UnsafeArchive
+from infra.backends import registry as provision
+from infra.machines.archive import UnsafeArchive
 from tasks.remote_step import CheckpointSync, fetch_outputs
 
-# mode -> what the refusal must say (infra/archive.py's rule)
+# mode -> what the refusal must say (infra/machines/archive.py's rule)
 CASES = {
     "abs_path": "absolute names are not allowed",
     "dotdot": "'..' parts are not allowed",
@@ -58,23 +60,23 @@ def evil_machine(tmp_path_factory):
 
     require_sshd()
     root = tmp_path_factory.mktemp("untrusted")
-    vast = provision.backend("vast")
-    saved, vast.provider_options = vast.provider_options, {"poll_s": 0.2, "backoff_s": 0.02}
+    saved = VastProvider.poll_s, VastProvider.backoff_s
+    VastProvider.poll_s, VastProvider.backoff_s = 0.2, 0.02  # the emulator boots in seconds: look often
     emu = EmulatorProcess(state_dir=root / "emulator").start()
     lease = m = None
     try:
         mc = load_config("tiny", {"machine.provision_timeout_s": 30, "machine.ssh_timeout_s": 30}).machine
-        lease = provision.acquire(mc, "qat-evil", root / "runs" / "r", api_key=emu.api_key, server_url=emu.url,
+        lease = provision.acquire(mc, "qat-evil", root / "runs" / "r", VastCredentials(emu.api_key, emu.url),
                                   log=lambda msg: None)
         assert lease.host_key_source == "provider log"
         m = provision.connect(lease, timeout=30)
         yield emu, lease, m, root
     finally:
-        vast.provider_options = saved
+        VastProvider.poll_s, VastProvider.backoff_s = saved
         if m is not None:
             m.close()
         if lease is not None:
-            assert provision.release(lease, api_key=emu.api_key, server_url=emu.url) is True
+            assert provision.release(lease, VastCredentials(emu.api_key, emu.url)) is True
         live = emu.live_instances()
         emu.cleanup()
         leaked = emu.sshd_pids()

@@ -5,7 +5,10 @@ import traceback
 
 import pytest
 
-from infra.vast import NoOffersError, ProvisionError, VastAPIError, VastProvider
+from infra.backends.vast import hostkeys
+from infra.backends.vast.credentials import VastCredentials
+from infra.backends.vast.api import NoOffersError, ProvisionError, VastAPIError
+from infra.backends.vast.instances import VastProvider
 from contract.config import load_config
 from contract.machine_config import VastConfig
 
@@ -92,7 +95,7 @@ def test_stuck_loading_moves_to_the_next_offer(emulator):
     assert len(rows) == 2
     first = next(r for r in rows if r["id"] != lease.instance_id)
     assert first["ended_at"] is not None and first["end_reason"] == "destroyed"
-    assert first["offer_id"] != lease.extra["offer_id"]
+    assert first["offer_id"] != lease.offer_id
     assert any("failed" in m and "log tail" in m for m in messages)
     p.destroy(lease.instance_id)
 
@@ -189,22 +192,22 @@ def test_malformed_responses_are_clear_errors(emulator):
 # ---------------------------------------------------------------- host key from the provider's channel
 
 def _ready(tmp_path):
-    from infra import keys
-    from infra.ssh_backend import pin_host_key
+    from infra.backends import keys
+    from infra.backends.ssh import pin_host_key
 
     pair = keys.generate_keypair(tmp_path / "key")
     return pair, pin_host_key(20, lambda m: None)
 
 
 def test_host_key_is_pinned_from_the_instance_log_before_ssh(emulator, tmp_path):
-    from infra.ssh import host_key_fingerprint, _parse_host_key
+    from infra.machines.ssh_host_keys import host_key_fingerprint, parse_host_key
 
     pair, ready = _ready(tmp_path)
     p = provider(emulator)
     lease = p.launch(cfg(), "qat-hostkey", pair.public_key, key_path=str(pair.private_path), ready_check=ready)
     try:
         info = emulator.instance_info(lease.instance_id)
-        fp = host_key_fingerprint(_parse_host_key(info["host_key"]))
+        fp = host_key_fingerprint(parse_host_key(info["host_key"]))
         assert lease.host_key_fingerprints == [f"ssh-ed25519 {fp}"]  # what onstart printed, read over the API
         assert lease.host_key == info["host_key"] and lease.host_key_source == "provider log"
         assert f"QAT_HOSTKEY ssh-ed25519 {fp}" in p.logs_tail(lease.instance_id, lines=200)
@@ -215,8 +218,7 @@ def test_host_key_is_pinned_from_the_instance_log_before_ssh(emulator, tmp_path)
 def test_no_host_key_line_in_the_log_fails_the_attempt(emulator, tmp_path, monkeypatch):
     pair, ready = _ready(tmp_path)
     k = pair.public_key
-    monkeypatch.setattr(VastProvider, "onstart_script",
-                        staticmethod(lambda key: f"mkdir -p ~/.ssh && echo '{k}' >> ~/.ssh/authorized_keys"))
+    monkeypatch.setattr(hostkeys, "onstart_script", lambda key: f"mkdir -p ~/.ssh && echo '{k}' >> ~/.ssh/authorized_keys")
     with pytest.raises(ProvisionError, match="never printed the SSH host key fingerprints") as e:
         provider(emulator).launch(cfg(**{"machine.provision_timeout_s": 3, "machine.vast.create_attempts": 1}),
                                   "qat-nokey", k, key_path=str(pair.private_path), ready_check=ready)
@@ -230,9 +232,9 @@ def test_a_host_key_other_than_the_logged_one_is_refused(emulator, tmp_path, mon
     pair, ready = _ready(tmp_path)
     k = pair.public_key
     forged = "QAT_HOSTKEY ssh-ed25519 SHA256:" + "A" * 43
-    monkeypatch.setattr(VastProvider, "onstart_script", staticmethod(  # to the container's log (PID 1's stdout)
-        lambda key: f"echo '{forged}' >> \"$VAST_EMULATED_PROC/1/fd/1\"; "
-                    f"mkdir -p ~/.ssh && echo '{k}' >> ~/.ssh/authorized_keys"))
+    monkeypatch.setattr(hostkeys, "onstart_script",  # to the container's log (PID 1's stdout)
+                        lambda key: f"echo '{forged}' >> \"$VAST_EMULATED_PROC/1/fd/1\"; "
+                                    f"mkdir -p ~/.ssh && echo '{k}' >> ~/.ssh/authorized_keys")
     with pytest.raises(ProvisionError, match="2 attempt") as e:
         provider(emulator).launch(cfg(**{"machine.vast.create_attempts": 2}), "qat-mitm", k,
                                   key_path=str(pair.private_path), ready_check=ready)
@@ -245,21 +247,23 @@ def test_parse_host_keys_takes_whole_lines_only():
     text = "\n".join([f"QAT_HOSTKEY ssh-ed25519 {good}", f"Invalid user QAT_HOSTKEY ssh-rsa {good} from 1.2.3.4",
                       f"QAT_HOSTKEY ssh-ed25519 {good}\r", "QAT_HOSTKEY ssh-rsa SHA256:short",
                       f"QAT_HOSTKEY ecdsa-sha2-nistp256 {good} trailing"])
-    assert VastProvider.parse_host_keys(text) == [f"ssh-ed25519 {good}"]
+    assert hostkeys.parse_host_keys(text) == [f"ssh-ed25519 {good}"]
 
 
 def test_the_run_key_pair_is_deleted_once_its_machine_is_destroyed(emulator, tmp_path, monkeypatch):
-    from infra import provision
-    from infra.machine import Lease
+    from infra.backends import registry as provision
+    from infra.machines.machine import Lease
     from tasks.rental import delete_run_key
 
-    monkeypatch.setattr(provision.backend("vast"), "provider_options", {"poll_s": 0.2, "backoff_s": 0.02})
-    lease = provision.acquire(cfg(), "qat-keys", tmp_path, api_key=emulator.api_key, server_url=emulator.url,
+    monkeypatch.setattr(VastProvider, "poll_s", 0.2)  # the emulator boots in seconds: look often
+
+    monkeypatch.setattr(VastProvider, "backoff_s", 0.02)
+    lease = provision.acquire(cfg(), "qat-keys", tmp_path, VastCredentials(emulator.api_key, emulator.url),
                               log=lambda m: None)
     key = tmp_path / "ssh" / "qat-keys" / "id_ed25519"
-    assert lease.key_path == str(key) and key.is_file() and lease.extra["run_key_dir"] == str(key.parent)
+    assert lease.key_path == str(key) and key.is_file() and lease.run_key_dir == str(key.parent)
     assert lease.host_key_source == "provider log"
-    assert provision.release(lease, api_key=emulator.api_key, server_url=emulator.url) is True
+    assert provision.release(lease, VastCredentials(emulator.api_key, emulator.url)) is True
     assert delete_run_key(lease) is True
     assert not key.exists() and not key.with_name("id_ed25519.pub").exists() and not key.parent.exists()
     assert delete_run_key(lease) is False  # idempotent
@@ -268,7 +272,7 @@ def test_the_run_key_pair_is_deleted_once_its_machine_is_destroyed(emulator, tmp
     own.write_text("private")
     assert delete_run_key(Lease(backend="ssh", label="x", key_path=str(own))) is False and own.exists()
     assert delete_run_key(Lease(backend="vast", label="x", key_path=str(own),
-                                extra={"run_key_dir": str(tmp_path / "ssh" / "elsewhere")})) is False and own.exists()
+                                run_key_dir=str(tmp_path / "ssh" / "elsewhere"))) is False and own.exists()
 
 
 # ---------------------------------------------------------------- first contact: orphans, duplicates, status, 429s
@@ -375,16 +379,14 @@ def test_outbid_running_instance_is_not_alive_and_bills_storage(emulator):
 
 
 def test_foreign_rows_with_null_fields_do_not_blind_us(emulator):
-    from infra.provision import find_instances
-    from infra.vast_backend import VastBackend
+    from infra.backends.vast.backend import VastBackend
 
     emulator.set_faults(foreign_rows=30)  # > one page of 25: paging too
     p = provider(emulator)
     iid = _create(p, "qat-mine")
     assert [r["id"] for r in p.find_instances("qat-")] == [iid]
-    leases = VastBackend().find_instances("qat-", api_key=emulator.api_key, server_url=emulator.url)
+    leases = VastBackend().find_instances("qat-", VastCredentials(emulator.api_key, emulator.url))
     assert [lease.instance_id for lease in leases] == [iid]
-    assert [lease.instance_id for lease in find_instances("qat-", api_key=emulator.api_key, server_url=emulator.url)] == [iid]
     assert p.destroy(iid) and p.find_instances("qat-") == []
 
 
@@ -396,7 +398,7 @@ def test_retry_after_is_honoured(emulator):
 
 
 def test_search_quota_429_is_not_retried(emulator):
-    from infra.vast import SearchQuotaExceeded
+    from infra.backends.vast.api import SearchQuotaExceeded
     from tasks.retry import is_transient
 
     emulator.set_faults(quota_429=5)
@@ -427,11 +429,11 @@ def test_onstart_prints_the_host_key_fingerprints_with_or_without_ssh_keygen(tmp
     bare.mkdir()
     for tool in ("sh", "bash", "cut", "ls", "grep", "env", "mv", "mkdir", "chmod", "touch", "cat", "python3"):
         os.symlink(sys.executable if tool == "python3" else shutil.which(tool), bare / tool)
-    script = VastProvider.onstart_script("ssh-ed25519 AAAAC3Nza test@qat")
+    script = hostkeys.onstart_script("ssh-ed25519 AAAAC3Nza test@qat")
     for path in (os.environ["PATH"], str(bare)):
         (proc / "1" / "fd" / "1").write_text("")
         env = {"PATH": path, "HOME": str(tmp_path), "VAST_EMULATED_ETC": str(etc), "VAST_EMULATED_PROC": str(proc)}
         out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         for text in (out.stdout, (proc / "1" / "fd" / "1").read_text()):
-            assert VastProvider.parse_host_keys(text) == [f"ssh-ed25519 {want}"], (path, text, out.stderr)
+            assert hostkeys.parse_host_keys(text) == [f"ssh-ed25519 {want}"], (path, text, out.stderr)

@@ -57,15 +57,16 @@ class Machine(Protocol):
         """Run argv, streaming stdout+stderr lines to on_line as they arrive. Returns the exit code;
         raises CommandFailed (with the output tail) on non-zero when check, CommandTimeout on timeout."""
 
-    def put(self, local_dir: Path, remote_dir: str, *, include: Sequence[str]) -> int:
-        """Send a directory tree (include list, .gitignore honoured) as one tar stream; returns its bytes
+    def put(self, local_dir: Path, remote_dir: str, *, include: Sequence[str], respect_gitignore: bool = True) -> int:
+        """Send a directory tree as one tar stream: the files git tracks under `include` (untracked ones
+        stay home), or with respect_gitignore=False every file there (run outputs); returns its bytes
         (what the machine's host bills at its inet_down_cost)."""
 
     def get(self, remote_path: str, local_path: Path, *, max_bytes: int = ..., max_members: int = ...,
             allow: Optional[re.Pattern] = ..., exclude: Sequence[str] = (),
             on_bytes: Optional[Callable[[int], None]] = None) -> None:
         """Fetch a file, or a directory tree less the top-level names in `exclude`, as one checked
-        archive (infra/archive.py: regular files and directories only, names matching `allow`,
+        archive (infra/machines/archive.py: regular files and directories only, names matching `allow`,
         caps on bytes and members); it replaces local_path only once every member passed.
         `on_bytes(n)`: each chunk's size as it arrives (billed bandwidth); raising aborts the copy."""
 
@@ -77,6 +78,18 @@ class Machine(Protocol):
     def free_disk_gb(self, remote_path: str = ".") -> float: ...
 
     def close(self) -> None: ...
+
+
+@dataclass
+class FailedStart:
+    """An instance a launch created and gave up on: billed from its creation until its destroy
+    (destroyed_at None: not confirmed, still billing)."""
+
+    instance_id: Optional[int]
+    dph_total: float
+    created_at: float
+    destroyed_at: Optional[float] = None
+    label: str = ""
 
 
 @dataclass
@@ -100,4 +113,12 @@ class Lease:
     num_gpus: int = 0
     location: str = ""
     created_at: float = 0.0
-    extra: dict = field(default_factory=dict)
+    machine_id: Optional[int] = None  # the provider's host (vast): excluded after a failed start
+    offer_id: Optional[int] = None
+    ssh_alternatives: list = field(default_factory=list)  # [[host, port], ...]: the same machine's other SSH endpoints
+    inet_up_cost: float = 0.0  # the host's $/GB for bytes leaving the machine (copies home)
+    inet_down_cost: float = 0.0  # the host's $/GB for bytes reaching it (pushes)
+    failed_starts: list[FailedStart] = field(default_factory=list)  # what the launch created and gave up on
+    run_key_dir: Optional[str] = None  # the per-run key pair's folder (vast), deleted once the machine is gone
+    home: Optional[str] = None  # the local backend's folder the steps run in
+    gpus_counted: dict = field(default_factory=dict)  # {"nvidia_smi": N, "torch": M}: the setup's GPUS line

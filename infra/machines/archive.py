@@ -50,7 +50,7 @@ import tempfile
 import uuid
 import zlib
 from pathlib import Path
-from typing import IO, BinaryIO, Optional, Sequence, Union
+from typing import IO, Optional, Sequence, Union
 
 from .machine import MachineError
 
@@ -383,29 +383,3 @@ def extract_archive(source: Source, dest: Path, *, allow: Optional[re.Pattern] =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return names
-
-
-def copy_capped(src: BinaryIO, dest: Path, max_bytes: int, label: str) -> int:
-    """Copy one file's bytes from a machine to dest (via dest.partial, then renamed), refusing more
-    than max_bytes. Returns the bytes copied."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".partial")
-    partial.unlink(missing_ok=True)
-    written = 0
-    try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        with os.fdopen(fd, "wb") as out:
-            while True:
-                chunk = src.read(CHUNK)
-                if not chunk:
-                    break
-                written += len(chunk)
-                if written > max_bytes:
-                    raise UnsafeArchive(label, f"larger than the cap of {max_bytes} bytes")
-                out.write(chunk)
-        os.replace(partial, dest)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return written

@@ -1,27 +1,29 @@
-"""What a rented machine costs: $/h (dph_total, GPU + storage) times its life, from creation
-until its destroy is confirmed, plus the bytes it sent home and was sent at its $/GB; split per step; checked
-against a budget cap. `RunBudget` is the run's one meter over every machine it paid for (failed
-start attempts included); `BudgetTimer` checks it on a timer while a command is silent."""
+"""What a rented machine costs (`CostMeter`): $/h (dph_total, GPU + storage) times its life, from
+creation until its destroy is confirmed, plus the bytes it sent home and was sent at its $/GB; split
+per step. `RunBudget` is the run's one meter over every machine it paid for (failed start attempts
+included) and the only place the cap (machine.max_cost_usd) is checked; `BudgetTimer` checks it on a
+timer while a command is silent."""
 from __future__ import annotations
 
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
-from .machine import Lease
+from infra.machines.machine import FailedStart, Lease
 
 
 class BudgetExceeded(RuntimeError):
     """Spending crossed machine.max_cost_usd: the caller tears the machine down."""
+
+    retryable = False
 
 
 @dataclass
 class CostMeter:
     dph: float
     created_at: float
-    max_cost_usd: Optional[float] = None
     label: str = ""
     destroyed_at: Optional[float] = None
     steps: list[dict] = field(default_factory=list)
@@ -33,12 +35,9 @@ class CostMeter:
     bytes_down: int = 0
 
     @classmethod
-    def from_lease(cls, lease: Lease, max_cost_usd: Optional[float] = None,
-                   clock: Callable[[], float] = time.time) -> "CostMeter":
-        return cls(dph=lease.dph_total, created_at=lease.created_at or clock(), max_cost_usd=max_cost_usd,
-                   label=lease.label, clock=clock, instance_id=lease.instance_id,
-                   usd_per_gb_home=float((lease.extra or {}).get("inet_up_cost") or 0.0),
-                   usd_per_gb_down=float((lease.extra or {}).get("inet_down_cost") or 0.0))
+    def from_lease(cls, lease: Lease, clock: Callable[[], float] = time.time) -> "CostMeter":
+        return cls(dph=lease.dph_total, created_at=lease.created_at or clock(), label=lease.label, clock=clock, instance_id=lease.instance_id,
+                   usd_per_gb_home=lease.inet_up_cost, usd_per_gb_down=lease.inet_down_cost)
 
     def _usd(self, seconds: float) -> float:
         return self.dph * max(0.0, seconds) / 3600.0
@@ -78,17 +77,9 @@ class CostMeter:
         """The destroy was confirmed: billing stops here."""
         self.destroyed_at = at if at is not None else self.clock()
 
-    def over_budget(self) -> bool:
-        return self.max_cost_usd is not None and self.total_usd() > self.max_cost_usd
-
-    def check_budget(self) -> None:
-        if self.over_budget():
-            raise BudgetExceeded(f"budget cap crossed: ${self.total_usd():.4f} spent on {self.label or 'the machine'} "
-                                 f"(${self.dph:.3f}/h for {self.elapsed_s() / 3600:.2f} h), machine.max_cost_usd is "
-                                 f"${self.max_cost_usd:.4f}; tear the machine down")
-
     def as_rows(self) -> list[dict]:
-        """Plain rows for a table artifact: each step, the time outside steps, and the total."""
+        """Plain rows for a table artifact: each step, the time outside steps, and the total (the one
+        row with "total" true: the machine's whole bill)."""
         rows = [{"step": s["step"], "seconds": s["seconds"], "usd": s["usd"], "ok": s["ok"]} for s in self.steps]
         in_steps = sum(s["seconds"] for s in self.steps)
         other = max(0.0, self.elapsed_s() - in_steps)
@@ -101,8 +92,9 @@ class CostMeter:
             rows.append({"step": f"bandwidth: {self.bytes_down / 1e6:.1f} MB pushed to the machine at "
                                  f"${self.usd_per_gb_down:g}/GB", "seconds": 0.0,
                          "usd": round(self.bytes_down / 1e9 * self.usd_per_gb_down, 6), "ok": True})
+        rows = [{**r, "total": False} for r in rows]
         rows.append({"step": "total", "seconds": round(self.elapsed_s(), 3), "usd": round(self.total_usd(), 6),
-                     "ok": self.destroyed_at is not None})
+                     "ok": self.destroyed_at is not None, "total": True})
         return rows
 
 
@@ -124,27 +116,26 @@ class RunBudget:
         meter = CostMeter.from_lease(lease, clock=self.clock)
         with self._lock:
             self.machines.append(meter)
-        self.add_failed_starts((lease.extra or {}).get("failed_starts") or ())
+        self.add_failed_starts(lease.failed_starts)
         return meter
 
-    def add_failed_starts(self, records) -> None:
-        """Instances a launch created and gave up on: {instance_id, dph_total, created_at,
-        destroyed_at (None: not confirmed, still billing), label}. Each instance is counted once."""
+    def add_failed_starts(self, starts: Iterable[FailedStart]) -> None:
+        """Instances a launch created and gave up on (destroyed_at None: not confirmed, still
+        billing). Each instance is counted once; a later report of it brings its destroy time."""
         with self._lock:
             known = {m.instance_id for m in self.failed_starts if m.instance_id is not None}
-            for r in records or ():
-                iid = r.get("instance_id")
-                if iid is not None and iid in known:
-                    for m in self.failed_starts:  # a later report of the same instance: its destroy time
-                        if m.instance_id == iid and r.get("destroyed_at") is not None:
-                            m.destroyed_at = float(r["destroyed_at"])
+            for r in starts or ():
+                if r.instance_id is not None and r.instance_id in known:
+                    for m in self.failed_starts:
+                        if m.instance_id == r.instance_id and r.destroyed_at is not None:
+                            m.destroyed_at = float(r.destroyed_at)
                     continue
-                if iid is not None:
-                    known.add(iid)
+                if r.instance_id is not None:
+                    known.add(r.instance_id)
                 self.failed_starts.append(CostMeter(
-                    dph=float(r.get("dph_total") or 0.0), created_at=float(self.clock() if r.get("created_at") is None else r["created_at"]),
-                    label=str(r.get("label") or ""), clock=self.clock, instance_id=iid,
-                    destroyed_at=None if r.get("destroyed_at") is None else float(r["destroyed_at"])))
+                    dph=float(r.dph_total or 0.0), created_at=float(self.clock() if r.created_at is None else r.created_at),
+                    label=r.label, clock=self.clock, instance_id=r.instance_id,
+                    destroyed_at=None if r.destroyed_at is None else float(r.destroyed_at)))
 
     def meter_for(self, lease: Lease) -> Optional[CostMeter]:
         with self._lock:

@@ -1,25 +1,18 @@
-"""`LocalMachine`: the Machine interface on this computer (backend `local`), plus the file
-selection and tarball helpers that the SSH machine shares."""
+"""The byte streams between home and a machine, shared by both Machines (ssh.py, local.py): which
+files are sent (git's view) and their tarball, a tar of a tree, the output line splitter (lines cut,
+terminal escapes stripped), and the capped, metered copies of what a machine sends."""
 from __future__ import annotations
 
 import collections
-import logging
 import os
 import re
-import shutil
-import signal
 import subprocess
 import tarfile
-import tempfile
-import threading
 from pathlib import Path
-from typing import IO, Callable, Mapping, Optional, Sequence
+from typing import IO, BinaryIO, Callable, Mapping, Optional, Sequence
 
-from .archive import (DEFAULT_ALLOW, MAX_BYTES, MAX_MEMBERS, UnsafeArchive, copy_capped,
-                      extract_archive)
-from .machine import CommandFailed, CommandTimeout, LineCallback, MachineError, build_command
-
-log = logging.getLogger("qat.machine")
+from .archive import CHUNK, UnsafeArchive
+from .machine import LineCallback, MachineError, build_command
 
 TAIL_LINES = 60
 # A line from a machine is shown up to MAX_LINE_BYTES; the rest is cut, with a note every CUT_NOTE_BYTES
@@ -37,28 +30,8 @@ _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]?|\x9b[0-?]*[ -/]*[@-~]?"  # CSI 
 def printable(text: str) -> str:
     """text without terminal escape sequences and control characters (tab kept)."""
     return _ESCAPES.sub("", text)
-# What a step process on this machine inherits from the orchestrator's environment: the basics and what
-# the workload reads (caches, offline switches, thread counts, GPUs). Nothing else: never VAST_API_KEY,
-# HF_TOKEN, PREFECT_* or other credentials; a step gets only these plus the env passed to `run`.
-STEP_ENV_NAMES = frozenset({
-    "PATH", "HOME", "LANG", "LANGUAGE", "TMPDIR", "TZ", "TERM", "USER", "LOGNAME", "SHELL",
-    "WHISPER_QAT_CACHE", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE",
-    "TORCH_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
-    "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-    "NUMEXPR_NUM_THREADS", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "LD_LIBRARY_PATH",
-    "PYTORCH_CUDA_ALLOC_CONF", "VIRTUAL_ENV",
-})
-STEP_ENV_PREFIXES = ("LC_", "TORCH_", "TORCHINDUCTOR_")
 
 
-def step_environment(extra: Optional[Mapping[str, str]] = None, base: Optional[Mapping[str, str]] = None) -> dict:
-    """The environment of a process run on the local machine: the names in STEP_ENV_NAMES (and
-    STEP_ENV_PREFIXES) taken from `base` (default os.environ), then `extra` (the env passed to run)."""
-    base = os.environ if base is None else base
-    env = {k: v for k, v in base.items() if k in STEP_ENV_NAMES or k.startswith(STEP_ENV_PREFIXES)}
-    env.setdefault("PATH", os.defpath)
-    env.setdefault("LANG", "C.UTF-8")
-    return {**env, **{k: str(v) for k, v in (extra or {}).items()}}
 ALWAYS_SKIPPED = {"__pycache__", ".git", ".pytest_cache", ".hypothesis"}
 
 
@@ -124,14 +97,6 @@ def make_tarball(local_dir: Path, files: Sequence[str], fileobj: IO[bytes]) -> i
     size = fileobj.tell()
     fileobj.seek(0)
     return size
-
-
-def _unpack_own_tarball(fileobj: IO[bytes], dest: Path) -> None:
-    """Unpack a tarball WE made (LocalMachine.put) into dest, merged over what is there. Never for
-    anything that comes from a machine: that goes through infra.archive.extract_archive."""
-    dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=fileobj, mode="r:*") as tar:
-        tar.extractall(dest, filter="data")
 
 
 def tar_tree(root: Path, fileobj: IO[bytes], exclude: Sequence[str] = ()) -> None:
@@ -221,108 +186,55 @@ class LineSplitter:
         return "\n".join(self.tail)
 
 
-class LocalMachine:
-    """This computer, rooted at `home` (relative paths resolve there)."""
+class CappedWriter:
+    """A write-only file wrapper that refuses more than `cap` bytes (a machine could send forever)."""
 
-    def __init__(self, home: Path, name: str = "local"):
-        self.home = Path(home).resolve()
-        self.home.mkdir(parents=True, exist_ok=True)
-        self.name = name
+    def __init__(self, out, cap: int, label: str, on_bytes: Optional[Callable[[int], None]] = None):
+        self.out, self.cap, self.label, self.n, self.on_bytes = out, cap, label, 0, on_bytes
 
-    def _path(self, p: str | Path) -> Path:
-        p = Path(os.path.expanduser(str(p))) if str(p).startswith("~/") else Path(p)
-        return p if p.is_absolute() else self.home / p
-
-    def run(self, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None, cwd: Optional[str] = None,
-            on_line: Optional[LineCallback] = None, timeout: Optional[float] = None, check: bool = True) -> int:
-        cmd = build_command(argv, None, str(self._path(cwd)) if cwd else None)  # env: not on the command line
-        shown = masked_command(argv, env, cwd)
-        log.debug("local run: %s", shown)
-        full_env = step_environment(env)  # never the orchestrator's whole environment (its secrets)
-        proc = subprocess.Popen(["/bin/sh", "-c", cmd], cwd=self.home, env=full_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        timed_out = threading.Event()
-
-        def kill() -> None:
-            timed_out.set()
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                threading.Timer(5, lambda: _killpg(proc.pid, signal.SIGKILL)).start()
-            except ProcessLookupError:
-                pass
-
-        timer = threading.Timer(timeout, kill) if timeout else None
-        if timer:
-            timer.daemon = True
-            timer.start()
-        lines = LineSplitter(on_line)
-        try:
-            assert proc.stdout is not None
-            for chunk in iter(lambda: proc.stdout.read1(65536), b""):
-                lines.feed(chunk)
-            lines.flush()
-            code = proc.wait()
-        except BaseException:
-            _killpg(proc.pid, signal.SIGKILL)
-            raise
-        finally:
-            if timer:
-                timer.cancel()
-        if timed_out.is_set():
-            raise CommandTimeout(shown, timeout or 0, lines.tail_text())
-        if code != 0 and check:
-            raise CommandFailed(shown, code, lines.tail_text())
-        return code
-
-    def put(self, local_dir: Path, remote_dir: str, *, include: Sequence[str],
-            respect_gitignore: bool = True) -> int:
-        files = collect_files(local_dir, include, respect_gitignore)
-        with tempfile.TemporaryFile() as tmp:
-            size = make_tarball(local_dir, files, tmp)
-            _unpack_own_tarball(tmp, self._path(remote_dir))
-        return size
-
-    def get(self, remote_path: str, local_path: Path, *, max_bytes: int = MAX_BYTES,
-            max_members: int = MAX_MEMBERS, allow: Optional[re.Pattern] = DEFAULT_ALLOW,
-            exclude: Sequence[str] = (), on_bytes: Optional[Callable[[int], None]] = None) -> None:
-        """As SSHMachine.get: a file is copied to local_path (at most max_bytes); a directory goes
-        through the same checked archive as from a rented machine (infra.archive: no links, caps,
-        names matching `allow`; top-level names in `exclude` stay behind) and replaces local_path."""
-        src, dest = self._path(remote_path), Path(local_path)
-        if not src.exists():
-            raise MachineError(f"{self.name}: {remote_path} does not exist")
-        if src.is_dir():
-            with tempfile.TemporaryFile() as tmp:
-                tar_tree(src, tmp, exclude)
-                if on_bytes is not None:  # nothing crosses a network here: the archive's size stands for it
-                    on_bytes(tmp.tell())
-                extract_archive(tmp, dest, allow=allow, max_bytes=max_bytes, max_members=max_members, exclude=exclude)
-        elif src.is_file():
-            with open(src, "rb") as f:
-                copy_capped(f, dest, max_bytes, remote_path)
-        else:
-            raise UnsafeArchive(remote_path, "not a regular file or a directory")
-
-    def write_text(self, remote_path: str, text: str) -> None:
-        p = self._path(remote_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-
-    def exists(self, remote_path: str) -> bool:
-        return self._path(remote_path).exists()
-
-    def free_disk_gb(self, remote_path: str = ".") -> float:
-        p = self._path(remote_path)
-        while not p.exists():
-            p = p.parent
-        return shutil.disk_usage(p).free / 1024**3
-
-    def close(self) -> None:
-        pass
+    def write(self, data: bytes) -> int:
+        self.n += len(data)
+        if self.on_bytes is not None:  # billed as it arrives; it raises to abort the transfer
+            self.on_bytes(len(data))
+        if self.n > self.cap:
+            raise UnsafeArchive(self.label, f"the machine sent more than {self.cap} bytes for it")
+        return self.out.write(data)
 
 
-def _killpg(pid: int, sig: int) -> None:
+class MeteredReader:
+    """A readable file whose reads are reported to `on_bytes` (which may raise to stop the copy)."""
+
+    def __init__(self, f, on_bytes: Callable[[int], None]):
+        self.f, self.on_bytes = f, on_bytes
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        if data:
+            self.on_bytes(len(data))
+        return data
+
+
+def copy_capped(src: BinaryIO, dest: Path, max_bytes: int, label: str) -> int:
+    """Copy one file's bytes from a machine to dest (via dest.partial, then renamed), refusing more
+    than max_bytes. Returns the bytes copied."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    partial.unlink(missing_ok=True)
+    written = 0
     try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "wb") as out:
+            while True:
+                chunk = src.read(CHUNK)
+                if not chunk:
+                    break
+                written += len(chunk)
+                if written > max_bytes:
+                    raise UnsafeArchive(label, f"larger than the cap of {max_bytes} bytes")
+                out.write(chunk)
+        os.replace(partial, dest)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return written

@@ -1,18 +1,20 @@
 """The `ssh` backend: a host the user owns, reached over SSH. Nothing is rented or destroyed.
 
 Its host key is trusted on first use (no second channel exists for a host we know only by address)
-and kept for later runs in the runs folder's known_hosts (infra/known_hosts.py): the lease records
+and kept for later runs in the runs folder's known_hosts (infra/backends/known_hosts.py): the lease records
 `host_key_source = "first use"` or `"known_hosts"`, and a changed key is refused, in this run and later ones."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from contract.machine_config import MachineConfig
 
 from . import known_hosts
-from .machine import Lease, LogFn, Machine
-from .ssh import HostKeyChanged, SSHMachine
+from ..machines.machine import Lease, LogFn, Machine
+from ..machines.ssh import HostKeyChanged, SSHMachine
+from .base import SecretBlock
 
 
 def pin_host_key(timeout: float, log: LogFn):
@@ -33,10 +35,17 @@ def pin_host_key(timeout: float, log: LogFn):
 
 class SSHBackend:
     name = "ssh"
+    needs_gpu_slot = False  # a host the user owns: no rented GPU to cap
     sets_up_environment = True  # steps run in a venv setup builds with `python` (machine.python)
 
-    def acquire(self, mc: MachineConfig, label: str, workdir: Path, *, api_key=None, server_url=None,
-                log: LogFn = print) -> Lease:
+    def credentials(self, secret_block: SecretBlock) -> None:
+        return None  # the key file named in machine.ssh.key_path is the user's own
+
+    def secret_values(self, secret_block: SecretBlock) -> list[str]:
+        return []
+
+    def acquire(self, mc: MachineConfig, label: str, workdir: Path, creds: Any = None, log: LogFn = print,
+                workload: Any = None) -> Lease:
         assert mc.ssh is not None  # the config validator guarantees it
         lease = Lease(backend=self.name, label=label, host=mc.ssh.host, port=mc.ssh.port, user=mc.ssh.user,
                       key_path=str(Path(mc.ssh.key_path).expanduser()), created_at=time.time())
@@ -64,18 +73,18 @@ class SSHBackend:
         """The machine's own python (an image's /opt/conda/bin/python3), that builds the venv."""
         return mc.python
 
-    def release(self, lease: Lease, *, api_key=None, server_url=None) -> bool:
+    def release(self, lease: Lease, creds: Any = None) -> bool:
         return True  # the host is not ours to destroy
 
-    def is_alive(self, lease: Lease, *, api_key=None, server_url=None) -> bool:
+    def is_alive(self, lease: Lease, creds: Any = None) -> bool:
         try:
             SSHMachine(lease, connect_timeout=10).connect().close()
             return True
         except Exception:
             return False
 
-    def find_instances(self, label_prefix: str, *, api_key=None, server_url=None, log=print) -> list[Lease]:
+    def find_instances(self, label_prefix: str, creds: Any = None, log: LogFn = print) -> list[Lease]:
         return []
 
-    def price_estimate(self, mc: MachineConfig, *, api_key=None, server_url=None) -> dict:
+    def price_estimate(self, mc: MachineConfig, creds: Any = None, workload: Any = None) -> dict:
         return {"backend": self.name, "dph": 0.0, "planned_hours": mc.planned_hours, "estimated_usd": 0.0}

@@ -3,7 +3,7 @@
 - connect: retried with exponential backoff until SSH answers or the deadline passes
 - host key: pinned on the first connection (kept in the Lease), a changed key is refused. When the
   lease carries fingerprints from a second channel (a Vast.ai instance prints its host keys in its
-  log, read over the HTTPS API: infra/vast.py), the first connection accepts only a key among them
+  log, read over the HTTPS API: infra/backends/vast/hostkeys.py), the first connection accepts only a key among them
   ("provider log"); otherwise the first key seen is trusted ("first use", an SSH host of the user's)
 - idempotent operations (put/get/exists/free_disk/write_text) reconnect once after a drop;
   `run` never retries itself (the caller decides), it raises TransientMachineError instead
@@ -11,8 +11,6 @@
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import logging
 import posixpath
 import re
@@ -27,11 +25,12 @@ from typing import Callable, Mapping, Optional, Sequence, TypeVar
 
 import paramiko
 
-from .archive import (DEFAULT_ALLOW, MAX_BYTES, MAX_MEMBERS, UnsafeArchive, copy_capped,
-                      extract_archive)
-from .local import LineSplitter, collect_files, make_tarball, masked_command
+from .archive import DEFAULT_ALLOW, MAX_BYTES, MAX_MEMBERS, UnsafeArchive, extract_archive
 from .machine import (CommandFailed, CommandTimeout, Lease, LineCallback, MachineError,
                       TransientMachineError)
+from .ssh_host_keys import HostKeyChanged, PinHostKey, host_key_string, parse_host_key
+from .streams import (CappedWriter, LineSplitter, MeteredReader, collect_files, copy_capped, make_tarball,
+                      masked_command)
 
 log = logging.getLogger("qat.machine")
 T = TypeVar("T")
@@ -61,79 +60,6 @@ class SSHUnreachable(TransientMachineError):
     """SSH did not answer before the connect deadline."""
 
 
-class _Capped:
-    """A write-only file wrapper that refuses more than `cap` bytes (a machine could send forever)."""
-
-    def __init__(self, out, cap: int, label: str, on_bytes: Optional[Callable[[int], None]] = None):
-        self.out, self.cap, self.label, self.n, self.on_bytes = out, cap, label, 0, on_bytes
-
-    def write(self, data: bytes) -> int:
-        self.n += len(data)
-        if self.on_bytes is not None:  # billed as it arrives; it raises to abort the transfer
-            self.on_bytes(len(data))
-        if self.n > self.cap:
-            raise UnsafeArchive(self.label, f"the machine sent more than {self.cap} bytes for it")
-        return self.out.write(data)
-
-
-class _Metered:
-    """A readable file whose reads are reported to `on_bytes` (which may raise to stop the copy)."""
-
-    def __init__(self, f, on_bytes: Callable[[int], None]):
-        self.f, self.on_bytes = f, on_bytes
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        if data:
-            self.on_bytes(len(data))
-        return data
-
-
-class HostKeyChanged(MachineError):
-    """The host answered with another key than the one pinned for it: refused, never retried."""
-
-
-def host_key_string(key: paramiko.PKey) -> str:
-    return f"{key.get_name()} {key.get_base64()}"
-
-
-def host_key_fingerprint(key: paramiko.PKey) -> str:
-    """OpenSSH's SHA256 fingerprint (`ssh-keygen -l -E sha256`): 'SHA256:' + unpadded base64."""
-    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
-
-
-def _parse_host_key(text: str) -> paramiko.PKey:
-    kind, data = text.split()[:2]
-    return paramiko.PKey.from_type_string(kind, base64.b64decode(data))
-
-
-class HostKeyMismatch(HostKeyChanged):
-    """The first connection met a host key the provider's channel did not list: refused, never retried."""
-
-
-class _Pin(paramiko.MissingHostKeyPolicy):
-    """With a pinned key: anything else is refused. Without one: with fingerprints from a second
-    channel, accept only a key among them; with none, accept and remember the first key (TOFU)."""
-
-    def __init__(self, pinned: Optional[str], fingerprints: Sequence[str] = ()):
-        self.pinned, self.seen = pinned, None
-        self.fingerprints = {f.split()[-1] for f in fingerprints if f and f.split()}
-
-    def missing_host_key(self, client, hostname, key):
-        if self.pinned:
-            raise HostKeyChanged(f"{hostname} offered a {key.get_name()} host key, but a "
-                                 f"{self.pinned.split()[0]} key was pinned for it on first connect")
-        if self.fingerprints:
-            fp = host_key_fingerprint(key)
-            if fp not in self.fingerprints:
-                raise HostKeyMismatch(
-                    f"{hostname} offered {key.get_name()} host key {fp}, which is not among the "
-                    f"{len(self.fingerprints)} host key fingerprint(s) the instance printed in its provider log "
-                    f"({', '.join(sorted(self.fingerprints))}): refusing to connect (the connection is intercepted, "
-                    "or this is not the rented machine)")
-        self.seen = host_key_string(key)
-
-
 class SSHMachine:
     """A host reached over SSH with a private key. `lease.host_key` is set on first connect."""
 
@@ -156,7 +82,7 @@ class SSHMachine:
         pkey = self._load_key()
         # Vast offers a direct port and a proxy: alternate between them until one answers.
         endpoints = [(self.lease.host, self.lease.port)] + [
-            (str(h), int(p)) for h, p in self.lease.extra.get("ssh_alternatives", []) if (h, p) != (self.lease.host, self.lease.port)]
+            (str(h), int(p)) for h, p in self.lease.ssh_alternatives if (h, p) != (self.lease.host, self.lease.port)]
         while True:
             attempt += 1
             host, port = endpoints[(attempt - 1) % len(endpoints)]
@@ -195,10 +121,10 @@ class SSHMachine:
 
     def _open(self, pkey: paramiko.PKey, timeout: float, host: str, port: int) -> paramiko.SSHClient:
         client = paramiko.SSHClient()
-        policy = _Pin(self.lease.host_key, self.lease.host_key_fingerprints)
+        policy = PinHostKey(self.lease.host_key, self.lease.host_key_fingerprints)
         client.set_missing_host_key_policy(policy)
         if self.lease.host_key:
-            key = _parse_host_key(self.lease.host_key)
+            key = parse_host_key(self.lease.host_key)
             name = host if port == 22 else f"[{host}]:{port}"
             client.get_host_keys().add(name, key.get_name(), key)
         try:
@@ -394,7 +320,7 @@ class SSHMachine:
             exclude: Sequence[str] = (), on_bytes: Optional[Callable[[int], None]] = None) -> None:
         """A file is copied to local_path (at most max_bytes); a directory's contents (less the
         top-level names in `exclude`, which stay on the machine: the remote tar leaves them out and
-        the archive check drops them if it did not) replace local_path. The machine is untrusted: a directory comes as a tar that infra.archive checks
+        the archive check drops them if it did not) replace local_path. The machine is untrusted: a directory comes as a tar that infra/machines/archive.py checks
         member by member (regular files and directories only, names inside local_path and matching
         `allow`, at most max_members members and max_bytes bytes) before anything lands; a refusal
         raises UnsafeArchive (never retried) and leaves local_path as it was. `on_bytes(n)` is called
@@ -411,13 +337,13 @@ class SSHMachine:
             with self._sftp_client().open(remote_path, "rb") as f:
                 if st.st_size:
                     f.prefetch(st.st_size)
-                copy_capped(_Metered(f, on_bytes) if on_bytes else f, local_path, max_bytes, remote_path)
+                copy_capped(MeteredReader(f, on_bytes) if on_bytes else f, local_path, max_bytes, remote_path)
 
         def fetch_tar(tmp) -> None:
             tmp.seek(0)
             tmp.truncate()
             skip = "".join(f" --exclude={shlex.quote('./' + name)}" for name in exclude)
-            code, err = self._exec(f"tar -czf - -C {q} --anchored{skip} .", stdout_to=_Capped(tmp, stream_cap, remote_path, on_bytes))
+            code, err = self._exec(f"tar -czf - -C {q} --anchored{skip} .", stdout_to=CappedWriter(tmp, stream_cap, remote_path, on_bytes))
             if code != 0:
                 raise MachineError(f"ssh {self.name}: tar of {remote_path} failed (exit {code}): {err.strip()}")
 

@@ -1,5 +1,5 @@
-"""Which Vast.ai API key may go to which endpoint: checked before any request, by the flow
-(tasks/secrets.py) and by the reaper CLI (infra/reaper.py) alike. Pure: no I/O.
+"""Which Vast.ai API key may go to which endpoint: checked before any request wherever the key is
+read (credentials.py: for the flow and the reaper CLI alike). Pure: no I/O.
 
 The real console is exactly `https://console.vast.ai` (port 443, no user, path or query): the key
 never travels in plain HTTP or to another port of that host. The console never gets an emulator key,
@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import Optional
 from urllib.parse import urlsplit
+
+from ..base import ProviderError
 
 CONSOLE_URL = "https://console.vast.ai"
 REAL_VAST_HOSTS = {"console.vast.ai"}
@@ -22,7 +24,7 @@ DEMO_VAST_SECRET_BLOCK = "vast-emulator-api-key"
 _REAL_LOOKING_KEY = re.compile(r"[A-Za-z0-9]{32,}")
 
 
-class VastCredentialsRefused(RuntimeError):
+class VastCredentialsRefused(ProviderError):
     """The Vast.ai key does not belong to the endpoint it would be sent to; nothing was sent."""
 
     retryable = False  # tasks/retry.py: no retry fixes a configuration

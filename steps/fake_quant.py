@@ -21,7 +21,7 @@ grids differ from torchao's recipes (docs/REFERENCE.md section 3):
   embedding) is 8-bit on the same kind of grid (m -> -128, same blocks) unless quant.vocab_bits
   is 4: at 4 bits it cost the demo several WER points (benchmarks/INT4_RECIPE.md).
 
-tests/test_qat.py checks these grids bit for bit against what ORT itself produces, and
+tests/test_fake_quant.py checks these grids bit for bit against what ORT itself produces, and
 benchmarks/train_speed.py measures how far torchao's grids are from ORT's on the real weights.
 Gradients pass straight through (STE, clipping included); scales are not learned.
 """

@@ -87,14 +87,6 @@ def prefect_logger_off(monkeypatch):
 
 # ------------------------------------------------------------------ end to end (real everything)
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture
 def emulated_vast(tmp_path, monkeypatch):
     from devtools.emulator.testing import EmulatorProcess

@@ -53,23 +53,12 @@ runpy.run_module("steps", run_name="__main__", alter_sys=True)
 '''
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture
-def vast(emulator, tmp_path, monkeypatch):
+def vast(emulator, fast_polling, tmp_path, monkeypatch):
     """The emulator as the flow's Vast.ai, with fast polling; yields it."""
-    from infra import provision
-
     monkeypatch.setenv("VAST_API_KEY", emulator.api_key)
     monkeypatch.setenv("VAST_URL", emulator.url)
     monkeypatch.setenv("QAT_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setattr(provision.BACKENDS["vast"], "provider_options", {"poll_s": 0.3, "backoff_s": 0.05})
     return emulator
 
 

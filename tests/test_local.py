@@ -1,34 +1,11 @@
 """LocalMachine (backend local) and the shared file selection for `put` (.gitignore honoured)."""
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from infra.local import LocalMachine, collect_files
+from file_trees import NASTY, make_tree
 from infra.machine import CommandFailed, CommandTimeout, MachineError
-
-NASTY = "  it's \"quoted\" $HOME; `touch pwned` $(touch pwned2) & | > < back\\slash\\n *"
-
-
-def make_tree(root: Path, git: bool) -> Path:
-    (root / "pkg" / "sub").mkdir(parents=True)
-    (root / "pkg" / "a.py").write_text("print('a')\n")
-    (root / "pkg" / "sub" / "b.txt").write_text("b\n")
-    (root / "pkg" / "big.bin").write_bytes(b"\0" * 10)
-    (root / "pkg" / "__pycache__").mkdir()
-    (root / "pkg" / "__pycache__" / "a.pyc").write_bytes(b"x")
-    (root / "top.txt").write_text("top\n")
-    (root / "other").mkdir()
-    (root / "other" / "c.txt").write_text("c\n")
-    if git:
-        (root / ".gitignore").write_text("*.bin\n")
-        subprocess.run(["git", "init", "-q", str(root)], check=True)
-        subprocess.run(["git", "-C", str(root), "add", "pkg/a.py", "pkg/sub/b.txt", "top.txt"], check=True)
-        # untracked and not ignored: a secret left in the tree must never be pushed (issue 19 finding 16)
-        (root / "pkg" / ".env").write_text("HF_TOKEN=hf_untracked\n")
-        (root / "pkg" / "sub" / ".netrc").write_text("machine example password untracked\n")
-    return root
 
 
 def test_collect_files_sends_only_what_git_tracks(tmp_path):

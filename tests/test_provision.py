@@ -13,9 +13,7 @@ from contract.config import load_config
 from contract.layout import REPO_ROOT
 
 
-@pytest.fixture(autouse=True)
-def fast_polling(monkeypatch):
-    monkeypatch.setattr(provision.backend("vast"), "provider_options", {"poll_s": 0.2, "backoff_s": 0.02})
+pytestmark = pytest.mark.usefixtures("fast_polling")
 
 
 def cfg(**overrides):

@@ -15,9 +15,7 @@ from infra import provision
 from infra.vast import VastProvider
 
 
-@pytest.fixture(autouse=True)
-def fast_polling(monkeypatch):
-    monkeypatch.setattr(provision.backend("vast"), "provider_options", {"poll_s": 0.2, "backoff_s": 0.02})
+pytestmark = pytest.mark.usefixtures("fast_polling")
 
 
 def rent(emulator, tmp_path, label="qat-env"):

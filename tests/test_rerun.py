@@ -66,7 +66,7 @@ def test_learning_rate_change_after_a_successful_run_trains_anew(tmp_path, monke
 # ---------------------------------------------------------------- train: another config's checkpoint
 
 def test_a_checkpoint_of_another_config_is_set_aside_not_resumed(tmp_path):
-    from test_train import context, train_until_interrupted
+    from train_runs import context, train_until_interrupted
 
     from steps import train
 

@@ -9,7 +9,7 @@ import pytest
 from infra import keys
 from infra.machine import CommandFailed, CommandTimeout, Lease, TransientMachineError
 from infra.ssh import HostKeyChanged, SSHMachine
-from test_local import NASTY, make_tree
+from file_trees import NASTY, make_tree
 
 
 def lease_for(h, **kw) -> Lease:

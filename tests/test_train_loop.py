@@ -15,7 +15,7 @@ from transformers import WhisperConfig
 from benchmarks.gpu_probe import SHAPES
 from steps import fake_quant, train_loop
 from steps.train_loop import Recipe, Trainer
-from test_qat import tiny_whisper
+from tiny_whisper import tiny_whisper
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,6 @@ import pytest
 
 from conftest import require_sshd
 from contract.config import load_config
-from infra import provision
 from infra.archive import UnsafeArchive
 from tasks.remote_step import CheckpointSync, fetch_outputs
 
@@ -49,37 +48,6 @@ def tree_hash(root: Path) -> str:
         elif p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def evil_machine(tmp_path_factory):
-    """One emulated instance rented through the product (host key from the provider log), connected."""
-    from devtools.emulator.testing import EmulatorProcess
-
-    require_sshd()
-    root = tmp_path_factory.mktemp("untrusted")
-    vast = provision.backend("vast")
-    saved, vast.provider_options = vast.provider_options, {"poll_s": 0.2, "backoff_s": 0.02}
-    emu = EmulatorProcess(state_dir=root / "emulator").start()
-    lease = m = None
-    try:
-        mc = load_config("tiny", {"machine.provision_timeout_s": 30, "machine.ssh_timeout_s": 30}).machine
-        lease = provision.acquire(mc, "qat-evil", root / "runs" / "r", api_key=emu.api_key, server_url=emu.url,
-                                  log=lambda msg: None)
-        assert lease.host_key_source == "provider log"
-        m = provision.connect(lease, timeout=30)
-        yield emu, lease, m, root
-    finally:
-        vast.provider_options = saved
-        if m is not None:
-            m.close()
-        if lease is not None:
-            assert provision.release(lease, api_key=emu.api_key, server_url=emu.url) is True
-        live = emu.live_instances()
-        emu.cleanup()
-        leaked = emu.sshd_pids()
-    assert live == [], f"the evil machine was not destroyed: {live}"
-    assert not leaked, f"sshd survived: {leaked}"
 
 
 @pytest.fixture

@@ -248,12 +248,11 @@ def test_parse_host_keys_takes_whole_lines_only():
     assert VastProvider.parse_host_keys(text) == [f"ssh-ed25519 {good}"]
 
 
-def test_the_run_key_pair_is_deleted_once_its_machine_is_destroyed(emulator, tmp_path, monkeypatch):
+def test_the_run_key_pair_is_deleted_once_its_machine_is_destroyed(emulator, fast_polling, tmp_path):
     from infra import provision
     from infra.machine import Lease
     from tasks.rental import delete_run_key
 
-    monkeypatch.setattr(provision.backend("vast"), "provider_options", {"poll_s": 0.2, "backoff_s": 0.02})
     lease = provision.acquire(cfg(), "qat-keys", tmp_path, api_key=emulator.api_key, server_url=emulator.url,
                               log=lambda m: None)
     key = tmp_path / "ssh" / "qat-keys" / "id_ed25519"

@@ -8,6 +8,7 @@ a broken invariant), printing `PROGRESS {...}` lines while it works and `STEP_ER
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Optional
 
@@ -39,6 +40,12 @@ def marked_json(line: str, prefix: str) -> Optional[dict]:
     if not isinstance(found, dict):
         raise bounded_json.UnsafeJSON(f"a JSON {type(found).__name__}, not an object")
     return found
+
+
+def error_line(step: str, kind: str, message: str, retryable: bool) -> str:
+    """The STEP_ERROR line a step (or the set-up) prints when it fails; home reads it with marked_json."""
+    return ERROR_PREFIX + json.dumps({"step": step, "type": kind, "message": message, "retryable": retryable})
+
 
 # Bulky outputs not copied home once a step succeeded: prepare's datasets (re-derived on a new
 # machine), train's checkpoints (the final model supersedes them; while training runs, the

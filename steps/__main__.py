@@ -6,7 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from contract.catalogue import EXIT_DETERMINISTIC, STEPS
+from contract.catalogue import EXIT_DETERMINISTIC, STEPS, error_line
 from contract.config import ConfigError, load_config
 
 from .common import execute_step
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
-        print(f"STEP_ERROR {{\"step\": \"{args.step}\", \"type\": \"ConfigError\", \"retryable\": false}}", flush=True)
+        print(error_line(args.step, "ConfigError", str(e), False), flush=True)
         print(str(e), file=sys.stderr)
         return EXIT_DETERMINISTIC
     module = importlib.import_module(f"steps.{args.step}")

@@ -127,6 +127,20 @@ def test_a_failed_gate_uploads_nothing(cfg, hub, tmp_path):
     assert hub.requests == [] and hub.repo_files(REPO) == {}
 
 
+def test_a_passing_run_without_hub_repo_id_sends_nothing(hub, tmp_path):
+    """A token and a passing, verified gate, but no hub.repo_id: the model stays home, not one request."""
+    cfg = load_config("tiny", {"hub.repo_id": None, "eval.max_wer_degradation": 0.5, **home_manifest(tmp_path / "home")})
+    work = tmp_path / "work"
+    model = export_dir(work)
+    write_evaluation(work, HONEST)
+    result = claim(cfg, HONEST)
+    gate = quality_gate.fn(cfg, result, work)
+    assert gate["passed"] is True and gate["verified"] is True
+    link = upload_to_hub.fn(cfg, {"evaluate": result}, gate, work)
+    assert link == {"uploaded": False, "reason": "hub.repo_id is not set in the config", "path": str(model)}
+    assert hub.requests == []
+
+
 @pytest.mark.parametrize("change, words", [
     (lambda m: m["wer"].update(qat_int8=29.98), "qat_int8: the machine claimed WER 29.980"),
     (lambda m: m["gate"].update(qat_wer=29.0), "gate qat_wer: the machine claimed 29.000"),

@@ -20,6 +20,7 @@ FAST = {"data.max_samples": 4, "train.max_steps": 4, "train.save_every": 2,
 
 # ---------------------------------------------------------------- the done-when: lr change trains anew
 
+@pytest.mark.slow  # two runs of prepare and train through a LocalMachine: a minute or more on a CPU
 def test_learning_rate_change_after_a_successful_run_trains_anew(tmp_path, monkeypatch):
     """Run 1 (prepare + train) completes; run 2 changes train.learning_rate: prepare is reused by hash,
     train is not done, and the old run's checkpoints - back on the machine as after a machine swap -

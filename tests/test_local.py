@@ -31,14 +31,18 @@ def test_run_streams_exit_codes_and_quotes(tmp_path):
     # the cwd does not exist yet: cd fails before anything runs
     assert code != 0
     (m.home / f"dir {NASTY}").mkdir()
-    seen.clear()
-    code = m.run(["sh", "-c", 'echo one; echo two >&2; sleep 0.5; printf "%s\\n" "$V"; pwd; exit 5'],
-                 env={"V": NASTY}, cwd=f"dir {NASTY}", check=False,
-                 on_line=lambda line: seen.append((time.monotonic(), line)))
+    lines = []
+    go = tmp_path / "go"  # the command goes on only once "two" reached on_line: lines arrive as printed
+
+    def on_line(line):
+        lines.append(line)
+        if line == "two":
+            go.touch()
+    code = m.run(["sh", "-c", 'echo one; echo two >&2; until [ -e "$GO" ]; do sleep 0.05; done; '
+                              'printf "%s\\n" "$V"; pwd; exit 5'],
+                 env={"V": NASTY, "GO": str(go)}, cwd=f"dir {NASTY}", check=False, on_line=on_line, timeout=120)
     assert code == 5
-    lines = [s for _, s in seen]
     assert lines == ["one", "two", NASTY, str(m.home / f"dir {NASTY}")]
-    assert seen[2][0] - seen[0][0] > 0.3  # lines arrived as printed, not at the end
     assert not list(m.home.rglob("pwned*"))
 
 
@@ -48,12 +52,10 @@ def test_run_failure_and_timeout(tmp_path):
         m.run(["sh", "-c", "for i in $(seq 1 100); do echo line$i; done; exit 7"], env={"SECRET": "hunter2hunter2"})
     assert e.value.exit_code == 7 and e.value.tail.splitlines()[-1] == "line100"
     assert "hunter2hunter2" not in str(e.value) and "SECRET='***'" in str(e.value)
-    t0 = time.monotonic()
     with pytest.raises(CommandTimeout):
         m.run(["sh", "-c", "echo started; sleep 2 && touch survived"], timeout=0.5)
-    assert time.monotonic() - t0 < 1.9
     time.sleep(2)
-    assert not (tmp_path / "survived").exists()  # the whole process group was killed
+    assert not (tmp_path / "survived").exists()  # stopped at its timeout: the whole process group was killed
 
 
 def test_files(tmp_path):

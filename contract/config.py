@@ -120,9 +120,12 @@ def _manifest_problem(given: str, path: Path) -> Optional[str]:
     return None
 
 
+Scheme = Literal["int8", "int4"]  # the run's quantization: flows/qat.py takes these values too
+
+
 class QuantConfig(Strict):
     # int8: 8-bit per-channel weights + 8-bit dynamic activations; int4: 4-bit weights, groups of 32.
-    scheme: Literal["int8", "int4"]
+    scheme: Scheme
     group_size: int = Field(default=32, gt=0)
     vocab_bits: Literal[4, 8] = Field(default=8, description=(
         "int4 only: bits of the vocabulary matrix (proj_out and the tied token embedding), weight-only. "

@@ -46,9 +46,6 @@ class StepContext:
             raise StepError(f"step {self.step!r} needs the outputs of step {step!r}; run it first")
         return d
 
-    def result_of(self, step: str) -> dict:
-        return json.loads((self.dir_of(step) / RESULT_FILE).read_text())
-
     def log(self, msg: str) -> None:
         print(f"[{self.step}] {msg}", flush=True)
 

@@ -44,11 +44,6 @@ QUANT_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "GatherBlo
              "ConvInteger", "DequantizeLinear", "MatMul", "Gather", "MultiHeadAttention")
 
 
-def dir_size_mb(path: Path) -> float:
-    """Size of every file under path (ONNX external data included), in MB (1e6 bytes)."""
-    return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6, 3)
-
-
 def pytorch_size_mb(model_dir: Path) -> float:
     """The safetensors weights of a transformers model directory, in MB."""
     return round(sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 1e6, 3)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 from . import bounded_json
 
@@ -97,7 +97,8 @@ def ptq_variant(scheme: str) -> str:
     return f"base_ptq_{scheme}"
 
 
-SCHEMES = ("int8", "int4")
+Scheme = Literal["int8", "int4"]  # quant.scheme's values; the qat flow's `quantization` parameter takes them too
+SCHEMES: tuple[str, ...] = get_args(Scheme)
 # Every variant name evaluate and bench record (steps/evaluate.py find_variants, steps/bench.py): the
 # orchestrator shows a machine-sent variant name only when it is one of these.
 KNOWN_VARIANTS = frozenset(

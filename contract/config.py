@@ -18,6 +18,7 @@ from typing import Any, Iterator, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from .catalogue import Scheme
 from .fingerprint import FIXTURE_PREFIX
 from .layout import CONFIG_DIR, PUSHED_CODE, REPO_ROOT
 from .machine_config import MODEL_PARAMS, MachineConfig, Strict, TrainWorkload
@@ -118,9 +119,6 @@ def _manifest_problem(given: str, path: Path) -> Optional[str]:
         return ('not a manifest: its first line must be a JSON object with "audio" and "text" (JSONL, one '
                 'utterance per line; fixtures/french/manifest.jsonl is one)')
     return None
-
-
-Scheme = Literal["int8", "int4"]  # the run's quantization: flows/qat.py takes these values too
 
 
 class QuantConfig(Strict):

@@ -26,8 +26,8 @@ from typing import Optional
 
 from prefect import get_run_logger, task
 
-from contract.catalogue import BULK_OUTPUTS, STEPS
-from contract.config import RunConfig, Scheme, load_config  # noqa: F401 - Scheme, Backend: the flow's parameter types
+from contract.catalogue import BULK_OUTPUTS, STEPS, Scheme  # noqa: F401 - Scheme, Backend: the flow's parameter types
+from contract.config import RunConfig, load_config
 from contract.disk import require_disk
 from contract.layout import REPO_ROOT
 from contract.machine_config import Backend  # noqa: F401

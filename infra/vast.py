@@ -27,6 +27,7 @@ import requests
 from vastai import VastAI
 
 from contract.machine_config import MachineConfig, VastConfig
+from contract.redaction import redact
 
 from .gpu_speed import rank_offers
 from .machine import Lease
@@ -145,9 +146,7 @@ class VastProvider:
 
     # -- the one place SDK calls go through --------------------------------------------------------
     def redact(self, text: str) -> str:
-        text = text.replace(self._key, "***")
-        text = re.sub(r"(api_key=)[^&\s'\"]+", r"\1***", text)
-        return re.sub(r"(Bearer\s+)[^\s'\"]+", r"\1***", text)
+        return redact(text, [self._key])
 
     @staticmethod
     def _retry_after(response: Any) -> Optional[float]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from contract import redaction
+
 # The check itself lives in infra/ (the reaper CLI uses it too); re-exported here for the flow's callers.
 from infra.vast_endpoint import (DEMO_VAST_SECRET_BLOCK, EMULATOR_KEY_PREFIX, VAST_SECRET_BLOCK,  # noqa: F401
                                  VastCredentialsRefused, check_vast_credentials, is_real_endpoint)
@@ -65,7 +67,5 @@ def known_secrets() -> list[str]:
 
 
 def redact(text: str, secrets: Optional[list[str]] = None) -> str:
-    for s in secrets if secrets is not None else known_secrets():
-        if s and len(s) >= 4:
-            text = text.replace(s, "***")
-    return text
+    """`text` with `secrets` (default: every secret in play) masked (contract/redaction.py)."""
+    return redaction.redact(text, known_secrets() if secrets is None else secrets)

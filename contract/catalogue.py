@@ -57,9 +57,9 @@ BULK_OUTPUTS: dict[str, tuple[str, ...]] = {"prepare": ("train", "dev", "test"),
 OUTPUT_NAME = re.compile(r"[A-Za-z0-9._+=,@-]+(/[A-Za-z0-9._+=,@-]+)*")
 # The most a step's outputs may unpack to at home (infra/archive.py max_bytes, decompressed), from
 # what each step writes at the real model's shapes (docs/REFERENCE.md 1d, benchmarks/checkpoint.json):
-# train's fp32 model is 3.0 GB and, after a failure, its last 2 checkpoints come too (9.1 GB each with
-# AdamW); convert writes two fp32 ONNX exports (3 GB of weights each, more with the decoder copies) and
-# two quantized ones (0.5 to 0.8 GB each); the other steps write JSON and CSV.
+# train's fp32 model and, after a failure, its last 2 checkpoints with their optimizer state; convert's
+# two fp32 ONNX exports (more than the weights, with the decoder copies) and two quantized ones; the
+# other steps write JSON and CSV.
 OUTPUT_CAP_BYTES: dict[str, int] = {"prepare": 1 * 1000**3, "train": 40 * 1000**3, "convert": 40 * 1000**3,
                                     "bench": 1 * 1000**3, "evaluate": 1 * 1000**3}
 # Steps whose bulk never comes home: a new machine runs them again.

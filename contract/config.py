@@ -127,8 +127,7 @@ class QuantConfig(Strict):
     group_size: int = Field(default=32, gt=0)
     vocab_bits: Literal[4, 8] = Field(default=8, description=(
         "int4 only: bits of the vocabulary matrix (proj_out and the tied token embedding), weight-only. "
-        "8 holds the WER (4 cost 2 to 2.5 points in each of three demo runs, benchmarks/INT4_RECIPE.md); "
-        "4 is the smaller file"))
+        "8 holds the WER (what 4 costs is measured in benchmarks/INT4_RECIPE.md); 4 is the smaller file"))
 
     @model_validator(mode="after")
     def _vocab_bits_int4_only(self):
@@ -160,8 +159,8 @@ class TrainConfig(Strict):
     compile: Optional[bool] = Field(default=None, description="torch.compile each encoder/decoder block; "
                                     "unset: on with CUDA, off on CPU (compiling costs more than it saves there)")
     optimizer: Literal["adamw", "adamw8bit"] = Field(
-        default="adamw", description="adamw8bit: torchao's AdamW8bit, moments in 8 bits (checkpoints ~40 % of "
-        "adamw's at the real shapes; needs torchao on the machine)")
+        default="adamw", description="adamw8bit: torchao's AdamW8bit, moments in 8 bits (smaller checkpoints, "
+        "contract/disk.py CHECKPOINT_RATIO; needs torchao on the machine)")
 
     @property
     def length(self) -> str:

@@ -107,3 +107,10 @@ def test_one_redaction_rule():
                 if ".replace(" in body or "re.sub(" in body or "redact(" not in body.split(":", 1)[1]:
                     own_rules.append(f"{path}:{node.lineno} {node.name}")
     assert own_rules == [], own_rules
+
+
+def test_no_issue_numbers_in_the_product():
+    """Comments and help texts say why, not which ticket: issue numbers go stale (git log keeps them)."""
+    found = [f"{path}:{i}" for path in modules() for i, line in enumerate((REPO / path).read_text().splitlines(), 1)
+             if re.search(r"(?i)\b(issue|finding) \d+", line)]
+    assert found == [], found

@@ -91,7 +91,7 @@ class FaultProxy:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(prefect_server):
     """A real Prefect server; this installation's id created; a proxy in front of it. Yields a
     namespace: .install (our id), .proxy, .runs (name -> flow run id). "running-beating" sends a
     heartbeat every BEAT_S seconds for as long as the module runs, as a live flow run does."""
@@ -100,53 +100,51 @@ def server():
     from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL
     from prefect.states import Completed, Crashed, Pending, Running
-    from prefect.testing.utilities import prefect_test_harness
 
     @flow(name="qat-fake")
     def fake():
         pass
 
-    with prefect_test_harness(server_startup_timeout=120):
-        labels._cache.clear()
-        install = labels.installation_id(create=True)
+    labels._cache.clear()
+    install = labels.installation_id(create=True)
+    with get_client(sync_client=True) as c:
+        runs = {name: c.create_flow_run(fake, state=state).id for name, state in
+                (("running-beating", Running()), ("running-silent", Running()), ("running-stale", Running()),
+                 ("pending", Pending()), ("completed", Completed()), ("crashed", Crashed()))}
+    now = dt.datetime.now(dt.timezone.utc)
+    emit_event("prefect.flow-run.heartbeat", resource={"prefect.resource.id": f"prefect.flow-run.{runs['running-stale']}"},
+               occurred=now - dt.timedelta(seconds=600))
+    EventsWorker.drain_all()
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            emit_event("prefect.flow-run.heartbeat",
+                       resource={"prefect.resource.id": f"prefect.flow-run.{runs['running-beating']}"})
+            if stop.wait(BEAT_S):
+                return
+    # the thread sends through this harness's server: it runs in a copy of this context's settings
+    beating = threading.Thread(target=contextvars.copy_context().run, args=(beat,), daemon=True)
+    beating.start()
+    proxy = FaultProxy(PREFECT_API_URL.value())
+    ns = type("Server", (), {"install": install, "proxy": proxy, "runs": runs})
+    # the server stores events asynchronously: wait until both heartbeats are readable
+    from tasks.reaping import _heartbeats
+
+    def stored():
         with get_client(sync_client=True) as c:
-            runs = {name: c.create_flow_run(fake, state=state).id for name, state in
-                    (("running-beating", Running()), ("running-silent", Running()), ("running-stale", Running()),
-                     ("pending", Pending()), ("completed", Completed()), ("crashed", Crashed()))}
-        now = dt.datetime.now(dt.timezone.utc)
-        emit_event("prefect.flow-run.heartbeat", resource={"prefect.resource.id": f"prefect.flow-run.{runs['running-stale']}"},
-                   occurred=now - dt.timedelta(seconds=600))
-        EventsWorker.drain_all()
-        stop = threading.Event()
-
-        def beat():
-            while True:
-                emit_event("prefect.flow-run.heartbeat",
-                           resource={"prefect.resource.id": f"prefect.flow-run.{runs['running-beating']}"})
-                if stop.wait(BEAT_S):
-                    return
-        # the thread sends through this harness's server: it runs in a copy of this context's settings
-        beating = threading.Thread(target=contextvars.copy_context().run, args=(beat,), daemon=True)
-        beating.start()
-        proxy = FaultProxy(PREFECT_API_URL.value())
-        ns = type("Server", (), {"install": install, "proxy": proxy, "runs": runs})
-        # the server stores events asynchronously: wait until both heartbeats are readable
-        from tasks.reaping import _heartbeats
-
-        def stored():
-            with get_client(sync_client=True) as c:
-                return all(_heartbeats(c, str(runs[n]), now - dt.timedelta(days=1)) for n in ("running-beating", "running-stale"))
-        deadline = time.monotonic() + 60
-        while not stored():
-            assert time.monotonic() < deadline, "heartbeat events never reached the server"
-            time.sleep(0.5)
-        try:
-            yield ns
-        finally:
-            stop.set()
-            beating.join()
-            proxy.close()
-            labels._cache.clear()
+            return all(_heartbeats(c, str(runs[n]), now - dt.timedelta(days=1)) for n in ("running-beating", "running-stale"))
+    deadline = time.monotonic() + 60
+    while not stored():
+        assert time.monotonic() < deadline, "heartbeat events never reached the server"
+        time.sleep(0.5)
+    try:
+        yield ns
+    finally:
+        stop.set()
+        beating.join()
+        proxy.close()
+        labels._cache.clear()
 
 
 def faulty_client(fault):

@@ -198,26 +198,24 @@ def test_earlier_results_are_reused_by_hash_not_by_name(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the GPU concurrency limit
 
-def test_gpu_slot_creates_the_limit_when_missing_and_takes_it_strictly():
+def test_gpu_slot_creates_the_limit_when_missing_and_takes_it_strictly(prefect_server):
     from prefect import get_client
-    from prefect.testing.utilities import prefect_test_harness
 
     from tasks.rental import GPU_LIMIT, gpu_slot
 
     cfg = tiny_config()
     assert cfg.machine.backend == "vast"
-    with prefect_test_harness(server_startup_timeout=120):
-        with get_client(sync_client=True) as client:
-            assert not [g for g in client.read_global_concurrency_limits(limit=100) if g.name == GPU_LIMIT]
-            with gpu_slot(cfg):
-                gcl = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-                assert gcl.limit == 1 and gcl.active_slots == 1
-            assert client.read_global_concurrency_limit_by_name(GPU_LIMIT).active_slots == 0
-            from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    with get_client(sync_client=True) as client:
+        assert not [g for g in client.read_global_concurrency_limits(limit=100) if g.name == GPU_LIMIT]
+        with gpu_slot(cfg):
+            gcl = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            assert gcl.limit == 1 and gcl.active_slots == 1
+        assert client.read_global_concurrency_limit_by_name(GPU_LIMIT).active_slots == 0
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
-            client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=3))
-            with gpu_slot(cfg):  # an existing limit is left as its owner set it
-                assert client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit == 3
+        client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=3))
+        with gpu_slot(cfg):  # an existing limit is left as its owner set it
+            assert client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit == 3
     local = tiny_config(**{"machine.backend": "local"})
     with gpu_slot(local):  # hosts we own take no slot (and need no server)
         pass

@@ -17,8 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 # temporary folder per session, never ~/.prefect or ~/.cache. The one shared cache is the fixture
 # models' ($WHISPER_QAT_CACHE, explicitly ~/.cache/whisper-qat unless set): building whisper-base
 # takes minutes, and resolve_model writes it atomically, so sessions may share it.
-SESSION_HOME = Path(os.environ.get("QAT_TESTS_HOME") or tempfile.mkdtemp(prefix="qat-tests-"))
-os.environ["QAT_TESTS_HOME"] = str(SESSION_HOME)
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="qat-tests-"))
 os.environ.setdefault("WHISPER_QAT_CACHE", str(Path.home() / ".cache" / "whisper-qat"))
 os.environ.update({
     "PREFECT_HOME": str(SESSION_HOME / "prefect"),

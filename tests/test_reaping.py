@@ -140,6 +140,10 @@ def server(prefect_server):
         time.sleep(0.5)
     try:
         yield ns
+        from tasks.reaping import run_is_active
+
+        labels._cache.clear()  # after the module's tests, minutes later: still beating, still live
+        assert run_is_active(labels.make_label(install, runs["running-beating"])) == LIVE
     finally:
         stop.set()
         beating.join()

@@ -1,5 +1,5 @@
-"""Test servers never race for a port: the emulator binds port 0 and reports the port it got; sshd,
-which cannot, is started again on another port when the one picked for it was taken meanwhile."""
+"""Test servers never race for a port: the emulator binds port 0 and reports the port it got; sshd and
+the local stack's Prefect server, which cannot, start again on another port when the one picked was taken."""
 from __future__ import annotations
 
 import socket
@@ -34,3 +34,18 @@ def test_the_emulator_listens_on_the_port_it_reports(tmp_path):
         assert emu.url == f"http://127.0.0.1:{emu.port}" and emu.admin("GET", "/_emulator/health")
     finally:
         emu.cleanup()
+
+
+def test_the_stack_serves_prefect_on_another_port_when_its_first_was_taken(tmp_path):
+    from devtools.stack import Stack
+
+    require_sshd()
+    stack = Stack(tmp_path / "stack", reaper=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", stack.port))
+        taken.listen()
+        first = stack.port
+        with stack:
+            assert stack.port != first and stack.api_url == f"http://127.0.0.1:{stack.port}/api"
+            assert stack.server.alive()
+    assert stack.survivors == []

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import psutil
 
+from contract.catalogue import STEPS
 from devtools.emulator.cloud import GLOBAL_COUNTERS, GLOBAL_KNOBS
 from devtools.emulator.sshd import instance_processes
 from devtools.services import REPO, wait_for
@@ -40,7 +41,6 @@ OUT_MD = REPO / "benchmarks" / "CHAOS.md"
 README = REPO / "README.md"
 README_START = "<!-- chaos-table:start (python -m benchmarks.chaos --render-readme; do not edit by hand) -->"
 README_END = "<!-- chaos-table:end -->"
-STEP_NAMES = ("prepare", "train", "convert", "bench", "evaluate")
 # Every full run uses these, so any run compares with the baseline (same train config, same data order).
 COMMON = {"train.max_steps": 6, "train.save_every": 2, "train.eval_every": 6, "data.max_eval_samples": 2,
           "bench.max_clips": 1, "eval.bootstrap_samples": 20}
@@ -443,8 +443,8 @@ def expected_files(stack: Stack, run_id: str, name: str, state_type: str, messag
     on the machine and failed there (StepFailed), and on success the converted model, the report
     and the Prefect artifacts."""
     tasks = dict(stack.task_states(run_id))
-    need = [f"work/{s}/result.json" for s in STEP_NAMES if tasks.get(s) == "COMPLETED"]
-    need += [f"work/{s}/error.json" for s in STEP_NAMES if tasks.get(s) == "FAILED" and f"step {s} failed" in message]
+    need = [f"work/{s}/result.json" for s in STEPS if tasks.get(s) == "COMPLETED"]
+    need += [f"work/{s}/error.json" for s in STEPS if tasks.get(s) == "FAILED" and f"step {s} failed" in message]
     if state_type == "COMPLETED":
         need += ["work/convert/qat_int8/", "run.yaml"]
     run_dir = run_dir_of(stack, name, run_id)

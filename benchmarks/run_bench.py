@@ -26,9 +26,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from contract.catalogue import SCHEMES, STEPS
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
-SCHEMES = ("int8", "int4")
 TARGETS = {  # name: (description, limit)
     "int8_size_ratio": ("ONNX int8 size / PyTorch fp32 size", 0.30),
     # 0.20 while the vocabulary was 4-bit too; at 8 bits (quant.vocab_bits, benchmarks/INT4_RECIPE.md:
@@ -94,13 +95,14 @@ def int4_overrides(work: Path, overrides: dict) -> dict:
 
 def pipeline(work: Path, base: str, overrides: dict) -> dict:
     configs = {scheme: work / f"{scheme}.yaml" for scheme in SCHEMES}
+    steps = [s for s in STEPS if s not in ("prepare", "bench")]  # prepare runs once, shared; this script is the bench
     write_config(base, "int8", overrides, configs["int8"])
     run_step_subprocess("prepare", configs["int8"], work / "int8")
-    for step in ("train", "convert", "evaluate"):
+    for step in steps:
         run_step_subprocess(step, configs["int8"], work / "int8")
     write_config(base, "int4", int4_overrides(work, overrides), configs["int4"])
     share_prepare(work / "int8", work / "int4")
-    for step in ("train", "convert", "evaluate"):
+    for step in steps:
         run_step_subprocess(step, configs["int4"], work / "int4")
     return configs
 

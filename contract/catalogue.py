@@ -8,8 +8,9 @@ a broken invariant), printing `PROGRESS {...}` lines while it works and `STEP_ER
 """
 from __future__ import annotations
 
+import json
 import re
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 from . import bounded_json
 
@@ -41,6 +42,12 @@ def marked_json(line: str, prefix: str) -> Optional[dict]:
         raise bounded_json.UnsafeJSON(f"a JSON {type(found).__name__}, not an object")
     return found
 
+
+def error_line(step: str, kind: str, message: str, retryable: bool) -> str:
+    """The STEP_ERROR line a step (or the set-up) prints when it fails; home reads it with marked_json."""
+    return ERROR_PREFIX + json.dumps({"step": step, "type": kind, "message": message, "retryable": retryable})
+
+
 # Bulky outputs not copied home once a step succeeded: prepare's datasets (re-derived on a new
 # machine), train's checkpoints (the final model supersedes them; while training runs, the
 # newest one is copied home on its own) and the checkpoints of another config it set aside.
@@ -51,9 +58,9 @@ BULK_OUTPUTS: dict[str, tuple[str, ...]] = {"prepare": ("train", "dev", "test"),
 OUTPUT_NAME = re.compile(r"[A-Za-z0-9._+=,@-]+(/[A-Za-z0-9._+=,@-]+)*")
 # The most a step's outputs may unpack to at home (infra/machines/archive.py max_bytes, decompressed), from
 # what each step writes at the real model's shapes (docs/REFERENCE.md 1d, benchmarks/checkpoint.json):
-# train's fp32 model is 3.0 GB and, after a failure, its last 2 checkpoints come too (9.1 GB each with
-# AdamW); convert writes two fp32 ONNX exports (3 GB of weights each, more with the decoder copies) and
-# two quantized ones (0.5 to 0.8 GB each); the other steps write JSON and CSV.
+# train's fp32 model and, after a failure, its last 2 checkpoints with their optimizer state; convert's
+# two fp32 ONNX exports (more than the weights, with the decoder copies) and two quantized ones; the
+# other steps write JSON and CSV.
 OUTPUT_CAP_BYTES: dict[str, int] = {"prepare": 1 * 1000**3, "train": 40 * 1000**3, "convert": 40 * 1000**3,
                                     "bench": 1 * 1000**3, "evaluate": 1 * 1000**3}
 # Steps whose bulk never comes home: a new machine runs them again.
@@ -91,7 +98,8 @@ def ptq_variant(scheme: str) -> str:
     return f"base_ptq_{scheme}"
 
 
-SCHEMES = ("int8", "int4")
+Scheme = Literal["int8", "int4"]  # quant.scheme's values; the qat flow's `quantization` parameter takes them too
+SCHEMES: tuple[str, ...] = get_args(Scheme)
 # Every variant name evaluate and bench record (steps/evaluate.py find_variants, steps/bench.py): the
 # orchestrator shows a machine-sent variant name only when it is one of these.
 KNOWN_VARIANTS = frozenset(

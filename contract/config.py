@@ -19,6 +19,7 @@ from typing import Any, Iterator, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from .catalogue import Scheme
 from .fingerprint import FIXTURE_PREFIX, check_revision, hub_model_id
 from .layout import CONFIG_DIR, PUSHED_CODE, REPO_ROOT
 from .machine_config import MachineConfig, Strict
@@ -150,7 +151,7 @@ def _manifest_problem(given: str, path: Path) -> Optional[str]:
 
 class QuantConfig(Strict):
     # int8: 8-bit per-channel weights + 8-bit dynamic activations; int4: 4-bit weights, groups of 32.
-    scheme: Literal["int8", "int4"]
+    scheme: Scheme
     group_size: int = Field(default=32, gt=0)
     vocab_bits: Literal[4, 8] = Field(default=8, description=(
         "int4 only: bits of the vocabulary matrix (proj_out and the tied token embedding). 8 stores it as "
@@ -190,8 +191,8 @@ class TrainConfig(Strict):
     compile: Optional[bool] = Field(default=None, description="torch.compile each encoder/decoder block; "
                                     "unset: on with CUDA, off on CPU (compiling costs more than it saves there)")
     optimizer: Literal["adamw", "adamw8bit"] = Field(
-        default="adamw", description="adamw8bit: torchao's AdamW8bit, moments in 8 bits (checkpoints ~40 % of "
-        "adamw's at the real shapes; needs torchao on the machine)")
+        default="adamw", description="adamw8bit: torchao's AdamW8bit, moments in 8 bits (smaller checkpoints, "
+        "contract/disk.py CHECKPOINT_RATIO; needs torchao on the machine)")
 
     @property
     def length(self) -> str:

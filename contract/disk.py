@@ -33,7 +33,7 @@ GB = 2**30
 PCM_BYTES_PER_SECOND = 2 * 16000  # int16 at 16 kHz: steps/audio_store.py
 # A row besides its audio: id, text, speaker, duration and at most 448 int32 labels (1,792 B), Arrow offsets.
 ROW_EXTRA_BYTES = 4096
-HUB_AVG_CLIP_S = 15.0  # MLS French: 1,076.6 h over ~258k utterances (paper figures; docs/REFERENCE.md)
+HUB_AVG_CLIP_S = 15.0  # MLS French's hours over its utterances (the paper's figures: docs/REFERENCE.md)
 # fp32 weight bytes of the models we know (measured: the safetensors files; docs/REFERENCE.md 1d).
 MODEL_BYTES = {
     "bofenghuang/whisper-large-v3-distil-fr-v0.2": 3_025_784_135,
@@ -42,12 +42,11 @@ MODEL_BYTES = {
 }
 # Another Hub id: assumed as large as Whisper large (~1.55 B parameters x 4 bytes), the largest Whisper.
 UNKNOWN_MODEL_BYTES = 1_550_000_000 * 4
-# Checkpoint bytes / fp32 weight bytes (benchmarks/checkpoint.json at the real shapes: 9.06 / 3.03 GB
-# with AdamW, 4.56 / 3.03 GB with AdamW8bit).
+# Checkpoint bytes / fp32 weight bytes, per optimizer (measured at the real shapes: benchmarks/checkpoint.json).
 CHECKPOINT_RATIO = {"adamw": 3.0, "adamw8bit": 1.51}
-# Quantized export / fp32 weight bytes (docs/REFERENCE.md 1d: int8 782.6 MB, int4 532.7 MB of 3,025.7 MB).
+# Quantized export / fp32 weight bytes (measured at the real shapes: docs/REFERENCE.md 1d).
 EXPORT_RATIO = {"int8": 0.26, "int4": 0.18}
-# The image and the workload's venv (an allowance: a CUDA torch venv is several GB, the CPU one here 2.4 GB).
+# The image and the workload's venv (an allowance: a CUDA torch venv is several GB, a CPU one less).
 SYSTEM_GB = {"required": 25.0, "none": 5.0}
 HEADROOM = 1.10  # logs, pip and tokenizer caches, quantizers' temporary files
 

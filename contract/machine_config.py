@@ -127,8 +127,11 @@ class SSHHostConfig(Strict):
     key_path: str = Field(min_length=1)
 
 
+Backend = Literal["vast", "local", "ssh"]  # infra/provision.py routes each; flows/qat.py takes these values too
+
+
 class MachineConfig(Strict):
-    backend: Literal["vast", "local", "ssh"] = "vast"
+    backend: Backend = "vast"
     vast: VastConfig = Field(default_factory=VastConfig)
     ssh: Optional[SSHHostConfig] = None
     planned_hours: float = Field(default=6.0, gt=0, description="the cost estimate's hours when the training "

@@ -258,13 +258,23 @@ class Stack:
         from devtools.emulator.testing import EmulatorProcess
 
         self.emu = EmulatorProcess(state_dir=self.root / "emulator", api_key=self.api_key).start()
-        self.server = start_service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                                       "--port", str(self.port), "--no-ui"],
-                                    self.root / "logs" / "prefect-server.log", env=self.server_env())
-        wait_for(lambda: not self.server.alive() or answers(self.api_url + "/health"), 180, 1,
-                 "the Prefect server to answer")
-        if not self.server.alive():
-            raise RuntimeError(f"the Prefect server exited; see {self.server.log}")
+        log = self.root / "logs" / "prefect-server.log"
+        for attempt in range(3):  # its port was free when picked: another process may have taken it since
+            start = log.stat().st_size if log.exists() else 0
+            self.server = start_service("prefect-server", [str(BIN / "prefect"), "server", "start", "--host",
+                                                           "127.0.0.1", "--port", str(self.port), "--no-ui"],
+                                        log, env=self.server_env())
+            wait_for(lambda: not self.server.alive() or answers(self.api_url + "/health"), 180, 1,
+                     "the Prefect server to answer")
+            if self.server.alive():
+                break
+            with open(log, "rb") as f:
+                f.seek(start)
+                taken = b"already in use" in f.read().lower()  # Prefect's own check, or uvicorn's bind
+            if not taken or attempt == 2:
+                raise RuntimeError(f"the Prefect server exited; see {log}")
+            self.port = free_port()
+            self.api_url = f"http://127.0.0.1:{self.port}/api"
         self._gpu_limit()
         if self.secret_blocks:
             self._save_secret_blocks()

@@ -10,7 +10,7 @@ suspended until a person answers, then re-runs from the top and finds every step
 """
 # No `from __future__ import annotations` here: Prefect validates the flow's parameters from
 # its real annotations (a served flow fails on string annotations).
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -23,7 +23,7 @@ from tasks.machine_run import run_on_machines
 from tasks.rental import estimate_cost
 from tasks.report import publish_report
 from tasks.revisions import pin_revisions
-from tasks.run_dir import STEPS, all_steps_done, open_run_dir, results_at_home, validate_config
+from tasks.run_dir import STEPS, Backend, Scheme, all_steps_done, open_run_dir, results_at_home, validate_config
 from tasks.teardown import destroy_by_label
 from tasks.upload import upload_held, upload_to_hub
 
@@ -31,9 +31,9 @@ from tasks.upload import upload_held, upload_to_hub
 @flow(name="qat", log_prints=True,
       on_crashed=[destroy_by_label], on_cancellation=[destroy_by_label])
 def qat(config: str = "int8",
-        quantization: Optional[Literal["int8", "int4"]] = None,
+        quantization: Optional[Scheme] = None,
         max_samples: Optional[int] = None,
-        backend: Optional[Literal["vast", "local", "ssh"]] = None,
+        backend: Optional[Backend] = None,
         overrides: Optional[dict[str, Any]] = None) -> dict:
     """Quantization-aware training of a French Whisper, exported to ONNX int8/int4.
 
@@ -41,7 +41,7 @@ def qat(config: str = "int8",
         config: a name in configs/ (int8, int4, demo, tiny) or a path to a YAML file.
         quantization: override quant.scheme.
         max_samples: override data.max_samples.
-        backend: override machine.backend (vast, local, ssh).
+        backend: override machine.backend.
         overrides: any other dotted overrides, e.g. {"train.learning_rate": 1e-5}.
     """
     log = get_run_logger()

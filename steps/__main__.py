@@ -6,7 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from contract.catalogue import EXIT_DETERMINISTIC, STEPS
+from contract.catalogue import EXIT_DETERMINISTIC, STEPS, error_line
 from contract.config import ConfigError, load_config
 
 from . import distributed
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, {"train.nproc": args.cpu_ranks} if args.cpu_ranks is not None else None)
     except ConfigError as e:
-        print(f"STEP_ERROR {{\"step\": \"{args.step}\", \"type\": \"ConfigError\", \"retryable\": false}}", flush=True)
+        print(error_line(args.step, "ConfigError", str(e), False), flush=True)
         print(str(e), file=sys.stderr)
         return EXIT_DETERMINISTIC
     if args.step == "train" and not distributed.under_torchrun():

@@ -35,6 +35,7 @@ from . import serving
 from .peak_memory import peak_memory_mb
 from .audio_store import to_float
 from .common import StepContext, StepError
+from .model_size import weights_mb
 
 # Variants share one process: OpenMP threads must sleep, not spin, between runs (before torch loads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -71,11 +72,7 @@ class Decoding:
 
 def size_mb(variant: Variant) -> float:
     """Model weights on disk: safetensors, .onnx + external data, or CTranslate2 model.bin."""
-    p = Path(variant.path)
-    patterns = {"pytorch": ["*.safetensors", "*.bin"], "onnx": ["*.onnx", "*.onnx_data", "*.onnx.data"],
-                "ctranslate2": ["model.bin"]}[variant.kind]
-    files = {f for pat in patterns for f in p.glob(pat)}
-    return round(sum(f.stat().st_size for f in files) / 1e6, 3)
+    return weights_mb(Path(variant.path), variant.kind)
 
 
 class Runner:

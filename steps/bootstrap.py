@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from contract.catalogue import ERROR_PREFIX, EXIT_DETERMINISTIC, EXIT_OK, EXIT_RETRYABLE, GPUS_PREFIX
+from contract.catalogue import EXIT_DETERMINISTIC, EXIT_OK, EXIT_RETRYABLE, GPUS_PREFIX, error_line
 from contract.layout import REMOTE_CODE, REQUIREMENTS
 from contract.remote_env import (GPU_MODES, READY, TORCH_CUDA, build, pinned_torch, resolved_requirements,
                                  venv_dir)
@@ -194,12 +194,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                                         "torch": int(got["devices"])}), flush=True)
         return EXIT_OK
     except EnvError as e:
-        print(ERROR_PREFIX + json.dumps({"step": "setup", "type": "EnvError", "message": str(e),
-                                               "retryable": e.retryable}), flush=True)
+        print(error_line("setup", "EnvError", str(e), e.retryable), flush=True)
         return EXIT_RETRYABLE if e.retryable else EXIT_DETERMINISTIC
     except subprocess.TimeoutExpired as e:
-        print(ERROR_PREFIX + json.dumps({"step": "setup", "type": "TimeoutExpired",
-                                               "message": f"timed out: {e}", "retryable": True}), flush=True)
+        print(error_line("setup", "TimeoutExpired", f"timed out: {e}", True), flush=True)
         return EXIT_RETRYABLE
 
 

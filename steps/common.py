@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from contract.catalogue import ERROR_PREFIX, EXIT_DETERMINISTIC, EXIT_OK, EXIT_RETRYABLE, PROGRESS_PREFIX
+from contract.catalogue import EXIT_DETERMINISTIC, EXIT_OK, EXIT_RETRYABLE, PROGRESS_PREFIX, error_line
 from contract.config import RunConfig
 from contract.result_file import ERROR_FILE, RESULT_FILE, config_hash, input_fingerprints, read_result, write_json_atomic
 
@@ -46,9 +46,6 @@ class StepContext:
         if not (d / RESULT_FILE).is_file():
             raise StepError(f"step {self.step!r} needs the outputs of step {step!r}; run it first")
         return d
-
-    def result_of(self, step: str) -> dict:
-        return json.loads((self.dir_of(step) / RESULT_FILE).read_text())
 
     def log(self, msg: str) -> None:
         print(f"[{self.step}] {msg}", flush=True)
@@ -154,7 +151,7 @@ def execute_step(step: str, cfg: RunConfig, workdir: Path, body: Callable[[StepC
             write_json_atomic(ctx.out / ERROR_FILE, err)
         except OSError:
             pass
-        print(ERROR_PREFIX + json.dumps(err), flush=True)
+        print(error_line(step, err["type"], message, retryable), flush=True)
         return EXIT_RETRYABLE if retryable else EXIT_DETERMINISTIC
     finished = time.time()
     if not lead:

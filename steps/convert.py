@@ -33,6 +33,7 @@ from .common import StepContext, StepError
 from .fuse_attention import fuse_encoder_file
 from .int4_export import quantize_int4
 from .int8_export import quantize_int8
+from .model_size import weights_mb
 
 ENCODER = "encoder_model.onnx"
 DECODER = "decoder_model.onnx"
@@ -43,20 +44,14 @@ QUANT_OPS = ("MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "GatherBlo
              "ConvInteger", "DequantizeLinear", "MatMul", "Gather", "MultiHeadAttention")
 
 
-def dir_size_mb(path: Path) -> float:
-    """Size of every file under path (ONNX external data included), in MB (1e6 bytes)."""
-    return round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6, 3)
-
-
 def pytorch_size_mb(model_dir: Path) -> float:
-    """The safetensors weights of a transformers model directory, in MB."""
-    return round(sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 1e6, 3)
+    """The weights of a transformers model directory, in MB (steps/model_size.py)."""
+    return weights_mb(model_dir, "pytorch")
 
 
 def onnx_size_mb(path: Path) -> float:
-    """Size of the model files only (.onnx and their external data), in MB."""
-    files = [f for f in Path(path).iterdir() if f.suffix == ".onnx" or f.name.endswith(".onnx_data") or f.suffix == ".data"]
-    return round(sum(f.stat().st_size for f in files) / 1e6, 3)
+    """Size of the model files only (.onnx and their external data), in MB (steps/model_size.py)."""
+    return weights_mb(path, "onnx")
 
 
 def _walk_nodes(graph: onnx.GraphProto):

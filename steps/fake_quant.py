@@ -22,7 +22,7 @@ torchao's recipes (docs/REFERENCE.md section 3):
   embedding) is int8 exactly as in the int8 scheme (per-channel weights, activations per token)
   unless quant.vocab_bits is 4 (4-bit blocks like the rest): spec.vocab_layout.
 
-tests/test_qat.py checks these grids bit for bit against what ORT itself produces, and
+tests/test_fake_quant.py checks these grids bit for bit against what ORT itself produces, and
 benchmarks/train_speed.py measures how far torchao's grids are from ORT's on the real weights.
 Gradients pass straight through (STE, clipping included); scales are not learned.
 """
@@ -65,7 +65,7 @@ def _block_weight(w: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
     scale = torch.gather(wf, -1, wf.abs().argmax(dim=-1, keepdim=True)) / -zero
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     # MLAS (MlasQuantizeBlockwise) rounds w * (1 / scale) + zero half away from zero (std::roundf):
-    # an exact tie such as -3.5 becomes -3, where torch.round's half-to-even gives -4 (issue 13)
+    # an exact tie such as -3.5 becomes -3, where torch.round's half-to-even gives -4
     v = wf * (1.0 / scale) + zero
     q = torch.clamp(torch.where(v - torch.floor(v) == 0.5, torch.ceil(v), torch.round(v)), 0, 2 * zero - 1) - zero
     return (q * scale).view(out_f, -1)[:, :in_f].to(w.dtype)
@@ -179,7 +179,7 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
             m.enabled = enabled
 
 
-# --- coverage beyond the blocks: the tied output projection and token embedding (issue 13) ---------
+# --- coverage beyond the blocks: the tied output projection and token embedding ---------------------
 # The export quantizes proj_out and, through it, the tied token embedding (steps/convert.py
 # share_tied_embedding_int8, steps/int4_export.py share_tied_embedding_nbits): at 8 bits (both
 # schemes) proj_out is W8A8 like the int8 decoder's Linears (one activation range per generated

@@ -26,10 +26,11 @@ from typing import Optional
 
 from prefect import get_run_logger, task
 
-from contract.catalogue import BULK_OUTPUTS, STEPS
+from contract.catalogue import BULK_OUTPUTS, STEPS, Scheme  # noqa: F401 - Scheme, Backend: the flow's parameter types
 from contract.config import RunConfig, load_config
 from contract.disk import require_disk
 from contract.layout import REPO_ROOT
+from contract.machine_config import Backend  # noqa: F401
 from contract.result_file import RESULT_FILE, is_done, read_result
 
 from .home_record import done_at_home, write_record

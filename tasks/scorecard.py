@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from contract.catalogue import KNOWN_VARIANTS, ptq_variant, quantized_variant
+from contract.catalogue import KNOWN_VARIANTS, STEPS, ptq_variant, quantized_variant
 
 NOT_MEASURED = "not measured"
 ON_MACHINE = ("¹ measured on the rented machine and not checked at home (size, latency, speed-up, memory); "
@@ -66,8 +66,7 @@ def bench_section(metrics: dict, device: str = "cpu") -> dict:
 
 def step_metrics(results: dict) -> dict[str, dict]:
     """{step: its result.json `metrics`} from the flow's {step: result.json} (absent steps: {})."""
-    return {step: ((results or {}).get(step) or {}).get("metrics") or {}
-            for step in ("train", "convert", "bench", "evaluate")}
+    return {step: ((results or {}).get(step) or {}).get("metrics") or {} for step in STEPS}
 
 
 def measured(x: Any) -> Optional[float]:
@@ -82,13 +81,14 @@ def figure(x: Any, spec: str, suffix: str = "") -> str:
 
 
 def variant_sizes(metrics: dict) -> dict[str, float]:
-    """MB on disk per variant, from one rule: what bench measured for the variant it ran, else what
-    convert recorded for the same files. The PyTorch fp32 size is the safetensors weights (bench's
-    `qat_fp32`, convert's `pytorch_fp32`), never an ONNX fp32 export; the baseline in fp32 PyTorch
-    has the same architecture and dtype, hence the same size, when nothing measured it by name."""
+    """MB on disk per variant: what convert recorded for the files it wrote (the owner of that fact),
+    and bench's figure only for a variant convert did not write (faster-whisper); both measure by
+    steps/model_size.py. The PyTorch fp32 size is the safetensors weights (convert's `pytorch_fp32`),
+    never an ONNX fp32 export; the baseline in fp32 PyTorch has the same architecture and dtype,
+    hence the same size, when nothing measured it by name."""
     recorded = {_CONVERT_TO_VARIANT.get(k, k): v for k, v in ((metrics.get("convert") or {}).get("sizes_mb") or {}).items()}
     benched = bench_section(metrics).get("size_mb") or {}
-    sizes = {k: measured(v) for src in (recorded, benched) for k, v in src.items() if measured(v) is not None}
+    sizes = {k: measured(v) for src in (benched, recorded) for k, v in src.items() if measured(v) is not None}
     if "base_fp32" not in sizes and "qat_fp32" in sizes:
         sizes["base_fp32"] = sizes["qat_fp32"]
     return sizes

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from contract import redaction
 from infra.backends import registry
 # Re-exported for the flow's callers and the dev tools: the Vast.ai endpoint check and its names.
 from infra.backends.vast.endpoint import (DEMO_VAST_SECRET_BLOCK, EMULATOR_KEY_PREFIX, VAST_SECRET_BLOCK,  # noqa: F401
@@ -54,7 +55,5 @@ def known_secrets() -> list[str]:
 
 
 def redact(text: str, secrets: Optional[list[str]] = None) -> str:
-    for s in secrets if secrets is not None else known_secrets():
-        if s and len(s) >= 4:
-            text = text.replace(s, "***")
-    return text
+    """`text` with `secrets` (default: every secret in play) masked (contract/redaction.py)."""
+    return redaction.redact(text, known_secrets() if secrets is None else secrets)

@@ -32,6 +32,7 @@ from prefect.runtime import flow_run
 
 from contract.catalogue import quantized_variant
 from contract.config import RunConfig
+from contract.redaction import redact
 
 from . import secrets
 from .champion import (EVAL_FILE, card_lines, commit_message, compare, describe, history, read_champion,
@@ -57,10 +58,6 @@ class HubUploadError(RuntimeError):
     def __init__(self, message: str, retryable: bool):
         super().__init__(message)
         self.retryable = retryable
-
-
-def redact(text: str, token: Optional[str]) -> str:
-    return text.replace(token, "***") if token else text
 
 
 CARD_NAME = "README.md"  # written here from the rendered card; the machine's own is replaced, never sent
@@ -178,7 +175,7 @@ def _client_endpoint(endpoint: str) -> Iterator[None]:
 
 def _explain(err: Exception, repo_id: str, endpoint: str, token: str) -> HubUploadError:
     """A clear, token-free error for what the Hub answered."""
-    detail = redact(str(err), token).strip().splitlines()
+    detail = redact(str(err), [token]).strip().splitlines()
     detail = " ".join(line.strip() for line in detail if line.strip())[:600]
     status = getattr(getattr(err, "response", None), "status_code", None)
     if isinstance(err, RepositoryNotFoundError) or status == 404:

@@ -2,11 +2,35 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- where tests may write
+# Set before Prefect, Hugging Face or matplotlib are imported: their homes and caches go to one
+# temporary folder per session, never ~/.prefect or ~/.cache. The one shared cache is the fixture
+# models' ($WHISPER_QAT_CACHE, explicitly ~/.cache/whisper-qat unless set): building whisper-base
+# takes minutes, and resolve_model writes it atomically, so sessions may share it.
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="qat-tests-"))
+os.environ.setdefault("WHISPER_QAT_CACHE", str(Path.home() / ".cache" / "whisper-qat"))
+os.environ.update({
+    "PREFECT_HOME": str(SESSION_HOME / "prefect"),
+    "XDG_CACHE_HOME": str(SESSION_HOME / "cache"),
+    "HF_HOME": str(SESSION_HOME / "hf"),
+    "MPLCONFIGDIR": str(SESSION_HOME / "matplotlib"),
+})
+for _var in ("HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE"):  # would override HF_HOME
+    os.environ.pop(_var, None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- models and data
@@ -123,6 +147,41 @@ def stack(request, tmp_path_factory, stack_options):
     assert s.survivors == [], f"processes of the stack outlived it: {s.survivors}"
 
 
+@pytest.fixture(scope="module")
+def evil_machine(tmp_path_factory):
+    """One emulated instance rented through the product (host key from the provider log), connected."""
+    from contract.config import load_config
+    from devtools.emulator.testing import EmulatorProcess
+    from infra.backends import registry as provision
+    from infra.backends.vast.credentials import VastCredentials
+    from infra.backends.vast.instances import VastProvider
+
+    require_sshd()
+    root = tmp_path_factory.mktemp("untrusted")
+    saved = VastProvider.poll_s, VastProvider.backoff_s
+    VastProvider.poll_s, VastProvider.backoff_s = 0.2, 0.02  # the emulator boots in seconds: look often
+    emu = EmulatorProcess(state_dir=root / "emulator").start()
+    lease = m = None
+    try:
+        mc = load_config("tiny", {"machine.provision_timeout_s": 30, "machine.ssh_timeout_s": 30}).machine
+        lease = provision.acquire(mc, "qat-evil", root / "runs" / "r", VastCredentials(emu.api_key, emu.url),
+                                  log=lambda msg: None)
+        assert lease.host_key_source == "provider log"
+        m = provision.connect(lease, timeout=30)
+        yield emu, lease, m, root
+    finally:
+        VastProvider.poll_s, VastProvider.backoff_s = saved
+        if m is not None:
+            m.close()
+        if lease is not None:
+            assert provision.release(lease, VastCredentials(emu.api_key, emu.url)) is True
+        live = emu.live_instances()
+        emu.cleanup()
+        leaked = emu.sshd_pids()
+    assert live == [], f"the evil machine was not destroyed: {live}"
+    assert not leaked, f"sshd survived: {leaked}"
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """Plain fp32 ONNX export (optimum, with past) of the tiny random Whisper, processor included."""
@@ -134,3 +193,60 @@ def tiny_onnx_dir(tmp_path_factory, tiny_model_dir) -> Path:
     main_export(tiny_model_dir, output=out, task="automatic-speech-recognition-with-past")
     load_processor(tiny_model_dir).save_pretrained(out)
     return out
+
+
+# ---------------------------------------------------------------- Prefect and the emulator's pace
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """A real, temporary Prefect server (its own database) for the module's flow runs."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def fast_polling(monkeypatch):
+    """The Vast backend polls the emulator every 0.2 s instead of a real cloud's pace."""
+    from infra.backends.vast.instances import VastProvider
+
+    monkeypatch.setattr(VastProvider, "poll_s", 0.2)
+    monkeypatch.setattr(VastProvider, "backoff_s", 0.02)
+
+
+# ---------------------------------------------------------------- no network
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test (and is recorded)."""
+    import socket
+
+    tried = []
+
+    def refuse(self, address, *a, **k):
+        tried.append(address)
+        raise AssertionError(f"a connection to {address} was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: refuse(None, address))
+    return tried
+
+
+# ---------------------------------------------------------------- the emulator as the flow's Vast.ai
+
+@pytest.fixture
+def emulated_vast(tmp_path, monkeypatch):
+    """The emulator as the flow's Vast.ai (key, endpoint, runs dir set); nothing left running after."""
+    from devtools.emulator.testing import EmulatorProcess
+
+    emu = EmulatorProcess(state_dir=tmp_path / "emulator").start()
+    monkeypatch.setenv("VAST_API_KEY", emu.api_key)
+    monkeypatch.setenv("VAST_URL", emu.url)
+    monkeypatch.setenv("QAT_RUNS_DIR", str(tmp_path / "runs"))
+    try:
+        yield emu
+        assert emu.live_instances() == [], "an instance was left running"
+    finally:
+        emu.cleanup()
+        assert emu.sshd_pids() == [], "an sshd was left running"

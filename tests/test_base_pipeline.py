@@ -26,6 +26,7 @@ OVERRIDES = {
     "train.max_steps": 6, "train.learning_rate": 3.0e-5, "train.warmup_steps": 1,
     "train.eval_every": 100, "train.save_every": 100, "eval.max_new_tokens": 48, "eval.bootstrap_samples": 200,
 }
+pytestmark = pytest.mark.slow  # the module's setup trains and exports the real whisper-base: minutes on a CPU
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from steps import bench, convert
 from steps.common import execute_step
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -188,10 +188,10 @@ def test_node_placement_reads_ort_verbose_log(tmp_path):
     assert serving.parse_placements(log) == {"CUDAExecutionProvider": 40, "CPUExecutionProvider": 3,
                                              "cpu_ops": {"MatMulInteger": 1, "Shape": 2}}
     # and the real log of a real session (CPU only here)
-    from tests.test_qat import _matmul_model, _weights
+    from onnx_graphs import matmul_model, random_weights
     import onnx
 
-    onnx.save(_matmul_model(_weights(32, 8, 0)), tmp_path / "m.onnx")
+    onnx.save(matmul_model(random_weights(32, 8, 0)), tmp_path / "m.onnx")
     assert serving.node_placement(tmp_path / "m.onnx", "CPUExecutionProvider") == {"CPUExecutionProvider": 1, "cpu_ops": {}}
 
 

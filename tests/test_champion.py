@@ -12,7 +12,7 @@ from tasks.champion import EVAL_FILE
 from tasks.gate import quality_gate
 from tasks.scorecard import md_text
 from tasks.upload import push_model_folder, upload_to_hub
-from test_untrusted import REPO, WRITE, claim, cfg, export_dir, hub, plain_loggers  # noqa: F401 - fixtures
+from home_uploads import REPO, WRITE, claim, cfg, export_dir, hub, plain_loggers  # noqa: F401 - fixtures
 from utterance_csv import write_evaluation
 
 GOOD = {"base_fp32": 50.0, "qat_fp32": 20.0, "qat_int8": 20.0, "base_ptq_int8": 40.0}

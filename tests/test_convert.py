@@ -14,7 +14,8 @@ from onnx import helper, numpy_helper
 from contract.quant_spec import QuantSpec
 from steps import convert, tied_embedding
 from steps.common import StepError, execute_step
-from tests.conftest import tiny_config
+from conftest import tiny_config
+from french_clip import french_test_clip
 
 
 def _walk(graph):
@@ -31,15 +32,6 @@ def _walk_initializers(graph):
         for a in node.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
                 yield from _walk_initializers(a.g)
-
-
-def _clip(french_manifest) -> np.ndarray:
-    import soundfile as sf
-
-    row = next(r for r in french_manifest if r["split"] == "test")
-    audio, sr = sf.read(Path(__file__).resolve().parent.parent / row["audio"], dtype="float32")
-    assert sr == 16000
-    return audio
 
 
 def _fake_train(workdir: Path, model_dir: str, cfg) -> None:
@@ -111,7 +103,7 @@ def test_fp32_export_matches_pytorch_and_int8_stays_close(converted_int8, tiny_m
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
     proc = WhisperProcessor.from_pretrained(tiny_model_dir)
-    feats = proc.feature_extractor(_clip(french_manifest), sampling_rate=16000, return_tensors="pt").input_features
+    feats = proc.feature_extractor(french_test_clip(french_manifest), sampling_rate=16000, return_tensors="pt").input_features
     ids = torch.tensor([[50258, 50265, 50359, 50363, 400, 500]])
     with torch.inference_mode():
         ref = WhisperForConditionalGeneration.from_pretrained(tiny_model_dir).eval()(
@@ -161,7 +153,7 @@ def test_int4_generates(converted_int4, french_manifest):
     d = converted_int4 / "qat_int4"
     model = ORTModelForSpeechSeq2Seq.from_pretrained(d)
     feats = WhisperProcessor.from_pretrained(d).feature_extractor(
-        _clip(french_manifest), sampling_rate=16000, return_tensors="pt").input_features
+        french_test_clip(french_manifest), sampling_rate=16000, return_tensors="pt").input_features
     out = model.generate(input_features=feats, language="fr", task="transcribe", max_new_tokens=5)
     assert out.shape[-1] >= 1
 

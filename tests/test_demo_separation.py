@@ -4,38 +4,15 @@ endpoint it does not belong to. Fast: no server, no emulator."""
 from __future__ import annotations
 
 import re
-import socket
 
 import pytest
 
 from devtools.stack import DEMO_DEPLOYMENTS, REPO, LocalStack, deployment, deployment_env
 from infra.backends.vast.credentials import endpoint_url, secret_block_name
 from tasks import secrets
+from vast_keys import EMU_KEY, REAL_LOOKING_KEY, use_env
 
 REAL_DEPLOYMENTS = ("qat/int8", "qat/int4", "reap/reap")
-EMU_KEY = secrets.EMULATOR_KEY_PREFIX + "0123456789abcdef0123456789abcdef"
-REAL_LOOKING_KEY = "a3f1" * 16  # 64 letters and digits, no dash
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails the test (and is recorded)."""
-    tried = []
-
-    def refuse(self, address, *a, **k):
-        tried.append(address)
-        raise AssertionError(f"a connection to {address} was attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: refuse(None, address))
-    return tried
-
-
-def use_env(monkeypatch, env: dict) -> None:
-    for k in ("VAST_URL", "VAST_API_KEY", "VAST_API_KEY_BLOCK"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
 
 
 @pytest.mark.parametrize("url", [None, "https://console.vast.ai"])

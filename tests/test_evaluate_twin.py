@@ -16,7 +16,7 @@ from contract.quant_spec import QuantSpec
 from steps import convert, evaluate
 from steps.common import execute_step
 from steps.models import build_tiny_random
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 
 @pytest.mark.parametrize("setting, device, mode", [

@@ -88,30 +88,6 @@ def prefect_logger_off(monkeypatch):
 
 # ------------------------------------------------------------------ end to end (real everything)
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture
-def emulated_vast(tmp_path, monkeypatch):
-    from devtools.emulator.testing import EmulatorProcess
-
-    emu = EmulatorProcess(state_dir=tmp_path / "emulator").start()
-    monkeypatch.setenv("VAST_API_KEY", emu.api_key)
-    monkeypatch.setenv("VAST_URL", emu.url)
-    monkeypatch.setenv("QAT_RUNS_DIR", str(tmp_path / "runs"))
-    try:
-        yield emu
-        assert emu.live_instances() == [], "an instance was left running"
-    finally:
-        emu.cleanup()
-        assert emu.sshd_pids() == [], "an sshd was left running"
-
-
 async def _task_states(flow_run_id) -> dict[str, str]:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

@@ -27,7 +27,6 @@ from tasks.report import render_report
 from tasks.run_dir import open_run_dir
 from tasks.scorecard import step_metrics
 from tasks.verdict import verified_metrics, verify_evaluation
-from test_untrusted_machine import evil_machine  # noqa: F401 - the rented evil instance (module fixture)
 from utterance_csv import home_manifest, write_evaluation
 
 BAD_MODEL = {"base_fp32": 50.0, "qat_fp32": 29.8, "qat_int8": 60.0, "base_ptq_int8": 40.0}

@@ -1,35 +1,12 @@
 """LocalMachine (backend local) and the shared file selection for `put` (.gitignore honoured)."""
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
+from file_trees import NASTY, make_tree
 from infra.machines.local import LocalMachine
-from infra.machines.streams import collect_files
 from infra.machines.machine import CommandFailed, CommandTimeout, MachineError
-
-NASTY = "  it's \"quoted\" $HOME; `touch pwned` $(touch pwned2) & | > < back\\slash\\n *"
-
-
-def make_tree(root: Path, git: bool) -> Path:
-    (root / "pkg" / "sub").mkdir(parents=True)
-    (root / "pkg" / "a.py").write_text("print('a')\n")
-    (root / "pkg" / "sub" / "b.txt").write_text("b\n")
-    (root / "pkg" / "big.bin").write_bytes(b"\0" * 10)
-    (root / "pkg" / "__pycache__").mkdir()
-    (root / "pkg" / "__pycache__" / "a.pyc").write_bytes(b"x")
-    (root / "top.txt").write_text("top\n")
-    (root / "other").mkdir()
-    (root / "other" / "c.txt").write_text("c\n")
-    if git:
-        (root / ".gitignore").write_text("*.bin\n")
-        subprocess.run(["git", "init", "-q", str(root)], check=True)
-        subprocess.run(["git", "-C", str(root), "add", "pkg/a.py", "pkg/sub/b.txt", "top.txt"], check=True)
-        # untracked and not ignored: a secret left in the tree must never be pushed (issue 19 finding 16)
-        (root / "pkg" / ".env").write_text("HF_TOKEN=hf_untracked\n")
-        (root / "pkg" / "sub" / ".netrc").write_text("machine example password untracked\n")
-    return root
+from infra.machines.streams import collect_files
 
 
 def test_collect_files_sends_only_what_git_tracks(tmp_path):
@@ -55,14 +32,18 @@ def test_run_streams_exit_codes_and_quotes(tmp_path):
     # the cwd does not exist yet: cd fails before anything runs
     assert code != 0
     (m.home / f"dir {NASTY}").mkdir()
-    seen.clear()
-    code = m.run(["sh", "-c", 'echo one; echo two >&2; sleep 0.5; printf "%s\\n" "$V"; pwd; exit 5'],
-                 env={"V": NASTY}, cwd=f"dir {NASTY}", check=False,
-                 on_line=lambda line: seen.append((time.monotonic(), line)))
+    lines = []
+    go = tmp_path / "go"  # the command goes on only once "two" reached on_line: lines arrive as printed
+
+    def on_line(line):
+        lines.append(line)
+        if line == "two":
+            go.touch()
+    code = m.run(["sh", "-c", 'echo one; echo two >&2; until [ -e "$GO" ]; do sleep 0.05; done; '
+                              'printf "%s\\n" "$V"; pwd; exit 5'],
+                 env={"V": NASTY, "GO": str(go)}, cwd=f"dir {NASTY}", check=False, on_line=on_line, timeout=120)
     assert code == 5
-    lines = [s for _, s in seen]
     assert lines == ["one", "two", NASTY, str(m.home / f"dir {NASTY}")]
-    assert seen[2][0] - seen[0][0] > 0.3  # lines arrived as printed, not at the end
     assert not list(m.home.rglob("pwned*"))
 
 
@@ -72,12 +53,10 @@ def test_run_failure_and_timeout(tmp_path):
         m.run(["sh", "-c", "for i in $(seq 1 100); do echo line$i; done; exit 7"], env={"SECRET": "hunter2hunter2"})
     assert e.value.exit_code == 7 and e.value.tail.splitlines()[-1] == "line100"
     assert "hunter2hunter2" not in str(e.value) and "SECRET='***'" in str(e.value)
-    t0 = time.monotonic()
     with pytest.raises(CommandTimeout):
         m.run(["sh", "-c", "echo started; sleep 2 && touch survived"], timeout=0.5)
-    assert time.monotonic() - t0 < 1.9
     time.sleep(2)
-    assert not (tmp_path / "survived").exists()  # the whole process group was killed
+    assert not (tmp_path / "survived").exists()  # stopped at its timeout: the whole process group was killed
 
 
 def test_files(tmp_path):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from test_flow import emulated_vast, prefect_server  # noqa: F401 - the same real fixtures as the whole-DAG test
 
 TWO_GPUS = {"machine.vast.gpu_names": ["RTX 4090"], "machine.vast.num_gpus": 2, "train.per_device_batch_size": 1,
             "train.grad_accum": 2, "train.max_steps": 20, "train.save_every": 2, "train.eval_every": 20,

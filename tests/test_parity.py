@@ -14,7 +14,7 @@ import torch
 from contract.quant_spec import QuantSpec
 from steps import convert, fake_quant
 from steps.models import load_model
-from tests.test_convert import _clip
+from french_clip import french_test_clip
 
 VARIANTS = {"int8": ("int8", 8), "int4": ("int4", 8), "int4_vocab4": ("int4", 4)}  # name: (scheme, vocab_bits)
 PROMPT = [50258, 50265, 50359, 50363]  # <|startoftranscript|><|fr|><|transcribe|><|notimestamps|>
@@ -59,7 +59,7 @@ def test_fake_quantized_pytorch_logits_are_the_exported_onnx_logits(name, export
     from transformers import WhisperProcessor
 
     feats = WhisperProcessor.from_pretrained(tiny_model_dir).feature_extractor(
-        _clip(french_manifest), sampling_rate=16000, return_tensors="pt").input_features
+        french_test_clip(french_manifest), sampling_rate=16000, return_tensors="pt").input_features
     ids = PROMPT + [400, 500]
     model = load_model(tiny_model_dir).eval()
     float_logits = _torch_logits(model, feats, ids)

@@ -7,7 +7,6 @@ import time
 import pytest
 
 from infra.backends.vast.credentials import VastCredentials
-from infra.backends.vast.instances import VastProvider
 from infra import reaper
 from infra.backends import registry as provision
 from infra.machines.machine import Lease
@@ -16,10 +15,7 @@ from contract.config import load_config
 from contract.layout import REPO_ROOT
 
 
-@pytest.fixture(autouse=True)
-def fast_polling(monkeypatch):
-    monkeypatch.setattr(VastProvider, "poll_s", 0.2)  # the emulator boots in seconds: look often
-    monkeypatch.setattr(VastProvider, "backoff_s", 0.02)
+pytestmark = pytest.mark.usefixtures("fast_polling")
 
 
 def cfg(**overrides):

@@ -14,13 +14,9 @@ from contract.layout import PUSHED_CODE, REMOTE_CODE, REPO_ROOT, REQUIREMENTS
 from contract.remote_env import steps_python
 from devtools.emulator.image import IMAGE_DIR
 from infra.backends import registry as provision
-from infra.backends.vast.instances import VastProvider
 
 
-@pytest.fixture(autouse=True)
-def fast_polling(monkeypatch):
-    monkeypatch.setattr(VastProvider, "poll_s", 0.2)  # the emulator boots in seconds: look often
-    monkeypatch.setattr(VastProvider, "backoff_s", 0.02)
+pytestmark = pytest.mark.usefixtures("fast_polling")
 
 
 def rent(emulator, tmp_path, label="qat-env"):

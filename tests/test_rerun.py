@@ -20,6 +20,7 @@ FAST = {"data.max_samples": 4, "train.max_steps": 4, "train.save_every": 2,
 
 # ---------------------------------------------------------------- the done-when: lr change trains anew
 
+@pytest.mark.slow  # two runs of prepare and train through a LocalMachine: a minute or more on a CPU
 def test_learning_rate_change_after_a_successful_run_trains_anew(tmp_path, monkeypatch):
     """Run 1 (prepare + train) completes; run 2 changes train.learning_rate: prepare is reused by hash,
     train is not done, and the old run's checkpoints - back on the machine as after a machine swap -
@@ -66,7 +67,7 @@ def test_learning_rate_change_after_a_successful_run_trains_anew(tmp_path, monke
 # ---------------------------------------------------------------- train: another config's checkpoint
 
 def test_a_checkpoint_of_another_config_is_set_aside_not_resumed(tmp_path):
-    from test_train import context, train_until_interrupted
+    from train_runs import context, train_until_interrupted
 
     from steps import train
 
@@ -197,26 +198,24 @@ def test_earlier_results_are_reused_by_hash_not_by_name(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the GPU concurrency limit
 
-def test_gpu_slot_creates_the_limit_when_missing_and_takes_it_strictly():
+def test_gpu_slot_creates_the_limit_when_missing_and_takes_it_strictly(prefect_server):
     from prefect import get_client
-    from prefect.testing.utilities import prefect_test_harness
 
     from tasks.rental import GPU_LIMIT, gpu_slot
 
     cfg = tiny_config()
     assert cfg.machine.backend == "vast"
-    with prefect_test_harness(server_startup_timeout=120):
-        with get_client(sync_client=True) as client:
-            assert not [g for g in client.read_global_concurrency_limits(limit=100) if g.name == GPU_LIMIT]
-            with gpu_slot(cfg):
-                gcl = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-                assert gcl.limit == 1 and gcl.active_slots == 1
-            assert client.read_global_concurrency_limit_by_name(GPU_LIMIT).active_slots == 0
-            from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    with get_client(sync_client=True) as client:
+        assert not [g for g in client.read_global_concurrency_limits(limit=100) if g.name == GPU_LIMIT]
+        with gpu_slot(cfg):
+            gcl = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            assert gcl.limit == 1 and gcl.active_slots == 1
+        assert client.read_global_concurrency_limit_by_name(GPU_LIMIT).active_slots == 0
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
-            client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=3))
-            with gpu_slot(cfg):  # an existing limit is left as its owner set it
-                assert client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit == 3
+        client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(limit=3))
+        with gpu_slot(cfg):  # an existing limit is left as its owner set it
+            assert client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit == 3
     local = tiny_config(**{"machine.backend": "local"})
     with gpu_slot(local):  # hosts we own take no slot (and need no server)
         pass

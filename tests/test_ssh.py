@@ -2,14 +2,13 @@
 import logging
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from file_trees import NASTY, make_tree
 from infra.backends import keys
 from infra.machines.machine import CommandFailed, CommandTimeout, Lease, TransientMachineError
 from infra.machines.ssh import HostKeyChanged, SSHMachine
-from test_local import NASTY, make_tree
 
 
 def lease_for(h, **kw) -> Lease:
@@ -23,17 +22,17 @@ def machine(sshd_host):
     m.close()
 
 
-def test_pins_host_key_and_refuses_a_changed_one(sshd_host, tmp_path):
+def test_pins_host_key_and_refuses_a_changed_one(sshd_host, tmp_path, caplog):
     lease = lease_for(sshd_host)
     SSHMachine(lease, connect_timeout=10).connect().close()
     assert lease.host_key == sshd_host.host_key
     SSHMachine(lease, connect_timeout=10).connect().close()  # same key: fine
     other = keys.generate_keypair(tmp_path).public_key.rsplit(" ", 1)[0]
     lease.host_key = other
-    t0 = time.monotonic()
+    caplog.set_level(logging.DEBUG, logger="qat.machine")
     with pytest.raises(HostKeyChanged, match="pinned"):
         SSHMachine(lease, connect_timeout=30).connect()
-    assert time.monotonic() - t0 < 5  # refused at once, not retried until the deadline
+    assert "retrying" not in caplog.text  # refused at once, not retried until the deadline
 
 
 def test_generated_key_pair_logs_in(sshd_host, tmp_path):
@@ -52,12 +51,18 @@ def test_run_streams_quotes_and_masks(machine, sshd_host, caplog):
     caplog.set_level(logging.DEBUG, logger="qat.machine")
     machine.run(["mkdir", "-p", f"dir {NASTY}"])
     seen = []
-    code = machine.run(["sh", "-c", 'echo one; echo two >&2; sleep 0.6; printf "%s\\n" "$V"; pwd; exit 5'],
-                       env={"V": NASTY, "TOKEN": "hf_supersecret123"}, cwd=f"dir {NASTY}", check=False,
-                       on_line=lambda line: seen.append((time.monotonic(), line)))
+    go = sshd_host.home / "go"  # the command goes on only once "two" reached on_line: streamed as printed
+
+    def on_line(line):
+        seen.append(line)
+        if line == "two":
+            go.touch()
+    code = machine.run(["sh", "-c", 'echo one; echo two >&2; until [ -e "$GO" ]; do sleep 0.05; done; '
+                                    'printf "%s\\n" "$V"; pwd; exit 5'],
+                       env={"V": NASTY, "TOKEN": "hf_supersecret123", "GO": str(go)}, cwd=f"dir {NASTY}", check=False,
+                       on_line=on_line, timeout=120)
     assert code == 5
-    assert [s for _, s in seen] == ["one", "two", NASTY, str(sshd_host.home / f"dir {NASTY}")]
-    assert seen[2][0] - seen[0][0] > 0.4  # streamed as printed
+    assert seen == ["one", "two", NASTY, str(sshd_host.home / f"dir {NASTY}")]
     assert not list(sshd_host.home.rglob("pwned*"))
     assert "hf_supersecret123" not in caplog.text and "TOKEN='***'" in caplog.text
     out = []
@@ -72,12 +77,10 @@ def test_failure_tail_and_timeout(machine, sshd_host):
                     env={"KEY": "hunter2hunter2"})
     assert e.value.exit_code == 7 and e.value.tail.splitlines()[-2:] == ["line100", "oops"]
     assert "hunter2hunter2" not in str(e.value) and "__QAT_PID__" not in str(e.value)
-    t0 = time.monotonic()
     with pytest.raises(CommandTimeout):
         machine.run(["sh", "-c", "echo started; sleep 2 && touch survived"], timeout=0.5)
-    assert time.monotonic() - t0 < 5  # not the full command (slack for a loaded machine)
     time.sleep(2)
-    assert not (sshd_host.home / "survived").exists()  # its process group was killed
+    assert not (sshd_host.home / "survived").exists()  # stopped at its timeout: its process group was killed
     assert machine.run(["true"]) == 0  # the connection is still usable
 
 
@@ -133,19 +136,17 @@ def test_falls_back_to_the_other_endpoint(sshd_host):
     assert lease.port == sshd_host.port and lease.host_key == sshd_host.host_key
 
 
-def test_retries_until_ssh_answers(sshd_host):
+def test_retries_until_ssh_answers(sshd_host, caplog):
+    caplog.set_level(logging.INFO, logger="qat.machine")
     sshd_host.stop()
     lease = lease_for(sshd_host)
-    t0 = time.monotonic()
     with pytest.raises(TransientMachineError, match="did not answer within 1s"):
         SSHMachine(lease, connect_timeout=1).connect()
-    assert time.monotonic() - t0 < 4
     timer = threading.Timer(1.5, sshd_host.start)
     timer.start()
-    t0 = time.monotonic()
     try:
         with SSHMachine(lease, connect_timeout=30).connect() as m:
             assert m.run(["true"]) == 0
     finally:
         timer.join()
-    assert time.monotonic() - t0 >= 1.2
+    assert "answered after" in caplog.text  # refused while down, then retried until it answered

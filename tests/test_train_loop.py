@@ -16,7 +16,7 @@ from benchmarks.gpu_probe import SHAPES
 from contract.quant_spec import QuantSpec
 from steps import fake_quant, train_loop
 from steps.train_loop import Recipe, Trainer
-from test_qat import tiny_whisper
+from tiny_whisper import tiny_whisper
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,8 +6,6 @@ nothing reaches the (fake) Hub."""
 from __future__ import annotations
 
 import json
-import logging
-import secrets
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -18,62 +16,15 @@ import tasks.verdict
 from contract.config import load_config
 from contract.normalize import normalize_french
 from contract.quality import gate_rule, utterance_errors
-from hub_server import HubServer
 from steps import evaluate
 from tasks.champion import EVAL_FILE
 from tasks.gate import quality_gate
 from tasks.upload import upload_to_hub
 from tasks.verdict import CLAIM_MISMATCH, COLUMNS, read_utterances, utterances_path, verify_evaluation
-from utterance_csv import counts, home_manifest, write_evaluation, write_variant
+from home_uploads import REPO, WRITE, claim, cfg, export_dir, hub, plain_loggers  # noqa: F401 - fixtures
+from utterance_csv import home_manifest, write_evaluation, write_variant
 
-WRITE = f"hf_{secrets.token_hex(12)}"
-REPO = "alice/whisper-qat"
 HONEST = {"base_fp32": 50.0, "qat_fp32": 29.8, "qat_int8": 30.0, "base_ptq_int8": 40.0}
-
-
-@pytest.fixture
-def cfg(tmp_path):
-    return load_config("tiny", {"hub.repo_id": REPO, "eval.max_wer_degradation": 1.0, **home_manifest(tmp_path / "home")})
-
-
-@pytest.fixture(autouse=True)
-def plain_loggers(monkeypatch):
-    """Run task bodies through .fn() outside a flow run."""
-    for module in (tasks.gate, tasks.upload):
-        monkeypatch.setattr(module, "get_run_logger", lambda: logging.getLogger("test"))
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    with HubServer(tmp_path / "hub", {WRITE: ("alice", "write")}) as h:
-        monkeypatch.setenv("HF_ENDPOINT", h.url)
-        monkeypatch.setenv("HF_TOKEN", WRITE)
-        yield h
-
-
-def claim(cfg, wer: dict[str, float], **gate_overrides) -> dict:
-    """An evaluate result.json as the step writes it, for these claimed WERs."""
-    gate = evaluate.gate(cfg, counts(wer))
-    return {"step": "evaluate", "status": "ok", "metrics": {
-        "wer": dict(wer), "cer": {v: 1.0 for v in wer}, "n_utterances": 10, "gate": {**gate, **gate_overrides}}}
-
-
-def export_dir(work):
-    """convert/qat_int8 as steps/convert.py leaves it (names, JSON and two trivial ONNX graphs)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    d = work / "convert" / "qat_int8"
-    d.mkdir(parents=True)
-    for name in ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer.json",
-                 "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json"):
-        (d / name).write_text(json.dumps({"model_type": "whisper"}))
-    (d / "merges.txt").write_text("#version: 0.2\nh e\n")
-    for name in ("encoder_model.onnx", "decoder_model_merged.onnx"):  # real graphs: the upload parses each
-        io = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1]) for x in ("X", "Y")]
-        onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["X"], ["Y"])], "g", io[:1], io[1:])),
-                  str(d / name))
-    return d
 
 
 # ----------------------------------------------------------------------------- forged verdicts
@@ -126,6 +77,20 @@ def test_a_failed_gate_uploads_nothing(cfg, hub, tmp_path):
     assert gate["passed"] is False and gate["verified"] is True and "25.00%" in gate["reason"]
     assert upload_to_hub.fn(cfg, {"evaluate": result}, gate, work)["uploaded"] is False
     assert hub.requests == [] and hub.repo_files(REPO) == {}
+
+
+def test_a_passing_run_without_hub_repo_id_sends_nothing(hub, tmp_path):
+    """A token and a passing, verified gate, but no hub.repo_id: the model stays home, not one request."""
+    cfg = load_config("tiny", {"hub.repo_id": None, "eval.max_wer_degradation": 0.5, **home_manifest(tmp_path / "home")})
+    work = tmp_path / "work"
+    model = export_dir(work)
+    write_evaluation(work, HONEST)
+    result = claim(cfg, HONEST)
+    gate = quality_gate.fn(cfg, result, work)
+    assert gate["passed"] is True and gate["verified"] is True
+    link = upload_to_hub.fn(cfg, {"evaluate": result}, gate, work)
+    assert link == {"uploaded": False, "reason": "hub.repo_id is not set in the config", "path": str(model)}
+    assert hub.requests == []
 
 
 @pytest.mark.parametrize("change, words", [

@@ -17,10 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_sshd
-from infra.backends.vast.credentials import VastCredentials
-from infra.backends.vast.instances import VastProvider
 from contract.config import load_config
-from infra.backends import registry as provision
 from infra.machines.archive import UnsafeArchive
 from tasks.remote_step import CheckpointSync, fetch_outputs
 
@@ -51,37 +48,6 @@ def tree_hash(root: Path) -> str:
         elif p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def evil_machine(tmp_path_factory):
-    """One emulated instance rented through the product (host key from the provider log), connected."""
-    from devtools.emulator.testing import EmulatorProcess
-
-    require_sshd()
-    root = tmp_path_factory.mktemp("untrusted")
-    saved = VastProvider.poll_s, VastProvider.backoff_s
-    VastProvider.poll_s, VastProvider.backoff_s = 0.2, 0.02  # the emulator boots in seconds: look often
-    emu = EmulatorProcess(state_dir=root / "emulator").start()
-    lease = m = None
-    try:
-        mc = load_config("tiny", {"machine.provision_timeout_s": 30, "machine.ssh_timeout_s": 30}).machine
-        lease = provision.acquire(mc, "qat-evil", root / "runs" / "r", VastCredentials(emu.api_key, emu.url),
-                                  log=lambda msg: None)
-        assert lease.host_key_source == "provider log"
-        m = provision.connect(lease, timeout=30)
-        yield emu, lease, m, root
-    finally:
-        VastProvider.poll_s, VastProvider.backoff_s = saved
-        if m is not None:
-            m.close()
-        if lease is not None:
-            assert provision.release(lease, VastCredentials(emu.api_key, emu.url)) is True
-        live = emu.live_instances()
-        emu.cleanup()
-        leaked = emu.sshd_pids()
-    assert live == [], f"the evil machine was not destroyed: {live}"
-    assert not leaked, f"sshd survived: {leaked}"
 
 
 @pytest.fixture

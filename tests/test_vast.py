@@ -250,14 +250,11 @@ def test_parse_host_keys_takes_whole_lines_only():
     assert hostkeys.parse_host_keys(text) == [f"ssh-ed25519 {good}"]
 
 
-def test_the_run_key_pair_is_deleted_once_its_machine_is_destroyed(emulator, tmp_path, monkeypatch):
+def test_the_run_key_pair_is_deleted_once_its_machine_is_destroyed(emulator, fast_polling, tmp_path):
     from infra.backends import registry as provision
     from infra.machines.machine import Lease
     from tasks.rental import delete_run_key
 
-    monkeypatch.setattr(VastProvider, "poll_s", 0.2)  # the emulator boots in seconds: look often
-
-    monkeypatch.setattr(VastProvider, "backoff_s", 0.02)
     lease = provision.acquire(cfg(), "qat-keys", tmp_path, VastCredentials(emulator.api_key, emulator.url),
                               log=lambda m: None)
     key = tmp_path / "ssh" / "qat-keys" / "id_ed25519"

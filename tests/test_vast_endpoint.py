@@ -6,7 +6,7 @@ import pytest
 
 from infra import reaper
 from tasks.secrets import VastCredentialsRefused, check_vast_credentials, is_real_endpoint
-from test_demo_separation import EMU_KEY, REAL_LOOKING_KEY, no_network, use_env  # noqa: F401
+from vast_keys import EMU_KEY, REAL_LOOKING_KEY, use_env
 
 NOT_THE_CONSOLE = ["http://console.vast.ai", "https://console.vast.ai:8080", "http://console.vast.ai:443",
                    "https://user@console.vast.ai", "https://console.vast.ai/api/v0?x=1", "ftp://console.vast.ai"]

@@ -42,7 +42,9 @@ class SshdError(RuntimeError):
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+    """A TCP port on 127.0.0.1 that is free right now, for a server that cannot bind port 0 and report
+    its own (sshd): another process may take it before the server binds it, so its caller retries
+    with another port on "Address already in use"."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

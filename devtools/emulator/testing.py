@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from devtools.emulator.sshd import Sshd, free_port, make_client_key, sshd_pids_under
+from devtools.emulator.sshd import Sshd, SshdError, free_port, make_client_key, sshd_pids_under
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,11 +44,18 @@ class SshdHost:
 
 def start_sshd_host(root: Path) -> SshdHost:
     """Start a plain sshd under root (root/disk is HOME) with a fresh client key authorized."""
-    sshd = Sshd(root, free_port())
-    sshd.prepare()
-    pub = make_client_key(root / "client_key")
-    sshd.authorize(pub)
-    sshd.start()
+    pub = None
+    for attempt in range(3):  # sshd cannot report a port it chose: a port taken since free_port() gets another
+        sshd = Sshd(root, free_port())
+        sshd.prepare()
+        pub = pub or make_client_key(root / "client_key")
+        sshd.authorize(pub)
+        try:
+            sshd.start()
+            break
+        except SshdError as e:
+            if "Address already in use" not in str(e) or attempt == 2:
+                raise
     return SshdHost("127.0.0.1", sshd.port, "root", root / "client_key", sshd.disk, sshd.host_key_pub, sshd)
 
 
@@ -62,12 +70,13 @@ class EmulatorProcess:
         self.api_key = api_key
         self.boot_seconds = boot_seconds
         self.extra_args = tuple(extra_args)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = 0  # the first start binds any free port and reports it; a restart keeps it
+        self.url = ""
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 20.0) -> "EmulatorProcess":
         log = open(self.state_dir / "emulator.log", "ab")
+        offset = log.tell()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "devtools.emulator", "--port", str(self.port), "--state-dir", str(self.state_dir),
              "--api-key", self.api_key, "--boot-seconds", str(self.boot_seconds), *self.extra_args],
@@ -77,11 +86,14 @@ class EmulatorProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"emulator exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
+            with open(self.state_dir / "emulator.log", "rb") as f:
+                f.seek(offset)
+                ready = re.search(rb"^EMULATOR_READY (http://127\.0\.0\.1:(\d+)) ", f.read(), re.M)
+            if ready:
+                self.url, self.port = ready.group(1).decode(), int(ready.group(2))
                 self.admin("GET", "/_emulator/health")
                 return self
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"emulator did not answer on {self.url} within {timeout}s:\n{self.log_tail()}")
 

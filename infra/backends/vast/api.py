@@ -8,12 +8,13 @@ key never appears in messages: SDK errors are re-raised as VastAPIError with the
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any, Callable, Optional
 
 import requests
 from vastai import VastAI
+
+from contract.redaction import redact
 
 from ..base import ProviderError
 
@@ -117,9 +118,7 @@ class VastAPI:
 
     # -- the one place SDK calls go through --------------------------------------------------------
     def redact(self, text: str) -> str:
-        text = text.replace(self._key, "***")
-        text = re.sub(r"(api_key=)[^&\s'\"]+", r"\1***", text)
-        return re.sub(r"(Bearer\s+)[^\s'\"]+", r"\1***", text)
+        return redact(text, [self._key])
 
     @staticmethod
     def _retry_after(response: Any) -> Optional[float]:

@@ -9,27 +9,18 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
-from transformers import WhisperConfig, WhisperForConditionalGeneration
+from transformers import WhisperForConditionalGeneration
 
 from steps import convert, fake_quant, int4_export
 from steps.common import StepError
 from contract.quant_spec import QuantSpec
+from onnx_graphs import matmul_model, random_weights
+from tiny_whisper import DEC_LAYERS, ENC_LAYERS, tiny_whisper
 
-ENC_LAYERS, DEC_LAYERS = 2, 2
 # Per encoder block: q, k, v, out, fc1, fc2; per decoder block: self q/k/v/out, cross q/k/v/out, fc1, fc2.
 EXPECTED = ENC_LAYERS * 6 + DEC_LAYERS * 10
 # plus what the export also quantizes: the output projection and the token embedding tied to it
 TIED = 2
-
-
-def tiny_whisper(seed: int = 0) -> WhisperForConditionalGeneration:
-    torch.manual_seed(seed)
-    cfg = WhisperConfig(vocab_size=120, num_mel_bins=80, d_model=64, encoder_layers=ENC_LAYERS,
-                        decoder_layers=DEC_LAYERS, encoder_attention_heads=2, decoder_attention_heads=2,
-                        encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=50,
-                        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                        decoder_start_token_id=1)
-    return WhisperForConditionalGeneration(cfg).eval()
 
 
 def batch(seed: int = 1):
@@ -127,22 +118,9 @@ def test_prepare_refuses_to_silently_do_nothing():
 
 # --- the grids are what ONNX Runtime runs -------------------------------------------------------
 
-def _matmul_model(w: np.ndarray, out: str = "Y") -> onnx.ModelProto:
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "W"], [out], name="mm")], "mm",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", w.shape[0]])],
-        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["b", w.shape[1]])],
-        [numpy_helper.from_array(w, "W")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def _weights(k: int, n: int, seed: int) -> np.ndarray:
-    return (np.random.default_rng(seed).standard_normal((k, n)) * 0.05).astype(np.float32)
-
-
 def test_int8_weight_grid_matches_ort_quantize_dynamic(tmp_path):
-    w = _weights(96, 48, 0)
-    onnx.save(_matmul_model(w), tmp_path / "m.onnx")
+    w = random_weights(96, 48, 0)
+    onnx.save(matmul_model(w), tmp_path / "m.onnx")
     convert.quantize_int8(tmp_path / "m.onnx", tmp_path / "q.onnx")  # what the convert step runs
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q.onnx").graph.initializer}
     assert not inits["W_zero_point"].any()
@@ -186,8 +164,8 @@ def _tie_weights(k: int, n: int) -> np.ndarray:
 
 @pytest.mark.parametrize("k,ties", [(96, False), (100, False), (96, True)])  # 100: a last, partial block
 def test_int4_weight_grid_matches_ort_matmul_nbits(tmp_path, k, ties):
-    w = _tie_weights(k, 48) if ties else _weights(k, 48, k)
-    onnx.save(_matmul_model(w), tmp_path / "m.onnx")
+    w = _tie_weights(k, 48) if ties else random_weights(k, 48, k)
+    onnx.save(matmul_model(w), tmp_path / "m.onnx")
     int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32))  # what the convert step runs
     model = onnx.load(str(tmp_path / "q.onnx"))
     assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
@@ -204,10 +182,10 @@ def test_int4_weight_grid_matches_ort_matmul_nbits(tmp_path, k, ties):
 def test_int4_vocabulary_at_4_bits_matches_ort_matmul_nbits(tmp_path):
     """With quant.vocab_bits 4 the MatMul producing the logits (proj_out) is 4-bit MatMulNBits, on the grid QAT trains."""
     k = 96
-    w = _weights(k, 48, 3)
+    w = random_weights(k, 48, 3)
     low = int(np.abs(w[:32, 7]).argmax())
     w[(low + 1) % 32, 7] = -w[low, 7] * 1.0001  # the block's largest magnitude, of the other sign: w[low] clamps
-    onnx.save(_matmul_model(w, out="logits"), tmp_path / "m.onnx")
+    onnx.save(matmul_model(w, out="logits"), tmp_path / "m.onnx")
     int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32, 4))
     model = onnx.load(str(tmp_path / "q.onnx"))
     bits = [helper.get_attribute_value(a) for n in model.graph.node for a in n.attribute if a.name == "bits"]
@@ -224,8 +202,8 @@ def test_int4_vocabulary_at_4_bits_matches_ort_matmul_nbits(tmp_path):
 def test_int4_vocabulary_at_8_bits_is_the_int8_schemes_layout(tmp_path):
     """quant.vocab_bits 8 (the default): proj_out is quantized as the int8 scheme does it (per-channel int8
     weights, uint8 activations per call: a fast CPU kernel), on the grid QAT trains; nothing is MatMulNBits."""
-    w = _weights(96, 48, 3)
-    onnx.save(_matmul_model(w, out="logits"), tmp_path / "m.onnx")
+    w = random_weights(96, 48, 3)
+    onnx.save(matmul_model(w, out="logits"), tmp_path / "m.onnx")
     int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32, 8))
     model = onnx.load(str(tmp_path / "q.onnx"))
     assert {n.op_type for n in model.graph.node} >= {"DynamicQuantizeLinear", "MatMulInteger"}
@@ -247,7 +225,7 @@ def test_one_spec_sets_the_grid_training_sees_and_the_export_writes(tmp_path):
     model = tiny_whisper()
     fake_quant.prepare(model, spec)
     assert {m.group_size for m in model.modules() if isinstance(m, fake_quant.FakeQuantLinear) and m.scheme == "int4"} == {64}
-    onnx.save(_matmul_model(_weights(128, 48, 0)), tmp_path / "m.onnx")
+    onnx.save(matmul_model(random_weights(128, 48, 0)), tmp_path / "m.onnx")
     int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", spec)
     (node,) = onnx.load(str(tmp_path / "q.onnx")).graph.node
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -1,0 +1,28 @@
+"""A file tree to push (tracked, ignored and untracked files; git or not) and a name that breaks naive
+shell quoting, for LocalMachine and SSHMachine alike (tests/test_local.py, tests/test_ssh.py)."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+NASTY = "  it's \"quoted\" $HOME; `touch pwned` $(touch pwned2) & | > < back\\slash\\n *"
+
+
+def make_tree(root: Path, git: bool) -> Path:
+    (root / "pkg" / "sub").mkdir(parents=True)
+    (root / "pkg" / "a.py").write_text("print('a')\n")
+    (root / "pkg" / "sub" / "b.txt").write_text("b\n")
+    (root / "pkg" / "big.bin").write_bytes(b"\0" * 10)
+    (root / "pkg" / "__pycache__").mkdir()
+    (root / "pkg" / "__pycache__" / "a.pyc").write_bytes(b"x")
+    (root / "top.txt").write_text("top\n")
+    (root / "other").mkdir()
+    (root / "other" / "c.txt").write_text("c\n")
+    if git:
+        (root / ".gitignore").write_text("*.bin\n")
+        subprocess.run(["git", "init", "-q", str(root)], check=True)
+        subprocess.run(["git", "-C", str(root), "add", "pkg/a.py", "pkg/sub/b.txt", "top.txt"], check=True)
+        # untracked and not ignored: a secret left in the tree must never be pushed (issue 19 finding 16)
+        (root / "pkg" / ".env").write_text("HF_TOKEN=hf_untracked\n")
+        (root / "pkg" / "sub" / ".netrc").write_text("machine example password untracked\n")
+    return root

@@ -8,7 +8,7 @@ Rows of 15 s (MLS French's average clip) made of the fixture's real speech, with
   int16_audio: what prepare stores now (steps/audio_store.py), log-mel computed by train's loader;
   fp16_features: the alternative (fp16 log-mel only; evaluate and bench would still need audio).
 Per sample, with one torch thread (as in a DataLoader worker), page cache warm, best of 5: the loader's
-read of a batch of 8, and for int16_audio the log-mel computation it adds (train's own `_Rows`). The
+read of a batch of 8, and for int16_audio the log-mel computation it adds (train's own `Rows`). The
 load average is recorded: the cores are shared, and the timings grow with it. The disk peak while
 prepare's writer saves a split, polled every 2 ms, over the split's final bytes.
 """
@@ -124,7 +124,7 @@ def main() -> None:
         old = load_from_disk(str(tmp / "old")).select_columns(["input_features", "labels"]).with_format("numpy")
         fp16 = load_from_disk(str(tmp / "fp16")).select_columns(["input_features", "labels"]).with_format("numpy")
         new_ds = load_from_disk(str(tmp / "new"))
-        rows = train._Rows(new_ds, fe)
+        rows = train.Rows(new_ds, fe)
         audio_only = new_ds.select_columns(["audio", "labels"]).with_format("numpy")
         read = {
             "float32_audio_and_features": lambda idx: torch.from_numpy(np.stack([np.asarray(f, np.float32) for f in old[idx]["input_features"]])),
@@ -144,7 +144,7 @@ def main() -> None:
             r["loader_cpu_s_per_optimizer_step_of_32"] = round(32 * ms / 1000, 3)
             r["loader_cores_at_gpu_speed"] = round(SAMPLES_PER_S * ms / 1000, 2)
         # the features train computes from the stored audio vs those stored before (float32 audio)
-        diff = np.abs(train._Rows(new_ds, fe)[list(range(n))]["input_features"].numpy() - np.stack(feats))
+        diff = np.abs(train.Rows(new_ds, fe)[list(range(n))]["input_features"].numpy() - np.stack(feats))
         results["int16_audio"]["disk_peak_while_writing_x_final"] = round(write_peak, 2)
         results["int16_audio"]["log_mel_abs_diff_vs_float32"] = {"max": float(f"{diff.max():.2e}"),
                                                                  "mean": float(f"{diff.mean():.2e}"),

@@ -9,19 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
-import types
-import typing
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .catalogue import Scheme
 from .fingerprint import FIXTURE_PREFIX, check_revision, hub_model_id
 from .layout import CONFIG_DIR, PUSHED_CODE, REPO_ROOT
+from .finite_numbers import float_fields, raw_non_finite
+from .hub_config import HUB_NAME, HubConfig
 from .machine_config import MachineConfig, Strict
 from .quant_spec import QuantSpec
 from .whisper_languages import CODES as WHISPER_LANGUAGE_CODES, NAMES as WHISPER_LANGUAGE_NAMES
@@ -230,43 +229,6 @@ class EvalConfig(Strict):
     onnx_check_clips: int = Field(default=8, gt=0, le=500)
 
 
-# The Hub's naming rule for each half of a repo id: letters, digits, '-', '_', '.'; no '--' or '..';
-# neither starting nor ending with '-' or '.'; at most 96 characters.
-HUB_NAME = re.compile(r"(?!.*(?:--|\.\.))(?![-.])[A-Za-z0-9_.-]{1,96}(?<![-.])")
-
-
-def hub_repo_id_problem(repo_id: str) -> Optional[str]:
-    """Why `repo_id` is not a valid Hub model id ('owner/name'), or None when it is."""
-    parts = repo_id.split("/")
-    if len(parts) != 2 or not all(parts):
-        return "must look like 'owner/name'"
-    for what, part in zip(("owner", "name"), parts):
-        if not HUB_NAME.fullmatch(part):
-            return (f"{what} {part!r} breaks the Hub's naming rule: letters, digits, '-', '_' and '.' only, "
-                    f"no '--' or '..', not starting or ending with '-' or '.', at most 96 characters")
-    return None
-
-
-class HubConfig(Strict):
-    repo_id: Optional[str] = Field(default=None, description="owner/name on the Hugging Face Hub")
-    private: bool = True
-    license: str = Field(default="mit", pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]{0,63}$",
-                         description="a Hub license id (mit, apache-2.0, cc-by-4.0, other): letters, digits, '.+-'")
-    approval: Literal["required", "none"] = Field(default="required", description=(
-        "required: once the gate passed, nothing is uploaded until a person approves the run in Prefect's "
-        "input form (the run waits suspended, no machine rented); none: a passing run uploads at once"))
-    approval_timeout_hours: float = Field(default=72, gt=0, le=24 * 30, description=(
-        "how long an approval request waits for an answer; none by then: nothing is uploaded and the run fails"))
-
-    @field_validator("repo_id")
-    @classmethod
-    def _repo(cls, v: Optional[str]) -> Optional[str]:
-        problem = None if v is None else hub_repo_id_problem(v)
-        if problem:
-            raise ValueError(f"hub.repo_id {problem}")
-        return v
-
-
 # Fields that change how a section's work is done, not its outputs: left out of the config hash.
 UNHASHED = {"train": {"nproc"}}
 
@@ -330,7 +292,7 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _finite(self) -> "RunConfig":
         """No float field may be inf or nan (a budget of inf is no budget); see also `parse_config`."""
-        bad = [f"{path} must be a finite number (got {value!r})" for path, value in _floats(self) if not math.isfinite(value)]
+        bad = [f"{path} must be a finite number (got {value!r})" for path, value in float_fields(self) if not math.isfinite(value)]
         if bad:
             raise ValueError("; ".join(bad))
         return self
@@ -401,63 +363,8 @@ def load_config(name_or_path: str | Path, overrides: Optional[dict[str, Any]] = 
     return parse_config(_merge(raw, dotted_to_nested(overrides or {})))
 
 
-def _is_float_field(annotation: Any) -> bool:
-    if annotation is float:
-        return True
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        return float in typing.get_args(annotation)
-    return False
-
-
-def _model_of(annotation: Any) -> Optional[type[BaseModel]]:
-    """The pydantic model a field holds (`Model` or `Optional[Model]`), else None."""
-    for a in (annotation, *typing.get_args(annotation)):
-        if isinstance(a, type) and issubclass(a, BaseModel):
-            return a
-    return None
-
-
-def _floats(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, float]]:
-    """(dotted field, value) of every float field set in a validated config, nested sections included."""
-    for name, field in type(model).model_fields.items():
-        value = getattr(model, name)
-        if isinstance(value, BaseModel):
-            yield from _floats(value, f"{prefix}{name}.")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and _is_float_field(field.annotation):
-            yield f"{prefix}{name}", value
-
-
-def _non_finite(value: Any) -> bool:
-    """Whether pydantic would read `value` as an infinite or nan float (inf, .nan, "-Infinity", 1e999, 10**400)."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, (int, float, str)):
-        try:
-            return not math.isfinite(float(value.strip() if isinstance(value, str) else value))
-        except (ValueError, OverflowError):
-            return isinstance(value, int)  # an int too large for a float
-    return False
-
-
-def _raw_non_finite(model: type[BaseModel], raw: Any, prefix: str = "") -> list[str]:
-    """Dotted names of float fields whose raw value is infinite or nan, before pydantic sees them (a
-    bound like gt=0 would otherwise refuse nan without saying why, and let inf through)."""
-    if not isinstance(raw, dict):
-        return []
-    out = []
-    for name, field in model.model_fields.items():
-        if name not in raw:
-            continue
-        sub = _model_of(field.annotation)
-        if sub is not None:
-            out += _raw_non_finite(sub, raw[name], f"{prefix}{name}.")
-        elif _is_float_field(field.annotation) and _non_finite(raw[name]):
-            out.append(f"{prefix}{name}")
-    return out
-
-
 def parse_config(raw: dict) -> RunConfig:
-    bad = _raw_non_finite(RunConfig, raw)
+    bad = raw_non_finite(RunConfig, raw)
     if bad:
         values = {path: _dig(raw, path) for path in bad}
         raise ConfigError("invalid configuration:\n" + "\n".join(

@@ -36,104 +36,9 @@ from contract.normalize import normalize_french
 from contract.result_file import config_hash
 
 from . import distributed, fake_quant
-from .audio_store import log_mel
 from .common import StepContext, StepError
+from .train_data import EncoderCache, MicroBatches, Rows, load_split, loader
 from .train_loop import Recipe, Trainer, autocast, eager, flops_per_sample
-
-
-# ---------------------------------------------------------------- data
-
-class MicroBatches:
-    """Micro-batch m of the run: epoch m // per_epoch, a seed-determined permutation per epoch."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.bs, self.seed = n, batch_size, seed
-        self.per_epoch = math.ceil(n / batch_size)
-        self._epoch, self._perm = -1, None
-
-    def indices(self, m: int) -> list[int]:
-        epoch, j = divmod(m, self.per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
-        return self._perm[j * self.bs:(j + 1) * self.bs]
-
-
-class _Rows(torch.utils.data.Dataset):
-    """dataset[list of row indices] -> one collated batch (rows fetched in a single Arrow take; their
-    log-mel features computed here, in the loader's workers, from the stored audio: steps/audio_store.py)."""
-
-    def __init__(self, ds, feature_extractor, pad_id: int = -100, label_len: int | None = None):
-        self.ds = ds.select_columns(["audio", "labels"]).with_format("numpy")
-        self.fe = feature_extractor
-        self.pad_id, self.label_len = pad_id, label_len  # None: the batch's longest label
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, idx: list[int]) -> dict:
-        rows = self.ds[idx]
-        feats = torch.from_numpy(log_mel(self.fe, rows["audio"]))
-        labels = [np.asarray(l, dtype=np.int64) for l in rows["labels"]]
-        out = torch.full((len(labels), self.label_len or max(len(l) for l in labels)), self.pad_id, dtype=torch.long)
-        for i, l in enumerate(labels):
-            out[i, :len(l)] = torch.tensor(l)
-        return {"input_features": feats, "labels": out, "rows": idx}
-
-
-class EncoderCache:
-    """Outputs of a frozen encoder, computed once per training clip and reused every epoch.
-
-    Exact: a frozen encoder (fake quantization included) is a fixed function when it has no
-    dropout, so only the decoder's forward and backward run after the first epoch.
-    """
-
-    def __init__(self, encoder: torch.nn.Module):
-        self.encoder, self.outputs = encoder, {}
-
-    @classmethod
-    def for_run(cls, model, tc, n_clips: int, dtype: torch.dtype, log) -> "EncoderCache | None":
-        """A cache when the encoder is frozen, has no dropout/SpecAugment, and its outputs fit in
-        train.encoder_cache_mb; None (the encoder runs every step) otherwise."""
-        c = model.config
-        random_parts = [k for k in ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop")
-                        if getattr(c, k, 0)] + (["apply_spec_augment"] if getattr(c, "apply_spec_augment", False) else [])
-        if not tc.freeze_encoder or random_parts:
-            return None
-        need = n_clips * c.max_source_positions * c.d_model * torch.finfo(dtype).bits / 8 / 2**20
-        if need > tc.encoder_cache_mb:
-            log(f"frozen encoder: caching its outputs would take {need:.0f} MB > train.encoder_cache_mb "
-                f"{tc.encoder_cache_mb}; it runs every step")
-            return None
-        log(f"frozen encoder: its outputs are computed once per clip and cached ({need:.0f} MB)")
-        return cls(model.model.encoder)
-
-    @torch.no_grad()
-    def __call__(self, rows: list[int], feats: torch.Tensor) -> torch.Tensor:
-        todo = [i for i, r in enumerate(rows) if r not in self.outputs]
-        if todo:
-            hidden = self.encoder(feats[todo]).last_hidden_state
-            for i, h in zip(todo, hidden):
-                self.outputs[rows[i]] = h.clone()
-        return torch.stack([self.outputs[r] for r in rows])
-
-
-def _loader(rows: _Rows, batches, num_workers: int, pin: bool):
-    return torch.utils.data.DataLoader(rows, batch_size=None, sampler=batches, num_workers=num_workers,
-                                       pin_memory=pin)
-
-
-def _load_split(prep: Path, split: str):
-    from datasets import load_from_disk
-
-    path = prep / split
-    if not path.is_dir():
-        raise StepError(f"prepared split {path} is missing; rerun the prepare step")
-    ds = load_from_disk(str(path))
-    missing = {"audio", "labels"} - set(ds.column_names)
-    if missing:
-        raise StepError(f"prepared split {path} lacks columns {sorted(missing)}; rerun prepare with --force")
-    return ds
 
 
 # ---------------------------------------------------------------- evaluation
@@ -143,7 +48,7 @@ def evaluate(model, processor, dev, batch_size: int, device, amp_dtype, language
     """Teacher-forced dev loss (token-weighted) and greedy-decoding corpus WER in percent."""
     import jiwer
 
-    rows = _Rows(dev, processor.feature_extractor)
+    rows = Rows(dev, processor.feature_extractor)
     normalize = normalize_french  # the same text normalization as the evaluate step
     max_label = max(len(l) for l in dev["labels"])
     max_new = min(max_label + 8, model.config.max_target_positions - 8)
@@ -305,7 +210,7 @@ def run(ctx: StepContext) -> dict:
     cfg, tc = ctx.cfg, ctx.cfg.train
     save_every = min(tc.save_every, ctx.save_every or tc.save_every)  # the orchestrator may ask for more often
     prep = ctx.dir_of("prepare")
-    train_ds, dev_ds = _load_split(prep, "train"), _load_split(prep, "dev")
+    train_ds, dev_ds = load_split(prep, "train"), load_split(prep, "dev")
     if len(train_ds) == 0:
         raise StepError(f"the prepared train split in {prep} is empty; check data.* and rerun prepare")
     distributed.init()
@@ -361,9 +266,9 @@ def run(ctx: StepContext) -> dict:
 
     if not any("dev_wer" in r for r in history):
         run_eval(0)
-    rows = _Rows(train_ds, processor.feature_extractor, label_len=label_length(train_ds, model.config.max_target_positions))
+    rows = Rows(train_ds, processor.feature_extractor, label_len=label_length(train_ds, model.config.max_target_positions))
     micro_per_step = tc.grad_accum  # of the global batch; this rank takes trainer.accum of them
-    stream = iter(_loader(rows, (batches.indices(m) for m in distributed.rank_micro_batches(step, total, micro_per_step)),
+    stream = iter(loader(rows, (batches.indices(m) for m in distributed.rank_micro_batches(step, total, micro_per_step)),
                           tc.num_workers, device.type == "cuda"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

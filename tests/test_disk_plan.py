@@ -54,7 +54,7 @@ def test_train_features_match_those_stored_before(tmp_path, prepared_tiny, frenc
     by_id = {r["id"]: r for r in french_manifest}
     floats = [prepare.clean_audio(*prepare.decode_audio(REPO_ROOT / by_id[i]["audio"])) for i in test["id"]]
     before = np.stack([fe(a, sampling_rate=16000, return_tensors="np").input_features[0] for a in floats])
-    now = train._Rows(test, fe)[list(range(len(test)))]["input_features"].numpy()
+    now = train.Rows(test, fe)[list(range(len(test)))]["input_features"].numpy()
     diff = np.abs(now - before)
     assert now.shape == before.shape == (len(test), 80, 3000)
     assert diff.mean() <= 1e-3 and diff.max() <= 0.05, (diff.mean(), diff.max())

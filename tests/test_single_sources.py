@@ -29,9 +29,14 @@ def modules(packages=PRODUCT) -> list[Path]:
 
 
 def names_module(text: str, module: Path) -> bool:
-    """`text` names the module by its file name, alone or under its package's path."""
+    """`text` names the module by its path under its package (`machines/ssh.py`), or by its file name
+    with each folder between the package and it named as a folder (`machines/` ... `ssh.py`)."""
     rel = Path(*module.parts[1:]).as_posix()
-    return re.search(rf"(?<![\w/])({re.escape(module.parts[0])}/)?{re.escape(rel)}(?![\w])", text) is not None
+    if re.search(rf"(?<![\w/])({re.escape(module.parts[0])}/)?{re.escape(rel)}(?![\w])", text):
+        return True
+    folders = module.parts[1:-1]
+    return bool(folders) and re.search(rf"(?<![\w/]){re.escape(module.name)}(?![\w])", text) is not None \
+        and all(re.search(rf"(?<![\w]){re.escape(f)}/", text) for f in folders)
 
 
 @pytest.mark.parametrize("doc", ["docs/DESIGN.md", "README.md layout"])

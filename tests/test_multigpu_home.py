@@ -3,6 +3,7 @@ the cost table's expected-vs-measured speed with N (tasks/gpu_ranks.py, tasks/bi
 from __future__ import annotations
 
 from contract.config import load_config
+from contract.workload import run_workload
 from infra import run_estimate
 from infra.machines.machine import Lease
 from tasks.billing import estimate_rows
@@ -34,10 +35,10 @@ def test_a_cpu_run_trains_one_process_per_listed_gpu_a_gpu_run_lets_the_step_cou
 
 
 def test_the_cost_table_shows_expected_speed_with_n_gpus_beside_the_measured_ranks():
-    w = load_config("int8").machine.vast.workload
+    w = run_workload(load_config("int8"))
     offer = {"id": 1, "gpu_name": "H200", "dph_total": 5.0, "gpu_ram": 143771, "num_gpus": 2}
     est = {**run_estimate.estimate(offer, w, planned_hours=1, setup_hours=0.5), "gpu_name": "H200", "dph": 5.0}
-    costs = [{"step": "total", "seconds": 100.0, "usd": 0.2, "usd_per_hour": 5.0, "instance": 1}]
+    costs = [{"step": "total", "seconds": 100.0, "usd": 0.2, "usd_per_hour": 5.0, "instance": 1, "total": True}]
     row = estimate_rows(est, costs, {"samples_per_s": 90.0, "world_size": 2, "first_step_s": 30.0})[2]["step"]
     assert f"expected {est['expected_samples_per_s']:g} with 2 GPU(s)" in row and "x 2 GPUs x scaling" in row
     assert "measured 90 with 2 rank(s)" in row and "45 per rank" in row

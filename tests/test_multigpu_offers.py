@@ -22,9 +22,9 @@ def offer(i, gpu, dph, ram_mb, n=1):
             "num_gpus": n, "machine_id": 100 + i}
 
 
-def search(emulator, **vast) -> list[dict]:
+def search(emulator, workload=None, **vast) -> list[dict]:
     provider = VastProvider(api_key=emulator.api_key, server_url=emulator.url, poll_s=0.2, backoff_s=0.02)
-    return provider.search_offers(VastConfig(**vast))
+    return provider.search_offers(VastConfig(**vast), workload=workload)
 
 
 def test_num_gpus_is_an_exact_count_a_range_or_a_minimum_and_bad_ones_are_refused_before_renting():

@@ -78,7 +78,7 @@ FILTERS: tuple[Filter, ...] = (
     Filter("gpu_name", "in", lambda v, d: list(v.gpu_names), "machine.vast.gpu_names"),
     Filter("gpu_ram", "gte", lambda v, d: v.min_gpu_ram_gb * 1000, "min_gpu_ram_gb, per GPU", "{:g} GB",
            slack=0.97),  # MB
-    GpuCount("num_gpus", "eq", lambda v, d: v.gpu_range(), "num_gpus"),
+    GpuCount("num_gpus", "eq", lambda v, d: v.gpu_range()[0], "machine.vast.num_gpus"),
     Filter("disk_space", "gte", lambda v, d: d, "min_disk_gb", "{:g} GB"),
     Filter("reliability", "gte", lambda v, d: v.min_reliability, "min_reliability", "{:g}", missing="reliability2"),
     Filter("cuda_max_good", "gte", lambda v, d: v.min_cuda, "min_cuda", "{:g}", market=True),

@@ -180,7 +180,8 @@ def test_a_direct_call_waits_in_its_own_process(stack, hub, monkeypatch):
 
     from flows.qat import qat
 
-    for key, value in (("QAT_RUNS_DIR", str(stack.runs_dir)), ("VAST_API_KEY", stack.api_key), ("VAST_URL", stack.emu.url)):
+    for key, value in (("QAT_RUNS_DIR", str(stack.runs_dir)), ("VAST_API_KEY", stack.api_key), ("VAST_URL", stack.emu.url),
+                       ("HF_TOKEN", TOKEN), ("HF_ENDPOINT", hub.url)):  # a run that could upload: it is asked
         monkeypatch.setenv(key, value)
     repo = "reviewer/approval-direct"
     answered: list[str] = []

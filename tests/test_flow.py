@@ -3,6 +3,7 @@ through the Vast.ai emulator and real sshd, with the tiny model, under a real Pr
 from __future__ import annotations
 
 import asyncio
+import time
 import json
 import os
 import re
@@ -116,7 +117,11 @@ def test_the_whole_dag_end_to_end(prefect_server, emulated_vast, tmp_path):
     out = state.result()
     flow_run_id = state.state_details.flow_run_id
 
-    states = asyncio.run(_task_states(flow_run_id))
+    for _ in range(120):  # task runs reach the server through its events pipeline: wait until they are there
+        states = asyncio.run(_task_states(flow_run_id))
+        if all(states.get(name) == "COMPLETED" for name in DAG):
+            break
+        time.sleep(1)
     for name in DAG:
         assert states.get(name) == "COMPLETED", (name, states)
     assert "upload to hub" not in states, states  # tiny names no hub.repo_id: nothing to publish, no upload task

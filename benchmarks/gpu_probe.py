@@ -81,21 +81,18 @@ def probe_mode(mode: str, shapes: dict, batch: int, steps: int, warmup: int, lab
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     from contract.quant_spec import QuantSpec
+    from steps import distributed
     from steps.train_loop import Recipe, Trainer, flops_per_sample
 
     scheme, how = mode.rsplit("_", 1)
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = WhisperForConditionalGeneration(WhisperConfig(**shapes))
+    world = distributed.world_size()  # under torchrun: every rank trains its own micro-batch of each step
     recipe = Recipe(quant=QuantSpec.of(SCHEMES[scheme]) if SCHEMES[scheme] else None, gradient_checkpointing=checkpointing,
-                    compile=how == "compiled", optimizer=optimizer, learning_rate=1e-5, grad_accum=1)
-    trainer = Trainer(model, recipe, total_steps=1 + warmup + steps)
+                    compile=how == "compiled", optimizer=optimizer, learning_rate=1e-5, grad_accum=world)
+    trainer = Trainer(model, recipe, total_steps=1 + warmup + steps)  # DDP around the model when world > 1
     cuda = trainer.device.type == "cuda"
-    world = 1
-    if ddp.in_torchrun():  # every rank trains its own micro-batch; gradients all-reduced each step
-        import torch.distributed as dist
-
-        trainer.model, world = ddp.wrap(trainer.model, cuda), dist.get_world_size()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     data = synthetic_batch(shapes, batch, label_tokens)

@@ -51,14 +51,6 @@ def same_threads_as_ranks() -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def wrap(model, cuda: bool):
-    """The model in DistributedDataParallel (one device per rank on GPUs)."""
-    import torch
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None)
-
-
 def launch(argv: list[str], nproc: int, out: Path) -> int:
     """Run the probe with `argv` on `nproc` ranks under torchrun; rank 0 writes `out`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

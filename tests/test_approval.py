@@ -14,6 +14,7 @@ from uuid import UUID
 import pytest
 
 from devtools.services import wait_for
+from prefect_api import prefect_api
 
 TOKEN = "hf_approval" + secrets.token_hex(8)
 FAST = {"train.max_steps": 2, "train.save_every": 2, "train.eval_every": 2, "data.max_eval_samples": 2,
@@ -78,9 +79,8 @@ def _suspended(stack, run_id: str, timeout: float = 1200):
 
 def _answer(stack, run_id: str, **run_input) -> None:
     from prefect.flow_runs import resume_flow_run
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+    with prefect_api(stack.api_url):
         resume_flow_run(UUID(run_id), run_input=run_input)
 
 
@@ -176,7 +176,6 @@ def test_a_direct_call_waits_in_its_own_process(stack, hub, monkeypatch):
     import threading
 
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.qat import qat
 
@@ -199,7 +198,7 @@ def test_a_direct_call_waits_in_its_own_process(stack, hub, monkeypatch):
 
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
-    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+    with prefect_api(stack.api_url):
         state = qat(config="tiny", overrides={**FAST, "hub.repo_id": repo}, return_state=True)
     thread.join(timeout=60)
     assert answered and state.is_completed(), state.message

@@ -21,6 +21,7 @@ import pytest
 
 from infra.backends.vast.credentials import VastCredentials
 from infra.reaper import ACTIVE, FOREIGN, GONE, LIVE, UNKNOWN
+from prefect_api import prefect_api
 from tasks import labels
 
 HANG_S = 3.0  # > the 1 s request timeout set below
@@ -165,11 +166,9 @@ def faulty_client(fault):
 @pytest.fixture
 def via_proxy(server):
     """Route the Prefect client through the fault proxy."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     labels._cache.clear()
     server.proxy.set(None)
-    with temporary_settings({PREFECT_API_URL: server.proxy.url}):
+    with prefect_api(server.proxy.url):
         yield server.proxy
     server.proxy.set(None)
     labels._cache.clear()
@@ -260,11 +259,10 @@ def test_a_server_without_our_installation_id_judges_nothing(server, via_proxy):
 
 def test_refused_connection_is_unknown(server):
     from devtools.emulator.sshd import free_port
-    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
     from tasks.reaping import run_is_active
 
     labels._cache.clear()
-    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api", PREFECT_CLIENT_MAX_RETRIES: 0}):
+    with prefect_api(f"http://127.0.0.1:{free_port()}/api", PREFECT_CLIENT_MAX_RETRIES=0):
         assert run_is_active(ours(server, uuid.uuid4())) == UNKNOWN
     labels._cache.clear()
 

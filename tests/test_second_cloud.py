@@ -21,6 +21,7 @@ from infra.backends import registry
 from infra.backends.base import Backend, ProviderError, SecretBlock
 from infra.machines.local import LocalMachine
 from infra.machines.machine import Lease
+from prefect_api import prefect_api
 from tasks import labels, secrets
 
 TOKEN = "pocket-" + uuid.uuid4().hex
@@ -86,7 +87,6 @@ def pocket(tmp_path, monkeypatch):
     """PocketCloud registered, its token in the environment, no Vast.ai key, and a Prefect API that
     answers nothing (refused at once): no Secret block, no installation id, no run to ask about."""
     from devtools.emulator.sshd import free_port
-    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
     cloud = PocketCloud(tmp_path / "pocket")
     monkeypatch.setitem(registry.BACKENDS, cloud.name, cloud)
@@ -95,7 +95,7 @@ def pocket(tmp_path, monkeypatch):
     monkeypatch.delenv("VAST_URL", raising=False)
     monkeypatch.setenv("QAT_REAPER_STATE", str(tmp_path / "reaper-state.json"))
     labels._cache.clear()
-    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api", PREFECT_CLIENT_MAX_RETRIES: 0}):
+    with prefect_api(f"http://127.0.0.1:{free_port()}/api", PREFECT_CLIENT_MAX_RETRIES=0):
         yield cloud
     labels._cache.clear()
 

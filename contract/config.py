@@ -11,10 +11,10 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from .catalogue import Scheme
 from .fingerprint import FIXTURE_PREFIX, check_revision, hub_model_id
@@ -25,22 +25,19 @@ from .machine_config import MachineConfig, Strict
 from .quant_spec import QuantSpec
 from .whisper_languages import CODES as WHISPER_LANGUAGE_CODES, NAMES as WHISPER_LANGUAGE_NAMES
 
+Revision = Annotated[Optional[str], AfterValidator(check_revision)]  # a Hub commit, branch or tag
+
 
 class ModelConfig(Strict):
     # A Hub id ("bofenghuang/whisper-large-v3-distil-fr-v0.2"), a local directory, or an
     # offline fixture: "fixture:whisper-base" (real multilingual base, converted from the
     # CTranslate2 files on PyPI) or "fixture:tiny-random" (for unit tests).
     name_or_path: str = Field(min_length=1)
-    revision: Optional[str] = Field(default=None, description=(
+    revision: Revision = Field(default=None, description=(
         "Hub id only: the commit (40 hex) or branch/tag to start from; unset: main. Resolved to its commit "
         "at home before renting, and that commit is what the machine downloads"))
     language: str = "fr"
     task: Literal["transcribe", "translate"] = "transcribe"
-
-    @field_validator("revision")
-    @classmethod
-    def _revision(cls, v: Optional[str]) -> Optional[str]:
-        return check_revision(v)
 
     @model_validator(mode="after")
     def _revision_of_a_hub_id(self) -> "ModelConfig":
@@ -79,7 +76,7 @@ class DataConfig(Strict):
     # Hugging Face datasets source (MLS French by default; Common Voice style via the same fields).
     dataset: Optional[str] = None
     config: Optional[str] = None
-    revision: Optional[str] = Field(default=None, description=(
+    revision: Revision = Field(default=None, description=(
         "source hf only: the dataset's commit (40 hex) or branch/tag; unset: main. Resolved to its commit at "
         "home before renting, and that commit is what the machine streams"))
     train_split: str = "train"
@@ -96,11 +93,6 @@ class DataConfig(Strict):
     min_seconds: float = Field(default=1.0, ge=0)
     max_seconds: float = Field(default=30.0, gt=0, le=30)
     sampling_rate: Literal[16000] = 16000
-
-    @field_validator("revision")
-    @classmethod
-    def _revision(cls, v: Optional[str]) -> Optional[str]:
-        return check_revision(v)
 
     @model_validator(mode="after")
     def _source_fields(self) -> "DataConfig":

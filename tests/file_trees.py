@@ -26,3 +26,19 @@ def make_tree(root: Path, git: bool) -> Path:
         (root / "pkg" / ".env").write_text("HF_TOKEN=hf_untracked\n")
         (root / "pkg" / "sub" / ".netrc").write_text("machine example password untracked\n")
     return root
+
+
+def run_streamed(machine, go: Path, cwd: str, env: dict) -> tuple[int, list[str]]:
+    """Run a command on `machine` that prints one, two (stderr), then waits for `go` before printing $V
+    and its cwd and exiting 5: it goes on only once "two" reached on_line, so lines arrive as printed.
+    Returns the exit code and the lines on_line saw."""
+    lines: list[str] = []
+
+    def on_line(line):
+        lines.append(line)
+        if line == "two":
+            go.touch()
+    code = machine.run(["sh", "-c", 'echo one; echo two >&2; until [ -e "$GO" ]; do sleep 0.05; done; '
+                                    'printf "%s\\n" "$V"; pwd; exit 5'],
+                       env={**env, "GO": str(go)}, cwd=cwd, check=False, on_line=on_line, timeout=120)
+    return code, lines

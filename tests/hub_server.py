@@ -649,3 +649,15 @@ if __name__ == "__main__":  # a hub to point HF_ENDPOINT at by hand: python test
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+
+
+def module_hub(token: str, user: str):
+    """A module-scoped fixture: the test Hub serving `user` with one write token (`hub = module_hub(...)`)."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def hub(tmp_path_factory):
+        with HubServer(tmp_path_factory.mktemp("hub"), tokens={token: (user, "write")}) as h:
+            yield h
+
+    return hub

@@ -14,6 +14,7 @@ from uuid import UUID
 import pytest
 
 from devtools.services import wait_for
+from hub_server import module_hub
 from prefect_api import prefect_api
 
 TOKEN = "hf_approval" + secrets.token_hex(8)
@@ -55,12 +56,7 @@ def test_the_report_says_who_answered_with_the_note_escaped():
 
 # ------------------------------------------------------------------ end to end (real everything)
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    from hub_server import HubServer
-
-    with HubServer(tmp_path_factory.mktemp("hub"), tokens={TOKEN: ("reviewer", "write")}) as h:
-        yield h
+hub = module_hub(TOKEN, "reviewer")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from file_trees import NASTY, make_tree
+from file_trees import NASTY, make_tree, run_streamed
 from infra.machines.local import LocalMachine
 from infra.machines.machine import CommandFailed, CommandTimeout, MachineError
 from infra.machines.streams import collect_files
@@ -32,16 +32,7 @@ def test_run_streams_exit_codes_and_quotes(tmp_path):
     # the cwd does not exist yet: cd fails before anything runs
     assert code != 0
     (m.home / f"dir {NASTY}").mkdir()
-    lines = []
-    go = tmp_path / "go"  # the command goes on only once "two" reached on_line: lines arrive as printed
-
-    def on_line(line):
-        lines.append(line)
-        if line == "two":
-            go.touch()
-    code = m.run(["sh", "-c", 'echo one; echo two >&2; until [ -e "$GO" ]; do sleep 0.05; done; '
-                              'printf "%s\\n" "$V"; pwd; exit 5'],
-                 env={"V": NASTY, "GO": str(go)}, cwd=f"dir {NASTY}", check=False, on_line=on_line, timeout=120)
+    code, lines = run_streamed(m, tmp_path / "go", f"dir {NASTY}", {"V": NASTY})
     assert code == 5
     assert lines == ["one", "two", NASTY, str(m.home / f"dir {NASTY}")]
     assert not list(m.home.rglob("pwned*"))

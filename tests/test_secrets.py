@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from hub_server import module_hub
+
 pytestmark = pytest.mark.slow
 
 VAST_CANARY = "vastkey-CANARY-" + secrets.token_hex(12)
@@ -85,12 +87,7 @@ class DiskWatch:
             self.stop.wait(1.0)
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    from hub_server import HubServer
-
-    with HubServer(tmp_path_factory.mktemp("hub"), tokens={HF_CANARY: ("canary", "write")}) as h:
-        yield h
+hub = module_hub(HF_CANARY, "canary")
 
 
 @pytest.fixture(scope="module")

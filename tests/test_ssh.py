@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from file_trees import NASTY, make_tree
+from file_trees import NASTY, make_tree, run_streamed
 from infra.backends import keys
 from infra.machines.machine import CommandFailed, CommandTimeout, Lease, TransientMachineError
 from infra.machines.ssh import HostKeyChanged, SSHMachine
@@ -50,17 +50,7 @@ def test_generated_key_pair_logs_in(sshd_host, tmp_path):
 def test_run_streams_quotes_and_masks(machine, sshd_host, caplog):
     caplog.set_level(logging.DEBUG, logger="qat.machine")
     machine.run(["mkdir", "-p", f"dir {NASTY}"])
-    seen = []
-    go = sshd_host.home / "go"  # the command goes on only once "two" reached on_line: streamed as printed
-
-    def on_line(line):
-        seen.append(line)
-        if line == "two":
-            go.touch()
-    code = machine.run(["sh", "-c", 'echo one; echo two >&2; until [ -e "$GO" ]; do sleep 0.05; done; '
-                                    'printf "%s\\n" "$V"; pwd; exit 5'],
-                       env={"V": NASTY, "TOKEN": "hf_supersecret123", "GO": str(go)}, cwd=f"dir {NASTY}", check=False,
-                       on_line=on_line, timeout=120)
+    code, seen = run_streamed(machine, sshd_host.home / "go", f"dir {NASTY}", {"V": NASTY, "TOKEN": "hf_supersecret123"})
     assert code == 5
     assert seen == ["one", "two", NASTY, str(sshd_host.home / f"dir {NASTY}")]
     assert not list(sshd_host.home.rglob("pwned*"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from contract import catalogue
 from contract.machine_config import REAPER_MAX_AGE_HOURS, TrainWorkload
 
 from .gpu_count import ranks_used
@@ -44,7 +45,7 @@ SMALL_OUTPUTS = 64 * 10**6  # assumed: what prepare, bench and evaluate send hom
 CONVERT_S = {"int8": 316.0, "int4": 313.0}
 ENCODER_S = {"fp32": 6.4, "int8": 3.0, "int4": 7.3}
 PREPARE_S_PER_ROW = 0.05  # assumed: decode + log-mel of one clip on the machine's CPU
-STEPS = ("set-up", "prepare", "train", "convert", "bench", "evaluate")
+STEPS = ("set-up", *catalogue.STEPS)  # the rows, in order: a step without a row below is an error, not a silent $0
 
 
 class ClockRefused(ValueError):
@@ -99,21 +100,25 @@ def step_rows(offer: dict, w: Optional[TrainWorkload], setup_hours: float,
     ckpt = CHECKPOINT_BYTES_PER_PARAM.get(w.optimizer, CHECKPOINT_BYTES_PER_PARAM["adamw"]) * (p or 0)
     model = MODEL_BYTES_PER_PARAM * (p or 0)
     onnx_clip = (2 * ENCODER_S["fp32"] + 2 * ENCODER_S[w.scheme if w.scheme in ENCODER_S else "int8"]) * scale
-    rows = [
-        ("set-up", setup_hours * 3600, 0, 0, "machine.setup_hours: boot, push, the venv"),
-        ("prepare", w.prepare_rows * PREPARE_S_PER_ROW, w.download_rows * DOWNLOAD_BYTES_PER_ROW + model,
+    rows = {  # step: (seconds, bytes down, bytes home, basis)
+        "set-up": (setup_hours * 3600, 0, 0, "machine.setup_hours: boot, push, the venv"),
+        "prepare": (w.prepare_rows * PREPARE_S_PER_ROW, w.download_rows * DOWNLOAD_BYTES_PER_ROW + model,
          SMALL_OUTPUTS, f"{w.prepare_rows} rows x {PREPARE_S_PER_ROW:g} s (assumed); downloads the dataset and model"),
-        ("train", train_s, 0, copies * ckpt + model,
+        "train": (train_s, 0, copies * ckpt + model,
          f"{w.samples} samples at {sps:g} samples/s ({speed['source']}); {copies} checkpoint(s) copied home"),
-        ("convert", 2 * CONVERT_S.get(w.scheme, 316.0) * scale, 0,
+        "convert": (2 * CONVERT_S.get(w.scheme, 316.0) * scale, 0,
          2 * model * (1 + QUANT_RATIO.get(w.scheme, 0.26)), "2 models exported and quantized (measured on 2 cores)"),
-        ("bench", w.bench_clips * onnx_clip, 0, SMALL_OUTPUTS, f"{w.bench_clips} clips x 4 ONNX variants on the CPU"),
-        ("evaluate", w.eval_clips * onnx_clip, 0, SMALL_OUTPUTS,
+        "bench": (w.bench_clips * onnx_clip, 0, SMALL_OUTPUTS, f"{w.bench_clips} clips x 4 ONNX variants on the CPU"),
+        "evaluate": (w.eval_clips * onnx_clip, 0, SMALL_OUTPUTS,
          f"{w.eval_clips} clips x 4 ONNX variants on the CPU (an upper bound: on a GPU, eval.quantized_on auto "
          "scores the variants' PyTorch twins there and checks the exports on a few clips)"),
-    ]
+    }
+    if set(rows) != set(STEPS):
+        raise RuntimeError(f"infra/run_estimate.py estimates {sorted(rows)}, the steps are {list(STEPS)}: "
+                           "give every step of contract/catalogue.py a row")
     out = []
-    for step, seconds, nbytes_down, nbytes_home, basis in rows:
+    for step in STEPS:
+        seconds, nbytes_down, nbytes_home, basis = rows[step]
         if not known and step not in ("set-up", "train"):
             seconds, nbytes_down, nbytes_home, basis = 0.0, 0, 0, "model size unknown: not estimated"
         if not known and step == "train":

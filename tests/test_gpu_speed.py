@@ -7,6 +7,7 @@ import pytest
 from contract.config import load_config
 from contract.machine_config import TrainWorkload, VastConfig
 from contract.workload import run_workload
+from contract.catalogue import STEPS
 from infra import gpu_speed, run_estimate
 from infra.backends.vast.api import NoOffersError
 
@@ -51,6 +52,7 @@ def test_estimate_is_every_steps_hours_plus_bytes_or_planned_hours():
     best = gpu_speed.rank_offers([offer(2, "H200", 2.50, 143771)], INT8)[0]
     est = run_estimate.estimate(best, INT8, planned_hours=12, setup_hours=1.0)
     assert est["train_hours"] == pytest.approx(300_000 / 52.2 / 3600, abs=1e-3)
+    assert [r["step"] for r in est["rows"]] == ["set-up", *STEPS]  # every step of the catalogue has its row
     # the model's size is unknown here: set-up and training only, no bytes
     assert est["estimated_usd"] == pytest.approx(300_000 * 2.50 / 3600 / 52.2 + 2.50, abs=1e-3)
     unknown = run_estimate.estimate({"dph_total": 2.0}, None, planned_hours=12, setup_hours=1.0)
@@ -84,3 +86,10 @@ def test_search_offers_ranks_the_emulators_offers_per_sample(emulator):
     assert ranked[:len(known)] == known
     with pytest.raises(NoOffersError, match="GPU memory"):
         p.search_offers(VastConfig(max_dph=50), workload=INT8.model_copy(update={"micro_batch": 512}))
+
+
+def test_a_step_without_an_estimate_row_is_an_error_not_a_silent_zero(monkeypatch):
+    monkeypatch.setattr(run_estimate, "STEPS", (*run_estimate.STEPS, "distil"))
+    best = gpu_speed.rank_offers([offer(2, "H200", 2.50, 143771)], INT8)[0]
+    with pytest.raises(RuntimeError, match="give every step"):
+        run_estimate.estimate(best, INT8, planned_hours=12, setup_hours=1.0)

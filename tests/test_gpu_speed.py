@@ -89,7 +89,7 @@ def test_search_offers_ranks_the_emulators_offers_per_sample(emulator):
 
 
 def test_a_step_without_an_estimate_row_is_an_error_not_a_silent_zero(monkeypatch):
-    monkeypatch.setattr(run_estimate, "STEPS", (*run_estimate.STEPS, "distil"))
     best = gpu_speed.rank_offers([offer(2, "H200", 2.50, 143771)], INT8)[0]
+    monkeypatch.setattr(run_estimate, "STEPS", (*run_estimate.STEPS, "distil"))
     with pytest.raises(RuntimeError, match="give every step"):
         run_estimate.estimate(best, INT8, planned_hours=12, setup_hours=1.0)

@@ -29,8 +29,8 @@ from .archive import DEFAULT_ALLOW, MAX_BYTES, MAX_MEMBERS, UnsafeArchive, extra
 from .machine import (CommandFailed, CommandTimeout, Lease, LineCallback, MachineError,
                       TransientMachineError)
 from .ssh_host_keys import HostKeyChanged, PinHostKey, host_key_string, parse_host_key
-from .streams import (CappedWriter, LineSplitter, MeteredReader, collect_files, copy_capped, make_tarball,
-                      masked_command)
+from .streams import (ENV_FROM_STDIN, CappedWriter, LineSplitter, MeteredReader, collect_files, copy_capped,
+                      env_lines, make_tarball, masked_command)
 
 log = logging.getLogger("qat.machine")
 T = TypeVar("T")
@@ -39,21 +39,6 @@ PID_MARK = "__QAT_PID__"
 KEEPALIVE_S = 15
 # What a dropped or refused connection looks like to paramiko and the socket layer.
 NETWORK_ERRORS = (paramiko.SSHException, socket.error, EOFError, ConnectionError)
-
-
-# Reads NAME=value lines from stdin up to an empty line and exports them (values taken literally).
-ENV_FROM_STDIN = 'while IFS= read -r __kv && [ -n "$__kv" ]; do export "$__kv"; done; unset __kv'
-
-
-def env_lines(env: Optional[Mapping[str, str]]) -> bytes:
-    """The stdin block ENV_FROM_STDIN reads: one NAME=value per line, then an empty line."""
-    lines = []
-    for k, v in (env or {}).items():
-        v = str(v)
-        if not k.isidentifier() or "\n" in v or "\0" in v:
-            raise ValueError(f"environment variable {k!r}: names must be identifiers and values one line")
-        lines.append(f"{k}={v}\n")
-    return ("".join(lines) + "\n").encode()
 
 
 class SSHUnreachable(TransientMachineError):

@@ -1,6 +1,7 @@
 """The byte streams between home and a machine, shared by both Machines (ssh.py, local.py): which
-files are sent (git's view) and their tarball, a tar of a tree, the output line splitter (lines cut,
-terminal escapes stripped), and the capped, metered copies of what a machine sends."""
+files are sent (git's view) and their tarball, a tar of a tree, a command's environment sent on stdin
+(never on its command line), the output line splitter (lines cut, terminal escapes stripped), and
+the capped, metered copies of what a machine sends."""
 from __future__ import annotations
 
 import collections
@@ -13,6 +14,21 @@ from typing import IO, BinaryIO, Callable, Mapping, Optional, Sequence
 
 from .archive import CHUNK, UnsafeArchive
 from .machine import LineCallback, MachineError, build_command
+
+# Reads NAME=value lines from stdin up to an empty line and exports them (values taken literally).
+ENV_FROM_STDIN = 'while IFS= read -r __kv && [ -n "$__kv" ]; do export "$__kv"; done; unset __kv'
+
+
+def env_lines(env: Optional[Mapping[str, str]]) -> bytes:
+    """The stdin block ENV_FROM_STDIN reads: one NAME=value per line, then an empty line."""
+    lines = []
+    for k, v in (env or {}).items():
+        v = str(v)
+        if not k.isidentifier() or "\n" in v or "\0" in v:
+            raise ValueError(f"environment variable {k!r}: names must be identifiers and values one line")
+        lines.append(f"{k}={v}\n")
+    return ("".join(lines) + "\n").encode()
+
 
 TAIL_LINES = 60
 # A line from a machine is shown up to MAX_LINE_BYTES; the rest is cut, with a note every CUT_NOTE_BYTES

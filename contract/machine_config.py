@@ -9,6 +9,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .catalogue import Scheme
 from .remote_env import PINNED_TORCH, PINNED_TORCH_CUDA
 
 # The reap deployment's age limit (prefect.yaml, max_age_hours): a labelled machine older than this
@@ -33,7 +34,7 @@ class TrainWorkload(Strict):
     (infra/gpu_speed.py, infra/run_estimate.py). Derived from the model, data, train, quant, bench and
     machine sections (contract/workload.py), never written into the config."""
 
-    scheme: Literal["int8", "int4", "plain"] = "int8"
+    scheme: Literal[Scheme, "plain"] = "int8"
     micro_batch: int = Field(default=8, gt=0)
     compile: bool = True
     gradient_checkpointing: bool = True
@@ -127,7 +128,7 @@ class SSHHostConfig(Strict):
     key_path: str = Field(min_length=1)
 
 
-Backend = Literal["vast", "local", "ssh"]  # infra/provision.py routes each; flows/qat.py takes these values too
+Backend = Literal["vast", "local", "ssh"]  # infra/backends/registry.py routes each; flows/qat.py takes these values too
 
 
 class MachineConfig(Strict):

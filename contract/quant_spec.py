@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Scheme = Literal["int8", "int4"]
+from .catalogue import SCHEMES, Scheme
+
 VocabLayout = Literal["int8_dynamic", "nbits"]
 
 
@@ -38,8 +39,8 @@ class QuantSpec:
 
     @classmethod
     def of(cls, scheme: Scheme, group_size: int = 32, vocab_bits: int = 8) -> "QuantSpec":
-        if scheme not in ("int8", "int4"):
-            raise ValueError(f"quant.scheme must be 'int8' or 'int4', got {scheme!r}")
+        if scheme not in SCHEMES:
+            raise ValueError(f"quant.scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
         if vocab_bits not in (4, 8) or (scheme == "int8" and vocab_bits != 8):
             raise ValueError(f"quant.vocab_bits {vocab_bits!r}: 8, or 4 with quant.scheme int4")
         return cls(scheme=scheme, bits=8 if scheme == "int8" else 4, group_size=group_size, vocab_bits=vocab_bits,

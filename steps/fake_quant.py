@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from contract.catalogue import SCHEMES  # plain Python, like .errors: the GPU probe runs this without pydantic
+
 from .errors import StepError  # not .common: the GPU probe runs this without pydantic
 
 if TYPE_CHECKING:
@@ -103,8 +105,8 @@ class FakeQuantLinear(nn.Linear):
     """nn.Linear that trains through ORT's int8 (W8A8 dynamic) or int4 (weight-only blocks of `bits`) rounding."""
 
     def __init__(self, linear: nn.Linear, scheme: str, group_size: int = 32, per_token: bool = False, bits: int = 4):
-        if scheme not in ("int8", "int4"):
-            raise StepError(f"quant.scheme must be 'int8' or 'int4', got {scheme!r}")
+        if scheme not in SCHEMES:
+            raise StepError(f"quant.scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: nothing copied

@@ -200,11 +200,9 @@ def tiny_onnx_dir(tmp_path_factory, tiny_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def prefect_server():
     """A real, temporary Prefect server (its own database) for the module's flow runs."""
-    from prefect.testing.utilities import prefect_test_harness
-    from prefect_api import retire_prefect_workers
+    from prefect_api import prefect_harness
 
-    retire_prefect_workers()  # none left bound to an earlier module's server (tests/prefect_api.py says why)
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_harness():  # no events worker left bound to an earlier module's server (tests/prefect_api.py)
         yield
 
 

@@ -3,15 +3,14 @@ through the Vast.ai emulator and real sshd, with the tiny model, under a real Pr
 from __future__ import annotations
 
 import asyncio
-import time
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
 
 from contract.config import load_config
+from prefect_api import task_states
 from tasks.gate import quality_gate
 from tasks.report import render_report
 from tasks.retry import StepFailed, is_transient
@@ -89,16 +88,6 @@ def prefect_logger_off(monkeypatch):
 
 # ------------------------------------------------------------------ end to end (real everything)
 
-async def _task_states(flow_run_id) -> dict[str, str]:
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async with get_client() as client:
-        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    # Task runs are named "<task name>-<3 random chars>" unless the task names them itself.
-    return {re.sub(r"-[0-9a-z]{3}$", "", r.name): r.state.type.value for r in runs}
-
-
 async def _artifacts(flow_run_id) -> dict[str, object]:
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -117,11 +106,7 @@ def test_the_whole_dag_end_to_end(prefect_server, emulated_vast, tmp_path):
     out = state.result()
     flow_run_id = state.state_details.flow_run_id
 
-    for _ in range(120):  # task runs reach the server through its events pipeline: wait until they are there
-        states = asyncio.run(_task_states(flow_run_id))
-        if all(states.get(name) == "COMPLETED" for name in DAG):
-            break
-        time.sleep(1)
+    states = task_states(flow_run_id, until=lambda s: all(s.get(name) == "COMPLETED" for name in DAG))
     for name in DAG:
         assert states.get(name) == "COMPLETED", (name, states)
     assert "upload to hub" not in states, states  # tiny names no hub.repo_id: nothing to publish, no upload task

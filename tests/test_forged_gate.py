@@ -163,7 +163,7 @@ def test_a_forged_passing_gate_uploads_nothing_and_the_next_run_evaluates_again(
     model's output, claims to match and the step's own hash: the gate fails at home, nothing reaches
     the Hub. Run 2 of the config (an honest machine) reuses prepare..bench from run 1 by home's
     record, and rents a machine to run evaluate again instead of reusing the forged one."""
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect_api import prefect_harness
 
     from devtools.emulator.testing import EmulatorProcess
     from flows.qat import qat
@@ -178,7 +178,7 @@ def test_a_forged_passing_gate_uploads_nothing_and_the_next_run_evaluates_again(
             for k, v in {"VAST_API_KEY": emu.api_key, "VAST_URL": emu.url, "QAT_RUNS_DIR": str(runs),
                          "HF_ENDPOINT": hub.url, "HF_TOKEN": token}.items():
                 monkeypatch.setenv(k, v)
-            with prefect_test_harness(server_startup_timeout=120):
+            with prefect_harness():
                 emu.set_faults(label_prefix="qat-", evil="forge_refs")
                 first = qat(config="tiny", overrides=FAST, return_state=True)
                 assert first.is_completed(), first.message

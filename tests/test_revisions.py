@@ -94,15 +94,6 @@ FAST = {"model.name_or_path": BASE, "machine.backend": "local", "hub.repo_id": R
         "bench.max_clips": 1, "eval.bootstrap_samples": 20}
 
 
-async def _task_names(flow_run_id) -> dict[str, str]:
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async with get_client() as client:
-        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {re.sub(r"-[0-9a-z]{3}$", "", r.name): r.state.type.value for r in runs}
-
-
 async def _report(flow_run_id) -> str:
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
@@ -122,7 +113,7 @@ def _publish_base(hub) -> str:
 @pytest.mark.slow
 def test_a_scheduled_run_with_nothing_new_rents_nothing_and_commits_nothing_and_a_new_model_revision_retrains(
         hub, tmp_path, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect_api import prefect_harness, task_states
 
     from flows.qat import qat
 
@@ -131,7 +122,7 @@ def test_a_scheduled_run_with_nothing_new_rents_nothing_and_commits_nothing_and_
                  "HF_HUB_CACHE": str(tmp_path / "hf-cache")}.items():
         monkeypatch.setenv(k, v)
     first_sha = _publish_base(hub)
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_harness():
         first = qat(config="tiny", overrides=FAST, return_state=True)
         assert first.is_completed(), first.message
         assert first.result()["link"]["uploaded"] is True, first.result()["link"]
@@ -144,7 +135,7 @@ def test_a_scheduled_run_with_nothing_new_rents_nothing_and_commits_nothing_and_
         second = qat(config="tiny", overrides={**FAST, "hub.approval": "required", "hub.approval_timeout_hours": 0.002},
                      return_state=True)
         assert second.is_completed(), second.message
-        tasks = asyncio.run(_task_names(second.state_details.flow_run_id))
+        tasks = task_states(second.state_details.flow_run_id, until=lambda s: s.get("publish report") == "COMPLETED")
         assert "rent machine" not in tasks and "estimate cost" not in tasks, tasks
         link = second.result()["link"]
         assert link["uploaded"] is False and link.get("unchanged") is True, link
@@ -157,7 +148,7 @@ def test_a_scheduled_run_with_nothing_new_rents_nothing_and_commits_nothing_and_
         new_sha = hub.publish(BASE, {"README.md": b"# a new revision\n"})
         third = qat(config="tiny", overrides=FAST, return_state=True)
         assert third.is_completed(), third.message
-        tasks = asyncio.run(_task_names(third.state_details.flow_run_id))
+        tasks = task_states(third.state_details.flow_run_id, until=lambda s: s.get("publish report") == "COMPLETED")
         for step in ("rent machine", "prepare", "train", "convert", "bench", "evaluate"):
             assert tasks.get(step) == "COMPLETED", (step, tasks)
     (run3,) = sorted((runs / "tiny").glob(f"*-{third.state_details.flow_run_id}"))
@@ -167,19 +158,19 @@ def test_a_scheduled_run_with_nothing_new_rents_nothing_and_commits_nothing_and_
 
 @pytest.mark.slow
 def test_an_unknown_pinned_revision_fails_the_flow_before_anything_is_rented(hub, tmp_path, monkeypatch):
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect_api import prefect_harness, task_states
 
     from flows.qat import qat
 
     for k, v in {"QAT_RUNS_DIR": str(tmp_path / "runs"), "HF_ENDPOINT": hub.url, "HF_TOKEN": WRITE}.items():
         monkeypatch.setenv(k, v)
     hub.publish(BASE, {"config.json": b"{}"})
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_harness():
         state = qat(config="tiny", overrides={**FAST, "model.revision": "v9"}, return_state=True)
         assert state.is_failed()
         with pytest.raises(RevisionError, match="revision 'v9'.*no such revision"):
             state.result()
-        tasks = asyncio.run(_task_names(state.state_details.flow_run_id))
+        tasks = task_states(state.state_details.flow_run_id, until=lambda s: s.get("pin revisions") == "FAILED")
     assert tasks.get("pin revisions") == "FAILED", tasks
     assert not {"estimate cost", "rent machine", "prepare"} & set(tasks), tasks
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("result.json"))

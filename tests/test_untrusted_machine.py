@@ -171,7 +171,7 @@ def test_a_whole_run_on_an_evil_machine_uploads_nothing(tmp_path, monkeypatch):
     """evaluate's result.json claims a passing gate over transcripts that fail it, and the export
     folder comes home with a .py and a pickle: the gate fails (recomputed at home), nothing reaches
     the Hub (whose token would allow it), the export would be refused anyway, the instance is destroyed."""
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect_api import prefect_harness
 
     from devtools.emulator.testing import EmulatorProcess
     from hub_server import HubServer
@@ -192,7 +192,7 @@ def test_a_whole_run_on_an_evil_machine_uploads_nothing(tmp_path, monkeypatch):
             emu.set_faults(label_prefix="qat-", evil=["forge_result", "plant_py"], evil_target=str(sentinel / "keep"))
             from flows.qat import qat
 
-            with prefect_test_harness(server_startup_timeout=120):
+            with prefect_harness():
                 state = qat(config="tiny", overrides=FAST, return_state=True)
             assert state.is_completed(), state.message
             out = state.result()

@@ -34,9 +34,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from contract.catalogue import SCHEMES  # plain Python, like .errors: the GPU probe runs this without pydantic
+# plain-Python modules only (not .common): the GPU probe runs this without pydantic
+from contract.catalogue import SCHEMES
 
-from .errors import StepError  # not .common: the GPU probe runs this without pydantic
+from .errors import StepError
 
 if TYPE_CHECKING:
     from contract.quant_spec import QuantSpec

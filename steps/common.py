@@ -92,6 +92,14 @@ def _missing_model(exc: BaseException) -> Optional[str]:
     return missing_model_reason(exc)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's CUDA out-of-memory error (torch is loaded when one can be raised), or an allocator's message."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return "out of memory" in str(exc).lower()
+
+
 def _classify(exc: BaseException) -> tuple[bool, str]:
     """(retryable, message) for an exception raised by a step."""
     if isinstance(exc, StepError):
@@ -103,7 +111,7 @@ def _classify(exc: BaseException) -> tuple[bool, str]:
     missing = _missing_model(exc)
     if missing is not None:  # a missing model/repo is deterministic (transformers raises it as an OSError)
         return False, missing
-    if "OutOfMemory" in name or "out of memory" in str(exc).lower():
+    if _out_of_memory(exc):
         return False, f"out of memory: {exc}; lower train.per_device_batch_size or enable train.gradient_checkpointing"
     if isinstance(exc, (ValueError, TypeError, KeyError, FileNotFoundError, NotImplementedError)):
         return False, f"{name}: {exc}"

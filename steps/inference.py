@@ -27,8 +27,8 @@ class SuppressTokens(LogitsProcessor):
     step) with each vocabulary mask built once per vocabulary size and device.
 
     transformers' own processors rebuild both masks with ``torch.isin`` over the whole vocabulary
-    at every step: 1.5 ms per token for Whisper's 88 suppressed tokens on 2 cores, paid by every
-    variant, about a seventh of an int8 ONNX decoder step. The tokens that come out are the same.
+    at every step, a cost every variant pays per token and a large share of a quantized decoder
+    step on a CPU. The tokens that come out are the same.
     """
 
     def __init__(self, always: Sequence[int], at_begin: Sequence[int]):
@@ -118,8 +118,7 @@ def load_variant(path: str, kind: Kind, threads: int, device: str = "cpu", langu
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         # no busy-waiting after a run: generate() does Python work between decoder calls, and
-        # spinning ORT threads take the cores from it (int8 whisper base, 2 cores: 622-645 ms per
-        # clip with spinning, 445-451 ms without)
+        # spinning ORT threads take the cores from it (on 2 cores a clip is markedly slower with spinning)
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         provider = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
         model = ORTModelForSpeechSeq2Seq.from_pretrained(path, provider=provider, session_options=so)

@@ -27,8 +27,9 @@ def step_error(out: str) -> dict:
 
 @pytest.mark.parametrize("exc", [
     torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    torch.cuda.OutOfMemoryError("Tried to allocate 2.00 GiB"),  # known by its type, whatever it says
     RuntimeError("CUDA error: out of memory"),  # older torch and other allocators: the message says it
-], ids=["OutOfMemoryError", "RuntimeError"])
+], ids=["OutOfMemoryError", "OutOfMemoryError-by-type", "RuntimeError"])
 def test_out_of_memory_is_deterministic_and_never_retried(exc, tmp_path, capsys):
     code = execute_step("train", tiny_config(), tmp_path, failing(exc))
     err = step_error(capsys.readouterr().out)

@@ -110,7 +110,7 @@ class VastAPI:
             if value is not None:
                 setattr(self, name, value)
         self.log = log_fn
-        # The SDK's own retry is short (3 tries, 0.15 s): we retry 429/5xx bursts ourselves.
+        # The SDK's own retry is a few tries within a fraction of a second: we retry 429/5xx bursts ourselves.
         self._sdk = VastAI(api_key=api_key, server_url=server_url, retry=1, quiet=True)
 
     def __repr__(self) -> str:

@@ -42,7 +42,7 @@ def reap_instances(credentials: Mapping[str, Any], max_age_hours: float = 24.0,
     `suspects` (label -> consecutive GONE verdicts so far) is updated in place to what the next pass
     needs: the labels judged GONE now and still alive. `first_seen` (str(instance id) -> epoch s) is
     updated in place to the instances listed now without a start date. The caller persists both
-    (not on a dry run). `alarm` receives {instance_id, label, age_h, verdict, message} for a machine
+    (not on a dry run). `alarm` receives {backend, instance_id, label, age_h, verdict, message} for a machine
     past the age limit that is kept because its run is live or it is another installation's
     (default: `log` the message)."""
     now = now if now is not None else time.time()
@@ -86,7 +86,8 @@ def reap_instances(credentials: Mapping[str, Any], max_age_hours: float = 24.0,
                 message = (f"instance {lease.instance_id} ({label}) is {age_h:.1f} h old, past the reaper's "
                            f"{max_age_hours:g} h, but {why}: kept, not destroyed by age. Check that run "
                            "(machine.step_timeout_s x attempts must stay under the reaper's limit)")
-                (alarm or (lambda a: log(a["message"])))({"instance_id": lease.instance_id, "label": label,
+                (alarm or (lambda a: log(a["message"])))({"backend": backend.name, "instance_id": lease.instance_id,
+                                                          "label": label,
                                                           "age_h": round(age_h, 2), "verdict": verdict,
                                                           "message": message})
             else:

@@ -14,6 +14,7 @@ from prefect import get_run_logger
 
 from contract.catalogue import STEPS
 from contract.config import RunConfig
+from infra.backends.base import ProviderError
 from infra.machines.machine import Lease
 
 from .billing import BudgetExceeded, budget_rows, forget, open_budget, register, watch_budget
@@ -53,8 +54,8 @@ def run_on_machines(cfg: RunConfig, label: str, run_dir: Path, local_work: Path)
             for machine_no in range(1, MAX_MACHINES + 1):
                 try:
                     lease = rent_machine(cfg, label, run_dir)
-                except Exception as exc:  # the instances its failed starts created were billed too
-                    budget.add_failed_starts(getattr(exc, "failed_starts", None))
+                except ProviderError as exc:  # the instances its failed starts created were billed too
+                    budget.add_failed_starts(exc.failed_starts)
                     raise
                 meter = register(budget, lease)
                 try:

@@ -135,7 +135,7 @@ def kept_past_age(log_error):
         try:
             from prefect.events import emit_event
 
-            emit_event(KEPT_PAST_AGE, resource={"prefect.resource.id": f"vast.instance.{a['instance_id']}",
+            emit_event(KEPT_PAST_AGE, resource={"prefect.resource.id": f"{a['backend']}.instance.{a['instance_id']}",
                                                 "qat.label": a["label"], "qat.verdict": a["verdict"]},
                        payload={"age_h": a["age_h"], "message": a["message"]})
         except Exception as e:  # the log line above is the record; an event is a bonus

@@ -65,7 +65,7 @@ def pre_rent_estimate(cfg: RunConfig, creds: Any) -> dict:
     est = registry.price_estimate(cfg.machine, creds, workload=run_workload(cfg))
     plan = disk_plan(cfg)
     est["disk"] = {"needed_gb": plan.needed_gb, "parts": plan.parts, "plan": plan.describe(),
-                   "rented_gb": cfg.machine.vast.min_disk_gb if cfg.machine.backend == "vast" else None}
+                   "rented_gb": est.get("rented_disk_gb")}  # a backend that rents a disk size says which
     return est
 
 

@@ -63,4 +63,5 @@ class Backend(Protocol):
         """Rented instances whose label starts with label_prefix; a malformed row is skipped and said through `log`."""
 
     def price_estimate(self, mc: MachineConfig, creds: Any, workload: Optional[TrainWorkload] = None) -> dict:
-        """Before renting: what the run would cost on the machine that would be rented."""
+        """Before renting: what the run would cost on the machine that would be rented (and
+        `rented_disk_gb`, the disk it rents, where the backend rents a disk size)."""

@@ -85,7 +85,7 @@ class VastBackend:
         est = {"backend": self.name, "dph": float(best["dph_total"]),
                **run_estimate.estimate(best, workload, mc.planned_hours, mc.setup_hours, mc.step_timeout_s),
                "offers": 1 + len(rest), "gpu_name": best.get("gpu_name"), "offer_id": best.get("id"),
-               "disk_space": best.get("disk_space")}
+               "disk_space": best.get("disk_space"), "rented_disk_gb": mc.vast.min_disk_gb}
         try:
             est["left_out"] = provider.left_out(mc.vast, mc.vast.min_disk_gb)
         except VastAPIError as e:  # only a count for the log: never what refuses a run

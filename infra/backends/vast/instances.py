@@ -126,8 +126,8 @@ class VastProvider(VastOffers):
         """Rent the matching offer on which `workload` costs least, wait for it to run (and pass ready_check, e.g. SSH).
         A failed start is logged (log tail), destroyed, its machine excluded, and the next offer tried,
         up to machine.vast.create_attempts times. Each failed start's instance billed from creation to
-        its destroy: it is listed as a FailedStart in the lease's `failed_starts` (or the error's)
-        so the run's budget counts it."""
+        its destroy: it is listed as a FailedStart in the lease's `failed_starts` (or, when the launch
+        fails, the ProviderError's) so the run's budget counts it."""
         v = m.vast
         known: set[int] = set()  # every instance id of this launch (used, failed, destroyed)
         excluded: set[int] = set()
@@ -210,8 +210,10 @@ class VastProvider(VastOffers):
                 except Exception as d:
                     self.log(f"instance {iid}: destroy after failed start failed too: {d}; the reaper will retry")
                 failed_starts.append(FailedStart(iid, float(offer["dph_total"]), created_at, destroyed_at, label))
-                if not isinstance(e, Exception) or isinstance(e, VastAPIError) and not isinstance(e, ProvisionError):
-                    e.failed_starts = failed_starts  # a ProviderError declares it; a cancel carries it too
+                if isinstance(e, VastAPIError) and not isinstance(e, ProvisionError):
+                    e.failed_starts = failed_starts  # ProviderError's declared field: the budget bills them
+                    raise
+                if not isinstance(e, Exception):  # a cancel: the flow's hooks and the reaper take over
                     raise
                 reason = self.redact(f"{type(e).__name__}: {e}")
                 self.log(f"instance {iid} on machine {machine_id} failed: {reason}\n--- log tail ---\n{tail}")

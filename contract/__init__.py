@@ -1,4 +1,4 @@
-"""The contract between the orchestrator (flows/, tasks/, infra/) and the on-machine workload (steps/).
+"""The contract between the orchestrator (flows/, tasks/, infra/) and the code that runs on the machine (steps/).
 
 Both sides import it and it imports neither: the run configuration's schema (config, machine),
 the step catalogue (catalogue), where things live on the machine (layout), the machine's own

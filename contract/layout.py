@@ -15,4 +15,4 @@ REMOTE_ROOT = "qat"
 REMOTE_CODE = f"{REMOTE_ROOT}/code"
 REMOTE_WORK = f"{REMOTE_ROOT}/work"
 REMOTE_CONFIG = f"{REMOTE_ROOT}/run.yaml"
-REMOTE_VENVS = f"{REMOTE_ROOT}/venv"  # the workload's venvs, one per requirements hash and build (remote_env.py)
+REMOTE_VENVS = f"{REMOTE_ROOT}/venv"  # the steps' venvs, one per requirements hash and build (remote_env.py)

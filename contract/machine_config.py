@@ -146,7 +146,7 @@ class MachineConfig(Strict):
     # Whether the run needs a GPU: `required` (setup refuses a machine where CUDA is not usable from
     # torch) or `none` (a CPU run is intended: the emulator, the demo; onnxruntime's CPU wheel).
     gpu: Literal["required", "none"] = "required"
-    # The machine's own python (an image's), run only to build the workload's venv (steps/bootstrap.py).
+    # The machine's own python (an image's), run only to build the steps' venv (steps/bootstrap.py).
     python: str = "python3"
     checkpoint_sync_every_s: float = Field(default=600, gt=0, le=86400)
     budget_check_every_s: float = Field(default=30, gt=0, le=3600, description="how often the budget is checked while a "

@@ -3,7 +3,7 @@
 Stdlib only: `steps/bootstrap.py` imports it with the image's python, before our venv exists, and
 the orchestrator imports it to filter offers and to name the interpreter the steps run with.
 
-The workload never runs in the image's Python (its torchvision/torchaudio are built for the image's
+The steps never run in the image's Python (its torchvision/torchaudio are built for the image's
 torch): setup makes a venv `qat/venv/<requirements hash>-<build>/` and installs
 requirements-remote.txt into it. The build follows `machine.gpu`: `cuda` (GPU required: the pinned
 torch as published, onnxruntime-gpu, and CUDA must be usable from torch) or `cpu` (a CPU run:

@@ -1,4 +1,4 @@
-"""Set up the workload's own Python environment on the machine, then prove it usable.
+"""Set up the steps' own Python environment on the machine, then prove it usable.
 
     cd ~/qat/code && python3 -m steps.bootstrap --gpu required|none
 
@@ -153,7 +153,7 @@ def check(venv: Path, gpu: str, gpu_info: Optional[dict]) -> dict:
     got = json.loads(lines[-1][len("QAT_ENV_CHECK "):])
     log("environment: " + ", ".join(f"{k}={v}" for k, v in got.items()))
     if got["torchvision_visible"]:
-        raise EnvError("a torchvision is visible in the workload's venv although requirements-remote.txt does not "
+        raise EnvError("a torchvision is visible in the steps' venv although requirements-remote.txt does not "
                        "ask for one: the image's packages leak into it (they are built for another torch)")
     if build(gpu) == "cuda" and not (got["cuda_available"] and got["devices"] >= 1):
         drv = (f"driver {gpu_info['driver']} (supports CUDA {gpu_info['driver_cuda']:.1f}, {len(gpu_info['gpus'])} "

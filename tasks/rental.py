@@ -205,7 +205,7 @@ def remote_python(lease: Lease, cfg: RunConfig) -> str:
 @task(name="set up environment", retries=2, retry_delay_seconds=exponential_backoff(10), retry_jitter_factor=0.5,
       retry_condition_fn=retry_transient)
 def setup_environment(lease: Lease, cfg: RunConfig) -> dict:
-    """The workload's own venv on the machine (`python -m steps.bootstrap` with the image's python:
+    """The steps' own venv on the machine (`python -m steps.bootstrap` with the image's python:
     the torch build and onnxruntime(-gpu) for machine.gpu, installed once per requirements hash, then
     checked: CUDA usable when the run needs a GPU). A machine that cannot be made usable fails here,
     deterministically (StepFailed "setup", not retried), and the flow's `finally` destroys it."""

@@ -38,7 +38,7 @@ def connect(lease: Lease, timeout: float = 300.0) -> Machine:
 
 def python(lease: Lease, mc: MachineConfig) -> str:
     """Local: the interpreter that runs the steps. SSH, Vast.ai: the machine's own python (the
-    image's), which only builds the workload's venv (tasks/rental.py setup_environment)."""
+    image's), which only builds the steps' venv (tasks/rental.py setup_environment)."""
     return backend(lease.backend).python(mc)
 
 

@@ -22,7 +22,7 @@ from .streams import LineSplitter, collect_files, copy_capped, make_tarball, mas
 log = logging.getLogger("qat.machine")
 
 # What a step process on this machine inherits from the orchestrator's environment: the basics and what
-# the workload reads (caches, offline switches, thread counts, GPUs). Nothing else: never VAST_API_KEY,
+# the steps read (caches, offline switches, thread counts, GPUs). Nothing else: never VAST_API_KEY,
 # HF_TOKEN, PREFECT_* or other credentials; a step gets only these plus the env passed to `run`.
 STEP_ENV_NAMES = frozenset({
     "PATH", "HOME", "LANG", "LANGUAGE", "TMPDIR", "TZ", "TERM", "USER", "LOGNAME", "SHELL",

@@ -119,3 +119,13 @@ def test_no_issue_numbers_in_the_product():
     found = [f"{path}:{i}" for path in modules() for i, line in enumerate((REPO / path).read_text().splitlines(), 1)
              if re.search(r"(?i)\b(issue|finding) \d+", line)]
     assert found == [], found
+
+
+def test_the_configs_backend_names_are_the_registrys():
+    """A cloud's name is written twice on purpose: its registry line routes the verbs, and the config's
+    vocabulary (contract's `Backend`, the flow parameter's choices) refuses a typo before any cost. They
+    must not drift: a registered backend no config could name, or a name nothing routes."""
+    from contract.machine_config import Backend
+    from infra.backends.registry import BACKENDS
+
+    assert set(get_args(Backend)) == set(BACKENDS)

@@ -1,6 +1,7 @@
 """Every backend, registered once, and the verbs routed to the one a machine section or lease names
 (the Protocol: infra/backends/base.py). Adding a cloud is one folder (or module) under
-infra/backends/ and one line in BACKENDS.
+infra/backends/ and one line in BACKENDS, plus its name in the config's vocabulary
+(contract/machine_config.py `Backend`, which refuses a typo before any cost; a test keeps the two equal).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from contract.config import parse_config
 from steps import train
-from tests.test_train import context, history, make_prepared
+from train_runs import context, history, make_prepared
 
 ROOT = Path(__file__).resolve().parents[1]
 # 6 optimizer steps of a global batch of 2 x 4 over 6 clips: epochs cross optimizer steps, the

@@ -1,19 +1,13 @@
 """steps/train.py on the tiny random Whisper, CPU: outputs, QAT kept on, frozen encoder, exact resume."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from steps import train, train_loop
-from steps.common import StepContext, StepError
-from train_runs import context, make_prepared, train_until_interrupted
-
-
-def history(ctx: StepContext) -> list[dict]:
-    return [json.loads(l) for l in (ctx.out / "history.jsonl").read_text().splitlines()]
+from steps.common import StepError
+from train_runs import context, history, make_prepared, train_until_interrupted
 
 
 def test_train_writes_model_history_checkpoints_and_metrics(tmp_path):

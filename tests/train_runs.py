@@ -1,5 +1,6 @@
 """steps/train.py driven directly on the tiny random Whisper: a prepared workdir, a StepContext, and
-a run interrupted after its second checkpoint (tests/test_train.py, tests/test_rerun.py)."""
+a run interrupted after its second checkpoint, its history (tests/test_train.py, tests/test_ddp.py,
+tests/test_rerun.py)."""
 from __future__ import annotations
 
 import json
@@ -43,6 +44,11 @@ def context(workdir: Path, resume: bool = False, **train_cfg) -> StepContext:
     ctx = StepContext(step="train", cfg=parse_config(raw), workdir=workdir, resume=resume)
     ctx.out.mkdir(parents=True, exist_ok=True)
     return ctx
+
+
+def history(ctx: StepContext) -> list[dict]:
+    """train/history.jsonl of a run, one dict a line."""
+    return [json.loads(l) for l in (ctx.out / "history.jsonl").read_text().splitlines()]
 
 
 def train_until_interrupted(tmp_path) -> None:

@@ -3,7 +3,6 @@ config, the Hub with a write token, an evaluate result.json claiming WERs, the e
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 
 import pytest
@@ -11,7 +10,8 @@ import pytest
 import tasks.gate
 import tasks.upload
 from contract.config import load_config
-from hub_server import HubServer
+from hub_server import hub_fixture
+from task_loggers import plain_loggers_for
 from steps import evaluate
 from utterance_csv import counts, home_manifest
 
@@ -24,19 +24,8 @@ def cfg(tmp_path):
     return load_config("tiny", {"hub.repo_id": REPO, "eval.max_wer_degradation": 1.0, **home_manifest(tmp_path / "home")})
 
 
-@pytest.fixture(autouse=True)
-def plain_loggers(monkeypatch):
-    """Run task bodies through .fn() outside a flow run."""
-    for module in (tasks.gate, tasks.upload):
-        monkeypatch.setattr(module, "get_run_logger", lambda: logging.getLogger("test"))
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    with HubServer(tmp_path / "hub", {WRITE: ("alice", "write")}) as h:
-        monkeypatch.setenv("HF_ENDPOINT", h.url)
-        monkeypatch.setenv("HF_TOKEN", WRITE)
-        yield h
+plain_loggers = plain_loggers_for(tasks.gate, tasks.upload)
+hub = hub_fixture({WRITE: ("alice", "write")}, env_token=WRITE)  # HF_ENDPOINT and HF_TOKEN point at it
 
 
 def claim(cfg, wer: dict[str, float], **gate_overrides) -> dict:

@@ -651,13 +651,22 @@ if __name__ == "__main__":  # a hub to point HF_ENDPOINT at by hand: python test
             pass
 
 
-def module_hub(token: str, user: str):
-    """A module-scoped fixture: the test Hub serving `user` with one write token (`hub = module_hub(...)`)."""
+def hub_fixture(tokens: dict[str, tuple[str, str]], *, scope: str = "function", env_token: Optional[str] = None):
+    """A fixture `hub`: the test Hub with these tokens ({token: (user, "read" | "write")}), under the
+    test's tmp_path/hub (scope "function") or a folder of its own (scope "module"). With env_token
+    (function scope only), HF_ENDPOINT points at it and HF_TOKEN is that token, through the test's
+    own monkeypatch. `hub = hub_fixture({WRITE: ("alice", "write")})` in the test module, or in a
+    helper module it imports `hub` from."""
     import pytest
 
-    @pytest.fixture(scope="module")
-    def hub(tmp_path_factory):
-        with HubServer(tmp_path_factory.mktemp("hub"), tokens={token: (user, "write")}) as h:
+    @pytest.fixture(scope=scope, name="hub")
+    def hub(request, tmp_path_factory):
+        root = request.getfixturevalue("tmp_path") / "hub" if scope == "function" else tmp_path_factory.mktemp("hub")
+        monkeypatch = request.getfixturevalue("monkeypatch") if env_token is not None else None
+        with HubServer(root, tokens) as h:
+            if monkeypatch is not None:
+                monkeypatch.setenv("HF_ENDPOINT", h.url)
+                monkeypatch.setenv("HF_TOKEN", env_token)
             yield h
 
     return hub

@@ -14,7 +14,7 @@ from uuid import UUID
 import pytest
 
 from devtools.services import wait_for
-from hub_server import module_hub
+from hub_server import hub_fixture
 from prefect_api import prefect_api
 
 TOKEN = "hf_approval" + secrets.token_hex(8)
@@ -56,7 +56,7 @@ def test_the_report_says_who_answered_with_the_note_escaped():
 
 # ------------------------------------------------------------------ end to end (real everything)
 
-hub = module_hub(TOKEN, "reviewer")
+hub = hub_fixture({TOKEN: ("reviewer", "write")}, scope="module")
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+import tasks.gate
 from contract.config import load_config
 from prefect_api import task_states
 from tasks.gate import quality_gate
 from tasks.report import render_report
 from tasks.retry import StepFailed, is_transient
 from tasks.scorecard import results_table, step_metrics
+from task_loggers import plain_loggers_for
 
 DAG = ["validate config", "estimate cost", "rent machine", "push code", "set up environment", "prepare", "train",
        "convert", "bench", "evaluate", "destroy machine", "quality gate", "what would be published", "publish report"]
@@ -42,7 +44,7 @@ def test_results_table_joins_evaluate_and_bench():
     assert rows["base_ptq_int8"]["latency_s"] is None
 
 
-def test_quality_gate_reads_the_measured_verdict(prefect_logger_off, tmp_path):
+def test_quality_gate_reads_the_measured_verdict(plain_loggers, tmp_path):
     from utterance_csv import home_manifest, write_evaluation
 
     cfg = load_config("tiny", home_manifest(tmp_path / "home"))
@@ -76,14 +78,7 @@ def test_retry_policy_separates_transient_from_deterministic():
     assert not is_transient(CommandFailed("x", 2, ""))
 
 
-@pytest.fixture
-def prefect_logger_off(monkeypatch):
-    """Run task bodies through .fn() outside a flow run: a plain logger instead of Prefect's."""
-    import logging
-
-    import tasks.gate
-
-    monkeypatch.setattr(tasks.gate, "get_run_logger", lambda: logging.getLogger("test"))
+plain_loggers = plain_loggers_for(tasks.gate, autouse=False)
 
 
 # ------------------------------------------------------------------ end to end (real everything)

@@ -10,7 +10,6 @@ strings and variant names never reaches the model card or the report as markdown
 from __future__ import annotations
 
 import json
-import logging
 import re
 
 import pytest
@@ -27,6 +26,7 @@ from tasks.report import render_report
 from tasks.run_dir import open_run_dir
 from tasks.scorecard import step_metrics
 from tasks.verdict import verified_metrics, verify_evaluation
+from task_loggers import plain_loggers_for
 from utterance_csv import home_manifest, write_evaluation
 
 BAD_MODEL = {"base_fp32": 50.0, "qat_fp32": 29.8, "qat_int8": 60.0, "base_ptq_int8": 40.0}
@@ -39,9 +39,7 @@ FORGERIES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def plain_loggers(monkeypatch):
-    monkeypatch.setattr(tasks.gate, "get_run_logger", lambda: logging.getLogger("test"))
+plain_loggers = plain_loggers_for(tasks.gate)
 
 
 @pytest.fixture

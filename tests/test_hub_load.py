@@ -28,16 +28,13 @@ from contract.quant_spec import QuantSpec
 from steps import convert
 from tasks.model_card import render_model_card
 from tasks.upload import push_model_folder
-from hub_server import HubServer
+from hub_server import hub_fixture
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WRITE = f"hf_{secrets.token_hex(12)}"
 
 
-@pytest.fixture
-def hub(tmp_path):
-    with HubServer(tmp_path / "hub", {WRITE: ("alice", "write")}) as h:
-        yield h
+hub = hub_fixture({WRITE: ("alice", "write")})
 
 
 def external_locations(model_dir: Path) -> dict[str, set[str]]:

@@ -14,7 +14,7 @@ import yaml
 from contract import fingerprint
 from contract.config import ConfigError, load_config
 from contract.result_file import config_hash, read_result
-from hub_server import HubServer
+from hub_server import hub_fixture
 from tasks.revisions import RevisionError, pinned
 
 WRITE = f"hf_{secrets.token_hex(12)}"
@@ -22,10 +22,7 @@ BASE = "alice/whisper-tiny"  # the base model, published on the test Hub from th
 REPO = "alice/tiny-qat"      # where the flow publishes
 
 
-@pytest.fixture
-def hub(tmp_path):
-    with HubServer(tmp_path / "hub", {WRITE: ("alice", "write")}) as h:
-        yield h
+hub = hub_fixture({WRITE: ("alice", "write")})
 
 
 def _hub_cfg(**overrides):

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hub_server import module_hub
+from hub_server import hub_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ class DiskWatch:
             self.stop.wait(1.0)
 
 
-hub = module_hub(HF_CANARY, "canary")
+hub = hub_fixture({HF_CANARY: ("canary", "write")}, scope="module")
 
 
 @pytest.fixture(scope="module")

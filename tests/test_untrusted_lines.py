@@ -21,13 +21,10 @@ from tasks.billing import BudgetExceeded
 from tasks.remote_step import run_remote_step
 from tasks.rental import forget_machine, remote_python, setup_environment
 from tasks.retry import StepFailed, is_transient
+from task_loggers import plain_loggers_for
 
 
-@pytest.fixture(autouse=True)
-def plain_loggers(monkeypatch):
-    """Run task bodies through .fn() outside a flow run."""
-    for module in (tasks.remote_step, tasks.rental):
-        monkeypatch.setattr(module, "get_run_logger", lambda: logging.getLogger("test"))
+plain_loggers = plain_loggers_for(tasks.remote_step, tasks.rental)
 
 
 def _lease(sshd_host, **kw) -> Lease:

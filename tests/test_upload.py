@@ -25,17 +25,14 @@ from contract.config import load_config
 from tasks.model_card import render_model_card
 from tasks.scorecard import NOT_MEASURED, variants
 from tasks.upload import HubUploadError, UnsafeModelFolder, check_model_folder, push_model_folder
-from hub_server import LFS_SIZE_THRESHOLD, HubServer, validate_card_metadata
+from hub_server import LFS_SIZE_THRESHOLD, hub_fixture, validate_card_metadata
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WRITE, READ, BOB = (f"hf_{secrets.token_hex(12)}" for _ in range(3))
 CARD = "---\nlicense: mit\nlanguage:\n- fr\n---\n\n# test model\n"
 
 
-@pytest.fixture
-def hub(tmp_path):
-    with HubServer(tmp_path / "hub", {WRITE: ("alice", "write"), READ: ("alice", "read"), BOB: ("bob", "write")}) as h:
-        yield h
+hub = hub_fixture({WRITE: ("alice", "write"), READ: ("alice", "read"), BOB: ("bob", "write")})
 
 
 def write_graph(path: Path, data: Optional[str] = None, length: int = 4096, offset: int = 0) -> Path:

@@ -6,6 +6,7 @@ own token (env POCKETCLOUD_TOKEN). With no Vast.ai key anywhere, the flow's cras
 machines, each call carrying the token the backend read for itself."""
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import time
@@ -17,10 +18,11 @@ from typing import Any, Optional
 import pytest
 
 from contract.config import load_config
+from contract.machine_config import MachineConfig, TrainWorkload
 from infra.backends import registry
 from infra.backends.base import Backend, ProviderError, SecretBlock
 from infra.machines.local import LocalMachine
-from infra.machines.machine import Lease
+from infra.machines.machine import Lease, LogFn, Machine
 from prefect_api import prefect_api
 from tasks import labels, secrets
 
@@ -47,7 +49,8 @@ class PocketCloud:
         if creds != {"token": TOKEN}:
             raise ProviderError("pocketcloud: no or wrong token (set POCKETCLOUD_TOKEN)")
 
-    def acquire(self, mc, label: str, workdir: Path, creds: Any, log=print) -> Lease:
+    def acquire(self, mc: MachineConfig, label: str, workdir: Path, creds: Any, log: LogFn = print,
+                workload: Optional[TrainWorkload] = None) -> Lease:
         self._signed_in(creds)
         iid = 100 + len(self.instances) + len(self.released)
         (self.root / str(iid)).mkdir(parents=True)
@@ -55,10 +58,10 @@ class PocketCloud:
         self.instances[iid] = lease
         return lease
 
-    def connect(self, lease: Lease, timeout: float):
+    def connect(self, lease: Lease, timeout: float) -> Machine:
         return LocalMachine(self.root / str(lease.instance_id), name=f"pocket:{lease.instance_id}")
 
-    def python(self, mc) -> str:
+    def python(self, mc: MachineConfig) -> str:
         return sys.executable
 
     def release(self, lease: Lease, creds: Any) -> bool:
@@ -71,13 +74,13 @@ class PocketCloud:
         self._signed_in(creds)
         return lease.instance_id in self.instances
 
-    def find_instances(self, label_prefix: str, creds: Any, log=print) -> list[Lease]:
+    def find_instances(self, label_prefix: str, creds: Any, log: LogFn = print) -> list[Lease]:
         if creds is None:
             return []  # no token: nothing of ours could have been rented here
         self._signed_in(creds)
         return [lease for lease in self.instances.values() if lease.label.startswith(label_prefix)]
 
-    def price_estimate(self, mc, creds: Any) -> dict:
+    def price_estimate(self, mc: MachineConfig, creds: Any, workload: Optional[TrainWorkload] = None) -> dict:
         self._signed_in(creds)
         return {"backend": self.name, "dph": 0.0, "planned_hours": mc.planned_hours, "estimated_usd": 0.0}
 
@@ -109,6 +112,28 @@ def test_the_test_cloud_is_a_backend_and_keeps_its_token_out_of_logs(pocket):
     assert isinstance(pocket, Backend)
     assert secrets.credentials("pocketcloud") == {"token": TOKEN}
     assert secrets.redact(f"boom {TOKEN}") == "boom ***"
+
+
+def _verbs(cls) -> dict[str, list[tuple]]:
+    """The Protocol's verbs as `cls` defines them: (name, kind, has a default) of each parameter."""
+    protocol_verbs = [n for n, v in vars(Backend).items() if inspect.isfunction(v) and not n.startswith("_")]
+    return {verb: [(p.name, p.kind, p.default is not p.empty)
+                   for p in inspect.signature(getattr(cls, verb)).parameters.values()]
+            for verb in protocol_verbs}
+
+
+@pytest.mark.parametrize("cls", [type(b) for b in registry.BACKENDS.values()] + [PocketCloud],
+                         ids=lambda cls: cls.__name__)
+def test_every_backend_takes_the_protocols_parameters(cls):
+    """The registry calls verbs by keyword (acquire(..., log=, workload=), price_estimate(..., workload=)):
+    each backend's verbs take the Protocol's parameters, same names, order and kinds; where the
+    Protocol has a default so does the backend (it may add defaults: those calls still work)."""
+    want, got = _verbs(Backend), _verbs(cls)
+    assert set(want) == {"credentials", "secret_values", "acquire", "connect", "python", "release", "is_alive",
+                         "find_instances", "price_estimate"}
+    for verb, params in want.items():
+        assert [p[:2] for p in got[verb]] == [p[:2] for p in params], f"{cls.__name__}.{verb}"
+        assert all(has for (_, _, needs), (_, _, has) in zip(params, got[verb]) if needs), f"{cls.__name__}.{verb}"
 
 
 def test_the_crash_hook_destroys_this_runs_machine_on_the_second_cloud(pocket, tmp_path):

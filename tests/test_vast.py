@@ -39,6 +39,16 @@ def sleeps(monkeypatch) -> list[float]:
     return made
 
 
+def faults_end_at_attempt_2(emulator, messages: list[str]):
+    """A provider log_fn: each message kept in `messages`; the emulator's faults cleared once attempt 2 starts."""
+    def log(msg: str) -> None:
+        messages.append(msg)
+        if "attempt 2/" in msg:
+            emulator.clear_faults()
+
+    return log
+
+
 def cfg(**overrides):
     return load_config("tiny", {"machine.provision_timeout_s": 20, **overrides}).machine
 
@@ -103,14 +113,8 @@ def test_launch_and_destroy_confirmed(emulator, tmp_path):
 
 def test_stuck_loading_moves_to_the_next_offer(emulator):
     emulator.set_faults(stuck_loading=True)
-    messages = []
-
-    def log(msg: str) -> None:
-        messages.append(msg)
-        if "attempt 2/" in msg:
-            emulator.clear_faults()
-
-    p = provider(emulator, log_fn=log)
+    messages: list[str] = []
+    p = provider(emulator, log_fn=faults_end_at_attempt_2(emulator, messages))
     lease = p.launch(cfg(**{"machine.provision_timeout_s": 2}), "qat-stuck", "ssh-ed25519 AAAA test")
     rows = emulator.ledger()["instances"]
     assert len(rows) == 2
@@ -367,14 +371,8 @@ def test_destroy_lag_then_404_is_confirmed(emulator, sleeps):
 
 def test_outbid_stopped_at_start_fails_over(emulator):
     emulator.set_faults(preempt_after_s=0, preempt_mode="stopped")
-    messages = []
-
-    def log(msg: str) -> None:
-        messages.append(msg)
-        if "attempt 2/" in msg:
-            emulator.clear_faults()
-
-    p = provider(emulator, log_fn=log)
+    messages: list[str] = []
+    p = provider(emulator, log_fn=faults_end_at_attempt_2(emulator, messages))
     lease = p.launch(cfg(**{"machine.provision_timeout_s": 60, "machine.vast.create_attempts": 2}), "qat-outbid", PUB)
     # failed at once on `stopped`, not at the 60 s provisioning deadline
     assert any("failed to start: status 'stopped'" in m for m in messages)

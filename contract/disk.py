@@ -30,22 +30,30 @@ if TYPE_CHECKING:
     from .config import RunConfig
 
 GB = 2**30
+# The sizes below are the one owner of these facts: infra/run_estimate.py prices its bytes from them.
 PCM_BYTES_PER_SECOND = 2 * 16000  # int16 at 16 kHz: steps/audio_store.py
 # A row besides its audio: id, text, speaker, duration and at most 448 int32 labels (1,792 B), Arrow offsets.
 ROW_EXTRA_BYTES = 4096
 HUB_AVG_CLIP_S = 15.0  # MLS French's hours over its utterances (the paper's figures: docs/REFERENCE.md)
-# fp32 weight bytes of the models we know (measured: the safetensors files; docs/REFERENCE.md 1d).
+REAL_MODEL = "bofenghuang/whisper-large-v3-distil-fr-v0.2"  # the real job's model (configs/int8.yaml, int4.yaml)
+# fp32 weight bytes of the models we know. The real model's: its fp32 weights saved at the real shapes
+# (benchmarks/checkpoint.json, results' files model.pt; docs/REFERENCE.md 1d, Checkpoints).
 MODEL_BYTES = {
-    "bofenghuang/whisper-large-v3-distil-fr-v0.2": 3_025_784_135,
+    REAL_MODEL: 3_025_784_135,
     "fixture:whisper-base": 290_403_936,
     "fixture:tiny-random": 14_830_496,
 }
 # Another Hub id: assumed as large as Whisper large (~1.55 B parameters x 4 bytes), the largest Whisper.
 UNKNOWN_MODEL_BYTES = 1_550_000_000 * 4
-# Checkpoint bytes / fp32 weight bytes, per optimizer (measured at the real shapes: benchmarks/checkpoint.json).
-CHECKPOINT_RATIO = {"adamw": 3.0, "adamw8bit": 1.51}
-# Quantized export / fp32 weight bytes (measured at the real shapes: docs/REFERENCE.md 1d).
-EXPORT_RATIO = {"int8": 0.26, "int4": 0.18}
+# A checkpoint (fp32 weights + the optimizer's moments) of the real model, bytes per optimizer (measured at the
+# real shapes: benchmarks/checkpoint.json, results' checkpoint_bytes); another model's scales with its weights.
+REAL_CHECKPOINT_BYTES = {"adamw": 9_062_136_108, "adamw8bit": 4_561_820_016}
+CHECKPOINT_RATIO = {opt: n / MODEL_BYTES[REAL_MODEL] for opt, n in REAL_CHECKPOINT_BYTES.items()}
+# Quantized export MB of the real model per scheme, and its fp32 weights' MB in the same run (measured at the
+# real shapes: benchmarks/real_scale.json, steps convert_<scheme> sizes_mb qat_<scheme> and pytorch_fp32).
+REAL_EXPORT_MB = {"int8": 782.589, "int4": 532.69}
+REAL_FP32_MB = 3025.686
+EXPORT_RATIO = {scheme: mb / REAL_FP32_MB for scheme, mb in REAL_EXPORT_MB.items()}
 # The image and the workload's venv (an allowance: a CUDA torch venv is several GB, a CPU one less).
 SYSTEM_GB = {"required": 25.0, "none": 5.0}
 HEADROOM = 1.10  # logs, pip and tokenizer caches, quantizers' temporary files
@@ -59,6 +67,17 @@ def model_bytes(name_or_path: str) -> int:
     if p.is_dir():
         return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file())
     return UNKNOWN_MODEL_BYTES
+
+
+def checkpoint_bytes(model: float, optimizer: str) -> float:
+    """Bytes of one checkpoint of a model of `model` fp32 weight bytes trained with `optimizer`."""
+    return CHECKPOINT_RATIO[optimizer] * model
+
+
+def export_bytes(model: float, scheme: str) -> float:
+    """Bytes convert writes for a model of `model` fp32 weight bytes: the fp32 and `scheme` quantized folders
+    of the QAT model and of the base model (an fp32 export ~ the fp32 weights)."""
+    return 2 * (1 + EXPORT_RATIO[scheme]) * model
 
 
 def avg_clip_seconds(cfg: "RunConfig") -> float:
@@ -124,9 +143,9 @@ def disk_plan(cfg: "RunConfig", rows: Optional[Mapping[str, int]] = None) -> Dis
         "system": SYSTEM_GB[cfg.machine.gpu],
         "prepare": sum(rows.values()) * per_row / GB,
         "model": model / GB,
-        "checkpoints": checkpoints_on_disk(cfg, rows.get("train", 0)) * CHECKPOINT_RATIO[t.optimizer] * model / GB,
+        "checkpoints": checkpoints_on_disk(cfg, rows.get("train", 0)) * checkpoint_bytes(model, t.optimizer) / GB,
         "final_model": model / GB,
-        "exports": 2 * (1 + EXPORT_RATIO[cfg.quant.scheme]) * model / GB,
+        "exports": export_bytes(model, cfg.quant.scheme) / GB,
     }
     return DiskPlan({k: round(v, 3) for k, v in parts.items()}, rows, clip_s)
 

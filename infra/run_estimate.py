@@ -20,25 +20,21 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from contract import catalogue
-from contract.machine_config import REAPER_MAX_AGE_HOURS, TrainWorkload
+from contract import catalogue, disk
+from contract.machine_config import MODEL_PARAMS, REAPER_MAX_AGE_HOURS, TrainWorkload
 
 from .gpu_count import ranks_used
 from .gpu_speed import expected_speed
 
 MAX_CHECKPOINT_AGE_S = 1800.0  # a retry never loses more than 30 min of training
 TIMEOUT_MARGIN = 1.5  # a healthy train step may run this much slower than expected
-REAL_PARAMS = 756_405_760  # the shapes the per-step figures below were measured at
-# Bytes per parameter (measured: benchmarks/checkpoint.json at the real shapes): the fp32 model, a
-# checkpoint (weights + AdamW moments) per optimizer.
-MODEL_BYTES_PER_PARAM = 3_025_784_135 / REAL_PARAMS
-CHECKPOINT_BYTES_PER_PARAM = {"adamw": 9_062_136_108 / REAL_PARAMS, "adamw8bit": 4_561_820_016 / REAL_PARAMS}
-# convert writes qat_fp32 and base_fp32 (fp32 ONNX ~ the fp32 weights) and two quantized folders: int8
-# 782.6 MB, int4 532.7 MB of 3,025.7 MB (measured, docs/REFERENCE.md 1d).
-QUANT_RATIO = {"int8": 782.6 / 3025.7, "int4": 532.7 / 3025.7}
-# A Hub dataset row downloaded: MLS French averages ~15 s a clip (docs/REFERENCE.md 1d); at most 16-bit
-# 16 kHz PCM (the parquet holds compressed audio: an upper bound).
-DOWNLOAD_BYTES_PER_ROW = 15 * 16000 * 2
+# Bytes follow from the sizes measured at the real shapes, which contract/disk.py owns (with their sources):
+# the fp32 model per parameter, a checkpoint and convert's exports from it, a downloaded row.
+REAL_PARAMS = MODEL_PARAMS[disk.REAL_MODEL]  # the shapes the per-step figures below were measured at
+MODEL_BYTES_PER_PARAM = disk.MODEL_BYTES[disk.REAL_MODEL] / REAL_PARAMS
+# A Hub dataset row downloaded: the average clip as 16-bit 16 kHz PCM (the parquet holds compressed audio:
+# an upper bound).
+DOWNLOAD_BYTES_PER_ROW = int(disk.PCM_BYTES_PER_SECOND * disk.HUB_AVG_CLIP_S)
 SMALL_OUTPUTS = 64 * 10**6  # assumed: what prepare, bench and evaluate send home (JSON, CSV, tokenizer files)
 # Seconds at the real shapes (measured on 2 CPU cores, docs/REFERENCE.md 1d): convert of one model; ONNX
 # encoder pass per 30 s clip, fp32 and quantized (evaluate and bench run 2 fp32 + 2 quantized ONNX variants).
@@ -83,6 +79,18 @@ def _per_gb(offer: dict, field: str) -> float:
     return float(offer.get(field) or 0.0)
 
 
+def _priced_scheme(w: TrainWorkload) -> str:
+    """The scheme whose measured figures price `w`: its own, or int8's for a plain (unquantized) workload."""
+    return w.scheme if w.scheme in disk.EXPORT_RATIO else "int8"
+
+
+def _sizes(w: TrainWorkload) -> dict[str, float]:
+    """Bytes of the fp32 model, one checkpoint and convert's exports of `w`'s model (0 when its size is unknown)."""
+    model = MODEL_BYTES_PER_PARAM * (w.params or 0)
+    return {"model": model, "checkpoint": disk.checkpoint_bytes(model, w.optimizer),
+            "exports": disk.export_bytes(model, _priced_scheme(w))}
+
+
 def step_rows(offer: dict, w: Optional[TrainWorkload], setup_hours: float,
               step_timeout_s: float = 6 * 3600) -> Optional[list[dict]]:
     """The estimate's rows on `offer` (see the module docstring); None when the training speed or the
@@ -97,17 +105,17 @@ def step_rows(offer: dict, w: Optional[TrainWorkload], setup_hours: float,
     known = p is not None
     train_s = clk["expected_s"]
     copies = math.ceil(train_s / max(clk["checkpoint_age_s"], w.sync_every_s)) if known else 0
-    ckpt = CHECKPOINT_BYTES_PER_PARAM.get(w.optimizer, CHECKPOINT_BYTES_PER_PARAM["adamw"]) * (p or 0)
-    model = MODEL_BYTES_PER_PARAM * (p or 0)
-    onnx_clip = (2 * ENCODER_S["fp32"] + 2 * ENCODER_S[w.scheme if w.scheme in ENCODER_S else "int8"]) * scale
+    size, scheme = _sizes(w), _priced_scheme(w)
+    model = size["model"]
+    onnx_clip = (2 * ENCODER_S["fp32"] + 2 * ENCODER_S[scheme]) * scale
     rows = {  # step: (seconds, bytes down, bytes home, basis)
         "set-up": (setup_hours * 3600, 0, 0, "machine.setup_hours: boot, push, the venv"),
         "prepare": (w.prepare_rows * PREPARE_S_PER_ROW, w.download_rows * DOWNLOAD_BYTES_PER_ROW + model,
          SMALL_OUTPUTS, f"{w.prepare_rows} rows x {PREPARE_S_PER_ROW:g} s (assumed); downloads the dataset and model"),
-        "train": (train_s, 0, copies * ckpt + model,
+        "train": (train_s, 0, copies * size["checkpoint"] + model,
          f"{w.samples} samples at {sps:g} samples/s ({speed['source']}); {copies} checkpoint(s) copied home"),
-        "convert": (2 * CONVERT_S.get(w.scheme, 316.0) * scale, 0,
-         2 * model * (1 + QUANT_RATIO.get(w.scheme, 0.26)), "2 models exported and quantized (measured on 2 cores)"),
+        "convert": (2 * CONVERT_S[scheme] * scale, 0, size["exports"],
+         "2 models exported and quantized (measured on 2 cores)"),
         "bench": (w.bench_clips * onnx_clip, 0, SMALL_OUTPUTS, f"{w.bench_clips} clips x 4 ONNX variants on the CPU"),
         "evaluate": (w.eval_clips * onnx_clip, 0, SMALL_OUTPUTS,
          f"{w.eval_clips} clips x 4 ONNX variants on the CPU (an upper bound: on a GPU, eval.quantized_on auto "
@@ -159,7 +167,6 @@ def expected_home_bytes(w: Optional[TrainWorkload], step: str) -> Optional[int]:
     None when the model's size is unknown."""
     if w is None or w.params is None:
         return None
-    model = MODEL_BYTES_PER_PARAM * w.params
-    sizes = {"checkpoint": CHECKPOINT_BYTES_PER_PARAM.get(w.optimizer, CHECKPOINT_BYTES_PER_PARAM["adamw"]) * w.params,
-             "train": model, "convert": 2 * model * (1 + QUANT_RATIO.get(w.scheme, 0.26))}
-    return int(sizes.get(step, SMALL_OUTPUTS))
+    size = _sizes(w)
+    home = {"checkpoint": size["checkpoint"], "train": size["model"], "convert": size["exports"]}
+    return int(home.get(step, SMALL_OUTPUTS))

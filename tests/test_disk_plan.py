@@ -85,11 +85,30 @@ def test_disk_plan_arithmetic_of_the_real_job():
     assert p["prepare"] == pytest.approx(61000 * row / gb, abs=1e-3)
     model = disk.MODEL_BYTES[cfg.model.name_or_path]
     assert p["model"] == p["final_model"] == pytest.approx(model / gb, abs=1e-3)
-    assert p["checkpoints"] == pytest.approx((KEEP_CHECKPOINTS + 1) * 3.0 * model / gb, abs=1e-3)  # adamw, saved every 3000
-    assert p["exports"] == pytest.approx(2 * 1.26 * model / gb, abs=1e-3)
+    ckpt = disk.REAL_CHECKPOINT_BYTES["adamw"]  # measured: benchmarks/checkpoint.json
+    assert p["checkpoints"] == pytest.approx((KEEP_CHECKPOINTS + 1) * ckpt / gb, abs=1e-3)  # adamw, saved every 3000
+    int8_mb = disk.REAL_EXPORT_MB["int8"]  # measured: benchmarks/real_scale.json
+    assert p["exports"] == pytest.approx(2 * (1 + int8_mb / disk.REAL_FP32_MB) * model / gb, abs=1e-3)
     assert set(p) == {"system", "prepare", "model", "checkpoints", "final_model", "exports"}
     assert plan.needed_gb == round(sum(p.values()) * 1.1, 1)
     assert plan.needed_gb <= cfg.machine.vast.min_disk_gb  # the real job fits its configured disk
+
+
+def test_the_estimate_prices_the_sizes_the_disk_plan_counts():
+    """One owner of the measured sizes (contract/disk.py): the pre-rent estimate's copies home
+    (infra/run_estimate.py) are the disk plan's model, checkpoint and exports; a downloaded row its audio."""
+    from contract.workload import run_workload
+    from infra.run_estimate import DOWNLOAD_BYTES_PER_ROW, expected_home_bytes
+
+    for name, optimizer in (("int8", "adamw"), ("int4", "adamw"), ("int8", "adamw8bit")):
+        cfg = load_config(name, {"train.optimizer": optimizer})
+        w, model = run_workload(cfg), disk.model_bytes(cfg.model.name_or_path)
+        assert model == disk.MODEL_BYTES[disk.REAL_MODEL]
+        assert expected_home_bytes(w, "train") == pytest.approx(model, abs=1)
+        assert expected_home_bytes(w, "checkpoint") == pytest.approx(disk.REAL_CHECKPOINT_BYTES[optimizer], abs=1)
+        assert expected_home_bytes(w, "convert") == pytest.approx(disk.export_bytes(model, name), abs=1)
+        assert disk.disk_plan(cfg).parts["exports"] == pytest.approx(disk.export_bytes(model, name) / disk.GB, abs=1e-3)
+    assert DOWNLOAD_BYTES_PER_ROW == disk.row_bytes(disk.HUB_AVG_CLIP_S) - disk.ROW_EXTRA_BYTES == 15 * 16000 * 2
 
 
 def test_disk_plan_follows_the_config():

@@ -13,7 +13,7 @@ before writing when the free disk is below what the run still writes. Sizes foll
   KEEP_CHECKPOINTS plus the one being written (fewer when training saves fewer), each fp32 weights
   plus optimizer moments.
 - exports: convert's fp32 and quantized folders of the QAT model and of the base model.
-- system: an allowance (an assumption, not measured) for the image and the workload's venv.
+- system: an allowance (an assumption, not measured) for the image and the steps' venv.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ CHECKPOINT_RATIO = {opt: n / MODEL_BYTES[REAL_MODEL] for opt, n in REAL_CHECKPOI
 REAL_EXPORT_MB = {"int8": 782.589, "int4": 532.69}
 REAL_FP32_MB = 3025.686
 EXPORT_RATIO = {scheme: mb / REAL_FP32_MB for scheme, mb in REAL_EXPORT_MB.items()}
-# The image and the workload's venv (an allowance: a CUDA torch venv is several GB, a CPU one less).
+# The image and the steps' venv (an allowance: a CUDA torch venv is several GB, a CPU one less).
 SYSTEM_GB = {"required": 25.0, "none": 5.0}
 HEADROOM = 1.10  # logs, pip and tokenizer caches, quantizers' temporary files
 

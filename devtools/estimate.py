@@ -12,6 +12,7 @@ import sys
 
 from contract.config import load_config
 from devtools.emulator.testing import EmulatorProcess
+from infra.backends.vast.credentials import VastCredentials
 from tasks.rental import estimate_table, pre_rent_estimate
 
 
@@ -21,7 +22,7 @@ def main(argv: list[str]) -> int:
     cfg = load_config(name, overrides)
     emu = EmulatorProcess().start()
     try:
-        est = pre_rent_estimate(cfg, emu.api_key, emu.url)
+        est = pre_rent_estimate(cfg, VastCredentials(emu.api_key, emu.url))
     finally:
         emu.cleanup()
     print(f"{name} on offer {est['offer_id']} ({est['gpu_name']}, ${est['dph']:.4f}/h, "

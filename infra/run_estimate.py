@@ -36,9 +36,11 @@ MODEL_BYTES_PER_PARAM = disk.MODEL_BYTES[disk.REAL_MODEL] / REAL_PARAMS
 # an upper bound).
 DOWNLOAD_BYTES_PER_ROW = int(disk.PCM_BYTES_PER_SECOND * disk.HUB_AVG_CLIP_S)
 SMALL_OUTPUTS = 64 * 10**6  # assumed: what prepare, bench and evaluate send home (JSON, CSV, tokenizer files)
-# Seconds at the real shapes (measured on 2 CPU cores, docs/REFERENCE.md 1d): convert of one model; ONNX
-# encoder pass per 30 s clip, fp32 and quantized (evaluate and bench run 2 fp32 + 2 quantized ONNX variants).
-CONVERT_S = {"int8": 316.0, "int4": 313.0}
+# Seconds at the real shapes, measured on 2 CPU cores: the convert step, both models exported and quantized
+# (benchmarks/real_scale.json, steps.convert_<scheme>.seconds); ONNX Runtime's kernel time of one encoder pass
+# per 30 s clip, fp32 and quantized (the reference's real-scale section; evaluate and bench run 2 fp32 + 2
+# quantized ONNX variants).
+CONVERT_S = {"int8": 423.1, "int4": 228.8}
 ENCODER_S = {"fp32": 6.4, "int8": 3.0, "int4": 7.3}
 PREPARE_S_PER_ROW = 0.05  # assumed: decode + log-mel of one clip on the machine's CPU
 STEPS = ("set-up", *catalogue.STEPS)  # the rows, in order: a step without a row below is an error, not a silent $0
@@ -114,7 +116,7 @@ def step_rows(offer: dict, w: Optional[TrainWorkload], setup_hours: float,
          SMALL_OUTPUTS, f"{w.prepare_rows} rows x {PREPARE_S_PER_ROW:g} s (assumed); downloads the dataset and model"),
         "train": (train_s, 0, copies * size["checkpoint"] + model,
          f"{w.samples} samples at {sps:g} samples/s ({speed['source']}); {copies} checkpoint(s) copied home"),
-        "convert": (2 * CONVERT_S[scheme] * scale, 0, size["exports"],
+        "convert": (CONVERT_S[scheme] * scale, 0, size["exports"],
          "2 models exported and quantized (measured on 2 cores)"),
         "bench": (w.bench_clips * onnx_clip, 0, SMALL_OUTPUTS, f"{w.bench_clips} clips x 4 ONNX variants on the CPU"),
         "evaluate": (w.eval_clips * onnx_clip, 0, SMALL_OUTPUTS,

@@ -93,6 +93,19 @@ def test_the_estimate_of_int8_lists_every_step_and_refuses_over_the_cap(emulator
     assert "evaluate" in str(e.value) and "GB home" in str(e.value)
 
 
+def test_the_estimate_tool_prints_the_table_the_flow_logs(capsys):
+    """`python -m devtools.estimate` (docs/REFERENCE.md's bandwidth figures come from it) runs the product's
+    pre-rent estimate on a throwaway emulator and says whether the cap refuses it."""
+    from devtools import estimate
+
+    assert estimate.main(["int8"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{step} " in out for step in ("set-up", "prepare", "train", "convert", "bench", "evaluate", "total"))
+    assert "accepted" in out and "disk on the machine:" in out
+    assert estimate.main(["int8", "machine.max_cost_usd=1"]) == 0
+    assert "REFUSED before renting" in capsys.readouterr().out
+
+
 def test_the_clock_follows_the_expected_speed():
     """Issue 18 item 5: an RTX 4090 (~8.7 samples/s est.) needs ~9.6 h for 300k samples, past the 6 h
     step timeout; save_every 3000 left a checkpoint up to 3 h old."""

@@ -17,8 +17,10 @@ before writing when the free disk is below what the run still writes. Sizes foll
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,7 @@ MODEL_BYTES = {
     "fixture:whisper-base": 290_403_936,
     "fixture:tiny-random": 14_830_496,
 }
-# Another Hub id: assumed as large as Whisper large (~1.55 B parameters x 4 bytes), the largest Whisper.
+# A Hub id whose parameters the Hub cannot count (hub_fp32_bytes): assumed as large as Whisper large (~1.55 B parameters x 4 bytes), the largest Whisper.
 UNKNOWN_MODEL_BYTES = 1_550_000_000 * 4
 # A checkpoint (fp32 weights + the optimizer's moments) of the real model, bytes per optimizer (measured at the
 # real shapes: benchmarks/checkpoint.json, results' checkpoint_bytes); another model's scales with its weights.
@@ -59,14 +61,36 @@ SYSTEM_GB = {"required": 25.0, "none": 5.0}
 HEADROOM = 1.10  # logs, pip and tokenizer caches, quantizers' temporary files
 
 
-def model_bytes(name_or_path: str) -> int:
-    """fp32 weight bytes of the model: a known id, a local directory's weight files, else Whisper large's."""
+def model_bytes(name_or_path: str, revision: Optional[str] = None) -> int:
+    """fp32 weight bytes of the model: a known id, a local directory's weight files, another Hub id's
+    parameters as its safetensors headers count them at `revision` (hub_fp32_bytes), else Whisper large's."""
     if name_or_path in MODEL_BYTES:
         return MODEL_BYTES[name_or_path]
     p = Path(name_or_path)
     if p.is_dir():
         return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file())
-    return UNKNOWN_MODEL_BYTES
+    from .config import hub_model_id
+
+    counted = hub_fp32_bytes(name_or_path, revision) if hub_model_id(name_or_path) else None
+    return UNKNOWN_MODEL_BYTES if counted is None else counted
+
+
+@functools.lru_cache(maxsize=64)
+def hub_fp32_bytes(repo_id: str, revision: Optional[str]) -> Optional[int]:
+    """4 bytes per parameter of a Hub model at `revision` (None: main), from its safetensors headers
+    (huggingface_hub's get_safetensors_metadata: ranged reads of the headers, no weights downloaded),
+    on $HF_ENDPOINT (else the public Hub) with $HF_TOKEN if set. None when the Hub cannot say (not
+    reachable, no safetensors, a private repo without the token): the caller assumes the largest Whisper."""
+    from huggingface_hub import HfApi, constants
+
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants._HF_DEFAULT_ENDPOINT).rstrip("/")
+    api = HfApi(endpoint=endpoint, token=os.environ.get("HF_TOKEN") or False)
+    try:
+        api.model_info(repo_id, revision=revision)  # one request first: an unreachable Hub answers at once
+        params = sum(int(n) for n in api.get_safetensors_metadata(repo_id, revision=revision).parameter_count.values())
+    except Exception:  # any failure: the safe assumption, never a refusal of its own
+        return None
+    return 4 * params if params > 0 else None
 
 
 def checkpoint_bytes(model: float, optimizer: str) -> float:
@@ -138,7 +162,7 @@ def disk_plan(cfg: "RunConfig", rows: Optional[Mapping[str, int]] = None) -> Dis
     rows = dict(rows or config_rows(cfg))
     clip_s = avg_clip_seconds(cfg)
     per_row = row_bytes(clip_s)
-    model = model_bytes(cfg.model.name_or_path)
+    model = model_bytes(cfg.model.name_or_path, cfg.model.revision)
     parts = {
         "system": SYSTEM_GB[cfg.machine.gpu],
         "prepare": sum(rows.values()) * per_row / GB,

@@ -23,6 +23,7 @@ from steps.common import execute_step
 from steps.models import load_processor
 
 from conftest import tiny_config
+from hub_server import hub_fixture
 
 
 def _tree_bytes(path: Path) -> int:
@@ -119,6 +120,30 @@ def test_disk_plan_follows_the_config():
         disk.disk_plan(load_config("int8")).parts["checkpoints"] / 1.9
     more = disk.disk_plan(load_config("int8", {"data.max_samples": 120000}))
     assert more.parts["prepare"] > 1.9 * disk.disk_plan(load_config("int8")).parts["prepare"]
+
+
+hub = hub_fixture({})
+
+
+def test_a_hub_model_the_table_does_not_know_is_planned_at_its_own_size(hub, monkeypatch, tiny_model_dir):
+    """Its parameters, counted from its safetensors headers at the pinned commit (no weights downloaded),
+    x 4 bytes; where the Hub cannot say, the largest Whisper is assumed (never a smaller guess)."""
+    from safetensors import safe_open
+
+    folder = Path(tiny_model_dir)
+    sha = hub.publish("alice/small-whisper", {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    disk.hub_fp32_bytes.cache_clear()
+    cfg = load_config("tiny", {"model.name_or_path": "alice/small-whisper", "model.revision": sha})
+    assert disk.model_bytes("alice/small-whisper", sha) == 4 * params
+    assert disk.disk_plan(cfg).parts["model"] == round(4 * params / disk.GB, 3)
+    assert disk.model_bytes("alice/not-there", None) == disk.UNKNOWN_MODEL_BYTES
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the Hub cannot say
+    disk.hub_fp32_bytes.cache_clear()
+    assert disk.model_bytes("alice/small-whisper", sha) == disk.UNKNOWN_MODEL_BYTES
+    disk.hub_fp32_bytes.cache_clear()
 
 
 def test_a_config_whose_disk_cannot_hold_the_run_is_refused_before_renting(monkeypatch):

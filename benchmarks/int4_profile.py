@@ -7,7 +7,8 @@ By default the untrained whisper-base fixture is exported and quantized as the c
 (speed does not depend on the trained values), into --work. Each variant's encoder and merged
 decoder run in sessions with `SessionOptions.enable_profiling`, with the options the product serves
 with (steps/inference.py: intra-op threads, no spinning): one 30 s window through the encoder, then
-decoder steps with a KV cache of --past tokens. Warm-up runs are dropped from the profile; node times
+the first decoder call of a clip (the prompt, no past: it computes the cross-attention keys and values
+of all 1500 frames) and decoder steps with a KV cache of --past tokens. Warm-up runs are dropped from the profile; node times
 are summed per operator type (If excluded: its time is its subgraph's nodes'). The memory-bandwidth
 floor of a decoder step is what it must read once per token, the decoder's weights and its KV cache
 (the cross-attention keys and values of 1500 encoder frames included), over the read bandwidth numpy
@@ -29,6 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
 ENCODER, MERGED = "encoder_model.onnx", "decoder_model_merged.onnx"
+FIRST_STEPS = 6  # first decoder calls profiled (each computes the cross-attention keys and values)
 
 
 def session(path: Path, threads: int, profile_prefix: str | None):
@@ -88,6 +90,16 @@ def _feeds_decoder(sess, enc_states: np.ndarray, past: int, rng) -> dict:
     return feeds
 
 
+def _feeds_first_step(sess, enc_states: np.ndarray, prompt: int) -> dict:
+    """The first decoder call of a clip (use_cache_branch False): the prompt's tokens, no past; the
+    cross-attention keys and values of every encoder frame are computed here, once per clip."""
+    feeds = _feeds_decoder(sess, enc_states, 1, np.random.default_rng(0))
+    feeds["input_ids"] = np.array([[50258, 50265, 50360, 50364][:prompt]], dtype=np.int64)
+    if "use_cache_branch" in feeds:
+        feeds["use_cache_branch"] = np.array([False])
+    return feeds
+
+
 def _interleaved(sessions: dict, feeds: dict, rounds: int) -> None:
     """Run every session once per round, in turn: load on the shared machine falls on all variants alike."""
     for _ in range(rounds):
@@ -114,6 +126,11 @@ def profile_variants(dirs: dict[str, Path], threads: int, steps: int, past: int,
             out[name]["decoder_step"] = summarize(sess.end_profiling(), warmup, warmup + steps)
             out[name]["decoder_kv_cache_mb"] = round(
                 sum(v.nbytes for k, v in dec_feeds[name].items() if k.startswith("past_")) / 1e6, 2)
+        first = {name: session(d / MERGED, threads, f"{tmp}/{name}_first") for name, d in dirs.items()}
+        first_feeds = {name: _feeds_first_step(sess, states[name], 4) for name, sess in first.items()}
+        _interleaved(first, first_feeds, warmup + FIRST_STEPS)
+        for name, sess in first.items():
+            out[name]["decoder_first_step"] = summarize(sess.end_profiling(), warmup, warmup + FIRST_STEPS)
     return out
 
 
@@ -229,7 +246,9 @@ def main(argv=None) -> int:
         r["decoder_floor_ms"] = round((r["decoder_weights_mb"] + r["decoder_kv_cache_mb"]) / (bw * 1e3) * 1000, 3)
         r["decoder_step_vs_floor"] = round(r["decoder_step"]["run_ms"] / r["decoder_floor_ms"], 2)
         results[name] = r
-        print(f"{name}: encoder {r['encoder']['run_ms']:.1f} ms, decoder step {r['decoder_step']['run_ms']:.2f} ms "
+        print(f"{name}: encoder {r['encoder']['run_ms']:.1f} ms, first decoder step {r['decoder_first_step']['run_ms']:.1f} ms "
+              f"(top ops { {k: v['ms'] for k, v in list(r['decoder_first_step']['by_op'].items())[:3]} }), "
+              f"decoder step {r['decoder_step']['run_ms']:.2f} ms "
               f"(floor {r['decoder_floor_ms']:.2f} ms); top ops: "
               f"{ {k: v['ms'] for k, v in list(r['decoder_step']['by_op'].items())[:4]} }", flush=True)
     doc = {"kernels_ms": {} if a.no_kernels else kernels(a.threads), "command": "python -m benchmarks.int4_profile " + " ".join(argv if argv is not None else os.sys.argv[1:]),

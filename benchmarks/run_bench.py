@@ -338,7 +338,7 @@ def explain(r: dict) -> list[str]:
                 f"{_fmt(dec.get('onnx_int8'), 2)} ms/token, onnx_fp32 {_fmt(enc.get('onnx_fp32'))} ms and "
                 f"{_fmt(dec.get('onnx_fp32'), 2)} ms/token. int4's block Linears are MatMulNBits with float activations: "
                 "they save memory and bandwidth, not arithmetic, where int8 multiplies integers; the op-by-op split "
-                "is in benchmarks/int4_profile.json (INT4_RECIPE.md).")
+                "is in benchmarks/int4_profile.json (INT4_RECIPE.md)." + _first_call_words(r))
         else:
             run = "int4" if "int4" in name else "int8"
             pair = next((v for k, v in r.get("wer_paired_ci", {}).items()
@@ -349,20 +349,40 @@ def explain(r: dict) -> list[str]:
     return lines
 
 
+def _first_call_words(r: dict) -> str:
+    """What the first decoder call of a clip (cross-attention keys and values of 1500 frames) adds to
+    int4's ms/token in the speed pass, from benchmarks/int4_profile.json; "" when not profiled."""
+    f = BENCH / "int4_profile.json"
+    prof = json.loads(f.read_text())["variants"] if f.is_file() else {}
+    first = {v: (prof.get(v, {}).get("decoder_first_step") or {}).get("run_ms") for v in ("onnx_int4", "onnx_int8")}
+    step = {v: (prof.get(v, {}).get("decoder_step") or {}).get("run_ms") for v in ("onnx_int4", "onnx_int8")}
+    forced = (r.get("speed_pass", {}).get("decoding") or {}).get("forced_tokens")
+    if None in (*first.values(), *step.values()) or not forced:
+        return ""
+    return (f" In the profile, one decoder step costs int4 {step['onnx_int4']:.2f} ms against int8's "
+            f"{step['onnx_int8']:.2f}, but the first call of a clip, which computes the cross-attention keys and values "
+            f"of all 1500 frames (MatMulNBits over 1500 rows, an encoder-like load), costs {first['onnx_int4']:.1f} ms "
+            f"against {first['onnx_int8']:.1f}: spread over the {forced} forced tokens, "
+            f"{(first['onnx_int4'] - first['onnx_int8']) / forced:.2f} ms of each int4 token here.")
+
+
 def floor_section() -> list[str]:
     """The decoder step against its memory-bandwidth floor, from benchmarks/int4_profile.json."""
     f = BENCH / "int4_profile.json"
     if not f.is_file():
         return ["Decoder step vs memory-bandwidth floor: not measured (run `python -m benchmarks.int4_profile`)."]
     prof = json.loads(f.read_text())
-    rows = [[name, v["encoder"]["run_ms"], v["decoder_step"]["run_ms"], v["decoder_weights_mb"], v["decoder_kv_cache_mb"],
-             v["decoder_floor_ms"], v["decoder_step_vs_floor"]] for name, v in prof["variants"].items()]
+    rows = [[name, v["encoder"]["run_ms"], (v.get("decoder_first_step") or {}).get("run_ms"), v["decoder_step"]["run_ms"],
+             v["decoder_weights_mb"], v["decoder_kv_cache_mb"], v["decoder_floor_ms"], v["decoder_step_vs_floor"]]
+            for name, v in prof["variants"].items()]
     return ["### One decoder step against its memory-bandwidth floor (benchmarks/int4_profile.json)", "",
             f"`{prof['command']}`: ONNX Runtime's profiler, {prof['threads']} threads, {prof['decoder_past_tokens']} "
             f"tokens in the KV cache; the floor reads the decoder's weights and KV cache once at the {prof['read_bandwidth_gbs']} GB/s "
-            f"numpy measured (load average {prof['load_avg_1m']}).", "",
-            _table(["variant", "encoder ms", "decoder step ms", "decoder weights MB", "KV cache MB", "floor ms",
-                    "step / floor"], rows)]
+            f"numpy measured (load average {prof['load_avg_1m']}). The first decoder call of a clip (the prompt, no "
+            "past) computes the cross-attention keys and values of all 1500 frames: once per clip, it is in the "
+            "speed pass's ms/token, not in a step's.", "",
+            _table(["variant", "encoder ms", "first decoder call ms", "decoder step ms", "decoder weights MB",
+                    "KV cache MB", "floor ms", "step / floor"], rows)]
 
 
 def render_bench_report(r: dict, gpu: dict | None, serve: dict | None = None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from benchmarks import chaos
-from devtools.emulator.cloud import GLOBAL_KNOBS, INSTANCE_KNOBS
+from devtools.emulator.knobs import GLOBAL_KNOBS, INSTANCE_KNOBS
 
 
 def committed() -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -328,6 +329,32 @@ def test_fault_knob_validation(emulator):
         emulator.set_faults(evil=["symlink", "polite"])
     with pytest.raises(RuntimeError, match="evil_target"):
         emulator.set_faults(evil="symlink", evil_target="relative/dir")
+
+
+def test_fault_knobs_table_is_the_one_list():
+    """knobs.py names every knob once: the README's table documents exactly those, and the sets,
+    defaults and checks come from it."""
+    from devtools.emulator import knobs
+
+    section = (Path(__file__).parents[1] / "devtools/emulator/README.md").read_text().split("## Fault knobs")[1]
+    documented = {name for row in section.split("## ")[0].splitlines() if row.startswith("| `")
+                  for name in re.findall(r"`(\w+)", row.split(" | ")[0])}
+    assert documented == set(knobs.KNOBS)
+    assert knobs.INSTANCE_KNOBS | knobs.GLOBAL_KNOBS == set(knobs.KNOBS)
+    assert not knobs.INSTANCE_KNOBS & knobs.GLOBAL_KNOBS
+    assert knobs.INSTANCE_DEFAULTS == {"half_filled_s": 1.0}
+    assert knobs.GLOBAL_DEFAULTS == {"http_429_retry_after": 1, "lost_create_mode": "504", "list_lag_s": 0,
+                                     "foreign_rows": 0, "gone_404_after_s": 60}
+    assert knobs.split({"boot_seconds": 2, "http_429": 1, "evil": None}, targeted=False) == (
+        {"boot_seconds": 2, "evil": None}, {"http_429": 1})
+    for body, message in [({"boot_seconds": "2"}, "boot_seconds must be a number"),
+                          ({"lost_create_mode": "503"}, "lost_create_mode must be one of ('504', '500', 'drop')"),
+                          ({"destroy_fail_once": "loud"}, 'destroy_fail_once must be true, "error" or "silent"'),
+                          ({"garbled_fields": [1]}, "garbled_fields must be a list of row field names"),
+                          ({"explode": 1}, "unknown fault knob(s) ['explode']; known: ")]:
+        with pytest.raises(ValueError) as e:
+            knobs.split(body, targeted=False)
+        assert str(e.value).startswith(message)
 
 
 def test_onstart_sees_the_image_host_keys_and_logs_come_back_over_the_api(emulator, sdk, client_key):

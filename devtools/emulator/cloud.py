@@ -21,30 +21,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from devtools.emulator import offers as catalogue
-from devtools.emulator import evil, image
+from devtools.emulator import evil, image, knobs
+from devtools.emulator.knobs import GLOBAL_COUNTERS, GLOBAL_DEFAULTS, GLOBAL_SETTINGS, INSTANCE_DEFAULTS, INSTANCE_KNOBS
+from devtools.emulator.knobs import GLOBAL_KNOBS  # noqa: F401 - benchmarks/chaos.py imports it from here
 from devtools.emulator.meter import Meter
 from devtools.emulator.sshd import ETC_VAR, PROC_VAR, ROOT_MARKER, Sshd, SshdError, free_port, kill_instance_processes
 from devtools.emulator.state import Store
-
-# Per-instance knobs (settable globally, per id, or per label prefix) and global-only knobs.
-INSTANCE_KNOBS = {"stuck_loading", "ssh_refuse_s", "preempt_after_s", "preempt_mode",
-                  "destroy_fail_once", "disk_full_mb", "boot_seconds", "evil", "evil_target",
-                  "null_after_create_s", "destroy_lag_s", "nvidia_smi", "driver_cuda", "image_torchvision",
-                  "half_filled_s", "garbled_fields", "host_reclaims"}
-# What an instance knob is when no rule sets it: rows of instances being created are half-filled for
-# a while, as Vast's are (docs/REFERENCE.md section 1b); a few of the product's poll intervals in tests.
-INSTANCE_DEFAULTS = {"half_filled_s": 1.0}
-# Global counters (the next N calls) and global settings (kept until changed or cleared).
-GLOBAL_COUNTERS = {"http_429", "quota_429", "lost_create"}
-GLOBAL_SETTINGS = {"http_429_retry_after", "lost_create_mode", "list_lag_s", "foreign_rows", "gone_404_after_s"}
-GLOBAL_KNOBS = {"malformed", "malformed_count", "malformed_status", "malformed_fields"} | GLOBAL_COUNTERS | GLOBAL_SETTINGS
-# Defaults of the settings: what Vast.ai does (docs/REFERENCE.md section 1b).
-GLOBAL_DEFAULTS = {"http_429_retry_after": 1, "lost_create_mode": "504", "list_lag_s": 0, "foreign_rows": 0,
-                   "gone_404_after_s": 60}
-LOST_CREATE_MODES = ("504", "500", "drop")
-PREEMPT_MODES = ("exited", "offline", "vanish", "stopped")
-MALFORMED_MODES = ("html", "missing_fields", "wrong_types", "truncated", "empty")
-
 
 class ApiError(Exception):
     """An error answered as Vast does: HTTP status + {"success": false, "error", "msg"}."""
@@ -302,14 +284,10 @@ class Cloud:
                     self.store.set_meta(key, value)
                 self.store.set_meta("reclaimed_offers", [])
             target_id, prefix = body.pop("id", None), body.pop("label_prefix", None)
-            unknown = set(body) - INSTANCE_KNOBS - GLOBAL_KNOBS
-            if unknown:
-                raise ApiError(400, "invalid_args", f"unknown fault knob(s) {sorted(unknown)}; known: "
-                               f"{sorted(INSTANCE_KNOBS | GLOBAL_KNOBS)}")
-            global_part = {k: body.pop(k) for k in list(body) if k in GLOBAL_KNOBS}
-            if global_part and (target_id is not None or prefix is not None):
-                raise ApiError(400, "invalid_args", f"{sorted(global_part)} are global: drop id/label_prefix")
-            self._validate(body, global_part)
+            try:
+                body, global_part = knobs.split(body, targeted=target_id is not None or prefix is not None)
+            except ValueError as e:
+                raise ApiError(400, "invalid_args", str(e)) from None
             for key in GLOBAL_COUNTERS:
                 if key in global_part:
                     self.store.set_meta(key, int(global_part[key]))
@@ -318,10 +296,8 @@ class Cloud:
                     value = global_part[key]
                     self.store.set_meta(key, GLOBAL_DEFAULTS[key] if value is None else value)
             if "malformed" in global_part:
-                self.store.set_meta("malformed", global_part["malformed"])
-                self.store.set_meta("malformed_count", int(global_part.get("malformed_count", 1)))
-                self.store.set_meta("malformed_status", int(global_part.get("malformed_status", 200)))
-                self.store.set_meta("malformed_fields", global_part.get("malformed_fields"))
+                for key, value in knobs.malformed_armed(global_part).items():
+                    self.store.set_meta(key, value)
             if body:
                 sel = f"id:{int(target_id)}" if target_id is not None else (
                     f"label:{prefix}" if prefix is not None else "*")
@@ -330,44 +306,6 @@ class Cloud:
                 if Path(inst["root"]).is_dir():
                     self._sync_evil(inst)
             return self.faults_view()
-
-    @staticmethod
-    def _validate(knobs: dict, global_part: dict) -> None:
-        mode = knobs.get("preempt_mode")
-        if mode is not None and mode not in PREEMPT_MODES:
-            raise ApiError(400, "invalid_args", f"preempt_mode must be one of {PREEMPT_MODES}")
-        dfo = knobs.get("destroy_fail_once")
-        if dfo not in (None, True, False, "error", "silent"):
-            raise ApiError(400, "invalid_args", "destroy_fail_once must be true, \"error\" or \"silent\"")
-        if global_part.get("lost_create_mode") not in (None, *LOST_CREATE_MODES):
-            raise ApiError(400, "invalid_args", f"lost_create_mode must be one of {LOST_CREATE_MODES}")
-        for k in ("http_429_retry_after", "list_lag_s", "foreign_rows", "gone_404_after_s", "http_429",
-                  "quota_429", "lost_create"):
-            if global_part.get(k) is not None and not isinstance(global_part[k], (int, float)):
-                raise ApiError(400, "invalid_args", f"{k} must be a number")
-        mal = global_part.get("malformed")
-        if mal is not None and mal not in MALFORMED_MODES:
-            raise ApiError(400, "invalid_args", f"malformed must be one of {MALFORMED_MODES}")
-        if knobs.get("nvidia_smi") not in (None, *image.NVIDIA_SMI_MODES):
-            raise ApiError(400, "invalid_args", f"nvidia_smi must be one of {image.NVIDIA_SMI_MODES}")
-        if knobs.get("driver_cuda") is not None and not isinstance(knobs["driver_cuda"], (int, float)):
-            raise ApiError(400, "invalid_args", "driver_cuda must be a CUDA version number such as 12.4")
-        if knobs.get("image_torchvision") not in (None, *image.TORCHVISION_MODES):
-            raise ApiError(400, "invalid_args", f"image_torchvision must be one of {image.TORCHVISION_MODES}")
-        try:
-            evil.modes(knobs.get("evil"))
-        except ValueError as e:
-            raise ApiError(400, "invalid_args", str(e)) from None
-        garbled = knobs.get("garbled_fields")
-        if garbled is not None and not (isinstance(garbled, list) and all(isinstance(k, str) for k in garbled)):
-            raise ApiError(400, "invalid_args", "garbled_fields must be a list of row field names")
-        if knobs.get("evil_target") is not None and not (isinstance(knobs["evil_target"], str)
-                                                         and knobs["evil_target"].startswith("/")):
-            raise ApiError(400, "invalid_args", "evil_target must be an absolute path")
-        for k in ("ssh_refuse_s", "preempt_after_s", "disk_full_mb", "boot_seconds", "null_after_create_s",
-                  "destroy_lag_s", "half_filled_s"):
-            if knobs.get(k) is not None and not isinstance(knobs[k], (int, float)):
-                raise ApiError(400, "invalid_args", f"{k} must be a number")
 
     def setting(self, key: str) -> Any:
         return self.store.get_meta(key, GLOBAL_DEFAULTS.get(key))

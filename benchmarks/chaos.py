@@ -31,10 +31,12 @@ from typing import Callable, Optional
 import psutil
 
 from contract.catalogue import STEPS
+from devtools.deployments import deployment, deployment_env
 from devtools.emulator.cloud import GLOBAL_COUNTERS, GLOBAL_KNOBS
 from devtools.emulator.sshd import instance_processes
-from devtools.services import REPO, wait_for
-from devtools.stack import PY, LocalStack, Stack, deployment, deployment_env
+from devtools.services import PY, REPO, wait_for
+from devtools.stack import LocalStack
+from devtools.throwaway_stack import Stack
 
 OUT_JSON = REPO / "benchmarks" / "chaos.json"
 OUT_MD = REPO / "benchmarks" / "CHAOS.md"

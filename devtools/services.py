@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,6 +20,8 @@ from typing import Any, Callable, Optional
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+BIN = Path(PY).parent          # the venv's bin: `prefect` lives beside its python
 GRACE_S = 20.0                 # SIGTERM -> SIGKILL
 
 

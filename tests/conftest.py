@@ -126,18 +126,18 @@ def emulator(tmp_path):
 
 @pytest.fixture(scope="module")
 def stack_options() -> dict:
-    """Keyword arguments for the module's `stack` (devtools.stack.Stack); a test module overrides
+    """Keyword arguments for the module's `stack` (devtools.throwaway_stack.Stack); a test module overrides
     this fixture to set e.g. api_key, env or runner_limit."""
     return {}
 
 
 @pytest.fixture(scope="module")
 def stack(request, tmp_path_factory, stack_options):
-    """A real local stack for the module (devtools.stack.Stack: Prefect server, emulator with real
+    """A real local stack for the module (devtools.throwaway_stack.Stack: Prefect server, emulator with real
     sshd, a Runner serving qat). Teardown fails if an instance was left alive or a process of the
     stack outlived it."""
     require_sshd()
-    from devtools.stack import Stack
+    from devtools.throwaway_stack import Stack
 
     s = Stack(tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2].removeprefix("test_")),
               **stack_options)

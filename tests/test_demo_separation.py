@@ -7,7 +7,9 @@ import re
 
 import pytest
 
-from devtools.stack import DEMO_DEPLOYMENTS, REPO, LocalStack, deployment, deployment_env
+from devtools.deployments import deployment, deployment_env
+from devtools.services import REPO
+from devtools.stack import DEMO_DEPLOYMENTS, LocalStack
 from infra.backends.vast.credentials import endpoint_url, secret_block_name
 from tasks import secrets
 from vast_keys import EMU_KEY, REAL_LOOKING_KEY, use_env

@@ -1,12 +1,12 @@
 """What prefect.yaml promises the real deployments: qat/int8 retrained on a cron, the reaper every few
 minutes on its own pool (it backs up the qat worker, so never runs on it), and flow runs that send
-heartbeats at the pace the reaper reads. Read through devtools.stack's lookup of prefect.yaml and
+heartbeats at the pace the reaper reads. Read through devtools.deployments' lookup of prefect.yaml and
 tasks.reaping's own reading of the heartbeat. Fast: no server."""
 from __future__ import annotations
 
 import re
 
-from devtools.stack import deployment, deployment_env
+from devtools.deployments import deployment, deployment_env
 from tasks import reaping
 
 QAT = ("qat/int8", "qat/int4")

@@ -37,7 +37,7 @@ def test_the_emulator_listens_on_the_port_it_reports(tmp_path):
 
 
 def test_the_stack_serves_prefect_on_another_port_when_its_first_was_taken(tmp_path):
-    from devtools.stack import Stack
+    from devtools.throwaway_stack import Stack
 
     require_sshd()
     stack = Stack(tmp_path / "stack", reaper=False)

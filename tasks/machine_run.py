@@ -21,7 +21,7 @@ from .billing import BudgetExceeded, budget_rows, forget, open_budget, register,
 from .gpu_ranks import with_counted_gpus
 from .home_record import VERIFIED_STEP, write_record
 from .remote_step import MachineLost, run_remote_step
-from .rental import destroy_machine, forget_machine, gpu_slot, machine_alive, push_code, rent_machine, setup_environment
+from .rental import destroy_machine, forget_machine, gpu_slot, machine_gone, push_code, rent_machine, setup_environment
 from .report import publish_cost_table
 from .retry import is_transient
 
@@ -67,7 +67,7 @@ def run_on_machines(cfg: RunConfig, label: str, run_dir: Path, local_work: Path)
                     if budget.exceeded is not None and not isinstance(exc, BudgetExceeded):
                         # the timer closed the connection under a command: a budget stop, not a lost machine
                         raise BudgetExceeded(budget.exceeded) from exc
-                    lost = isinstance(exc, MachineLost) or (is_transient(exc) and not machine_alive(lease))
+                    lost = isinstance(exc, MachineLost) or (is_transient(exc) and machine_gone(lease))
                     if not lost or machine_no == MAX_MACHINES:
                         raise
                     log.warning("machine %s was lost (%s): renting another, resuming from what was copied home",

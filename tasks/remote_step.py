@@ -29,7 +29,7 @@ from infra.run_estimate import clock
 
 from .billing import BudgetExceeded, CopyHomeRefused, charge_as_it_arrives, check_budget, copy_home_cap
 from .gpu_ranks import cpu_ranks
-from .rental import forget_machine, machine_alive, machine_for, remote_python
+from .rental import forget_machine, machine_for, machine_gone, remote_python
 from .retry import StepFailed, retry_transient
 from .revisions import hub_endpoint_env
 from .step_output import StepOutput
@@ -278,7 +278,7 @@ def run_remote_step(lease: Lease, cfg: RunConfig, step: str, local_work: Path) -
     except TransientMachineError as exc:
         forget_machine(lease)  # a retry starts from a fresh connection
         check_budget(lease, cfg)  # the budget timer closed the connection: a budget stop, not a lost machine
-        if not machine_alive(lease):  # do not spend retries waiting on a machine that is gone
+        if machine_gone(lease):  # do not spend retries waiting on a machine that is gone
             raise MachineLost(f"machine {lease.label} is gone ({exc.__class__.__name__}: {exc})") from None
         raise
     if code != 0:

@@ -274,9 +274,11 @@ def delete_run_key(lease: Lease) -> bool:
     return deleted
 
 
-def machine_alive(lease: Lease) -> bool:
-    """Whether the provider still runs the machine (False also when it cannot tell)."""
+def machine_gone(lease: Lease) -> bool:
+    """Whether the provider answered that it no longer runs the machine. An answer that cannot be had
+    (its API down, a timeout) is not "gone": a healthy machine is never given up on a hiccup; the step's
+    own retry tries it again, and asks again."""
     try:
-        return registry.is_alive(lease, secrets.credentials(lease.backend))
+        return not registry.is_alive(lease, secrets.credentials(lease.backend))
     except Exception:
         return False

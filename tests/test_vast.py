@@ -456,3 +456,25 @@ def test_onstart_prints_the_host_key_fingerprints_with_or_without_ssh_keygen(tmp
         assert out.returncode == 0, out.stderr
         for text in (out.stdout, (proc / "1" / "fd" / "1").read_text()):
             assert hostkeys.parse_host_keys(text) == [f"ssh-ed25519 {want}"], (path, text, out.stderr)
+
+
+def test_a_machine_is_gone_only_when_the_provider_says_so(emulator, monkeypatch):
+    """tasks/rental.py machine_gone, which decides whether a failed step's machine is replaced: an API that
+    cannot answer (a garbled page, every retry) does not give up a running machine; a destroyed one is gone."""
+    from devtools.services import wait_for
+    from infra.machines.machine import Lease
+    from tasks.rental import machine_gone
+
+    monkeypatch.setenv("VAST_API_KEY", emulator.api_key)
+    monkeypatch.setenv("VAST_URL", emulator.url)
+    p = provider(emulator)
+    offer = p.search_offers(VastConfig(min_disk_gb=10))[0]
+    iid = p._sdk.create_instance(offer["id"], image="x", disk=10, label="qat-gone")["new_contract"]
+    wait_for(lambda: p.is_running(iid), 30, 0.2, "the instance to run")
+    lease = Lease(backend="vast", label="qat-gone", instance_id=iid)
+    assert not machine_gone(lease)
+    emulator.set_faults(malformed="html", malformed_count=20)
+    assert not machine_gone(lease)  # cannot tell: kept, its step retried on it
+    emulator.clear_faults()
+    assert p.destroy(iid)
+    assert machine_gone(lease)

@@ -45,7 +45,8 @@ MODEL_BYTES = {
     "fixture:whisper-base": 290_403_936,
     "fixture:tiny-random": 14_830_496,
 }
-# A Hub id whose parameters the Hub cannot count (hub_fp32_bytes): assumed as large as Whisper large (~1.55 B parameters x 4 bytes), the largest Whisper.
+# A Hub id whose parameters the Hub cannot count (hub_fp32_bytes): assumed as large as Whisper large
+# (~1.55 B parameters x 4 bytes), the largest Whisper.
 UNKNOWN_MODEL_BYTES = 1_550_000_000 * 4
 # A checkpoint (fp32 weights + the optimizer's moments) of the real model, bytes per optimizer (measured at the
 # real shapes: benchmarks/checkpoint.json, results' checkpoint_bytes); another model's scales with its weights.
@@ -81,10 +82,11 @@ def hub_fp32_bytes(repo_id: str, revision: Optional[str]) -> Optional[int]:
     (huggingface_hub's get_safetensors_metadata: ranged reads of the headers, no weights downloaded),
     on $HF_ENDPOINT (else the public Hub) with $HF_TOKEN if set. None when the Hub cannot say (not
     reachable, no safetensors, a private repo without the token): the caller assumes the largest Whisper."""
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi
 
-    endpoint = (os.environ.get("HF_ENDPOINT") or constants._HF_DEFAULT_ENDPOINT).rstrip("/")
-    api = HfApi(endpoint=endpoint, token=os.environ.get("HF_TOKEN") or False)
+    from .hub_config import resolve_endpoint
+
+    api = HfApi(endpoint=resolve_endpoint(), token=os.environ.get("HF_TOKEN") or False)
     try:
         api.model_info(repo_id, revision=revision)  # one request first: an unreachable Hub answers at once
         params = sum(int(n) for n in api.get_safetensors_metadata(repo_id, revision=revision).parameter_count.values())

@@ -1,6 +1,7 @@
 """The `hub` section: where the model is published, and who must approve it first."""
 from __future__ import annotations
 
+import os
 import re
 from typing import Literal, Optional
 
@@ -12,6 +13,13 @@ from .machine_config import Strict
 # The Hub's naming rule for each half of a repo id: letters, digits, '-', '_', '.'; no '--' or '..';
 # neither starting nor ending with '-' or '.'; at most 96 characters.
 HUB_NAME = re.compile(r"(?!.*(?:--|\.\.))(?![-.])[A-Za-z0-9_.-]{1,96}(?<![-.])")
+
+
+def resolve_endpoint(endpoint: Optional[str] = None) -> str:
+    """The argument, else $HF_ENDPOINT read now (not at import), else the public Hub."""
+    from huggingface_hub import constants
+
+    return (endpoint or os.environ.get("HF_ENDPOINT") or constants._HF_DEFAULT_ENDPOINT).rstrip("/")
 
 
 def hub_repo_id_problem(repo_id: str) -> Optional[str]:

@@ -87,9 +87,8 @@ def reap_instances(credentials: Mapping[str, Any], max_age_hours: float = 24.0,
                            f"{max_age_hours:g} h, but {why}: kept, not destroyed by age. Check that run "
                            "(machine.step_timeout_s x attempts must stay under the reaper's limit)")
                 (alarm or (lambda a: log(a["message"])))({"backend": backend.name, "instance_id": lease.instance_id,
-                                                          "label": label,
-                                                          "age_h": round(age_h, 2), "verdict": verdict,
-                                                          "message": message})
+                                                          "label": label, "age_h": round(age_h, 2),
+                                                          "verdict": verdict, "message": message})
             else:
                 reason = f"older than {max_age_hours:g} h"
         elif reason is None and verdict == FOREIGN:

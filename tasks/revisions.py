@@ -25,9 +25,10 @@ from prefect import get_run_logger, task
 
 from contract.config import ConfigError, RunConfig, hub_model_id
 from contract.fingerprint import COMMIT, inputs_in_words
+from contract.hub_config import resolve_endpoint
 
 from . import secrets
-from .upload import redact, resolve_endpoint
+from .upload import redact
 
 
 class RevisionError(ConfigError):

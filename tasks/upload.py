@@ -32,6 +32,7 @@ from prefect.runtime import flow_run
 
 from contract.catalogue import quantized_variant
 from contract.config import RunConfig
+from contract.hub_config import resolve_endpoint
 from contract.redaction import redact
 
 from . import secrets
@@ -153,11 +154,6 @@ def check_model_folder(model_dir: Path) -> list[str]:
     if not ok:
         raise UnsafeModelFolder(f"refusing to upload {model_dir}: it holds no model files")
     return ok
-
-
-def resolve_endpoint(endpoint: Optional[str]) -> str:
-    """The argument, else $HF_ENDPOINT read now (not at import), else the public Hub."""
-    return (endpoint or os.environ.get("HF_ENDPOINT") or constants._HF_DEFAULT_ENDPOINT).rstrip("/")
 
 
 @contextlib.contextmanager

@@ -162,7 +162,7 @@ def _timed_sum(a: np.ndarray) -> float:
 
 def default_variants(work: Path) -> dict[str, Path]:
     """whisper-base exported and quantized as the convert step does (configs/demo.yaml's quant section);
-    the int4 alternatives (4-bit vocabulary, accuracy_level 4) are timed per MatMul in kernels()."""
+    the layouts int4 could use for each kind of MatMul are timed one by one in kernels()."""
     from contract.config import load_config
     from contract.quant_spec import QuantSpec
     from steps import convert
@@ -194,25 +194,34 @@ def _matmul(path: Path, k: int, n: int, out: str) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
+KERNEL_SHAPES = {  # name: (rows, inputs, outputs, output name, what the int4 scheme ships it as)
+    "encoder_fc1_1500x512x2048": (1500, 512, 2048, "Y", "int4_acc0"),
+    "decoder_cross_kv_1500x512x512": (1500, 512, 512, "Y", "int8"),
+    "decoder_fc1_1x512x2048": (1, 512, 2048, "Y", "int4_acc4"),
+    "vocabulary_1x512x51865": (1, 512, 51865, "logits", "int8"),
+}
+
+
 def kernels(threads: int) -> dict:
-    """One MatMul of whisper-base's shapes, as each layout writes it, timed interleaved (median ms):
-    an encoder MLP projection (1500 frames x 512 -> 2048) and the vocabulary (1 token x 512 -> 51865)."""
+    """One MatMul of whisper-base's shapes, in each layout, timed interleaved (median ms): fp32, the int8
+    scheme's, and 4-bit blocks at accuracy_level 0 (float activations) and 4 (int8 activation blocks).
+    "shipped" names the layout the int4 scheme writes for that MatMul (contract/quant_spec.py)."""
     from contract.quant_spec import QuantSpec
     from steps import convert, int4_export
 
-    shapes = {"encoder_fc1_1500x512x2048": (1500, 512, 2048, "Y"), "vocabulary_1x512x51865": (1, 512, 51865, "logits")}
+    spec = QuantSpec.of("int4")
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for shape, (m, k, n, name) in shapes.items():
+        for shape, (m, k, n, name, shipped) in KERNEL_SHAPES.items():
             src = Path(tmp) / f"{shape}.onnx"
             _matmul(src, k, n, name)
             files = {"fp32": src, "int8": Path(tmp) / f"{shape}_int8.onnx"}
             convert.quantize_int8(src, files["int8"])
-            for label, spec, level in (("int4_shipped", QuantSpec.of("int4"), None),
-                                       ("int4_vocab4", QuantSpec.of("int4", 32, 4), None),
-                                       ("int4_vocab4_acc4", QuantSpec.of("int4", 32, 4), 4)):
-                files[label] = Path(tmp) / f"{shape}_{label}.onnx"
-                int4_export.quantize_int4(src, files[label], spec, level)
+            for level in (0, 4):
+                import onnx
+
+                files[f"int4_acc{level}"] = Path(tmp) / f"{shape}_int4_acc{level}.onnx"
+                onnx.save(int4_export._nbits(onnx.load(str(src)), spec, spec.bits, level), str(files[f"int4_acc{level}"]))
             sessions = {label: session(f, threads, None) for label, f in files.items()}
             x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
             times: dict = collections.defaultdict(list)
@@ -222,6 +231,7 @@ def kernels(threads: int) -> dict:
                     sess.run(None, {"X": x})
                     times[label].append(time.perf_counter() - t)
             out[shape] = {label: round(1000 * float(np.median(v[1:])), 3) for label, v in times.items()}
+            out[shape]["shipped"] = shipped
     return out
 
 

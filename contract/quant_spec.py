@@ -7,14 +7,21 @@ derived from the config's quant section; none of them holds a grid constant of i
 - Block Linears (the encoder's and decoder's attention and MLP projections):
   int8: ORT dynamic quantization, weights per output channel (symmetric, max|w|/127), activations
   uint8 per call (DynamicQuantizeLinear: per utterance in the encoder, per token in the decoder).
-  int4: ORT MatMulNBits, weight-only, symmetric blocks of `group_size` inputs (the element of largest
-  magnitude maps to -8), at `accuracy_level` 0: activations stay float, so the export computes what
-  QAT trained.
+  int4: ORT MatMulNBits, symmetric blocks of `group_size` inputs (the element of largest magnitude
+  maps to -8). The encoder's run at `encoder_accuracy_level` 0 (float activations): its 1500-frame
+  MatMuls have no faster 4-bit kernel on the CPU. The decoder's, which run once per generated token,
+  at `decoder_accuracy_level` 4: MLAS quantizes each token's activations to int8 in blocks of
+  `group_size` (symmetric, scale max|x|/127, rounding half to even) and multiplies integers, faster
+  than int8's kernel at one row (benchmarks/int4_profile.json); QAT fake-quantizes those activations
+  on the same grid. The decoder's cross-attention key/value projections (`cross_kv_layout`) read all
+  1500 encoder frames once per clip, an encoder-like load: they take the int8 scheme's layout (weights
+  per channel, uint8 activations per call), as the int8 scheme trains and ships them.
 - Vocabulary matrix (proj_out and the tied token embedding, one matrix):
   8 bits ("int8_dynamic"): the int8 scheme's layout in both schemes: per-channel int8 weights and
   uint8 activations per token (DynamicQuantizeMatMul, a fast CPU kernel; MatMulNBits at 8 bits and
   accuracy_level 0 has none), the embedding reading the same int8 rows.
-  4 bits ("nbits", int4 only): MatMulNBits 4-bit blocks, the embedding a GatherBlockQuantized of them.
+  4 bits ("nbits", int4 only): MatMulNBits 4-bit blocks at the decoder's accuracy level (it runs once
+  per token), the embedding a GatherBlockQuantized of the same blocks.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from typing import Literal
 
 from .catalogue import SCHEMES, Scheme
 
-VocabLayout = Literal["int8_dynamic", "nbits"]
+Layout = Literal["int8_dynamic", "nbits"]
 
 
 @dataclass(frozen=True)
@@ -32,10 +39,12 @@ class QuantSpec:
     bits: int  # weight bits of the block Linears
     group_size: int  # int4: inputs per weight block
     vocab_bits: int  # proj_out and the tied embedding
-    vocab_layout: VocabLayout
+    vocab_layout: Layout
     symmetric: bool = True  # weights: zero point fixed (mid-range), as ORT's quantizers write them
     block_axis: int = 1  # int4 blocks run along nn.Linear's input dimension (weight [out, in])
-    accuracy_level: int = 0  # MatMulNBits: 0 = float activations (what QAT simulates)
+    encoder_accuracy_level: int = 0  # MatMulNBits: 0 = float activations
+    decoder_accuracy_level: int = 4  # 4 = int8 activations in blocks of group_size (QAT simulates them)
+    cross_kv_layout: Layout = "int8_dynamic"  # the decoder's cross-attention k/v projections (int4)
 
     @classmethod
     def of(cls, scheme: Scheme, group_size: int = 32, vocab_bits: int = 8) -> "QuantSpec":
@@ -53,8 +62,11 @@ class QuantSpec:
         if self.scheme == "int8":
             return ("int8 weights per output channel, symmetric, with dynamic uint8 activations: the grid of "
                     "ONNX Runtime's quantize_dynamic; vocabulary the same")
-        return (f"int4 weights, symmetric, in blocks of {self.group_size} inputs, float activations: the grid of "
-                f"ONNX Runtime's MatMulNBits; the vocabulary matrix (output projection and tied token embedding) {vocab}")
+        return (f"int4 weights, symmetric, in blocks of {self.group_size} inputs: the grid of ONNX Runtime's MatMulNBits, "
+                f"with float activations in the encoder and int8 activations in blocks of {self.group_size} in the "
+                f"decoder (accuracy_level {self.decoder_accuracy_level}); the decoder's cross-attention key/value "
+                f"projections int8 per output channel with uint8 activations per clip; the vocabulary matrix "
+                f"(output projection and tied token embedding) {vocab}")
 
 
 def quant_spec(quant) -> QuantSpec:

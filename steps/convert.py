@@ -124,7 +124,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 
 def quantize_dir(fp32_dir: Path, dst: Path, spec: QuantSpec, int4_accuracy_level: int | None = None) -> dict:
     """Quantize an exported fp32 dir (encoder + both decoders) into dst with a merged decoder.
-    int4_accuracy_level overrides spec.accuracy_level (benchmarks only)."""
+    int4_accuracy_level overrides the spec's MatMulNBits accuracy levels (benchmarks only)."""
     from optimum.onnx.graph_transformations import merge_decoders
 
     if dst.exists():
@@ -133,13 +133,13 @@ def quantize_dir(fp32_dir: Path, dst: Path, spec: QuantSpec, int4_accuracy_level
     tmp = dst / ".parts"
     tmp.mkdir()
 
-    def q(src: Path, out: Path) -> bool:
+    def q(src: Path, out: Path, part: str) -> bool:
         if spec.scheme == "int8":
             return quantize_int8(src, out)
-        return quantize_int4(src, out, spec, int4_accuracy_level)
+        return quantize_int4(src, out, spec, part, int4_accuracy_level)
 
-    q(fp32_dir / ENCODER, dst / ENCODER)
-    tied = [q(fp32_dir / DECODER, tmp / DECODER), q(fp32_dir / DECODER_WITH_PAST, tmp / DECODER_WITH_PAST)]
+    q(fp32_dir / ENCODER, dst / ENCODER, "encoder")
+    tied = [q(fp32_dir / DECODER, tmp / DECODER, "decoder"), q(fp32_dir / DECODER_WITH_PAST, tmp / DECODER_WITH_PAST, "decoder")]
     merge_decoders(onnx.load(str(tmp / DECODER)), onnx.load(str(tmp / DECODER_WITH_PAST)),
                    save_path=str(tmp / MERGED), strict=False)
     # read back what merge_decoders saved: when it wrote external data (FORCE_ONNX_EXTERNAL_DATA) the

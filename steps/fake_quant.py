@@ -18,9 +18,13 @@ torchao's recipes (docs/REFERENCE.md section 3):
   call with its KV cache, so its other Linears get one range per token.
 * int4 = ORT `MatMulNBits` (symmetric, blocks of `group_size` along the input dimension): the
   element of largest magnitude m in a block maps to -8 with scale m / -8, the rest round into
-  [-8, 7] (torchao: max|w|/7.5, symmetric). The vocabulary matrix (proj_out and the tied token
-  embedding) is int8 exactly as in the int8 scheme (per-channel weights, activations per token)
-  unless quant.vocab_bits is 4 (4-bit blocks like the rest): spec.vocab_layout.
+  [-8, 7] (torchao: max|w|/7.5, symmetric). Encoder activations stay float (accuracy_level 0); the
+  decoder's are int8 in blocks of `group_size` per token (accuracy_level 4: MLAS's
+  QuantizeARow_CompInt8, scale max|x|/127, x * (127 / max|x|) rounded half to even). The decoder's
+  cross-attention k/v projections are the int8 scheme's (spec.cross_kv_layout). The vocabulary
+  matrix (proj_out and the tied token embedding) is int8 exactly as in the int8 scheme (per-channel
+  weights, activations per token) unless quant.vocab_bits is 4 (4-bit blocks like the decoder's):
+  spec.vocab_layout.
 
 tests/test_fake_quant.py checks these grids bit for bit against what ORT itself produces, and
 benchmarks/train_speed.py measures how far torchao's grids are from ORT's on the real weights.
@@ -86,6 +90,16 @@ def _uint8_activation(x: torch.Tensor, per_token: bool = False) -> torch.Tensor:
     return ((torch.clamp(torch.round(xf / scale) + zp, 0, 255) - zp) * scale).to(x.dtype)
 
 
+def _int8_block_activation(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    xf = x.float()
+    k = xf.shape[-1]
+    blocks = F.pad(xf, (0, (-k) % group_size)).unflatten(-1, (-1, group_size))
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(amax == 0, torch.zeros_like(amax), 127.0 / amax)
+    q = torch.round(blocks * inverse)  # half to even, as _mm512_roundscale_ps(_MM_ROUND_NEAREST)
+    return (q * (amax / 127.0)).flatten(-2)[..., :k].to(x.dtype)
+
+
 def fake_quant_weight_int8(w: torch.Tensor) -> torch.Tensor:
     """Per-output-channel symmetric int8, scale max|w|/127 (ORT quantize_dynamic, QInt8 weights)."""
     return _StraightThrough.apply(w, _int8_weight)
@@ -102,16 +116,24 @@ def fake_quant_act_uint8(x: torch.Tensor, per_token: bool = False) -> torch.Tens
     return _StraightThrough.apply(x, lambda t: _uint8_activation(t, per_token))
 
 
-class FakeQuantLinear(nn.Linear):
-    """nn.Linear that trains through ORT's int8 (W8A8 dynamic) or int4 (weight-only blocks of `bits`) rounding."""
+def fake_quant_act_int8_blocks(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """MatMulNBits at accuracy_level 4: symmetric int8 per block of group_size along the last dimension."""
+    return _StraightThrough.apply(x, lambda t: _int8_block_activation(t, group_size))
 
-    def __init__(self, linear: nn.Linear, scheme: str, group_size: int = 32, per_token: bool = False, bits: int = 4):
+
+class FakeQuantLinear(nn.Linear):
+    """nn.Linear that trains through ORT's int8 (W8A8 dynamic) or int4 (blocks of `bits`) rounding;
+    int4 with int8_activations: MatMulNBits at accuracy_level 4 (activations int8 in the same blocks)."""
+
+    def __init__(self, linear: nn.Linear, scheme: str, group_size: int = 32, per_token: bool = False, bits: int = 4,
+                 int8_activations: bool = False):
         if scheme not in SCHEMES:
             raise StepError(f"quant.scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: nothing copied
         self.scheme, self.group_size, self.per_token, self.bits = scheme, group_size, per_token, bits
+        self.int8_activations = int8_activations and scheme == "int4"
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +141,8 @@ class FakeQuantLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if self.scheme == "int8":
             return F.linear(fake_quant_act_uint8(x, self.per_token), fake_quant_weight_int8(self.weight), self.bias)
+        if self.int8_activations:
+            x = fake_quant_act_int8_blocks(x, self.group_size)
         return F.linear(x, fake_quant_weight_blocks(self.weight, self.group_size, self.bits), self.bias)
 
     def to_linear(self) -> nn.Linear:
@@ -128,7 +152,8 @@ class FakeQuantLinear(nn.Linear):
         return lin
 
     def extra_repr(self) -> str:
-        extra = f", bits={self.bits}, group_size={self.group_size}" if self.scheme == "int4" else f", per_token={self.per_token}"
+        extra = (f", bits={self.bits}, group_size={self.group_size}, int8_activations={self.int8_activations}"
+                 if self.scheme == "int4" else f", per_token={self.per_token}")
         return super().extra_repr() + f", scheme={self.scheme}{extra}"
 
 
@@ -147,12 +172,16 @@ def prepare(model: nn.Module, spec: QuantSpec) -> int:
     n = 0
     encoder_layers, decoder_layers = _blocks(model)
     for layers in (encoder_layers, decoder_layers):
+        decoder = layers is decoder_layers
+        level = spec.decoder_accuracy_level if decoder else spec.encoder_accuracy_level
         for parent_name, parent in layers.named_modules():
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
-                    per_token = layers is decoder_layers and not (
-                        parent_name.endswith("encoder_attn") and name in ("k_proj", "v_proj"))
-                    setattr(parent, name, FakeQuantLinear(child, spec.scheme, spec.group_size, per_token, spec.bits))
+                    # the cross-attention k/v read the encoder states: one range per clip, not per token
+                    cross_kv = decoder and parent_name.endswith("encoder_attn") and name in ("k_proj", "v_proj")
+                    scheme = "int8" if cross_kv and spec.cross_kv_layout == "int8_dynamic" else spec.scheme
+                    setattr(parent, name, FakeQuantLinear(child, scheme, spec.group_size, decoder and not cross_kv,
+                                                          spec.bits, int8_activations=level == 4))
                     n += 1
     if n == 0:
         raise StepError("QAT prepare found no nn.Linear in model.model.encoder/decoder.layers: refusing "
@@ -187,7 +216,8 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
 # share_tied_embedding_int8, steps/int4_export.py share_tied_embedding_nbits): at 8 bits (both
 # schemes) proj_out is W8A8 like the int8 decoder's Linears (one activation range per generated
 # token) and its embedding rows are the same int8 weights; at 4 bits (int4 only) proj_out is
-# MatMulNBits and the embedding reads the same blocks (GatherBlockQuantized).
+# MatMulNBits at the decoder's accuracy level and the embedding reads the same blocks
+# (GatherBlockQuantized, weights only).
 # Training sees exactly that, so what is trained is what ships (tests/test_parity.py).
 
 class FakeQuantEmbedding(nn.Embedding):
@@ -220,7 +250,8 @@ def _prepare_tied_output(model: nn.Module, spec: QuantSpec) -> int:
     if type(proj) is not nn.Linear:
         return 0
     scheme = "int8" if spec.vocab_layout == "int8_dynamic" else "int4"
-    model.proj_out = FakeQuantLinear(proj, scheme, spec.group_size, per_token=True, bits=spec.vocab_bits)
+    model.proj_out = FakeQuantLinear(proj, scheme, spec.group_size, per_token=True, bits=spec.vocab_bits,
+                                     int8_activations=spec.decoder_accuracy_level == 4)
     emb = model.model.decoder.embed_tokens
     if type(emb) is nn.Embedding and emb.weight is proj.weight:
         model.model.decoder.embed_tokens = FakeQuantEmbedding(emb, scheme, spec.group_size, spec.vocab_bits)

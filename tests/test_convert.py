@@ -119,15 +119,18 @@ def test_fp32_export_matches_pytorch_and_int8_stays_close(converted_int8, tiny_m
 
 def test_int4_has_4bit_weights_in_external_data(converted_int4):
     d = converted_int4 / "qat_int4"
-    for part in ("encoder_model.onnx", "decoder_model_merged.onnx"):
+    spec = QuantSpec.of("int4")
+    for part, level in (("encoder_model.onnx", spec.encoder_accuracy_level),
+                        ("decoder_model_merged.onnx", spec.decoder_accuracy_level)):
         model = onnx.load(str(d / part), load_external_data=False)
         nbits = [n for n in _walk(model.graph) if n.op_type == "MatMulNBits"]
         assert nbits, f"{part} holds no MatMulNBits"
-        for n in nbits:  # 4-bit blocks at float activations; proj_out (the vocabulary) is not among them
+        for n in nbits:  # 4-bit blocks; proj_out (the vocabulary) and the cross-attention k/v are not among them
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            assert attrs["bits"] == 4 and "logits" not in n.output, (n.name, attrs)
-            assert attrs["block_size"] == 32 and attrs.get("accuracy_level", 0) == QuantSpec.of("int4").accuracy_level == 0
+            assert attrs["bits"] == 4 and "logits" not in n.output and "encoder_attn/k_proj" not in n.name, (n.name, attrs)
+            assert attrs["block_size"] == 32 and attrs.get("accuracy_level", 0) == level, (part, n.name, attrs)
         assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer), part
+    assert (spec.encoder_accuracy_level, spec.decoder_accuracy_level) == (0, 4)  # float encoder, int8-block decoder
     assert list(d.glob("*.onnx_data")) or list(d.glob("*.onnx.data"))
     # the 8-bit vocabulary is the int8 scheme's layout (MatMulInteger, int8 [d, vocab] weights), which the
     # tied embedding reads: no fp32 table of its own
@@ -140,6 +143,10 @@ def test_int4_has_4bit_weights_in_external_data(converted_int4):
     assert len(int8) == 1, int8
     readers = collections.Counter(n.op_type for n in _walk(merged.graph) if set(n.input) & int8)
     assert readers == {"MatMulInteger": 2, "Transpose": 2}, readers  # one of each per decoder branch
+    # the cross-attention keys and values (computed once per clip from the encoder states) are int8 too
+    cross = [n for n in _walk(merged.graph) if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
+             and "encoder_attn" in n.name and ("k_proj" in n.name or "v_proj" in n.name)]
+    assert len(cross) == 2 * config["decoder_layers"], [n.name for n in cross]
     assert not any(n.op_type == "GatherBlockQuantized" for n in _walk(merged.graph))
     sizes = {n: convert.onnx_size_mb(converted_int4 / n) for n in ("qat_fp32", "qat_int4")}
     assert sizes["qat_int4"] < 0.3 * sizes["qat_fp32"], sizes

@@ -166,7 +166,7 @@ def _tie_weights(k: int, n: int) -> np.ndarray:
 def test_int4_weight_grid_matches_ort_matmul_nbits(tmp_path, k, ties):
     w = _tie_weights(k, 48) if ties else random_weights(k, 48, k)
     onnx.save(matmul_model(w), tmp_path / "m.onnx")
-    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32))  # what the convert step runs
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32), "encoder")  # as convert does
     model = onnx.load(str(tmp_path / "q.onnx"))
     assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
     sess = ort.InferenceSession(str(tmp_path / "q.onnx"))
@@ -174,7 +174,7 @@ def test_int4_weight_grid_matches_ort_matmul_nbits(tmp_path, k, ties):
     ours = fake_quant.fake_quant_weight_blocks(torch.from_numpy(w.T.copy()), 32).numpy().T
     np.testing.assert_array_equal(ours, ort_w)
     assert np.abs(ours - w).max() > 1e-3  # and it is really 4-bit
-    # and the shipped accuracy level computes with float activations, as QAT trained: any input
+    # and the encoder's accuracy level computes with float activations, as QAT trains it: any input
     x = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32)
     np.testing.assert_allclose(sess.run(None, {"X": x})[0], x @ ours, rtol=0, atol=1e-5)
 
@@ -186,13 +186,14 @@ def test_int4_vocabulary_at_4_bits_matches_ort_matmul_nbits(tmp_path):
     low = int(np.abs(w[:32, 7]).argmax())
     w[(low + 1) % 32, 7] = -w[low, 7] * 1.0001  # the block's largest magnitude, of the other sign: w[low] clamps
     onnx.save(matmul_model(w, out="logits"), tmp_path / "m.onnx")
-    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32, 4))
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32, 4), "decoder")
     model = onnx.load(str(tmp_path / "q.onnx"))
     bits = [helper.get_attribute_value(a) for n in model.graph.node for a in n.attribute if a.name == "bits"]
     assert bits == [4]
     ort_w = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"X": np.eye(k, dtype=np.float32)})[0]
     ours = fake_quant.fake_quant_weight_blocks(torch.from_numpy(w.T.copy()), 32, 4).numpy().T
-    np.testing.assert_allclose(ours, ort_w, rtol=0, atol=1e-9)
+    # identity rows through int8 activations (127 x 1/127) and MLAS's zero-point block sums: float residue only
+    np.testing.assert_allclose(ours, ort_w, rtol=1e-6, atol=1e-7)
     step = np.repeat(np.abs(w).reshape(-1, 32, 48).max(axis=1), 32, axis=0) / 8
     err = np.abs(ours - w)
     assert err.max() > 1e-7 and np.all(err <= step * 1.0001)  # really quantized, at most one step (the clamp)
@@ -204,7 +205,7 @@ def test_int4_vocabulary_at_8_bits_is_the_int8_schemes_layout(tmp_path):
     weights, uint8 activations per call: a fast CPU kernel), on the grid QAT trains; nothing is MatMulNBits."""
     w = random_weights(96, 48, 3)
     onnx.save(matmul_model(w, out="logits"), tmp_path / "m.onnx")
-    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32, 8))
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32, 8), "decoder")
     model = onnx.load(str(tmp_path / "q.onnx"))
     assert {n.op_type for n in model.graph.node} >= {"DynamicQuantizeLinear", "MatMulInteger"}
     assert "MatMulNBits" not in {n.op_type for n in model.graph.node}
@@ -226,9 +227,52 @@ def test_one_spec_sets_the_grid_training_sees_and_the_export_writes(tmp_path):
     fake_quant.prepare(model, spec)
     assert {m.group_size for m in model.modules() if isinstance(m, fake_quant.FakeQuantLinear) and m.scheme == "int4"} == {64}
     onnx.save(matmul_model(random_weights(128, 48, 0)), tmp_path / "m.onnx")
-    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", spec)
-    (node,) = onnx.load(str(tmp_path / "q.onnx")).graph.node
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    assert (attrs["block_size"], attrs["bits"], attrs.get("accuracy_level", 0)) == (64, spec.bits, spec.accuracy_level)
+    for part, level in (("encoder", spec.encoder_accuracy_level), ("decoder", spec.decoder_accuracy_level)):
+        int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", spec, part)
+        (node,) = onnx.load(str(tmp_path / "q.onnx")).graph.node
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert (attrs["block_size"], attrs["bits"], attrs.get("accuracy_level", 0)) == (64, spec.bits, level)
+    assert {m.int8_activations for m in model.model.decoder.modules()
+            if isinstance(m, fake_quant.FakeQuantLinear) and m.scheme == "int4"} == {spec.decoder_accuracy_level == 4}
     with pytest.raises(ValueError, match="vocab_bits"):
         QuantSpec.of("int8", vocab_bits=4)
+
+
+@pytest.mark.parametrize("k", [96, 100])  # 100: a last, partial block
+def test_int4_decoder_activation_grid_matches_ort_accuracy_level_4(tmp_path, k):
+    """The decoder's MatMulNBits run at accuracy_level 4: MLAS quantizes each row's activations to int8 in
+    blocks of group_size (scale max|x|/127, half to even). QAT's FakeQuantLinear computes the same."""
+    w = _tie_weights(k, 48)  # weights exactly on the 4-bit grid: only the activations are rounded
+    onnx.save(matmul_model(w), tmp_path / "m.onnx")
+    spec = QuantSpec.of("int4", 32)
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", spec, "decoder")
+    (node,) = onnx.load(str(tmp_path / "q.onnx")).graph.node
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute}["accuracy_level"] == 4
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"))
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((6, k)) * rng.uniform(0.05, 20, (6, 1))).astype(np.float32)
+    x[1, 40:72] = 0.0  # an all-zero block
+    layer = nn.Linear(k, 48, bias=False)
+    layer.weight.data = torch.from_numpy(w.T.copy())
+    fq = fake_quant.FakeQuantLinear(layer, "int4", 32, int8_activations=True)
+    with torch.no_grad():
+        ours = fq(torch.from_numpy(x)).numpy()
+        float_acts = x @ w
+    shipped = sess.run(None, {"X": x})[0]
+    scale = np.abs(shipped).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(ours / scale, shipped / scale, rtol=0, atol=2e-6)  # float summation order only
+    assert np.abs(float_acts - shipped).max() / scale.max() > 1e-4  # the activations are really int8
+
+
+def test_int4_decoder_cross_attention_keys_values_are_the_int8_schemes_layout():
+    """They read all encoder frames once per clip: int8 weights per channel, one activation range per clip,
+    as the int8 scheme trains them; every other decoder Linear is int4 with int8 activation blocks."""
+    model = tiny_whisper()
+    fake_quant.prepare(model, QuantSpec.of("int4"))
+    dec = {n: (m.scheme, m.per_token, m.int8_activations) for n, m in model.model.decoder.named_modules()
+           if isinstance(m, fake_quant.FakeQuantLinear)}
+    cross = {f"layers.{i}.encoder_attn.{p}" for i in range(DEC_LAYERS) for p in ("k_proj", "v_proj")}
+    assert {n for n, v in dec.items() if v[0] == "int8"} == cross
+    assert all(dec[n] == ("int8", False, False) for n in cross)
+    assert all(v == ("int4", True, True) for n, v in dec.items() if n not in cross)
+    assert not any(m.int8_activations for m in model.model.encoder.modules() if isinstance(m, fake_quant.FakeQuantLinear))

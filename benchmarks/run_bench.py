@@ -336,9 +336,8 @@ def explain(r: dict) -> list[str]:
                 f"- `{name}` = {tt['value']} > {tt['limit']}: onnx_int4 encoder {_fmt(enc.get('onnx_int4'))} ms and "
                 f"{_fmt(dec.get('onnx_int4'), 2)} ms/token, onnx_int8 {_fmt(enc.get('onnx_int8'))} ms and "
                 f"{_fmt(dec.get('onnx_int8'), 2)} ms/token, onnx_fp32 {_fmt(enc.get('onnx_fp32'))} ms and "
-                f"{_fmt(dec.get('onnx_fp32'), 2)} ms/token. int4's block Linears are MatMulNBits with float activations: "
-                "they save memory and bandwidth, not arithmetic, where int8 multiplies integers; the op-by-op split "
-                "is in benchmarks/int4_profile.json (INT4_RECIPE.md)." + _first_call_words(r))
+                f"{_fmt(dec.get('onnx_fp32'), 2)} ms/token. The op-by-op split is in benchmarks/int4_profile.json "
+                "(INT4_RECIPE.md)." + _profile_words(r))
         else:
             run = "int4" if "int4" in name else "int8"
             pair = next((v for k, v in r.get("wer_paired_ci", {}).items()
@@ -349,21 +348,30 @@ def explain(r: dict) -> list[str]:
     return lines
 
 
-def _first_call_words(r: dict) -> str:
-    """What the first decoder call of a clip (cross-attention keys and values of 1500 frames) adds to
-    int4's ms/token in the speed pass, from benchmarks/int4_profile.json; "" when not profiled."""
+def _profile_words(r: dict) -> str:
+    """Where int4's time goes against int8's, from benchmarks/int4_profile.json: one encoder MatMul in each
+    layout (kernels_ms), then the decoder's first call of a clip (cross-attention keys and values of 1500
+    frames) and one step; "" when not profiled."""
     f = BENCH / "int4_profile.json"
-    prof = json.loads(f.read_text())["variants"] if f.is_file() else {}
+    if not f.is_file():
+        return ""
+    doc = json.loads(f.read_text())
+    prof, words = doc["variants"], ""
+    enc = doc.get("kernels_ms", {}).get("encoder_fc1_1500x512x2048")
+    if enc and {"int8", "int4_acc0", "int4_acc4"} <= set(enc):
+        words += (f" One encoder MatMul (1500 frames x 512 -> 2048) takes {enc['int4_acc0']:.2f} ms in 4-bit blocks with "
+                  f"float activations (what the encoder ships), {enc['int4_acc4']:.2f} ms with int8 activation blocks "
+                  f"(accuracy_level 4) and {enc['int8']:.2f} ms as int8 (fp32 {enc['fp32']:.2f}): at 1500 rows the 4-bit "
+                  "kernels save memory and bandwidth, not arithmetic, where int8 multiplies integers.")
     first = {v: (prof.get(v, {}).get("decoder_first_step") or {}).get("run_ms") for v in ("onnx_int4", "onnx_int8")}
     step = {v: (prof.get(v, {}).get("decoder_step") or {}).get("run_ms") for v in ("onnx_int4", "onnx_int8")}
     forced = (r.get("speed_pass", {}).get("decoding") or {}).get("forced_tokens")
-    if None in (*first.values(), *step.values()) or not forced:
-        return ""
-    return (f" In the profile, one decoder step costs int4 {step['onnx_int4']:.2f} ms against int8's "
-            f"{step['onnx_int8']:.2f}, but the first call of a clip, which computes the cross-attention keys and values "
-            f"of all 1500 frames (MatMulNBits over 1500 rows, an encoder-like load), costs {first['onnx_int4']:.1f} ms "
-            f"against {first['onnx_int8']:.1f}: spread over the {forced} forced tokens, "
-            f"{(first['onnx_int4'] - first['onnx_int8']) / forced:.2f} ms of each int4 token here.")
+    if None not in (*first.values(), *step.values()) and forced:
+        words += (f" In the profile one decoder step costs int4 {step['onnx_int4']:.2f} ms against int8's "
+                  f"{step['onnx_int8']:.2f}, and the first call of a clip (the cross-attention keys and values of all 1500 "
+                  f"frames, once per clip) {first['onnx_int4']:.1f} ms against {first['onnx_int8']:.1f}: spread over the "
+                  f"{forced} forced tokens, {(first['onnx_int4'] - first['onnx_int8']) / forced:+.2f} ms on each int4 token.")
+    return words
 
 
 def floor_section() -> list[str]:

@@ -7,8 +7,9 @@ Every encoder's self-attention runs as one fused MultiHeadAttention node per lay
 
 The grid is the run's contract.quant_spec.QuantSpec (what QAT trained). int8: steps/int8_export.py
 (dynamic quantization of MatMul weights: per channel, int8; activations uint8 per tensor at run time;
-never Conv: ConvInteger has no CPU kernel). int4: steps/int4_export.py (MatMulNBits blocks, float activations,
-the vocabulary int8 as here unless quant.vocab_bits is 4), saved with external data. Either way the
+never Conv: ConvInteger has no CPU kernel). int4: steps/int4_export.py (MatMulNBits blocks, float activations in
+the encoder and int8 blocks in the decoder; the cross-attention keys/values and the vocabulary int8 as
+here unless quant.vocab_bits is 4), saved with external data. Either way the
 tied token embedding reads the quantized output projection (steps/tied_embedding.py).
 The decoder and decoder-with-past graphs are quantized separately and merged afterwards: the
 quantizers do not reach into the merged decoder's If branches.

@@ -150,7 +150,7 @@ def profile_section(profiles: dict[str, dict]) -> list[str]:
             lines += ["", "One MatMul as each layout writes it (median ms, interleaved; acc0/acc4: 4-bit blocks at "
                       "accuracy_level 0 / 4; the last column is the layout the int4 scheme writes there):", "",
                       "| shape | " + " | ".join(labels) + " | int4 ships |", "|---|" + "---:|" * len(labels) + "---|"]
-            lines += [f"| {shape} | " + " | ".join(f"{k[label]:.2f}" for label in labels) + f" | {k.get('shipped', '')} |"
+            lines += [f"| {shape} | " + " | ".join(f"{k[label]:.3f}" for label in labels) + f" | {k.get('shipped', '')} |"
                       for shape, k in kernels.items()]
         lines.append("")
     return lines
@@ -196,8 +196,10 @@ def render(data: dict, profiles: dict[str, dict] | None = None) -> str:
 
 
 def profiles() -> dict[str, dict]:
-    """The committed profiles: the shipped layouts, and the exports of the code before the int8-layout vocabulary."""
+    """The committed profiles: the shipped layouts, and the exports of earlier layouts (the commit that wrote them)."""
     files = {"Now": OUT.with_name("int4_profile.json"),
+             "Before (exports written by commit feebfbd: the decoder's MatMulNBits with float activations, its "
+             "cross-attention keys and values 4-bit)": OUT.with_name("int4_profile_feebfbd.json"),
              "Before (exports written by commit c7eb2c9: vocabulary as MatMulNBits bits=8)": OUT.with_name(
                  "int4_profile_c7eb2c9.json")}
     return {label: json.loads(f.read_text()) for label, f in files.items() if f.is_file()}

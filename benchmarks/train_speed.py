@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from contract.config import load_config
+from contract.quant_spec import QuantSpec
 from steps import fake_quant
 from steps.train_loop import Recipe, Trainer
 
@@ -60,8 +61,9 @@ def one(config: str, variant: str, freeze: bool, steps: int, label_tokens: int, 
     torch.manual_seed(0)
     model = load_model(cfg.model.name_or_path)
     n_tao = torchao_prepare(model, variant.split("-")[1], cfg.quant.group_size) if variant.startswith("torchao-") else 0
-    recipe = replace(Recipe.of(cfg), scheme=variant if variant in ("int8", "int4") else None,
-                     freeze_encoder=freeze, learning_rate=1e-6)
+    quant = (QuantSpec.of(variant, cfg.quant.group_size, cfg.quant.vocab_bits if variant == "int4" else 8)
+             if variant in ("int8", "int4") else None)
+    recipe = replace(Recipe.of(cfg), quant=quant, freeze_encoder=freeze, learning_rate=1e-6)
     trainer = Trainer(model, recipe, total_steps=steps + 1)
     b, mels = batch or tc.per_device_batch_size, model.config.num_mel_bins
     data = {"input_features": torch.randn(b, mels, 2 * model.config.max_source_positions),

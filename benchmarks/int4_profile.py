@@ -194,32 +194,42 @@ def _matmul(path: Path, k: int, n: int, out: str) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
-KERNEL_SHAPES = {  # name: (rows, inputs, outputs, output name, what the int4 scheme ships it as)
-    "encoder_fc1_1500x512x2048": (1500, 512, 2048, "Y", "int4_acc0"),
-    "decoder_cross_kv_1500x512x512": (1500, 512, 512, "Y", "int8"),
-    "decoder_fc1_1x512x2048": (1, 512, 2048, "Y", "int4_acc4"),
-    "vocabulary_1x512x51865": (1, 512, 51865, "logits", "int8"),
+KERNEL_SHAPES = {  # name: (rows, inputs, outputs, output name)
+    "encoder_fc1_1500x512x2048": (1500, 512, 2048, "Y"),
+    "decoder_cross_kv_1500x512x512": (1500, 512, 512, "Y"),
+    "decoder_fc1_1x512x2048": (1, 512, 2048, "Y"),
+    "vocabulary_1x512x51865": (1, 512, 51865, "logits"),
 }
+
+
+def shipped_layouts(spec) -> dict[str, str]:
+    """The layout the int4 scheme writes for each of KERNEL_SHAPES, read from the spec."""
+    int8 = lambda layout: "int8" if layout == "int8_dynamic" else f"int4_acc{spec.decoder_accuracy_level}"  # noqa: E731
+    return {"encoder_fc1_1500x512x2048": f"int4_acc{spec.encoder_accuracy_level}",
+            "decoder_cross_kv_1500x512x512": int8(spec.cross_kv_layout),
+            "decoder_fc1_1x512x2048": f"int4_acc{spec.decoder_accuracy_level}",
+            "vocabulary_1x512x51865": int8(spec.vocab_layout)}
 
 
 def kernels(threads: int) -> dict:
     """One MatMul of whisper-base's shapes, in each layout, timed interleaved (median ms): fp32, the int8
     scheme's, and 4-bit blocks at accuracy_level 0 (float activations) and 4 (int8 activation blocks).
     "shipped" names the layout the int4 scheme writes for that MatMul (contract/quant_spec.py)."""
+    import onnx
+
     from contract.quant_spec import QuantSpec
     from steps import convert, int4_export
 
     spec = QuantSpec.of("int4")
+    shipped = shipped_layouts(spec)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for shape, (m, k, n, name, shipped) in KERNEL_SHAPES.items():
+        for shape, (m, k, n, name) in KERNEL_SHAPES.items():
             src = Path(tmp) / f"{shape}.onnx"
             _matmul(src, k, n, name)
             files = {"fp32": src, "int8": Path(tmp) / f"{shape}_int8.onnx"}
             convert.quantize_int8(src, files["int8"])
             for level in (0, 4):
-                import onnx
-
                 files[f"int4_acc{level}"] = Path(tmp) / f"{shape}_int4_acc{level}.onnx"
                 onnx.save(int4_export._nbits(onnx.load(str(src)), spec, spec.bits, level), str(files[f"int4_acc{level}"]))
             sessions = {label: session(f, threads, None) for label, f in files.items()}
@@ -231,7 +241,7 @@ def kernels(threads: int) -> dict:
                     sess.run(None, {"X": x})
                     times[label].append(time.perf_counter() - t)
             out[shape] = {label: round(1000 * float(np.median(v[1:])), 3) for label, v in times.items()}
-            out[shape]["shipped"] = shipped
+            out[shape]["shipped"] = shipped[shape]
     return out
 
 

@@ -55,6 +55,10 @@ class QuantSpec:
         return cls(scheme=scheme, bits=8 if scheme == "int8" else 4, group_size=group_size, vocab_bits=vocab_bits,
                    vocab_layout="int8_dynamic" if vocab_bits == 8 else "nbits")
 
+    def int8_activation_blocks(self, decoder: bool) -> bool:
+        """Whether MatMulNBits in the decoder (or the encoder) rounds activations to int8 blocks (accuracy_level 4)."""
+        return (self.decoder_accuracy_level if decoder else self.encoder_accuracy_level) == 4
+
     def describe(self) -> str:
         """One line for the model card and reports."""
         vocab = ("int8 per output channel with uint8 activations per token"

@@ -173,7 +173,6 @@ def prepare(model: nn.Module, spec: QuantSpec) -> int:
     encoder_layers, decoder_layers = _blocks(model)
     for layers in (encoder_layers, decoder_layers):
         decoder = layers is decoder_layers
-        level = spec.decoder_accuracy_level if decoder else spec.encoder_accuracy_level
         for parent_name, parent in layers.named_modules():
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:
@@ -181,7 +180,7 @@ def prepare(model: nn.Module, spec: QuantSpec) -> int:
                     cross_kv = decoder and parent_name.endswith("encoder_attn") and name in ("k_proj", "v_proj")
                     scheme = "int8" if cross_kv and spec.cross_kv_layout == "int8_dynamic" else spec.scheme
                     setattr(parent, name, FakeQuantLinear(child, scheme, spec.group_size, decoder and not cross_kv,
-                                                          spec.bits, int8_activations=level == 4))
+                                                          spec.bits, int8_activations=spec.int8_activation_blocks(decoder)))
                     n += 1
     if n == 0:
         raise StepError("QAT prepare found no nn.Linear in model.model.encoder/decoder.layers: refusing "
@@ -251,7 +250,7 @@ def _prepare_tied_output(model: nn.Module, spec: QuantSpec) -> int:
         return 0
     scheme = "int8" if spec.vocab_layout == "int8_dynamic" else "int4"
     model.proj_out = FakeQuantLinear(proj, scheme, spec.group_size, per_token=True, bits=spec.vocab_bits,
-                                     int8_activations=spec.decoder_accuracy_level == 4)
+                                     int8_activations=spec.int8_activation_blocks(decoder=True))
     emb = model.model.decoder.embed_tokens
     if type(emb) is nn.Embedding and emb.weight is proj.weight:
         model.model.decoder.embed_tokens = FakeQuantEmbedding(emb, scheme, spec.group_size, spec.vocab_bits)

@@ -191,7 +191,7 @@ def _matmul(path: Path, k: int, n: int, out: str) -> None:
                               [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["m", k])],
                               [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["m", n])],
                               [numpy_helper.from_array(w, "W")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
 
 
 KERNEL_SHAPES = {  # name: (rows, inputs, outputs, output name)
@@ -205,7 +205,8 @@ KERNEL_SHAPES = {  # name: (rows, inputs, outputs, output name)
 def shipped_layouts(spec) -> dict[str, str]:
     """The layout the int4 scheme writes for each of KERNEL_SHAPES, read from the spec."""
     int8 = lambda layout: "int8" if layout == "int8_dynamic" else f"int4_acc{spec.decoder_accuracy_level}"  # noqa: E731
-    return {"encoder_fc1_1500x512x2048": f"int4_acc{spec.encoder_accuracy_level}",
+    encoder = spec.encoder_layout if spec.encoder_layout != "nbits" else f"int4_acc{spec.encoder_accuracy_level}"
+    return {"encoder_fc1_1500x512x2048": encoder,
             "decoder_cross_kv_1500x512x512": int8(spec.cross_kv_layout),
             "decoder_fc1_1x512x2048": f"int4_acc{spec.decoder_accuracy_level}",
             "vocabulary_1x512x51865": int8(spec.vocab_layout)}
@@ -213,8 +214,8 @@ def shipped_layouts(spec) -> dict[str, str]:
 
 def kernels(threads: int) -> dict:
     """One MatMul of whisper-base's shapes, in each layout, timed interleaved (median ms): fp32, the int8
-    scheme's, and 4-bit blocks at accuracy_level 0 (float activations) and 4 (int8 activation blocks).
-    "shipped" names the layout the int4 scheme writes for that MatMul (contract/quant_spec.py)."""
+    scheme's, 4-bit blocks at accuracy_level 0 (float activations) and 4 (int8 activation blocks), and the
+    int4 encoder's 4-bit codes run by the int8 kernel (int4_int8_kernel). "shipped" names the layout the int4 scheme writes for that MatMul (contract/quant_spec.py)."""
     import onnx
 
     from contract.quant_spec import QuantSpec
@@ -232,6 +233,9 @@ def kernels(threads: int) -> dict:
             for level in (0, 4):
                 files[f"int4_acc{level}"] = Path(tmp) / f"{shape}_int4_acc{level}.onnx"
                 onnx.save(int4_export._nbits(onnx.load(str(src)), spec, spec.bits, level), str(files[f"int4_acc{level}"]))
+            if k % spec.group_size == 0:  # the encoder's layout (4-bit codes folded into int8 at load)
+                files["int4_int8_kernel"] = Path(tmp) / f"{shape}_int4_int8_kernel.onnx"
+                int4_export.quantize_int4(src, files["int4_int8_kernel"], spec, "encoder")
             sessions = {label: session(f, threads, None) for label, f in files.items()}
             x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
             times: dict = collections.defaultdict(list)

@@ -126,9 +126,9 @@ def speed_only_models(work: Path, config: Path) -> dict[str, str]:
     if not all((Path(p) / "encoder_model.onnx").is_file() for k, p in paths.items() if k != "pytorch_fp32"):
         convert.export(base, out / "base_fp32")
         for scheme in SCHEMES:
-            convert.quantize_dir(out / "base_fp32", out / f"base_ptq_{scheme}",
-                                 QuantSpec.of(scheme, cfg.quant.group_size, cfg.quant.vocab_bits))
-            convert.check_quantized(out / f"base_ptq_{scheme}", scheme)
+            spec = QuantSpec.of(scheme, cfg.quant.group_size, cfg.quant.vocab_bits)
+            convert.quantize_dir(out / "base_fp32", out / f"base_ptq_{scheme}", spec)
+            convert.check_quantized(out / f"base_ptq_{scheme}", spec)
         convert.finish_fp32_dir(out / "base_fp32")
     return paths
 

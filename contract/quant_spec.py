@@ -7,10 +7,15 @@ derived from the config's quant section; none of them holds a grid constant of i
 - Block Linears (the encoder's and decoder's attention and MLP projections):
   int8: ORT dynamic quantization, weights per output channel (symmetric, max|w|/127), activations
   uint8 per call (DynamicQuantizeLinear: per utterance in the encoder, per token in the decoder).
-  int4: ORT MatMulNBits, symmetric blocks of `group_size` inputs (the element of largest magnitude
-  maps to -8). The encoder's run at `encoder_accuracy_level` 0 (float activations): its 1500-frame
-  MatMuls have no faster 4-bit kernel on the CPU. The decoder's, which run once per generated token,
-  at `decoder_accuracy_level` 4: MLAS quantizes each token's activations to int8 in blocks of
+  int4, encoder (`encoder_layout` "int4_int8_kernel"): 4-bit codes in blocks of `group_size` inputs,
+  each block's scale an integer multiple (1..16) of its output channel's scale (max|w|/112), so code x
+  multiple is an int8 weight in [-112, 112]. The file holds the codes packed two per byte and one
+  uint8 multiple per block; ONNX Runtime multiplies them out once, when the session loads (constant
+  folding), and runs the int8 scheme's kernel with uint8 activations per utterance. At 1500 frames no
+  4-bit kernel comes near int8's (benchmarks/int4_profile.json); this one does and the file stays
+  4-bit. ("nbits": MatMulNBits at `encoder_accuracy_level`, float activations at 0; benchmarks only.)
+  int4, decoder: ORT MatMulNBits, symmetric blocks of `group_size` inputs (the element of largest
+  magnitude maps to -8). They run once per generated token, at `decoder_accuracy_level` 4: MLAS quantizes each token's activations to int8 in blocks of
   `group_size` (symmetric, scale max|x|/127, rounding half to even) and multiplies integers, faster
   than int8's kernel at one row (benchmarks/int4_profile.json); QAT fake-quantizes those activations
   on the same grid. The decoder's cross-attention key/value projections (`cross_kv_layout`) read all
@@ -30,7 +35,7 @@ from typing import Literal
 
 from .catalogue import SCHEMES, Scheme
 
-Layout = Literal["int8_dynamic", "nbits"]
+Layout = Literal["int8_dynamic", "nbits", "int4_int8_kernel"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,8 @@ class QuantSpec:
     vocab_layout: Layout
     symmetric: bool = True  # weights: zero point fixed (mid-range), as ORT's quantizers write them
     block_axis: int = 1  # int4 blocks run along nn.Linear's input dimension (weight [out, in])
-    encoder_accuracy_level: int = 0  # MatMulNBits: 0 = float activations
+    encoder_layout: Layout = "int4_int8_kernel"  # int4's encoder block Linears
+    encoder_accuracy_level: int = 0  # encoder_layout "nbits" only: 0 = float activations
     decoder_accuracy_level: int = 4  # 4 = int8 activations in blocks of group_size (QAT simulates them)
     cross_kv_layout: Layout = "int8_dynamic"  # the decoder's cross-attention k/v projections (int4)
 
@@ -57,6 +63,8 @@ class QuantSpec:
 
     def int8_activation_blocks(self, decoder: bool) -> bool:
         """Whether MatMulNBits in the decoder (or the encoder) rounds activations to int8 blocks (accuracy_level 4)."""
+        if not decoder and self.encoder_layout != "nbits":
+            return False
         return (self.decoder_accuracy_level if decoder else self.encoder_accuracy_level) == 4
 
     def describe(self) -> str:
@@ -66,9 +74,13 @@ class QuantSpec:
         if self.scheme == "int8":
             return ("int8 weights per output channel, symmetric, with dynamic uint8 activations: the grid of "
                     "ONNX Runtime's quantize_dynamic; vocabulary the same")
-        return (f"int4 weights, symmetric, in blocks of {self.group_size} inputs: the grid of ONNX Runtime's MatMulNBits, "
-                f"with float activations in the encoder and int8 activations in blocks of {self.group_size} in the "
-                f"decoder (accuracy_level {self.decoder_accuracy_level}); the decoder's cross-attention key/value "
+        encoder = (f"int4 weights, symmetric, in blocks of {self.group_size} inputs, each block's scale an integer multiple "
+                   "(1 to 16) of its output channel's, stored packed and run as int8 with dynamic uint8 activations"
+                   if self.encoder_layout == "int4_int8_kernel" else
+                   f"MatMulNBits blocks of {self.group_size} at accuracy_level {self.encoder_accuracy_level}")
+        return (f"encoder: {encoder}; decoder: int4 weights, symmetric, in blocks of {self.group_size} inputs (the grid "
+                f"of ONNX Runtime's MatMulNBits) with int8 activations in blocks of {self.group_size} "
+                f"(accuracy_level {self.decoder_accuracy_level}); the decoder's cross-attention key/value "
                 f"projections int8 per output channel with uint8 activations per clip; the vocabulary matrix "
                 f"(output projection and tied token embedding) {vocab}")
 

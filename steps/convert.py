@@ -232,15 +232,17 @@ def convert_model(model_dir: Path, out_root: Path, fp32_name: str, q_name: str, 
     }
 
 
-def check_quantized(q_dir: Path, scheme: str) -> None:
+def check_quantized(q_dir: Path, spec: QuantSpec) -> None:
     """The invariants a quantized directory must satisfy (raises StepError naming what is wrong)."""
+    int4_encoder = "MatMulNBits" if spec.encoder_layout == "nbits" else "MatMulInteger"
+    wanted = ({ENCODER: "MatMulInteger", MERGED: "MatMulInteger"} if spec.scheme == "int8"
+              else {ENCODER: int4_encoder, MERGED: "MatMulNBits"})
     for part in (ENCODER, MERGED):
         ops = op_counts(q_dir / part)
         if ops.get("ConvInteger"):
             raise StepError(f"{q_dir / part} holds ConvInteger nodes, which ONNX Runtime's CPU EP cannot run")
-        wanted = "MatMulInteger" if scheme == "int8" else "MatMulNBits"
-        if not ops.get(wanted):
-            raise StepError(f"{q_dir / part} holds no {wanted} node: the {scheme} quantization did nothing")
+        if not ops.get(wanted[part]):
+            raise StepError(f"{q_dir / part} holds no {wanted[part]} node: the {spec.scheme} quantization did nothing")
 
 
 def run(ctx: StepContext) -> dict:
@@ -257,7 +259,7 @@ def run(ctx: StepContext) -> dict:
     for i, (src, fp32_name, q_name, revision) in enumerate(jobs):
         ctx.progress(i, len(jobs), model=fp32_name)
         m = convert_model(src, ctx.out, fp32_name, q_name, quant_spec(cfg.quant), log=ctx.log, revision=revision)
-        check_quantized(ctx.out / q_name, scheme)
+        check_quantized(ctx.out / q_name, quant_spec(cfg.quant))
         metrics["seconds"][fp32_name] = m["export_s"]
         metrics["seconds"][q_name] = m["quantize_s"]
         metrics["ops"].update(m["ops"])

@@ -16,10 +16,14 @@ torchao's recipes (docs/REFERENCE.md section 3):
   inference: the encoder runs once per utterance (one range per utterance, as do the decoder's
   cross-attention k/v projections of the encoder states); the decoder generates one token per
   call with its KV cache, so its other Linears get one range per token.
-* int4 = ORT `MatMulNBits` (symmetric, blocks of `group_size` along the input dimension): the
+* int4, encoder: 4-bit codes in blocks of `group_size` inputs whose scale is an integer multiple
+  m in 1..16 of the output channel's scale s = max|w|/112 (m = ceil(16 max|w_block| / max|w|)),
+  codes round(w / (m s)) half to even, in [-7, 7]; code x m is the int8 weight ORT multiplies
+  (steps/int4_export.py writes the codes and multiples, the session folds them into int8), with the
+  int8 scheme's uint8 activations, one range per utterance.
+* int4, decoder = ORT `MatMulNBits` (symmetric, blocks of `group_size` along the input dimension): the
   element of largest magnitude m in a block maps to -8 with scale m / -8, the rest round into
-  [-8, 7] (torchao: max|w|/7.5, symmetric). Encoder activations stay float (accuracy_level 0); the
-  decoder's are int8 in blocks of `group_size` per token (accuracy_level 4: MLAS's
+  [-8, 7] (torchao: max|w|/7.5, symmetric). Its activations are int8 in blocks of `group_size` per token (accuracy_level 4: MLAS's
   QuantizeARow_CompInt8, scale max|x|/127, x * (127 / max|x|) rounded half to even). The decoder's
   cross-attention k/v projections are the int8 scheme's (spec.cross_kv_layout). The vocabulary
   matrix (proj_out and the tied token embedding) is int8 exactly as in the int8 scheme (per-channel
@@ -78,6 +82,31 @@ def _block_weight(w: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
     return (q * scale).view(out_f, -1)[:, :in_f].to(w.dtype)
 
 
+INT8_KERNEL_MULTIPLES = 16  # block scale multiples: 7 x 16 = 112 <= 127, the int8 weight's range
+
+
+def int4_int8_kernel_codes(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The encoder's int4 grid for weight [out, in] (in a multiple of group_size): codes [out, in] in
+    [-7, 7], block multiples [out, in / group_size] in 1..16, channel scales [out]; the weight is
+    codes x multiples x scale. The export writes these very tensors (steps/int4_export.py)."""
+    out_f, in_f = w.shape
+    if in_f % group_size:
+        raise StepError(f"int4 encoder grid: {in_f} inputs are not a multiple of group_size {group_size}")
+    wf = w.detach().float().view(out_f, -1, group_size)
+    channel_max = wf.abs().amax(dim=(1, 2), keepdim=True)
+    scale = torch.where(channel_max == 0, torch.ones_like(channel_max), channel_max / (7 * INT8_KERNEL_MULTIPLES))
+    block_max = wf.abs().amax(dim=-1, keepdim=True)
+    multiples = torch.clamp(torch.ceil(block_max / (7 * scale)), 1, INT8_KERNEL_MULTIPLES)
+    codes = torch.clamp(torch.round(wf / (multiples * scale)), -7, 7)
+    return codes.view(out_f, in_f), multiples.view(out_f, -1), scale.view(out_f)
+
+
+def _int4_int8_kernel_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    codes, multiples, scale = int4_int8_kernel_codes(w, group_size)
+    int8 = codes.view(w.shape[0], -1, group_size) * multiples.unsqueeze(-1)
+    return (int8.view(w.shape) * scale[:, None]).to(w.dtype)
+
+
 def _uint8_activation(x: torch.Tensor, per_token: bool = False) -> torch.Tensor:
     xf = x.float()
     first = xf.dim() - 1 if per_token or xf.dim() == 1 else 1  # range over dims first.. (dim 0 = batch)
@@ -110,6 +139,11 @@ def fake_quant_weight_blocks(w: torch.Tensor, group_size: int, bits: int = 4) ->
     return _StraightThrough.apply(w, lambda t: _block_weight(t, group_size, bits))
 
 
+def fake_quant_weight_int4_int8_kernel(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The encoder's int4: 4-bit codes x integer block multiples x channel scale (int4_int8_kernel_codes)."""
+    return _StraightThrough.apply(w, lambda t: _int4_int8_kernel_weight(t, group_size))
+
+
 def fake_quant_act_uint8(x: torch.Tensor, per_token: bool = False) -> torch.Tensor:
     """ORT DynamicQuantizeLinear: asymmetric uint8, range includes 0, one range per batch element
     (or per token: per vector along the last dimension)."""
@@ -123,10 +157,11 @@ def fake_quant_act_int8_blocks(x: torch.Tensor, group_size: int) -> torch.Tensor
 
 class FakeQuantLinear(nn.Linear):
     """nn.Linear that trains through ORT's int8 (W8A8 dynamic) or int4 (blocks of `bits`) rounding;
-    int4 with int8_activations: MatMulNBits at accuracy_level 4 (activations int8 in the same blocks)."""
+    int4 with int8_activations: MatMulNBits at accuracy_level 4 (activations int8 in the same blocks);
+    int4 with int8_kernel: the encoder's 4-bit codes run as int8 (uint8 activations as int8's)."""
 
     def __init__(self, linear: nn.Linear, scheme: str, group_size: int = 32, per_token: bool = False, bits: int = 4,
-                 int8_activations: bool = False):
+                 int8_activations: bool = False, int8_kernel: bool = False):
         if scheme not in SCHEMES:
             raise StepError(f"quant.scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
         nn.Module.__init__(self)
@@ -134,6 +169,7 @@ class FakeQuantLinear(nn.Linear):
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameters: nothing copied
         self.scheme, self.group_size, self.per_token, self.bits = scheme, group_size, per_token, bits
         self.int8_activations = int8_activations and scheme == "int4"
+        self.int8_kernel = int8_kernel and scheme == "int4"
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,6 +177,9 @@ class FakeQuantLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if self.scheme == "int8":
             return F.linear(fake_quant_act_uint8(x, self.per_token), fake_quant_weight_int8(self.weight), self.bias)
+        if self.int8_kernel:
+            return F.linear(fake_quant_act_uint8(x, self.per_token),
+                            fake_quant_weight_int4_int8_kernel(self.weight, self.group_size), self.bias)
         if self.int8_activations:
             x = fake_quant_act_int8_blocks(x, self.group_size)
         return F.linear(x, fake_quant_weight_blocks(self.weight, self.group_size, self.bits), self.bias)
@@ -152,7 +191,8 @@ class FakeQuantLinear(nn.Linear):
         return lin
 
     def extra_repr(self) -> str:
-        extra = (f", bits={self.bits}, group_size={self.group_size}, int8_activations={self.int8_activations}"
+        extra = (f", bits={self.bits}, group_size={self.group_size}, int8_activations={self.int8_activations}, "
+                 f"int8_kernel={self.int8_kernel}"
                  if self.scheme == "int4" else f", per_token={self.per_token}")
         return super().extra_repr() + f", scheme={self.scheme}{extra}"
 
@@ -179,8 +219,10 @@ def prepare(model: nn.Module, spec: QuantSpec) -> int:
                     # the cross-attention k/v read the encoder states: one range per clip, not per token
                     cross_kv = decoder and parent_name.endswith("encoder_attn") and name in ("k_proj", "v_proj")
                     scheme = "int8" if cross_kv and spec.cross_kv_layout == "int8_dynamic" else spec.scheme
+                    int8_kernel = not decoder and spec.encoder_layout == "int4_int8_kernel"
                     setattr(parent, name, FakeQuantLinear(child, scheme, spec.group_size, decoder and not cross_kv,
-                                                          spec.bits, int8_activations=spec.int8_activation_blocks(decoder)))
+                                                          spec.bits, int8_activations=spec.int8_activation_blocks(decoder),
+                                                          int8_kernel=int8_kernel))
                     n += 1
     if n == 0:
         raise StepError("QAT prepare found no nn.Linear in model.model.encoder/decoder.layers: refusing "

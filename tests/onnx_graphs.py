@@ -13,7 +13,7 @@ def matmul_model(w: np.ndarray, out: str = "Y") -> onnx.ModelProto:
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["b", w.shape[0]])],
         [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["b", w.shape[1]])],
         [numpy_helper.from_array(w, "W")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
 def random_weights(k: int, n: int, seed: int) -> np.ndarray:

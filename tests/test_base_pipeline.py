@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 from onnx import helper
@@ -56,11 +57,19 @@ def test_int4_export_holds_4bit_matmulnbits_weights(base_run, tmp_path):
     cfg, work = base_run
     convert.convert_model(work / "train" / "model", tmp_path, "qat_fp32", "qat_int4", QuantSpec.of("int4", cfg.quant.group_size))
     dst = tmp_path / "qat_int4"
-    convert.check_quantized(dst, "int4")
-    model = onnx.load(str(dst / "encoder_model.onnx"))  # external data read from beside the file
-    inits = {i.name: i for i in model.graph.initializer}
-    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nodes) == 6 * 6  # every Linear of the six encoder blocks
+    spec = QuantSpec.of("int4", cfg.quant.group_size)
+    convert.check_quantized(dst, spec)
+    encoder = onnx.load(str(dst / "encoder_model.onnx"))  # external data read from beside the file
+    codes = [i for i in encoder.graph.initializer if i.name.endswith("_int4_codes")]
+    assert len(codes) == 6 * 6  # every Linear of the six encoder blocks
+    for c in codes:  # int8 bytes of two 4-bit codes: half a byte per weight
+        blocks, half, _ = c.dims
+        assert c.data_type == onnx.TensorProto.INT8 and half == 16
+        assert np.frombuffer(c.raw_data, np.int8).size * 2 == blocks * 32 * c.dims[2]
+    merged = onnx.load(str(dst / "decoder_model_merged.onnx"))
+    inits = {i.name: i for i in convert._initializers(merged.graph)}
+    nodes = [n for n in convert._walk_nodes(merged.graph) if n.op_type == "MatMulNBits"]
+    assert nodes
     for n in nodes:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         assert attrs["bits"] == 4 and attrs["block_size"] == 32

@@ -120,17 +120,27 @@ def test_fp32_export_matches_pytorch_and_int8_stays_close(converted_int8, tiny_m
 def test_int4_has_4bit_weights_in_external_data(converted_int4):
     d = converted_int4 / "qat_int4"
     spec = QuantSpec.of("int4")
-    for part, level in (("encoder_model.onnx", spec.encoder_accuracy_level),
-                        ("decoder_model_merged.onnx", spec.decoder_accuracy_level)):
-        model = onnx.load(str(d / part), load_external_data=False)
-        nbits = [n for n in _walk(model.graph) if n.op_type == "MatMulNBits"]
-        assert nbits, f"{part} holds no MatMulNBits"
-        for n in nbits:  # 4-bit blocks; proj_out (the vocabulary) and the cross-attention k/v are not among them
-            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            assert attrs["bits"] == 4 and "logits" not in n.output and "encoder_attn/k_proj" not in n.name, (n.name, attrs)
-            assert attrs["block_size"] == 32 and attrs.get("accuracy_level", 0) == level, (part, n.name, attrs)
-        assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in model.graph.initializer), part
-    assert (spec.encoder_accuracy_level, spec.decoder_accuracy_level) == (0, 4)  # float encoder, int8-block decoder
+    merged = onnx.load(str(d / "decoder_model_merged.onnx"), load_external_data=False)
+    nbits = [n for n in _walk(merged.graph) if n.op_type == "MatMulNBits"]
+    assert nbits, "the decoder holds no MatMulNBits"
+    for n in nbits:  # 4-bit blocks; proj_out (the vocabulary) and the cross-attention k/v are not among them
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["bits"] == 4 and "logits" not in n.output and "encoder_attn/k_proj" not in n.name, (n.name, attrs)
+        assert attrs["block_size"] == 32 and attrs.get("accuracy_level", 0) == spec.decoder_accuracy_level, (n.name, attrs)
+    # the encoder: 4-bit codes packed two per byte and a uint8 multiple per block, no int8 or float weight
+    encoder = onnx.load(str(d / "encoder_model.onnx"), load_external_data=False)
+    assert spec.encoder_layout == "int4_int8_kernel" and not any(n.op_type == "MatMulNBits" for n in encoder.graph.node)
+    inits = {i.name: i for i in encoder.graph.initializer}
+    codes = [i for name, i in inits.items() if name.endswith("_int4_codes")]
+    config = json.loads((d / "config.json").read_text())
+    assert len(codes) == 6 * config["encoder_layers"], len(codes)  # q, k, v, out, fc1, fc2 per layer
+    for c in codes:  # [k / 32, 16, n]: two 4-bit codes per byte
+        blocks, half, n = c.dims
+        assert c.data_type == onnx.TensorProto.INT8 and half == 16 and c.data_location == onnx.TensorProto.EXTERNAL
+        assert list(inits[c.name.replace("_codes", "_multiples")].dims) == [blocks, 1, n]
+    bases = {c.name[: -len("_int4_codes")] for c in codes}
+    assert not (bases | {f"{b}_quantized" for b in bases}) & set(inits)  # neither the float nor the int8 weight
+    assert spec.decoder_accuracy_level == 4  # int8-block decoder
     assert list(d.glob("*.onnx_data")) or list(d.glob("*.onnx.data"))
     # the 8-bit vocabulary is the int8 scheme's layout (MatMulInteger, int8 [d, vocab] weights), which the
     # tied embedding reads: no fp32 table of its own
@@ -150,7 +160,7 @@ def test_int4_has_4bit_weights_in_external_data(converted_int4):
     assert not any(n.op_type == "GatherBlockQuantized" for n in _walk(merged.graph))
     sizes = {n: convert.onnx_size_mb(converted_int4 / n) for n in ("qat_fp32", "qat_int4")}
     assert sizes["qat_int4"] < 0.3 * sizes["qat_fp32"], sizes
-    convert.check_quantized(d, "int4")
+    convert.check_quantized(d, QuantSpec.of("int4"))
 
 
 def test_int4_generates(converted_int4, french_manifest):
@@ -198,7 +208,7 @@ def test_fused_attention_is_the_same_math(tiny_onnx_dir):
 
 def test_check_quantized_refuses_an_unquantized_dir(converted_int8):
     with pytest.raises(StepError, match="MatMulInteger"):
-        convert.check_quantized(converted_int8 / "convert" / "qat_fp32", "int8")
+        convert.check_quantized(converted_int8 / "convert" / "qat_fp32", QuantSpec.of("int8"))
 
 
 def test_fold_transposed_weights_keeps_the_math():

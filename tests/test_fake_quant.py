@@ -2,6 +2,7 @@
 that convert gives back plain Linears, and that the grids are ONNX Runtime's, bit for bit."""
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -164,9 +165,11 @@ def _tie_weights(k: int, n: int) -> np.ndarray:
 
 @pytest.mark.parametrize("k,ties", [(96, False), (100, False), (96, True)])  # 100: a last, partial block
 def test_int4_weight_grid_matches_ort_matmul_nbits(tmp_path, k, ties):
+    """The decoder's grid (and the encoder's, with encoder_layout "nbits" at level 0: float activations)."""
     w = _tie_weights(k, 48) if ties else random_weights(k, 48, k)
     onnx.save(matmul_model(w), tmp_path / "m.onnx")
-    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32), "encoder")  # as convert does
+    spec = dataclasses.replace(QuantSpec.of("int4", 32), encoder_layout="nbits")
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", spec, "encoder")  # as convert does
     model = onnx.load(str(tmp_path / "q.onnx"))
     assert [n.op_type for n in model.graph.node] == ["MatMulNBits"]
     sess = ort.InferenceSession(str(tmp_path / "q.onnx"))
@@ -174,7 +177,7 @@ def test_int4_weight_grid_matches_ort_matmul_nbits(tmp_path, k, ties):
     ours = fake_quant.fake_quant_weight_blocks(torch.from_numpy(w.T.copy()), 32).numpy().T
     np.testing.assert_array_equal(ours, ort_w)
     assert np.abs(ours - w).max() > 1e-3  # and it is really 4-bit
-    # and the encoder's accuracy level computes with float activations, as QAT trains it: any input
+    # and accuracy level 0 computes with float activations: any input
     x = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32)
     np.testing.assert_allclose(sess.run(None, {"X": x})[0], x @ ours, rtol=0, atol=1e-5)
 
@@ -227,11 +230,14 @@ def test_one_spec_sets_the_grid_training_sees_and_the_export_writes(tmp_path):
     fake_quant.prepare(model, spec)
     assert {m.group_size for m in model.modules() if isinstance(m, fake_quant.FakeQuantLinear) and m.scheme == "int4"} == {64}
     onnx.save(matmul_model(random_weights(128, 48, 0)), tmp_path / "m.onnx")
-    for part, level in (("encoder", spec.encoder_accuracy_level), ("decoder", spec.decoder_accuracy_level)):
-        int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", spec, part)
-        (node,) = onnx.load(str(tmp_path / "q.onnx")).graph.node
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        assert (attrs["block_size"], attrs["bits"], attrs.get("accuracy_level", 0)) == (64, spec.bits, level)
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", spec, "decoder")
+    (node,) = onnx.load(str(tmp_path / "q.onnx")).graph.node
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert (attrs["block_size"], attrs["bits"], attrs.get("accuracy_level", 0)) == (64, spec.bits, spec.decoder_accuracy_level)
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", spec, "encoder")
+    multiples = {i.name: list(i.dims) for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer
+                 if i.name.endswith("_int4_multiples")}
+    assert list(multiples.values()) == [[128 // 64, 1, 48]], multiples
     assert {m.int8_activations for m in model.model.decoder.modules()
             if isinstance(m, fake_quant.FakeQuantLinear) and m.scheme == "int4"} == {spec.decoder_accuracy_level == 4}
     with pytest.raises(ValueError, match="vocab_bits"):
@@ -264,9 +270,10 @@ def test_int4_decoder_activation_grid_matches_ort_accuracy_level_4(tmp_path, k):
     assert np.abs(float_acts - shipped).max() / scale.max() > 1e-4  # the activations are really int8
 
 
-def test_int4_decoder_cross_attention_keys_values_are_the_int8_schemes_layout():
-    """They read all encoder frames once per clip: int8 weights per channel, one activation range per clip,
-    as the int8 scheme trains them; every other decoder Linear is int4 with int8 activation blocks."""
+def test_int4_layouts_per_linear():
+    """The decoder's cross-attention k/v read all encoder frames once per clip: int8 weights per channel, one
+    activation range per clip, as the int8 scheme trains them; every other decoder Linear is int4 with int8
+    activation blocks; every encoder Linear is int4 codes run by the int8 kernel, one range per utterance."""
     model = tiny_whisper()
     fake_quant.prepare(model, QuantSpec.of("int4"))
     dec = {n: (m.scheme, m.per_token, m.int8_activations) for n, m in model.model.decoder.named_modules()
@@ -275,4 +282,53 @@ def test_int4_decoder_cross_attention_keys_values_are_the_int8_schemes_layout():
     assert {n for n, v in dec.items() if v[0] == "int8"} == cross
     assert all(dec[n] == ("int8", False, False) for n in cross)
     assert all(v == ("int4", True, True) for n, v in dec.items() if n not in cross)
-    assert not any(m.int8_activations for m in model.model.encoder.modules() if isinstance(m, fake_quant.FakeQuantLinear))
+    enc = [(m.scheme, m.per_token, m.int8_activations, m.int8_kernel) for m in model.model.encoder.modules()
+           if isinstance(m, fake_quant.FakeQuantLinear)]
+    assert enc and set(enc) == {("int4", False, False, True)}  # the encoder's 4-bit codes on the int8 kernel
+
+
+@pytest.mark.parametrize("k", [96, 512])
+def test_int4_encoder_grid_is_what_ort_runs_with_the_int8_kernel(tmp_path, k):
+    """The int4 encoder's file holds 4-bit codes and block multiples; the session folds them into int8
+    weights and runs the int8 scheme's kernel. QAT's FakeQuantLinear computes the same, to float rounding."""
+    w = random_weights(k, 48, k)
+    w[:, 5] = 0.0  # an all-zero output channel
+    w[32:64, 7] *= 1e-3  # a block far below its channel's largest weight: multiple 1
+    onnx.save(matmul_model(w), tmp_path / "m.onnx")
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32), "encoder")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "loaded.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(str(tmp_path / "loaded.onnx")).graph.node] == ["DynamicQuantizeMatMul"]
+    stored = {i.name: i for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
+    codes = numpy_helper.to_array(stored["W_int4_codes"])
+    assert codes.dtype == np.int8 and codes.shape == (k // 32, 16, 48)  # two 4-bit codes per byte
+    assert not any(i.data_type == TensorProto.INT8 and len(i.dims) == 2 for i in stored.values())
+    x = np.random.default_rng(0).standard_normal((1, 7, k)).astype(np.float32) * 3
+    layer = nn.Linear(k, 48, bias=False)
+    layer.weight.data = torch.from_numpy(w.T.copy())
+    fq = fake_quant.FakeQuantLinear(layer, "int4", 32, int8_kernel=True)
+    with torch.no_grad():
+        ours = fq(torch.from_numpy(x)).numpy()[0]
+    shipped = sess.run(None, {"X": x[0]})[0]
+    scale = np.abs(shipped).max()
+    np.testing.assert_allclose(ours / scale, shipped / scale, rtol=0, atol=2e-6)  # float summation order only
+    assert np.abs(x[0] @ w - shipped).max() / scale > 1e-3  # and it is really quantized
+    assert np.all(shipped[:, 5] == 0)
+
+
+def test_int4_encoder_codes_are_4_bit_and_their_products_int8():
+    w = torch.from_numpy(random_weights(64, 96, 3).T.copy())  # [out 96, in 64]
+    w[4] = 0.0
+    codes, multiples, scale = fake_quant.int4_int8_kernel_codes(w, 32)
+    assert codes.abs().max() <= 7 and codes.eq(codes.round()).all()
+    assert multiples.min() >= 1 and multiples.max() <= fake_quant.INT8_KERNEL_MULTIPLES
+    int8 = codes.view(96, 2, 32) * multiples.unsqueeze(-1)
+    assert int8.abs().max() <= 112  # inside int8
+    top = w.abs().view(96, 2, 32).amax(-1).argmax(-1)  # the block holding each channel's largest weight
+    assert torch.all(multiples[torch.arange(96), top][torch.arange(96) != 4] == 16)
+    assert torch.all(codes[4] == 0)
+    back = (int8.view(96, 64) * scale[:, None])
+    assert (back - w).abs().max() <= (multiples.max(-1).values * scale / 2 + 1e-7).max()  # half a step at most
+    with pytest.raises(StepError, match="group_size"):
+        fake_quant.int4_int8_kernel_codes(w[:, :50], 32)

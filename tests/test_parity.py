@@ -70,18 +70,22 @@ def test_fake_quantized_pytorch_logits_are_the_exported_onnx_logits(name, export
     shipped = _onnx_logits(exported / name, feats, ids)
     scale = np.abs(float_logits).max()
     quant_error = np.abs(trained - float_logits).max() / scale
-    parity_error = np.abs(shipped - trained).max() / scale
+    error = np.abs(shipped - trained) / scale
     assert quant_error > 1e-3, quant_error  # the quantization is real
-    # fp32 export vs PyTorch alone is ~1e-6; int8 activations (the int8 scheme; the int4 scheme's decoder,
-    # cross-attention and 8-bit vocabulary) add integer vs float accumulation (a rare activation rounding
-    # flip), still 30x below the quantization error itself
-    assert parity_error < quant_error / 30, (parity_error, quant_error)
+    # Integer kernels against float fake-quant: the bulk agrees to float rounding (a grid that differs moves
+    # every logit: ~1e-3 here when the encoder's activations are not rounded in training). Where a value lands
+    # within float rounding of an activation grid boundary, the two sides can round it one step apart: on this
+    # clip one uint8 step of the int4 encoder's activations reaches one prompt token's 8-bit vocabulary input
+    # (a 7e-2 quantization-error ratio, every logit of that token); such a flip stays 10x below the
+    # quantization error.
+    assert np.median(error) < 1e-6, np.median(error)
+    assert error.max() < quant_error / 10, (error.max(), quant_error)
 
 
 @pytest.mark.parametrize("name", ["int4", "int4_vocab4"])
-def test_int4_encoder_with_float_activations_is_bit_true(name, exported, tiny_model_dir, french_manifest):
-    """The int4 encoder runs MatMulNBits at accuracy_level 0: the exported encoder computes the fake-quantized
-    PyTorch encoder's states to float rounding (no activation is rounded on either side)."""
+def test_int4_encoder_computes_what_was_trained(name, exported, tiny_model_dir, french_manifest):
+    """The int4 encoder's 4-bit codes run on the int8 kernel with uint8 activations per utterance: the exported
+    encoder computes the fake-quantized PyTorch encoder's states, far below the quantization error."""
     from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
     from transformers import WhisperProcessor
 
@@ -95,5 +99,11 @@ def test_int4_encoder_with_float_activations_is_bit_true(name, exported, tiny_mo
     shipped = ORTModelForSpeechSeq2Seq.from_pretrained(exported / name).encoder(
         input_features=feats, attention_mask=None).last_hidden_state.numpy()
     scale = np.abs(float_states).max()
-    assert np.abs(trained - float_states).max() / scale > 1e-3  # the weights are really 4-bit
-    assert np.abs(shipped - trained).max() / scale < 1e-5
+    quant_error = np.abs(trained - float_states).max() / scale
+    error = np.abs(shipped - trained) / scale
+    assert quant_error > 1e-3  # the weights are really 4-bit
+    # float rounding for nearly every state; a uint8 rounding flip (test above) touches a few frames
+    # (here 0.9 % of the states, at most 2.6 % of the quantization error). Not rounding the activations in
+    # training moves the median to 1e-4 and the 99th percentile to 5e-4.
+    assert np.median(error) < 1e-6 and np.quantile(error, 0.99) < 5e-5, (np.median(error), np.quantile(error, 0.99))
+    assert error.max() < quant_error / 30, (error.max(), quant_error)

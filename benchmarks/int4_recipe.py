@@ -9,9 +9,9 @@ trained weights (W/train/model) it measures, on W/prepare/test with evaluate's o
 - qat_fake_quant: PyTorch with steps/fake_quant.py's quantizers (what training saw), and
   fake_quant_vocab: the same with the vocabulary matrix (proj_out + tied embedding) float, in 4-bit
   blocks, or 8-bit (the int8 scheme's layout: per-channel weights, activations per token);
-- qat_int4 / qat_int4_acc4: the ONNX int4 export through steps/convert.py, with the run's
-  contract.quant_spec accuracy levels (the shipped layout) and with every MatMulNBits at
-  accuracy_level 4 (int8 block activations, the encoder's too);
+- qat_int4: the ONNX int4 export through steps/convert.py, in the run's contract.quant_spec layout
+  (what ships; options measured before the encoder's int8-kernel layout also have qat_int4_acc4, every
+  MatMulNBits at accuracy_level 4);
 - base_ptq_int4: the untrained base model exported and quantized the same way (the gate's PTQ side);
 - size_mb: the shipped ONNX int4 directory and the trained PyTorch fp32 weights.
 Writes benchmarks/int4_recipe.json (one entry per option, with the commands) and INT4_RECIPE.md.
@@ -31,22 +31,20 @@ OLD_LAYOUT = ("every MatMulNBits at accuracy_level 0 (float activations), the de
               "values included (before the decoder's int8 activation blocks).")
 
 
-def _export(model_dir: Path, out: Path, spec, levels: dict[str, int | None], log) -> dict[str, Path]:
-    """ONNX fp32 export of model_dir, quantized to int4 once per accuracy level (None: the spec's; cached in out)."""
+def _export(model_dir: Path, out: Path, spec, name: str, log) -> Path:
+    """ONNX fp32 export of model_dir, quantized to int4 in the spec's layout (cached in out)."""
     from steps import convert
     from steps.fuse_attention import fuse_encoder_file
 
-    dirs = {name: out / name for name in levels}
-    if all((d / convert.ENCODER).is_file() for d in dirs.values()):
-        return dirs
+    dst = out / name
+    if (dst / convert.ENCODER).is_file():
+        return dst
     fp32 = out / "fp32"
     convert.export(model_dir, fp32)
-    heads = json.loads((fp32 / "config.json").read_text())["encoder_attention_heads"]
-    for name, level in levels.items():
-        convert.quantize_dir(fp32, dirs[name], spec, int4_accuracy_level=level)
-        fuse_encoder_file(dirs[name] / convert.ENCODER, heads)
-        log(f"{name}: accuracy_level {'as the spec says' if level is None else level} -> {dirs[name]}")
-    return dirs
+    convert.quantize_dir(fp32, dst, spec)
+    fuse_encoder_file(dst / convert.ENCODER, json.loads((fp32 / "config.json").read_text())["encoder_attention_heads"])
+    log(f"{name} -> {dst}")
+    return dst
 
 
 def _wer(transcriber, audios, refs_n, batch: int, max_new_tokens: int) -> dict:
@@ -89,10 +87,8 @@ def measure(cfg, workdir: Path, log=print) -> dict:
     model_dir = workdir / "train" / "model"
     work = workdir / "int4_recipe"
     spec = quant_spec(cfg.quant)
-    levels = {"qat_int4": None, "qat_int4_acc4": 4}
-    qat = _export(model_dir, work / "qat", spec, levels, log)
-    base = _export(Path(resolve_model(cfg.model.name_or_path)), work / "base", spec,
-                   {"base_ptq_int4": None}, log)
+    exports = {"qat_int4": _export(model_dir, work / "qat", spec, "qat_int4", log),
+               "base_ptq_int4": _export(Path(resolve_model(cfg.model.name_or_path)), work / "base", spec, "base_ptq_int4", log)}
     n, lang, task = cfg.eval.max_new_tokens, cfg.model.language, cfg.model.task
     out = {}
     t = load_variant(str(model_dir), "pytorch", 2, "cpu", lang, task)
@@ -112,12 +108,16 @@ def measure(cfg, workdir: Path, log=print) -> dict:
                     m.scheme, m.bits = ("int8", 8) if setting == "8" else ("int4", 4)
             out["fake_quant_vocab"][setting] = _wer(t, audios, refs_n, 8, n)
             log(f"fake-quant, vocabulary {setting}: {out['fake_quant_vocab'][setting]}")
-    for name, d in {**qat, **base}.items():
+    for name, d in exports.items():
         out[name] = _wer(load_variant(str(d), "onnx", 2, "cpu", lang, task), audios, refs_n, 1, n)
         log(f"{name}: {out[name]}")
     out["clips"] = len(audios)
-    out["size_mb"] = {"pytorch_fp32": convert.pytorch_size_mb(model_dir), "qat_int4": convert.onnx_size_mb(qat["qat_int4"])}
+    out["size_mb"] = {"pytorch_fp32": convert.pytorch_size_mb(model_dir), "qat_int4": convert.onnx_size_mb(exports["qat_int4"])}
     return out
+
+
+def _wer_cell(w: dict | None) -> str:
+    return f"{w['wer']:.2f}" if w else "-"
 
 
 def _size(mb: dict | None) -> str:
@@ -162,7 +162,7 @@ def render(data: dict, profiles: dict[str, dict] | None = None) -> str:
              "WER % on the demo test set (espeak French, greedy, normalized text; 95 % bootstrap CI of the "
              "shipped ONNX int4 in brackets). Targets: ONNX int4 <= its own fp32 + 1.0 point, and <= PTQ int4.", "",
              "| option | train steps | qat_fp32 | fake-quant (PyTorch) | ONNX int4 (shipped) | "
-             "ONNX int4, all at acc. level 4 | PTQ int4 | int4 - fp32 [paired 95 % CI] | targets | int4 MB (x fp32) |",
+             "ONNX int4, all MatMulNBits at acc. level 4 (earlier layouts) | PTQ int4 | int4 - fp32 [paired 95 % CI] | targets | int4 MB (x fp32) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name, e in data.items():
         w = e["wer"]
@@ -171,7 +171,7 @@ def render(data: dict, profiles: dict[str, dict] | None = None) -> str:
         ci, gci = w["qat_int4"]["wer_ci"], gap_ci(w["qat_int4"], w["qat_fp32"])
         lines.append(f"| {name} | {e['train_metrics'].get('optimizer_steps')} | {w['qat_fp32']['wer']:.2f} | "
                      f"{w['qat_fake_quant']['wer']:.2f} | {w['qat_int4']['wer']:.2f} [{ci[0]:.1f}, {ci[1]:.1f}] | "
-                     f"{w['qat_int4_acc4']['wer']:.2f} | {w['base_ptq_int4']['wer']:.2f} | {gap:+.2f}"
+                     f"{_wer_cell(w.get('qat_int4_acc4'))} | {w['base_ptq_int4']['wer']:.2f} | {gap:+.2f}"
                      + (f" [{gci[0]:+.1f}, {gci[1]:+.1f}]" if gci else "") + " | "
                      f"{'met' if met else '**missed**'} | {_size(w.get('size_mb'))} |")
     gaps = {n: e["wer"]["qat_int4"]["wer"] - e["wer"]["qat_fp32"]["wer"] for n, e in data.items()}
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     OUT.with_name("INT4_RECIPE.md").write_text(render(data, profiles()))
     w = figures
     print(f"{a.option}: fp32 {w['qat_fp32']['wer']} | fake-quant {w['qat_fake_quant']['wer']} | ONNX int4 "
-          f"{w['qat_int4']['wer']} (acc4 {w['qat_int4_acc4']['wer']}) | PTQ int4 {w['base_ptq_int4']['wer']}; wrote {OUT}")
+          f"{w['qat_int4']['wer']} | PTQ int4 {w['base_ptq_int4']['wer']}; wrote {OUT}")
     return 0
 
 

@@ -7,9 +7,10 @@ Every encoder's self-attention runs as one fused MultiHeadAttention node per lay
 
 The grid is the run's contract.quant_spec.QuantSpec (what QAT trained). int8: steps/int8_export.py
 (dynamic quantization of MatMul weights: per channel, int8; activations uint8 per tensor at run time;
-never Conv: ConvInteger has no CPU kernel). int4: steps/int4_export.py (MatMulNBits blocks, float activations in
-the encoder and int8 blocks in the decoder; the cross-attention keys/values and the vocabulary int8 as
-here unless quant.vocab_bits is 4), saved with external data. Either way the
+never Conv: ConvInteger has no CPU kernel). int4: steps/int4_export.py (the encoder's 4-bit codes folded into int8
+weights at load and run by int8's kernel; the decoder's MatMulNBits blocks with int8 activation blocks;
+the cross-attention keys/values and the vocabulary int8 as here unless quant.vocab_bits is 4), saved with
+external data. Either way the
 tied token embedding reads the quantized output projection (steps/tied_embedding.py).
 The decoder and decoder-with-past graphs are quantized separately and merged afterwards: the
 quantizers do not reach into the merged decoder's If branches.
@@ -123,9 +124,8 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def quantize_dir(fp32_dir: Path, dst: Path, spec: QuantSpec, int4_accuracy_level: int | None = None) -> dict:
-    """Quantize an exported fp32 dir (encoder + both decoders) into dst with a merged decoder.
-    int4_accuracy_level overrides the spec's MatMulNBits accuracy levels (benchmarks only)."""
+def quantize_dir(fp32_dir: Path, dst: Path, spec: QuantSpec) -> dict:
+    """Quantize an exported fp32 dir (encoder + both decoders) into dst with a merged decoder."""
     from optimum.onnx.graph_transformations import merge_decoders
 
     if dst.exists():
@@ -137,7 +137,7 @@ def quantize_dir(fp32_dir: Path, dst: Path, spec: QuantSpec, int4_accuracy_level
     def q(src: Path, out: Path, part: str) -> bool:
         if spec.scheme == "int8":
             return quantize_int8(src, out)
-        return quantize_int4(src, out, spec, part, int4_accuracy_level)
+        return quantize_int4(src, out, spec, part)
 
     q(fp32_dir / ENCODER, dst / ENCODER, "encoder")
     tied = [q(fp32_dir / DECODER, tmp / DECODER, "decoder"), q(fp32_dir / DECODER_WITH_PAST, tmp / DECODER_WITH_PAST, "decoder")]

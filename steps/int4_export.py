@@ -127,10 +127,9 @@ def _int4_int8_kernel(src: Path, dst: Path, spec: QuantSpec) -> None:
 ENCODER_STATES = "encoder_hidden_states"  # the decoder graph's input the cross-attention keys/values read
 
 
-def quantize_int4(src: Path, dst: Path, spec: QuantSpec, part: str, accuracy_level: int | None = None) -> bool:
+def quantize_int4(src: Path, dst: Path, spec: QuantSpec, part: str) -> bool:
     """Write src, the "encoder" or a "decoder" graph, as int4 into dst (external data). Returns whether the
-    tied token embedding reads the quantized vocabulary matrix. accuracy_level overrides the spec's level
-    for every MatMulNBits (benchmarks only)."""
+    tied token embedding reads the quantized vocabulary matrix."""
     from onnxruntime.quantization.onnx_model import ONNXModel
 
     if part not in ("encoder", "decoder"):
@@ -139,7 +138,6 @@ def quantize_int4(src: Path, dst: Path, spec: QuantSpec, part: str, accuracy_lev
         _int4_int8_kernel(src, dst, spec)
         return False
     level = spec.encoder_accuracy_level if part == "encoder" else spec.decoder_accuracy_level
-    level = level if accuracy_level is None else accuracy_level
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = load_folded(src)
     vocab = [n.name for n in model.graph.node if n.op_type == "MatMul" and "logits" in n.output]

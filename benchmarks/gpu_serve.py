@@ -3,7 +3,7 @@
 On a CUDA machine, whisper-large-v3-distil-fr shapes (benchmarks/gpu_probe.py SHAPES), random weights:
 
     python -m benchmarks.gpu_serve                       # PyTorch fp16 / torchao int8, int4 -> benchmarks/gpu_serve.json
-    python -m benchmarks.gpu_serve --onnx                # + ONNX fp16 / int8 / int4 (MatMulNBits) on the CUDA EP
+    python -m benchmarks.gpu_serve --onnx                # + ONNX fp16 / int8 / int4 on the CUDA EP
     python -m benchmarks.gpu_serve --shapes tiny --device cpu --onnx --out /tmp/s.json   # seconds on a CPU (the test)
 
 Each variant runs in a fresh process (clean peak memory): the model is built from the same seed, put

@@ -36,6 +36,10 @@ def test_render_states_the_targets_from_the_same_figures():
     assert "+0.50 [+0.0, +1.5] | met | 65.8 (0.227)" in rows["close"]
     assert "+10.00 [+10.0, +10.0] | **missed**" in rows["far"]
     assert "Smallest int4 - fp32 gap: `close` (+0.50 points); it meets" in text
+    now = entry(_w([2] * 20, words), _w([9] * 20, words))
+    del now["wer"]["qat_int4_acc4"]  # measured after the benchmarks-only accuracy-level export was dropped
+    row = next(line for line in int4_recipe.render({"now": now}).splitlines() if line.startswith("| now"))
+    assert "| 20.00 [0.0, 100.0] | - | 90.00 |" in row, row
 
 
 def test_profile_section_says_where_the_time_goes():

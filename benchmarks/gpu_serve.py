@@ -157,7 +157,9 @@ def export_onnx(shapes: dict, work: Path, log=print) -> dict:
     convert.export(src, fp32)
     log(f"exported in {time.time() - t:.0f}s")
     for scheme in ("int8", "int4"):
-        convert.quantize_dir(fp32, dirs[f"onnx_{scheme}"], QuantSpec.of(scheme))
+        # int4 as a GPU user configures it (quant.encoder_layout nbits: MatMulNBits has a CUDA kernel)
+        spec = QuantSpec.of(scheme, encoder_layout="nbits") if scheme == "int4" else QuantSpec.of(scheme)
+        convert.quantize_dir(fp32, dirs[f"onnx_{scheme}"], spec)
     to_fp16_dir(fp32, dirs["onnx_fp16"])
     convert.finish_fp32_dir(fp32)
     for d in dirs.values():

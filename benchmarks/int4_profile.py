@@ -169,7 +169,7 @@ def default_variants(work: Path) -> dict[str, Path]:
     from steps.models import resolve_model
 
     q = load_config("demo").quant
-    specs = {"onnx_int8": QuantSpec.of("int8"), "onnx_int4": QuantSpec.of("int4", q.group_size, q.vocab_bits)}
+    specs = {"onnx_int8": QuantSpec.of("int8"), "onnx_int4": QuantSpec.of("int4", q.group_size, q.vocab_bits, q.encoder_layout)}
     dirs = {name: work / name for name in specs}
     fp32 = work / "fp32"
     for name, spec in specs.items():

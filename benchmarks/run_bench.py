@@ -126,7 +126,8 @@ def speed_only_models(work: Path, config: Path) -> dict[str, str]:
     if not all((Path(p) / "encoder_model.onnx").is_file() for k, p in paths.items() if k != "pytorch_fp32"):
         convert.export(base, out / "base_fp32")
         for scheme in SCHEMES:
-            spec = QuantSpec.of(scheme, cfg.quant.group_size, cfg.quant.vocab_bits)
+            spec = QuantSpec.of(scheme, cfg.quant.group_size, cfg.quant.vocab_bits,
+                                cfg.quant.encoder_layout if scheme == "int4" else "int4_int8_kernel")
             convert.quantize_dir(out / "base_fp32", out / f"base_ptq_{scheme}", spec)
             convert.check_quantized(out / f"base_ptq_{scheme}", spec)
         convert.finish_fp32_dir(out / "base_fp32")

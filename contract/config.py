@@ -148,10 +148,15 @@ class QuantConfig(Strict):
         "int4 only: bits of the vocabulary matrix (proj_out and the tied token embedding). 8 stores it as "
         "the int8 scheme does (per-channel weights, activations per token) and holds the WER; 4 (4-bit blocks "
         "like the other weights) is the smaller file and costs WER (benchmarks/INT4_RECIPE.md)"))
+    encoder_layout: Literal["int4_int8_kernel", "nbits"] = Field(default="int4_int8_kernel", description=(
+        "int4 only: how the encoder's 4-bit weights run. int4_int8_kernel (CPU serving): 4-bit codes ONNX "
+        "Runtime folds into int8 weights at load, int8's kernel and uint8 activations, as fast as int8 on the "
+        "CPU. nbits (GPU serving): MatMulNBits with float activations, which has a CUDA kernel but is slower "
+        "than int8 on the CPU. QAT trains whichever is set"))
 
     @model_validator(mode="after")
     def _a_valid_spec(self):
-        QuantSpec.of(self.scheme, self.group_size, self.vocab_bits)  # contract/quant_spec.py owns the rules
+        QuantSpec.of(self.scheme, self.group_size, self.vocab_bits, self.encoder_layout)  # quant_spec.py owns the rules
         return self
 
 

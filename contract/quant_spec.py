@@ -13,7 +13,9 @@ derived from the config's quant section; none of them holds a grid constant of i
   uint8 multiple per block; ONNX Runtime multiplies them out once, when the session loads (constant
   folding), and runs the int8 scheme's kernel with uint8 activations per utterance. At 1500 frames no
   4-bit kernel comes near int8's (benchmarks/int4_profile.json); this one does and the file stays
-  4-bit. ("nbits": MatMulNBits at `encoder_accuracy_level`, float activations at 0; benchmarks only.)
+  4-bit. ("nbits", `quant.encoder_layout`: MatMulNBits at `encoder_accuracy_level` 0, float
+  activations: slower on the CPU, but MatMulNBits has a CUDA kernel, so it is the layout to serve on a
+  GPU, where int8's DynamicQuantizeMatMul falls back to the CPU.)
   int4, decoder: ORT MatMulNBits, symmetric blocks of `group_size` inputs (the element of largest
   magnitude maps to -8). They run once per generated token, at `decoder_accuracy_level` 4: MLAS quantizes each token's activations to int8 in blocks of
   `group_size` (symmetric, scale max|x|/127, rounding half to even) and multiplies integers, faster
@@ -36,6 +38,9 @@ from typing import Literal
 from .catalogue import SCHEMES, Scheme
 
 Layout = Literal["int8_dynamic", "nbits", "int4_int8_kernel"]
+# int4's encoder: "int4_int8_kernel" for CPU serving (int8's kernel, the default), "nbits" for GPU serving
+# (MatMulNBits has a CUDA kernel; DynamicQuantizeMatMul runs on the CPU under the CUDA EP)
+ENCODER_LAYOUTS = ("int4_int8_kernel", "nbits")
 
 
 @dataclass(frozen=True)
@@ -53,13 +58,17 @@ class QuantSpec:
     cross_kv_layout: Layout = "int8_dynamic"  # the decoder's cross-attention k/v projections (int4)
 
     @classmethod
-    def of(cls, scheme: Scheme, group_size: int = 32, vocab_bits: int = 8) -> "QuantSpec":
+    def of(cls, scheme: Scheme, group_size: int = 32, vocab_bits: int = 8,
+           encoder_layout: Layout = "int4_int8_kernel") -> "QuantSpec":
         if scheme not in SCHEMES:
             raise ValueError(f"quant.scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
         if vocab_bits not in (4, 8) or (scheme == "int8" and vocab_bits != 8):
             raise ValueError(f"quant.vocab_bits {vocab_bits!r}: 8, or 4 with quant.scheme int4")
+        if encoder_layout not in ENCODER_LAYOUTS or (scheme == "int8" and encoder_layout != "int4_int8_kernel"):
+            raise ValueError(f"quant.encoder_layout {encoder_layout!r}: one of {', '.join(ENCODER_LAYOUTS)} "
+                             "(int4 only; int8's encoder is always the int8 layout)")
         return cls(scheme=scheme, bits=8 if scheme == "int8" else 4, group_size=group_size, vocab_bits=vocab_bits,
-                   vocab_layout="int8_dynamic" if vocab_bits == 8 else "nbits")
+                   vocab_layout="int8_dynamic" if vocab_bits == 8 else "nbits", encoder_layout=encoder_layout)
 
     def int8_activation_blocks(self, decoder: bool) -> bool:
         """Whether MatMulNBits in the decoder (or the encoder) rounds activations to int8 blocks (accuracy_level 4)."""
@@ -87,4 +96,4 @@ class QuantSpec:
 
 def quant_spec(quant) -> QuantSpec:
     """From a config's quant section (contract.config.QuantConfig)."""
-    return QuantSpec.of(quant.scheme, quant.group_size, quant.vocab_bits)
+    return QuantSpec.of(quant.scheme, quant.group_size, quant.vocab_bits, quant.encoder_layout)

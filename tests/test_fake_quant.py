@@ -334,3 +334,27 @@ def test_int4_encoder_codes_are_4_bit_and_their_products_int8():
     assert torch.all(back <= plain * (1 + 1e-5)) and torch.any(back < 0.99 * plain)
     with pytest.raises(StepError, match="group_size"):
         fake_quant.int4_int8_kernel_codes(w[:, :50], 32)
+
+
+def test_the_encoder_layout_for_gpu_serving_is_a_config_choice(tmp_path):
+    """quant.encoder_layout nbits (GPU serving: MatMulNBits has a CUDA kernel) reaches QAT and the export;
+    the int8 scheme and unknown layouts are refused when the config loads."""
+    from contract.config import ConfigError
+    from contract.quant_spec import quant_spec
+    from conftest import tiny_config
+
+    assert quant_spec(tiny_config(**{"quant.scheme": "int4"}).quant).encoder_layout == "int4_int8_kernel"
+    spec = quant_spec(tiny_config(**{"quant.scheme": "int4", "quant.encoder_layout": "nbits"}).quant)
+    model = tiny_whisper()
+    fake_quant.prepare(model, spec)
+    enc = {(m.int8_kernel, m.int8_activations) for m in model.model.encoder.modules() if isinstance(m, fake_quant.FakeQuantLinear)}
+    assert enc == {(False, False)}  # MatMulNBits blocks, float activations
+    onnx.save(matmul_model(random_weights(64, 48, 0)), tmp_path / "m.onnx")
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", spec, "encoder")
+    (node,) = onnx.load(str(tmp_path / "q.onnx")).graph.node
+    assert node.op_type == "MatMulNBits"
+    assert {a.name: helper.get_attribute_value(a) for a in node.attribute}.get("accuracy_level", 0) == 0
+    for bad in ({"quant.scheme": "int8", "quant.encoder_layout": "nbits"},
+                {"quant.scheme": "int4", "quant.encoder_layout": "int8_dynamic"}):
+        with pytest.raises(ConfigError, match="encoder_layout"):
+            tiny_config(**bad)

@@ -2,7 +2,7 @@
 
 Encoder graph (spec.encoder_layout "int4_int8_kernel"): every MatMul with a constant weight is written
 as the int8 scheme writes it (DynamicQuantizeLinear + MatMulInteger), except that its int8 weight is
-not in the file: the file holds 4-bit codes packed two per byte and one uint8 block multiple per
+not in the file: the file holds 4-bit codes packed two per byte and one int8 block multiple per
 block (steps/fake_quant.py int4_int8_kernel_codes, the grid QAT trained), and a few integer nodes
 multiply them out. ONNX Runtime folds those nodes into the int8 weight when the session loads, then
 fuses the int8 kernel (DynamicQuantizeMatMul): int8's speed on the CPU, a 4-bit file.
@@ -47,8 +47,8 @@ def _unpack_nodes(base: str, k: int, n: int, group_size: int) -> tuple[list[onnx
     """Nodes computing the int8 weight `{base}_quantized` [k, n] from `{base}_int4_codes` (int8
     [k/group_size, group_size/2, n]: per block, rows i and group_size/2 + i share a byte, the first as
     code + 8 in the low nibble, the second in two's complement in the high nibble) and
-    `{base}_int4_multiples` (int8 [k/group_size, 1, n]). All constant and all int8 (|code x multiple| <=
-    112: exact), so ONNX Runtime folds them into the int8 weight when the session loads; int32
+    `{base}_int4_multiples` (int8 [k/group_size, 1, n]). All constant and all int8 (code x multiple in
+    [-128, 112]: exact), so ONNX Runtime folds them into the int8 weight when the session loads; int32
     intermediates would hold the load's peak memory at many times the weights'."""
     from onnx import helper, numpy_helper
 
@@ -68,7 +68,7 @@ def _unpack_nodes(base: str, k: int, n: int, group_size: int) -> tuple[list[onnx
 
 
 def _pack_codes(codes: np.ndarray, group_size: int) -> np.ndarray:
-    """codes [k, n] in [-7, 7] -> the int8 [k/group_size, group_size/2, n] layout _unpack_nodes reads."""
+    """codes [k, n] in [-8, 7] -> the int8 [k/group_size, group_size/2, n] layout _unpack_nodes reads."""
     k, n = codes.shape
     blocks = codes.astype(np.int16).reshape(k // group_size, 2, group_size // 2, n)
     low, high = blocks[:, 0] + 8, blocks[:, 1] & 0xF

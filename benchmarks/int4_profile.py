@@ -215,7 +215,8 @@ def shipped_layouts(spec) -> dict[str, str]:
 def kernels(threads: int) -> dict:
     """One MatMul of whisper-base's shapes, in each layout, timed interleaved (median ms): fp32, the int8
     scheme's, 4-bit blocks at accuracy_level 0 (float activations) and 4 (int8 activation blocks), and the
-    int4 encoder's 4-bit codes run by the int8 kernel (int4_int8_kernel). "shipped" names the layout the int4 scheme writes for that MatMul (contract/quant_spec.py)."""
+    int4 encoder's 4-bit codes run by the int8 kernel (int4_int8_kernel). "shipped" names the layout the
+    int4 scheme writes for that MatMul (contract/quant_spec.py)."""
     import onnx
 
     from contract.quant_spec import QuantSpec

@@ -256,10 +256,11 @@ def run(ctx: StepContext) -> dict:
     jobs = [(qat_model, "qat_fp32", quantized_variant(scheme), None),
             (Path(resolve_model(cfg.model.name_or_path)), "base_fp32", ptq_variant(scheme), cfg.model.revision)]
     metrics: dict = {"scheme": scheme, "seconds": {}, "ops": {}, "sizes_mb": {}}
+    spec = quant_spec(cfg.quant)
     for i, (src, fp32_name, q_name, revision) in enumerate(jobs):
         ctx.progress(i, len(jobs), model=fp32_name)
-        m = convert_model(src, ctx.out, fp32_name, q_name, quant_spec(cfg.quant), log=ctx.log, revision=revision)
-        check_quantized(ctx.out / q_name, quant_spec(cfg.quant))
+        m = convert_model(src, ctx.out, fp32_name, q_name, spec, log=ctx.log, revision=revision)
+        check_quantized(ctx.out / q_name, spec)
         metrics["seconds"][fp32_name] = m["export_s"]
         metrics["seconds"][q_name] = m["quantize_s"]
         metrics["ops"].update(m["ops"])

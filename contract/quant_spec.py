@@ -20,7 +20,8 @@ derived from the config's quant section; none of them holds a grid constant of i
   magnitude maps to -8). They run once per generated token, at `decoder_accuracy_level` 4: MLAS
   quantizes each token's activations to int8 in blocks of `group_size` (symmetric, scale max|x|/127,
   rounding half to even) and multiplies integers, faster than int8's kernel at one row
-  (benchmarks/int4_profile.json); QAT fake-quantizes those activations on the same grid. The decoder's cross-attention key/value projections (`cross_kv_layout`) read all
+  (benchmarks/int4_profile.json); QAT fake-quantizes those activations on the same grid. The
+  decoder's cross-attention key/value projections (`cross_kv_layout`) read all
   1500 encoder frames once per clip, an encoder-like load: they take the int8 scheme's layout (weights
   per channel, uint8 activations per call), as the int8 scheme trains and ships them.
 - Vocabulary matrix (proj_out and the tied token embedding, one matrix):

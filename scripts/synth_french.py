@@ -5,6 +5,10 @@
 Each sentence is spoken by a few voices at varied speeds, resampled to 16 kHz mono, padded with
 0.5 s of silence at each end and stored as OGG/Vorbis. Splits are made BY SENTENCE (no sentence
 in two splits), about 70/10/20 % train/dev/test, with a fixed seed, so the output is reproducible.
+Then every test sentence is also spoken by each voice it does not have yet (--all-voices-on-test),
+its own seeded stream, appended after the other rows: the first test clips stay the ones a
+config's data.max_eval_samples has always taken, and `make bench` scores all of them (180 test
+clips: a WER gap of a point is below what 60 could resolve, benchmarks/REPORT.md).
 Writes <out>/audio/*.ogg and <out>/manifest.jsonl: {"id", "audio" (relative to the repository
 root), "text", "speaker", "split", "duration"}.
 
@@ -219,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "fixtures" / "french")
     ap.add_argument("--voices-per-sentence", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--all-voices-on-test", action=argparse.BooleanOptionalAction, default=True,
+                    help="append each test sentence in every voice it lacks (default: on)")
     args = ap.parse_args(argv)
     for tool in ("espeak-ng", "sox"):
         if shutil.which(tool) is None:
@@ -232,17 +238,28 @@ def main(argv: list[str] | None = None) -> int:
     audio_dir.mkdir(parents=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+
+        def speak(i: int, text: str, voice: str, speed: int, split: str) -> None:
+            audio = synthesize(text, voice, speed, Path(tmp))
+            uid = f"s{i:03d}-{voice.replace('+', '_')}"
+            path = audio_dir / f"{uid}.ogg"
+            sf.write(path, audio, SAMPLE_RATE, format="OGG", subtype="VORBIS")
+            rows.append({"id": uid, "audio": str(path.resolve().relative_to(REPO)), "text": text,
+                         "speaker": voice, "split": split, "duration": round(len(audio) / SAMPLE_RATE, 3)})
+
         for i, text in enumerate(texts):
             split = split_of(i, len(texts), order)
             for voice in rng.sample(VOICES, args.voices_per_sentence):
-                speed = rng.choice(SPEEDS)
-                audio = synthesize(text, voice, speed, Path(tmp))
-                uid = f"s{i:03d}-{voice.replace('+', '_')}"
-                path = audio_dir / f"{uid}.ogg"
-                sf.write(path, audio, SAMPLE_RATE, format="OGG", subtype="VORBIS")
-                rows.append({"id": uid, "audio": str(path.resolve().relative_to(REPO)), "text": text,
-                             "speaker": voice, "split": split, "duration": round(len(audio) / SAMPLE_RATE, 3)})
+                speak(i, text, voice, rng.choice(SPEEDS), split)
             print(f"{i + 1}/{len(texts)} {split}: {text}", flush=True)
+        if args.all_voices_on_test:
+            extra = random.Random(args.seed + 1)  # its own stream: the rows above do not change
+            spoken = {(r["text"], r["speaker"]) for r in rows}
+            for i, text in enumerate(texts):
+                if split_of(i, len(texts), order) == "test":
+                    for voice in (v for v in VOICES if (text, v) not in spoken):
+                        speak(i, text, voice, extra.choice(SPEEDS), "test")
+            print(f"test sentences in every voice: {sum(r['split'] == 'test' for r in rows)} test clips", flush=True)
     with open(args.out / "manifest.jsonl", "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -254,6 +254,35 @@ def test_int4_targets_compare_with_int8_in_the_same_run_and_with_its_own_fp32(tm
     assert lo == 0.0 and 5.0 <= hi <= 10.0  # all of the gap on one clip of four
 
 
+def test_a_wer_verdict_says_whether_its_paired_interval_resolves_it():
+    rb = _load_script("run_bench")
+    r = _fake_results(wer={"qat_fp32_int4_run": 32.5, "qat_int4": 33.0, "base_ptq_int4": 43.0})
+    r["targets"] = rb.targets(r)
+    r["wer_paired_ci"] = {"qat_int4_minus_its_qat_fp32": {"gap": 0.5, "ci95": [-1.8, 3.6]},
+                          "qat_int4_minus_base_ptq_int4": {"gap": -10.0, "ci95": [-15.0, -6.1]}}
+    assert rb.verdict(r, "qat_int4_wer_loss") == "met (not resolved: 95 % interval [-1.8, 3.6])"
+    assert rb.verdict(r, "qat_int4_minus_ptq_int4_wer") == "met (resolved: 95 % interval [-15.0, -6.1])"
+    r["wer_paired_ci"]["qat_int4_minus_its_qat_fp32"] = {"gap": 0.5, "ci95": [0.2, 0.9]}
+    assert rb.verdict(r, "qat_int4_wer_loss").startswith("met (resolved")
+    r["wer"]["qat_int4"] = 40.0
+    r["targets"] = rb.targets(r)
+    r["wer_paired_ci"]["qat_int4_minus_its_qat_fp32"] = {"gap": 7.5, "ci95": [2.0, 12.0]}
+    assert rb.verdict(r, "qat_int4_wer_loss") == "**missed** (resolved: 95 % interval [2.0, 12.0])"
+    assert rb.verdict(r, "int4_size_ratio") in ("met", "**missed**")  # no interval for a size
+
+
+def test_make_bench_scores_every_test_clip_of_the_manifest(french_manifest, tmp_path):
+    rb = _load_script("run_bench")
+    tests = sum(r["split"] == "test" for r in french_manifest)
+    assert tests == 180  # the committed fixture: 30 test sentences in six voices
+    assert rb.every_eval_clip("demo", {})["data.max_eval_samples"] == tests
+    assert rb.every_eval_clip("demo", {"data.max_eval_samples": 8})["data.max_eval_samples"] == 8  # --set wins
+    # the demo's first 24 test clips are still the original ones: the extra voices come after all 300 rows
+    original = {r["id"] for r in french_manifest[:300]}
+    assert all(r["id"] in original for r in [r for r in french_manifest if r["split"] == "test"][:60])
+    assert {r["split"] for r in french_manifest[300:]} == {"test"}
+
+
 def test_report_explains_misses_with_figures_and_says_gpu_not_measured():
     rb = _load_script("run_bench")
     r = _fake_results()

@@ -1,0 +1,102 @@
+"""Load-time memory of the int4 encoder's weight layouts: what ONNX Runtime's constant folding holds.
+
+    python -m benchmarks.int4_fold_memory      # writes benchmarks/int4_fold_memory.json
+
+Eight 1280 x 5120 weights (whisper-large-v3's fc1 shape), each behind DynamicQuantizeLinear +
+MatMulInteger, stored three ways: plain int8 (the int8 scheme), the shipped int4 encoder layout
+(steps/int4_export.py: codes two per int8 byte, BitwiseAnd/Sub/Div/Concat/Mul/Reshape), and ONNX INT4
+codes with Cast/Mul/Reshape (opset 21; not used by the export yet). Each file is loaded and run once
+in a fresh process; its peak resident memory (VmHWM) is what folding the weights costs. The outputs
+of the three are compared (the same integer weights, the same result).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parent / "int4_fold_memory.json"
+K, N, GROUP, LAYERS = 1280, 5120, 32, 8
+PROBE = """
+import sys, numpy as np, onnxruntime as ort
+hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
+before = hwm()
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+y = s.run(None, {"x": np.ones((1500, %d), np.float32)})[0]
+print(before, hwm(), float(np.abs(y).sum()))
+""" % K
+
+
+def build(layout: str, path: Path) -> float:
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from steps.int4_export import _pack_codes, _unpack_nodes
+
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(LAYERS):
+        codes = rng.integers(-8, 8, size=(K, N)).astype(np.int8)
+        mult = rng.integers(1, 17, size=(K // GROUP, 1, N)).astype(np.int8)
+        w = f"w{i}"
+        if layout == "int8":
+            inits.append(numpy_helper.from_array(
+                (codes.reshape(K // GROUP, GROUP, N) * mult).reshape(K, N).astype(np.int8), f"{w}_quantized"))
+        elif layout == "int4_nibbles_shipped":
+            inits += [numpy_helper.from_array(_pack_codes(codes, GROUP), f"{w}_int4_codes"),
+                      numpy_helper.from_array(mult, f"{w}_int4_multiples")]
+            more, consts = _unpack_nodes(w, K, N, GROUP)
+            nodes += more
+            inits += consts
+        else:  # ONNX INT4, two codes per byte, low nibble first
+            flat = (codes.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+            packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+            inits += [helper.make_tensor(f"{w}_c4", TensorProto.INT4, (K // GROUP, GROUP, N), packed, raw=True),
+                      numpy_helper.from_array(mult, f"{w}_m"), numpy_helper.from_array(np.array([K, N], np.int64), f"{w}_s")]
+            nodes += [helper.make_node("Cast", [f"{w}_c4"], [f"{w}_c8"], to=TensorProto.INT8),
+                      helper.make_node("Mul", [f"{w}_c8", f"{w}_m"], [f"{w}_b"]),
+                      helper.make_node("Reshape", [f"{w}_b", f"{w}_s"], [f"{w}_quantized"])]
+        inits.append(numpy_helper.from_array(np.arange(K, dtype=np.int64), f"keep{i}"))
+        nodes += [helper.make_node("DynamicQuantizeLinear", [prev], [f"q{i}", f"qs{i}", f"qz{i}"]),
+                  helper.make_node("MatMulInteger", [f"q{i}", f"{w}_quantized", f"qz{i}"], [f"mi{i}"]),
+                  helper.make_node("Cast", [f"mi{i}"], [f"mf{i}"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", [f"mf{i}", f"qs{i}"], [f"y{i}"]),
+                  helper.make_node("Gather", [f"y{i}", f"keep{i}"], [f"o{i}"], axis=1)]  # N -> K for the next layer
+        prev = f"o{i}"
+    graph = helper.make_graph(nodes, "fold", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1500, K])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, None)], inits)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    return path.stat().st_size / 1e6
+
+
+def main() -> int:
+    import onnxruntime
+
+    out = {"command": "python -m benchmarks.int4_fold_memory", "onnxruntime": onnxruntime.__version__,
+           "weights": f"{LAYERS} x {K}x{N}", "int8_weights_mb": round(LAYERS * K * N / 1e6, 1), "layouts": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for layout in ("int8", "int4_nibbles_shipped", "int4_onnx_int4_cast"):
+            path = Path(tmp) / f"{layout}.onnx"
+            mb = build(layout, path)
+            before, peak, check = (float(v) for v in subprocess.run(
+                [sys.executable, "-c", PROBE, str(path)], check=True, capture_output=True, text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout.split())
+            out["layouts"][layout] = {"file_mb": round(mb, 1), "peak_rss_mb": round(peak), "import_rss_mb": round(before),
+                                      "output_abs_sum": check}
+            print(layout, out["layouts"][layout], flush=True)
+    sums = {v["output_abs_sum"] for v in out["layouts"].values()}
+    out["same_outputs"] = len(sums) == 1
+    base = out["layouts"]["int8"]["peak_rss_mb"]
+    for v in out["layouts"].values():
+        v["over_int8_x_weights"] = round((v["peak_rss_mb"] - base) / out["int8_weights_mb"], 2)
+    OUT.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {OUT}")
+    return 0 if out["same_outputs"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

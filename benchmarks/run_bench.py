@@ -73,12 +73,12 @@ def every_eval_clip(base: str, overrides: dict) -> dict:
     prints each paired interval); an explicit --set data.max_eval_samples=N still wins.
     """
     from contract.config import load_config
+    from steps.prepare import manifest_split_counts
 
     cfg = load_config(base, overrides)
     if cfg.data.source != "manifest" or "data.max_eval_samples" in overrides:
         return overrides
-    lines = cfg.data.manifest_path().read_text(encoding="utf-8").splitlines()
-    tests = sum(json.loads(line).get("split") == cfg.data.test_split for line in lines if line.strip())
+    tests = manifest_split_counts(cfg)[cfg.data.test_split]
     return {**overrides, "data.max_eval_samples": max(tests, cfg.data.max_eval_samples)}
 
 

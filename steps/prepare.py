@@ -241,7 +241,7 @@ def run(ctx: StepContext) -> dict:
     source = manifest_examples if cfg.data.source == "manifest" else hf_examples
     limits = {"train": cfg.data.max_samples, "dev": cfg.data.max_eval_samples, "test": cfg.data.max_eval_samples}
     if cfg.data.source == "manifest":  # known sizes: report progress against what is there
-        available = Counter(_split_of(line) for line in cfg.data.manifest_path().read_text(encoding="utf-8").splitlines())
+        available = manifest_split_counts(cfg)
         limits = {s: min(n, available[s]) for s, n in limits.items()}
     total = sum(limits.values())
     ctx.out.mkdir(parents=True, exist_ok=True)
@@ -284,6 +284,11 @@ def run(ctx: StepContext) -> dict:
 def _tree_bytes(path: Path) -> int:
     """Bytes of the files under `path` (an earlier prepare's outputs: replaced, so their space is free to us)."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def manifest_split_counts(cfg: RunConfig) -> Counter:
+    """Rows per split in the config's manifest (data.source manifest)."""
+    return Counter(_split_of(line) for line in cfg.data.manifest_path().read_text(encoding="utf-8").splitlines())
 
 
 def _split_of(line: str) -> str | None:

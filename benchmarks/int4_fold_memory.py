@@ -3,11 +3,11 @@
     python -m benchmarks.int4_fold_memory      # writes benchmarks/int4_fold_memory.json
 
 Eight 1280 x 5120 weights (whisper-large-v3's fc1 shape), each behind DynamicQuantizeLinear +
-MatMulInteger, stored three ways: plain int8 (the int8 scheme), the shipped int4 encoder layout
-(steps/int4_export.py: codes two per int8 byte, BitwiseAnd/Sub/Div/Concat/Mul/Reshape), and ONNX INT4
-codes with Cast/Mul/Reshape (opset 21; not used by the export yet). Each file is loaded and run once
-in a fresh process; its peak resident memory (VmHWM) is what folding the weights costs. The outputs
-of the three are compared (the same integer weights, the same result).
+MatMulInteger, stored two ways: plain int8 (the int8 scheme) and the int4 encoder's layout, built by
+the export's own steps/int4_export.py int4_weight (ONNX INT4 codes, Cast, Mul by the block multiples,
+Reshape; opset 21). Each file is loaded and run once in a fresh process; its peak resident memory
+(VmHWM) is what folding the weights costs. The outputs of the two are compared (the same integer
+weights, the same result).
 """
 from __future__ import annotations
 
@@ -35,31 +35,21 @@ print(before, hwm(), float(np.abs(y).sum()))
 def build(layout: str, path: Path) -> float:
     from onnx import TensorProto, helper, numpy_helper, save
 
-    from steps.int4_export import _pack_codes, _unpack_nodes
+    from steps.int4_export import INT4_OPSET, int4_weight
 
     rng = np.random.default_rng(0)
     nodes, inits, prev = [], [], "x"
     for i in range(LAYERS):
         codes = rng.integers(-8, 8, size=(K, N)).astype(np.int8)
-        mult = rng.integers(1, 17, size=(K // GROUP, 1, N)).astype(np.int8)
+        mult = rng.integers(1, 17, size=(K // GROUP, N)).astype(np.int8)
         w = f"w{i}"
         if layout == "int8":
             inits.append(numpy_helper.from_array(
-                (codes.reshape(K // GROUP, GROUP, N) * mult).reshape(K, N).astype(np.int8), f"{w}_quantized"))
-        elif layout == "int4_nibbles_shipped":
-            inits += [numpy_helper.from_array(_pack_codes(codes, GROUP), f"{w}_int4_codes"),
-                      numpy_helper.from_array(mult, f"{w}_int4_multiples")]
-            more, consts = _unpack_nodes(w, K, N, GROUP)
+                (codes.reshape(K // GROUP, GROUP, N) * mult[:, None]).reshape(K, N).astype(np.int8), f"{w}_quantized"))
+        else:
+            more, weight_inits = int4_weight(w, codes, mult)
             nodes += more
-            inits += consts
-        else:  # ONNX INT4, two codes per byte, low nibble first
-            flat = (codes.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
-            packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
-            inits += [helper.make_tensor(f"{w}_c4", TensorProto.INT4, (K // GROUP, GROUP, N), packed, raw=True),
-                      numpy_helper.from_array(mult, f"{w}_m"), numpy_helper.from_array(np.array([K, N], np.int64), f"{w}_s")]
-            nodes += [helper.make_node("Cast", [f"{w}_c4"], [f"{w}_c8"], to=TensorProto.INT8),
-                      helper.make_node("Mul", [f"{w}_c8", f"{w}_m"], [f"{w}_b"]),
-                      helper.make_node("Reshape", [f"{w}_b", f"{w}_s"], [f"{w}_quantized"])]
+            inits += weight_inits
         inits.append(numpy_helper.from_array(np.arange(K, dtype=np.int64), f"keep{i}"))
         nodes += [helper.make_node("DynamicQuantizeLinear", [prev], [f"q{i}", f"qs{i}", f"qz{i}"]),
                   helper.make_node("MatMulInteger", [f"q{i}", f"{w}_quantized", f"qz{i}"], [f"mi{i}"]),
@@ -69,7 +59,7 @@ def build(layout: str, path: Path) -> float:
         prev = f"o{i}"
     graph = helper.make_graph(nodes, "fold", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1500, K])],
                               [helper.make_tensor_value_info(prev, TensorProto.FLOAT, None)], inits)
-    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", INT4_OPSET)]), str(path))
     return path.stat().st_size / 1e6
 
 
@@ -79,7 +69,7 @@ def main() -> int:
     out = {"command": "python -m benchmarks.int4_fold_memory", "onnxruntime": onnxruntime.__version__,
            "weights": f"{LAYERS} x {K}x{N}", "int8_weights_mb": round(LAYERS * K * N / 1e6, 1), "layouts": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for layout in ("int8", "int4_nibbles_shipped", "int4_onnx_int4_cast"):
+        for layout in ("int8", "int4_shipped"):
             path = Path(tmp) / f"{layout}.onnx"
             mb = build(layout, path)
             before, peak, check = (float(v) for v in subprocess.run(

@@ -9,8 +9,8 @@ derived from the config's quant section; none of them holds a grid constant of i
   uint8 per call (DynamicQuantizeLinear: per utterance in the encoder, per token in the decoder).
   int4, encoder (`encoder_layout` "int4_int8_kernel"): 4-bit codes in blocks of `group_size` inputs,
   each block's scale an integer multiple (1..16) of its output channel's scale (max|w|/112), so code x
-  multiple is an int8 weight in [-128, 112]. The file holds the codes packed two per byte and one
-  int8 multiple per block; ONNX Runtime multiplies them out once, when the session loads (constant
+  multiple is an int8 weight in [-128, 112]. The file holds the codes as ONNX INT4 (two per byte) and
+  one int8 multiple per block; ONNX Runtime multiplies them out once, when the session loads (constant
   folding), and runs the int8 scheme's kernel with uint8 activations per utterance. At 1500 frames no
   4-bit kernel comes near int8's (benchmarks/int4_profile.json); this one does and the file stays
   4-bit. ("nbits", `quant.encoder_layout`: MatMulNBits at `encoder_accuracy_level` 0, float

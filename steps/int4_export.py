@@ -2,10 +2,11 @@
 
 Encoder graph (spec.encoder_layout "int4_int8_kernel"): every MatMul with a constant weight is written
 as the int8 scheme writes it (DynamicQuantizeLinear + MatMulInteger), except that its int8 weight is
-not in the file: the file holds 4-bit codes packed two per byte and one int8 block multiple per
-block (steps/fake_quant.py int4_int8_kernel_codes, the grid QAT trained), and a few integer nodes
-multiply them out. ONNX Runtime folds those nodes into the int8 weight when the session loads, then
-fuses the int8 kernel (DynamicQuantizeMatMul): int8's speed on the CPU, a 4-bit file.
+not in the file: the file holds 4-bit codes (ONNX INT4, two per byte) and one int8 block multiple per
+block (steps/fake_quant.py int4_int8_kernel_codes, the grid QAT trained), and Cast, Mul and Reshape
+nodes multiply them out (so the encoder graph is written at opset 21, the first whose Cast reads INT4).
+ONNX Runtime folds those nodes into the int8 weight when the session loads, then fuses the int8 kernel
+(DynamicQuantizeMatMul): int8's speed on the CPU, a 4-bit file.
 Decoder graph: MatMulNBits, 4-bit symmetric blocks of spec.group_size along the input dimension, at
 spec.decoder_accuracy_level (4: int8 activations in blocks, per token), as QAT trains them
 (contract/quant_spec.py). In a decoder graph the MatMuls fed by the encoder states (the
@@ -43,36 +44,47 @@ def _nbits(model: onnx.ModelProto, spec: QuantSpec, bits: int, accuracy_level: i
     return quantizer.model.model
 
 
-def _unpack_nodes(base: str, k: int, n: int, group_size: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes computing the int8 weight `{base}_quantized` [k, n] from `{base}_int4_codes` (int8
-    [k/group_size, group_size/2, n]: per block, rows i and group_size/2 + i share a byte, the first as
-    code + 8 in the low nibble, the second in two's complement in the high nibble) and
-    `{base}_int4_multiples` (int8 [k/group_size, 1, n]). All constant and all int8 (code x multiple in
-    [-128, 112]: exact), so ONNX Runtime folds them into the int8 weight when the session loads; int32
-    intermediates would hold the load's peak memory at many times the weights'."""
+INT4_OPSET = 21  # the first opset whose Cast reads ONNX INT4 tensors
+
+
+def _int4_codes_tensor(codes: np.ndarray, name: str) -> onnx.TensorProto:
+    """codes (any shape, values in [-8, 7]) -> an ONNX INT4 initializer: two codes per byte, the first
+    of each pair in the low nibble (raw bytes, so the external-data writer moves it out of the graph)."""
+    flat = (codes.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return onnx.helper.make_tensor(name, onnx.TensorProto.INT4, codes.shape, (flat[0::2] | (flat[1::2] << 4)).tobytes(),
+                                   raw=True)
+
+
+def int4_weight(base: str, codes: np.ndarray, multiples: np.ndarray) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes and initializers computing the int8 weight `{base}_quantized` [k, n] = codes [k, n] x the
+    block multiples [k / group_size, n] (blocks of group_size rows): `{base}_int4_codes`, ONNX INT4
+    [k / group_size, group_size, n], Cast to int8, Mul by `{base}_int4_multiples` (int8
+    [k / group_size, 1, n]; code x multiple in [-128, 112]: exact), Reshape to [k, n]. All constant, so
+    ONNX Runtime folds them into the int8 weight when the session loads, holding one int8 intermediate
+    per weight (benchmarks/int4_fold_memory.py measures what that costs)."""
     from onnx import helper, numpy_helper
 
-    c = lambda name: f"{base}_int4_{name}"  # noqa: E731
-    consts = [numpy_helper.from_array(np.array(v, dtype=t), c(name)) for name, v, t in (
-        ("low_mask", 15, np.int8), ("high_mask", -16, np.int8), ("eight", 8, np.int8), ("sixteen", 16, np.int8),
-        ("shape", [k, n], np.int64))]
-    op = lambda kind, inputs, out, **kw: helper.make_node(kind, [c(i) for i in inputs], [c(out)], name=c(out), **kw)  # noqa: E731
-    nodes = [op("BitwiseAnd", ["codes", "low_mask"], "low_nibble"),
-             op("Sub", ["low_nibble", "eight"], "low"),
-             op("BitwiseAnd", ["codes", "high_mask"], "high_nibble"),
-             op("Div", ["high_nibble", "sixteen"], "high"),
-             op("Concat", ["low", "high"], "blocks", axis=1),
-             op("Mul", ["blocks", "multiples"], "int8_blocks"),
-             helper.make_node("Reshape", [c("int8_blocks"), c("shape")], [f"{base}_quantized"], name=c("int8"))]
-    return nodes, consts
-
-
-def _pack_codes(codes: np.ndarray, group_size: int) -> np.ndarray:
-    """codes [k, n] in [-8, 7] -> the int8 [k/group_size, group_size/2, n] layout _unpack_nodes reads."""
     k, n = codes.shape
-    blocks = codes.astype(np.int16).reshape(k // group_size, 2, group_size // 2, n)
-    low, high = blocks[:, 0] + 8, blocks[:, 1] & 0xF
-    return (low | (high << 4)).astype(np.uint8).view(np.int8)
+    blocks = multiples.shape[0]
+    c = lambda name: f"{base}_int4_{name}"  # noqa: E731
+    inits = [_int4_codes_tensor(codes.reshape(blocks, k // blocks, n), c("codes")),
+             numpy_helper.from_array(multiples.astype(np.int8).reshape(blocks, 1, n), c("multiples")),
+             numpy_helper.from_array(np.array([k, n], np.int64), c("shape"))]
+    nodes = [helper.make_node("Cast", [c("codes")], [c("int8_codes")], name=c("cast"), to=onnx.TensorProto.INT8),
+             helper.make_node("Mul", [c("int8_codes"), c("multiples")], [c("int8_blocks")], name=c("mul")),
+             helper.make_node("Reshape", [c("int8_blocks"), c("shape")], [f"{base}_quantized"], name=c("int8"))]
+    return nodes, inits
+
+
+def _at_opset(model: onnx.ModelProto, version: int) -> None:
+    """Raise the default domain's opset to `version`. Safe for the graphs exported here: from opset 18
+    to 21 the ops they use only gained types (Cast, Reshape, ...); ONNX Runtime checks every node against
+    the new opset's schema when it loads the file (the export's tests load each one)."""
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, version)
 
 
 def _int4_int8_kernel(src: Path, dst: Path, spec: QuantSpec) -> None:
@@ -87,9 +99,6 @@ def _int4_int8_kernel(src: Path, dst: Path, spec: QuantSpec) -> None:
     from .fake_quant import int4_int8_kernel_codes
 
     source = onnx.load(str(src), load_external_data=False)
-    opset = next((o.version for o in source.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 18:
-        raise StepError(f"{src}: opset {opset}; the int4 encoder's unpacking needs BitwiseAnd (opset 18 or later)")
     floats = {i.name: i for i in source.graph.initializer}
     with tempfile.TemporaryDirectory() as tmp:
         dynamic_int8(str(src), Path(tmp) / "int8.onnx", external=True)
@@ -102,16 +111,13 @@ def _int4_int8_kernel(src: Path, dst: Path, spec: QuantSpec) -> None:
             raise StepError(f"{src}: int4 encoder export: no float weight {base!r} of 2 dimensions for {name}")
         w = numpy_helper.to_array(floats[base], base_dir=str(src.parent))  # [k, n] = the Linear's weight.T
         k, n = w.shape
-        if k % spec.group_size or spec.group_size % 2:
-            raise StepError(f"{src}: weight {base!r} has {k} inputs: the int4 encoder needs a multiple of an even "
+        if k % spec.group_size:
+            raise StepError(f"{src}: weight {base!r} has {k} inputs: the int4 encoder needs a multiple of "
                             f"group_size ({spec.group_size})")
         codes, multiples, scale = (t.numpy() for t in int4_int8_kernel_codes(torch.from_numpy(w.T.copy()), spec.group_size))
-        nodes, consts = _unpack_nodes(base, k, n, spec.group_size)
+        nodes, inits_of_weight = int4_weight(base, codes.T, multiples.T)
         unpack += nodes
-        added += consts + [numpy_helper.from_array(_pack_codes(codes.T, spec.group_size), f"{base}_int4_codes"),
-                           numpy_helper.from_array(multiples.T.astype(np.int8).reshape(k // spec.group_size, 1, n),
-                                                   f"{base}_int4_multiples"),
-                           numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale")]
+        added += inits_of_weight + [numpy_helper.from_array(scale.astype(np.float32), f"{base}_scale")]
         dropped |= {name, f"{base}_scale"}
     if not unpack:
         raise StepError(f"{src}: int4 encoder export found no MatMul with a constant weight")
@@ -121,6 +127,7 @@ def _int4_int8_kernel(src: Path, dst: Path, spec: QuantSpec) -> None:
     rest = list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(unpack + rest)
+    _at_opset(model, INT4_OPSET)
     ONNXModel(model).save_model_to_file(str(dst), use_external_data_format=True)
 
 

@@ -62,10 +62,10 @@ def test_int4_export_holds_4bit_matmulnbits_weights(base_run, tmp_path):
     encoder = onnx.load(str(dst / "encoder_model.onnx"))  # external data read from beside the file
     codes = [i for i in encoder.graph.initializer if i.name.endswith("_int4_codes")]
     assert len(codes) == 6 * 6  # every Linear of the six encoder blocks
-    for c in codes:  # int8 bytes of two 4-bit codes: half a byte per weight
-        blocks, half, _ = c.dims
-        assert c.data_type == onnx.TensorProto.INT8 and half == 16
-        assert np.frombuffer(c.raw_data, np.int8).size * 2 == blocks * 32 * c.dims[2]
+    for c in codes:  # ONNX INT4: half a byte per weight
+        blocks, group, n = c.dims
+        assert c.data_type == onnx.TensorProto.INT4 and group == 32
+        assert len(c.raw_data) * 2 == blocks * group * n
     merged = onnx.load(str(dst / "decoder_model_merged.onnx"))
     inits = {i.name: i for i in convert._initializers(merged.graph)}
     nodes = [n for n in convert._walk_nodes(merged.graph) if n.op_type == "MatMulNBits"]

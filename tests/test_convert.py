@@ -127,16 +127,19 @@ def test_int4_has_4bit_weights_in_external_data(converted_int4):
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         assert attrs["bits"] == 4 and "logits" not in n.output and "encoder_attn/k_proj" not in n.name, (n.name, attrs)
         assert attrs["block_size"] == 32 and attrs.get("accuracy_level", 0) == spec.decoder_accuracy_level, (n.name, attrs)
-    # the encoder: 4-bit codes packed two per byte and a uint8 multiple per block, no int8 or float weight
+    # the encoder: ONNX INT4 codes (two per byte, opset 21) and an int8 multiple per block, no int8 or float weight
     encoder = onnx.load(str(d / "encoder_model.onnx"), load_external_data=False)
+    assert next(o.version for o in encoder.opset_import if o.domain in ("", "ai.onnx")) >= 21
     assert spec.encoder_layout == "int4_int8_kernel" and not any(n.op_type == "MatMulNBits" for n in encoder.graph.node)
     inits = {i.name: i for i in encoder.graph.initializer}
     codes = [i for name, i in inits.items() if name.endswith("_int4_codes")]
     config = json.loads((d / "config.json").read_text())
     assert len(codes) == 6 * config["encoder_layers"], len(codes)  # q, k, v, out, fc1, fc2 per layer
-    for c in codes:  # [k / 32, 16, n]: two 4-bit codes per byte
-        blocks, half, n = c.dims
-        assert c.data_type == onnx.TensorProto.INT8 and half == 16 and c.data_location == onnx.TensorProto.EXTERNAL
+    for c in codes:  # [k / 32, 32, n], two 4-bit codes per byte
+        blocks, group, n = c.dims
+        length = int({e.key: e.value for e in c.external_data}["length"])
+        assert c.data_type == onnx.TensorProto.INT4 and group == 32 and c.data_location == onnx.TensorProto.EXTERNAL
+        assert length == blocks * group * n // 2
         assert list(inits[c.name.replace("_codes", "_multiples")].dims) == [blocks, 1, n]
     bases = {c.name[: -len("_int4_codes")] for c in codes}
     assert not (bases | {f"{b}_quantized" for b in bases}) & set(inits)  # neither the float nor the int8 weight

@@ -302,7 +302,8 @@ def test_int4_encoder_grid_is_what_ort_runs_with_the_int8_kernel(tmp_path, k):
     assert [n.op_type for n in onnx.load(str(tmp_path / "loaded.onnx")).graph.node] == ["DynamicQuantizeMatMul"]
     stored = {i.name: i for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}
     codes = numpy_helper.to_array(stored["W_int4_codes"])
-    assert codes.dtype == np.int8 and codes.shape == (k // 32, 16, 48)  # two 4-bit codes per byte
+    assert stored["W_int4_codes"].data_type == TensorProto.INT4 and codes.shape == (k // 32, 32, 48)
+    assert len(stored["W_int4_codes"].raw_data) == k * 48 // 2  # two 4-bit codes per byte
     assert not any(i.data_type == TensorProto.INT8 and len(i.dims) == 2 for i in stored.values())
     x = np.random.default_rng(0).standard_normal((1, 7, k)).astype(np.float32) * 3
     layer = nn.Linear(k, 48, bias=False)

@@ -22,6 +22,11 @@ from contract.quant_spec import quant_spec
 from .scorecard import (METRIC_KEY, figure, gate_verdict, md_text, measured, results_markdown, results_table,
                         serving_markdown, variants)
 
+REPO = Path(__file__).resolve().parent.parent
+# What the card's snippet imports, pinned as pyproject.toml pins them (the int4 encoder's graph is ONNX
+# opset 21: an onnxruntime older than the pin cannot load it)
+SERVING_PACKAGES = ("optimum-onnx", "onnxruntime")
+
 LANGUAGES = {"fr": "French", "en": "English", "de": "German", "es": "Spanish", "it": "Italian"}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -88,6 +93,15 @@ def _training_lines(cfg: RunConfig, train: dict) -> list[str]:
     return lines
 
 
+def serving_requirements() -> list[str]:
+    """The requirement strings of SERVING_PACKAGES, read from pyproject.toml (their one owner)."""
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = {re.split(r"[<>=~!\[; ]", d, maxsplit=1)[0].lower(): d for d in deps}
+    return [pins[name] for name in SERVING_PACKAGES]
+
+
 def render_model_card(cfg: RunConfig, metrics: dict, history: list[str] = ()) -> str:
     """README.md text: YAML metadata (model-index with the measured test WER/CER) + the body.
 
@@ -129,6 +143,7 @@ def render_model_card(cfg: RunConfig, metrics: dict, history: list[str] = ()) ->
         lines += ["", f"Scored on {int(ev['n_utterances'])} test utterances."]
     lines += ["", gate_verdict(ev.get("gate") or {}, scheme, cfg.eval.max_wer_degradation), "",
               "## How to use", "",
+              "Install: `pip install " + " ".join(f'"{r}"' for r in serving_requirements()) + "`", "",
               "```python",
               "from optimum.onnxruntime import ORTModelForSpeechSeq2Seq",
               "from transformers import AutoProcessor",

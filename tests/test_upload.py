@@ -10,6 +10,7 @@ import re
 import secrets
 import subprocess
 import sys
+import tomllib
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -22,7 +23,7 @@ from huggingface_hub.repocard import metadata_load, model_index_to_eval_results
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from contract.config import load_config
-from tasks.model_card import render_model_card
+from tasks.model_card import render_model_card, serving_requirements
 from tasks.scorecard import NOT_MEASURED, variants
 from tasks.upload import HubUploadError, UnsafeModelFolder, check_model_folder, push_model_folder
 from hub_server import LFS_SIZE_THRESHOLD, hub_fixture, validate_card_metadata
@@ -358,6 +359,7 @@ def allowed_numbers(cfg, metrics: dict) -> set[str]:
     values += [lat[ref] / v for ref in ("base_fp32", "qat_fp32") for v in lat.values() if ref in lat and v]
     out = {f"{v:{spec}}" for v in values for spec in (".1f", ".2f", ".3f", ".4g", "g")} | {str(round(v, 2)) for v in values}
     out |= {s for v in numbers_in(cfg.model_dump()) for s in (f"{v:g}", str(v))}
+    out |= {n for r in serving_requirements() for n in NUMBER.findall(r)}  # the install line's pins
     return out | {"95"}  # the confidence level of the bootstrap interval, a label
 
 
@@ -467,6 +469,24 @@ def test_uploaded_model_loads_with_the_cards_own_instructions(hub, tmp_path, tin
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().startswith("['"), res.stdout[-500:]
     assert any(p == "/alice/tiny-qat/resolve/main/encoder_model.onnx" for _, p in hub.requests)
+
+
+def test_card_tells_users_which_packages_load_the_model():
+    """The card's install line pins what its snippet imports as pyproject.toml pins it (the int4 encoder is
+    ONNX opset 21, which an older onnxruntime cannot load), and this environment satisfies those pins."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    card = render_model_card(load_config("int4"), {})
+    line = next(x for x in card.splitlines() if x.startswith("Install: "))
+    pins = [Requirement(r) for r in re.findall(r'"([^"]+)"', line)]
+    assert [r.name for r in pins] == ["optimum-onnx", "onnxruntime"], line
+    assert {str(r) for r in pins} == set(serving_requirements())
+    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert {str(r) for r in pins} <= {str(Requirement(d)) for d in deps}
+    assert all(r.specifier.contains(version(r.name), prereleases=True) for r in pins), line
+    assert line.index("Install") < card.index("```python")
 
 
 def test_card_takes_sizes_from_convert_when_bench_did_not_measure_them():

@@ -45,6 +45,7 @@ def _nbits(model: onnx.ModelProto, spec: QuantSpec, bits: int, accuracy_level: i
 
 
 INT4_OPSET = 21  # the first opset whose Cast reads ONNX INT4 tensors
+INT4_IR_VERSION = 10  # the first IR version with the INT4 type (and the one of opset 21)
 
 
 def _int4_codes_tensor(codes: np.ndarray, name: str) -> onnx.TensorProto:
@@ -78,13 +79,15 @@ def int4_weight(base: str, codes: np.ndarray, multiples: np.ndarray) -> tuple[li
     return nodes, inits
 
 
-def _at_opset(model: onnx.ModelProto, version: int) -> None:
-    """Raise the default domain's opset to `version`. Safe for the graphs exported here: from opset 18
-    to 21 the ops they use only gained types (Cast, Reshape, ...); ONNX Runtime checks every node against
-    the new opset's schema when it loads the file (the export's tests load each one)."""
+def _for_int4(model: onnx.ModelProto) -> None:
+    """Raise the default domain's opset to INT4_OPSET and the IR version to INT4_IR_VERSION (onnxruntime
+    1.22 reads up to IR 10). Safe for the graphs exported here: from opset 18 to 21 the ops they use
+    only gained types (Cast, Reshape, ...); the ONNX checker and ONNX Runtime check every node against
+    the new opset's schema (the export's tests run both)."""
+    model.ir_version = max(model.ir_version, INT4_IR_VERSION)
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
-            o.version = max(o.version, version)
+            o.version = max(o.version, INT4_OPSET)
 
 
 def _int4_int8_kernel(src: Path, dst: Path, spec: QuantSpec) -> None:
@@ -127,7 +130,7 @@ def _int4_int8_kernel(src: Path, dst: Path, spec: QuantSpec) -> None:
     rest = list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(unpack + rest)
-    _at_opset(model, INT4_OPSET)
+    _for_int4(model)
     ONNXModel(model).save_model_to_file(str(dst), use_external_data_format=True)
 
 

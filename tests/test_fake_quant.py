@@ -318,6 +318,42 @@ def test_int4_encoder_grid_is_what_ort_runs_with_the_int8_kernel(tmp_path, k):
     assert np.all(shipped[:, 5] == 0)
 
 
+def test_the_oldest_onnxruntime_the_card_pins_runs_the_int4_encoder(tmp_path):
+    """The int4 encoder is ONNX opset 21 (Cast from INT4); the model card's install line (pyproject.toml's
+    pin) promises its lowest onnxruntime loads it. A fresh venv with exactly that version runs the
+    exported encoder and gets this environment's outputs (onnxruntime 1.22 has no Cast from INT4)."""
+    import subprocess
+    import sys
+
+    from packaging.requirements import Requirement
+
+    from tasks.model_card import serving_requirements
+
+    pin = next(Requirement(r) for r in serving_requirements() if Requirement(r).name == "onnxruntime")
+    lowest = next(s.version for s in pin.specifier if s.operator == ">=")
+    source = matmul_model(random_weights(96, 48, 0))
+    source.ir_version = 8  # as the exporter writes the real encoder (opset 18); the int4 export raises it to 10
+    onnx.save(source, tmp_path / "m.onnx")
+    int4_export.quantize_int4(tmp_path / "m.onnx", tmp_path / "q.onnx", QuantSpec.of("int4", 32), "encoder")
+    assert onnx.load(str(tmp_path / "q.onnx")).ir_version == int4_export.INT4_IR_VERSION
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    x = np.random.default_rng(1).standard_normal((5, 96)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    here = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"onnxruntime=={lowest}", "numpy"],
+                         capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    probe = ("import sys, numpy as np, onnxruntime as ort\n"
+             "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+             "np.save(sys.argv[3], s.run(None, {'X': np.load(sys.argv[2])})[0])\n")
+    run = subprocess.run([str(venv / "bin" / "python"), "-c", probe, str(tmp_path / "q.onnx"), str(tmp_path / "x.npy"),
+                          str(tmp_path / "y.npy")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"onnxruntime {lowest} cannot run the int4 encoder: {run.stderr[-1500:]}"
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), here, rtol=1e-5, atol=1e-5)
+
+
 def test_int4_encoder_codes_are_4_bit_and_their_products_int8():
     w = torch.from_numpy(random_weights(64, 96, 3).T.copy())  # [out 96, in 64]
     w[4] = 0.0

@@ -12,7 +12,8 @@ of all 1500 frames) and decoder steps with a KV cache of --past tokens. Warm-up 
 are summed per operator type (If excluded: its time is its subgraph's nodes'). The memory-bandwidth
 floor of a decoder step is what it must read once per token, the decoder's weights and its KV cache
 (the cross-attention keys and values of 1500 encoder frames included), over the read bandwidth numpy
-measures on this machine. Also one MatMul of each kind, as each layout writes it (kernels_ms).
+measures on this machine. Also one MatMul of each kind, as each layout writes it (kernels_ms), and the
+encoder's attention as a compute rate against an fp32 MatMul of the encoder's shapes (encoder_attention).
 Writes benchmarks/int4_profile.json.
 """
 from __future__ import annotations
@@ -250,6 +251,29 @@ def kernels(threads: int) -> dict:
     return out
 
 
+FP32_RATE_KERNEL = "encoder_fc1_1500x512x2048"  # the fp32 MatMul whose rate the attention is held against
+
+
+def attention_rate(model_dir: Path, encoder: dict, kernel_ms: dict) -> dict:
+    """The encoder's fused attention (MultiHeadAttention over all frames, fp32 in every scheme) as a
+    compute rate: 4 x frames^2 x d_model floating-point operations per layer (Q.K^T and P.V, a
+    multiply and an add each), over its profiled time; beside it the rate of one fp32 MatMul of the
+    encoder's own shapes on the same cores (kernels_ms), the practical fp32 ceiling."""
+    config = json.loads((model_dir / "config.json").read_text())
+    frames, d, layers = config["max_source_positions"], config["d_model"], config["encoder_layers"]
+    gflop = 4 * frames ** 2 * d * layers / 1e9
+    ms = (encoder["by_op"].get("MultiHeadAttention") or {}).get("ms")
+    out = {"gflop": round(gflop, 2), "ms": ms, "gflops": round(gflop / ms * 1e3, 1) if ms else None}
+    fp32 = (kernel_ms.get(FP32_RATE_KERNEL) or {}).get("fp32")
+    if fp32:
+        m, k, n, _ = KERNEL_SHAPES[FP32_RATE_KERNEL]
+        out["fp32_matmul_gflops"] = round(2 * m * k * n / fp32 / 1e6, 1)
+        out["floor_ms_at_fp32_matmul_rate"] = round(gflop / out["fp32_matmul_gflops"] * 1e3, 1)
+        if out["gflops"]:
+            out["vs_fp32_matmul_rate"] = round(out["gflops"] / out["fp32_matmul_gflops"], 2)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, default=BENCH / "work" / "profile")
@@ -276,7 +300,11 @@ def main(argv=None) -> int:
               f"decoder step {r['decoder_step']['run_ms']:.2f} ms "
               f"(floor {r['decoder_floor_ms']:.2f} ms); top ops: "
               f"{ {k: v['ms'] for k, v in list(r['decoder_step']['by_op'].items())[:4]} }", flush=True)
-    doc = {"kernels_ms": {} if a.no_kernels else kernels(a.threads), "command": "python -m benchmarks.int4_profile " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+    kernel_ms = {} if a.no_kernels else kernels(a.threads)
+    for name, d in variants.items():
+        results[name]["encoder_attention"] = attention_rate(Path(d), results[name]["encoder"], kernel_ms)
+    doc = {"kernels_ms": kernel_ms,
+           "command": "python -m benchmarks.int4_profile " + " ".join(argv if argv is not None else os.sys.argv[1:]),
            "threads": a.threads, "decoder_past_tokens": a.past, "decoder_steps": a.steps, "read_bandwidth_gbs": bw,
            "load_avg_1m": round(os.getloadavg()[0], 2), "variants": results}
     a.out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -334,6 +334,7 @@ def explain(r: dict) -> list[str]:
     """One line of figures per missed (or unmeasured) target."""
     t, s, m = r["targets"], r["sizes_mb"], r["machine"]
     enc, dec, toks = r["encoder_ms"], r["decoder_ms_per_token"], r["mean_new_tokens"]
+    profile = json.loads(PROFILE.read_text()) if PROFILE.is_file() else None
     lines = []
     for name, tt in t.items():
         if tt["met"] is True:
@@ -368,7 +369,7 @@ def explain(r: dict) -> list[str]:
                 f"(x{_fmt(_ratio(enc.get('onnx_fp32'), enc.get('onnx_int8')), 2)} over ONNX fp32; decoder tokens "
                 f"x{_fmt(_ratio(dec.get('onnx_fp32'), dec.get('onnx_int8')), 2)}): int8 covers the weight MatMuls, while "
                 f"the encoder's attention over 1500 frames (two activations multiplied, fused MultiHeadAttention), "
-                f"its two convolutions, GELU and layer norms stay fp32; {cpu}. Load average "
+                f"its two convolutions, GELU and layer norms stay fp32; {cpu}.{_attention_words(profile)} Load average "
                 f"{m['load_avg_1m']} on {m['cores']} cores at report time.")
         elif name.startswith("int4_"):
             lines.append(
@@ -389,14 +390,28 @@ LAYOUT_WORDS = {"int4_acc0": "MatMulNBits, float activations", "int4_acc4": "Mat
                 "int4_int8_kernel": "4-bit codes folded into int8 weights at load"}
 
 
+PROFILE = BENCH / "int4_profile.json"  # written by `python -m benchmarks.int4_profile`
+
+
+def _attention_words(profile: dict | None) -> str:
+    """The int8 encoder's attention against this CPU's fp32 MatMul rate, from the profile
+    (benchmarks/int4_profile.py attention_rate); "" when not profiled."""
+    a = ((profile or {}).get("variants", {}).get("onnx_int8") or {}).get("encoder_attention")
+    if not a or a.get("vs_fp32_matmul_rate") is None:
+        return ""
+    return (f" In the profile (benchmarks/int4_profile.json) the int8 encoder's attention, {a['gflop']} GFLOP a clip, "
+            f"took {a['ms']:.1f} ms: {a['gflops']:.0f} GFLOP/s, {100 * a['vs_fp32_matmul_rate']:.0f} % of the "
+            f"{a['fp32_matmul_gflops']:.0f} GFLOP/s one fp32 MatMul of the encoder's shapes reaches on the same cores "
+            f"(at that rate it would still take {a['floor_ms_at_fp32_matmul_rate']:.0f} ms).")
+
+
 def _profile_words(r: dict) -> str:
     """Where int4's time goes against int8's, from benchmarks/int4_profile.json: one encoder MatMul in each
     layout (kernels_ms), then the decoder's first call of a clip (cross-attention keys and values of 1500
     frames) and one step; "" when not profiled."""
-    f = BENCH / "int4_profile.json"
-    if not f.is_file():
+    if not PROFILE.is_file():
         return ""
-    doc = json.loads(f.read_text())
+    doc = json.loads(PROFILE.read_text())
     prof, words = doc["variants"], ""
     enc = doc.get("kernels_ms", {}).get("encoder_fc1_1500x512x2048")
     if enc and {"int8", "shipped"} <= set(enc):
@@ -417,10 +432,9 @@ def _profile_words(r: dict) -> str:
 
 def floor_section() -> list[str]:
     """The decoder step against its memory-bandwidth floor, from benchmarks/int4_profile.json."""
-    f = BENCH / "int4_profile.json"
-    if not f.is_file():
+    if not PROFILE.is_file():
         return ["Decoder step vs memory-bandwidth floor: not measured (run `python -m benchmarks.int4_profile`)."]
-    prof = json.loads(f.read_text())
+    prof = json.loads(PROFILE.read_text())
     rows = [[name, v["encoder"]["run_ms"], (v.get("decoder_first_step") or {}).get("run_ms"), v["decoder_step"]["run_ms"],
              v["decoder_weights_mb"], v["decoder_kv_cache_mb"], v["decoder_floor_ms"], v["decoder_step_vs_floor"]]
             for name, v in prof["variants"].items()]

@@ -297,6 +297,30 @@ def test_report_explains_misses_with_figures_and_says_gpu_not_measured():
     assert "| plain | 42.7 |" in rb.render_bench_report(r, gpu)
 
 
+def test_a_missed_int8_speed_target_holds_the_encoder_attention_against_the_fp32_matmul_rate(tmp_path, monkeypatch):
+    """The profile turns the encoder's attention into a compute rate (4 x frames^2 x d_model per layer over
+    its profiled ms) beside one fp32 MatMul's rate on the same cores, and the report's reason for a missed
+    int8 speed-up quotes both."""
+    profile_mod = _load_script("int4_profile")
+    rb = _load_script("run_bench")
+    (tmp_path / "config.json").write_text(json.dumps({"max_source_positions": 1500, "d_model": 512, "encoder_layers": 6}))
+    fc1 = profile_mod.KERNEL_SHAPES[profile_mod.FP32_RATE_KERNEL]
+    kernel_ms = {profile_mod.FP32_RATE_KERNEL: {"fp32": 2 * fc1[0] * fc1[1] * fc1[2] / 400e6}}  # 400 GFLOP/s
+    a = profile_mod.attention_rate(tmp_path, {"by_op": {"MultiHeadAttention": {"ms": 92.16}}}, kernel_ms)
+    assert a["gflop"] == pytest.approx(4 * 1500 ** 2 * 512 * 6 / 1e9, abs=0.01)  # 27.65
+    assert a["gflops"] == pytest.approx(300.0, abs=0.1) and a["fp32_matmul_gflops"] == pytest.approx(400.0)
+    assert a["vs_fp32_matmul_rate"] == 0.75 and a["floor_ms_at_fp32_matmul_rate"] == pytest.approx(69.1, abs=0.05)
+    assert "vs_fp32_matmul_rate" not in profile_mod.attention_rate(tmp_path, {"by_op": {}}, {})
+    monkeypatch.setattr(rb, "PROFILE", tmp_path / "int4_profile.json")
+    r = _fake_results()
+    r["targets"] = rb.targets(r)
+    assert "GFLOP/s" not in rb.render_bench_report(r, gpu=None)  # not profiled: no figure, no guess
+    rb.PROFILE.write_text(json.dumps({"variants": {"onnx_int8": {"encoder_attention": a}}}))
+    line = next(x for x in rb.explain(r) if x.startswith("- `int8_speedup_vs_pytorch`"))
+    assert "27.65 GFLOP a clip, took 92.2 ms: 300 GFLOP/s, 75 % of the 400 GFLOP/s" in line
+    assert "it would still take 69 ms" in line
+
+
 def test_gpu_probe_runs_the_train_steps_core_on_cpu_with_tiny_shapes(tmp_path):
     probe = _load_script("gpu_probe")
     out = tmp_path / "gpu.json"

@@ -63,8 +63,8 @@ def int4_weight(base: str, codes: np.ndarray, multiples: np.ndarray) -> tuple[li
     block multiples [k / group_size, n] (blocks of group_size rows): `{base}_int4_codes`, ONNX INT4
     [k / group_size, group_size, n], Cast to int8, Mul by `{base}_int4_multiples` (int8
     [k / group_size, 1, n]; code x multiple in [-128, 112]: exact), Reshape to [k, n]. All constant, so
-    ONNX Runtime folds them into the int8 weight when the session loads, holding one int8 intermediate
-    per weight (benchmarks/int4_fold_memory.py measures what that costs)."""
+    ONNX Runtime folds them into the int8 weight when the session loads, holding int8 intermediates
+    while it does (benchmarks/int4_fold_memory.py measures what that costs)."""
     from onnx import helper, numpy_helper
 
     k, n = codes.shape

@@ -17,12 +17,12 @@ import yaml
 from contract.catalogue import quantized_variant
 from contract.config import RunConfig
 from contract.fingerprint import inputs_in_words
+from contract.layout import REPO_ROOT
 from contract.quant_spec import quant_spec
 
 from .scorecard import (METRIC_KEY, figure, gate_verdict, md_text, measured, results_markdown, results_table,
                         serving_markdown, variants)
 
-REPO = Path(__file__).resolve().parent.parent
 # What the card's snippet imports, pinned as pyproject.toml pins them (the int4 encoder's graph is ONNX
 # opset 21: an onnxruntime older than the pin cannot load it)
 SERVING_PACKAGES = ("optimum-onnx", "onnxruntime")
@@ -94,10 +94,11 @@ def _training_lines(cfg: RunConfig, train: dict) -> list[str]:
 
 
 def serving_requirements() -> list[str]:
-    """The requirement strings of SERVING_PACKAGES, read from pyproject.toml (their one owner)."""
+    """The requirement strings of SERVING_PACKAGES, read from pyproject.toml (their one owner; the
+    checkout's, which push_code also sends before anything is rented)."""
     import tomllib
 
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pins = {re.split(r"[<>=~!\[; ]", d, maxsplit=1)[0].lower(): d for d in deps}
     return [pins[name] for name in SERVING_PACKAGES]
 

@@ -5,10 +5,9 @@
 Eight 1280 x 5120 weights (whisper-large-v3's fc1 shape), each behind DynamicQuantizeLinear +
 MatMulInteger, stored two ways: plain int8 (the int8 scheme) and the int4 encoder's layout, built by
 the export's own steps/int4_export.py int4_weight (ONNX INT4 codes, Cast, Mul by the block multiples,
-Reshape; opset 21). Each file is loaded and run once in a fresh process; its peak resident memory
-(VmHWM) is what folding the weights costs; each layout is loaded in RUNS fresh processes, the median
-and the range recorded. The outputs of the two are compared (the same integer
-weights, the same result).
+Reshape; opset 21). Each file is loaded and run once per fresh process, in RUNS processes; the peak
+resident memory (VmHWM) is what folding the weights costs, its median and range recorded. The outputs
+of the two are compared (the same integer weights, the same result).
 """
 from __future__ import annotations
 

@@ -334,7 +334,7 @@ def explain(r: dict) -> list[str]:
     """One line of figures per missed (or unmeasured) target."""
     t, s, m = r["targets"], r["sizes_mb"], r["machine"]
     enc, dec, toks = r["encoder_ms"], r["decoder_ms_per_token"], r["mean_new_tokens"]
-    profile = json.loads(PROFILE.read_text()) if PROFILE.is_file() else None
+    profile = load_profile()
     lines = []
     for name, tt in t.items():
         if tt["met"] is True:
@@ -377,7 +377,7 @@ def explain(r: dict) -> list[str]:
                 f"{_fmt(dec.get('onnx_int4'), 2)} ms/token, onnx_int8 {_fmt(enc.get('onnx_int8'))} ms and "
                 f"{_fmt(dec.get('onnx_int8'), 2)} ms/token, onnx_fp32 {_fmt(enc.get('onnx_fp32'))} ms and "
                 f"{_fmt(dec.get('onnx_fp32'), 2)} ms/token. The op-by-op split is in benchmarks/int4_profile.json "
-                "(INT4_RECIPE.md)." + _profile_words(r))
+                "(INT4_RECIPE.md)." + _profile_words(r, profile))
         else:
             pair = wer_pair(r, name)
             lines.append(f"- `{name}` = {tt['value']} points (limit {tt['rule']} {tt['limit']}): paired 95 % interval "
@@ -393,6 +393,11 @@ LAYOUT_WORDS = {"int4_acc0": "MatMulNBits, float activations", "int4_acc4": "Mat
 PROFILE = BENCH / "int4_profile.json"  # written by `python -m benchmarks.int4_profile`
 
 
+def load_profile() -> dict | None:
+    """benchmarks/int4_profile.json, or None when it was never written."""
+    return json.loads(PROFILE.read_text()) if PROFILE.is_file() else None
+
+
 def _attention_words(profile: dict | None) -> str:
     """The int8 encoder's attention against this CPU's fp32 MatMul rate, from the profile
     (benchmarks/int4_profile.py attention_rate); "" when not profiled."""
@@ -405,13 +410,12 @@ def _attention_words(profile: dict | None) -> str:
             f"(at that rate it would still take {a['floor_ms_at_fp32_matmul_rate']:.0f} ms).")
 
 
-def _profile_words(r: dict) -> str:
+def _profile_words(r: dict, doc: dict | None) -> str:
     """Where int4's time goes against int8's, from benchmarks/int4_profile.json: one encoder MatMul in each
     layout (kernels_ms), then the decoder's first call of a clip (cross-attention keys and values of 1500
     frames) and one step; "" when not profiled."""
-    if not PROFILE.is_file():
+    if doc is None:
         return ""
-    doc = json.loads(PROFILE.read_text())
     prof, words = doc["variants"], ""
     enc = doc.get("kernels_ms", {}).get("encoder_fc1_1500x512x2048")
     if enc and {"int8", "shipped"} <= set(enc):
@@ -432,9 +436,9 @@ def _profile_words(r: dict) -> str:
 
 def floor_section() -> list[str]:
     """The decoder step against its memory-bandwidth floor, from benchmarks/int4_profile.json."""
-    if not PROFILE.is_file():
+    prof = load_profile()
+    if prof is None:
         return ["Decoder step vs memory-bandwidth floor: not measured (run `python -m benchmarks.int4_profile`)."]
-    prof = json.loads(PROFILE.read_text())
     rows = [[name, v["encoder"]["run_ms"], (v.get("decoder_first_step") or {}).get("run_ms"), v["decoder_step"]["run_ms"],
              v["decoder_weights_mb"], v["decoder_kv_cache_mb"], v["decoder_floor_ms"], v["decoder_step_vs_floor"]]
             for name, v in prof["variants"].items()]

@@ -9,7 +9,10 @@ decoder run in sessions with `SessionOptions.enable_profiling`, with the options
 with (steps/inference.py: intra-op threads, no spinning): one 30 s window through the encoder, then
 the first decoder call of a clip (the prompt, no past: it computes the cross-attention keys and values
 of all 1500 frames) and decoder steps with a KV cache of --past tokens. Warm-up runs are dropped from the profile; node times
-are summed per operator type (If excluded: its time is its subgraph's nodes'). The memory-bandwidth
+are summed per operator type (If excluded: its time is its subgraph's nodes'). The profiler times every node, and
+on a decoder step of some 700 small nodes that costs about as much as the step's own work, so each part is also
+timed in sessions without it (plain_ms, median, the variants interleaved): those are the times compared, the
+profile gives only the split. The memory-bandwidth
 floor of a decoder step is what it must read once per token, the decoder's weights and its KV cache
 (the cross-attention keys and values of 1500 encoder frames included), over the read bandwidth numpy
 measures on this machine. Also one MatMul of each kind, as each layout writes it (kernels_ms), and the
@@ -32,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
 ENCODER, MERGED = "encoder_model.onnx", "decoder_model_merged.onnx"
 FIRST_STEPS = 6  # first decoder calls profiled (each computes the cross-attention keys and values)
+ENCODER_RUNS = 5  # encoder passes timed without the profiler
 
 
 def session(path: Path, threads: int, profile_prefix: str | None):
@@ -101,11 +105,28 @@ def _feeds_first_step(sess, enc_states: np.ndarray, prompt: int) -> dict:
     return feeds
 
 
-def _interleaved(sessions: dict, feeds: dict, rounds: int) -> None:
-    """Run every session once per round, in turn: load on the shared machine falls on all variants alike."""
+def _interleaved(sessions: dict, feeds: dict, rounds: int) -> dict[str, list[float]]:
+    """Run every session once per round, in turn (load on the shared machine falls on all variants
+    alike); the seconds of each run, per session."""
+    times: dict = collections.defaultdict(list)
     for _ in range(rounds):
         for name, sess in sessions.items():
+            t = time.perf_counter()
             sess.run(None, feeds[name])
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def median_ms(sessions: dict, feeds: dict, runs: int, warmup: int) -> dict[str, float]:
+    """Median ms of `runs` interleaved runs per session, after `warmup` rounds."""
+    times = _interleaved(sessions, feeds, warmup + runs)
+    return {name: round(1000 * float(np.median(v[warmup:])), 3) for name, v in times.items()}
+
+
+def part_ms(part: dict) -> float:
+    """One run of a profiled part (encoder pass, decoder step, first decoder call): without the
+    profiler where measured (plain_ms), else as profiled (run_ms, profiles written before plain_ms)."""
+    return part.get("plain_ms", part["run_ms"])
 
 
 def profile_variants(dirs: dict[str, Path], threads: int, steps: int, past: int, warmup: int) -> dict:
@@ -120,6 +141,9 @@ def profile_variants(dirs: dict[str, Path], threads: int, steps: int, past: int,
         states = {name: sess.run(None, enc_feeds[name])[0] for name, sess in enc.items()}  # not counted
         for name, sess in enc.items():
             out[name]["encoder"] = summarize(sess.end_profiling(), warmup, warmup + 2)
+        plain = {name: session(d / ENCODER, threads, None) for name, d in dirs.items()}
+        for name, ms in median_ms(plain, enc_feeds, ENCODER_RUNS, warmup).items():
+            out[name]["encoder"]["plain_ms"] = ms
         dec = {name: session(d / MERGED, threads, f"{tmp}/{name}_dec") for name, d in dirs.items()}
         dec_feeds = {name: _feeds_decoder(sess, states[name], past, np.random.default_rng(0)) for name, sess in dec.items()}
         _interleaved(dec, dec_feeds, warmup + steps)
@@ -132,6 +156,10 @@ def profile_variants(dirs: dict[str, Path], threads: int, steps: int, past: int,
         _interleaved(first, first_feeds, warmup + FIRST_STEPS)
         for name, sess in first.items():
             out[name]["decoder_first_step"] = summarize(sess.end_profiling(), warmup, warmup + FIRST_STEPS)
+        plain = {name: session(d / MERGED, threads, None) for name, d in dirs.items()}
+        for part, feeds, runs in (("decoder_step", dec_feeds, steps), ("decoder_first_step", first_feeds, FIRST_STEPS)):
+            for name, ms in median_ms(plain, feeds, runs, warmup).items():
+                out[name][part]["plain_ms"] = ms
     return out
 
 
@@ -240,13 +268,8 @@ def kernels(threads: int) -> dict:
                 int4_export.quantize_int4(src, files["int4_int8_kernel"], spec, "encoder")
             sessions = {label: session(f, threads, None) for label, f in files.items()}
             x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
-            times: dict = collections.defaultdict(list)
-            for _ in range(9 if m > 1 else 41):  # the short call needs more runs to see through the noise
-                for label, sess in sessions.items():
-                    t = time.perf_counter()
-                    sess.run(None, {"X": x})
-                    times[label].append(time.perf_counter() - t)
-            out[shape] = {label: round(1000 * float(np.median(v[1:])), 3) for label, v in times.items()}
+            runs = 8 if m > 1 else 40  # the short call needs more runs to see through the noise
+            out[shape] = median_ms(sessions, {label: {"X": x} for label in sessions}, runs, warmup=1)
             out[shape]["shipped"] = shipped[shape]
     return out
 
@@ -293,18 +316,19 @@ def main(argv=None) -> int:
         r = profiled[name]
         r["decoder_weights_mb"] = round(weight_bytes(Path(d) / MERGED) / 1e6, 2)
         r["decoder_floor_ms"] = round((r["decoder_weights_mb"] + r["decoder_kv_cache_mb"]) / (bw * 1e3) * 1000, 3)
-        r["decoder_step_vs_floor"] = round(r["decoder_step"]["run_ms"] / r["decoder_floor_ms"], 2)
+        r["decoder_step_vs_floor"] = round(part_ms(r["decoder_step"]) / r["decoder_floor_ms"], 2)
         results[name] = r
-        print(f"{name}: encoder {r['encoder']['run_ms']:.1f} ms, first decoder step {r['decoder_first_step']['run_ms']:.1f} ms "
+        print(f"{name}: encoder {part_ms(r['encoder']):.1f} ms, first decoder step {part_ms(r['decoder_first_step']):.1f} ms "
               f"(top ops { {k: v['ms'] for k, v in list(r['decoder_first_step']['by_op'].items())[:3]} }), "
-              f"decoder step {r['decoder_step']['run_ms']:.2f} ms "
+              f"decoder step {part_ms(r['decoder_step']):.2f} ms (profiled {r['decoder_step']['run_ms']:.2f}) "
               f"(floor {r['decoder_floor_ms']:.2f} ms); top ops: "
               f"{ {k: v['ms'] for k, v in list(r['decoder_step']['by_op'].items())[:4]} }", flush=True)
     kernel_ms = {} if a.no_kernels else kernels(a.threads)
     for name, d in variants.items():
         results[name]["encoder_attention"] = attention_rate(Path(d), results[name]["encoder"], kernel_ms)
     doc = {"kernels_ms": kernel_ms,
-           "command": "python -m benchmarks.int4_profile " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+           "command": " ".join(["python -m benchmarks.int4_profile", *(argv if argv is not None else os.sys.argv[1:])])
+                      .replace(str(REPO) + "/", ""),
            "threads": a.threads, "decoder_past_tokens": a.past, "decoder_steps": a.steps, "read_bandwidth_gbs": bw,
            "load_avg_1m": round(os.getloadavg()[0], 2), "variants": results}
     a.out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.int4_profile import part_ms
+
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "int4_recipe.json"
 # what "shipped" meant for the options measured before the layout was recorded with each option
@@ -128,21 +130,27 @@ def _top_ops(part: dict, n: int = 3) -> str:
     return ", ".join(f"{op} {v['ms']:.2f} ms ({100 * v['share']:.0f} %)" for op, v in list(part["by_op"].items())[:n])
 
 
+def _ms(part: dict, digits: int) -> str:
+    """A part's time per run (int4_profile.part_ms), marked when only the profiled time exists."""
+    return f"{part_ms(part):.{digits}f}" + ("" if "plain_ms" in part else " profiled")
+
+
 def profile_section(profiles: dict[str, dict]) -> list[str]:
     """Where the time goes (benchmarks/int4_profile*.json, written by benchmarks/int4_profile.py)."""
     lines = ["", "## Where the time goes (ONNX Runtime profiler, whisper-base)", ""]
     for label, prof in profiles.items():
         lines += [f"{label}: `{prof['command']}`, {prof['threads']} threads, {prof['decoder_past_tokens']} tokens in the "
                   f"KV cache, load average {prof['load_avg_1m']}; the floor reads the decoder's weights and KV cache once at the "
-                  f"{prof['read_bandwidth_gbs']} GB/s numpy measured.", "",
+                  f"{prof['read_bandwidth_gbs']} GB/s numpy measured. Times are without the profiler (the op times are its), "
+                  "except those marked profiled: profiles written before that was measured.", "",
                   "| variant | encoder ms | top encoder ops | first decoder call ms | top ops there | decoder step ms | "
                   "top decoder ops | floor ms (step / floor) |",
                   "|---|---:|---|---:|---|---:|---|---:|"]
         for name, v in prof["variants"].items():
             first = v.get("decoder_first_step")  # profiles written before it was measured have none
-            first_cells = f"{first['run_ms']:.1f} | {_top_ops(first)}" if first else "not measured | "
-            lines.append(f"| {name} | {v['encoder']['run_ms']:.1f} | {_top_ops(v['encoder'])} | {first_cells} | "
-                         f"{v['decoder_step']['run_ms']:.2f} | {_top_ops(v['decoder_step'])} | "
+            first_cells = f"{_ms(first, 1)} | {_top_ops(first)}" if first else "not measured | "
+            lines.append(f"| {name} | {_ms(v['encoder'], 1)} | {_top_ops(v['encoder'])} | {first_cells} | "
+                         f"{_ms(v['decoder_step'], 2)} | {_top_ops(v['decoder_step'])} | "
                          f"{v['decoder_floor_ms']:.2f} ({v['decoder_step_vs_floor']:.1f}x) |")
         kernels = prof.get("kernels_ms", {})
         if kernels:

@@ -10,7 +10,10 @@
    themselves when their outputs exist for the same config); evaluate scores every test clip of
    the manifest (180 in fixtures/french), not the demo's first 24.
 2. one speed pass on the CPU over PyTorch fp32, ONNX fp32 / int8 / int4 and faster-whisper int8,
-   measured round-robin per clip (steps/bench.py), on the test clips. GPU serving figures come from
+   measured round-robin per clip (steps/bench.py), on the test clips; right after it, on the same
+   cores, benchmarks/int4_profile.py (int4_profile.json: the op split, the decoder step against its
+   memory-bandwidth floor, the encoder's attention against the fp32 MatMul rate), so the report's
+   reasons quote figures of the same hour. GPU serving figures come from
    benchmarks/gpu_serve.py (gpu_serve.json), GPU training figures from benchmarks/gpu_probe.py.
 3. benchmarks/results.json (sizes, latency, encoder/decoder timings, WER/CER, targets) and
    benchmarks/REPORT.md (tables, targets met or missed with the figures that explain why, machine).
@@ -27,6 +30,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from benchmarks.int4_profile import main as profile_main, part_ms
 from contract.catalogue import SCHEMES, STEPS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -369,7 +373,8 @@ def explain(r: dict) -> list[str]:
                 f"(x{_fmt(_ratio(enc.get('onnx_fp32'), enc.get('onnx_int8')), 2)} over ONNX fp32; decoder tokens "
                 f"x{_fmt(_ratio(dec.get('onnx_fp32'), dec.get('onnx_int8')), 2)}): int8 covers the weight MatMuls, while "
                 f"the encoder's attention over 1500 frames (two activations multiplied, fused MultiHeadAttention), "
-                f"its two convolutions, GELU and layer norms stay fp32; {cpu}.{_attention_words(profile)} Load average "
+                f"its two convolutions, GELU and layer norms stay fp32; {cpu}."
+                f"{_ceiling_words(profile, 1000 * lat['onnx_int8'], toks['onnx_int8'], 1000 * lat[ref] / tt['limit'])} Load average "
                 f"{m['load_avg_1m']} on {m['cores']} cores at report time.")
         elif name.startswith("int4_"):
             lines.append(
@@ -398,16 +403,25 @@ def load_profile() -> dict | None:
     return json.loads(PROFILE.read_text()) if PROFILE.is_file() else None
 
 
-def _attention_words(profile: dict | None) -> str:
-    """The int8 encoder's attention against this CPU's fp32 MatMul rate, from the profile
-    (benchmarks/int4_profile.py attention_rate); "" when not profiled."""
-    a = ((profile or {}).get("variants", {}).get("onnx_int8") or {}).get("encoder_attention")
-    if not a or a.get("vs_fp32_matmul_rate") is None:
+def _ceiling_words(profile: dict | None, latency_ms: float, tokens: float, needed_ms: float) -> str:
+    """The int8 model's two largest parts against what this CPU allows, from the profile
+    (benchmarks/int4_profile.py): the encoder's attention against the fp32 MatMul rate, a decoder step
+    (without the profiler) against its memory-bandwidth floor; then the clip at both ceilings against
+    the time the target needs. "" when not profiled."""
+    v = (profile or {}).get("variants", {}).get("onnx_int8") or {}
+    a, step = v.get("encoder_attention"), v.get("decoder_step")
+    if not a or a.get("vs_fp32_matmul_rate") is None or not step:
         return ""
+    step_ms, floor = part_ms(step), v["decoder_floor_ms"]
+    saved = a["ms"] - a["floor_ms_at_fp32_matmul_rate"] + tokens * max(step_ms - floor, 0.0)
     return (f" In the profile (benchmarks/int4_profile.json) the int8 encoder's attention, {a['gflop']} GFLOP a clip, "
             f"took {a['ms']:.1f} ms: {a['gflops']:.0f} GFLOP/s, {100 * a['vs_fp32_matmul_rate']:.0f} % of the "
             f"{a['fp32_matmul_gflops']:.0f} GFLOP/s one fp32 MatMul of the encoder's shapes reaches on the same cores "
-            f"(at that rate it would still take {a['floor_ms_at_fp32_matmul_rate']:.0f} ms).")
+            f"(at that rate it would still take {a['floor_ms_at_fp32_matmul_rate']:.0f} ms); a decoder step, "
+            f"{'without the profiler' if 'plain_ms' in step else 'as profiled'}, took {step_ms:.2f} ms against the {floor:.2f} ms it takes to read the decoder's weights and KV "
+            f"cache once ({step_ms / floor:.2f}x its memory-bandwidth floor). With both at those ceilings the clip "
+            f"would take {latency_ms - saved:.0f} ms ({saved:.0f} ms less over {tokens:.1f} tokens), against the "
+            f"{needed_ms:.0f} ms needed.")
 
 
 def _profile_words(r: dict, doc: dict | None) -> str:
@@ -423,8 +437,9 @@ def _profile_words(r: dict, doc: dict | None) -> str:
                           f"{ms:.2f} ms" for label, ms in enc.items() if label != "shipped")
         words += (f" One encoder MatMul (1500 frames x 512 -> 2048): {timed}. At 1500 rows MatMulNBits saves memory "
                   "and bandwidth, not arithmetic, where int8 multiplies integers.")
-    first = {v: (prof.get(v, {}).get("decoder_first_step") or {}).get("run_ms") for v in ("onnx_int4", "onnx_int8")}
-    step = {v: (prof.get(v, {}).get("decoder_step") or {}).get("run_ms") for v in ("onnx_int4", "onnx_int8")}
+    parts = {v: prof.get(v, {}) for v in ("onnx_int4", "onnx_int8")}
+    first = {v: part_ms(p["decoder_first_step"]) if p.get("decoder_first_step") else None for v, p in parts.items()}
+    step = {v: part_ms(p["decoder_step"]) if p.get("decoder_step") else None for v, p in parts.items()}
     forced = (r.get("speed_pass", {}).get("decoding") or {}).get("forced_tokens")
     if None not in (*first.values(), *step.values()) and forced:
         words += (f" In the profile one decoder step costs int4 {step['onnx_int4']:.2f} ms against int8's "
@@ -439,17 +454,20 @@ def floor_section() -> list[str]:
     prof = load_profile()
     if prof is None:
         return ["Decoder step vs memory-bandwidth floor: not measured (run `python -m benchmarks.int4_profile`)."]
-    rows = [[name, v["encoder"]["run_ms"], (v.get("decoder_first_step") or {}).get("run_ms"), v["decoder_step"]["run_ms"],
-             v["decoder_weights_mb"], v["decoder_kv_cache_mb"], v["decoder_floor_ms"], v["decoder_step_vs_floor"]]
+    rows = [[name, part_ms(v["encoder"]), part_ms(v["decoder_first_step"]) if v.get("decoder_first_step") else None,
+             part_ms(v["decoder_step"]), v["decoder_step"]["run_ms"], v["decoder_weights_mb"], v["decoder_kv_cache_mb"],
+             v["decoder_floor_ms"], v["decoder_step_vs_floor"]]
             for name, v in prof["variants"].items()]
     return ["### One decoder step against its memory-bandwidth floor (benchmarks/int4_profile.json)", "",
-            f"`{prof['command']}`: ONNX Runtime's profiler, {prof['threads']} threads, {prof['decoder_past_tokens']} "
-            f"tokens in the KV cache; the floor reads the decoder's weights and KV cache once at the {prof['read_bandwidth_gbs']} GB/s "
+            f"`{prof['command']}`: {prof['threads']} threads, {prof['decoder_past_tokens']} tokens in the KV cache; median "
+            "times of sessions without ONNX Runtime's profiler, which times each node and so adds about as much to a "
+            "decoder step as the step's own work (the profiled step beside it; the profile gives INT4_RECIPE.md its op "
+            f"split). The floor reads the decoder's weights and KV cache once at the {prof['read_bandwidth_gbs']} GB/s "
             f"numpy measured (load average {prof['load_avg_1m']}). The first decoder call of a clip (the prompt, no "
             "past) computes the cross-attention keys and values of all 1500 frames: once per clip, it is in the "
             "speed pass's ms/token, not in a step's.", "",
-            _table(["variant", "encoder ms", "first decoder call ms", "decoder step ms", "decoder weights MB",
-                    "KV cache MB", "floor ms", "step / floor"], rows)]
+            _table(["variant", "encoder ms", "first decoder call ms", "decoder step ms", "profiled step ms",
+                    "decoder weights MB", "KV cache MB", "floor ms", "step / floor"], rows)]
 
 
 def render_bench_report(r: dict, gpu: dict | None, serve: dict | None = None) -> str:
@@ -594,6 +612,7 @@ def main(argv=None) -> int:
         configs = pipeline(a.work, a.config, every_eval_clip(a.config, overrides))
         models = trained_models(a.work)
     speed = speed_pass(a.work, configs["int8"], a.max_clips, models)
+    profile_main(["--work", str(a.work / "profile")])
     results = collect(a.work, speed)
     results["mode"] = "speed-only (untrained base model, PTQ exports)" if a.speed_only else "full (QAT models)"
     write_outputs(results)

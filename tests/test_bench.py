@@ -297,10 +297,11 @@ def test_report_explains_misses_with_figures_and_says_gpu_not_measured():
     assert "| plain | 42.7 |" in rb.render_bench_report(r, gpu)
 
 
-def test_a_missed_int8_speed_target_holds_the_encoder_attention_against_the_fp32_matmul_rate(tmp_path, monkeypatch):
+def test_a_missed_int8_speed_target_holds_the_attention_and_the_decoder_step_against_their_ceilings(tmp_path, monkeypatch):
     """The profile turns the encoder's attention into a compute rate (4 x frames^2 x d_model per layer over
-    its profiled ms) beside one fp32 MatMul's rate on the same cores, and the report's reason for a missed
-    int8 speed-up quotes both."""
+    its profiled ms) beside one fp32 MatMul's rate on the same cores; the report's reason for a missed
+    int8 speed-up quotes both, then a decoder step timed without the profiler against its memory-bandwidth
+    floor, and what the clip would take with both at those ceilings."""
     profile_mod = _load_script("int4_profile")
     rb = _load_script("run_bench")
     (tmp_path / "config.json").write_text(json.dumps({"max_source_positions": 1500, "d_model": 512, "encoder_layers": 6}))
@@ -315,10 +316,20 @@ def test_a_missed_int8_speed_target_holds_the_encoder_attention_against_the_fp32
     r = _fake_results()
     r["targets"] = rb.targets(r)
     assert "GFLOP/s" not in rb.render_bench_report(r, gpu=None)  # not profiled: no figure, no guess
-    rb.PROFILE.write_text(json.dumps({"variants": {"onnx_int8": {"encoder_attention": a}}}))
+    step = {"plain_ms": 6.0, "run_ms": 11.0}  # the profiler's per-node timing nearly doubles a decoder step
+    rb.PROFILE.write_text(json.dumps({"variants": {"onnx_int8": {"encoder_attention": a, "decoder_step": step,
+                                                                 "decoder_floor_ms": 4.0}}}))
     line = next(x for x in rb.explain(r) if x.startswith("- `int8_speedup_vs_pytorch`"))
     assert "27.65 GFLOP a clip, took 92.2 ms: 300 GFLOP/s, 75 % of the 400 GFLOP/s" in line
     assert "it would still take 69 ms" in line
+    assert "a decoder step, without the profiler, took 6.00 ms against the 4.00 ms" in line and "(1.50x its" in line
+    # 900 ms - (92.16 - 69.12) attention - 20 tokens x (6 - 4) ms; 4x needs 1600 / 4 ms
+    assert "the clip would take 837 ms (63 ms less over 20.0 tokens), against the 400 ms needed" in line
+    del step["plain_ms"]  # a profile written before steps were timed without the profiler
+    rb.PROFILE.write_text(json.dumps({"variants": {"onnx_int8": {"encoder_attention": a, "decoder_step": step,
+                                                                 "decoder_floor_ms": 4.0}}}))
+    line = next(x for x in rb.explain(r) if x.startswith("- `int8_speedup_vs_pytorch`"))
+    assert "a decoder step, as profiled, took 11.00 ms against the 4.00 ms" in line
 
 
 def test_gpu_probe_runs_the_train_steps_core_on_cpu_with_tiny_shapes(tmp_path):
@@ -358,3 +369,18 @@ def test_gpu_serving_probe_skips_without_cuda_and_runs_on_cpu_with_tiny_shapes(t
         assert r["decoder_ms_per_token"] > 0 and r["latency_s"] > 0 and r["size_mb"] > 0
     assert rows["torch_int8_weight_only"]["size_mb"] < rows["torch_fp16"]["size_mb"]
     assert set(report["vs_fp16_same_device"]) <= set(rows)
+
+
+def test_make_bench_profiles_right_after_its_speed_pass(tmp_path, monkeypatch):
+    """The report's reasons quote the profile: make bench writes it in the same run, after the speed pass."""
+    rb = _load_script("run_bench")
+    for scheme in rb.SCHEMES:
+        (tmp_path / f"{scheme}.yaml").write_text("{}")
+    calls = []
+    monkeypatch.setattr(rb, "trained_models", lambda work: {})
+    monkeypatch.setattr(rb, "speed_pass", lambda *a: calls.append("speed pass") or {})
+    monkeypatch.setattr(rb, "profile_main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(rb, "collect", lambda work, speed: calls.append("collect") or {})
+    monkeypatch.setattr(rb, "write_outputs", lambda results: None)
+    assert rb.main(["--skip-pipeline", "--work", str(tmp_path)]) == 0
+    assert calls == ["speed pass", ["--work", str(tmp_path / "profile")], "collect"]

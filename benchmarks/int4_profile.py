@@ -123,10 +123,11 @@ def median_ms(sessions: dict, feeds: dict, runs: int, warmup: int) -> dict[str, 
     return {name: round(1000 * float(np.median(v[warmup:])), 3) for name, v in times.items()}
 
 
-def part_ms(part: dict) -> float:
+def part_ms(part: dict | None) -> float | None:
     """One run of a profiled part (encoder pass, decoder step, first decoder call): without the
-    profiler where measured (plain_ms), else as profiled (run_ms, profiles written before plain_ms)."""
-    return part.get("plain_ms", part["run_ms"])
+    profiler where measured (plain_ms), else as profiled (run_ms, profiles written before plain_ms);
+    None for a part the profile lacks."""
+    return None if part is None else part.get("plain_ms", part["run_ms"])
 
 
 def profile_variants(dirs: dict[str, Path], threads: int, steps: int, past: int, warmup: int) -> dict:
@@ -141,9 +142,6 @@ def profile_variants(dirs: dict[str, Path], threads: int, steps: int, past: int,
         states = {name: sess.run(None, enc_feeds[name])[0] for name, sess in enc.items()}  # not counted
         for name, sess in enc.items():
             out[name]["encoder"] = summarize(sess.end_profiling(), warmup, warmup + 2)
-        plain = {name: session(d / ENCODER, threads, None) for name, d in dirs.items()}
-        for name, ms in median_ms(plain, enc_feeds, ENCODER_RUNS, warmup).items():
-            out[name]["encoder"]["plain_ms"] = ms
         dec = {name: session(d / MERGED, threads, f"{tmp}/{name}_dec") for name, d in dirs.items()}
         dec_feeds = {name: _feeds_decoder(sess, states[name], past, np.random.default_rng(0)) for name, sess in dec.items()}
         _interleaved(dec, dec_feeds, warmup + steps)
@@ -156,8 +154,11 @@ def profile_variants(dirs: dict[str, Path], threads: int, steps: int, past: int,
         _interleaved(first, first_feeds, warmup + FIRST_STEPS)
         for name, sess in first.items():
             out[name]["decoder_first_step"] = summarize(sess.end_profiling(), warmup, warmup + FIRST_STEPS)
-        plain = {name: session(d / MERGED, threads, None) for name, d in dirs.items()}
-        for part, feeds, runs in (("decoder_step", dec_feeds, steps), ("decoder_first_step", first_feeds, FIRST_STEPS)):
+        plain_enc = {name: session(d / ENCODER, threads, None) for name, d in dirs.items()}
+        plain_dec = {name: session(d / MERGED, threads, None) for name, d in dirs.items()}
+        for part, plain, feeds, runs in (("encoder", plain_enc, enc_feeds, ENCODER_RUNS),
+                                         ("decoder_step", plain_dec, dec_feeds, steps),
+                                         ("decoder_first_step", plain_dec, first_feeds, FIRST_STEPS)):
             for name, ms in median_ms(plain, feeds, runs, warmup).items():
                 out[name][part]["plain_ms"] = ms
     return out

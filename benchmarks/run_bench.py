@@ -418,8 +418,8 @@ def _ceiling_words(profile: dict | None, latency_ms: float, tokens: float, neede
             f"took {a['ms']:.1f} ms: {a['gflops']:.0f} GFLOP/s, {100 * a['vs_fp32_matmul_rate']:.0f} % of the "
             f"{a['fp32_matmul_gflops']:.0f} GFLOP/s one fp32 MatMul of the encoder's shapes reaches on the same cores "
             f"(at that rate it would still take {a['floor_ms_at_fp32_matmul_rate']:.0f} ms); a decoder step, "
-            f"{'without the profiler' if 'plain_ms' in step else 'as profiled'}, took {step_ms:.2f} ms against the {floor:.2f} ms it takes to read the decoder's weights and KV "
-            f"cache once ({step_ms / floor:.2f}x its memory-bandwidth floor). With both at those ceilings the clip "
+            f"{'without the profiler' if 'plain_ms' in step else 'as profiled'}, took {step_ms:.2f} ms against the "
+            f"{floor:.2f} ms it takes to read the decoder's weights and KV cache once ({step_ms / floor:.2f}x its memory-bandwidth floor). With both at those ceilings the clip "
             f"would take {latency_ms - saved:.0f} ms ({saved:.0f} ms less over {tokens:.1f} tokens), against the "
             f"{needed_ms:.0f} ms needed.")
 
@@ -438,8 +438,8 @@ def _profile_words(r: dict, doc: dict | None) -> str:
         words += (f" One encoder MatMul (1500 frames x 512 -> 2048): {timed}. At 1500 rows MatMulNBits saves memory "
                   "and bandwidth, not arithmetic, where int8 multiplies integers.")
     parts = {v: prof.get(v, {}) for v in ("onnx_int4", "onnx_int8")}
-    first = {v: part_ms(p["decoder_first_step"]) if p.get("decoder_first_step") else None for v, p in parts.items()}
-    step = {v: part_ms(p["decoder_step"]) if p.get("decoder_step") else None for v, p in parts.items()}
+    first = {v: part_ms(p.get("decoder_first_step")) for v, p in parts.items()}
+    step = {v: part_ms(p.get("decoder_step")) for v, p in parts.items()}
     forced = (r.get("speed_pass", {}).get("decoding") or {}).get("forced_tokens")
     if None not in (*first.values(), *step.values()) and forced:
         words += (f" In the profile one decoder step costs int4 {step['onnx_int4']:.2f} ms against int8's "
@@ -454,9 +454,9 @@ def floor_section() -> list[str]:
     prof = load_profile()
     if prof is None:
         return ["Decoder step vs memory-bandwidth floor: not measured (run `python -m benchmarks.int4_profile`)."]
-    rows = [[name, part_ms(v["encoder"]), part_ms(v["decoder_first_step"]) if v.get("decoder_first_step") else None,
-             part_ms(v["decoder_step"]), v["decoder_step"]["run_ms"], v["decoder_weights_mb"], v["decoder_kv_cache_mb"],
-             v["decoder_floor_ms"], v["decoder_step_vs_floor"]]
+    rows = [[name, part_ms(v["encoder"]), part_ms(v.get("decoder_first_step")), part_ms(v["decoder_step"]),
+             v["decoder_step"]["run_ms"], v["decoder_weights_mb"], v["decoder_kv_cache_mb"], v["decoder_floor_ms"],
+             v["decoder_step_vs_floor"]]
             for name, v in prof["variants"].items()]
     return ["### One decoder step against its memory-bandwidth floor (benchmarks/int4_profile.json)", "",
             f"`{prof['command']}`: {prof['threads']} threads, {prof['decoder_past_tokens']} tokens in the KV cache; median "
